@@ -1,0 +1,97 @@
+"""The ``bone-server`` command: ``up`` (API + worker + Redis), ``api``, ``worker``.
+
+Flags override the ``BONE_*`` environment; settings are validated once here and a bad one stops start-up
+with a single line naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from core.settings import Settings, describe_validation_error
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune and serve Bone adapters.")
+log = logging.getLogger("bone_server")
+
+
+def _settings(**overrides) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"bone-server: {describe_validation_error(exc)}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve_api(settings: Settings) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+@cli.command()
+def api(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)"),
+        port: Optional[int] = typer.Option(None, help="port (BONE_PORT)")) -> None:
+    """Run the HTTP API (needs a Redis at BONE_REDIS_URL)."""
+    settings = _settings(host=host, port=port)
+    _setup_logging(settings)
+    _serve_api(settings)
+
+
+@cli.command()
+def worker(burst: bool = typer.Option(False, help="exit when the queue is empty")) -> None:
+    """Run one training worker (one per GPU)."""
+    settings = _settings()
+    _setup_logging(settings)
+    from worker.main import run_worker
+
+    run_worker(settings, burst=burst)
+
+
+@cli.command()
+def up(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)"),
+       port: Optional[int] = typer.Option(None, help="port (BONE_PORT)")) -> None:
+    """API + one worker, on the Redis at BONE_REDIS_URL, or on a private redis-server started here."""
+    from app.redis_launcher import ensure_redis
+
+    settings = _settings(host=host, port=port)
+    _setup_logging(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        redis_handle = ensure_redis(settings.redis_url, settings.data_dir)
+    except RuntimeError as exc:
+        typer.echo(f"bone-server: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    settings = settings.model_copy(update={"redis_url": redis_handle.url})
+    child_env = {**os.environ, "BONE_REDIS_URL": redis_handle.url, "BONE_DATA_DIR": str(settings.data_dir)}
+    worker_proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=child_env)
+    log.info("worker started (pid %d); API on http://%s:%d", worker_proc.pid, settings.host, settings.port)
+    try:
+        _serve_api(settings)
+    finally:
+        worker_proc.terminate()
+        try:
+            worker_proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker_proc.kill()
+        redis_handle.stop()
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Job records in Redis, shared by the API (create, list, cancel) and the workers (status, progress).
+
+Keys (all under ``bone:``):
+  job:{id}          the Job as JSON
+  jobs              sorted set of ids by creation time (listing, cursor pagination)
+  job:{id}:records  inline dataset rows (kept apart so listings stay small)
+  job:{id}:cancel   cooperative-cancel flag the training loop polls. A separate key on purpose: RQ's
+                    ``save_meta()`` rewrites the whole meta field, so a flag kept in ``job.meta`` is lost
+                    (shared/reference/rq-redis-notes.md).
+  job:{id}:events   a Redis stream of per-step metrics and messages
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable
+
+import redis
+
+from core.errors import Conflict, NotFound
+from core.jobs import Job, JobStatus
+
+PREFIX = "bone:"
+EVENTS_MAXLEN = 100_000
+
+
+def _job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+class JobStore:
+    def __init__(self, conn: redis.Redis) -> None:
+        self.conn = conn
+
+    # --- create / read ----------------------------------------------------------------------------------
+    def create(self, job: Job, records: list[dict[str, Any]] | None = None) -> None:
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.set(_job_key(job.id), job.model_dump_json())
+        if records is not None:
+            pipe.set(_job_key(job.id) + ":records", json.dumps(records))
+        pipe.zadd(PREFIX + "jobs", {job.id: job.created_at})
+        pipe.execute()
+
+    def get(self, job_id: str) -> Job:
+        raw = self.conn.get(_job_key(job_id))
+        if raw is None:
+            raise NotFound(f"no job with id {job_id!r}", param="job_id")
+        return Job.model_validate_json(raw)
+
+    def records(self, job_id: str) -> list[dict[str, Any]] | None:
+        raw = self.conn.get(_job_key(job_id) + ":records")
+        return None if raw is None else json.loads(raw)
+
+    def list(self, *, limit: int = 20, after: str | None = None, owner: str | None = None) -> tuple[list[Job], bool]:
+        """Newest first. ``after`` is the id of the last job of the previous page. Returns (jobs, has_more)."""
+        start = 0
+        if after is not None:
+            rank = self.conn.zrevrank(PREFIX + "jobs", after)
+            if rank is None:
+                raise NotFound(f"no job with id {after!r}", param="after")
+            start = rank + 1
+        jobs: list[Job] = []
+        # Owner filtering happens after the fetch, so read in chunks until the page is full.
+        while len(jobs) <= limit:
+            ids = self.conn.zrevrange(PREFIX + "jobs", start, start + 4 * limit)
+            if not ids:
+                break
+            start += len(ids)
+            raws = self.conn.mget([_job_key(i.decode()) for i in ids])
+            for raw in raws:
+                if raw is None:
+                    continue
+                job = Job.model_validate_json(raw)
+                if owner is None or job.owner == owner:
+                    jobs.append(job)
+        return jobs[:limit], len(jobs) > limit
+
+    # --- updates --------------------------------------------------------------------------------------
+    def update(self, job_id: str, **fields: Any) -> Job:
+        """Set fields unless the job already reached a final state (a cancelled job stays cancelled)."""
+        return self.transition(job_id, None, **fields)
+
+    def transition(self, job_id: str, allowed_from: Iterable[JobStatus] | None, **fields: Any) -> Job:
+        """Atomically update a job (WATCH/MULTI), only from ``allowed_from`` states (default: any non-final)."""
+        key = _job_key(job_id)
+        allowed = set(allowed_from) if allowed_from is not None else {s for s in JobStatus if not s.is_final}
+        with self.conn.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"no job with id {job_id!r}", param="job_id")
+                    job = Job.model_validate_json(raw)
+                    if job.status not in allowed:
+                        raise Conflict(f"job {job_id} is {job.status.value}", param="job_id", code="invalid_state")
+                    job = job.model_copy(update=fields)
+                    job = Job.model_validate(job.model_dump())  # re-validate the merged fields
+                    pipe.multi()
+                    pipe.set(key, job.model_dump_json())
+                    pipe.execute()
+                    return job
+                except redis.WatchError:
+                    continue
+
+    # --- cancel ---------------------------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> None:
+        self.conn.set(_job_key(job_id) + ":cancel", "1", ex=7 * 24 * 3600)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.conn.exists(_job_key(job_id) + ":cancel"))
+
+    # --- events ---------------------------------------------------------------------------------------
+    def add_event(self, job_id: str, kind: str, message: str = "", **data: Any) -> str:
+        entry = {"type": kind, "message": message, "created_at": time.time(), "data": data}
+        event_id = self.conn.xadd(_job_key(job_id) + ":events", {"event": json.dumps(entry)},
+                                  maxlen=EVENTS_MAXLEN, approximate=True)
+        return event_id.decode() if isinstance(event_id, bytes) else event_id
+
+    def events(self, job_id: str, *, after: str | None = None, limit: int = 100,
+               block_ms: int | None = None) -> list[dict[str, Any]]:
+        key = _job_key(job_id) + ":events"
+        if block_ms is not None:
+            got = self.conn.xread({key: after or "0-0"}, count=limit, block=block_ms) or []
+            entries = got[0][1] if got else []
+        else:
+            start = "(" + after if after else "-"
+            entries = self.conn.xrange(key, min=start, max="+", count=limit)
+        out = []
+        for event_id, fields in entries:
+            item = json.loads(fields[b"event"])
+            item["id"] = event_id.decode() if isinstance(event_id, bytes) else event_id
+            out.append(item)
+        return out

@@ -1,0 +1,108 @@
+"""Service settings: read once from the environment (prefix ``BONE_``), validated, then passed inward.
+
+Nothing below ``get_settings()`` reads ``os.environ``; tests build a ``Settings`` directly or override the
+FastAPI dependency.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BASE_MODEL = "embedded"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BONE_", extra="ignore", frozen=True)
+
+    # --- where things live -------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    data_dir: Path = Path("bone-data")
+    base_model: str = Field(
+        EMBEDDED_BASE_MODEL,
+        description="Hugging Face id or local directory of the shared base model; 'embedded' builds a tiny "
+        "Llama-architecture model into the data dir on first use.",
+    )
+    # Local base-model directories and `path` datasets must resolve inside one of these (the data dir always counts).
+    allowed_model_dirs: list[Path] = Field(default_factory=list)
+    trust_remote_code: bool = False  # operator-only: never taken from a request
+
+    # --- network -----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # --- queue / worker ----------------------------------------------------------------------------
+    queue_name: str = "bone-training"
+    job_timeout_s: int = Field(24 * 3600, ge=60, description="RQ job timeout (RQ's own default of 180 s kills training)")
+    worker_ttl_s: int = Field(30, ge=5, description="worker heartbeat TTL; a dead worker is noticed within ~3x this")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # --- request bounds ----------------------------------------------------------------------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_inline_records: int = Field(10_000, ge=1)
+    max_r: int = Field(512, ge=1)
+    max_seq_length: int = Field(4096, ge=16)
+    max_new_tokens: int = Field(512, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1)
+
+    # --- inference engine --------------------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(256, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+    adapter_cache_size: int = Field(64, ge=1, description="adapters resident on the device, by count")
+    adapter_cache_bytes: int = Field(2 * 1024**3, ge=1, description="... and by bytes")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    # Derived locations, one place so API and worker agree.
+    @property
+    def registry_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Where `{"path": ...}` datasets are looked up (relative paths resolve here)."""
+        return self.data_dir / "datasets"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming the offending setting as the user spells it (``BONE_PORT``), for start-up failures."""
+    parts = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        parts.append(f"BONE_{field.upper()}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid setting " + "; ".join(parts)
