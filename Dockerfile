@@ -8,11 +8,14 @@ FROM ${BASE_IMAGE} AS builder
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Only CUDA base images lack Python; their distribution pins the versions, so apt pins would only rot.
+# hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
       && rm -rf /var/lib/apt/lists/*; fi
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
 # Dependencies first, in their own layer: code changes do not reinstall torch.
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
@@ -25,6 +28,7 @@ COPY worker ./worker
 RUN pip install --no-deps .
 
 FROM ${BASE_IMAGE} AS runtime
+# hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 \
       && rm -rf /var/lib/apt/lists/*; fi \
