@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
+from core.logs import setup_logging
 from core.settings import Settings, describe_validation_error
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune and serve Bone adapters.")
@@ -30,7 +31,7 @@ def _settings(**overrides) -> Settings:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level)
 
 
 def _serve_api(settings: Settings) -> None:

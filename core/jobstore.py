@@ -8,6 +8,7 @@ Keys (all under ``bone:``):
                     ``save_meta()`` rewrites the whole meta field, so a flag kept in ``job.meta`` is lost
                     (shared/reference/rq-redis-notes.md).
   job:{id}:events   a Redis stream of per-step metrics and messages
+  jobs:status_counts  a hash status → number of jobs (for /metrics without scanning every job)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from core.errors import Conflict, NotFound
 from core.jobs import Job, JobStatus
 
 PREFIX = "bone:"
+STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step with every transition (metrics)
 EVENTS_MAXLEN = 100_000
 
 
@@ -40,6 +42,7 @@ class JobStore:
         if records is not None:
             pipe.set(_job_key(job.id) + ":records", json.dumps(records))
         pipe.zadd(PREFIX + "jobs", {job.id: job.created_at})
+        pipe.hincrby(STATUS_COUNTS, job.status.value, 1)
         pipe.execute()
 
     def get(self, job_id: str) -> Job:
@@ -95,10 +98,13 @@ class JobStore:
                     job = Job.model_validate_json(raw)
                     if job.status not in allowed:
                         raise Conflict(f"job {job_id} is {job.status.value}", param="job_id", code="invalid_state")
-                    job = job.model_copy(update=fields)
-                    job = Job.model_validate(job.model_dump())  # re-validate the merged fields
+                    job = Job.model_validate({**job.model_dump(), **fields})  # validates the new fields too
+                    previous = Job.model_validate_json(raw).status
                     pipe.multi()
                     pipe.set(key, job.model_dump_json())
+                    if job.status is not previous:
+                        pipe.hincrby(STATUS_COUNTS, previous.value, -1)
+                        pipe.hincrby(STATUS_COUNTS, job.status.value, 1)
                     pipe.execute()
                     return job
                 except redis.WatchError:

@@ -67,3 +67,15 @@ def test_cancel_flag_and_events(redis_conn):
     assert [e["data"]["step"] for e in events] == [0, 1, 2]
     rest = store.events(job.id, after=events[-1]["id"])
     assert [e["id"] for e in rest] == ids[3:]
+
+
+def test_status_counts_follow_transitions(redis_conn):
+    store = JobStore(redis_conn)
+    a, b = _job(), _job()
+    store.create(a)
+    store.create(b)
+    store.transition(a.id, [JobStatus.QUEUED], status=JobStatus.RUNNING)
+    store.update(a.id, progress={"step": 3, "total_steps": 10})  # same status: counts unchanged
+    store.transition(b.id, [JobStatus.QUEUED], status=JobStatus.CANCELLED)
+    counts = {k.decode(): int(v) for k, v in redis_conn.hgetall("bone:jobs:status_counts").items()}
+    assert counts == {"queued": 0, "running": 1, "cancelled": 1}

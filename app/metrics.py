@@ -1,0 +1,101 @@
+"""Prometheus metrics (prometheus-client), served at ``/metrics``.
+
+- HTTP: latency histogram by route template, method and status (middleware below).
+- Inference engine: generated tokens, time to first token, batch sizes, adapter cache hits / misses /
+  evictions / load time — the engine updates these objects directly.
+- Queue and jobs: read from Redis at scrape time (queue depth, jobs by status).
+- Workers: the training loop pushes its latest figures through Redis (hash ``bone:metrics:training``:
+  tokens/s, step time, steps) and this process exports them at scrape time, so one scrape target
+  covers the whole deployment and workers need no open port.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from starlette.requests import Request
+from starlette.responses import Response
+
+TRAINING_METRICS_KEY = "bone:metrics:training"
+
+HTTP_LATENCY = Histogram(
+    "bone_http_request_duration_seconds", "HTTP request latency", ["route", "method", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+GENERATED_TOKENS = Counter("bone_generated_tokens_total", "tokens generated", ["adapter_kind"])
+GENERATION_TOKENS_PER_S = Gauge("bone_generation_tokens_per_second", "tokens/s of the last engine batch")
+TIME_TO_FIRST_TOKEN = Histogram(
+    "bone_time_to_first_token_seconds", "from request arrival to its first token",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCH_SIZE = Histogram("bone_engine_batch_size", "requests per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64))
+ADAPTER_CACHE_HITS = Counter("bone_adapter_cache_hits_total", "adapter lookups served from the device pool")
+ADAPTER_CACHE_MISSES = Counter("bone_adapter_cache_misses_total", "adapter lookups that loaded from the registry")
+ADAPTER_CACHE_EVICTIONS = Counter("bone_adapter_cache_evictions_total", "adapters evicted from the device pool")
+ADAPTER_LOAD_SECONDS = Histogram(
+    "bone_adapter_load_seconds", "registry → usable adapter", buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
+)
+ADAPTERS_RESIDENT = Gauge("bone_adapters_resident", "adapters resident on the device")
+ADAPTERS_RESIDENT_BYTES = Gauge("bone_adapters_resident_bytes", "bytes of adapters resident on the device")
+
+
+class RedisCollector:
+    """Scrape-time figures that live in Redis: queue depth, jobs by status, the workers' training metrics."""
+
+    def __init__(self, redis_conn_getter: Callable, queue_name_getter: Callable[[], str]) -> None:
+        self._conn = redis_conn_getter
+        self._queue_name = queue_name_getter
+
+    def collect(self):
+        conn = self._conn()
+        if conn is None:
+            return
+        try:
+            depth = conn.llen(f"rq:queue:{self._queue_name()}")
+            counts = conn.hgetall("bone:jobs:status_counts")
+            training = conn.hgetall(TRAINING_METRICS_KEY)
+        except Exception:  # Redis down: /readyz says so; a scrape must still answer
+            return
+        yield GaugeMetricFamily("bone_queue_depth", "jobs waiting in the training queue", value=depth)
+        jobs = GaugeMetricFamily("bone_jobs", "jobs by status", labels=["status"])
+        for status, count in sorted(counts.items()):
+            jobs.add_metric([status.decode()], int(count))
+        yield jobs
+        for field, help_text in (("tokens_per_s", "training tokens/s (latest step, any worker)"),
+                                 ("step_time_s", "training step time in seconds (latest step)"),
+                                 ("steps_total", "training optimizer steps since the deployment started")):
+            if field.encode() in training:
+                yield GaugeMetricFamily(f"bone_training_{field}", help_text, value=float(training[field.encode()]))
+
+
+_collector: RedisCollector | None = None
+
+
+def install_redis_collector(redis_conn_getter: Callable, queue_name_getter: Callable[[], str]) -> None:
+    """Register (once per process) the scrape-time collector; later apps in the process re-point it."""
+    global _collector
+    if _collector is None:
+        _collector = RedisCollector(redis_conn_getter, queue_name_getter)
+        REGISTRY.register(_collector)
+    else:
+        _collector._conn, _collector._queue_name = redis_conn_getter, queue_name_getter
+
+
+def metrics_response() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def http_metrics_middleware(request: Request, call_next):
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")  # the template, never the raw path: bounded label values
+        HTTP_LATENCY.labels(template, request.method, str(status)).observe(time.perf_counter() - started)
