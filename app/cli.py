@@ -90,6 +90,11 @@ def up(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)")
         redis_handle.stop()
 
 
+from app.cli_client import register as _register_client_commands  # noqa: E402 - after the server commands
+
+_register_client_commands(cli)
+
+
 def main() -> None:
     cli()
 
