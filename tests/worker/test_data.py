@@ -1,0 +1,152 @@
+import json
+import os
+
+import pytest
+
+from core.errors import InvalidRequest
+from worker.data import IGNORE_INDEX, detect_format, load_rows, resolve_dataset_path, tokenize_rows
+from worker.train import Cancelled
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- formats and loss masks ------------------------------------------------------------------------------
+def test_text_rows_take_the_loss_on_every_token_and_end_with_eos(base):
+    tok = base.tokenizer
+    (example,) = tokenize_rows([{"text": "hello"}], tok, 64).examples
+    assert example.input_ids == ids(tok, "hello") + [tok.eos_token_id]
+    assert example.labels == example.input_ids
+
+
+def test_prompt_completion_masks_exactly_the_prompt(base):
+    tok = base.tokenizer
+    (example,) = tokenize_rows([{"prompt": "Q: 2+2?\nA:", "completion": " 4"}], tok, 64).examples
+    prompt, completion = ids(tok, "Q: 2+2?\nA:"), ids(tok, " 4") + [tok.eos_token_id]
+    assert example.input_ids == prompt + completion
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + completion
+
+
+def test_messages_take_the_loss_on_assistant_turns_only(base):
+    tok = base.tokenizer
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hey"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "ciao"}]
+    (example,) = tokenize_rows([{"messages": messages}], tok, 256).examples
+    assert example.input_ids == ids(tok, tok.apply_chat_template(messages, tokenize=False))
+    learned = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
+    # Each assistant turn as the template renders it (content, EOS, newline); nothing of system or user.
+    assert learned == "hey<|eos|>\nciao<|eos|>\n"
+    # The masked positions are contiguous runs that start right after "<|assistant|>\n".
+    text_before_first = tok.decode(example.input_ids[: example.labels.index(ids(tok, "h")[0])])
+    assert text_before_first.endswith("<|assistant|>\n")
+
+
+def test_messages_get_an_eos_when_the_template_has_none(base):
+    import copy
+
+    tok = copy.deepcopy(base.tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (example,) = tokenize_rows([{"messages": [{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": "b"}]}], tok, 64).examples
+    assert example.input_ids[-1] == tok.eos_token_id
+    # This template has no generation prompt, so the role line counts as part of the assistant's turn.
+    assert tok.decode([t for t in example.labels if t != IGNORE_INDEX]) == "assistant: b\n<|eos|>"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"foo": "x"}, "dataset row 3: missing field 'text' (expected 'text', 'prompt'+'completion' or 'messages')"),
+    ({"prompt": "x"}, "dataset row 3: missing field 'completion'"),
+    ({"prompt": "x", "completion": ""}, "dataset row 3: field 'completion' is empty"),
+    ({"text": 5}, "dataset row 3: field 'text' must be a non-empty string"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "dataset row 3: 'messages' has no assistant turn"),
+    ({"messages": [{"role": "user"}]}, "dataset row 3: messages[0] needs string 'role' and 'content'"),
+    (["not", "a", "dict"], "dataset row 3: is a list"),
+])
+def test_a_bad_row_is_named(base, row, message):
+    rows = [{"text": "ok"}] * 3 + [row]
+    with pytest.raises(InvalidRequest) as info:
+        tokenize_rows(rows, base.tokenizer, 64)
+    assert info.value.message.startswith(message)
+    assert info.value.param == "dataset.records.3"
+
+
+def test_format_detection_ignores_empty_columns():
+    # CSV / Parquet files give every row every column; missing values arrive as None.
+    assert detect_format({"text": None, "prompt": "p", "completion": "c"}, 0) == "prompt_completion"
+    assert detect_format({"text": "t", "prompt": None, "completion": None}, 0) == "text"
+
+
+def test_long_rows_are_cut_and_counted_and_rows_left_without_targets_are_dropped(base):
+    rows = [{"text": "x" * 50}, {"prompt": "p" * 40, "completion": "c"}, {"text": "short"}]
+    data = tokenize_rows(rows, base.tokenizer, 16)
+    assert (data.rows, data.truncated, data.dropped, len(data.examples)) == (3, 2, 1, 2)
+    assert all(len(ex.input_ids) <= 16 for ex in data.examples)
+    assert data.formats == {"text": 2, "prompt_completion": 1}
+
+
+def test_no_trainable_row_at_all_is_an_error(base):
+    with pytest.raises(InvalidRequest, match="no row has a token to learn from"):
+        tokenize_rows([{"prompt": "p" * 40, "completion": "c"}], base.tokenizer, 16)
+
+
+def test_tokenizing_stops_when_cancelled(base):
+    with pytest.raises(Cancelled):
+        tokenize_rows([{"text": "a"}] * 10, base.tokenizer, 16, should_stop=lambda: True)
+
+
+# --- where rows come from ---------------------------------------------------------------------------------
+ROWS = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+
+
+def write_dataset(path, fmt):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif fmt == "csv":
+        path.write_text("prompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in ROWS))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_path_datasets_load_from_the_datasets_dir(settings, store, make_job, fmt):
+    write_dataset(settings.datasets_dir / "sub" / f"train.{fmt}", fmt)
+    job = make_job(dataset={"path": f"sub/train.{fmt}"})
+    assert load_rows(job, store, settings) == ROWS
+
+
+def test_inline_records_come_from_the_job_store(settings, store, make_job):
+    job = make_job(ROWS)
+    assert load_rows(job, store, settings) == ROWS
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../outside.jsonl", "sub/../../outside.jsonl", "~/x.jsonl"])
+def test_paths_outside_the_datasets_dir_are_refused(settings, path):
+    (settings.data_dir / "outside.jsonl").write_text('{"text": "secret"}\n')
+    with pytest.raises(InvalidRequest) as info:
+        resolve_dataset_path(path, settings)
+    assert info.value.param == "dataset.path"
+
+
+def test_a_symlink_leading_out_of_the_datasets_dir_is_refused(settings, tmp_path):
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "secret"}\n')
+    settings.datasets_dir.mkdir(parents=True)
+    os.symlink(secret, settings.datasets_dir / "link.jsonl")
+    with pytest.raises(InvalidRequest, match="outside") as info:
+        resolve_dataset_path("link.jsonl", settings)
+    assert info.value.param == "dataset.path"
+
+
+def test_an_unreadable_file_is_a_one_line_dataset_error(settings, store, make_job):
+    settings.datasets_dir.mkdir(parents=True)
+    (settings.datasets_dir / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    job = make_job(dataset={"path": "bad.jsonl"})
+    with pytest.raises(InvalidRequest, match="cannot read dataset 'bad.jsonl'") as info:
+        load_rows(job, store, settings)
+    assert "\n" not in info.value.message
