@@ -1,0 +1,215 @@
+"""The edge where errors become HTTP responses: every failure leaves as one envelope, OpenAI's
+
+    {"error": {"message": "...", "type": "...", "param": "field.path" | null, "code": "..."}}
+
+Everything below the routes raises ``core.errors.ServiceError`` (or lets a library error through); only this
+module knows status codes. Nothing returns a traceback to a client: unexpected errors are logged here and
+answered with a generic 500 envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.errors import InvalidRequest, PayloadTooLarge, RateLimited, ServiceError, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+_HTTP_TYPES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("not_found", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "payload_too_large"),
+}
+
+
+def envelope(status: int, message: str, type_: str, code: str, param: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    headers = None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+def service_error_from(exc: BaseException) -> ServiceError | None:
+    """Translate the library errors that have a meaning for clients; None for genuine bugs."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return ServiceUnavailable(f"Redis unreachable: {exc}", code="redis_unavailable")
+    try:
+        from bone.errors import BoneConfigError
+    except ImportError:  # pragma: no cover - bone is part of this distribution
+        return None
+    if isinstance(exc, BoneConfigError):
+        field = getattr(exc, "field", None)
+        return InvalidRequest(str(exc), param=f"bone.{field}" if field else "bone", code="invalid_bone_config")
+    return None
+
+
+# --- validation errors -----------------------------------------------------------------------------------
+_PRIMITIVE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "bytes"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts the union member's name into ``loc`` ('RecordsDataset', 'list[str]', 'str'); a field never looks like that."""
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part or part in _PRIMITIVE_TAGS)
+
+
+def _field_path(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if not _is_union_tag(p)]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def summarize_validation_errors(errors: list[dict]) -> tuple[str | None, str, str]:
+    """(param, message, code) for the most useful error of a pydantic error list.
+
+    A union of strict models (a dataset is exactly one of four shapes) yields one error group per member.
+    The member the client meant is the one with no missing or extra keys; if none qualifies the client
+    matched no shape at all, and saying so beats listing every member's complaints.
+    """
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    tag_at = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
+    if tag_at is None:
+        return _field_path(loc), _message(first), _code(first)
+    prefix = loc[:tag_at]
+    groups: dict[Any, list[dict]] = {}
+    for err in errors:
+        err_loc = tuple(err.get("loc", ()))
+        if err_loc[:tag_at] == prefix and len(err_loc) > tag_at:
+            groups.setdefault(err_loc[tag_at], []).append(err)
+    shape_misses = {tag: sum(e["type"] in ("missing", "extra_forbidden") for e in errs) for tag, errs in groups.items()}
+    fitting = [tag for tag, misses in shape_misses.items() if misses == 0]
+    param = _field_path(prefix)
+    if len(fitting) == 1 or (fitting and all(tag[:1].isupper() for tag in fitting)):
+        err = groups[fitting[0]][0]
+        return _field_path(tuple(err["loc"])), _message(err), _code(err)
+    if all(isinstance(tag, str) and tag[:1].isupper() for tag in groups):
+        shapes = "; ".join(_describe_model_tag(tag, groups[tag]) for tag in groups)
+        return param, f"{param} must match exactly one of these shapes: {shapes}", "invalid_value"
+    messages = list(dict.fromkeys(e["msg"] for errs in groups.values() for e in errs))
+    return param, f"{param}: " + " or ".join(messages), "invalid_value"
+
+
+def _code(err: dict) -> str:
+    return {"missing": "missing_field", "extra_forbidden": "unknown_field", "json_invalid": "invalid_json"}.get(
+        err.get("type"), "invalid_value")
+
+
+def _describe_model_tag(tag: str, errs: list[dict]) -> str:
+    required = [str(e["loc"][-1]) for e in errs if e["type"] == "missing"]
+    return "{" + ", ".join(f'"{key}"' for key in required) + "}" if required else tag
+
+
+def _message(err: dict) -> str:
+    path = _field_path(tuple(err.get("loc", ())))
+    if err.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
+    if err.get("type") == "extra_forbidden":
+        return f"unknown field {path!r}"
+    return f"{path}: {err['msg']}" if path else f"request body: {err['msg']}"
+
+
+# --- handlers ------------------------------------------------------------------------------------------
+async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    if exc.status >= 500:
+        log.error("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
+    return error_response(exc)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    if not errors:
+        return envelope(422, "invalid request", "invalid_request_error", "invalid_value")
+    param, message, code = summarize_validation_errors(errors)
+    if errors[0].get("type") == "json_invalid":
+        param = None  # loc holds a character offset, not a field
+    return envelope(422, message, "invalid_request_error", code, param)
+
+
+async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_, code = _HTTP_TYPES.get(exc.status_code, ("invalid_request_error" if exc.status_code < 500 else "server_error",
+                                                    f"http_{exc.status_code}"))
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} not allowed on {request.url.path}"
+    return envelope(exc.status_code, message, type_, code, headers=getattr(exc, "headers", None))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    translated = service_error_from(exc)
+    if translated is not None:
+        if translated.status >= 500:
+            log.warning("%s %s -> %s: %s", request.method, request.url.path, translated.status, translated.message)
+        return error_response(translated)
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return envelope(500, "internal server error; the server log has the details", "server_error", "internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    # Library errors with a client meaning get their own entries so they are handled inside the
+    # exception middleware (the catch-all ``Exception`` handler runs in the outermost middleware).
+    for exc_type in (redis.ConnectionError, redis.TimeoutError):
+        app.add_exception_handler(exc_type, _on_unexpected)
+    try:
+        from bone.errors import BoneConfigError
+
+        app.add_exception_handler(BoneConfigError, _on_unexpected)
+    except ImportError:  # pragma: no cover
+        pass
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+# --- body size -----------------------------------------------------------------------------------------
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, before they are read (Content-Length) or while
+    they stream in (chunked uploads), so a huge body never lands in memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(self._too_large())
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # Raised inside the route's body read: FastAPI re-raises HTTPExceptions untouched.
+                    raise StarletteHTTPException(413, self._too_large().message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes (BONE_MAX_BODY_BYTES)")

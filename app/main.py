@@ -1,0 +1,79 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; the lifespan builds the heavy things once.
+
+Run with ``uvicorn --factory app.main:create_app`` (or ``bone-server api``). The lifespan opens Redis (short
+socket timeouts, so a dead Redis answers 503 within a second instead of hanging), the RQ queue, the job
+store, the adapter registry and the inference engine, which loads the base model once.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rq import Queue
+
+from app.engine import InferenceEngine
+from app.errors import BodySizeLimit, install_error_handlers
+from app.job_checks import JobChecker
+from app.routes import adapters, generate, health, jobs
+from core.base_model import load_base_model
+from core.jobstore import JobStore
+from core.registry import AdapterRegistry
+from core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+REDIS_CONNECT_TIMEOUT_S = 1.0
+REDIS_SOCKET_TIMEOUT_S = 5.0  # above the longest blocking read (job events follow with 1 s XREADs)
+
+
+def connect_redis(url: str) -> redis.Redis:
+    # One quick retry rides over a dropped idle connection; more (redis-py's default backs off for
+    # seconds) would only delay the 503 a client gets while Redis is down.
+    return redis.Redis.from_url(url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+                                socket_timeout=REDIS_SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
+                                health_check_interval=30)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        conn = connect_redis(settings.redis_url)
+        registry = AdapterRegistry(settings.registry_dir)
+        swept = registry.sweep()
+        if swept:
+            log.info("removed %d leftovers of interrupted publishes from %s", swept, settings.registry_dir)
+        settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+        log.info("loading base model %r", settings.base_model)
+        base = await run_in_threadpool(load_base_model, settings.base_model, settings)
+        log.info("base model %r loaded on %s", settings.base_model, base.device)
+        engine = InferenceEngine(base, registry, settings)
+        engine.start()
+        app.state.settings = settings
+        app.state.redis = conn
+        app.state.queue = Queue(settings.queue_name, connection=conn)
+        app.state.jobstore = JobStore(conn)
+        app.state.registry = registry
+        app.state.engine = engine
+        app.state.job_checker = JobChecker(settings, registry, server_model_config=base.model.config)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.stop)
+            conn.close()
+
+    app = FastAPI(title="bone-server", version="0.1.0", lifespan=lifespan,
+                  description="Fine-tune Bone adapters on one shared base model and serve them all, batched.")
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for module in (health, jobs, adapters, generate):
+        app.include_router(module.router)
+    return app

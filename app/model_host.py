@@ -1,0 +1,63 @@
+"""The serving model: the base model wrapped once in a ``BoneModel`` with no adapter of its own, so
+adapters are added and deleted in place (no reload) and every batch row picks its adapter by name.
+
+Only the engine's model thread calls into this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bone import BASE_ADAPTER, BoneConfig, BoneModel
+from bone.routing import routing_context
+from core.errors import Conflict
+
+BASE_SLOT = BASE_ADAPTER
+
+
+class ModelHost:
+    def __init__(self, model: torch.nn.Module) -> None:
+        # Adapters are stored in float32 next to a bf16/fp16 base (autocast_adapter_dtype), as in training.
+        self.bone_model = BoneModel(model)
+        self.bone_model.eval()
+        self._routing = None
+        self._routing_slots: list[str] | None = None
+
+    @property
+    def adapter_slots(self) -> list[str]:
+        return list(self.bone_model.adapter_configs)
+
+    def add_adapter(self, slot: str, config: BoneConfig, tensors: dict[str, Any]) -> None:
+        if config.bias != "none":
+            # Trained biases are written into the shared base layers: serving them would change every
+            # other adapter's (and the base model's) answers.
+            raise Conflict(f"this adapter trained biases (bias={config.bias!r}), which live in the shared base model; "
+                           "it cannot be served next to other adapters", param="adapter", code="unservable_adapter")
+        self.bone_model.add_adapter_from_state_dict(slot, config, tensors)  # strict key/shape checks
+
+    def delete_adapter(self, slot: str) -> None:
+        if slot in self.bone_model.adapter_configs:
+            self.bone_model.delete_adapter(slot)
+
+    def forward(self, slots: list[str], **kwargs: Any) -> Any:
+        """One forward where row i uses adapter ``slots[i]`` (or the base).
+
+        Consecutive calls with the same rows (the decode steps of one batch) share one routing context, so
+        each layer gathers its per-row blocks once per batch, not once per token. ``end_batch`` closes it;
+        adapters only change between batches, so the gathered blocks never go stale.
+        """
+        if not self.bone_model.adapter_configs:
+            return self.bone_model(**kwargs)  # nothing loaded yet: the plain model, no routing overhead
+        if self._routing_slots != slots:
+            self.end_batch()
+            self._routing = routing_context(slots)
+            self._routing.__enter__()
+            self._routing_slots = list(slots)
+        return self.bone_model.base_model(**kwargs)
+
+    def end_batch(self) -> None:
+        if self._routing is not None:
+            self._routing.__exit__(None, None, None)
+            self._routing, self._routing_slots = None, None

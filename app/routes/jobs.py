@@ -1,0 +1,114 @@
+"""Fine-tuning jobs: create (validate + enqueue), list, read, cancel, events (JSON pages or live SSE).
+
+Handlers are plain ``def``: Redis calls block, so FastAPI runs them in its thread pool. The training task is
+enqueued by its dotted path; this process never imports ``worker``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from rq.exceptions import NoSuchJobError
+from rq.job import Job as RQJob
+from sse_starlette.sse import EventSourceResponse
+
+from app.deps import JobCheckerDep, JobStoreDep, QueueDep, SettingsDep
+from core.errors import Conflict
+from core.jobs import Job, JobCreate, JobStatus, dataset_summary
+from core.jobstore import JobStore
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+TRAINING_TASK = "worker.tasks.run_training_job"
+EVENT_POLL_MS = 1000  # below the Redis client's socket timeout, so a blocking read never times out the socket
+
+
+@router.post("", status_code=202, response_model=Job)
+def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue: QueueDep,
+               checker: JobCheckerDep) -> Job:
+    records = checker.check(body)
+    job = Job(id=Job.new_id(), adapter_name=body.adapter_name, base_model=body.base_model or settings.base_model,
+              dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite)
+    store.create(job, records=records)
+    try:
+        queue.enqueue(TRAINING_TASK, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=86400,
+                      failure_ttl=7 * 86400)
+    except Exception:
+        # Never leave a record that claims to be queued when nothing will run it.
+        try:
+            store.update(job.id, status=JobStatus.FAILED, error="could not be queued", finished_at=time.time())
+        except Exception:  # noqa: BLE001 - Redis is likely gone; the original error matters more
+            pass
+        raise
+    log.info("queued %s for adapter %r", job.id, job.adapter_name)
+    return job
+
+
+@router.get("")
+def list_jobs(store: JobStoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(description="id of the last job of the previous page")] = None) -> dict:
+    jobs, has_more = store.list(limit=limit, after=after)
+    return {"object": "list", "data": [job.model_dump(mode="json") for job in jobs], "has_more": has_more}
+
+
+@router.get("/{job_id}", response_model=Job)
+def get_job(job_id: str, store: JobStoreDep) -> Job:
+    return store.get(job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=Job)
+def cancel_job(job_id: str, store: JobStoreDep, queue: QueueDep) -> Job:
+    """Queued: cancelled at once and never runs. Running: the worker stops at its next step and records
+    ``cancelled`` itself. Already final: 409."""
+    job = store.get(job_id)
+    if job.status.is_final:
+        raise Conflict(f"job {job_id} is already {job.status.value}", param="job_id", code="invalid_state")
+    store.request_cancel(job_id)  # first, so a worker that picks the job up right now sees it
+    if job.status is JobStatus.QUEUED:
+        try:
+            RQJob.fetch(job_id, connection=queue.connection).cancel()
+        except NoSuchJobError:
+            pass  # already taken off the queue by a worker; the flag stops it
+        try:
+            return store.transition(job_id, [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=time.time())
+        except Conflict:
+            pass  # a worker started it in between: it is running now and will honour the flag
+    return store.get(job_id)
+
+
+@router.get("/{job_id}/events")
+async def job_events(job_id: str, request: Request, store: JobStoreDep,
+                     after: Annotated[str | None, Query(description="id of the last event already seen")] = None,
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                     stream: bool = False,
+                     last_event_id: Annotated[str | None, Header()] = None) -> Any:
+    job = await run_in_threadpool(store.get, job_id)  # 404 before any stream starts
+    wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
+    if wants_stream:
+        return EventSourceResponse(_follow(store, job, after or last_event_id), ping=15)
+    events = await run_in_threadpool(lambda: store.events(job_id, after=after, limit=limit + 1))
+    return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
+
+
+async def _follow(store: JobStore, job: Job, after: str | None):
+    """Every event after ``after``, then live ones until the job is final; the last message is the job."""
+    last, final = after, job.status.is_final
+    while True:
+        block = None if final else EVENT_POLL_MS
+        events = await anyio.to_thread.run_sync(lambda: store.events(job.id, after=last, limit=100, block_ms=block))
+        for event in events:
+            last = event["id"]
+            yield {"id": event["id"], "event": "event", "data": json.dumps(event)}
+        if final and not events:
+            yield {"event": "end", "data": job.model_dump_json()}
+            return
+        if not final:
+            job = await anyio.to_thread.run_sync(store.get, job.id)
+            final = job.status.is_final  # one more pass drains what the worker wrote before finishing

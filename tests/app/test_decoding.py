@@ -1,0 +1,75 @@
+"""The per-row decode state: stop strings, end of sequence, token budgets, streaming pieces, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.decoding import Row, SamplingParams, _safe_end
+
+EOS = 0
+
+
+def row(stop=(), max_new_tokens=10, on_text=None, temperature=0.0, top_p=1.0, seed=None) -> Row:
+    # token t decodes to chr(t): ids 97.. are letters
+    return Row(prompt_ids=[1], adapter_slot="__base__", eos_ids=frozenset({EOS}),
+               params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                     stop=tuple(stop)),
+               decode=lambda ids: "".join(chr(t) for t in ids if t != EOS), on_text=on_text)
+
+
+def feed(r: Row, text: str) -> Row:
+    for ch in text:
+        if r.finished:
+            break
+        r.push(ord(ch))
+    return r
+
+
+@pytest.mark.parametrize("stop, fed, text, reason", [
+    ((), "abc", "abc", None),
+    (("c",), "abcd", "ab", "stop"),
+    (("bc", "x"), "abcd", "a", "stop"),
+    (("cd",), "abcdef", "ab", "stop"),  # a stop spanning two tokens
+    (("zz",), "abcdefghijk", "abcdefghij", "length"),
+])
+def test_stop_strings_and_budget(stop, fed, text, reason):
+    r = feed(row(stop=stop), fed)
+    assert (r.text, r.finish_reason) == (text, reason)
+
+
+def test_end_of_sequence_is_not_text():
+    r = row()
+    feed(r, "ab")
+    r.push(EOS)
+    assert (r.text, r.finish_reason, len(r.generated)) == ("ab", "stop", 3)
+
+
+def test_stream_pieces_add_up_and_never_show_a_stop():
+    pieces: list[str] = []
+    r = feed(row(stop=("lo w",), on_text=pieces.append, max_new_tokens=50), "hello world")
+    assert r.text == "hel" and "".join(pieces) == "hel"
+    pieces.clear()
+    r = feed(row(stop=("xyz",), on_text=pieces.append, max_new_tokens=5), "abxyq")
+    assert "".join(pieces) == r.text == "abxyq"
+
+
+@pytest.mark.parametrize("text, stops, end", [
+    ("hello wo", ("world",), 6),
+    ("hello", ("world",), 5),
+    ("ab\ufffd", (), 2),
+    ("abc", ("c", "bcd"), 1),
+])
+def test_safe_end_holds_back_what_may_still_change(text, stops, end):
+    assert _safe_end(text, stops) == end
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_head():
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    draws = lambda seed, top_p=1.0: [row(temperature=1.0, seed=seed, top_p=top_p).choose(logits) for _ in range(1)]
+    assert draws(1) == draws(1)
+    seeded = row(temperature=1.0, seed=3, top_p=0.5)
+    assert {seeded.choose(logits) for _ in range(50)} == {1}  # token 1 alone holds >= 50% of the mass
+    wide = row(temperature=1.0, seed=3, top_p=0.99)
+    assert {wide.choose(logits) for _ in range(200)} == {1, 2}
+    assert row(temperature=0).choose(logits) == 1
