@@ -20,6 +20,7 @@ from rq import Queue
 from app.engine import InferenceEngine
 from app.errors import BodySizeLimit, install_error_handlers
 from app.job_checks import JobChecker
+from app.observability import install_observability
 from app.routes import adapters, generate, health, jobs
 from core.base_model import load_base_model
 from core.jobstore import JobStore
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_observability(app)
     for module in (health, jobs, adapters, generate):
         app.include_router(module.router)
     return app

@@ -1,0 +1,39 @@
+"""/metrics, request ids and the /ui dashboard's static files on the real server."""
+
+from __future__ import annotations
+
+from tests.app.conftest import publish_adapter
+
+
+def test_metrics_cover_http_queue_jobs_and_engine(live, client):
+    client.get("/healthz")
+    publish_adapter(live.settings, "metrics-a", seed=1)
+    assert client.post("/generate", json={"adapter": "metrics-a", "prompt": "hi", "max_new_tokens": 3,
+                                          "temperature": 0}).status_code == 200
+    client.post("/jobs", json={"adapter_name": "queued-one", "dataset": {"records": [{"text": "x"}]}})
+    text = client.get("/metrics").text
+    assert 'bone_http_request_duration_seconds_count{method="GET",route="/healthz",status="200"}' in text
+    assert "bone_queue_depth 1.0" in text
+    assert 'bone_jobs{status="queued"} 1.0' in text
+    for name in ("bone_generated_tokens_total", "bone_time_to_first_token_seconds", "bone_engine_batch_size",
+                 "bone_adapter_cache_misses_total", "bone_adapter_load_seconds"):
+        assert name in text
+
+
+def test_unmatched_paths_do_not_explode_label_cardinality(client):
+    for i in range(3):
+        client.get(f"/no-such-route-{i}")
+    text = client.get("/metrics").text
+    assert "no-such-route" not in text and 'route="unmatched"' in text
+
+
+def test_request_id_is_echoed_or_minted(client):
+    assert client.get("/healthz", headers={"X-Request-ID": "abc123"}).headers["x-request-id"] == "abc123"
+    assert len(client.get("/healthz").headers["x-request-id"]) == 16
+
+
+def test_dashboard_is_served_without_a_build_step(client):
+    page = client.get("/ui", follow_redirects=True)
+    assert page.status_code == 200 and "<canvas id=\"loss-chart\"" in page.text
+    assert client.get("/ui/app.js").status_code == 200
+    assert client.get("/ui/style.css").status_code == 200
