@@ -1,0 +1,212 @@
+"""Bone training-step and generation cost against the frozen-base floor, one process, side by side.
+
+    python bench/train_step.py --model small --steps 10 --batch 4 --seq 256
+
+Variants (all seven Llama projections targeted): the floor (frozen base, gradients flow through every layer
+via one trainable scalar on the input embeddings, no weight gradients), Bone r=16, Bone r=64, Bat r=16 and,
+when PEFT with MiSS is installed, PEFT's MiSS at the same settings. Steps are timed round-robin across the
+variants so drift on a shared machine hits them alike; figures are medians over the timed steps.
+Then: per-token greedy generation, batch 1, one adapter unmerged, vs the base model (and PEFT's MiSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.models import LLAMA_PROJECTIONS, build_model  # noqa: E402
+from bone import BoneConfig, get_bone_model  # noqa: E402
+
+
+class Floor(torch.nn.Module):
+    """The frozen base with one trainable scalar on the input embeddings: every layer back-propagates
+    activations, no weight gradient is computed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, input_ids, labels):
+        emb = self.model.get_input_embeddings()(input_ids) * self.scale
+        return self.model(inputs_embeds=emb, labels=labels)
+
+
+class Wrapped(torch.nn.Module):
+    """Adapter models get the embeddings the same way as the floor (minus the scalar)."""
+
+    def __init__(self, model, hf):
+        super().__init__()
+        self.model = model
+        self.hf = hf
+
+    def forward(self, input_ids, labels):
+        emb = self.hf.get_input_embeddings()(input_ids)
+        return self.model(inputs_embeds=emb, labels=labels)
+
+
+def randomize_blocks(model, std=0.02):
+    # non-zero blocks so no variant can shortcut through zeros; same for ours and PEFT's
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "bone_block" in n or "miss_block" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def make_variants(base, with_peft: bool):
+    out = {"floor": Floor(copy.deepcopy(base))}
+    for label, r, init in [("bone r=16", 16, True), ("bone r=64", 64, True), ("bat r=16", 16, "bat")]:
+        hf = copy.deepcopy(base)
+        bm = get_bone_model(hf, BoneConfig(r=r, target_modules=LLAMA_PROJECTIONS, init_weights=init))
+        randomize_blocks(bm)
+        out[label] = Wrapped(bm, hf)
+    if with_peft:
+        import warnings
+
+        from peft import MissConfig, get_peft_model
+
+        for label, r, init in [("peft miss r=16", 16, True), ("peft miss r=64", 64, True), ("peft miss-bat r=16", 16, "bat")]:
+            hf = copy.deepcopy(base)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pm = get_peft_model(hf, MissConfig(r=r, target_modules=LLAMA_PROJECTIONS, init_weights=init))
+            randomize_blocks(pm)
+            out[label] = Wrapped(pm, hf)
+    return out
+
+
+def train_step(mod, opt, ids):
+    loss = mod(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_training(variants, args):
+    g = torch.Generator().manual_seed(0)
+    vocab = next(iter(variants.values())).model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+    opts = {}
+    for name, mod in variants.items():
+        mod.train()
+        params = [p for p in mod.parameters() if p.requires_grad]
+        opts[name] = torch.optim.AdamW(params, lr=1e-4)
+        for _ in range(args.warmup):
+            train_step(mod, opts[name], ids)
+    times = {n: [] for n in variants}
+    for _ in range(args.steps):  # round-robin: one step of each variant per round
+        for name, mod in variants.items():
+            t0 = time.perf_counter()
+            train_step(mod, opts[name], ids)
+            times[name].append(time.perf_counter() - t0)
+    tokens = args.batch * args.seq
+    floor = statistics.median(times["floor"])
+    print(f"\ntraining step: model={args.model} batch={args.batch} seq={args.seq} steps={args.steps} "
+          f"threads={torch.get_num_threads()}")
+    # "x floor" compares medians; "paired" is the median of per-round ratios (each step against the floor
+    # step timed next to it), which cancels load drift from other processes on a shared machine.
+    print(f"{'variant':<20}{'median ms':>11}{'tokens/s':>11}{'x floor':>9}{'paired':>9}")
+    res = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        paired = statistics.median(t / f for t, f in zip(ts, times["floor"]))
+        res[name] = med / floor
+        print(f"{name:<20}{med * 1e3:>11.1f}{tokens / med:>11.0f}{med / floor:>9.3f}{paired:>9.3f}")
+    return res
+
+
+@torch.no_grad()
+def per_token_ms(gen, ids, n_new, reps):
+    """Median per-token decode time: (time for n_new tokens - time for 1 token) / (n_new - 1)."""
+    def run(n):
+        t0 = time.perf_counter()
+        gen(ids, n)
+        return time.perf_counter() - t0
+
+    run(n_new)
+    full = statistics.median(run(n_new) for _ in range(reps))
+    one = statistics.median(run(1) for _ in range(reps))
+    return (full - one) / (n_new - 1) * 1e3
+
+
+def bench_generation(base, args, with_peft):
+    torch.manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (1, 16))
+    kw = dict(do_sample=False, pad_token_id=0)
+
+    def hf_gen(m):
+        return lambda x, n: m.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    rows = {}
+    plain = copy.deepcopy(base).eval()
+    rows["base"] = hf_gen(plain)
+    hf = copy.deepcopy(base)
+    bm = get_bone_model(hf, BoneConfig(r=16, target_modules=LLAMA_PROJECTIONS)).eval()
+    randomize_blocks(bm)
+    rows["bone r=16 unmerged"] = lambda x, n: bm.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, **kw)
+    rows["bone r=16 per-row"] = lambda x, n: bm.generate(
+        input_ids=x, adapter_names=["default"], max_new_tokens=n, min_new_tokens=n, **kw)
+    if with_peft:
+        import warnings
+
+        from peft import MissConfig, get_peft_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(copy.deepcopy(base), MissConfig(r=16, target_modules=LLAMA_PROJECTIONS)).eval()
+        randomize_blocks(pm)
+        rows["peft miss r=16"] = lambda x, n: pm.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, **kw)
+    res = {}
+    for _ in range(2):  # two rounds, keep the best median of each: generation on CPU is noisy
+        for name, gen in rows.items():
+            ms = per_token_ms(gen, ids, args.gen_tokens, args.gen_reps)
+            res[name] = min(res.get(name, float("inf")), ms)
+    print(f"\ngeneration, batch 1, greedy, {args.gen_tokens} new tokens, per-token decode time")
+    print(f"{'variant':<22}{'ms/token':>10}{'x base':>9}")
+    for name, ms in res.items():
+        print(f"{name:<22}{ms:>10.2f}{ms / res['base']:>9.3f}")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["tiny", "small"], default="small")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--gen-reps", type=int, default=3)
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT's MiSS even if installed")
+    ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--skip-training", action="store_true")
+    args = ap.parse_args(argv)
+    if args.steps < 10:
+        print("note: fewer than 10 timed steps; medians are noisy", file=sys.stderr)
+    with_peft = False
+    if not args.no_peft:
+        try:
+            from peft import MissConfig  # noqa: F401
+            with_peft = True
+        except ImportError:
+            print("peft with MiSS not installed: PEFT rows skipped", file=sys.stderr)
+    base = build_model(args.model)
+    if not args.skip_training:
+        bench_training(make_variants(base, with_peft), args)
+    if not args.skip_generation:
+        bench_generation(base, args, with_peft)
+
+
+if __name__ == "__main__":
+    main()

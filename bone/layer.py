@@ -1,0 +1,326 @@
+"""``BoneLinear``: a Bone / Bat / MiSS-mini adapter layer around an ``nn.Linear`` or a transformers ``Conv1D``.
+
+Forward rules (several active adapters apply in the active order):
+- Bone: ``y = base(x) + S_r(x) @ B`` with ``B`` (r, out); S_r sums the zero-padded r-wide chunks of x.
+- mini: as Bone with the (r, mini_r) block tiled to (r, out).
+- Bat: the dense ``W'_ij = W_ij (I + B_i) + B_i`` is built blockwise and one F.linear runs with it.
+Bone adapters add up; a Bat adapter acts on the weight as updated by the adapters before it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as BF
+from .errors import BoneConfigError, BoneError
+from .routing import _ROUTING, row_forward
+from .targets import Conv1D
+
+VARIANTS = ("bone", "bat", "mini")
+
+
+
+
+class _BoneLinearFn(torch.autograd.Function):
+    """Training path of Bone when everything shares one dtype: ``y = x (W + ΔW)ᵀ + b`` in ONE matmul.
+
+    Why: the additive form costs an extra (tokens × out) add in the forward, an (tokens × r) @ (r × out)
+    matmul for dS, and a (tokens × in) broadcast-add in the backward. Folding ΔW into the weight costs one
+    (out × in) add instead (rebuilt in the backward rather than stored, so no extra weight copy is kept), and
+    the block gradient needs only ``S_r(x)ᵀ @ dy``, with ``S_r(x)`` (tokens × r) saved from the forward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv1d, *blocks):
+        w = weight
+        for blk in blocks:
+            w = BF.bone_weight(w, blk, conv1d)
+        x2 = x.reshape(-1, x.shape[-1])
+        if conv1d:
+            y = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+        else:
+            y = F.linear(x2, w, bias)
+        sums: dict[int, torch.Tensor] = {}
+        saved_sums = []
+        for i, blk in enumerate(blocks):
+            if ctx.needs_input_grad[4 + i]:
+                r = blk.shape[0]
+                if r not in sums:
+                    sums[r] = BF.chunk_sum(x2, r).contiguous()
+                saved_sums.append(sums[r])
+            else:
+                saved_sums.append(None)
+        ctx.conv1d = conv1d
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        ctx.n_blocks = len(blocks)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight, *blocks, *saved_sums)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, *rest = ctx.saved_tensors
+        n = ctx.n_blocks
+        blocks, sums = rest[:n], rest[n:]
+        conv1d = ctx.conv1d
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            w = weight
+            for blk in blocks:  # rebuilt instead of saved: one (out × in) add vs a full weight copy kept alive
+                w = BF.bone_weight(w, blk, conv1d)
+            gx = (g2 @ w.t() if conv1d else g2 @ w).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            gw = x2.t() @ g2 if conv1d else g2.t() @ x2
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        gblocks = [s.t() @ g2 if s is not None else None for s in sums]
+        return (gx, gw, gb, None, *gblocks)
+
+
+class BoneLinear(nn.Module):
+    """Wraps one Linear / Conv1D and holds every adapter's block for it (``bone_block[adapter_name]``)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise BoneConfigError(
+                f"BoneLinear wraps torch.nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.is_conv1d = isinstance(base_layer, Conv1D)
+        if self.is_conv1d:
+            self.in_features, self.out_features = (int(s) for s in base_layer.weight.shape)
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        # exact types only: a subclass (e.g. a quantized Linear) may not hold a plain float weight
+        self._plain = type(base_layer) in (nn.Linear, Conv1D)
+        self.bone_block = nn.ParameterDict()
+        self.bone_variant: dict[str, str] = {}
+        self.bone_r: dict[str, int] = {}
+        self.bone_dropout: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self._active: tuple[str, ...] = ()
+        self._dense = False  # some active adapter is Bat -> dense weight path
+        self.__dict__["_disabled_flag"] = False
+        # Inference fast path (one active plain Bone adapter): the tensors and ints the forward needs, kept
+        # in a tuple so a decode step pays no module/dict lookups. Rebuilt by _refresh() whenever anything
+        # it depends on changes (adapters, activation, merge, disable, .to(), load_state_dict).
+        self._fast: tuple | None = None
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh())
+
+    @property
+    def _disabled(self) -> bool:
+        return self._disabled_flag
+
+    @_disabled.setter
+    def _disabled(self, flag: bool) -> None:
+        self.__dict__["_disabled_flag"] = bool(flag)
+        self._refresh()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
+
+    def _refresh(self) -> None:
+        self._fast = None
+        if self._disabled_flag or self.merged_adapters or len(self._active) != 1:
+            return
+        n = self._active[0]
+        if self.bone_variant.get(n) != "bone" or not self._plain:
+            return
+        w = self.base_layer.weight
+        b = self.base_layer.bias
+        blk = self.bone_block[n]
+        if blk.dtype != w.dtype or blk.device != w.device:
+            return
+        r = self.bone_r[n]
+        nf, rem = divmod(self.in_features, r)
+        self._fast = (w, b, blk, r, nf, rem, self.out_features, self.in_features, self.is_conv1d,
+                      self.bone_dropout[n])
+
+    # -- what the HF model sees --------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        ad = ", ".join(f"{n}:{self.bone_variant[n]}(r={self.bone_r[n]})" for n in self.bone_block)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ad}]"
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def block_shape(self, variant: str, r: int, mini_r: int = 1) -> tuple[int, ...]:
+        if variant == "bat":
+            return (self.out_features // r, r, r)
+        if variant == "mini":
+            return (r, mini_r)
+        return (r, self.out_features)
+
+    def add_adapter(self, name: str, variant: str, r: int, *, mini_r: int = 1, dropout: float = 0.0,
+                    random_init: bool = False, dtype: torch.dtype | None = None) -> None:
+        if variant not in VARIANTS:
+            raise BoneConfigError(f"unknown Bone variant {variant!r}", "init_weights")
+        if r <= 0:
+            raise BoneConfigError(f"`r` should be a positive integer value but the value passed is {r}", "r")
+        if variant == "bat" and (self.in_features % r or self.out_features % r):
+            raise BoneConfigError(
+                f"Bat needs in_features and out_features divisible by r={r}; this layer has "
+                f"in_features={self.in_features}, out_features={self.out_features}", "r")
+        w = self.base_layer.weight
+        if dtype is None:
+            dtype = w.dtype
+        blk = torch.zeros(self.block_shape(variant, r, mini_r), dtype=dtype, device=w.device)
+        if random_init:  # PEFT's init_weights=False: kaiming-uniform on the (r, out) tensor
+            nn.init.kaiming_uniform_(blk, a=math.sqrt(5))
+        self.bone_block[name] = nn.Parameter(blk)
+        self.bone_variant[name] = variant
+        self.bone_r[name] = r
+        self.bone_dropout[name] = dropout
+        self._refresh()
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise BoneError(f"adapter {name!r} is merged into this layer; unmerge before deleting it")
+        if name in self.bone_block:
+            del self.bone_block[name]
+            for d in (self.bone_variant, self.bone_r, self.bone_dropout):
+                d.pop(name, None)
+        self.set_active([n for n in self._active if n != name])
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self._active = tuple(n for n in names if n in self.bone_block)
+        self._dense = any(self.bone_variant[n] == "bat" for n in self._active)
+        self._refresh()
+
+    def full_block(self, name: str) -> torch.Tensor:
+        """The block in its Bone form (r, out) for bone/mini; the raw (out/r, r, r) block for Bat."""
+        blk = self.bone_block[name]
+        if self.bone_variant[name] == "mini":
+            return BF.expand_mini(blk, self.out_features)
+        return blk
+
+    # -- dense weights -----------------------------------------------------------------------------
+    def effective_weight(self, names: Iterable[str], weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The logical (out, in) weight with ``names`` applied in order, in the adapters' dtype."""
+        w = self.base_layer.weight if weight is None else weight
+        w = w.t() if self.is_conv1d else w
+        for n in names:
+            blk = self.full_block(n)
+            w = w.to(torch.promote_types(w.dtype, blk.dtype))
+            if self.bone_variant[n] == "bat":
+                w = BF.bat_weight(w, blk, conv1d=False)
+            else:
+                w = BF.bone_weight(w, blk, conv1d=False)
+        return w
+
+    # -- merge / unmerge ---------------------------------------------------------------------------
+    def _merge_one(self, name: str, w: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """New stored-layout weight with adapter ``name`` merged (or unmerged); never writes to ``w``."""
+        blk = self.full_block(name)
+        calc = torch.promote_types(w.dtype, blk.dtype)
+        if self.bone_variant[name] == "bat":
+            if reverse:
+                new = BF.bat_unweight(w.to(calc), blk.to(calc), self.is_conv1d)
+            else:
+                new = BF.bat_weight(w.to(calc), blk.to(calc), self.is_conv1d)
+            new = new.t() if self.is_conv1d else new
+        else:
+            new = BF.bone_weight(w.to(calc), blk.to(calc), self.is_conv1d, sign=-1.0 if reverse else 1.0)
+        return new.to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str] | None = None, safe_merge: bool = False) -> list[str]:
+        names = list(self._active if names is None else names)
+        done = []
+        for n in names:
+            if n not in self.bone_block or n in self.merged_adapters:
+                continue
+            w = self.base_layer.weight
+            new = self._merge_one(n, w.detach(), reverse=False)  # out-of-place: the base weight is untouched here
+            if safe_merge and not torch.isfinite(new).all():
+                raise BoneError(f"NaNs or infs in the merged weight; adapter {n!r} seems to be broken")
+            w.data.copy_(new)
+            self.merged_adapters.append(n)
+            done.append(n)
+        self._refresh()
+        return done
+
+    @torch.no_grad()
+    def unmerge(self, count: int | None = None) -> None:
+        """Undo the last ``count`` merges (all by default), LIFO so Bat compositions undo in order."""
+        count = len(self.merged_adapters) if count is None else count
+        for _ in range(count):
+            n = self.merged_adapters[-1]
+            w = self.base_layer.weight
+            w.data.copy_(self._merge_one(n, w.detach(), reverse=True))
+            self.merged_adapters.pop()
+        self._refresh()
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routing = _ROUTING.get()
+        if routing is not None:
+            return row_forward(self, x, routing)
+        fast = self._fast
+        if fast is not None and not torch.is_grad_enabled():
+            w, b, blk, r, nf, rem, out, fin, conv1d, p = fast
+            if x.dtype == w.dtype and not (p and self.training) and x.is_contiguous():
+                # decode hot path: base matmul, chunk sum (shared by sibling projections that read the same
+                # input, e.g. q/k/v), one fused gemm-accumulate into the base output; nothing else.
+                if conv1d:
+                    y = (x @ w if b is None else torch.addmm(b, x.view(-1, fin), w).view(*x.shape[:-1], out))
+                else:
+                    y = F.linear(x, w, b)
+                s = BF.cached_chunk_sum(x, r)
+                y.view(-1, out).addmm_(s, blk)
+                return y
+        active = self._active
+        if not active or self._disabled or self.merged_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if self._dense:
+            w = self.effective_weight(active)
+            bias = self.base_layer.bias
+            y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+            return y.to(x.dtype)
+        return self._forward_bone(x, active, *args, **kwargs)
+
+    def _forward_bone(self, x, active, *args, **kwargs):
+        blocks = [self.full_block(n) for n in active]
+        training_dropout = self.training and any(self.bone_dropout[n] for n in active)
+        if torch.is_grad_enabled() and self._plain and not training_dropout and self._fusable(x, blocks):
+            w = self.base_layer.weight
+            return _BoneLinearFn.apply(x, w, self.base_layer.bias, self.is_conv1d, *blocks)
+        y = self.base_layer(x, *args, **kwargs)
+        grad = torch.is_grad_enabled()
+        for n, blk in zip(active, blocks):
+            xin = x
+            p = self.bone_dropout[n]
+            if p and self.training:
+                xin = F.dropout(x, p, training=True)
+            s = BF.chunk_sum(xin.to(blk.dtype), blk.shape[0])
+            if not grad and y.dtype == blk.dtype and y.is_contiguous():
+                # in place and fused: y += s @ B in one gemm call (beta=1), no temporary
+                y.view(-1, self.out_features).addmm_(s.reshape(-1, s.shape[-1]), blk)
+            else:
+                y = y + (s @ blk).to(y.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _fusable(self, x: torch.Tensor, blocks: list[torch.Tensor]) -> bool:
+        w = self.base_layer.weight
+        dt = x.dtype
+        if w.dtype != dt or any(b.dtype != dt for b in blocks) or torch.is_autocast_enabled(x.device.type):
+            return False
+        if not (x.requires_grad or w.requires_grad or any(b.requires_grad for b in blocks)):
+            return False
+        # folding ΔW costs ~2·in·out element ops; the additive form ~tokens·(2·in + out): fold when cheaper
+        tokens = x.numel() // max(self.in_features, 1)
+        return tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features

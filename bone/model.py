@@ -1,0 +1,397 @@
+"""``BoneModel`` / ``get_bone_model``: wrap the targeted layers of a Hugging Face model in place and manage
+its adapters (add, load, activate, delete, disable, merge, save), PEFT-style."""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import BoneConfig
+from .errors import BoneCheckpointError, BoneConfigError, BoneError
+from .layer import BoneLinear
+from .modules_to_save import ModulesToSave
+from .routing import BASE_ADAPTER, routing_context
+from .targets import find_modules_to_save, find_targets, iter_modules
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, new)
+
+
+class BoneModel(nn.Module):
+    """A Hugging Face model with Bone adapters. ``base_model`` is the wrapped model (changed in place)."""
+
+    def __init__(self, model: nn.Module, autocast_adapter_dtype: bool = True):
+        super().__init__()
+        self.base_model = model
+        self.adapter_configs: dict[str, BoneConfig] = {}
+        self.active_adapters: list[str] = []
+        self._trainable: dict[str, bool] = {}
+        self._autocast_adapter_dtype = autocast_adapter_dtype
+        self._disabled = False
+        for p in model.parameters():  # the base is frozen; set_adapter re-enables what an adapter trains
+            p.requires_grad_(False)
+
+    # -- attribute access falls through to the HF model (config, device, generation_config, ...) ----------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self._modules["base_model"], name)
+
+    @property
+    def peft_config(self) -> dict[str, BoneConfig]:
+        return self.adapter_configs
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.active_adapters[0] if self.active_adapters else None
+
+    # -- layers ------------------------------------------------------------------------------------------
+    def bone_layers(self) -> list[tuple[str, BoneLinear]]:
+        return [(n, m) for n, m in iter_modules(self.base_model) if isinstance(m, BoneLinear)]
+
+    def _mts_wrappers(self) -> list[tuple[str, ModulesToSave]]:
+        return [(n, m) for n, m in iter_modules(self.base_model) if isinstance(m, ModulesToSave)]
+
+    def _adapter_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        # like PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters
+        if self._autocast_adapter_dtype and weight.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return weight.dtype
+
+    # -- adding adapters ---------------------------------------------------------------------------------
+    def _check_new_name(self, name: str, config: BoneConfig) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name == BASE_ADAPTER:
+            raise BoneConfigError(
+                f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (no '.'), not {BASE_ADAPTER!r}",
+                "adapter_name")
+        if name in self.adapter_configs:
+            raise BoneConfigError(f"adapter {name!r} already exists; delete it first", "adapter_name")
+        if not isinstance(config, BoneConfig):
+            raise BoneConfigError(f"expected a BoneConfig, got {type(config).__name__}")
+        if config.bias != "none":
+            other = [n for n, c in self.adapter_configs.items() if c.bias != "none"]
+            if other:
+                raise BoneConfigError(
+                    f"only one adapter may train biases (biases belong to the shared base); {other[0]!r} already "
+                    f"has bias={self.adapter_configs[other[0]].bias!r}", "bias")
+
+    def add_adapter(self, adapter_name: str, config: BoneConfig) -> None:
+        """Create a new adapter (not activated; ``set_adapter`` activates it). Blocks follow ``init_weights``."""
+        self._add(adapter_name, config, None, trainable=True)
+
+    def add_adapter_from_state_dict(self, adapter_name: str, config: BoneConfig, tensors: dict[str, torch.Tensor],
+                                    is_trainable: bool = False) -> None:
+        """Add an adapter from tensors in PEFT's on-disk layout; every key and shape is checked first, so a
+        failed load leaves the model unchanged."""
+        self._check_new_name(adapter_name, config)
+        checked = ckpt.check_tensors(self.base_model, config, tensors)
+        self._add(adapter_name, config, checked, trainable=is_trainable)
+
+    def _add(self, name: str, config: BoneConfig, tensors: dict[str, torch.Tensor] | None, trainable: bool) -> None:
+        self._check_new_name(name, config)
+        targets = find_targets(self.base_model, config)  # raises before anything is changed
+        mts_paths = find_modules_to_save(self.base_model, config)
+        random_init = config.init_weights is False
+        for t in targets:
+            module = self.base_model.get_submodule(t.name)
+            if not isinstance(module, BoneLinear):
+                module = BoneLinear(module)
+                _set_submodule(self.base_model, t.name, module)
+            dtype = self._adapter_dtype(module.weight)
+            module.add_adapter(name, config.variant, config.r, mini_r=config.mini_r, dropout=config.miss_dropout,
+                               random_init=random_init and tensors is None, dtype=dtype)
+            if tensors is not None:
+                with torch.no_grad():
+                    module.bone_block[name].copy_(tensors[f"{ckpt.PREFIX}{t.name}.bone_block"])
+            module.set_active(self.active_adapters)
+        for path in mts_paths:
+            module = self.base_model.get_submodule(path)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                _set_submodule(self.base_model, path, module)
+            module.add_adapter(name)
+            if tensors is not None:
+                sd = {k[len(f"{ckpt.PREFIX}{path}."):]: v for k, v in tensors.items()
+                      if k.startswith(f"{ckpt.PREFIX}{path}.")}
+                module.modules_to_save[name].load_state_dict(sd, strict=True)
+            module.set_active(self.active_adapters)
+        if tensors is not None and config.bias != "none":
+            params = ckpt.bias_parameters(self.base_model, config, {t.name for t in targets})
+            with torch.no_grad():
+                for k, p in params.items():
+                    v = tensors.get(f"{ckpt.PREFIX}{k}")
+                    if v is not None:
+                        p.copy_(v)
+        self.adapter_configs[name] = config
+        self._trainable[name] = trainable
+        self._update_requires_grad()
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load a Bone / Bat / MiSS checkpoint (ours or PEFT's) as a new, inactive adapter."""
+        config, tensors = ckpt.read_adapter_dir(path)
+        self.add_adapter_from_state_dict(adapter_name, config, tensors, is_trainable=is_trainable)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, autocast_adapter_dtype: bool = True) -> "BoneModel":
+        config, tensors = ckpt.read_adapter_dir(path)
+        bm = cls(model, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            bm.add_adapter_from_state_dict(adapter_name, config, tensors, is_trainable=is_trainable)
+        except BoneCheckpointError:
+            bm._unwrap_all()
+            raise
+        bm.set_adapter(adapter_name)
+        if not is_trainable:
+            bm.eval()
+        return bm
+
+    # -- activation --------------------------------------------------------------------------------------
+    def _check_names(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        for n in names:
+            if n not in self.adapter_configs:
+                raise BoneError(f"unknown adapter {n!r}; adapters: {sorted(self.adapter_configs)}")
+        return names
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter or several (applied in list order)."""
+        names = self._check_names([adapter_name] if isinstance(adapter_name, str) else adapter_name)
+        self.active_adapters = names
+        for _, layer in self.bone_layers():
+            layer.set_active(names)
+        for _, w in self._mts_wrappers():
+            w.set_active(names)
+        self._update_requires_grad()
+
+    def _update_requires_grad(self) -> None:
+        """Trainable = blocks / module copies of active, trainable adapters, and the biases they train."""
+        live = set() if self._disabled else {n for n in self.active_adapters if self._trainable.get(n)}
+        for _, layer in self.bone_layers():
+            for n, p in layer.bone_block.items():
+                p.requires_grad_(n in live)
+        for _, w in self._mts_wrappers():
+            for n, m in w.modules_to_save.items():
+                m.requires_grad_(n in live)
+        bias_cfg = next((self.adapter_configs[n] for n in live if self.adapter_configs[n].bias != "none"), None)
+        if any(c.bias != "none" for c in self.adapter_configs.values()):
+            all_bias = BoneConfig(r=1, target_modules=["__none__"], bias="all")
+            for p in ckpt.bias_parameters(self.base_model, all_bias, set()).values():
+                p.requires_grad_(False)
+            if bias_cfg is not None:
+                for p in ckpt.bias_parameters(self.base_model, bias_cfg, set()).values():
+                    p.requires_grad_(True)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model: adapters off (merged ones are unmerged first), nothing trainable inside."""
+        if any(layer.merged_adapters for _, layer in self.bone_layers()):
+            self.unmerge_adapter()
+        prev = self._disabled
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(prev)
+
+    def _set_disabled(self, flag: bool) -> None:
+        self._disabled = flag
+        for _, layer in self.bone_layers():
+            layer._disabled = flag
+        for _, w in self._mts_wrappers():
+            w._disabled = flag
+        self._update_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_names([adapter_name])
+        for path, layer in self.bone_layers():
+            if adapter_name in layer.merged_adapters:
+                raise BoneError(f"adapter {adapter_name!r} is merged (e.g. in {path!r}); unmerge_adapter() first")
+        for path, layer in self.bone_layers():
+            layer.delete_adapter(adapter_name)
+            if not layer.bone_block and not layer.merged_adapters:
+                _set_submodule(self.base_model, path, layer.base_layer)  # unwrap: no cost for unused layers
+        for path, w in self._mts_wrappers():
+            w.delete_adapter(adapter_name)
+            if not len(w.modules_to_save):
+                _set_submodule(self.base_model, path, w.original_module)
+        del self.adapter_configs[adapter_name]
+        self._trainable.pop(adapter_name, None)
+        active = [n for n in self.active_adapters if n != adapter_name]
+        if not active and self.adapter_configs and adapter_name in self.active_adapters:
+            active = [next(iter(self.adapter_configs))]  # PEFT: the first remaining adapter becomes active
+        self.set_adapter(active) if active else self._clear_active()
+
+    def _clear_active(self) -> None:
+        self.active_adapters = []
+        for _, layer in self.bone_layers():
+            layer.set_active([])
+        for _, w in self._mts_wrappers():
+            w.set_active([])
+        self._update_requires_grad()
+
+    # -- merging -----------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters into the base weights (in order). With ``safe_merge`` every new weight is checked
+        for NaN/inf before it is written, and a failure rolls back the layers already merged by this call."""
+        names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
+        done: list[tuple[BoneLinear, int]] = []
+        try:
+            for _, layer in self.bone_layers():
+                done.append((layer, len(layer.merge(names, safe_merge=safe_merge))))
+        except BoneError:
+            for layer, k in reversed(done):
+                layer.unmerge(k)
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.bone_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the (active) adapters and return the plain HF model (no Bone modules left)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        names = set(self.active_adapters if adapter_names is None else adapter_names)
+        for path, w in self._mts_wrappers():
+            keep = next((n for n in (adapter_names or self.active_adapters) if n in w.modules_to_save), None)
+            _set_submodule(self.base_model, path, w.modules_to_save[keep] if keep else w.original_module)
+        del names
+        return self._unwrap_all()
+
+    def unload(self) -> nn.Module:
+        """Drop every adapter without merging; returns the plain HF model."""
+        self.unmerge_adapter()
+        for path, w in self._mts_wrappers():
+            _set_submodule(self.base_model, path, w.original_module)
+        return self._unwrap_all()
+
+    def _unwrap_all(self) -> nn.Module:
+        for path, layer in self.bone_layers():
+            _set_submodule(self.base_model, path, layer.base_layer)
+        for path, w in self._mts_wrappers():
+            _set_submodule(self.base_model, path, w.original_module)
+        self.adapter_configs.clear()
+        self.active_adapters = []
+        return self.base_model
+
+    # -- parameters --------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / max(a, 1):.4f}")
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _resolve_one(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            if len(self.active_adapters) != 1:
+                raise BoneError(f"active adapters are {self.active_adapters}; pass adapter_name to choose one")
+            return self.active_adapters[0]
+        return self._check_names([adapter_name])[0]
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None, format: str = "bone") -> dict[str, torch.Tensor]:
+        """This adapter's tensors in PEFT's on-disk layout (never another adapter's)."""
+        name = self._resolve_one(adapter_name)
+        config = self.adapter_configs[name]
+        sd: dict[str, torch.Tensor] = {}
+        targets: set[str] = set()
+        for path, layer in self.bone_layers():
+            if name in layer.bone_block:
+                sd[f"{ckpt.PREFIX}{path}.bone_block"] = layer.bone_block[name].detach().clone()
+                targets.add(path)
+        for path, w in self._mts_wrappers():
+            if name in w.modules_to_save:
+                for k, v in w.modules_to_save[name].state_dict().items():
+                    sd[f"{ckpt.PREFIX}{path}.{k}"] = v.detach().clone()
+        for k, p in ckpt.bias_parameters(self.base_model, config, targets).items():
+            sd[f"{ckpt.PREFIX}{k}"] = p.detach().clone()
+        return ckpt.to_format(sd, format.lower())
+
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
+                        format: str = "bone") -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (the active one by
+        default). ``format="miss"`` writes the MiSS form that current PEFT loads."""
+        name = self._resolve_one(adapter_name)
+        fmt = format.lower()
+        config = self.adapter_configs[name]
+        d = config.to_dict(fmt)  # raises for mini/dropout in the BONE format
+        d["inference_mode"] = True
+        if d["base_model_name_or_path"] is None:
+            d["base_model_name_or_path"] = getattr(self.base_model, "name_or_path", None)
+        if d["task_type"] is None:
+            cls = type(self.base_model)
+            d["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        ckpt.write_adapter_dir(save_directory, d, self.get_adapter_state_dict(name, format=fmt))
+
+    def export_miss(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        self.save_pretrained(save_directory, adapter_name, format="miss")
+
+    # -- running -----------------------------------------------------------------------------------------
+    def _row_names(self, adapter_names: Any, kwargs: dict) -> list[str]:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise BoneError("adapter_names must be a list with one adapter name (or '__base__') per row")
+        names = list(adapter_names)
+        for n in names:
+            if n != BASE_ADAPTER and n not in self.adapter_configs:
+                raise BoneError(f"unknown adapter {n!r} in adapter_names; adapters: {sorted(self.adapter_configs)}")
+        ref = kwargs.get("input_ids")
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if torch.is_tensor(ref) and ref.dim() >= 1 and ref.shape[0] != len(names):
+            raise BoneError(f"adapter_names has {len(names)} entries for a batch of {ref.shape[0]} rows")
+        if self._disabled:
+            raise BoneError("adapter_names cannot be used inside disable_adapter()")
+        if any(layer.merged_adapters for _, layer in self.bone_layers()):
+            raise BoneError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        return names
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        if args and "input_ids" not in kwargs and torch.is_tensor(args[0]):
+            kwargs["input_ids"], args = args[0], args[1:]
+        names = self._row_names(adapter_names, kwargs)
+        with routing_context(names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        if args and "input_ids" not in kwargs and torch.is_tensor(args[0]):
+            kwargs["input_ids"], args = args[0], args[1:]
+        names = self._row_names(adapter_names, kwargs)
+        with routing_context(names):  # per-layer gathered blocks are built on the first step, then reused
+            return self.base_model.generate(*args, **kwargs)
+
+
+def get_bone_model(model: nn.Module, config: BoneConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> BoneModel:
+    """Wrap ``model`` in place with one active, trainable Bone adapter; everything else is frozen except
+    ``modules_to_save`` copies and the biases ``config.bias`` selects."""
+    if isinstance(model, BoneModel):
+        raise BoneError("model is already a BoneModel; use add_adapter")
+    find_targets(model, config)  # fail before freezing anything
+    bm = BoneModel(model, autocast_adapter_dtype=autocast_adapter_dtype)
+    bm.add_adapter(adapter_name, config)
+    bm.set_adapter(adapter_name)
+    return bm

@@ -1,0 +1,216 @@
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from bone import BoneConfigError, BoneError, BoneLinear
+from bone import functional as BF
+
+SHAPES = [(16, 12, 4), (10, 20, 2), (10, 20, 4), (12, 8, 3), (5, 6, 8), (3, 7, 16)]  # (in, out, r); r > in last two
+
+
+def make(fin, fout, conv1d=False, bias=True, seed=0):
+    torch.manual_seed(seed)
+    if conv1d:
+        base = Conv1D(fout, fin)
+        nn.init.normal_(base.weight, std=0.2)
+        nn.init.normal_(base.bias, std=0.2)
+    else:
+        base = nn.Linear(fin, fout, bias=bias)
+    return BoneLinear(base)
+
+
+def logical_w(layer):
+    w = layer.base_layer.weight
+    return w.t() if layer.is_conv1d else w
+
+
+def rand_(p, std, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("fin, fout, r", SHAPES)
+def test_chunk_sum_and_dense_delta(fin, fout, r):
+    x = torch.randn(2, 3, fin)
+    pad = -fin % r
+    ref = torch.nn.functional.pad(x, (0, pad)).reshape(2, 3, -1, r).sum(-2)
+    torch.testing.assert_close(BF.chunk_sum(x, r), ref)
+    blk = torch.randn(r, fout)
+    d = BF.bone_delta(blk, fin)
+    for o in range(fout):
+        for c in range(fin):
+            assert d[o, c] == blk[c % r, o]
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("fin, fout, r", SHAPES)
+@pytest.mark.parametrize("grad", [False, True])
+def test_bone_forward_equals_dense(fin, fout, r, conv1d, grad):
+    layer = make(fin, fout, conv1d)
+    layer.add_adapter("a", "bone", r, random_init=True)
+    layer.set_active(["a"])
+    x = torch.randn(4, 5, fin, requires_grad=grad)
+    W = logical_w(layer) + BF.bone_delta(layer.bone_block["a"], fin)
+    ref = x @ W.t() + layer.base_layer.bias
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("fin, fout, r", [(16, 12, 4), (12, 8, 3), (5, 6, 8)])
+def test_fused_training_path_gradients(fin, fout, r, conv1d):
+    """The one-matmul autograd Function gives the same output and gradients as plain autograd on W + ΔW."""
+    layer = make(fin, fout, conv1d)
+    layer.add_adapter("a", "bone", r, random_init=True)
+    layer.add_adapter("b", "bone", r + 1, random_init=True)
+    layer.set_active(["a", "b"])
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(64, fin, requires_grad=True)  # enough tokens for the folded path
+    assert layer._fusable(x, [layer.bone_block["a"]])
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    got = [t.grad.clone() for t in (x, layer.base_layer.weight, layer.base_layer.bias, layer.bone_block["a"], layer.bone_block["b"])]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, layer.base_layer.weight, layer.base_layer.bias,
+                                                              layer.bone_block["a"], layer.bone_block["b"])]
+    xl, wl, bl, al, bbl = leaves
+    W = (wl.t() if conv1d else wl) + BF.bone_delta(al, fin) + BF.bone_delta(bbl, fin)
+    ref = xl @ W.t() + bl
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    ref.backward(gy)
+    for g, leaf in zip(got, leaves):
+        torch.testing.assert_close(g, leaf.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_bat_forward_formula(conv1d):
+    fin, fout, r = 12, 8, 4
+    layer = make(fin, fout, conv1d)
+    layer.add_adapter("a", "bat", r)
+    rand_(layer.bone_block["a"], 0.1)
+    layer.set_active(["a"])
+    W = logical_w(layer).detach()
+    B = layer.bone_block["a"].detach()
+    ref_w = W.clone()
+    eye = torch.eye(r)
+    for i in range(fout // r):
+        for j in range(fin // r):
+            blk = W[i * r:(i + 1) * r, j * r:(j + 1) * r]
+            ref_w[i * r:(i + 1) * r, j * r:(j + 1) * r] = blk @ (eye + B[i]) + B[i]
+    x = torch.randn(3, fin)
+    torch.testing.assert_close(layer(x), x @ ref_w.t() + layer.base_layer.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_bat_divisibility_error_names_shape():
+    layer = make(10, 20)
+    with pytest.raises(BoneConfigError, match=r"in_features=10, out_features=20"):
+        layer.add_adapter("a", "bat", 4)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("variants", [("bone",), ("bat",), ("mini",), ("bone", "bat"), ("bat", "bone"), ("bat", "bat"), ("bone", "mini", "bat")])
+def test_merge_unmerge_random_blocks(variants, conv1d):
+    fin, fout, r = 16, 12, 4
+    layer = make(fin, fout, conv1d)
+    names = [f"a{i}" for i in range(len(variants))]
+    for i, (n, v) in enumerate(zip(names, variants)):
+        layer.add_adapter(n, v, r, mini_r=3)
+        rand_(layer.bone_block[n], 0.1, seed=i + 1)
+    layer.set_active(names)
+    x = torch.randn(5, fin)
+    with torch.no_grad():
+        unmerged = layer(x)
+        w0 = layer.base_layer.weight.detach().clone()
+        layer.merge()
+        assert layer.merged_adapters == names
+        merged = layer(x)
+        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.base_layer(x), unmerged, atol=1e-5, rtol=1e-5)
+        layer.unmerge()
+    assert layer.merged_adapters == []
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["bone", "bat", "mini"])
+def test_half_precision_merge_keeps_shapes(dtype, variant):
+    layer = make(16, 12)
+    layer.to(dtype)
+    layer.add_adapter("a", variant, 4, mini_r=3, dtype=dtype)
+    rand_(layer.bone_block["a"], 0.05)
+    layer.set_active(["a"])
+    shape = tuple(layer.bone_block["a"].shape)
+    layer.merge()
+    layer.unmerge()
+    assert tuple(layer.bone_block["a"].shape) == shape and layer.bone_block["a"].dtype == dtype
+    assert layer.base_layer.weight.dtype == dtype
+
+
+def test_output_in_input_dtype_adapter_in_fp32():
+    layer = make(16, 12).to(torch.bfloat16)
+    layer.add_adapter("a", "bone", 4, random_init=True, dtype=torch.float32)
+    layer.add_adapter("b", "bat", 4, dtype=torch.float32)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    for active in (["a"], ["b"], ["a", "b"]):
+        layer.set_active(active)
+        assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fin", [5, 10])  # 5: r > in; 10: in % r != 0
+def test_safe_merge_never_touches_base_on_failure(fin):
+    layer = make(fin, 6)
+    layer.add_adapter("a", "bone", 8)
+    with torch.no_grad():
+        layer.bone_block["a"][0, 0] = float("nan")
+    layer.set_active(["a"])
+    w0 = layer.base_layer.weight.detach().clone()
+    with pytest.raises(BoneError, match="'a'"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, w0) and layer.merged_adapters == []
+
+
+def test_r_greater_than_in_merges():
+    layer = make(5, 6)
+    layer.add_adapter("a", "bone", 8, random_init=True)
+    layer.set_active(["a"])
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge(safe_merge=True)
+        torch.testing.assert_close(layer(x), y)
+
+
+def test_zero_init_is_identity_and_disabled():
+    layer = make(16, 12)
+    for n, v in (("a", "bone"), ("b", "bat"), ("c", "mini")):
+        layer.add_adapter(n, v, 4)
+    x = torch.randn(3, 16)
+    base = layer.base_layer(x)
+    for act in (["a"], ["b"], ["c"], ["a", "b", "c"]):
+        layer.set_active(act)
+        assert torch.equal(layer(x), base) if act == ["a"] else torch.allclose(layer(x), base, atol=1e-6)
+    layer._disabled = True
+    assert torch.equal(layer(x), base)
+
+
+def test_wraps_only_linear_and_conv1d():
+    with pytest.raises(BoneConfigError, match="Embedding"):
+        BoneLinear(nn.Embedding(4, 4))
+
+
+def test_fast_path_refreshes_after_to_and_load_state_dict():
+    layer = make(16, 12)
+    layer.add_adapter("a", "bone", 4, random_init=True)
+    layer.set_active(["a"])
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        y = layer(x)
+        sd = {k: v.clone() * 2 for k, v in layer.state_dict().items()}
+        layer.load_state_dict(sd, assign=True)
+        W = layer.base_layer.weight + BF.bone_delta(layer.bone_block["a"], 16)
+        torch.testing.assert_close(layer(x), x @ W.t() + layer.base_layer.bias)
+        layer.double()
+        assert layer(x.double()).dtype == torch.float64
+    assert not torch.equal(y, layer(x.double()).float())
