@@ -33,10 +33,12 @@ _LAST_SUM: list = [None]
 
 def cached_chunk_sum(x: torch.Tensor, r: int) -> torch.Tensor:
     """``chunk_sum`` of a contiguous tensor as (tokens, r), reusing the previous result for the same input
-    tensor. Only for no-grad code paths (the cached tensor carries no graph)."""
-    v = x._version
+    tensor. Only for no-grad code paths (the cached tensor carries no graph). Inference-mode tensors have
+    no version counter, so they are never cached (an in-place edit could not be detected)."""
+    cacheable = not x.is_inference()
+    v = x._version if cacheable else None
     hit = _LAST_SUM[0]
-    if hit is not None and hit[0] is x and hit[1] == v and hit[2] == r:
+    if cacheable and hit is not None and hit[0] is x and hit[1] == v and hit[2] == r:
         return hit[3]
     x2 = x.view(-1, x.shape[-1])
     nf, rem = divmod(x2.shape[-1], r)
@@ -44,7 +46,7 @@ def cached_chunk_sum(x: torch.Tensor, r: int) -> torch.Tensor:
         s = x2.view(-1, nf, r).sum(1) if nf > 1 else x2
     else:
         s = chunk_sum(x2, r)
-    _LAST_SUM[0] = (x, v, r, s)
+    _LAST_SUM[0] = (x, v, r, s) if cacheable else None
     return s
 
 

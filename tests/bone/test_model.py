@@ -327,3 +327,16 @@ def test_generate_builds_row_plans_once(monkeypatch):
     bm.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=["a", "b"], max_new_tokens=5,
                 min_new_tokens=5, do_sample=False, pad_token_id=0)
     assert len(calls) == 2 * 7  # one plan per wrapped layer for the whole generate call, not per token
+
+
+def test_per_row_under_inference_mode_equals_no_grad():
+    # inference tensors have no version counter: the shared chunk-sum cache must not trip over them
+    bm = get_bone_model(build("llama"), BoneConfig(r=4, target_modules=targets("llama"), init_weights=False), "a")
+    bm.add_adapter("b", BoneConfig(r=4, target_modules=targets("llama"), init_weights=False))
+    randomize(bm, 0.05)
+    x = ids(batch=2, seq=5)
+    with torch.no_grad():
+        want = logits(bm, x, adapter_names=["a", "b"])
+    with torch.inference_mode():
+        got = logits(bm, x, adapter_names=["a", "b"])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
