@@ -39,7 +39,9 @@ def _serve_api(settings: Settings) -> None:
 
     from app.main import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    # log_config=None: uvicorn keeps our logging (JSON lines, request ids) instead of installing its own
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                log_config=None)
 
 
 @cli.command()

@@ -3,6 +3,7 @@ its adapters (add, load, activate, delete, disable, merge, save), PEFT-style."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from .errors import BoneCheckpointError, BoneConfigError, BoneError
 from .layer import BoneLinear
 from .modules_to_save import ModulesToSave
 from .routing import BASE_ADAPTER, routing_context
-from .targets import find_modules_to_save, find_targets, iter_modules
+from .targets import find_modules_to_save, find_targets, iter_modules, resolve_target_spec
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
@@ -136,6 +137,10 @@ class BoneModel(nn.Module):
                     v = tensors.get(f"{ckpt.PREFIX}{k}")
                     if v is not None:
                         p.copy_(v)
+        if config.target_modules is None:
+            # like PEFT: record the per-architecture default that was applied, so the saved
+            # adapter_config.json says which modules it adapts even where that default differs
+            config = dataclasses.replace(config, target_modules=sorted(resolve_target_spec(self.base_model, config)))
         self.adapter_configs[name] = config
         self._trainable[name] = trainable
         self._update_requires_grad()

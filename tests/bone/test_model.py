@@ -1,3 +1,4 @@
+import json
 import pytest
 import torch
 
@@ -340,3 +341,11 @@ def test_per_row_under_inference_mode_equals_no_grad():
     with torch.inference_mode():
         got = logits(bm, x, adapter_names=["a", "b"])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_default_targets_are_recorded_in_the_saved_config(tmp_path):
+    bm = get_bone_model(build("llama"), BoneConfig(r=4))  # target_modules=None: the Llama default applies
+    assert sorted(bm.adapter_configs["default"].target_modules) == ["q_proj", "v_proj"]
+    bm.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
