@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from typing import Optional
@@ -80,6 +81,9 @@ def up(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)")
     settings = settings.model_copy(update={"redis_url": redis_handle.url})
     child_env = {**os.environ, "BONE_REDIS_URL": redis_handle.url, "BONE_DATA_DIR": str(settings.data_dir)}
     worker_proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=child_env)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that kills this
+    # process on the spot and orphans the worker. Turn it into SystemExit so the cleanup below runs.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     log.info("worker started (pid %d); API on http://%s:%d", worker_proc.pid, settings.host, settings.port)
     try:
         _serve_api(settings)
@@ -95,6 +99,10 @@ def up(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)")
 from app.cli_client import register as _register_client_commands  # noqa: E402 - after the server commands
 
 _register_client_commands(cli)
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
