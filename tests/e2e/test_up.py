@@ -1,0 +1,76 @@
+"""`bone-server up` as a user starts it: API + worker, and a private real redis-server when none answers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _children_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    kids = [int(p) for p in out.split()]
+    return kids + [g for k in kids for g in _descendants(k)]
+
+
+def test_up_starts_its_own_redis_and_stops_everything_on_sigterm(tmp_path, shared_models_dir):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
+    port = free_port()
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": dead_redis, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "up.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.3)
+        children = _descendants(proc.pid)
+        assert len(children) >= 2  # redis-server + worker
+        assert (data_dir / "redis" / "redis.log").exists()  # the private Redis keeps its data in the data dir
+        assert "started" in (tmp_path / "up.log").read_text()  # ... and the log says which one was started
+
+        # the worker really is connected: a job gets picked up and finishes
+        job = httpx.post(f"http://127.0.0.1:{port}/jobs", json={
+            "adapter_name": "smoke", "dataset": {"records": [{"text": "hello"}]}, "training": {"max_steps": 2}}).json()
+        deadline = time.monotonic() + 90
+        while httpx.get(f"http://127.0.0.1:{port}/jobs/{job['id']}").json()["status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while _children_alive(children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _children_alive(children) == [], "bone-server up left processes behind"
