@@ -1,0 +1,136 @@
+"""Adapter export and exact composition.
+
+- ``GET /adapters/{name}/download?format=bone|miss|lora``: a zip of the adapter in PEFT's layout —
+  as trained (BONE), as current PEFT's MiSS, or as a standard LoRA adapter that vLLM, LoRAX and PEFT's LoRA
+  serve unchanged (exact for Bone; Bat through a truncated SVD, its error in ``bone_export.json``).
+- ``POST /adapters/{name}/compose``: store ``Σ wᵢ Bᵢ`` of Bone adapters as a new adapter ``name``, with its
+  lineage in the metadata (exact: a Bone update is linear in its block).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import load_file
+
+from app.deps import EngineDep, RegistryDep
+from bone import BoneConfig, BoneConfigError, combine_bone_adapters, to_lora
+from bone.checkpoint import to_format, write_adapter_dir
+from core.errors import Conflict, InvalidRequest
+from core.jobs import check_adapter_name
+from core.registry import AdapterInfo, AdapterRegistry
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+MAX_COMPOSE = 16
+
+
+def _read(registry: AdapterRegistry, name: str) -> tuple[AdapterInfo, BoneConfig, dict]:
+    weights, info = registry.verified_weights(name)  # 404 when absent, refused when corrupt
+    config = BoneConfig.from_dict(registry.adapter_config(name))
+    return info, config, load_file(weights, device="cpu")
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for filename, data in files.items():
+            archive.writestr(filename, data)
+    return buffer.getvalue()
+
+
+def _folder_bytes(write) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as folder:
+        write(folder)
+        return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def _export(registry: AdapterRegistry, engine, name: str, fmt: str, lora_rank: int | None) -> tuple[bytes, dict]:
+    info, config, tensors = _read(registry, name)
+    if info.base_model != engine.base.name:
+        raise Conflict(f"adapter {name!r} was trained on {info.base_model!r}; this server's base model is "
+                       f"{engine.base.name!r}", param="adapter", code="base_model_mismatch")
+    report = {"adapter": name, "format": fmt, "sha256": info.sha256}
+    if fmt == "lora":
+        # the served base model gives the shapes (and, for Bat, the weights its update depends on)
+        export = to_lora(engine.base.model, config, tensors, bat_rank=lora_rank)
+        report.update(rank=export.rank, exact=export.exact, max_relative_error=export.max_relative_error,
+                      relative_errors=export.relative_errors)
+        files = _folder_bytes(export.save)
+    else:
+        config_dict = config.to_dict(fmt)
+        files = _folder_bytes(lambda folder: write_adapter_dir(folder, config_dict, to_format(tensors, fmt)))
+    files["bone_export.json"] = json.dumps(report, indent=2).encode()
+    return _zip(files), report
+
+
+@router.get("/{name}/download", response_class=Response,
+            responses={200: {"content": {"application/zip": {}}, "description": "the adapter folder, zipped"}})
+async def download_adapter(name: str, registry: RegistryDep, engine: EngineDep,
+                           format: Literal["bone", "miss", "lora"] = "bone",
+                           lora_rank: int | None = Query(None, ge=1, le=4096,
+                                                         description="Bat → LoRA only: rank of the truncated SVD")) -> Response:
+    data, report = await run_in_threadpool(_export, registry, engine, name, format, lora_rank)
+    headers = {"Content-Disposition": f'attachment; filename="{name}-{format}.zip"'}
+    if format == "lora":
+        headers["X-Bone-Lora-Exact"] = "true" if report["exact"] else "false"
+        headers["X-Bone-Lora-Max-Relative-Error"] = f"{report['max_relative_error']:.3g}"
+    return Response(data, media_type="application/zip", headers=headers)
+
+
+class ComposeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: dict[str, float] = Field(min_length=1, max_length=MAX_COMPOSE,
+                                       description="source adapter name → weight, e.g. {\"a\": 0.7, \"b\": 0.3}")
+    overwrite: bool = False
+
+    @field_validator("adapters")
+    @classmethod
+    def _names(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            check_adapter_name(name)
+        return value
+
+
+def _compose(registry: AdapterRegistry, engine, name: str, request: ComposeRequest) -> AdapterInfo:
+    try:
+        check_adapter_name(name)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="name") from None
+    if registry.exists(name) and not request.overwrite:
+        raise Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="name",
+                       code="adapter_exists")
+    sources = [(source, *_read(registry, source), weight) for source, weight in request.adapters.items()]
+    base_models = {info.base_model for _, info, _, _, _ in sources}
+    if len(base_models) > 1:
+        raise Conflict(f"the adapters were trained on different base models ({', '.join(sorted(base_models))}); "
+                       "a sum is exact only on one base", param="adapters", code="base_model_mismatch")
+    try:
+        config, summed = combine_bone_adapters([(src, cfg, tensors, w) for src, _, cfg, tensors, w in sources])
+    except BoneConfigError as exc:  # Bat, biases, mixed r: a request problem, named on the request's field
+        raise InvalidRequest(str(exc), param="adapters") from None
+    with tempfile.TemporaryDirectory() as folder:
+        write_adapter_dir(folder, config.to_dict("bone"), summed)
+        info = registry.publish(name, Path(folder), {
+            "base_model": base_models.pop(), "bone": config.to_dict("bone"),
+            "lineage": {"operation": "weighted_sum", "adapters": [
+                {"name": src, "weight": w, "sha256": info.sha256} for src, info, _, _, w in sources]},
+        }, overwrite=request.overwrite)
+    engine.evict_adapter(name)  # an overwritten name must not be served from the old weights
+    return info
+
+
+@router.post("/{name}/compose", status_code=201, response_model=AdapterInfo)
+async def compose_adapter(name: str, body: ComposeRequest, registry: RegistryDep, engine: EngineDep) -> AdapterInfo:
+    """Store the exact weighted sum of Bone adapters (same base model, same r) as adapter ``name``."""
+    return await run_in_threadpool(_compose, registry, engine, name, body)
