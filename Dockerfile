@@ -16,11 +16,12 @@ RUN if ! command -v python3 >/dev/null; then \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first, in their own layer: code changes do not reinstall torch.
+# Dependencies first, in their own layer: code changes do not reinstall torch. The s3 extra (s3fs) lets
+# BONE_REGISTRY_URL point at object storage (docker compose --profile s3).
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 RUN mkdir -p bone core app worker && touch bone/__init__.py core/__init__.py app/__init__.py worker/__init__.py \
-    && pip install . && pip uninstall -y bone-server
+    && pip install . ".[s3]" && pip uninstall -y bone-server
 COPY bone ./bone
 COPY core ./core
 COPY app ./app

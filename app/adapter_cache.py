@@ -1,10 +1,14 @@
-"""Adapters resident in the serving model: loaded from the registry on first use, evicted least recently
-used when the cache holds more than ``max_count`` adapters or ``max_bytes`` of weights.
+"""Adapters for serving, in two tiers: resident in the model on the device (bounded by count AND bytes —
+count alone does not bound memory once adapters differ in rank or targets) and, below that, host-memory
+copies (bounded by bytes) that make a re-load skip disk, sha256 check and parsing. Both tiers are LRU.
 
 Entries are keyed by (name, sha256). The sha comes from the registry metadata read for every request, so a
-re-published adapter is a new key (loaded fresh, the old one dropped at once) and a deleted one is never
-found. Only the model thread calls into this class: loading and eviction happen between batches, never
-under a running one.
+re-published adapter is a new key and a deleted one is never found.
+
+Reading an adapter (registry, sha256, safetensors) is slow and runs on the ``AdapterLoader`` threads, never
+on the model thread; only ``install`` (copy the blocks into the model) runs there, between decode steps.
+So a cold adapter never stalls requests for other adapters. ``AdapterCache`` itself is used by the model
+thread only; slots in use by running rows are never evicted (``in_use``).
 """
 
 from __future__ import annotations
@@ -13,20 +17,36 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
+from app import metrics
 from core.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
+Key = tuple[str, str]  # (name, sha256)
+
 
 class AdapterHost(Protocol):
-    """Where adapters live: the Bone-wrapped base model (see ``InferenceEngine``)."""
+    """Where adapters live: the Bone-wrapped base model (``ModelHost``)."""
 
     def add_adapter(self, slot: str, config: Any, tensors: dict[str, Any]) -> None: ...
 
     def delete_adapter(self, slot: str) -> None: ...
+
+
+@dataclass
+class FetchedAdapter:
+    """An adapter read from the registry into host memory, checked, not yet in the model."""
+
+    name: str
+    sha256: str
+    config: Any
+    tensors: dict[str, Any]
+    size_bytes: int  # of the tensors: what it costs in memory, not on disk
+    fetch_s: float
 
 
 @dataclass
@@ -42,14 +62,60 @@ def slot_name(name: str, sha256: str) -> str:
     return "a_" + re.sub(r"[^0-9a-zA-Z_]", "_", name) + "_" + sha256[:12]
 
 
+def fetch_adapter(registry: AdapterRegistry, name: str) -> FetchedAdapter:
+    """Registry → host memory: sha256-verified weights and the Bone config (raises NotFound / CorruptAdapter)."""
+    from safetensors.torch import load_file
+
+    from bone import BoneConfig
+
+    started = time.perf_counter()
+    weights, info = registry.verified_weights(name)
+    config = BoneConfig.from_dict(registry.adapter_config(name))
+    tensors = load_file(str(weights), device="cpu")
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    return FetchedAdapter(name, info.sha256, config, tensors, size, time.perf_counter() - started)
+
+
+class AdapterLoader:
+    """Fetches adapters on its own threads; ``on_done(name, fetched, error)`` is called from a loader thread
+    (the engine turns it into a message for the model thread). One fetch per name at a time."""
+
+    def __init__(self, registry: AdapterRegistry, on_done: Callable[[str, FetchedAdapter | None, BaseException | None], None],
+                 workers: int = 2) -> None:
+        self.registry, self._on_done = registry, on_done
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="adapter-loader")
+        self._inflight: set[str] = set()  # touched by the model thread only (fetch / finished)
+
+    def fetch(self, name: str) -> None:
+        if name in self._inflight:
+            return
+        self._inflight.add(name)
+        self._pool.submit(fetch_adapter, self.registry, name).add_done_callback(lambda f: self._report(name, f))
+
+    def _report(self, name: str, future: Future) -> None:
+        error = future.exception()
+        self._on_done(name, None if error else future.result(), error)
+
+    def finished(self, name: str) -> None:
+        self._inflight.discard(name)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class AdapterCache:
     def __init__(self, registry: AdapterRegistry, host: AdapterHost, *, max_count: int, max_bytes: int,
-                 device: Any = "cpu") -> None:
+                 cpu_bytes: int = 0, device: Any = "cpu", pinned: Iterable[str] = ()) -> None:
         self.registry, self.host = registry, host
-        self.max_count, self.max_bytes = max_count, max_bytes
+        self.max_count, self.max_bytes, self.cpu_bytes = max_count, max_bytes, cpu_bytes
         self.device = device
-        self._entries: OrderedDict[tuple[str, str], CachedAdapter] = OrderedDict()
+        self.pinned_names = set(pinned)  # by name: a re-published pinned adapter stays pinned
+        self._entries: OrderedDict[Key, CachedAdapter] = OrderedDict()
         self._bytes = 0
+        self._cpu: OrderedDict[Key, FetchedAdapter] = OrderedDict()
+        self._cpu_used = 0
+        self._doomed: set[Key] = set()  # evicted while rows still used them: dropped once they finish
+        self.installs = self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,65 +124,109 @@ class AdapterCache:
     def resident_bytes(self) -> int:
         return self._bytes
 
-    def slots(self) -> dict[tuple[str, str], str]:
+    def slots(self) -> dict[Key, str]:
         return {key: entry.slot for key, entry in self._entries.items()}
 
-    def acquire(self, name: str, sha256: str, pinned: set[str] = frozenset()) -> str:
-        """The slot of adapter ``name`` at version ``sha256``, loading it if needed. ``pinned`` slots (the
-        rest of the batch being assembled) are never evicted to make room."""
-        key = (name, sha256)
+    # --- lookups ---------------------------------------------------------------------------------------
+    def resident(self, key: Key) -> str | None:
         entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self._shrink(pinned | {entry.slot})  # a batch that needed more than the limit left an overflow
-            return entry.slot
-        entry = self._load(name)
-        if (name, entry.sha256) in self._entries:  # the request carried an older sha; the newest is resident
-            return self.acquire(name, entry.sha256, pinned)
-        # Older versions of this name will never be asked for again (unless this very batch still uses one).
-        self.evict(name, keep_sha=entry.sha256, pinned=pinned)
-        self._entries[(name, entry.sha256)] = entry
-        self._bytes += entry.size_bytes
-        self._shrink(pinned | {entry.slot})
+        if entry is None or key in self._doomed:
+            return None
+        self._entries.move_to_end(key)
         return entry.slot
 
-    def evict(self, name: str, keep_sha: str | None = None, pinned: set[str] = frozenset()) -> int:
-        """Drop every resident version of ``name`` (except ``keep_sha``). Returns how many were dropped."""
-        stale = [key for key, entry in self._entries.items()
-                 if key[0] == name and key[1] != keep_sha and entry.slot not in pinned]
-        for key in stale:
-            self._drop(key)
-        return len(stale)
+    def cpu_get(self, key: Key) -> FetchedAdapter | None:
+        fetched = self._cpu.get(key)
+        if fetched is not None:
+            self._cpu.move_to_end(key)
+        return fetched
 
-    def _load(self, name: str) -> CachedAdapter:
-        from safetensors.torch import load_file
-
-        from bone import BoneConfig
-
-        started = time.perf_counter()
-        weights, info = self.registry.verified_weights(name)  # NotFound / CorruptAdapter name the adapter
-        if (name, info.sha256) in self._entries:
-            return self._entries[(name, info.sha256)]
-        config = BoneConfig.from_dict(self.registry.adapter_config(name))
-        tensors = load_file(str(weights), device=str(self.device))
-        slot = slot_name(name, info.sha256)
-        self.host.add_adapter(slot, config, tensors)
-        elapsed = time.perf_counter() - started
-        log.info("loaded adapter %r (sha256 %s…, %d bytes) in %.1f ms", name, info.sha256[:12], info.size_bytes,
-                 elapsed * 1000)
-        return CachedAdapter(name=name, sha256=info.sha256, slot=slot, size_bytes=info.size_bytes, loaded_in_s=elapsed)
-
-    def _shrink(self, pinned: set[str]) -> None:
-        if len(self._entries) <= self.max_count and self._bytes <= self.max_bytes:
+    def cpu_put(self, fetched: FetchedAdapter) -> None:
+        key = (fetched.name, fetched.sha256)
+        if key in self._cpu or fetched.size_bytes > self.cpu_bytes:
             return
+        self._cpu[key] = fetched
+        self._cpu_used += fetched.size_bytes
+        while self._cpu_used > self.cpu_bytes:
+            _, old = self._cpu.popitem(last=False)
+            self._cpu_used -= old.size_bytes
+
+    def has_room(self, size: int, in_use: set[str]) -> bool:
+        """Whether ``size`` more bytes fit after evicting everything evictable (not pinned, not in use)."""
+        keep = [e for k, e in self._entries.items() if not self._evictable(k, e, in_use)]
+        return len(keep) + 1 <= self.max_count and sum(e.size_bytes for e in keep) + size <= self.max_bytes
+
+    # --- changes -----------------------------------------------------------------------------------------
+    def acquire(self, name: str, sha256: str, in_use: set[str] = frozenset()) -> str:
+        """Synchronous load-if-needed (tests, benchmarks, tools): the slot of ``name`` at ``sha256``."""
+        slot = self.resident((name, sha256))
+        if slot is not None:
+            return slot
+        fetched = self.cpu_get((name, sha256)) or fetch_adapter(self.registry, name)
+        self.cpu_put(fetched)
+        return self.install(fetched, in_use)
+
+    def install(self, fetched: FetchedAdapter, in_use: set[str] = frozenset()) -> str:
+        """Put a fetched adapter into the model (the only step on the model thread); older versions of the
+        same name go, then LRU entries until the limits hold again."""
+        key = (fetched.name, fetched.sha256)
+        self._doomed.discard(key)
+        if key in self._entries:
+            return self.resident(key)
+        started = time.perf_counter()
+        self.evict(fetched.name, keep_sha=fetched.sha256, in_use=in_use)
+        slot = slot_name(*key)
+        self.host.add_adapter(slot, fetched.config, fetched.tensors)  # copies the blocks onto the device
+        took = fetched.fetch_s + time.perf_counter() - started
+        self._entries[key] = CachedAdapter(fetched.name, fetched.sha256, slot, fetched.size_bytes, took)
+        self._bytes += fetched.size_bytes
+        self.installs += 1
+        metrics.ADAPTER_LOAD_SECONDS.observe(took)
+        log.info("loaded adapter %r (sha256 %s…, %d bytes) in %.1f ms", fetched.name, fetched.sha256[:12],
+                 fetched.size_bytes, took * 1000)
+        self.shrink(in_use | {slot})
+        return slot
+
+    def evict(self, name: str, keep_sha: str | None = None, in_use: Iterable[str] = frozenset()) -> int:
+        """Drop every version of ``name`` (except ``keep_sha``) from both tiers; versions still used by running
+        rows are dropped as soon as those rows finish. Returns how many left the device now."""
+        in_use = set(in_use)
+        for key in [k for k in self._cpu if k[0] == name and k[1] != keep_sha]:
+            self._cpu_used -= self._cpu.pop(key).size_bytes
+        dropped = 0
+        for key, entry in list(self._entries.items()):
+            if key[0] == name and key[1] != keep_sha:
+                if entry.slot in in_use:
+                    self._doomed.add(key)
+                else:
+                    self._drop(key)
+                    dropped += 1
+        return dropped
+
+    def shrink(self, in_use: set[str] = frozenset()) -> None:
+        """Drop doomed entries no longer in use, then least recently used ones while over a limit."""
+        for key in [k for k in self._doomed if self._entries[k].slot not in in_use]:
+            self._drop(key)
         for key in list(self._entries):
             if len(self._entries) <= self.max_count and self._bytes <= self.max_bytes:
-                return
-            if self._entries[key].slot not in pinned:
+                break
+            if self._evictable(key, self._entries[key], in_use):
                 self._drop(key)
+        self._publish_gauges()
 
-    def _drop(self, key: tuple[str, str]) -> None:
+    def _evictable(self, key: Key, entry: CachedAdapter, in_use: set[str]) -> bool:
+        return entry.slot not in in_use and key[0] not in self.pinned_names
+
+    def _drop(self, key: Key) -> None:
         entry = self._entries.pop(key)
+        self._doomed.discard(key)
         self._bytes -= entry.size_bytes
         self.host.delete_adapter(entry.slot)
-        log.info("evicted adapter %r (sha256 %s…)", entry.name, entry.sha256[:12])
+        self.evictions += 1
+        metrics.ADAPTER_CACHE_EVICTIONS.inc()
+        self._publish_gauges()
+        log.info("evicted adapter %r (sha256 %s…) from the device", entry.name, entry.sha256[:12])
+
+    def _publish_gauges(self) -> None:
+        metrics.ADAPTERS_RESIDENT.set(len(self._entries))
+        metrics.ADAPTERS_RESIDENT_BYTES.set(self._bytes)

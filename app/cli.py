@@ -35,6 +35,27 @@ def _setup_logging(settings: Settings) -> None:
     setup_logging(settings.log_level)
 
 
+def _keyring(settings: Settings):
+    """The API's keys; an API that would be open on a public address stops start-up with one line."""
+    from core.auth import AuthConfigError, KeyRing
+
+    try:
+        return KeyRing.from_settings(settings)
+    except AuthConfigError as exc:
+        typer.echo(f"bone-server: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _how_to_call(settings: Settings, keyring) -> str:
+    url = f"http://{settings.host}:{settings.port}"
+    auth = ' -H "Authorization: Bearer $BONE_API_KEY"' if keyring.enabled else ""
+    state = (f"API keys on ({len(keyring)} configured)" if keyring.enabled
+             else "auth OFF (loopback only; set BONE_API_KEYS to require keys)")
+    return (f"bone-server: API on {url} - {state}\n"
+            f"  curl {url}/generate{auth} -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_new_tokens\": 32}}'\n"
+            f"  docs: {url}/docs   dashboard: {url}/ui")
+
+
 def _serve_api(settings: Settings) -> None:
     import uvicorn
 
@@ -50,6 +71,7 @@ def api(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)"
         port: Optional[int] = typer.Option(None, help="port (BONE_PORT)")) -> None:
     """Run the HTTP API (needs a Redis at BONE_REDIS_URL)."""
     settings = _settings(host=host, port=port)
+    _keyring(settings)
     _setup_logging(settings)
     _serve_api(settings)
 
@@ -71,6 +93,7 @@ def up(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)")
     from app.redis_launcher import ensure_redis
 
     settings = _settings(host=host, port=port)
+    keyring = _keyring(settings)
     _setup_logging(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -85,6 +108,7 @@ def up(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)")
     # process on the spot and orphans the worker. Turn it into SystemExit so the cleanup below runs.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     log.info("worker started (pid %d); API on http://%s:%d", worker_proc.pid, settings.host, settings.port)
+    typer.echo(_how_to_call(settings, keyring), err=True)
     try:
         _serve_api(settings)
     finally:
@@ -94,6 +118,27 @@ def up(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)")
         except subprocess.TimeoutExpired:
             worker_proc.kill()
         redis_handle.stop()
+
+
+keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+
+@keys_cli.command("create")
+def keys_create(owner: str = typer.Option(..., help="who the key belongs to (jobs, files and adapters are theirs)"),
+                role: str = typer.Option("user", help="user (own resources only) or admin (everything)")) -> None:
+    """Mint an API key: prints the key once (it is never stored) and the BONE_API_KEYS entry to add."""
+    from core.auth import KeyEntry, generate_key, hash_key, parse_key_entry
+
+    key = generate_key()
+    try:
+        entry = parse_key_entry(KeyEntry(owner=owner, role=role, sha256=hash_key(key)).line())  # type: ignore[arg-type]
+    except ValueError as exc:
+        typer.echo(f"bone-server: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(key)
+    typer.echo(f"# Shown once, never stored. Add this entry to BONE_API_KEYS (comma separated) and restart the API:\n"
+               f"# BONE_API_KEYS={entry.line()}", err=True)
 
 
 from app.cli_client import register as _register_client_commands  # noqa: E402 - after the server commands

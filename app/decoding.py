@@ -1,11 +1,13 @@
-"""The decode loop: one batch of prompts, each row with its own adapter, sampling parameters and stops.
+"""The decode loop with continuous batching: rows (each with its own adapter, sampling parameters, stops
+and budget) join a running batch and leave it between decode steps.
 
 A hand-written loop over the model with a KV cache instead of ``generate()`` because every row differs:
-its temperature / top_p / seed, its stop strings, its token budget. Rows that finish are dropped from the
-batch (and from the KV cache), so a short answer never pays for a long neighbour's steps.
+its temperature / top_p / seed, its stop strings, its token budget, and its arrival time. Newcomers are
+prefilled together in one forward, then their KV cache is merged into the running one (the shorter side is
+left-padded with masked columns). Finished rows leave the batch and the cache at once, and columns that
+became padding for every remaining row are trimmed, so a short answer never pays for a long neighbour.
 
-Prompts are left-padded; positions are counted from each row's first real token, so a padded row computes
-exactly what it would alone.
+Positions are counted from each row's first real token, so a padded row computes what it would alone.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 # forward(input_ids, attention_mask, position_ids, past_key_values, adapter_names) -> (last logits, cache)
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, list[str]], tuple[torch.Tensor, Any]]
@@ -39,6 +42,7 @@ class Row:
     decode: Callable[[list[int]], str]
     on_text: Callable[[str], None] | None = None  # streaming: called with each new piece of text
     should_stop: Callable[[], bool] = lambda: False  # e.g. the client went away
+    tag: Any = None  # the caller's handle (the engine's request)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -51,7 +55,7 @@ class Row:
 
     def choose(self, logits: torch.Tensor) -> int:
         p = self.params
-        if p.temperature == 0:
+        if p.temperature < 1e-6:  # 0 = greedy; so is its limit (a float32 scale that small is 0 or inf anyway)
             return int(torch.argmax(logits))
         if self._generator is None:
             self._generator = torch.Generator(device=logits.device)
@@ -59,11 +63,14 @@ class Row:
                 self._generator.seed()
             else:
                 self._generator.manual_seed(p.seed)
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        logits = logits.float()
+        # Shift so the top logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan.
+        probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least the top token)
             outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
+            outside[0] = False  # a top_p that rounds to 0 in float32 would otherwise drop every token
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self._generator))
@@ -117,37 +124,135 @@ def _safe_end(text: str, stops: Sequence[str]) -> int:
     return end
 
 
-def decode_batch(forward: Forward, rows: list[Row], pad_id: int, device: torch.device) -> None:
-    """Run ``rows`` to completion, filling in each row's ``text``, ``generated`` and ``finish_reason``."""
-    longest = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, longest - len(row.prompt_ids):] = torch.tensor(row.prompt_ids, dtype=torch.long)
-        mask[i, longest - len(row.prompt_ids):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, longest - len(prompt):] = 1
+    return ids, mask
 
-    active = list(range(len(rows)))
-    logits, cache = forward(ids, mask, positions, None, [r.adapter_slot for r in rows])
-    while True:
+
+def _kv_layers(cache: Any) -> list | None:
+    """The cache's per-layer key/value holders if rows can be merged into it (plain dynamic layers:
+    full attention, no sliding window or quantization), else None."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return list(layers)
+
+
+class RunningBatch:
+    """Rows decoding together over one KV cache. Only the engine's model thread uses it."""
+
+    def __init__(self, forward: Forward, pad_id: int, device: torch.device) -> None:
+        self.forward, self.pad_id, self.device = forward, pad_id, device
+        self.rows: list[Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # (rows, cached columns): 1 where the column is a real token
+        self._last_pos: torch.Tensor | None = None  # (rows, 1): position of each row's last fed token
+        self._next: list[int] = []  # the token each row feeds at the next step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def accepts_joins(self) -> bool:
+        """Newcomers can merge into the running cache (else they wait until the batch drains)."""
+        return not self.rows or _kv_layers(self._cache) is not None
+
+    def add(self, rows: list[Row]) -> list[Row]:
+        """Prefill ``rows`` in one forward (each row's first token comes from it) and merge them into the
+        batch. Returns the rows that finished on that first token (they never join)."""
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self.forward(ids, mask, positions, None, [r.adapter_slot for r in rows])
+        tokens = self._push(rows, logits)
+        keep = [j for j, r in enumerate(rows) if not r.finished]
+        if len(keep) < len(rows) and keep:
+            index = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(index)
+            mask, positions = mask.index_select(0, index), positions.index_select(0, index)
+        if keep:
+            self._merge([rows[j] for j in keep], cache, mask, positions[:, -1:], [tokens[j] for j in keep])
+        return [r for r in rows if r.finished]
+
+    def step(self) -> list[Row]:
+        """One decode step for every row. Returns the rows that finished (already out of the batch)."""
+        ids = torch.tensor(self._next, dtype=torch.long, device=self.device).unsqueeze(1)
+        mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+        positions = self._last_pos + 1
+        logits, self._cache = self.forward(ids, mask, positions, self._cache, [r.adapter_slot for r in self.rows])
+        self._mask, self._last_pos = mask, positions
+        self._next = self._push(self.rows, logits)
+        return self._drop_finished()
+
+    def clear(self) -> list[Row]:
+        rows, self.rows = self.rows, []
+        self._cache = self._mask = self._last_pos = None
+        self._next = []
+        return rows
+
+    # --- internals -------------------------------------------------------------------------------------
+    @staticmethod
+    def _push(rows: list[Row], logits: torch.Tensor) -> list[int]:
         # One device→host copy for all greedy rows (a sync per row per step would dominate on a GPU).
         greedy = logits.argmax(dim=-1).tolist()
         tokens = []
-        for j, i in enumerate(active):
-            token = greedy[j] if rows[i].params.temperature == 0 else rows[i].choose(logits[j])
-            rows[i].push(token)
+        for j, row in enumerate(rows):
+            token = greedy[j] if row.params.temperature == 0 else row.choose(logits[j])
+            row.push(token)
             tokens.append(token)
-        keep = [j for j, i in enumerate(active) if not rows[i].finished]
-        if not keep:
+        return tokens
+
+    def _merge(self, rows: list[Row], cache: Any, mask: torch.Tensor, last_pos: torch.Tensor,
+               tokens: list[int]) -> None:
+        if not self.rows:
+            self.rows, self._cache, self._mask, self._last_pos, self._next = rows, cache, mask, last_pos, tokens
             return
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, positions = mask.index_select(0, index), positions.index_select(0, index)
-            active = [active[j] for j in keep]
-            tokens = [tokens[j] for j in keep]
-        step_ids = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = forward(step_ids, mask, positions, cache, [rows[i].adapter_slot for i in active])
+        old, new = _kv_layers(self._cache), _kv_layers(cache)
+        width = max(self._mask.shape[1], mask.shape[1])
+        for a, b in zip(old, new):  # left-pad the shorter side with masked columns, stack the rows
+            a.keys = torch.cat([_pad_cols(a.keys, width), _pad_cols(b.keys, width)], dim=0)
+            a.values = torch.cat([_pad_cols(a.values, width), _pad_cols(b.values, width)], dim=0)
+        self._mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(mask, width)], dim=0)
+        self._last_pos = torch.cat([self._last_pos, last_pos], dim=0)
+        self.rows, self._next = self.rows + rows, self._next + tokens
+
+    def _drop_finished(self) -> list[Row]:
+        keep = [j for j, r in enumerate(self.rows) if not r.finished]
+        if len(keep) == len(self.rows):
+            return []
+        done = [r for r in self.rows if r.finished]
+        if not keep:
+            self.clear()
+            return done
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._last_pos = self._mask.index_select(0, index), self._last_pos.index_select(0, index)
+        self.rows, self._next = [self.rows[j] for j in keep], [self._next[j] for j in keep]
+        self._trim()
+        return done
+
+    def _trim(self) -> None:
+        """Cut leading columns that are padding for every remaining row (left by a long row that left)."""
+        layers = _kv_layers(self._cache)
+        if layers is None:
+            return
+        first = int(self._mask.any(dim=0).int().argmax())
+        if first > 0:
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self._mask = self._mask[:, first:]
+
+
+def _pad_cols(kv: torch.Tensor, width: int) -> torch.Tensor:
+    return kv if kv.shape[-2] == width else F.pad(kv, (0, 0, width - kv.shape[-2], 0))
+
+
+def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return mask if mask.shape[1] == width else F.pad(mask, (width - mask.shape[1], 0))

@@ -17,9 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.errors import InvalidRequest, PayloadTooLarge, RateLimited, ServiceError, ServiceUnavailable
+from core.errors import InvalidRequest, PayloadTooLarge, RateLimited, ServiceError, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,38 @@ _HTTP_TYPES = {
 }
 
 
+# --- the envelope in OpenAPI ------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, not_found, conflict, rate_limit_error, "
+                                  "service_unavailable or server_error")
+    param: str | None = Field(description="the dotted path of the field at fault, when one is")
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request (e.g. a broken multipart body)",
+    401: "Missing or invalid API key",
+    404: "No such resource (another owner's ids answer the same)",
+    409: "Conflict with the current state",
+    413: "Request body or upload too large",
+    422: "Validation error naming the field (`param`)",
+    429: "Rate limit or generation queue full; see Retry-After",
+    500: "Unexpected server error (details in the server log, never in the response)",
+    503: "A dependency (Redis, the model) is unavailable; retry",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """``responses=`` for a router or route: each status documented with the error envelope."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
+            for status in (statuses or tuple(_ERROR_DESCRIPTIONS))}
+
+
 def envelope(status: int, message: str, type_: str, code: str, param: str | None = None,
              headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -42,6 +75,8 @@ def error_response(exc: ServiceError) -> JSONResponse:
     headers = None
     if isinstance(exc, RateLimited):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
@@ -187,15 +222,20 @@ class BodySizeLimit:
     """Refuse request bodies over ``max_bytes`` with 413, before they are read (Content-Length) or while
     they stream in (chunked uploads), so a huge body never lands in memory."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_paths: tuple[str, ...] = (),
+                 max_upload_bytes: int | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        # Multipart uploads (training files, adapter imports) get their own, larger bound.
+        self.upload_paths, self.max_upload_bytes = frozenset(upload_paths), max_upload_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") in self.upload_paths
+        limit, setting = (self.max_upload_bytes, "BONE_MAX_UPLOAD_BYTES") if upload else (self.max_bytes, "BONE_MAX_BODY_BYTES")
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = error_response(self._too_large())
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = error_response(self._too_large(limit, setting))
             return await response(scope, receive, send)
         seen = 0
 
@@ -204,12 +244,13 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     # Raised inside the route's body read: FastAPI re-raises HTTPExceptions untouched.
-                    raise StarletteHTTPException(413, self._too_large().message)
+                    raise StarletteHTTPException(413, self._too_large(limit, setting).message)
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes (BONE_MAX_BODY_BYTES)")
+    @staticmethod
+    def _too_large(limit: int, setting: str) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body exceeds {limit} bytes ({setting})")

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from core.base_model import resolve_base_model
-from core.errors import Conflict, InvalidRequest
-from core.jobs import FileDataset, JobCreate, PathDataset, RecordsDataset
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.files import SUFFIXES, FileStore
+from core.formats import detect_format
+from core.jobs import DatasetSpec, FileDataset, HFDataset, JobCreate, PathDataset, RecordsDataset
+from core.paths import resolve_inside
 from core.registry import AdapterRegistry
 from core.settings import Settings
 
-DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _SKELETONS_KEPT = 4
 
 
@@ -32,8 +34,8 @@ class JobChecker:
         self._skeletons: OrderedDict[str, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check(self, body: JobCreate) -> list[dict[str, Any]] | None:
-        """Raise a ServiceError naming the field at fault; return the inline records (if any) to store."""
+    def check(self, body: JobCreate) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+        """Raise a ServiceError naming the field at fault; return the inline (records, validation records)."""
         s = self.settings
         if body.bone.r > s.max_r:
             raise InvalidRequest(f"bone.r={body.bone.r} exceeds the server's limit of {s.max_r} (BONE_MAX_R)", param="bone.r")
@@ -41,6 +43,9 @@ class JobChecker:
             raise InvalidRequest(
                 f"training.max_seq_length={body.training.max_seq_length} exceeds the server's limit of "
                 f"{s.max_seq_length} (BONE_MAX_SEQ_LENGTH)", param="training.max_seq_length")
+        if body.training.publish_checkpoints and len(body.adapter_name) > 64 - len("-step-") - 7:
+            raise InvalidRequest("adapter_name is too long for checkpoint names '<name>-step-<n>' (at most 51 "
+                                 "characters with publish_checkpoints)", param="adapter_name")
         records = self._check_dataset(body)
         if not body.overwrite and self.registry.exists(body.adapter_name):
             raise Conflict(f"adapter {body.adapter_name!r} already exists; pass overwrite=true to replace it",
@@ -48,40 +53,41 @@ class JobChecker:
         self.check_bone_config(body)
         return records
 
-    # --- dataset -------------------------------------------------------------------------------------
-    def _check_dataset(self, body: JobCreate) -> list[dict[str, Any]] | None:
-        dataset = body.dataset
+    # --- dataset ---------------------------------------------------------------------------------------
+    def _check_dataset(self, body: JobCreate) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+        """(records, validation records) to store with the job; file references are checked to exist."""
+        return (self._check_one(body.dataset, "dataset"),
+                None if body.validation_dataset is None else self._check_one(body.validation_dataset, "validation_dataset"))
+
+    def _check_one(self, dataset: DatasetSpec, param: str) -> list[dict[str, Any]] | None:
         if isinstance(dataset, RecordsDataset):
             if len(dataset.records) > self.settings.max_inline_records:
                 raise InvalidRequest(
-                    f"dataset has {len(dataset.records)} inline records; the limit is {self.settings.max_inline_records} "
-                    "(BONE_MAX_INLINE_RECORDS): upload a file instead", param="dataset.records")
+                    f"{param} has {len(dataset.records)} inline records; the limit is {self.settings.max_inline_records} "
+                    "(BONE_MAX_INLINE_RECORDS): upload a file instead", param=f"{param}.records")
             for index, record in enumerate(dataset.records):
-                check_record(record, index)
+                detect_format(record, index, dataset.format, param_prefix=f"{param}.records")
             return dataset.records
         if isinstance(dataset, PathDataset):
-            self.dataset_path(dataset.path)
-        if isinstance(dataset, FileDataset) and not _is_plain_name(dataset.file_id):
-            raise InvalidRequest(f"file_id {dataset.file_id!r} is not a file id", param="dataset.file_id")
+            self.dataset_path(dataset.path, param=f"{param}.path")
+        if isinstance(dataset, FileDataset):
+            try:
+                FileStore(self.settings.files_dir).path(dataset.file_id)
+            except NotFound as exc:
+                raise InvalidRequest(exc.message, param=f"{param}.file_id", code="not_found") from None
+        if isinstance(dataset, HFDataset) and dataset.hf_dataset.startswith(("/", ".", "~")):
+            raise InvalidRequest(f"hf_dataset {dataset.hf_dataset!r}: local datasets must be folders inside the "
+                                 "datasets dir, named relative to it", param=f"{param}.hf_dataset")
         return None
 
-    def dataset_path(self, relative: str) -> Path:
+    def dataset_path(self, relative: str, *, param: str = "dataset.path") -> Path:
         """The file a ``{"path": ...}`` dataset names, which must lie inside the datasets dir."""
-        pure = PurePosixPath(relative)
-        if pure.is_absolute() or relative.startswith("~") or ".." in pure.parts or "\\" in relative:
-            raise InvalidRequest(
-                f"dataset path {relative!r} must be relative to the datasets dir ({self.settings.datasets_dir}) "
-                "without '..'", param="dataset.path")
-        root = self.settings.datasets_dir.resolve()
-        path = (root / pure).resolve()
-        if not path.is_relative_to(root):  # a symlink pointing out of the datasets dir
-            raise InvalidRequest(f"dataset path {relative!r} leads outside the datasets dir", param="dataset.path")
+        path = resolve_inside(self.settings.datasets_dir, relative, param=param, what="dataset path")
         if not path.is_file():
-            raise InvalidRequest(f"dataset file {relative!r} does not exist in {root}", param="dataset.path",
-                                 code="not_found")
-        if path.suffix.lower() not in DATASET_SUFFIXES:
-            raise InvalidRequest(f"dataset file {relative!r} must be one of {', '.join(DATASET_SUFFIXES)}",
-                                 param="dataset.path")
+            raise InvalidRequest(f"dataset file {relative!r} does not exist in {self.settings.datasets_dir}",
+                                 param=param, code="not_found")
+        if path.suffix.lower() not in SUFFIXES:
+            raise InvalidRequest(f"dataset file {relative!r} must be one of {', '.join(SUFFIXES)}", param=param)
         return path
 
     # --- bone config vs the base model ---------------------------------------------------------------
@@ -120,28 +126,3 @@ class JobChecker:
             return AutoConfig.from_pretrained(source, trust_remote_code=self.settings.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise InvalidRequest(f"cannot load the config of base model {name!r}: {exc}", param="base_model") from None
-
-
-def _is_plain_name(value: str) -> bool:
-    return all(ch.isalnum() or ch in "-_." for ch in value) and ".." not in value and not value.startswith(".")
-
-
-def check_record(record: dict[str, Any], index: int) -> None:
-    """One inline training row: {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}."""
-    param = f"dataset.records.{index}"
-    if isinstance(record.get("text"), str):
-        return
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-        return
-    messages = record.get("messages")
-    if isinstance(messages, list) and messages:
-        for turn, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                raise InvalidRequest(f"row {index}: messages[{turn}] needs string 'role' and 'content'",
-                                     param=f"{param}.messages.{turn}")
-        return
-    keys = ", ".join(sorted(record)) or "none"
-    raise InvalidRequest(
-        f"row {index} (0-based) has keys {{{keys}}}; each row needs a string 'text', or string 'prompt' and "
-        "'completion', or a non-empty 'messages' list", param=param)

@@ -11,24 +11,29 @@ import logging
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rq import Queue
 
+from app.auth import guard
 from app.engine import InferenceEngine
-from app.errors import BodySizeLimit, install_error_handlers
+from app.errors import BodySizeLimit, error_responses, install_error_handlers
 from app.job_checks import JobChecker
 from app.observability import install_observability
-from app.routes import adapters, generate, health, jobs
+from app.openapi import install_openapi
+from app.routes import adapter_export, adapter_import, adapters, files, generate, health, jobs, openai
+from core.auth import KeyRing
 from core.base_model import load_base_model
+from core.janitor import Janitor
 from core.jobstore import JobStore
 from core.registry import AdapterRegistry
 from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+UPLOAD_PATHS = ("/files", "/adapters")  # multipart routes, bounded by BONE_MAX_UPLOAD_BYTES
 REDIS_CONNECT_TIMEOUT_S = 1.0
 REDIS_SOCKET_TIMEOUT_S = 5.0  # above the longest blocking read (job events follow with 1 s XREADs)
 
@@ -47,10 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         conn = connect_redis(settings.redis_url)
-        registry = AdapterRegistry(settings.registry_dir)
+        registry = AdapterRegistry.from_settings(settings)
         swept = registry.sweep()
         if swept:
-            log.info("removed %d leftovers of interrupted publishes from %s", swept, settings.registry_dir)
+            log.info("removed %d leftovers of interrupted publishes from %s", swept, registry.root)
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         log.info("loading base model %r", settings.base_model)
         base = await run_in_threadpool(load_base_model, settings.base_model, settings)
@@ -64,18 +69,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.engine = engine
         app.state.job_checker = JobChecker(settings, registry, server_model_config=base.model.config)
+        janitor = Janitor(settings).start()  # re-queues jobs whose worker died, even with no worker left alive
         try:
             yield
         finally:
+            janitor.stop()
             await run_in_threadpool(engine.stop)
             conn.close()
 
     app = FastAPI(title="bone-server", version="0.1.0", lifespan=lifespan,
                   description="Fine-tune Bone adapters on one shared base model and serve them all, batched.")
     app.state.settings = settings
+    app.state.keyring = KeyRing.from_settings(settings)  # AuthConfigError: an open API on a public address
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, upload_paths=UPLOAD_PATHS,
+                       max_upload_bytes=settings.max_upload_bytes)
     install_observability(app)
-    for module in (health, jobs, adapters, generate):
-        app.include_router(module.router)
+    install_openapi(app, settings)
+    app.include_router(health.router, responses=error_responses(500, 503))
+    # Every other router: a key (when keys are configured), the per-key rate limit, the error envelope documented.
+    for module in (jobs, files, adapters, adapter_import, adapter_export, generate, openai):
+        app.include_router(module.router, dependencies=[Depends(guard)], responses=error_responses())
     return app

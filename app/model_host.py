@@ -1,5 +1,5 @@
 """The serving model: the base model wrapped once in a ``BoneModel`` with no adapter of its own, so
-adapters are added and deleted in place (no reload) and every batch row picks its adapter by name.
+adapters are added and deleted in place (no reload, no merge) and every batch row picks its adapter by name.
 
 Only the engine's model thread calls into this class.
 """
@@ -44,9 +44,12 @@ class ModelHost:
     def forward(self, slots: list[str], **kwargs: Any) -> Any:
         """One forward where row i uses adapter ``slots[i]`` (or the base).
 
-        Consecutive calls with the same rows (the decode steps of one batch) share one routing context, so
-        each layer gathers its per-row blocks once per batch, not once per token. ``end_batch`` closes it;
-        adapters only change between batches, so the gathered blocks never go stale.
+        Consecutive calls with the same rows (the decode steps between two joins/leaves) share one routing
+        context, so each layer gathers its per-row blocks once per batch composition, not once per token;
+        that gather (a few KB of adapter blocks per layer) is the only copy a switch costs: base weights and
+        resident adapters are never copied or moved. ``bone.BoneModel.forward(adapter_names=...)`` would
+        rebuild the routing on every call, hence ``bone.routing.routing_context`` here. A slot in use by a
+        running row is never deleted (``AdapterCache`` in_use), so gathered blocks never go stale.
         """
         if not self.bone_model.adapter_configs:
             return self.bone_model(**kwargs)  # nothing loaded yet: the plain model, no routing overhead

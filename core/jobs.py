@@ -12,7 +12,9 @@ import uuid
 from enum import Enum
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.formats import FormatName
 
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
@@ -42,20 +44,24 @@ class _Strict(BaseModel):
 
 
 # --- datasets: exactly one form -------------------------------------------------------------------------------
-class RecordsDataset(_Strict):
+class _Dataset(_Strict):
+    format: FormatName | None = Field(None, description="row format for every row; detected per row when unset")
+
+
+class RecordsDataset(_Dataset):
     records: list[dict[str, Any]] = Field(min_length=1, description="rows: {'text'} or {'prompt','completion'} or {'messages'}")
 
 
-class PathDataset(_Strict):
+class PathDataset(_Dataset):
     path: str = Field(min_length=1, description="JSONL/CSV/Parquet file inside the data dir's datasets folder")
 
 
-class FileDataset(_Strict):
+class FileDataset(_Dataset):
     file_id: str = Field(min_length=1)
 
 
-class HFDataset(_Strict):
-    hf_dataset: str = Field(min_length=1)
+class HFDataset(_Dataset):
+    hf_dataset: str = Field(min_length=1, description="hub name, or a dataset folder inside the datasets dir")
     split: str = "train"
     revision: str | None = None
 
@@ -84,9 +90,26 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(4, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_seq_length: int = Field(512, ge=8)
+    packing: bool = Field(False, description="concatenate examples into max_seq_length blocks (no padding)")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    # -- evaluation: on `validation_dataset` if the job has one, else on a seeded `eval_fraction` of the rows
+    eval_fraction: float | None = Field(None, gt=0, lt=1)
+    eval_every: int | None = Field(None, ge=1, description="steps between evaluations (and one at the end)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without a better eval loss")
+    # -- checkpoints under the job's work dir; a retried job resumes from the newest
+    save_every: int | None = Field(None, ge=1, description="steps between checkpoints")
+    publish_checkpoints: bool = Field(False, description="also publish each checkpoint as adapter <name>-step-<n>")
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_eval(self) -> "TrainingSpec":
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("early_stopping_patience needs eval_every")
+        if self.publish_checkpoints and self.save_every is None:
+            raise ValueError("publish_checkpoints needs save_every")
+        return self
 
 
 class JobCreate(_Strict):
@@ -95,6 +118,7 @@ class JobCreate(_Strict):
     base_model: str | None = Field(None, description="defaults to the server's base model")
     bone: BoneSpec = Field(default_factory=BoneSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    validation_dataset: DatasetSpec | None = Field(None, description="rows to evaluate on (instead of eval_fraction)")
     overwrite: bool = False
 
     @field_validator("adapter_name")
@@ -102,10 +126,19 @@ class JobCreate(_Strict):
     def _name(cls, value: str) -> str:
         return check_adapter_name(value)
 
+    @model_validator(mode="after")
+    def _eval_needs_rows(self) -> "JobCreate":
+        if self.training.eval_every is not None and self.validation_dataset is None and self.training.eval_fraction is None:
+            raise ValueError("training.eval_every needs validation_dataset or training.eval_fraction")
+        return self
+
 
 class Progress(BaseModel):
     step: int = 0
     total_steps: int | None = None
+    epoch: float | None = None
+    phase: str | None = None  # loading, tokenizing, training, evaluating, checkpointing, publishing
+    eta_s: float | None = None  # seconds left, from this attempt's mean step time
 
 
 class Job(BaseModel):
@@ -119,6 +152,7 @@ class Job(BaseModel):
     dataset: dict[str, Any]  # summary; inline records are stored apart (see JobStore)
     bone: BoneSpec
     training: TrainingSpec
+    validation_dataset: dict[str, Any] | None = None  # summary, as `dataset`
     overwrite: bool = False
     owner: str | None = None
     progress: Progress = Field(default_factory=Progress)
@@ -137,7 +171,7 @@ class Job(BaseModel):
 def dataset_summary(dataset: DatasetSpec) -> dict[str, Any]:
     """What a job record shows of its dataset: the reference, never the inline rows themselves."""
     if isinstance(dataset, RecordsDataset):
-        return {"records": len(dataset.records)}
+        return {"records": len(dataset.records), **({"format": dataset.format} if dataset.format else {})}
     return dataset.model_dump(exclude_none=True)
 
 

@@ -8,6 +8,11 @@ Keys (all under ``bone:``):
                     ``save_meta()`` rewrites the whole meta field, so a flag kept in ``job.meta`` is lost
                     (shared/reference/rq-redis-notes.md).
   job:{id}:events   a Redis stream of per-step metrics and messages
+  job:{id}:validation_records  inline validation rows
+  job:{id}:heartbeat  refreshed every few seconds by the process training the job (short TTL): when it is
+                    gone while the job is ``running``, that process is dead (see core/janitor.py)
+  job:{id}:checkpoints  hash step → checkpoint summary (GET /jobs/{id}/checkpoints)
+  jobs:running      set of ids whose status is ``running`` (what the janitor scans)
   jobs:status_counts  a hash status → number of jobs (for /metrics without scanning every job)
 """
 
@@ -24,6 +29,7 @@ from core.jobs import Job, JobStatus
 
 PREFIX = "bone:"
 STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step with every transition (metrics)
+RUNNING = PREFIX + "jobs:running"
 EVENTS_MAXLEN = 100_000
 
 
@@ -36,11 +42,14 @@ class JobStore:
         self.conn = conn
 
     # --- create / read ----------------------------------------------------------------------------------
-    def create(self, job: Job, records: list[dict[str, Any]] | None = None) -> None:
+    def create(self, job: Job, records: list[dict[str, Any]] | None = None,
+               validation_records: list[dict[str, Any]] | None = None) -> None:
         pipe = self.conn.pipeline(transaction=True)
         pipe.set(_job_key(job.id), job.model_dump_json())
         if records is not None:
             pipe.set(_job_key(job.id) + ":records", json.dumps(records))
+        if validation_records is not None:
+            pipe.set(_job_key(job.id) + ":validation_records", json.dumps(validation_records))
         pipe.zadd(PREFIX + "jobs", {job.id: job.created_at})
         pipe.hincrby(STATUS_COUNTS, job.status.value, 1)
         pipe.execute()
@@ -51,8 +60,9 @@ class JobStore:
             raise NotFound(f"no job with id {job_id!r}", param="job_id")
         return Job.model_validate_json(raw)
 
-    def records(self, job_id: str) -> list[dict[str, Any]] | None:
-        raw = self.conn.get(_job_key(job_id) + ":records")
+    def records(self, job_id: str, which: str = "records") -> list[dict[str, Any]] | None:
+        """Inline rows: ``which`` is "records" or "validation_records"."""
+        raw = self.conn.get(_job_key(job_id) + ":" + which)
         return None if raw is None else json.loads(raw)
 
     def list(self, *, limit: int = 20, after: str | None = None, owner: str | None = None) -> tuple[list[Job], bool]:
@@ -84,8 +94,10 @@ class JobStore:
         """Set fields unless the job already reached a final state (a cancelled job stays cancelled)."""
         return self.transition(job_id, None, **fields)
 
-    def transition(self, job_id: str, allowed_from: Iterable[JobStatus] | None, **fields: Any) -> Job:
-        """Atomically update a job (WATCH/MULTI), only from ``allowed_from`` states (default: any non-final)."""
+    def transition(self, job_id: str, allowed_from: Iterable[JobStatus] | None, *,
+                   attempt: int | None = None, **fields: Any) -> Job:
+        """Atomically update a job (WATCH/MULTI), only from ``allowed_from`` states (default: any non-final)
+        and, with ``attempt``, only while ``job.attempts`` is still that (a later attempt's record stands)."""
         key = _job_key(job_id)
         allowed = set(allowed_from) if allowed_from is not None else {s for s in JobStatus if not s.is_final}
         with self.conn.pipeline() as pipe:
@@ -98,6 +110,9 @@ class JobStore:
                     job = Job.model_validate_json(raw)
                     if job.status not in allowed:
                         raise Conflict(f"job {job_id} is {job.status.value}", param="job_id", code="invalid_state")
+                    if attempt is not None and job.attempts != attempt:
+                        raise Conflict(f"job {job_id} is on attempt {job.attempts}, not {attempt}", param="job_id",
+                                       code="invalid_state")
                     job = Job.model_validate({**job.model_dump(), **fields})  # validates the new fields too
                     previous = Job.model_validate_json(raw).status
                     pipe.multi()
@@ -105,6 +120,10 @@ class JobStore:
                     if job.status is not previous:
                         pipe.hincrby(STATUS_COUNTS, previous.value, -1)
                         pipe.hincrby(STATUS_COUNTS, job.status.value, 1)
+                        if job.status is JobStatus.RUNNING:
+                            pipe.sadd(RUNNING, job_id)
+                        elif previous is JobStatus.RUNNING:
+                            pipe.srem(RUNNING, job_id)
                     pipe.execute()
                     return job
                 except redis.WatchError:
@@ -139,3 +158,29 @@ class JobStore:
             item["id"] = event_id.decode() if isinstance(event_id, bytes) else event_id
             out.append(item)
         return out
+
+    # --- liveness (see core/janitor.py) ------------------------------------------------------------------
+    def beat(self, job_id: str, attempt: int, ttl_s: float) -> None:
+        self.conn.set(_job_key(job_id) + ":heartbeat", str(attempt), px=int(ttl_s * 1000))
+
+    def heartbeat(self, job_id: str) -> int | None:
+        """The attempt whose process is alive, or None when no heartbeat is live."""
+        raw = self.conn.get(_job_key(job_id) + ":heartbeat")
+        return None if raw is None else int(raw)
+
+    def clear_heartbeat(self, job_id: str) -> None:
+        self.conn.delete(_job_key(job_id) + ":heartbeat")
+
+    def running_ids(self) -> list[str]:
+        return sorted(i.decode() for i in self.conn.smembers(RUNNING))
+
+    def forget_running(self, job_id: str) -> None:
+        self.conn.srem(RUNNING, job_id)
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def add_checkpoint(self, job_id: str, step: int, summary: dict[str, Any]) -> None:
+        self.conn.hset(_job_key(job_id) + ":checkpoints", str(step), json.dumps({"step": step, **summary}))
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        raw = self.conn.hgetall(_job_key(job_id) + ":checkpoints")
+        return sorted((json.loads(v) for v in raw.values()), key=lambda c: c["step"])

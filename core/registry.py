@@ -1,33 +1,38 @@
-"""The adapter registry: one folder per adapter in PEFT's layout plus ``metadata.json``.
+"""The adapter registry: named adapters in PEFT's layout plus their metadata, on local disk or object storage.
 
-    <root>/<name>/adapter_config.json
-    <root>/<name>/adapter_model.safetensors
-    <root>/<name>/metadata.json        base model, Bone config, job id, metrics, sha256 + size of the weights
+    AdapterRegistry(Path("adapters"))              a local directory (also "file:///..." URLs)
+    AdapterRegistry("s3://bucket/prefix", ...)     any fsspec URL, for fleets of API replicas and workers
+    AdapterRegistry.from_settings(settings)        BONE_REGISTRY_URL, else <data dir>/adapters
 
-Publishing is atomic: files are written into a hidden staging folder, fsynced, then renamed into place,
-so a reader sees either no adapter or a whole one. Hidden folders (``.staging-*``, ``.trash-*``) are never
-listed; leftovers of an interrupted publish are swept on start.
+This module owns names, metadata (``AdapterInfo``), sha256 checks and errors; ``core.storage`` owns where the
+bytes live and how a publish becomes visible atomically (rename for a directory, a manifest written last for
+object storage). Either way a reader sees no adapter or a whole one, and ``verified_weights`` returns a local
+file whose sha256 matches the metadata (object storage: downloaded once into a cache keyed by sha256).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import tempfile
 import time
-import uuid
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from core.errors import Conflict, CorruptAdapter, NotFound
 from core.jobs import check_adapter_name
+from core.storage import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, LocalStorage, ObjectStorage
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-METADATA_FILE = "metadata.json"
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+__all__ = ["AdapterInfo", "AdapterRegistry", "file_sha256", "CONFIG_FILE", "WEIGHTS_FILE", "METADATA_FILE"]
+
+# An overwrite may delete the version a reader just looked up; it then reads the manifest again.
+READ_ATTEMPTS = 3
 
 
 class AdapterInfo(BaseModel):
@@ -52,128 +57,138 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _check_sha256(name: str, expected: str, path: Path, label: str) -> None:
+    """Raise CorruptAdapter unless ``path`` hashes to ``expected``; ``label`` names it (a path or an object URL).
+    A missing file raises FileNotFoundError: the adapter may have been replaced meanwhile."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        actual = file_sha256(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CorruptAdapter(f"adapter {name!r}: cannot read {label}: {exc}", param="adapter") from None
+    if actual != expected:
+        raise CorruptAdapter(f"adapter {name!r}: {label} has sha256 {actual[:12]}…, metadata says {expected[:12]}…; "
+                             "refusing to load it", param="adapter")
+
+
+class _RemoteRoot(str):
+    """``registry.root`` of an object-storage registry: its URL, carrying the storage along, because
+    ``core.auth.OwnedRegistry`` shares a registry by copying ``root`` (see the setter below)."""
+
+    storage: ObjectStorage
+
+
+def _open_storage(root: Path | str, cache_dir: Path | None, storage_options: dict[str, Any] | None):
+    text = str(root)
+    if "://" not in text:
+        return LocalStorage(Path(text))
+    if text.startswith("file://"):
+        return LocalStorage(Path(text[len("file://"):]))
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "bone-registry-cache"
+    return ObjectStorage(text, cache, storage_options)
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path | str, *, cache_dir: Path | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.storage = _open_storage(root, cache_dir, storage_options)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdapterRegistry:
+        if not settings.registry_url:
+            return cls(settings.registry_dir)
+        options: dict[str, Any] = {}
+        if settings.s3_endpoint_url and settings.registry_url.startswith(("s3://", "s3a://")):
+            options["endpoint_url"] = settings.s3_endpoint_url
+        return cls(settings.registry_url, cache_dir=settings.registry_cache_dir, storage_options=options)
+
+    @property
+    def root(self) -> Path | str:
+        """The directory (Path) or the URL (str) of the registry."""
+        if isinstance(self.storage, LocalStorage):
+            return self.storage.root
+        root = _RemoteRoot(self.storage.root)
+        root.storage = self.storage
+        return root
+
+    @root.setter
+    def root(self, value: Path | str) -> None:
+        # `OwnedRegistry.__init__` does `self.root = registry.root` instead of calling ours: share the storage.
+        self.storage = value.storage if isinstance(value, _RemoteRoot) else LocalStorage(Path(value), create=False)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
 
     # --- paths -----------------------------------------------------------------------------------------
-    def path(self, name: str) -> Path:
+    def path(self, name: str) -> Path | str:
+        """Where the adapter lives: its folder (local registry) or the URL of its prefix (object storage)."""
         try:
             check_adapter_name(name)
         except ValueError as exc:
             raise NotFound(str(exc), param="name") from None
-        return self.root / name
+        return self.storage.location(name)
 
     # --- read ------------------------------------------------------------------------------------------
     def exists(self, name: str) -> bool:
-        return (self.path(name) / METADATA_FILE).is_file()
+        self.path(name)
+        return self.storage.has(name)
 
     def get(self, name: str) -> AdapterInfo:
-        meta = self.path(name) / METADATA_FILE
+        self.path(name)
         try:
-            return AdapterInfo.model_validate_json(meta.read_bytes())
+            return AdapterInfo.model_validate_json(self.storage.read_metadata(name))
         except FileNotFoundError:
             raise NotFound(f"no adapter named {name!r}", param="adapter") from None
 
     def list(self) -> list[AdapterInfo]:
         infos = []
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(".") or not (entry / METADATA_FILE).is_file():
-                continue
+        for raw in self.storage.all_metadata():
             try:
-                infos.append(AdapterInfo.model_validate_json((entry / METADATA_FILE).read_bytes()))
-            except (OSError, ValueError):
+                infos.append(AdapterInfo.model_validate_json(raw))
+            except ValueError:
                 continue  # a damaged entry must not hide the others
-        return infos
+        return sorted(infos, key=lambda info: info.name)
 
     def verified_weights(self, name: str) -> tuple[Path, AdapterInfo]:
-        """The weights path after checking its sha256 against the metadata; raises CorruptAdapter naming it."""
+        """A local path to the weights after checking their sha256 against the metadata; raises
+        CorruptAdapter naming the file (or object) at fault."""
         info = self.get(name)
-        weights = self.path(name) / WEIGHTS_FILE
-        try:
-            actual = file_sha256(weights)
-        except OSError as exc:
-            raise CorruptAdapter(f"adapter {name!r}: cannot read {weights}: {exc}", param="adapter") from None
-        if actual != info.sha256:
-            raise CorruptAdapter(
-                f"adapter {name!r}: {weights} has sha256 {actual[:12]}…, metadata says {info.sha256[:12]}…; refusing to load it",
-                param="adapter",
-            )
-        return weights, info
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return self.storage.weights(name, info.sha256, partial(_check_sha256, name, info.sha256)), info
+            except FileNotFoundError as exc:
+                latest = self.get(name)  # NotFound if it was deleted meanwhile
+                if latest == info or attempt == READ_ATTEMPTS - 1:
+                    raise CorruptAdapter(f"adapter {name!r}: cannot read its weights: {exc}", param="adapter") from None
+                info = latest  # replaced by a newer version while we read: serve that one
+        raise AssertionError("unreachable")
 
     def adapter_config(self, name: str) -> dict[str, Any]:
-        return json.loads((self.path(name) / CONFIG_FILE).read_text())
+        self.path(name)
+        try:
+            return self.storage.read_config(name)
+        except FileNotFoundError:
+            raise NotFound(f"no adapter named {name!r}", param="adapter") from None
 
     # --- write -----------------------------------------------------------------------------------------
     def publish(self, name: str, source_dir: Path, metadata: dict[str, Any], *, overwrite: bool = False) -> AdapterInfo:
         """Copy an adapter folder (PEFT layout) into the registry atomically and return its metadata."""
-        target = self.path(name)
-        if target.exists() and not overwrite:
+        self.path(name)
+        if not overwrite and self.storage.has(name):
             raise Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="adapter_name",
                            code="adapter_exists")
-        staging = self.root / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
-        try:
-            for filename in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copyfile(Path(source_dir) / filename, staging / filename)
-            weights = staging / WEIGHTS_FILE
-            info = AdapterInfo(
-                name=name,
-                sha256=file_sha256(weights),
-                size_bytes=weights.stat().st_size,
-                created_at=time.time(),
-                **metadata,
-            )
-            (staging / METADATA_FILE).write_text(info.model_dump_json(indent=2))
-            for child in staging.iterdir():
-                _fsync_path(child)
-            _fsync_path(staging)
-            self._swap_into_place(staging, target, overwrite)
-            _fsync_path(self.root)
-            return info
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-
-    def _swap_into_place(self, staging: Path, target: Path, overwrite: bool) -> None:
-        trash = None
-        if target.exists():
-            if not overwrite:
-                raise Conflict(f"adapter {target.name!r} already exists", param="adapter_name", code="adapter_exists")
-            trash = self.root / f".trash-{uuid.uuid4().hex}"
-            os.rename(target, trash)
-        try:
-            os.rename(staging, target)  # fails (ENOTEMPTY) if another publisher won the race
-        except OSError:
-            if trash is not None:
-                os.rename(trash, target)
-            raise Conflict(f"adapter {target.name!r} was published concurrently", param="adapter_name",
-                           code="adapter_exists") from None
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        source_dir = Path(source_dir)
+        weights = source_dir / WEIGHTS_FILE
+        info = AdapterInfo(name=name, sha256=file_sha256(weights), size_bytes=weights.stat().st_size,
+                           created_at=time.time(), **metadata)
+        self.storage.commit(name, source_dir, info.model_dump_json(indent=2), overwrite)
+        return info
 
     def delete(self, name: str) -> None:
-        target = self.path(name)
-        if not (target / METADATA_FILE).is_file():
+        self.path(name)
+        if not self.storage.remove(name):
             raise NotFound(f"no adapter named {name!r}", param="name")
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
-        os.rename(target, trash)  # disappears from listings at once; the files go after
-        shutil.rmtree(trash, ignore_errors=True)
 
     def sweep(self) -> int:
         """Remove leftovers of interrupted publishes/deletes. Returns how many were removed."""
-        removed = 0
-        for entry in self.root.iterdir():
-            if entry.name.startswith((".staging-", ".trash-")):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-        return removed
+        return self.storage.sweep()

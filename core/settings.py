@@ -6,12 +6,13 @@ FastAPI dependency.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EMBEDDED_BASE_MODEL = "embedded"
 
@@ -22,6 +23,10 @@ class Settings(BaseSettings):
     # --- where things live -------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
     data_dir: Path = Path("bone-data")
+    # The adapter registry: None = <data_dir>/adapters; else an fsspec URL shared by every replica and worker,
+    # e.g. s3://bucket/prefix (credentials from the usual AWS_* variables or fsspec's FSSPEC_S3_* config).
+    registry_url: str | None = None
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (SeaweedFS, MinIO) for s3:// registry URLs")
     base_model: str = Field(
         EMBEDDED_BASE_MODEL,
         description="Hugging Face id or local directory of the shared base model; 'embedded' builds a tiny "
@@ -35,14 +40,32 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
+    # --- security (core/auth.py) -------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="'owner:role:sha256hex' entries, comma separated or a JSON list; `bone-server keys create` "
+        "mints a key and prints its entry. Only hashes are stored.")
+    auth_disabled: bool = Field(False, description="serve without keys; refused unless the host is loopback")
+    rate_limit_window_s: int = Field(60, ge=1)
+    rate_limit_training: int = Field(60, ge=0, description="POST /jobs, /files, /adapters per key per window; 0 = off")
+    rate_limit_generation: int = Field(600, ge=0, description="POST /generate, /v1/*completions per key per window; 0 = off")
+
     # --- queue / worker ----------------------------------------------------------------------------
     queue_name: str = "bone-training"
     job_timeout_s: int = Field(24 * 3600, ge=60, description="RQ job timeout (RQ's own default of 180 s kills training)")
     worker_ttl_s: int = Field(30, ge=5, description="worker heartbeat TTL; a dead worker is noticed within ~3x this")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # A job's trainer refreshes a heartbeat every heartbeat_ttl_s/5 s; a janitor (in every worker and API
+    # process) checks every janitor_interval_s and re-queues a running job whose heartbeat expired, so a
+    # killed worker's job resumes within ~ttl + interval (RQ alone notices after 90-810 s).
+    heartbeat_ttl_s: float = Field(15.0, ge=1)
+    janitor_interval_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(3, ge=1, description="runs of one job (first + retries after its worker died)")
+    checkpoints_kept: int = Field(2, ge=1, description="newest checkpoints kept in a job's work dir")
 
     # --- request bounds ----------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="multipart uploads: POST /files, POST /adapters (413 beyond)")
     max_inline_records: int = Field(10_000, ge=1)
     max_r: int = Field(512, ge=1)
     max_seq_length: int = Field(4096, ge=16)
@@ -56,6 +79,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     adapter_cache_size: int = Field(64, ge=1, description="adapters resident on the device, by count")
     adapter_cache_bytes: int = Field(2 * 1024**3, ge=1, description="... and by bytes")
+    adapter_cpu_cache_bytes: int = Field(4 * 1024**3, ge=0, description="adapters kept in host memory below the "
+                                         "device pool (evicted ones stay here; 0 = no CPU tier)")
+    # Comma-separated or a JSON list: adapters loaded at start; pinned ones are never evicted.
+    adapter_preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    adapter_pin: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -63,6 +91,26 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("adapter_preload", "adapter_pin", mode="before")
+    @classmethod
+    def _name_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: object) -> list[str]:
+        from core.auth import parse_key_entries
+
+        return parse_key_entries(value)
+
+    @field_validator("registry_url", "s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # docker-compose passes `BONE_REGISTRY_URL: ${BONE_REGISTRY_URL:-}`: empty means the local registry.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_url")
     @classmethod
@@ -75,6 +123,11 @@ class Settings(BaseSettings):
     @property
     def registry_dir(self) -> Path:
         return self.data_dir / "adapters"
+
+    @property
+    def registry_cache_dir(self) -> Path:
+        """Local copies of weights from an object-storage registry, keyed by sha256."""
+        return self.data_dir / "registry-cache"
 
     @property
     def models_dir(self) -> Path:

@@ -1,6 +1,6 @@
-"""Training data: fetch a job's rows, detect each row's format, tokenize it with the right loss mask.
+"""Training data: fetch a job's rows, check each row's format, tokenize it with the right loss mask.
 
-Row formats (checked in this order, the same order as the API's ``check_record``):
+Row formats (core/formats.py, the same checks the API and ``POST /files`` run):
   {"text": ...}                      loss on every token
   {"prompt": ..., "completion": ...} loss on the completion (and EOS) only; prompt labels are -100
   {"messages": [{role, content}...]} rendered with the tokenizer's chat template; loss on assistant turns only
@@ -15,17 +15,24 @@ from __future__ import annotations
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable
 
-from core.errors import InvalidRequest
-from core.jobs import FileDataset, HFDataset, Job, PathDataset, RecordsDataset
+import torch
+
+from core.errors import InvalidRequest, NotFound
+from core.files import FileStore, read_rows
+from core.formats import detect_format
+from core.jobs import FileDataset, HFDataset, Job, PathDataset
 from core.jobstore import JobStore
+from core.paths import resolve_inside
 from core.settings import Settings
 
 IGNORE_INDEX = -100  # what cross-entropy skips: prompt tokens, non-assistant turns, padding
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-EXPECTED = "expected 'text', 'prompt'+'completion' or 'messages'"
+
+
+class Cancelled(Exception):
+    """Raised when ``should_stop()`` says so, in whatever phase (tokenizing, training, evaluating)."""
 
 
 @dataclass
@@ -44,58 +51,51 @@ class TokenizedData:
 
 
 # --- where the rows come from ------------------------------------------------------------------------------
-def load_rows(job: Job, store: JobStore, settings: Settings) -> list[dict[str, Any]]:
-    """The job's rows as plain dicts, whichever dataset form it was created with."""
-    kind = job.dataset
+def load_rows(job: Job, store: JobStore, settings: Settings, *, validation: bool = False) -> list[dict[str, Any]] | None:
+    """The job's rows (or its validation rows; None when it has none) as plain dicts, whichever dataset
+    form it was created with."""
+    kind = job.validation_dataset if validation else job.dataset
+    param = "validation_dataset" if validation else "dataset"
+    if kind is None:
+        return None
     if "records" in kind:
-        rows = store.records(job.id)
+        which = "validation_records" if validation else "records"
+        rows = store.records(job.id, which)
         if rows is None:
-            raise InvalidRequest(f"job {job.id} has no stored records (expired or deleted)", param="dataset.records")
+            raise InvalidRequest(f"job {job.id} has no stored records (expired or deleted)", param=f"{param}.records")
         return rows
     if "path" in kind:
-        return read_file(resolve_dataset_path(PathDataset(**kind).path, settings), settings)
+        return read_rows(resolve_dataset_path(PathDataset(**kind).path, settings, param=f"{param}.path"))
     if "file_id" in kind:
-        return read_file(resolve_uploaded_file(FileDataset(**kind).file_id, settings), settings)
+        file_id = FileDataset(**kind).file_id
+        try:
+            path = FileStore(settings.files_dir).path(file_id)
+        except NotFound as exc:
+            raise InvalidRequest(f"{param}.file_id {file_id!r}: {exc.message}", param=f"{param}.file_id") from None
+        return read_rows(path, label=file_id)
     if "hf_dataset" in kind:
         spec = HFDataset(**kind)
-        return _load_with_datasets(spec.hf_dataset, settings, label=spec.hf_dataset, split=spec.split,
-                                   revision=spec.revision)
-    raise InvalidRequest(f"job {job.id} has an unknown dataset form {sorted(kind)}", param="dataset")
+        return _load_with_datasets(hf_dataset_source(spec.hf_dataset, settings), settings, label=spec.hf_dataset,
+                                   split=spec.split, revision=spec.revision)
+    raise InvalidRequest(f"job {job.id} has an unknown dataset form {sorted(kind)}", param=param)
 
 
-def resolve_dataset_path(relative: str, settings: Settings) -> Path:
-    """A ``{"path": ...}`` dataset: relative to the datasets dir, never outside it (no absolute paths, no
-    '..', no symlink leading out). The API checks the same before queueing; the worker checks again because
-    the file system may have changed since."""
-    pure = PurePosixPath(relative)
-    if pure.is_absolute() or relative.startswith("~") or ".." in pure.parts or "\\" in relative:
-        raise InvalidRequest(f"dataset.path {relative!r} must be relative to the datasets dir without '..'",
-                             param="dataset.path")
-    root = settings.datasets_dir.resolve()
-    path = (root / pure).resolve()
-    if not path.is_relative_to(root):
-        raise InvalidRequest(f"dataset.path {relative!r} leads outside the datasets dir", param="dataset.path")
+def resolve_dataset_path(relative: str, settings: Settings, *, param: str = "dataset.path") -> Path:
+    """A ``{"path": ...}`` dataset: a file inside the datasets dir (core.paths does the containment check)."""
+    path = resolve_inside(settings.datasets_dir, relative, param=param, what="dataset.path")
     if not path.is_file():
-        raise InvalidRequest(f"dataset.path {relative!r}: no such file in the datasets dir", param="dataset.path")
+        raise InvalidRequest(f"dataset.path {relative!r}: no such file in the datasets dir", param=param)
     return path
 
 
-def resolve_uploaded_file(file_id: str, settings: Settings) -> Path:
-    """An uploaded file (``POST /files``) stored as ``<files_dir>/<file_id><suffix>``."""
-    if not file_id or "/" in file_id or "\\" in file_id or file_id.startswith("."):
-        raise InvalidRequest(f"dataset.file_id {file_id!r} is not a file id", param="dataset.file_id")
-    candidates = [settings.files_dir / (file_id + suffix) for suffix in ("", *FILE_BUILDERS)]
-    found = [p for p in candidates if p.is_file()]
-    if not found:
-        raise InvalidRequest(f"dataset.file_id {file_id!r}: no such uploaded file", param="dataset.file_id")
-    return found[0]
-
-
-def read_file(path: Path, settings: Settings) -> list[dict[str, Any]]:
-    builder = FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise InvalidRequest(f"dataset file {path.name!r} must be one of {', '.join(FILE_BUILDERS)}", param="dataset")
-    return _load_with_datasets(builder, settings, label=path.name, data_files=str(path))
+def hf_dataset_source(name: str, settings: Settings) -> str:
+    """What ``datasets.load_dataset`` gets: a folder of that name inside the datasets dir if there is one,
+    else the hub name. A path anywhere else is refused: ``load_dataset`` would read any local folder."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or ".." in name:
+        raise InvalidRequest(f"hf_dataset {name!r}: local datasets must be folders inside the datasets dir, "
+                             "named relative to it", param="dataset.hf_dataset")
+    local = resolve_inside(settings.datasets_dir, name, param="dataset.hf_dataset", what="hf_dataset")
+    return str(local) if local.is_dir() else name
 
 
 def _load_with_datasets(name: str, settings: Settings, *, label: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -123,41 +123,6 @@ def _ensure(path: Path) -> Path:
 
 
 # --- one row -> one example -------------------------------------------------------------------------------
-def detect_format(row: Any, index: int) -> str:
-    """'text', 'prompt_completion' or 'messages'; anything else raises naming the row and the field."""
-    def bad(what: str) -> InvalidRequest:
-        return InvalidRequest(f"dataset row {index}: {what} ({EXPECTED})", param=f"dataset.records.{index}")
-
-    if not isinstance(row, dict):
-        raise bad(f"is a {type(row).__name__}, not an object")
-    present = {k for k, v in row.items() if v is not None}  # CSV/Parquet fill missing columns with None
-    if "text" in present:
-        if not isinstance(row["text"], str) or not row["text"]:
-            raise bad("field 'text' must be a non-empty string")
-        return "text"
-    if "prompt" in present or "completion" in present:
-        for key in ("prompt", "completion"):
-            if key not in present:
-                raise bad(f"missing field {key!r}")
-            if not isinstance(row[key], str):
-                raise bad(f"field {key!r} must be a string")
-        if not row["completion"]:
-            raise bad("field 'completion' is empty: there is nothing to learn")
-        return "prompt_completion"
-    if "messages" in present:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise bad("field 'messages' must be a non-empty list")
-        for turn, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                raise bad(f"messages[{turn}] needs string 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise bad("'messages' has no assistant turn: there is nothing to learn")
-        return "messages"
-    raise bad("missing field 'text'")
-
-
 def encode_text(tokenizer, text: str) -> Example:
     ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
     return Example(ids, list(ids))
@@ -202,12 +167,11 @@ ENCODERS: dict[str, Callable[[Any, dict[str, Any]], Example]] = {
 }
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_length: int, *,
-                  should_stop: Callable[[], bool] | None = None, poll_every: int = 256) -> TokenizedData:
-    """Every row, validated and encoded. ``should_stop`` is polled every ``poll_every`` rows so a cancel
-    lands during a long tokenization too (it raises ``worker.train.Cancelled``)."""
-    from worker.train import Cancelled
-
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_length: int, *, format: str | None = None,
+                  should_stop: Callable[[], bool] | None = None, poll_every: int = 64,
+                  param_prefix: str = "dataset.records") -> TokenizedData:
+    """Every row, validated (as ``format`` when given) and encoded. ``should_stop`` is polled every
+    ``poll_every`` rows so a cancel lands during a long tokenization too (it raises ``worker.train.Cancelled``)."""
     if tokenizer.eos_token_id is None:
         raise InvalidRequest("the base model's tokenizer has no EOS token; cannot mark where examples end",
                              param="base_model")
@@ -215,7 +179,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_length: int, *,
     for index, row in enumerate(rows):
         if should_stop is not None and index % poll_every == 0 and should_stop():
             raise Cancelled()
-        kind = detect_format(row, index)
+        kind = detect_format(row, index, format, param_prefix=param_prefix)
         data.formats[kind] = data.formats.get(kind, 0) + 1
         example = ENCODERS[kind](tokenizer, row)
         if len(example.input_ids) > max_seq_length:
@@ -230,3 +194,28 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_length: int, *,
             f"no row has a token to learn from within max_seq_length={max_seq_length} "
             f"({data.rows} rows, {data.dropped} without trainable tokens)", param="training.max_seq_length")
     return data
+
+
+# --- after tokenizing ---------------------------------------------------------------------------------------
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval): a seeded random ``fraction`` held out (at least one example, never all of them)."""
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    if n_eval < 1:
+        raise InvalidRequest("eval_fraction needs at least 2 training examples", param="training.eval_fraction")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    held = set(order[:n_eval])
+    return ([ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
+
+
+def pack(examples: list[Example], max_seq_length: int, seed: int) -> list[Example]:
+    """Concatenate the examples (seeded order, each already ending with EOS) and cut the stream into
+    ``max_seq_length`` blocks: no padding, so every token computed is a token learned from. Labels travel
+    with their tokens; a block may start mid-example (its first label is never predicted, as usual)."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 2)).tolist()
+    ids: list[int] = []
+    labels: list[int] = []
+    for i in order:
+        ids.extend(examples[i].input_ids)
+        labels.extend(examples[i].labels)
+    blocks = [Example(ids[s:s + max_seq_length], labels[s:s + max_seq_length]) for s in range(0, len(ids), max_seq_length)]
+    return [b for b in blocks if any(label != IGNORE_INDEX for label in b.labels[1:])]

@@ -4,12 +4,14 @@
 (on the CPU) and then forks one work-horse per job; every work-horse inherits the model without reading it
 from disk again (see ``worker.model_cache`` for why, and for the CUDA-and-fork rule).
 
-Dead work is noticed quickly, so no job stays ``running`` forever:
-* a work-horse that dies (OOM killer, segfault) is reported by RQ at once -> the job is marked failed;
-* a whole worker that dies stops heart-beating; another worker's maintenance pass (every
-  ``maintenance_interval`` s) finds its job abandoned once the registry entry expires (about 3x the worker
-  TTL) -> the job is marked failed. Measured in shared/reference/rq-redis-notes.md: ~90 s with TTL 30 and
-  maintenance 10, versus ~810 s with RQ's defaults.
+Dead work is noticed quickly, so no job stays ``running`` forever: the process training a job keeps a
+heartbeat key alive (worker/heartbeat.py) and a janitor thread here (core/janitor.py, also in the API)
+re-queues a running job whose heartbeat expired; the next attempt resumes from its last checkpoint. RQ's
+own signals only feed that path:
+* a work-horse that dies (OOM killer, segfault) is reported by RQ at once -> its heartbeat is dropped and
+  the cause recorded, so the janitor's next pass (seconds) re-queues it naming the cause;
+* a whole worker that dies is noticed by the janitor within ~heartbeat TTL + interval (20 s by default);
+  RQ's own abandoned-job report comes 90+ s later and is only logged.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> bool:
     from rq import Queue, Worker
 
     from core.base_model import pick_device
+    from core.janitor import Janitor
     from worker import model_cache, tasks
 
     tasks.use_settings(settings)  # forked work-horses inherit it, so API flags and tests reach the task
@@ -54,29 +57,53 @@ def run_worker(settings: Settings, *, burst: bool = False) -> bool:
     )
     log.info("worker %s listening on queue %r at %s (worker TTL %d s, maintenance every %d s)", worker.name,
              settings.queue_name, settings.redis_url, settings.worker_ttl_s, maintenance_interval(settings))
-    return worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level.upper())
+    # Started before the first fork; work-horses inherit no threads, so it only ever runs in this parent.
+    janitor = None if burst else Janitor(settings, clean_workdirs=True).start()
+    try:
+        return worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level.upper())
+    finally:
+        if janitor is not None:
+            janitor.stop()
 
 
 def _work_horse_killed(job, pid: int, status: int, rusage) -> None:
     """RQ's hook for a work-horse that exited without finishing its job (killed by a signal, usually OOM)."""
-    from worker.tasks import mark_failed
-
     signal_no = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     cause = f"killed by signal {signal_no}" + (" (out of memory?)" if signal_no == 9 else "") if signal_no else \
         f"exited with status {os.WEXITSTATUS(status) if os.WIFEXITED(status) else status}"
     log.error("work-horse %d of job %s %s", pid, job.id, cause)
-    mark_failed(job.connection, job.id, f"the training process died: {cause}")
+    record_death(job.connection, job.id, f"the training process died: {cause}")
+
+
+def record_death(conn, job_id: str, reason: str) -> None:
+    """The process of a running job is known dead: write the cause and drop its heartbeat, so the janitor
+    re-queues it on its next pass (naming the cause). Not re-queued right here: RQ marks this RQ job failed
+    after the hook returns, which would overwrite a job enqueued again under the same id."""
+    from core.errors import ServiceError
+    from core.jobs import JobStatus
+    from core.jobstore import JobStore
+    from worker.tasks import mark_failed
+
+    store = JobStore(conn)
+    try:
+        job = store.get(job_id)
+        if job.status is JobStatus.RUNNING:
+            store.transition(job_id, [JobStatus.RUNNING], attempt=job.attempts, error=reason)
+            store.clear_heartbeat(job_id)
+            store.add_event(job_id, "error", reason, attempt=job.attempts)
+        elif job.status is JobStatus.QUEUED:
+            mark_failed(conn, job_id, reason)  # died before the task started: nothing would run it again
+    except ServiceError as exc:  # e.g. NotFound: an RQ job that is not one of ours
+        log.warning("job %s: could not record its death: %s", job_id, exc)
 
 
 def _abandoned_job_handler(job, exc_type, exc_value, traceback) -> bool:
     """RQ calls worker exception handlers from registry maintenance with ``AbandonedJobError`` for a job whose
-    worker stopped heart-beating (killed, machine lost). Other exceptions never reach here from our task,
-    which records its own failures."""
+    worker stopped heart-beating, 90+ s after the fact. By then the janitor has re-queued (or failed) it,
+    and the job may be running again elsewhere: so only log it. Other exceptions never reach here from our
+    task, which records its own failures."""
     from rq.exceptions import AbandonedJobError
 
-    from worker.tasks import mark_failed
-
     if exc_type is AbandonedJobError or isinstance(exc_value, AbandonedJobError):
-        log.error("job %s was abandoned by its worker", job.id)
-        mark_failed(job.connection, job.id, "the worker running this job stopped responding (killed or lost)")
-    return True  # let RQ's own handling continue
+        log.warning("RQ reports job %s abandoned by its worker; the janitor handles retries", job.id)
+    return True  # let RQ's own bookkeeping continue

@@ -1,6 +1,7 @@
 """The RQ task the API enqueues by dotted path: ``worker.tasks.run_training_job(job_id)``.
 
-One job, start to finish: queued -> running -> (succeeded | failed | cancelled). The task records every
+One job, start to finish: queued -> running -> (succeeded | failed | cancelled). A job whose process dies
+goes back to queued (core/janitor.py) and the next run resumes from its newest checkpoint. The task records every
 outcome in the job record itself and returns normally, even on failure: the job record (not RQ's failed
 registry) is what clients read, and RQ then has no traceback to hold. Tracebacks go to the log.
 """
@@ -16,6 +17,7 @@ import redis
 import torch
 
 from core.base_model import pick_device
+from core.checkpoints import checkpoint_adapter_name, unpublish_checkpoints
 from core.errors import Conflict, ServiceError
 from core.jobs import Job, JobStatus
 from core.jobstore import JobStore
@@ -23,9 +25,10 @@ from core.logs import job_id_var
 from core.registry import AdapterInfo, AdapterRegistry
 from core.settings import Settings, get_settings
 from worker import model_cache
-from worker.data import load_rows, tokenize_rows
+from worker.data import Cancelled, load_rows, pack, split_eval, tokenize_rows
+from worker.heartbeat import Heartbeat
 from worker.progress import ProgressReporter
-from worker.train import Cancelled, train
+from worker.train import train
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME_IN_MODEL = "default"  # the name inside the BoneModel; the registry name is the job's adapter_name
@@ -57,28 +60,40 @@ def run_training_job(job_id: str) -> str:
         job = _start(store, job_id)
         if job is None:
             return store.get(job_id).status.value
-        try:
-            info = _train_and_publish(job, store, settings, workdir)
-        except Cancelled:
-            _finish(store, job_id, JobStatus.CANCELLED, "cancelled; nothing was published")
-        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's `error`
-            log.exception("job %s failed", job_id)  # the traceback goes to the log, one line to the job
-            reason = describe_failure(exc)
-            _finish(store, job_id, JobStatus.FAILED, reason, error=reason)
-        else:
-            _finish(store, job_id, JobStatus.SUCCEEDED, f"published adapter {info.name!r} (sha256 {info.sha256[:12]})",
-                    metrics=info.metrics)
+        with Heartbeat(settings.redis_url, job_id, job.attempts, settings.heartbeat_ttl_s):
+            try:
+                info = _train_and_publish(job, store, settings, workdir)
+            except Cancelled:
+                unpublish_checkpoints(store, AdapterRegistry.from_settings(settings), job)
+                _finish(store, job_id, JobStatus.CANCELLED, "cancelled; nothing was published")
+            except Exception as exc:  # noqa: BLE001 - every failure becomes the job's `error`
+                log.exception("job %s failed", job_id)  # the traceback goes to the log, one line to the job
+                reason = describe_failure(exc)
+                store.add_event(job_id, "error", reason)
+                _finish(store, job_id, JobStatus.FAILED, reason, error=reason)
+            else:
+                _finish(store, job_id, JobStatus.SUCCEEDED, f"finished: published adapter {info.name!r} "
+                        f"(sha256 {info.sha256[:12]})", metrics=info.metrics)
         return store.get(job_id).status.value
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)  # temp adapter files: published copies live in the registry
+        # Checkpoints stay while the job may still be retried; once it is final they are of no use.
+        if _is_final(store, job_id):
+            shutil.rmtree(workdir, ignore_errors=True)
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # a non-forking worker keeps running: hand the job's GPU memory back
         job_id_var.reset(context)
         conn.close()
 
 
+def _is_final(store: JobStore, job_id: str) -> bool:
+    try:
+        return store.get(job_id).status.is_final
+    except (ServiceError, redis.RedisError):
+        return False  # unknown: leave the work dir to the janitor's sweep
+
+
 def _start(store: JobStore, job_id: str) -> Job | None:
-    """Mark the job running, or return None when it must not run (cancelled, already final)."""
+    """Mark the job running, or return None when it must not run (cancelled, final, alive elsewhere)."""
     job = store.get(job_id)
     if job.status.is_final:
         log.info("job %s is already %s; not running it", job_id, job.status.value)
@@ -86,14 +101,17 @@ def _start(store: JobStore, job_id: str) -> Job | None:
     if store.cancel_requested(job_id):
         _finish(store, job_id, JobStatus.CANCELLED, "cancelled before it started")
         return None
+    if job.status is JobStatus.RUNNING and store.heartbeat(job_id) is not None:
+        log.info("job %s is running in another live process; not running it twice", job_id)
+        return None
     try:
-        # RUNNING too: RQ may run a job again after its worker died mid-way; it starts from scratch.
+        # RUNNING too: RQ may hand out a job again whose process died before the janitor saw it.
         job = store.transition(job_id, [JobStatus.QUEUED, JobStatus.RUNNING], status=JobStatus.RUNNING,
                                started_at=time.time(), attempts=job.attempts + 1, error=None)
     except Conflict:
         log.info("job %s changed state before it started; not running it", job_id)
         return None
-    store.add_event(job_id, "status", "running", status="running", attempt=job.attempts)
+    store.add_event(job_id, "status", f"started (attempt {job.attempts})", status="running", attempt=job.attempts)
     log.info("job %s started (attempt %d): adapter %r on %r", job_id, job.attempts, job.adapter_name, job.base_model)
     return job
 
@@ -103,9 +121,14 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
 
     reporter = ProgressReporter(store, job.id)
     device = pick_device(settings)
+    spec = job.training
 
     # -- data first: a bad file fails before any model work
+    reporter.phase("loading")
     rows = load_rows(job, store, settings)
+    validation_rows = load_rows(job, store, settings, validation=True)
+    if reporter.should_stop():
+        raise Cancelled()
     model, tokenizer = model_cache.model_for_job(job.base_model, settings, device)
 
     # -- the adapter (the job's own copy of the base model is wrapped in place; see worker.model_cache)
@@ -113,17 +136,33 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
     bone_model = get_bone_model(model, config, adapter_name=ADAPTER_NAME_IN_MODEL)
     trainable, total = bone_model.get_nb_trainable_parameters()
 
-    data = tokenize_rows(rows, tokenizer, job.training.max_seq_length, should_stop=reporter.should_stop)
+    # -- tokenize; hold out the eval rows; pack if asked
+    reporter.phase("tokenizing")
+    data = tokenize_rows(rows, tokenizer, spec.max_seq_length, format=job.dataset.get("format"),
+                         should_stop=reporter.should_stop)
+    train_examples, eval_examples = data.examples, []
+    if validation_rows is not None:
+        eval_examples = tokenize_rows(validation_rows, tokenizer, spec.max_seq_length,
+                                      format=job.validation_dataset.get("format"), should_stop=reporter.should_stop,
+                                      param_prefix="validation_dataset.records").examples
+    elif spec.eval_fraction is not None:
+        train_examples, eval_examples = split_eval(train_examples, spec.eval_fraction, spec.seed)
+    if spec.packing:
+        train_examples = pack(train_examples, spec.max_seq_length, spec.seed)
     formats = ", ".join(f"{n} {kind}" for kind, n in sorted(data.formats.items()))
-    store.add_event(job.id, "message", f"{len(data.examples)} examples ({formats}); {data.truncated} truncated to "
-                    f"max_seq_length, {data.dropped} without trainable tokens; training {trainable:,} of "
-                    f"{total:,} parameters on {device.type}",
-                    examples=len(data.examples), truncated=data.truncated, dropped=data.dropped,
-                    trainable_params=trainable, device=device.type)
+    store.add_event(job.id, "message", f"{data.rows} rows ({formats}): {data.truncated} truncated to "
+                    f"max_seq_length={spec.max_seq_length}, {data.dropped} without trainable tokens; "
+                    f"{len(train_examples)} training{' (packed)' if spec.packing else ''} and {len(eval_examples)} "
+                    f"eval examples; training {trainable:,} of {total:,} parameters on {device.type}",
+                    rows=data.rows, examples=len(train_examples), eval_examples=len(eval_examples),
+                    truncated=data.truncated, dropped=data.dropped, trainable_params=trainable, device=device.type)
 
-    # -- train
-    result = train(bone_model, tokenizer, data.examples, job.training, device=device,
-                   on_step=reporter.on_step, should_stop=reporter.should_stop)
+    # -- train (resuming from the newest checkpoint in the work dir, if an earlier attempt left one)
+    publisher = CheckpointPublisher(store, settings, job, config)
+    result = train(bone_model, tokenizer, train_examples, spec, device=device, eval_examples=eval_examples,
+                   on_step=reporter.on_step, on_event=publisher.wrap(reporter.on_event),
+                   should_stop=reporter.should_stop, checkpoint_dir=workdir / "checkpoints",
+                   checkpoints_kept=settings.checkpoints_kept, adapter_name=ADAPTER_NAME_IN_MODEL)
     if reporter.should_stop():  # a cancel that arrived during the last step still wins over publishing
         raise Cancelled()
     metrics = {
@@ -132,22 +171,59 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
         "train_loss_first": result.losses[0],
         "steps": result.steps,
         "epochs": round(result.epochs, 4),
-        "train_examples": len(data.examples),
+        "train_examples": len(train_examples),
         "truncated_examples": data.truncated,
         "train_tokens": result.tokens,
         "train_runtime_s": round(result.seconds, 3),
     }
+    if result.evals:
+        metrics.update(eval_loss=result.evals[-1]["eval_loss"],
+                       eval_token_accuracy=result.evals[-1]["eval_token_accuracy"],
+                       best_eval_loss=min(e["eval_loss"] for e in result.evals), eval_examples=len(eval_examples))
+    if result.stopped_early:
+        metrics["stopped_early"] = 1
     log.info("job %s trained %d steps in %.1f s, loss %.4f -> %.4f", job.id, result.steps, result.seconds,
              result.losses[0], result.final_loss)
 
     # -- save, then publish atomically (the registry copies from the temp folder, then renames into place)
+    reporter.phase("publishing")
     adapter_dir = workdir / "adapter"
     bone_model.save_pretrained(adapter_dir, adapter_name=ADAPTER_NAME_IN_MODEL)
-    registry = AdapterRegistry(settings.registry_dir)
+    registry = AdapterRegistry.from_settings(settings)
     return registry.publish(job.adapter_name, adapter_dir, overwrite=job.overwrite, metadata={
         "base_model": job.base_model, "bone": config.to_dict(), "job_id": job.id, "owner": job.owner,
         "metrics": metrics,
     })
+
+
+class CheckpointPublisher:
+    """Records each checkpoint for ``GET /jobs/{id}/checkpoints`` and, with ``publish_checkpoints``, publishes
+    it as adapter ``<adapter_name>-step-<n>`` (a checkpoint folder holds a PEFT-layout adapter)."""
+
+    def __init__(self, store: JobStore, settings: Settings, job: Job, config) -> None:
+        self.store, self.settings, self.job, self.config = store, settings, job, config
+
+    def wrap(self, on_event):
+        def handle(kind: str, message: str = "", **data):
+            if kind == "checkpoint":
+                data["adapter"] = self.publish(data["step"], Path(data.pop("path")), data)
+            on_event(kind, message, **data)
+        return handle
+
+    def publish(self, step: int, path: Path, data: dict) -> str | None:
+        name = None
+        if self.job.training.publish_checkpoints:
+            name = checkpoint_adapter_name(self.job.adapter_name, step)
+            registry = AdapterRegistry.from_settings(self.settings)
+            ours = registry.exists(name) and registry.get(name).job_id == self.job.id  # an earlier attempt's
+            registry.publish(name, path, overwrite=self.job.overwrite or ours, metadata={
+                "base_model": self.job.base_model, "bone": self.config.to_dict(), "job_id": self.job.id,
+                "owner": self.job.owner, "metrics": {k: v for k, v in data.items() if k.endswith("loss")} | {"steps": step},
+            })
+        self.store.add_checkpoint(self.job.id, step, {"created_at": time.time(), "adapter": name,
+                                                      "train_loss": data.get("train_loss"),
+                                                      "eval_loss": data.get("eval_loss")})
+        return name
 
 
 def _finish(store: JobStore, job_id: str, status: JobStatus, message: str, **fields) -> None:
@@ -176,7 +252,7 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def mark_failed(conn: redis.Redis, job_id: str, reason: str) -> None:
-    """For the worker process when a work-horse dies or a job is abandoned (the task could not record it)."""
+    """Fail a job the task could not finish itself (its process died), unless it is already final."""
     try:
         _finish(JobStore(conn), job_id, JobStatus.FAILED, reason, error=reason)
     except ServiceError as exc:  # e.g. NotFound: an RQ job that is not one of ours

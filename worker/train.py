@@ -1,10 +1,12 @@
 """The training loop: reads top to bottom like nanoGPT's train.py, but as a function.
 
-    train(model, tokenizer, examples, spec, device=...) -> TrainResult
+    train(model, tokenizer, examples, spec, device=..., eval_examples=..., checkpoint_dir=...) -> TrainResult
 
 Only parameters with ``requires_grad`` are optimised (the Bone blocks, after ``get_bone_model``). The loss
 is the mean over every trainable token of one optimizer step, however the step is split into micro-batches
-(gradient accumulation gives the same gradient as one big batch).
+(gradient accumulation gives the same gradient as one big batch). With ``checkpoint_dir`` the loop saves
+every ``save_every`` steps and, if a checkpoint is already there (a retried job), resumes from the newest:
+the same seed then gives the same weights as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -14,19 +16,22 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from core.jobs import TrainingSpec
-from worker.data import IGNORE_INDEX, Example
+from worker import checkpoint
+from worker.batches import BatchStream, collate, trainable_tokens
+from worker.data import IGNORE_INDEX, Cancelled, Example
+from worker.evaluate import EvalResult, evaluate
+
+__all__ = ["Cancelled", "TrainResult", "collate", "count_steps", "get_lr", "train"]
 
 StepCallback = Callable[[int, int, float, float, float, float], None]  # step, total, loss, lr, grad_norm, tokens/s
-
-
-class Cancelled(Exception):
-    """Raised inside the loop when ``should_stop()`` says so; nothing is saved."""
+EventCallback = Callable[..., None]  # (kind, message, **data): epoch, eval, checkpoint, resumed, phase
 
 
 @dataclass
@@ -37,6 +42,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per optimizer step
     tokens: int = 0  # non-padding tokens run through the model
     seconds: float = 0.0
+    evals: list[dict[str, float]] = field(default_factory=list)  # {step, eval_loss, eval_token_accuracy}
+    stopped_early: bool = False
+    resumed_from: int | None = None  # the checkpoint step this run continued from
 
     @property
     def final_loss(self) -> float:
@@ -79,56 +87,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def micro_batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
-    """An endless stream of micro-batches: each epoch a fresh permutation from one seeded generator, so the
-    order depends on the seed alone (not on global RNG use elsewhere). The last short batch of an epoch is
-    kept: small datasets would otherwise lose rows."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield [examples[i] for i in order[start:start + batch_size]]
-
-
-def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; padding has attention 0 and label IGNORE_INDEX."""
-    width = max(len(ex.input_ids) for ex in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
-        attention_mask[row, :n] = 1
-    return {k: v.to(device) for k, v in
-            (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask))}
-
-
-def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position 0 is never a target
-
-
 def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over trainable tokens; the caller divides by the step's
     token count so every token weighs the same across micro-batches of different lengths."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logits = logits[:, :-1].float()  # fp32 softmax: bf16 logits lose the small probabilities
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def due(step: int, every: int | None, total: int) -> bool:
+    """After optimizer step ``step`` (1-based), is a periodic action due? Never on the last step: the end of
+    the run has its own evaluation, and a checkpoint there would only be deleted again."""
+    return every is not None and step % every == 0 and step < total
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing: the reentrant kind needs inputs that require grad, which a frozen
+    base's embeddings never do. transformers 5 renamed the method (the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 # --- the loop ---------------------------------------------------------------------------------------------
 def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: TrainingSpec, *,
-          device: torch.device, on_step: StepCallback | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          device: torch.device, eval_examples: Sequence[Example] = (), on_step: StepCallback | None = None,
+          on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
+          checkpoint_dir: Path | None = None, checkpoints_kept: int = 2,
+          adapter_name: str = "default") -> TrainResult:
     if not examples:
         raise ValueError("no training examples")
+    on_step = on_step or _noop
+    on_event = on_event or _noop
+    stop = should_stop or (lambda: False)
 
     # -- reproducibility: same seed, same data order, same initial state, same bytes (on CPU)
     seed_everything(spec.seed)
-    batches = micro_batches(examples, spec.batch_size, spec.seed)
+    batches = BatchStream(examples, spec.batch_size, spec.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # -- optimizer: trainable parameters only (the frozen base never enters the optimizer state)
@@ -138,16 +141,41 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     total_steps = count_steps(len(examples), spec)
 
-    # -- precision: bf16 autocast on CUDA (fp32 master weights for the adapter), plain fp32 on CPU
+    # -- memory and precision: recompute activations if asked (non-reentrant: the frozen base's inputs need
+    #    no grad); bf16 autocast on CUDA with fp32 master weights for the adapter, plain fp32 on CPU
+    if spec.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
 
+    def run_eval(step: int) -> EvalResult:
+        on_event("phase", "", phase="evaluating")
+        got = evaluate(model, eval_examples, batch_size=spec.batch_size, pad_id=pad_id, device=device,
+                       autocast=autocast, should_stop=stop)
+        result.evals.append({"step": step, "eval_loss": got.loss, "eval_token_accuracy": got.token_accuracy})
+        on_event("eval", f"step {step}: eval loss {got.loss:.4f}, token accuracy {got.token_accuracy:.3f}",
+                 step=step, eval_loss=got.loss, eval_token_accuracy=got.token_accuracy, eval_tokens=got.tokens)
+        on_event("phase", "", phase="training")
+        return got
+
+    # -- resume: the newest complete checkpoint restores weights, optimizer, RNG and the data position
     result = TrainResult(steps=0, total_steps=total_steps, epochs=0.0)
-    seen = 0
+    loop = {"micro_batches": 0, "seen": 0, "best_eval": None, "bad_evals": 0, "seconds": 0.0}
+    start = 0
+    newest = checkpoint.newest(checkpoint_dir) if checkpoint_dir is not None else None
+    if newest is not None:
+        saved = checkpoint.load(newest, model, optimizer)
+        start = result.steps = result.resumed_from = saved["step"]
+        result.losses, result.tokens, result.evals = saved["losses"], saved["tokens"], saved["evals"]
+        loop.update({k: saved[k] for k in loop})
+        batches.skip(loop["micro_batches"])
+        on_event("resumed", f"resumed from the checkpoint of step {start}", step=start)
+
     model.train()
     started = time.perf_counter()
-    for step in range(total_steps):
-        if should_stop is not None and should_stop():
+    on_event("phase", "", phase="training")
+    for step in range(start, total_steps):
+        if stop():
             raise Cancelled()
         step_started = time.perf_counter()
         lr = get_lr(step, base_lr=spec.learning_rate, schedule=spec.lr_scheduler,
@@ -156,6 +184,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
             group["lr"] = lr
 
         # -- forward/backward over the step's micro-batches; each is divided by the step's token count
+        epochs_before = batches.epochs_done
         step_batches = [collate(next(batches), pad_id, device) for _ in range(spec.gradient_accumulation_steps)]
         n_targets = max(1, sum(trainable_tokens(b) for b in step_batches))
         step_loss = 0.0
@@ -166,7 +195,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
             loss.backward()
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].sum())
-            seen += batch["input_ids"].size(0)
+            loop["seen"] += batch["input_ids"].size(0)
 
         # -- clip, step, clear (clip_grad_norm_ with inf measures the norm without clipping)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
@@ -174,14 +203,46 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         optimizer.zero_grad(set_to_none=True)
 
         # -- bookkeeping
+        done = step + 1
         elapsed = time.perf_counter() - step_started
-        result.steps = step + 1
+        result.steps = done
         result.losses.append(step_loss)
         result.tokens += step_tokens
-        result.epochs = seen / len(examples)
-        if on_step is not None:
-            on_step(step + 1, total_steps, step_loss, lr, grad_norm, step_tokens / max(elapsed, 1e-9))
+        result.epochs = loop["seen"] / len(examples)
+        loop["micro_batches"] = batches.position
+        on_step(done, total_steps, step_loss, lr, grad_norm, step_tokens / max(elapsed, 1e-9))
+        for epoch in range(epochs_before + 1, batches.epochs_done + 1):
+            on_event("epoch", f"epoch {epoch} done at step {done}", epoch=epoch, step=done)
 
+        # -- evaluate; stop early when the eval loss has not improved for `patience` evaluations
+        if eval_examples and due(done, spec.eval_every, total_steps):
+            got = run_eval(done)
+            if loop["best_eval"] is None or got.loss < loop["best_eval"]:
+                loop["best_eval"], loop["bad_evals"] = got.loss, 0
+            else:
+                loop["bad_evals"] += 1
+            if spec.early_stopping_patience is not None and loop["bad_evals"] >= spec.early_stopping_patience:
+                result.stopped_early = True
+                on_event("message", f"stopped early at step {done}: no better eval loss in "
+                         f"{loop['bad_evals']} evaluations", step=done)
+                break
+
+        # -- checkpoint: everything the next attempt needs to carry on exactly here
+        if checkpoint_dir is not None and due(done, spec.save_every, total_steps):
+            on_event("phase", "", phase="checkpointing")
+            loop["seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            path = checkpoint.save(checkpoint_dir, done, model, optimizer,
+                                   {**loop, "losses": result.losses, "tokens": result.tokens, "evals": result.evals},
+                                   adapter_name=adapter_name, keep=checkpoints_kept)
+            on_event("checkpoint", f"checkpoint at step {done}", step=done, path=str(path),
+                     train_loss=step_loss, eval_loss=result.evals[-1]["eval_loss"] if result.evals else None)
+            on_event("phase", "", phase="training")
+
+    # -- a last evaluation on the final weights (unless the loop just did one)
+    if eval_examples and (not result.evals or result.evals[-1]["step"] != result.steps):
+        run_eval(result.steps)
     model.eval()
-    result.seconds = time.perf_counter() - started
+    result.epochs = loop["seen"] / len(examples)
+    result.seconds = loop["seconds"] + time.perf_counter() - started
     return result

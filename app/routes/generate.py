@@ -1,5 +1,8 @@
 """``POST /generate``: text from the base model or any published adapter, batched with whatever else is
-being generated at the moment (see ``app.engine``). ``stream: true`` answers as server-sent events."""
+being generated at the moment (see ``app.engine``). ``stream: true`` answers as server-sent events.
+
+The helpers below (submit, follow a stream, notice a client that hangs up) are shared with the
+OpenAI-compatible routes."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import asyncio
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
@@ -16,7 +19,7 @@ from app.decoding import SamplingParams
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.engine import GenerationResult, InferenceEngine
 from app.errors import service_error_from
-from core.errors import Conflict, InvalidRequest, NotFound
+from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from core.registry import AdapterRegistry
 from core.settings import Settings
 
@@ -88,49 +91,114 @@ def to_response(result: GenerationResult) -> GenerateResponse:
     return GenerateResponse(text=result.text, adapter=result.adapter, finish_reason=result.finish_reason, usage=usage)
 
 
-@router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, engine: EngineDep, registry: RegistryDep, settings: SettingsDep) -> Any:
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer (nginx's 499; only the access log ever sees it)."""
+
+    status, type, code = 499, "client_closed_request", "client_disconnected"
+
+
+async def _disconnected(http_request: Request) -> None:
+    """Returns when the client hangs up. The body has been read, so all that can arrive is the disconnect."""
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def results_or_disconnect(engine: InferenceEngine, requests: list, http_request: Request) -> list[GenerationResult]:
+    """Await every request's result; a client that hangs up first frees its batch slots at the next step."""
+    outcome = asyncio.ensure_future(asyncio.gather(*(engine.result(r) for r in requests)))
+    watcher = asyncio.ensure_future(_disconnected(http_request))
+    try:
+        await asyncio.wait({outcome, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not outcome.done():
+            raise ClientDisconnected("the client closed the connection")
+        return outcome.result()
+    finally:
+        watcher.cancel()
+        if not outcome.done():
+            outcome.cancel()
+        for request in requests:
+            request.abandoned.set()
+
+
+def submit_all(engine: InferenceEngine, jobs: list[tuple], on_text=None) -> list:
+    """Submit (prompt_ids, adapter, sha256, params) jobs; ``on_text(i, piece)`` streams job i. All or none:
+    if one is refused (queue full, bounds), the ones already queued are withdrawn."""
+    requests = []
+    try:
+        for i, (ids, adapter, sha256, params) in enumerate(jobs):
+            callback = None if on_text is None else (lambda piece, i=i: on_text(i, piece))
+            requests.append(engine.submit(ids, adapter, sha256, params, on_text=callback))
+    except Exception:
+        for request in requests:
+            request.future.cancel()
+            request.abandoned.set()
+        raise
+    return requests
+
+
+def stream_jobs(engine: InferenceEngine, jobs: list[tuple]):
+    """Submit now (so a refused request still gets a plain error response), then follow as an async
+    iterator of ``(i, piece, None)`` while text arrives and ``(i, None, result or exception)`` when job i ends.
+    Closing the iterator (the client left) abandons every unfinished job, which frees its batch slot."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    requests = submit_all(engine, jobs, lambda i, piece: loop.call_soon_threadsafe(pieces.put_nowait, (i, piece)))
+
+    async def follow():
+        outcomes = {asyncio.ensure_future(engine.result(r)): i for i, r in enumerate(requests)}
+        pending = set(outcomes)
+        try:
+            while pending:
+                getter = asyncio.ensure_future(pieces.get())
+                done, pending = await asyncio.wait(pending | {getter}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(getter)
+                if getter in done:
+                    yield (*getter.result(), None)
+                else:
+                    getter.cancel()
+                while not pieces.empty():  # text is queued before its result: send it first
+                    yield (*pieces.get_nowait(), None)
+                for finished in done - {getter}:
+                    yield outcomes[finished], None, finished.exception() or finished.result()
+        finally:
+            for outcome in outcomes:
+                outcome.cancel()
+            for request in requests:
+                request.abandoned.set()
+
+    return follow()
+
+
+def error_body(exc: BaseException) -> dict:
+    error = service_error_from(exc)
+    if error is not None:
+        return error.to_dict()
+    return {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}}
+
+
+# ``stream: true`` answers with server-sent events: documented, so clients (and schema checks) expect both.
+SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=SSE_RESPONSE)
+async def generate(body: GenerateRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
+                   settings: SettingsDep) -> Any:
     params = sampling_params(body, settings)
     sha256 = await run_in_threadpool(resolve_adapter, body.adapter, registry, settings)
-    prompt_ids = engine.tokenize(body.prompt)
+    job = (engine.tokenize(body.prompt), body.adapter, sha256, params)
     if body.stream:
-        return EventSourceResponse(_stream(engine, prompt_ids, body.adapter, sha256, params))
-    return to_response(await engine.generate(prompt_ids, body.adapter, sha256, params))
+        return EventSourceResponse(_events(stream_jobs(engine, [job])))
+    (result,) = await results_or_disconnect(engine, submit_all(engine, [job]), http_request)
+    return to_response(result)
 
 
-def _stream(engine: InferenceEngine, prompt_ids: list[int], adapter: str | None, sha256: str | None,
-            params: SamplingParams):
-    """Text pieces as ``{"text": ...}`` events, then the full response, then ``[DONE]`` (as OpenAI ends streams).
-    The request is queued before the stream opens, so a bad request still gets a plain error response."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
-    request = engine.submit(prompt_ids, adapter, sha256, params,
-                            on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
-
-    async def events():
-        outcome = asyncio.ensure_future(engine.result(request))
-        try:
-            while True:
-                getter = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({getter, outcome}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield {"data": json.dumps({"text": getter.result()})}
-                    continue
-                getter.cancel()
-                while not pieces.empty():
-                    yield {"data": json.dumps({"text": pieces.get_nowait()})}
-                try:
-                    final = to_response(outcome.result())
-                    yield {"event": "done", "data": final.model_dump_json()}
-                except Exception as exc:  # noqa: BLE001 - the stream is open: report in-band
-                    error = service_error_from(exc)
-                    body = error.to_dict() if error else {"error": {"message": "internal server error", "type": "server_error",
-                                                                     "param": None, "code": "internal_error"}}
-                    yield {"event": "error", "data": json.dumps(body)}
-                yield {"data": "[DONE]"}
-                return
-        finally:
-            if not outcome.done():
-                outcome.cancel()  # the client left: the engine drops the row at its next step
-
-    return events()
+async def _events(follow):
+    """Text pieces as ``{"text": ...}`` events, then the full response, then ``[DONE]`` (as OpenAI ends streams)."""
+    async for _, piece, outcome in follow:
+        if piece is not None:
+            yield {"data": json.dumps({"text": piece})}
+        elif isinstance(outcome, BaseException):  # the stream is open: report in-band
+            yield {"event": "error", "data": json.dumps(error_body(outcome))}
+        else:
+            yield {"event": "done", "data": to_response(outcome).model_dump_json()}
+    yield {"data": "[DONE]"}

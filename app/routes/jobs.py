@@ -18,25 +18,33 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from sse_starlette.sse import EventSourceResponse
 
-from app.deps import JobCheckerDep, JobStoreDep, QueueDep, SettingsDep
-from core.errors import Conflict
-from core.jobs import Job, JobCreate, JobStatus, dataset_summary
+from app.auth import PrincipalDep
+from app.deps import JobCheckerDep, JobStoreDep, QueueDep, RegistryDep, SettingsDep
+from core.auth import Principal
+from core.checkpoints import unpublish_checkpoints
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.files import FileStore
+from core.janitor import TRAINING_TASK
+from core.jobs import FileDataset, Job, JobCreate, JobStatus, dataset_summary
 from core.jobstore import JobStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-TRAINING_TASK = "worker.tasks.run_training_job"
 EVENT_POLL_MS = 1000  # below the Redis client's socket timeout, so a blocking read never times out the socket
 
 
 @router.post("", status_code=202, response_model=Job)
 def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue: QueueDep,
-               checker: JobCheckerDep) -> Job:
-    records = checker.check(body)
+               checker: JobCheckerDep, principal: PrincipalDep) -> Job:
+    records, validation_records = checker.check(body)
+    for spec in (body.dataset, body.validation_dataset):
+        if isinstance(spec, FileDataset):  # another owner's file answers as a missing one
+            check_file_visible(settings, spec.file_id, principal)
     job = Job(id=Job.new_id(), adapter_name=body.adapter_name, base_model=body.base_model or settings.base_model,
-              dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite)
-    store.create(job, records=records)
+              dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite,
+              validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset))
+    store.create(job, records=records, validation_records=validation_records)
     try:
         queue.enqueue(TRAINING_TASK, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=86400,
                       failure_ttl=7 * 86400)
@@ -63,8 +71,17 @@ def get_job(job_id: str, store: JobStoreDep) -> Job:
     return store.get(job_id)
 
 
+def check_file_visible(settings, file_id: str, principal: Principal) -> None:
+    try:
+        owner = FileStore(settings.files_dir).get(file_id).owner
+    except NotFound:
+        owner = None  # the checker already said whether it exists
+    if owner is not None and not principal.can_see(owner):
+        raise InvalidRequest(f"no file with id {file_id!r}", param="dataset.file_id", code="not_found")
+
+
 @router.post("/{job_id}/cancel", response_model=Job)
-def cancel_job(job_id: str, store: JobStoreDep, queue: QueueDep) -> Job:
+def cancel_job(job_id: str, store: JobStoreDep, queue: QueueDep, registry: RegistryDep) -> Job:
     """Queued: cancelled at once and never runs. Running: the worker stops at its next step and records
     ``cancelled`` itself. Already final: 409."""
     job = store.get(job_id)
@@ -77,10 +94,23 @@ def cancel_job(job_id: str, store: JobStoreDep, queue: QueueDep) -> Job:
         except NoSuchJobError:
             pass  # already taken off the queue by a worker; the flag stops it
         try:
-            return store.transition(job_id, [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=time.time())
+            job = store.transition(job_id, [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=time.time())
+            # Queued again after its worker died, it may have published checkpoints: a cancelled job has none.
+            unpublish_checkpoints(store, registry, job)
+            store.add_event(job_id, "status", "cancelled while queued; nothing was published", status="cancelled")
+            return job
         except Conflict:
             pass  # a worker started it in between: it is running now and will honour the flag
     return store.get(job_id)
+
+
+@router.get("/{job_id}/checkpoints")
+def job_checkpoints(job_id: str, store: JobStoreDep) -> dict:
+    """The job's checkpoints so far: step, train/eval loss and, with ``training.publish_checkpoints``, the
+    name of the adapter each one was published as (usable in /generate at once)."""
+    store.get(job_id)  # 404 first
+    return {"object": "list", "data": [{"object": "fine_tuning.job.checkpoint", "job_id": job_id, **c}
+                                       for c in store.checkpoints(job_id)], "has_more": False}
 
 
 @router.get("/{job_id}/events")

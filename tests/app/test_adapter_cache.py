@@ -1,10 +1,14 @@
-"""The adapter cache over a real registry: keyed by name + sha256, LRU-bounded by count and bytes."""
+"""The adapter cache over a real registry: keyed by name + sha256, device pool LRU-bounded by count and
+bytes, a host-memory tier below it, pins, and a loader that reads adapters off the caller's thread."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from app.adapter_cache import AdapterCache, slot_name
+import app.adapter_cache as adapter_cache
+from app.adapter_cache import AdapterCache, AdapterLoader, fetch_adapter, slot_name
 from core.errors import CorruptAdapter, NotFound
 from core.registry import WEIGHTS_FILE, AdapterRegistry
 from tests.app.conftest import publish_adapter
@@ -15,10 +19,12 @@ class RecordingHost:
 
     def __init__(self) -> None:
         self.slots: dict[str, dict] = {}
+        self.adds = 0
 
     def add_adapter(self, slot, config, tensors) -> None:
         assert slot not in self.slots
         self.slots[slot] = tensors
+        self.adds += 1
 
     def delete_adapter(self, slot) -> None:
         del self.slots[slot]
@@ -27,6 +33,10 @@ class RecordingHost:
 @pytest.fixture
 def registry(settings):
     return AdapterRegistry(settings.registry_dir)
+
+
+def tensor_bytes(registry, name) -> int:
+    return fetch_adapter(registry, name).size_bytes
 
 
 def test_lru_by_count_and_bytes(settings, registry):
@@ -38,34 +48,72 @@ def test_lru_by_count_and_bytes(settings, registry):
     cache.acquire("a0", infos[0].sha256)  # a0 is now the most recent: a1 goes first
     cache.acquire("a3", infos[3].sha256)
     assert set(cache.slots()) == {("a0", infos[0].sha256), ("a2", infos[2].sha256), ("a3", infos[3].sha256)}
-    assert set(host.slots) == set(cache.slots().values())
+    assert set(host.slots) == set(cache.slots().values()) and cache.evictions == 1
 
-    by_bytes = AdapterCache(registry, RecordingHost(), max_count=100, max_bytes=2 * infos[0].size_bytes)
+    size = tensor_bytes(registry, "a0")
+    by_bytes = AdapterCache(registry, RecordingHost(), max_count=100, max_bytes=2 * size)
     for info in infos:
         by_bytes.acquire(info.name, info.sha256)
-    assert len(by_bytes) == 2 and by_bytes.resident_bytes <= 2 * infos[0].size_bytes
+    assert len(by_bytes) == 2 and by_bytes.resident_bytes <= 2 * size
 
 
-def test_pinned_slots_survive_even_over_the_limit(settings, registry):
+def test_slots_in_use_survive_over_the_limit_then_shrink(settings, registry):
     infos = [publish_adapter(settings, f"p{i}", seed=i) for i in range(3)]
     cache = AdapterCache(registry, RecordingHost(), max_count=1, max_bytes=10**9)
-    pinned: set[str] = set()
+    in_use: set[str] = set()
     for info in infos:  # one batch needs all three at once
-        pinned.add(cache.acquire(info.name, info.sha256, pinned))
+        in_use.add(cache.acquire(info.name, info.sha256, in_use))
     assert len(cache) == 3
-    cache.acquire("p0", infos[0].sha256)  # the next batch shrinks it back
-    assert list(cache.slots()) == [("p0", infos[0].sha256)]
+    assert not cache.has_room(1, in_use)  # the engine makes newcomers wait instead of overflowing further
+    cache.shrink({slot_name("p2", infos[2].sha256)})  # rows finished; p2 still runs
+    assert list(cache.slots()) == [("p2", infos[2].sha256)]
+
+
+def test_cpu_tier_reinstalls_without_touching_disk(settings, registry):
+    a, b = publish_adapter(settings, "warm-a", seed=1), publish_adapter(settings, "warm-b", seed=2)
+    host = RecordingHost()
+    cache = AdapterCache(registry, host, max_count=1, max_bytes=10**9, cpu_bytes=10**9)
+    cache.acquire("warm-a", a.sha256)
+    cache.acquire("warm-b", b.sha256)  # evicts warm-a from the device; its tensors stay in host memory
+    assert list(cache.slots()) == [("warm-b", b.sha256)]
+    (registry.path("warm-a") / WEIGHTS_FILE).write_bytes(b"gone")  # a disk read would now fail
+    assert cache.acquire("warm-a", a.sha256) == slot_name("warm-a", a.sha256)
+    assert host.adds == 3
+
+    tiny = AdapterCache(registry, RecordingHost(), max_count=1, max_bytes=10**9, cpu_bytes=0)
+    tiny.acquire("warm-b", b.sha256)
+    assert tiny.cpu_get(("warm-b", b.sha256)) is None  # no CPU tier at 0 bytes
+
+
+def test_pinned_adapters_are_never_evicted(settings, registry):
+    infos = [publish_adapter(settings, f"pin{i}", seed=i) for i in range(3)]
+    cache = AdapterCache(registry, RecordingHost(), max_count=2, max_bytes=10**9, pinned=["pin0"])
+    for info in infos + infos[1:]:
+        cache.acquire(info.name, info.sha256)
+    assert ("pin0", infos[0].sha256) in cache.slots() and len(cache) == 2
+    assert cache.evict("pin0") == 1  # a deleted adapter goes even when pinned
 
 
 def test_republish_replaces_the_old_version(settings, registry):
     old = publish_adapter(settings, "v", seed=1)
     host = RecordingHost()
-    cache = AdapterCache(registry, host, max_count=10, max_bytes=10**9)
+    cache = AdapterCache(registry, host, max_count=10, max_bytes=10**9, cpu_bytes=10**9)
     assert cache.acquire("v", old.sha256) == slot_name("v", old.sha256)
     new = publish_adapter(settings, "v", seed=2, overwrite=True)
     assert cache.acquire("v", new.sha256) == slot_name("v", new.sha256)
     assert list(cache.slots()) == [("v", new.sha256)] and list(host.slots) == [slot_name("v", new.sha256)]
+    assert cache.cpu_get(("v", old.sha256)) is None
     assert cache.evict("v") == 1 and not host.slots
+
+
+def test_evicting_an_adapter_in_use_waits_for_its_rows(settings, registry):
+    info = publish_adapter(settings, "busy", seed=1)
+    cache = AdapterCache(registry, RecordingHost(), max_count=10, max_bytes=10**9)
+    slot = cache.acquire("busy", info.sha256)
+    assert cache.evict("busy", in_use={slot}) == 0
+    assert cache.resident(("busy", info.sha256)) is None  # never handed to a new request
+    cache.shrink(in_use=set())
+    assert len(cache) == 0
 
 
 def test_missing_and_corrupt_adapters(settings, registry):
@@ -77,6 +125,26 @@ def test_missing_and_corrupt_adapters(settings, registry):
     with pytest.raises(CorruptAdapter, match="bad"):
         cache.acquire("bad", info.sha256)
     assert len(cache) == 0
+
+
+def test_loader_reads_off_the_calling_thread_once_per_name(settings, registry, monkeypatch):
+    info = publish_adapter(settings, "bg", seed=1)
+    done = threading.Event()
+    reports, readers = [], []
+    real_fetch = adapter_cache.fetch_adapter
+
+    def recording_fetch(registry, name):
+        readers.append(threading.current_thread().name)
+        return real_fetch(registry, name)
+
+    monkeypatch.setattr(adapter_cache, "fetch_adapter", recording_fetch)
+    loader = AdapterLoader(registry, lambda name, fetched, error: (reports.append((name, fetched, error)), done.set()))
+    loader.fetch("bg")
+    loader.fetch("bg")  # already in flight: not read twice
+    assert done.wait(30)
+    loader.close()
+    assert len(reports) == 1 and reports[0][0] == "bg" and reports[0][1].sha256 == info.sha256
+    assert readers == ["adapter-loader_0"]  # read on a loader thread, never the caller's (the model thread)
 
 
 def test_slot_names_are_valid_module_keys():

@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import redis
 from rq import Queue
 from rq.job import Job as RQJob
@@ -169,3 +170,47 @@ def test_redis_client_has_short_timeouts(live):
     kwargs = live.app.state.redis.connection_pool.connection_kwargs
     assert kwargs["socket_connect_timeout"] <= 2 and kwargs["socket_timeout"] <= 10
     assert isinstance(live.app.state.redis, redis.Redis)
+
+
+def test_checkpoints_are_listed_with_their_adapters(client, redis_conn):
+    job = create(client, training={"save_every": 2, "publish_checkpoints": True})
+    store = JobStore(redis_conn)
+    assert client.get(f"/jobs/{job['id']}/checkpoints").json() == {"object": "list", "data": [], "has_more": False}
+    store.add_checkpoint(job["id"], 4, {"adapter": "tuned-step-4", "train_loss": 0.5, "eval_loss": None})
+    store.add_checkpoint(job["id"], 2, {"adapter": "tuned-step-2", "train_loss": 0.9, "eval_loss": None})
+    listed = client.get(f"/jobs/{job['id']}/checkpoints").json()["data"]
+    assert [(c["step"], c["adapter"], c["job_id"]) for c in listed] == [(2, "tuned-step-2", job["id"]),
+                                                                        (4, "tuned-step-4", job["id"])]
+    assert client.get("/jobs/job-nope/checkpoints").status_code == 404
+
+
+def test_cancelling_a_requeued_job_removes_its_checkpoint_adapters(client, live, redis_conn):
+    job = create(client, training={"save_every": 2, "publish_checkpoints": True})
+    info = publish_adapter(live.settings, "tuned-step-2", seed=1)
+    registry_meta = live.settings.registry_dir / "tuned-step-2" / "metadata.json"
+    registry_meta.write_text(json.dumps({**info.model_dump(), "job_id": job["id"]}))
+    JobStore(redis_conn).add_checkpoint(job["id"], 2, {"adapter": "tuned-step-2"})
+    assert client.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    assert client.get("/adapters/tuned-step-2").status_code == 404
+
+
+def test_inline_validation_records_are_stored_apart(client, redis_conn):
+    held = [{"text": "held out"}]
+    job = create(client, validation_dataset={"records": held, "format": "text"}, training={"eval_every": 3})
+    assert job["validation_dataset"] == {"records": 1, "format": "text"}
+    assert JobStore(redis_conn).records(job["id"], "validation_records") == held
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"dataset": {"records": [{"text": "x"}], "format": "messages"}}, "dataset.records.0.messages"),
+    ({"validation_dataset": {"records": [{"txt": "typo"}]}}, "validation_dataset.records.0"),
+    ({"training": {"early_stopping_patience": 2}}, "training"),
+    ({"training": {"publish_checkpoints": True}}, "training"),
+    ({"adapter_name": "n" * 60, "training": {"save_every": 2, "publish_checkpoints": True}}, "adapter_name"),
+    ({"dataset": {"hf_dataset": "/etc"}}, "dataset.hf_dataset"),
+    ({"training": {"eval_every": 3}}, None),  # eval needs rows: a validation_dataset or eval_fraction
+])
+def test_training_fields_are_checked_before_queueing(client, body, param):
+    reply = client.post("/jobs", json={"adapter_name": "ok", "dataset": {"records": RECORDS}, **body})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["param"] == param

@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.app.conftest import publish_adapter
+
+
+def scrape(client) -> dict[str, float]:
+    """Every sample of /metrics by name and labels, e.g. ``bone_generated_tokens_total{adapter_kind="base"}``."""
+    samples = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
 
 
 def test_metrics_cover_http_queue_jobs_and_engine(live, client):
     client.get("/healthz")
     publish_adapter(live.settings, "metrics-a", seed=1)
-    assert client.post("/generate", json={"adapter": "metrics-a", "prompt": "hi", "max_new_tokens": 3,
-                                          "temperature": 0}).status_code == 200
+    body = {"adapter": "metrics-a", "prompt": "hi", "max_new_tokens": 3, "temperature": 0}
+    before = scrape(client)
+    assert client.post("/generate", json=body).status_code == 200  # cold: a miss and a load
+    cold = scrape(client)
+    assert client.post("/generate", json=body).status_code == 200  # warm: a hit
+    warm = scrape(client)
+    delta = lambda a, b, name: b.get(name, 0.0) - a.get(name, 0.0)
+    assert delta(before, cold, "bone_adapter_cache_misses_total") == 1
+    assert delta(before, cold, "bone_adapter_cache_hits_total") == 0
+    assert delta(before, cold, "bone_adapter_load_seconds_count") == 1
+    assert delta(cold, warm, "bone_adapter_cache_hits_total") == 1
+    assert delta(cold, warm, "bone_adapter_cache_misses_total") == 0
+    assert delta(before, warm, 'bone_generated_tokens_total{adapter_kind="adapter"}') == 6
+    assert delta(before, warm, "bone_time_to_first_token_seconds_count") == 2
+    assert delta(before, warm, "bone_engine_batch_size_count") >= 2  # one observation per decode step
+    assert warm["bone_adapters_resident"] >= 1 and warm["bone_adapters_resident_bytes"] > 0
+
     client.post("/jobs", json={"adapter_name": "queued-one", "dataset": {"records": [{"text": "x"}]}})
     text = client.get("/metrics").text
     assert 'bone_http_request_duration_seconds_count{method="GET",route="/healthz",status="200"}' in text
     assert "bone_queue_depth 1.0" in text
     assert 'bone_jobs{status="queued"} 1.0' in text
-    for name in ("bone_generated_tokens_total", "bone_time_to_first_token_seconds", "bone_engine_batch_size",
-                 "bone_adapter_cache_misses_total", "bone_adapter_load_seconds"):
+    for name in ("bone_generation_tokens_per_second", "bone_adapter_cache_evictions_total"):
         assert name in text
 
 

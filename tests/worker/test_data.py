@@ -1,10 +1,12 @@
+import io
 import json
 import os
 
 import pytest
 
 from core.errors import InvalidRequest
-from worker.data import IGNORE_INDEX, detect_format, load_rows, resolve_dataset_path, tokenize_rows
+from worker.data import (IGNORE_INDEX, Example, detect_format, load_rows, pack, resolve_dataset_path, split_eval,
+                         tokenize_rows)
 from worker.train import Cancelled
 
 
@@ -55,21 +57,42 @@ def test_messages_get_an_eos_when_the_template_has_none(base):
     assert tok.decode([t for t in example.labels if t != IGNORE_INDEX]) == "assistant: b\n<|eos|>"
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"foo": "x"}, "dataset row 3: missing field 'text' (expected 'text', 'prompt'+'completion' or 'messages')"),
-    ({"prompt": "x"}, "dataset row 3: missing field 'completion'"),
-    ({"prompt": "x", "completion": ""}, "dataset row 3: field 'completion' is empty"),
-    ({"text": 5}, "dataset row 3: field 'text' must be a non-empty string"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "dataset row 3: 'messages' has no assistant turn"),
-    ({"messages": [{"role": "user"}]}, "dataset row 3: messages[0] needs string 'role' and 'content'"),
-    (["not", "a", "dict"], "dataset row 3: is a list"),
+@pytest.mark.parametrize("row, message, field", [
+    ({"foo": "x"}, "dataset row 3: missing field 'text' (expected 'text', 'prompt'+'completion' or 'messages')", ""),
+    ({"prompt": "x"}, "dataset row 3: missing field 'completion'", ""),
+    ({"prompt": "x", "completion": ""}, "dataset row 3: field 'completion' is empty", ".completion"),
+    ({"text": 5}, "dataset row 3: field 'text' must be a non-empty string", ".text"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "dataset row 3: 'messages' has no assistant turn", ".messages"),
+    ({"messages": [{"role": "user"}]}, "dataset row 3: messages[0] needs string 'role' and 'content'", ".messages.0"),
+    (["not", "a", "dict"], "dataset row 3: is a list", ""),
 ])
-def test_a_bad_row_is_named(base, row, message):
+def test_a_bad_row_is_named(base, row, message, field):
     rows = [{"text": "ok"}] * 3 + [row]
     with pytest.raises(InvalidRequest) as info:
         tokenize_rows(rows, base.tokenizer, 64)
     assert info.value.message.startswith(message)
-    assert info.value.param == "dataset.records.3"
+    assert info.value.param == "dataset.records.3" + field
+
+
+@pytest.mark.parametrize("fmt, row, message", [
+    ("text", {"prompt": "p", "completion": "c"}, "dataset row 1: missing field 'text' (expected format 'text')"),
+    ("messages", {"text": "t"}, "dataset row 1: field 'messages' must be a non-empty list"),
+    ("prompt_completion", {"text": "t", "prompt": "p"}, "dataset row 1: missing field 'completion'"),
+])
+def test_an_explicit_format_is_required_of_every_row(base, fmt, row, message):
+    good = {"text": {"text": "t"}, "messages": {"messages": [{"role": "assistant", "content": "a"}]},
+            "prompt_completion": {"prompt": "p", "completion": "c"}}[fmt]
+    assert tokenize_rows([good], base.tokenizer, 64, format=fmt).formats == {fmt: 1}
+    with pytest.raises(InvalidRequest) as info:
+        tokenize_rows([good, row], base.tokenizer, 64, format=fmt)
+    assert info.value.message.startswith(message)
+
+
+def test_an_explicit_format_overrides_detection(base):
+    # Detected, {"text", "prompt", "completion"} is a text row anyway; asked for prompt_completion it is one.
+    row = {"text": "ignored", "prompt": "ab", "completion": "cd"}
+    (example,) = tokenize_rows([row], base.tokenizer, 64, format="prompt_completion").examples
+    assert example.labels[:len(ids(base.tokenizer, "ab"))] == [IGNORE_INDEX] * len(ids(base.tokenizer, "ab"))
 
 
 def test_format_detection_ignores_empty_columns():
@@ -147,6 +170,77 @@ def test_an_unreadable_file_is_a_one_line_dataset_error(settings, store, make_jo
     settings.datasets_dir.mkdir(parents=True)
     (settings.datasets_dir / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
     job = make_job(dataset={"path": "bad.jsonl"})
-    with pytest.raises(InvalidRequest, match="cannot read dataset 'bad.jsonl'") as info:
+    with pytest.raises(InvalidRequest, match="cannot read dataset 'bad.jsonl': line 2 is not valid JSON") as info:
         load_rows(job, store, settings)
     assert "\n" not in info.value.message
+
+
+def test_csv_cells_stay_text(settings, store, make_job):
+    # datasets' CSV reader would make "4" an integer, which is no completion; ours keeps what was written.
+    settings.datasets_dir.mkdir(parents=True)
+    (settings.datasets_dir / "sums.csv").write_text("prompt,completion,text\n2+2=,4,\n")
+    assert load_rows(make_job(dataset={"path": "sums.csv"}), store, settings) == [
+        {"prompt": "2+2=", "completion": "4", "text": None}]
+
+
+def test_uploaded_files_load_by_id(settings, store, make_job):
+    from core.files import FileStore
+
+    info = FileStore(settings.files_dir).save(io.BytesIO(b'{"text": "a"}\n{"text": "b"}\n'), "t.jsonl",
+                                              max_bytes=1000)
+    assert load_rows(make_job(dataset={"file_id": info.id}), store, settings) == [{"text": "a"}, {"text": "b"}]
+    with pytest.raises(InvalidRequest, match="no file with id") as missing:
+        load_rows(make_job(dataset={"file_id": "file-gone"}), store, settings)
+    assert missing.value.param == "dataset.file_id"
+
+
+def test_hf_dataset_loads_a_local_folder_through_load_dataset(settings, store, make_job):
+    """No hub here: a dataset folder inside the datasets dir goes through the same datasets.load_dataset call."""
+    folder = settings.datasets_dir / "my-hf-set"
+    write_dataset(folder / "train.jsonl", "jsonl")
+    (folder / "test.jsonl").write_text(json.dumps({"prompt": "held", "completion": "out"}) + "\n")
+    job = make_job(dataset={"hf_dataset": "my-hf-set", "split": "train"})
+    assert load_rows(job, store, settings) == ROWS
+    assert load_rows(make_job(dataset={"hf_dataset": "my-hf-set", "split": "test"}), store, settings) == [
+        {"prompt": "held", "completion": "out"}]
+
+
+@pytest.mark.parametrize("name", ["/etc", "../x", "./x", "~/x"])
+def test_hf_dataset_paths_outside_the_datasets_dir_are_refused(settings, store, make_job, name):
+    with pytest.raises(InvalidRequest) as info:
+        load_rows(make_job(dataset={"hf_dataset": name}), store, settings)
+    assert info.value.param == "dataset.hf_dataset"
+
+
+def test_a_missing_hub_dataset_is_a_one_line_error(settings, store, make_job, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    # No hub here; offline mode fails at once instead of retrying the network for ~20 s.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InvalidRequest, match="cannot read dataset 'nobody/nothing'") as info:
+        load_rows(make_job(dataset={"hf_dataset": "nobody/nothing"}), store, settings)
+    assert "\n" not in info.value.message
+
+
+# --- after tokenizing ---------------------------------------------------------------------------------------
+def examples_of(n):
+    return [Example([i, i + 1, 2], [IGNORE_INDEX, i + 1, 2]) for i in range(n)]
+
+
+def test_split_eval_is_seeded_and_disjoint():
+    train, held = split_eval(examples_of(20), 0.25, seed=1)
+    assert len(held) == 5 and len(train) == 15
+    assert {e.input_ids[0] for e in train}.isdisjoint({e.input_ids[0] for e in held})
+    assert [e.input_ids for e in split_eval(examples_of(20), 0.25, seed=1)[1]] == [e.input_ids for e in held]
+    assert [e.input_ids for e in split_eval(examples_of(20), 0.25, seed=2)[1]] != [e.input_ids for e in held]
+    assert len(split_eval(examples_of(2), 0.9, seed=1)[0]) == 1  # never everything
+
+
+def test_packing_makes_full_blocks_that_keep_every_token_and_label():
+    examples = examples_of(10)
+    blocks = pack(examples, 8, seed=0)
+    assert [len(b.input_ids) for b in blocks] == [8, 8, 8, 6]
+    assert sorted(t for b in blocks for t in b.input_ids) == sorted(t for e in examples for t in e.input_ids)
+    assert sum(t == IGNORE_INDEX for b in blocks for t in b.labels) == 10  # each example's masked first token

@@ -128,3 +128,123 @@ def test_a_running_job_stops_at_the_next_step_when_cancelled(task_settings, redi
 ])
 def test_failures_are_one_line(exc, expected):
     assert describe_failure(exc) == expected
+
+
+# --- evaluation, checkpoints, events, cancel phases, resume ----------------------------------------------
+def test_eval_metrics_and_truncation_reach_the_adapter_and_the_events(task_settings, redis_conn, store, make_job):
+    rows = LEARNABLE * 3 + [{"text": "a long row " * 20}]
+    job = make_job(rows, adapter_name="evaluated", max_steps=6, batch_size=4, learning_rate=1e-2, eval_fraction=0.25,
+                   eval_every=3, max_seq_length=24)
+    run_queued(redis_conn, task_settings, job.id)
+    done = store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    metrics = AdapterRegistry(task_settings.registry_dir).get("evaluated").metrics
+    assert metrics["eval_loss"] == done.metrics["eval_loss"] and 0 <= metrics["eval_token_accuracy"] <= 1
+    assert metrics["eval_examples"] == 3 and metrics["train_examples"] == 10 and metrics["truncated_examples"] == 1
+
+    events = store.events(job.id, limit=1000)
+    kinds = [e["type"] for e in events]
+    # 10 training examples in batches of 4: an epoch every 3 steps; evals at 3 and at the end (6).
+    assert kinds == ["status", "message"] + ["step"] * 3 + ["epoch", "eval"] + ["step"] * 3 + ["epoch", "eval", "status"]
+    assert events[0]["message"] == "started (attempt 1)" and events[-1]["message"].startswith("finished: published")
+    assert events[1]["data"]["truncated"] == 1 and "1 truncated to max_seq_length=24" in events[1]["message"]
+    ids = [e["id"] for e in events]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    assert done.progress.eta_s == 0 and done.progress.phase == "publishing"
+
+
+def test_published_checkpoints_are_listed_and_usable(task_settings, redis_conn, store, make_job):
+    job = make_job(LEARNABLE, adapter_name="ckpt", max_steps=5, save_every=2, publish_checkpoints=True)
+    run_queued(redis_conn, task_settings, job.id)
+    assert store.get(job.id).status is JobStatus.SUCCEEDED
+    listed = store.checkpoints(job.id)
+    assert [(c["step"], c["adapter"]) for c in listed] == [(2, "ckpt-step-2"), (4, "ckpt-step-4")]
+    registry = AdapterRegistry(task_settings.registry_dir)
+    assert sorted(a.name for a in registry.list()) == ["ckpt", "ckpt-step-2", "ckpt-step-4"]
+    assert registry.get("ckpt-step-4").job_id == job.id
+    registry.verified_weights("ckpt-step-2")
+    assert not (task_settings.jobs_dir / job.id).exists()
+
+
+def request_cancel_on_entry(monkeypatch, store, module, name):
+    """Wrap ``module.name`` so a cancel arrives the moment that phase begins."""
+    original = getattr(module, name)
+    holder = {}
+
+    def wrapped(*args, **kwargs):
+        store.request_cancel(holder["job_id"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return holder
+
+
+@pytest.mark.parametrize("phase", ["tokenizing", "training", "evaluating", "checkpointing"])
+def test_cancel_lands_in_every_phase(task_settings, redis_conn, store, make_job, monkeypatch, phase):
+    import worker.checkpoint
+    import worker.evaluate
+    import worker.tasks
+    import worker.train
+
+    target = {"tokenizing": (worker.tasks, "tokenize_rows"), "training": (worker.tasks, "train"),
+              "evaluating": (worker.train, "evaluate"), "checkpointing": (worker.checkpoint, "save")}[phase]
+    holder = request_cancel_on_entry(monkeypatch, store, *target)
+    job = make_job(LEARNABLE * 50, adapter_name="phases", max_steps=500, eval_every=3, eval_fraction=0.1,
+                   save_every=2, publish_checkpoints=True)
+    holder["job_id"] = job.id
+    run_queued(redis_conn, task_settings, job.id)
+
+    done = store.get(job.id)
+    assert done.status is JobStatus.CANCELLED, done.error
+    steps = len(step_events(store, job.id))
+    assert steps <= {"tokenizing": 0, "training": 1, "evaluating": 3, "checkpointing": 3}[phase]
+    assert AdapterRegistry(task_settings.registry_dir).list() == []  # checkpoint adapters too
+    assert not (task_settings.jobs_dir / job.id).exists()
+    assert store.events(job.id)[-1]["data"]["status"] == "cancelled"
+
+
+class WorkerKilled(BaseException):
+    """Escapes the task like a SIGKILL would: no failure is recorded, the work dir stays."""
+
+
+def test_a_retried_job_resumes_from_its_checkpoint_and_ends_with_the_same_weights(task_settings, redis_conn, store,
+                                                                                   make_job, monkeypatch):
+    from core import janitor
+    from safetensors.torch import load_file
+
+    from worker import tasks
+    from worker.progress import ProgressReporter
+
+    recipe = dict(max_steps=8, save_every=3, batch_size=3, learning_rate=1e-2, seed=5)
+    straight = make_job(LEARNABLE, adapter_name="straight", **recipe)
+    run_queued(redis_conn, task_settings, straight.id)
+
+    job = make_job(LEARNABLE, adapter_name="resumed", **recipe)
+    original_on_step = ProgressReporter.on_step
+
+    def die_at_step_5(self, step, *rest):
+        original_on_step(self, step, *rest)
+        if step == 5:
+            raise WorkerKilled()
+
+    monkeypatch.setattr(ProgressReporter, "on_step", die_at_step_5)
+    with pytest.raises(WorkerKilled):
+        tasks.run_training_job(job.id)
+    monkeypatch.undo()
+    assert store.get(job.id).status is JobStatus.RUNNING
+    assert (task_settings.jobs_dir / job.id / "checkpoints" / "step-00000003").is_dir()
+
+    assert janitor.sweep(redis_conn, task_settings, now=time.time() + task_settings.heartbeat_ttl_s) == [job.id]
+    assert store.get(job.id).status is JobStatus.QUEUED
+    SimpleWorker([Queue(task_settings.queue_name, connection=redis_conn)], connection=redis_conn).work(burst=True)
+
+    done = store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED and done.attempts == 2, done.error
+    kinds = [e["type"] for e in store.events(job.id, limit=1000)]
+    assert "retry" in kinds and "resumed" in kinds
+    assert [e["data"]["step"] for e in step_events(store, job.id)] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]
+    registry = AdapterRegistry(task_settings.registry_dir)
+    a = load_file(registry.path("straight") / WEIGHTS_FILE)
+    b = load_file(registry.path("resumed") / WEIGHTS_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert done.metrics["train_loss"] == store.get(straight.id).metrics["train_loss"]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bone import BoneConfig, get_bone_model
+from bone import BoneConfig, BoneModel, get_bone_model
 from core.jobs import TrainingSpec
 from worker.data import IGNORE_INDEX, Example, tokenize_rows
 from worker.train import Cancelled, collate, count_steps, get_lr, train
@@ -113,3 +113,125 @@ def test_should_stop_raises_cancelled_between_steps(base, wrapped, examples):
         train(wrapped, base.tokenizer, examples, TrainingSpec(max_steps=50), device=CPU,
               on_step=lambda step, *rest: steps.append(step), should_stop=lambda: len(steps) >= 3)
     assert steps == [1, 2, 3]
+
+
+# --- evaluation, early stopping, checkpoints, resume ------------------------------------------------------
+def fresh(base):
+    return get_bone_model(copy.deepcopy(base.model), BoneConfig(r=8))
+
+
+def adapter_of(model):
+    return {k: v.clone() for k, v in model.get_adapter_state_dict("default").items()}
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the loop stops dead, nothing after the last checkpoint survives."""
+
+
+def test_events_come_in_order_with_evals_epochs_and_checkpoints(base, examples, tmp_path):
+    events = []
+    spec = TrainingSpec(max_steps=6, batch_size=6, eval_every=2, save_every=3, learning_rate=1e-2)
+    result = train(fresh(base), base.tokenizer, examples, spec, device=CPU, eval_examples=examples[:4],
+                   checkpoint_dir=tmp_path, on_step=lambda step, *rest: events.append(("step", step)),
+                   on_event=lambda kind, message="", **data: events.append((kind, data.get("step", data.get("phase")))))
+    kinds = [e for e in events if e[0] != "phase"]
+    # 12 examples, batch 6: an epoch every 2 steps. Evals at 2 and 4 (and one at the end), a checkpoint at 3.
+    assert kinds == [("step", 1), ("step", 2), ("epoch", 2), ("eval", 2), ("step", 3), ("checkpoint", 3),
+                     ("step", 4), ("epoch", 4), ("eval", 4), ("step", 5), ("step", 6), ("epoch", 6), ("eval", 6)]
+    assert [e["step"] for e in result.evals] == [2, 4, 6]
+    assert all(0 <= e["eval_token_accuracy"] <= 1 and e["eval_loss"] > 0 for e in result.evals)
+    assert result.evals[-1]["eval_loss"] < result.evals[0]["eval_loss"]  # eval on seen rows: it falls
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_progress(base, examples, monkeypatch):
+    import worker.train
+    from worker.evaluate import EvalResult
+
+    scripted = iter([3.0, 2.0, 2.5, 2.0, 1.0, 9.0])  # best at the 2nd; the 3rd and 4th are no better: stop
+    monkeypatch.setattr(worker.train, "evaluate", lambda *a, **k: EvalResult(next(scripted), 0.5, 10))
+    spec = TrainingSpec(max_steps=40, eval_every=2, early_stopping_patience=2)
+    messages = []
+    result = train(fresh(base), base.tokenizer, examples, spec, device=CPU, eval_examples=examples[:4],
+                   on_event=lambda kind, message="", **data: messages.append(message) if kind == "message" else None)
+    assert result.stopped_early and result.steps == 8
+    assert [e["eval_loss"] for e in result.evals] == [3.0, 2.0, 2.5, 2.0]  # no extra evaluation at the end
+    assert messages == ["stopped early at step 8: no better eval loss in 2 evaluations"]
+
+
+def test_resume_from_a_checkpoint_gives_the_same_weights_as_an_uninterrupted_run(base, examples, tmp_path):
+    spec = TrainingSpec(max_steps=9, batch_size=5, gradient_accumulation_steps=2, save_every=3, eval_every=4,
+                        learning_rate=1e-2, lr_scheduler="cosine", warmup_steps=2, weight_decay=0.1, seed=3)
+    straight = fresh(base)
+    whole = train(straight, base.tokenizer, examples, spec, device=CPU, eval_examples=examples[:3])
+
+    def die_after_step_7(step, *rest):
+        if step == 7:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        train(fresh(base), base.tokenizer, examples, spec, device=CPU, eval_examples=examples[:3],
+              checkpoint_dir=tmp_path, on_step=die_after_step_7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003", "step-00000006"]
+    torch.manual_seed(1234)  # the new process's RNG differs; the checkpoint must restore it
+    resumed_model = fresh(base)
+    resumed = train(resumed_model, base.tokenizer, examples, spec, device=CPU, eval_examples=examples[:3],
+                    checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 6 and resumed.steps == 9
+    assert resumed.losses == whole.losses and resumed.evals == whole.evals
+    assert resumed.epochs == whole.epochs and resumed.tokens == whole.tokens
+    a, b = adapter_of(straight), adapter_of(resumed_model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_is_a_publishable_adapter_and_old_ones_are_pruned(base, examples, tmp_path):
+    from worker import checkpoint
+
+    model = fresh(base)
+    train(model, base.tokenizer, examples, TrainingSpec(max_steps=7, save_every=2), device=CPU,
+          checkpoint_dir=tmp_path, checkpoints_kept=2)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step-00000004", "step-00000006"]
+    newest = checkpoint.newest(tmp_path)
+    assert newest.name == "step-00000006"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in newest.iterdir()}
+    reloaded = BoneModel.from_pretrained(copy.deepcopy(base.model), newest)
+    assert reloaded.get_adapter_state_dict("default").keys() == model.get_adapter_state_dict("default").keys()
+
+
+def test_gradient_checkpointing_gives_the_same_update(base, examples):
+    results = []
+    for checkpointing in (False, True):
+        model = fresh(base)
+        train(model, base.tokenizer, examples, TrainingSpec(max_steps=2, batch_size=4, learning_rate=1e-2,
+                                                            gradient_checkpointing=checkpointing), device=CPU)
+        results.append(adapter_of(model))
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-7)
+
+
+def test_packed_examples_train(base, examples):
+    from worker.data import pack
+
+    blocks = pack(examples, 16, seed=0)
+    assert all(len(b.input_ids) == 16 for b in blocks[:-1])
+    result = train(fresh(base), base.tokenizer, blocks, TrainingSpec(max_steps=10, batch_size=8, learning_rate=1e-2),
+                   device=CPU)
+    assert result.final_loss < result.losses[0]
+
+
+def test_cancel_lands_while_evaluating(base, examples):
+    calls = []
+
+    def stop_once_evaluating():
+        calls.append(1)
+        return phase == ["evaluating"]
+
+    phase = []
+
+    def on_event(kind, message="", **data):
+        if kind == "phase":
+            phase[:] = [data["phase"]]
+
+    with pytest.raises(Cancelled):
+        train(fresh(base), base.tokenizer, examples, TrainingSpec(max_steps=10, eval_every=2), device=CPU,
+              eval_examples=examples, on_event=on_event, should_stop=stop_once_evaluating)
+    assert phase == ["evaluating"]

@@ -1,0 +1,61 @@
+"""Training files: ``POST /files`` (multipart JSONL/JSON/CSV/Parquet, every row checked before the file is
+accepted), ``GET /files``, ``GET /files/{id}``, ``DELETE /files/{id}``. Jobs use them as ``{"file_id": ...}``.
+
+The upload is bounded twice: the body-size middleware refuses more than BONE_MAX_UPLOAD_BYTES as it
+streams in, and the copy to disk counts again (413 either way). A key sees only its own owner's files.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from app.auth import PrincipalDep
+from app.deps import SettingsDep
+from core.auth import Principal
+from core.errors import NotFound
+from core.files import FileInfo, FileStore
+
+router = APIRouter(prefix="/files", tags=["files"])
+
+
+def _store(settings) -> FileStore:
+    return FileStore(settings.files_dir)
+
+
+def _visible(store: FileStore, file_id: str, principal: Principal) -> FileInfo:
+    info = store.get(file_id)
+    if not principal.can_see(info.owner):
+        raise NotFound(f"no file with id {file_id!r}", param="file_id")  # as for a missing id
+    return info
+
+
+@router.post("", status_code=201, response_model=FileInfo)
+async def upload_file(settings: SettingsDep, principal: PrincipalDep,
+                      file: Annotated[UploadFile, File(description="JSONL, JSON, CSV or Parquet rows")],
+                      format: Annotated[str | None, Form(description="text, prompt_completion or messages; "
+                                                         "detected per row when unset")] = None) -> FileInfo:
+    owner = principal.owner if principal.authenticated else None
+    return await run_in_threadpool(_store(settings).save, file.file, file.filename or "", owner=owner,
+                                   max_bytes=settings.max_upload_bytes, expected_format=format)
+
+
+@router.get("")
+def list_files(settings: SettingsDep, principal: PrincipalDep) -> dict:
+    files = [f for f in _store(settings).list() if principal.can_see(f.owner)]
+    return {"object": "list", "data": [f.model_dump(mode="json") for f in files], "has_more": False}
+
+
+@router.get("/{file_id}", response_model=FileInfo)
+def get_file(file_id: str, settings: SettingsDep, principal: PrincipalDep) -> FileInfo:
+    return _visible(_store(settings), file_id, principal)
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, settings: SettingsDep, principal: PrincipalDep) -> dict:
+    store = _store(settings)
+    _visible(store, file_id, principal)
+    store.delete(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}

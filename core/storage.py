@@ -1,0 +1,371 @@
+"""Where the adapter registry keeps its files: a local directory, or any fsspec URL (``s3://bucket/prefix``).
+
+Both backends answer the same few questions for ``core.registry`` (which owns names, metadata, sha256 checks
+and errors); they differ only in how a publish is made atomic:
+
+* ``LocalStorage``: the files and ``metadata.json`` go into a hidden staging folder, are fsynced, then the
+  folder is renamed into place (one atomic rename on one filesystem).
+* ``ObjectStorage``: object stores have no rename, so each publish writes a new *version* folder and then,
+  last, ``<name>/manifest.json`` (the metadata plus the version id and the adapter config). Readers see
+  only names whose manifest exists and read the files of the version it names, so a half-written publish
+  is invisible and an overwrite switches versions in one PUT. The manifest PUT is conditional
+  (If-None-Match / If-Match), so two concurrent publishers cannot both win. Old versions are deleted after
+  the new manifest is in place; a reader that raced gets FileNotFoundError and the registry re-reads.
+
+    <prefix>/<name>/manifest.json
+    <prefix>/<name>/<version>/adapter_config.json
+    <prefix>/<name>/<version>/adapter_model.safetensors
+
+Weights are served from local files: ``ObjectStorage`` downloads them once into a cache folder keyed by
+sha256 (so a new version is a new file and an old one is never half-replaced under a reader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from core.errors import Conflict, CorruptAdapter, ServiceUnavailable
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+METADATA_FILE = "metadata.json"
+MANIFEST_FILE = "manifest.json"
+# Versions not named by a manifest are left alone this long: they may belong to a publish still uploading.
+ORPHAN_GRACE_S = 3600.0
+
+# check(path, label): raises CorruptAdapter when the file at `path` does not hash to the manifest's sha256.
+Check = Callable[[Path, str], None]
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _taken(name: str) -> Conflict:
+    return Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="adapter_name",
+                    code="adapter_exists")
+
+
+def _raced(name: str) -> Conflict:
+    return Conflict(f"adapter {name!r} was published concurrently", param="adapter_name", code="adapter_exists")
+
+
+class LocalStorage:
+    """One folder per adapter: ``<root>/<name>/{adapter_config.json, adapter_model.safetensors, metadata.json}``."""
+
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        self.root = Path(root)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def location(self, name: str) -> Path:
+        return self.root / name
+
+    def has(self, name: str) -> bool:
+        return (self.root / name / METADATA_FILE).is_file()
+
+    def read_metadata(self, name: str) -> bytes:
+        return (self.root / name / METADATA_FILE).read_bytes()
+
+    def all_metadata(self) -> list[bytes]:
+        found = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            with contextlib.suppress(OSError):
+                found.append((entry / METADATA_FILE).read_bytes())
+        return found
+
+    def read_config(self, name: str) -> dict[str, Any]:
+        return json.loads((self.root / name / CONFIG_FILE).read_text())
+
+    def weights(self, name: str, sha256: str, check: Check) -> Path:
+        path = self.root / name / WEIGHTS_FILE
+        check(path, str(path))
+        return path
+
+    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool) -> None:
+        staging = self.root / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for filename in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(source_dir / filename, staging / filename)
+            (staging / METADATA_FILE).write_text(metadata_json)
+            for child in staging.iterdir():
+                _fsync_path(child)
+            _fsync_path(staging)
+            self._swap_into_place(name, staging, overwrite)
+            _fsync_path(self.root)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _swap_into_place(self, name: str, staging: Path, overwrite: bool) -> None:
+        target, trash = self.root / name, None
+        if target.exists():
+            if not overwrite:
+                raise _taken(name)
+            trash = self.root / f".trash-{uuid.uuid4().hex}"
+            os.rename(target, trash)
+        try:
+            os.rename(staging, target)  # fails (ENOTEMPTY) if another publisher won the race
+        except OSError:
+            if trash is not None:
+                os.rename(trash, target)
+            raise _raced(name) from None
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def remove(self, name: str) -> bool:
+        if not self.has(name):
+            return False
+        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        os.rename(self.root / name, trash)  # disappears from listings at once; the files go after
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def sweep(self) -> int:
+        removed = 0
+        for entry in self.root.iterdir():
+            if entry.name.startswith((".staging-", ".trash-")):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def new_version() -> str:
+    # Milliseconds first: versions sort by age, and sweep() can tell an abandoned upload from a fresh one
+    # without trusting the store's timestamps.
+    return f"v{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+
+
+def _version_age_s(version: str) -> float | None:
+    try:
+        return time.time() - int(version[1:14]) / 1000
+    except ValueError:
+        return None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """A conditional PUT lost (AWS says FileExistsError; stores that omit the condition name, like SeaweedFS,
+    come through s3fs as EINVAL with the 412 code on the botocore cause)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    cause = getattr(exc, "__cause__", None)
+    code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
+    return isinstance(exc, OSError) and exc.errno == errno.EINVAL and code in ("PreconditionFailed", "412")
+
+
+class ObjectStorage:
+    """The registry on any fsspec filesystem, made atomic by writing the manifest last."""
+
+    def __init__(self, url: str, cache_dir: Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = url.rstrip("/")
+        self.cache_dir = Path(cache_dir)
+        self._options = dict(storage_options or {})
+        self._fs, self._pid = None, None
+        self._base = self._filesystem()[1]
+
+    # --- plumbing ------------------------------------------------------------------------------------
+    def _filesystem(self):
+        """The fsspec filesystem, built again in a forked child (RQ's work-horse): an async client's event
+        loop and connections do not survive a fork."""
+        from fsspec.core import url_to_fs
+
+        if self._pid != os.getpid():
+            # No listing cache and no shared instance: a replica must see another's publish at once.
+            fs, base = url_to_fs(self.root, skip_instance_cache=True, use_listings_cache=False, **self._options)
+            self._fs, self._pid, self._base = fs, os.getpid(), base.rstrip("/")
+        return self._fs, self._base
+
+    @property
+    def fs(self):
+        return self._filesystem()[0]
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Missing objects and lost races are answers; anything else from the store means we cannot reach it."""
+        try:
+            yield
+        except (FileNotFoundError, FileExistsError, ValueError, KeyError, Conflict, CorruptAdapter):
+            raise  # ValueError/KeyError: a damaged manifest, which the store did return
+        except Exception as exc:  # noqa: BLE001 - network, auth and server errors of any fsspec backend
+            if _precondition_failed(exc):
+                raise
+            raise ServiceUnavailable(f"adapter registry {self.root} is unreachable: {exc}") from exc
+
+    def _key(self, *parts: str) -> str:
+        return "/".join((self._base, *parts))
+
+    def location(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _all_keys(self) -> list[str]:
+        """Every object under the prefix, in one paginated listing (and only under it: ``prefix2/`` is not ours)."""
+        try:
+            return [k for k in self.fs.find(self._base) if k.startswith(self._base + "/")]
+        except FileNotFoundError:
+            return []  # no bucket yet: nothing published
+
+    # --- read ----------------------------------------------------------------------------------------
+    def _manifest(self, name: str) -> dict[str, Any]:
+        with self._reachable():
+            return json.loads(self.fs.cat_file(self._key(name, MANIFEST_FILE)))
+
+    def has(self, name: str) -> bool:
+        with self._reachable():
+            return self.fs.exists(self._key(name, MANIFEST_FILE))
+
+    def read_metadata(self, name: str) -> bytes:
+        with self._reachable():
+            return self.fs.cat_file(self._key(name, MANIFEST_FILE))
+
+    def all_metadata(self) -> list[bytes]:
+        # One recursive listing, then every manifest fetched concurrently (fsspec's async cat): a few
+        # requests for a thousand adapters instead of one round trip each.
+        with self._reachable():
+            keys = self._all_keys()
+            depth = self._base.count("/") + 2
+            manifests = sorted(k for k in keys if k.endswith("/" + MANIFEST_FILE) and k.count("/") == depth
+                               and not k.split("/")[-2].startswith("."))
+            if not manifests:
+                return []
+            found = self.fs.cat(manifests, on_error="omit")  # one deleted meanwhile is simply not listed
+            return [found[k] for k in manifests if k in found]
+
+    def read_config(self, name: str) -> dict[str, Any]:
+        return self._manifest(name)["adapter_config"]  # in the manifest, so it always matches the version
+
+    def weights(self, name: str, sha256: str, check: Check) -> Path:
+        """A local copy of the weights whose manifest says ``sha256``; downloaded once, then reused."""
+        cached = self.cache_dir / f"{sha256}.safetensors"
+        if cached.is_file():
+            try:
+                check(cached, str(cached))
+                return cached
+            except CorruptAdapter:
+                cached.unlink(missing_ok=True)  # a damaged cache copy is fetched again, not a reason to refuse
+        manifest = self._manifest(name)
+        if manifest["sha256"] != sha256:
+            raise FileNotFoundError(f"{self.location(name)}: replaced while reading")  # the registry re-reads
+        remote = self._key(name, manifest["version"], WEIGHTS_FILE)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, part = tempfile.mkstemp(prefix=".part-", dir=self.cache_dir)
+        os.close(fd)
+        try:
+            with self._reachable():
+                self.fs.get_file(remote, part)
+            check(Path(part), f"{self.root}/{name}/{manifest['version']}/{WEIGHTS_FILE}")
+            os.replace(part, cached)  # same content under the same name if two loaders raced: harmless
+        finally:
+            Path(part).unlink(missing_ok=True)
+        return cached
+
+    # --- write ---------------------------------------------------------------------------------------
+    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool) -> None:
+        fs, version = self.fs, new_version()
+        manifest_key = self._key(name, MANIFEST_FILE)
+        with self._reachable():
+            old_etag, old_version = self._current(name)
+            if old_etag is not None and not overwrite:
+                raise _taken(name)
+            config = json.loads((source_dir / CONFIG_FILE).read_text())
+            for filename in (CONFIG_FILE, WEIGHTS_FILE):
+                fs.put_file(str(source_dir / filename), self._key(name, version, filename))
+            manifest = {**json.loads(metadata_json), "version": version, "adapter_config": config}
+            try:
+                self._put_manifest(manifest_key, json.dumps(manifest, indent=2).encode(), old_etag)
+            except Exception as exc:
+                with contextlib.suppress(Exception):  # ours, never visible; sweep() gets it if this fails too
+                    fs.rm(self._key(name, version), recursive=True)
+                if _precondition_failed(exc):
+                    raise (_taken(name) if old_etag is None and not overwrite else _raced(name)) from None
+                raise
+            if old_version is not None:
+                # Readers that still hold the old manifest get FileNotFoundError and re-read it.
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(self._key(name, old_version), recursive=True)
+
+    def _current(self, name: str) -> tuple[str | None, str | None]:
+        """(ETag, version) of the manifest in place: (None, None) when there is none; version None when it is
+        unreadable (an overwrite still replaces it). ETag first: if the manifest changes between the two
+        reads, the conditional PUT that follows fails instead of deleting the wrong version."""
+        key = self._key(name, MANIFEST_FILE)
+        try:
+            etag = self.fs.info(key).get("ETag") or ""
+            raw = self.fs.cat_file(key)
+        except FileNotFoundError:
+            return None, None
+        try:
+            return etag, json.loads(raw)["version"]
+        except (ValueError, KeyError, TypeError):
+            return etag, None
+
+    def _put_manifest(self, key: str, data: bytes, old_etag: str | None) -> None:
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if "s3" not in protocols:
+            self.fs.pipe_file(key, data)  # other stores: last writer wins
+        elif old_etag is None:
+            self.fs.pipe_file(key, data, mode="create")  # If-None-Match: *
+        elif not old_etag:
+            self.fs.pipe_file(key, data)  # a store that gives no ETag: last writer wins
+        else:
+            self.fs.pipe_file(key, data, IfMatch=old_etag)  # compare-and-swap on the manifest we read
+
+    def remove(self, name: str) -> bool:
+        with self._reachable():
+            etag, version = self._current(name)
+            if etag is None:
+                return False
+            with contextlib.suppress(FileNotFoundError):  # a concurrent delete got there first: gone either way
+                self.fs.rm_file(self._key(name, MANIFEST_FILE))  # gone from listings at once
+            if version is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self._key(name, version), recursive=True)
+        return True
+
+    def sweep(self) -> int:
+        """Delete versions no manifest names (interrupted or lost publishes) once they are old enough that
+        no publisher can still be uploading them; and stale partial downloads in the cache."""
+        removed = 0
+        with self._reachable():
+            keys = self._all_keys()
+            live: dict[str, str | None] = {}
+            versions: set[tuple[str, str]] = set()
+            prefix_len = len(self._base) + 1
+            for key in keys:
+                parts = key[prefix_len:].split("/")
+                if len(parts) == 2 and parts[1] == MANIFEST_FILE:
+                    live.setdefault(parts[0], None)
+                elif len(parts) == 3:
+                    versions.add((parts[0], parts[1]))
+            found = self.fs.cat([self._key(n, MANIFEST_FILE) for n in live], on_error="omit") if live else {}
+            for name in list(live):
+                try:
+                    live[name] = json.loads(found[self._key(name, MANIFEST_FILE)])["version"]
+                except (KeyError, ValueError):
+                    live[name] = "?"  # unreadable manifest: cannot tell which version is live, so keep them all
+            for name, version in sorted(versions):
+                age = _version_age_s(version)
+                if live.get(name) not in (version, "?") and age is not None and age > ORPHAN_GRACE_S:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm(self._key(name, version), recursive=True)
+                    removed += 1
+        if self.cache_dir.is_dir():
+            for part in self.cache_dir.glob(".part-*"):
+                if time.time() - part.stat().st_mtime > ORPHAN_GRACE_S:
+                    part.unlink(missing_ok=True)
+        return removed

@@ -1,0 +1,163 @@
+"""The engine without HTTP: continuous batching (rows join a running batch and leave it), per-row adapters
+in one batch equal to each request alone, cold loads that block nobody else, the byte-bounded pool, the
+queue cap, pins and preloads, and switching resident adapters without copying weights."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import app.adapter_cache as adapter_cache
+from app.decoding import SamplingParams
+from app.engine import InferenceEngine
+from core.base_model import load_base_model
+from core.errors import RateLimited
+from core.registry import AdapterRegistry
+from core.settings import Settings
+from tests.app.conftest import publish_adapter
+
+PROMPTS = ["Once upon a time", "Hi", "A somewhat longer prompt than the others", "Bone adapters", "x"]
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path, shared_models_dir: Path):
+    engines = []
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
+
+    def build(**overrides) -> InferenceEngine:
+        settings = Settings(data_dir=data_dir, **{"batch_wait_ms": 20, **overrides})
+        base = load_base_model("embedded", settings, device=torch.device("cpu"))
+        engine = InferenceEngine(base, AdapterRegistry(settings.registry_dir), settings)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    build.settings = Settings(data_dir=data_dir)
+    yield build
+    for engine in engines:
+        engine.stop()
+
+
+def submit(engine: InferenceEngine, prompt: str, adapter: str | None = None, n: int = 12, **params):
+    sha = None if adapter is None else AdapterRegistry(engine.settings.registry_dir).get(adapter).sha256
+    return engine.submit(engine.tokenize(prompt), adapter, sha, SamplingParams(max_new_tokens=n, temperature=0, **params))
+
+
+def run(engine, jobs) -> list[str]:
+    requests = [submit(engine, *job) for job in jobs]
+    return [r.future.result(120).text for r in requests]
+
+
+def test_rows_join_a_running_batch_and_match_each_request_alone(make_engine):
+    engine = make_engine()
+    for i in range(3):
+        publish_adapter(engine.settings, f"cb-{i}", seed=40 + i, r=4 + 4 * (i % 2))
+    jobs = [(PROMPTS[0], None, 200), (PROMPTS[1], "cb-0", 10), (PROMPTS[2], "cb-1", 30), (PROMPTS[3], "cb-2", 20)]
+    alone = [run(engine, [job])[0] for job in jobs]
+    joins = engine.joins
+    long = submit(engine, *jobs[0])
+    while not engine.batch.rows:  # the long row is decoding
+        time.sleep(0.005)
+    late = [submit(engine, *job) for job in jobs[1:]]
+    late_texts = [r.future.result(120).text for r in late]
+    assert not long.future.done()  # the newcomers finished while the long row was still running
+    assert [long.future.result(120).text, *late_texts] == alone
+    assert engine.joins > joins
+
+
+def test_many_concurrent_requests_on_different_adapters(make_engine):
+    engine = make_engine(max_batch_size=8)
+    names = [f"many-{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        publish_adapter(engine.settings, name, seed=100 + i)
+    jobs = [(PROMPTS[i % len(PROMPTS)], name, 6 + i % 5) for i, name in enumerate(names)]
+    alone = [run(engine, [job])[0] for job in jobs]
+    assert len(set(alone)) > len(alone) // 2  # the adapters really differ
+    assert run(engine, jobs * 2) == alone * 2
+
+
+def test_tiny_byte_budget_still_answers_correctly(make_engine):
+    roomy = make_engine()
+    names = [f"tight-{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        publish_adapter(roomy.settings, name, seed=200 + i)
+    jobs = [(PROMPTS[i], name, 8) for i, name in enumerate(names)]
+    expected = [run(roomy, [job])[0] for job in jobs]
+    size = adapter_cache.fetch_adapter(AdapterRegistry(roomy.settings.registry_dir), names[0]).size_bytes
+    tight = make_engine(adapter_cache_bytes=2 * size, adapter_cpu_cache_bytes=0)
+    assert run(tight, jobs * 2) == expected * 2
+    assert tight.cache.evictions >= 3 and tight.cache.resident_bytes <= 2 * size
+
+
+def test_a_cold_load_blocks_no_other_request(make_engine, monkeypatch):
+    engine = make_engine()
+    publish_adapter(engine.settings, "slow", seed=1)
+    publish_adapter(engine.settings, "warm", seed=2)
+    run(engine, [("warm up", "warm", 2)])
+    release = threading.Event()
+    real_fetch = adapter_cache.fetch_adapter
+
+    def slow_fetch(registry, name):
+        if name == "slow":
+            assert threading.current_thread() is not engine._thread  # never on the model thread
+            release.wait(30)
+        return real_fetch(registry, name)
+
+    monkeypatch.setattr(adapter_cache, "fetch_adapter", slow_fetch)
+    cold = submit(engine, "cold", "slow")
+    others = [submit(engine, "meanwhile", "warm"), submit(engine, "and the base")]
+    for request in others:
+        request.future.result(60)
+    assert not cold.future.done()
+    release.set()
+    assert cold.future.result(60).completion_tokens > 0
+
+
+def test_switching_resident_adapters_copies_no_weights(make_engine):
+    engine = make_engine()
+    for i in range(3):
+        publish_adapter(engine.settings, f"sw-{i}", seed=300 + i)
+    run(engine, [("load", f"sw-{i}", 2) for i in range(3)])
+    model = engine.host.bone_model
+    before = {name: (p.data_ptr(), p._version) for name, p in model.named_parameters()}
+    installs, misses = engine.cache.installs, engine.misses
+    for order in ([0, 1, 2], [2, 0], [1], [1, 2, 0, 0]):
+        run(engine, [(PROMPTS[k], f"sw-{k}", 3) for k in order])
+    after = {name: (p.data_ptr(), p._version) for name, p in model.named_parameters()}
+    assert after == before  # no parameter (base weight or adapter block) was moved or written
+    assert (engine.cache.installs, engine.misses) == (installs, misses)
+
+
+def test_preload_and_pin(make_engine):
+    probe = make_engine()
+    a, b = publish_adapter(probe.settings, "pre", seed=1), publish_adapter(probe.settings, "pinned", seed=2)
+    others = [publish_adapter(probe.settings, f"churn-{i}", seed=10 + i) for i in range(3)]
+    engine = make_engine(adapter_preload=["pre"], adapter_pin=["pinned"], adapter_cache_size=2)
+    deadline = time.monotonic() + 30
+    while len(engine.cache) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert set(engine.cache.slots()) == {("pre", a.sha256), ("pinned", b.sha256)}
+    run(engine, [("churn", info.name, 2) for info in others])
+    assert ("pinned", b.sha256) in engine.cache.slots()
+    assert engine.hits == 0 and run(engine, [("pinned", "pinned", 2)]) and engine.hits == 1
+
+
+def test_queue_cap_refuses_with_retry_after(make_engine):
+    engine = make_engine(max_batch_size=1, max_queue=2, max_new_tokens=2000)
+    running = submit(engine, "long", None, 1500)
+    while not engine.batch.rows:
+        time.sleep(0.005)
+    queued = [submit(engine, "wait", None, 2) for _ in range(2)]
+    with pytest.raises(RateLimited) as refused:
+        submit(engine, "one too many", None, 2)
+    assert refused.value.retry_after >= 1
+    running.abandoned.set()  # the client went away: its slot frees at the next step
+    assert running.future.result(60).finish_reason == "abort"
+    assert all(r.future.result(60).completion_tokens == 2 for r in queued)
+    assert engine.aborted == 1 and engine.pending == 0

@@ -1,0 +1,108 @@
+"""A worker SIGKILLed mid-training: the job is retried within 60 s, resumes from its last checkpoint on
+another worker, and ends with the weights an uninterrupted run with the same seed produces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.torch import load_file
+
+from tests.e2e.test_service import wait_for
+
+pytestmark = pytest.mark.slow
+
+RECORDS = [{"prompt": f"Word {i}?\n", "completion": f"w{i} " * 3} for i in range(12)]
+TRAINING = {"max_steps": 240, "save_every": 20, "batch_size": 4, "learning_rate": 5e-3, "seed": 11,
+            "max_seq_length": 64}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (RQ's work-horse runs in a process group of its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_worker(proc) -> None:
+    """SIGKILL the worker's process group and every process group below it: nothing gets to clean up."""
+    groups = {os.getpgid(pid) for pid in [proc.pid, *descendants(proc.pid)]}
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    proc.wait(10)
+
+
+def events(client: httpx.Client, job_id: str) -> list[dict]:
+    out, after = [], None
+    while True:
+        page = client.get(f"/jobs/{job_id}/events", params={"limit": 1000, **({"after": after} if after else {})}).json()
+        out += page["data"]
+        if not page["has_more"]:
+            return out
+        after = out[-1]["id"]
+
+
+def weights(service, name: str) -> dict:
+    return load_file(service.data_dir / "adapters" / name / "adapter_model.safetensors")
+
+
+def test_a_killed_worker_job_resumes_and_ends_with_the_same_weights(service):
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        def submit(name: str) -> str:
+            reply = client.post("/jobs", json={"adapter_name": name, "dataset": {"records": RECORDS},
+                                               "training": TRAINING})
+            assert reply.status_code == 202, reply.text
+            return reply.json()["id"]
+
+        straight = wait_for(client, submit("straight"), {"succeeded", "failed", "cancelled"})
+        assert straight["status"] == "succeeded", service.logs()
+
+        job_id = submit("resumed")
+        deadline = time.monotonic() + 120
+        # Past a checkpoint and some steps beyond it, so the steps after it are lost and must be redone.
+        while not (any(e["type"] == "checkpoint" and e["data"]["step"] >= 40 for e in events(client, job_id))
+                   and client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 50):
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.05)
+        killed_at_step = client.get(f"/jobs/{job_id}").json()["progress"]["step"]
+        kill_worker(service.procs["worker"])
+        killed_at = time.monotonic()
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "running"  # nobody has noticed yet
+
+        service.start("worker2", "worker")
+        while not any(e["type"] == "retry" for e in events(client, job_id)):
+            assert time.monotonic() - killed_at < 60, ("no retry within 60 s", service.logs())
+            time.sleep(0.2)
+        retried_after = time.monotonic() - killed_at
+
+        done = wait_for(client, job_id, {"succeeded", "failed", "cancelled"})
+        assert done["status"] == "succeeded" and done["attempts"] == 2, (done, service.logs())
+        history = events(client, job_id)
+        resumed = next(e for e in history if e["type"] == "resumed")
+        assert 40 <= resumed["data"]["step"] <= killed_at_step < TRAINING["max_steps"]
+        steps = [e["data"]["step"] for e in history if e["type"] == "step"]
+        assert steps[-1] == TRAINING["max_steps"] and len(steps) < 2 * TRAINING["max_steps"]  # not from scratch
+
+        a, b = weights(service, "straight"), weights(service, "resumed")
+        assert a.keys() == b.keys()
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst <= 1e-6, worst
+        assert done["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], abs=1e-6)
+        assert not (service.data_dir / "jobs" / job_id).exists()  # checkpoints gone with the job
+        print(f"killed at step {killed_at_step}, retried after {retried_after:.1f} s, resumed from step "
+              f"{resumed['data']['step']}, max weight difference {worst:g}")

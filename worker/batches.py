@@ -1,0 +1,62 @@
+"""Examples to tensors: the seeded stream of micro-batches (with a position to resume from) and collation."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from worker.data import IGNORE_INDEX, Example
+
+
+class BatchStream:
+    """An endless stream of micro-batches: each epoch a fresh permutation from one seeded generator, so the
+    order depends on the seed alone (not on global RNG use elsewhere). The last short batch of an epoch is
+    kept: small datasets would otherwise lose rows. ``position`` (micro-batches handed out) is all a
+    checkpoint needs: ``skip(position)`` replays the permutations to the same place."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int) -> None:
+        self.examples, self.batch_size = examples, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.position = 0
+        self.epochs_done = 0  # full passes handed out
+        self._order: list[int] = []
+        self._next = 0
+
+    def __next__(self) -> list[Example]:
+        return [self.examples[i] for i in self._take()]
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self._take()
+
+    def _take(self) -> list[int]:
+        if not self._order:
+            self._order = torch.randperm(len(self.examples), generator=self.generator).tolist()
+            self._next = 0
+        chunk = self._order[self._next:self._next + self.batch_size]
+        self._next += self.batch_size
+        self.position += 1
+        if self._next >= len(self._order):  # this batch ends the pass: count it now, not on the next take
+            self.epochs_done += 1
+            self._order, self._next = [], 0
+        return chunk
+
+
+def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padding has attention 0 and label IGNORE_INDEX."""
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        attention_mask[row, :n] = 1
+    return {k: v.to(device) for k, v in
+            (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask))}
+
+
+def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position 0 is never a target

@@ -1,0 +1,108 @@
+"""Checkpoints of a running job, so a job whose worker died resumes instead of starting over.
+
+    <job work dir>/checkpoints/step-00000040/
+        adapter_config.json, adapter_model.safetensors   PEFT layout: publishable as an adapter as is
+        trainable.safetensors   every parameter the optimizer updates, by name, exactly (fp32 masters)
+        optimizer.pt            AdamW's state (moments, step counts)
+        rng.pt                  torch CPU (and CUDA) generator states
+        state.json              loop position: step, micro-batches consumed, losses, eval history, Python RNG
+
+Written into a hidden temporary folder, fsynced, then renamed: a folder named ``step-*`` is always whole,
+so "the newest complete checkpoint" is simply the highest step. Only the newest ``keep`` are kept.
+The learning-rate schedule is a pure function of the step (``worker.train.get_lr``): restoring the step
+restores the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+_PREFIX = "step-"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{_PREFIX}{step:08d}"
+
+
+def newest(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+         *, adapter_name: str, keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp, adapter_name=adapter_name)
+        trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        py_version, py_state, py_gauss = random.getstate()
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step,
+                                                  "python_rng": [py_version, list(py_state), py_gauss]}))
+        for child in tmp.iterdir():
+            _fsync(child)
+        _fsync(tmp)
+        target = step_dir(root, step)
+        if target.exists():  # a previous attempt reached this step too: same content, replace it
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        _fsync(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    prune(root, keep)
+    return target
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore parameters, optimizer and RNG states in place; returns the loop state saved with them."""
+    saved = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = sorted(set(n for n, p in params.items() if p.requires_grad) ^ set(saved))
+    if missing:
+        raise ValueError(f"checkpoint {path.name} does not match the model's trainable parameters: {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / STATE_FILE).read_text())
+    version, internal, gauss = state.pop("python_rng")
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+def prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
