@@ -19,7 +19,7 @@ from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
 
-TRAINING_METRICS_KEY = "bone:metrics:training"
+from core.jobstore import STATUS_COUNTS, TRAINING_METRICS as TRAINING_METRICS_KEY
 
 HTTP_LATENCY = Histogram(
     "bone_http_request_duration_seconds", "HTTP request latency", ["route", "method", "status"],
@@ -56,7 +56,7 @@ class RedisCollector:
             return
         try:
             depth = conn.llen(f"rq:queue:{self._queue_name()}")
-            counts = conn.hgetall("bone:jobs:status_counts")
+            counts = conn.hgetall(STATUS_COUNTS)
             training = conn.hgetall(TRAINING_METRICS_KEY)
         except Exception:  # Redis down: /readyz says so; a scrape must still answer
             return

@@ -29,6 +29,8 @@ from core.jobs import Job, JobStatus
 
 PREFIX = "bone:"
 STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step with every transition (metrics)
+# The workers' latest training figures, pushed here so the API's /metrics exports them (workers open no port).
+TRAINING_METRICS = PREFIX + "metrics:training"
 RUNNING = PREFIX + "jobs:running"
 EVENTS_MAXLEN = 100_000
 
@@ -137,6 +139,12 @@ class JobStore:
         return bool(self.conn.exists(_job_key(job_id) + ":cancel"))
 
     # --- events ---------------------------------------------------------------------------------------
+    def record_training_step(self, tokens_per_s: float, step_time_s: float) -> None:
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.hset(TRAINING_METRICS, mapping={"tokens_per_s": tokens_per_s, "step_time_s": step_time_s})
+        pipe.hincrby(TRAINING_METRICS, "steps_total", 1)
+        pipe.execute()
+
     def add_event(self, job_id: str, kind: str, message: str = "", **data: Any) -> str:
         entry = {"type": kind, "message": message, "created_at": time.time(), "data": data}
         event_id = self.conn.xadd(_job_key(job_id) + ":events", {"event": json.dumps(entry)},

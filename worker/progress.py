@@ -22,12 +22,16 @@ class ProgressReporter:
         self._last_write = 0.0
         self._first_step: tuple[int, float] | None = None  # (step, time) of this attempt's first step
         self._metrics: dict[str, float | None] = {}
+        self._last_step_at: float | None = None  # step time = time between two steps' reports
 
     # --- what the training loop calls --------------------------------------------------------------------
     def on_step(self, step: int, total: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
         self.store.add_event(self.job_id, "step", "", step=step, total_steps=total, loss=loss, lr=lr,
                              grad_norm=grad_norm, tokens_per_s=tokens_per_s)
         now = time.monotonic()
+        if self._last_step_at is not None:
+            self.store.record_training_step(tokens_per_s, now - self._last_step_at)
+        self._last_step_at = now
         if self._first_step is None:
             self._first_step = (step - 1, now)  # the clock starts at the end of this attempt's first step
         first, since = self._first_step

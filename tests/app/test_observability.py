@@ -63,3 +63,15 @@ def test_dashboard_is_served_without_a_build_step(client):
     assert page.status_code == 200 and "<canvas id=\"loss-chart\"" in page.text
     assert client.get("/ui/app.js").status_code == 200
     assert client.get("/ui/style.css").status_code == 200
+
+
+def test_worker_training_figures_reach_metrics_through_redis(client, redis_conn):
+    from core.jobstore import JobStore
+
+    store = JobStore(redis_conn)  # what a worker's ProgressReporter calls after each optimizer step
+    store.record_training_step(tokens_per_s=1234.5, step_time_s=0.25)
+    store.record_training_step(tokens_per_s=1000.0, step_time_s=0.5)
+    text = client.get("/metrics").text
+    assert "bone_training_tokens_per_s 1000.0" in text
+    assert "bone_training_step_time_s 0.5" in text
+    assert "bone_training_steps_total 2.0" in text
