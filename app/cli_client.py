@@ -7,10 +7,11 @@ line and exit non-zero.
 from __future__ import annotations
 
 import functools
-import json
+import io
 import time
 from pathlib import Path
 from typing import Optional
+import zipfile
 
 import typer
 from rich.console import Console
@@ -40,38 +41,25 @@ def one_line_errors(func):
     return wrapper
 
 
-def _read_records(path: Path) -> list[dict]:
-    """Rows of a local JSONL file, sent inline; a bad line is named before anything is sent."""
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ApiError(0, f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ApiError(0, f"{path}:{number}: each line must be a JSON object")
-        records.append(row)
-    return records
-
-
 @jobs_cli.command("create")
 @one_line_errors
-def jobs_create(file: Path = typer.Option(..., "--file", exists=True, dir_okay=False, help="JSONL training data"),
+def jobs_create(file: Path = typer.Option(..., "--file", exists=True, dir_okay=False,
+                                          help="training data: JSONL, JSON, CSV or Parquet"),
                 name: str = typer.Option(..., "--name", help="adapter name"),
                 r: int = typer.Option(8, help="Bone rank"),
                 bat: bool = typer.Option(False, help="train the Bat variant"),
                 max_steps: Optional[int] = typer.Option(None), epochs: Optional[float] = typer.Option(None),
                 learning_rate: Optional[float] = typer.Option(None), batch_size: Optional[int] = typer.Option(None),
                 overwrite: bool = typer.Option(False), url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
-    """Start fine-tuning NAME on a JSONL file (rows: text, prompt/completion or messages)."""
+    """Upload FILE (validated row by row by the server), then start fine-tuning NAME on it."""
     training = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
                                   "batch_size": batch_size}.items() if v is not None}
-    body = {"adapter_name": name, "dataset": {"records": _read_records(file)},
+    client = BoneClient(url, api_key)
+    uploaded = client.upload_file(file)
+    body = {"adapter_name": name, "dataset": {"file_id": uploaded["id"]},
             "bone": {"r": r, "init_weights": "bat" if bat else True}, "training": training, "overwrite": overwrite}
-    job = BoneClient(url, api_key).create_job(body)
-    console.print(f"{job['id']}  {job['status']}  adapter={job['adapter_name']}")
+    job = client.create_job(body)
+    console.print(f"{job['id']}  {job['status']}  adapter={job['adapter_name']}  file={uploaded['id']}")
 
 
 @jobs_cli.command("list")
@@ -131,6 +119,28 @@ def adapters_list(url: str = UrlOption, api_key: Optional[str] = KeyOption) -> N
     console.print(table)
 
 
+@adapters_cli.command("download")
+@one_line_errors
+def adapters_download(name: str, directory: Path, format: str = typer.Option("bone", help="bone | miss | lora"),
+                      url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+    """Write adapter NAME into DIRECTORY in PEFT's layout (as trained, as MiSS, or as a LoRA adapter)."""
+    data = BoneClient(url, api_key).download_adapter(name, format)
+    directory.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        archive.extractall(directory)
+    console.print(f"{name} → {directory} ({format})")
+
+
+@adapters_cli.command("import")
+@one_line_errors
+def adapters_import(directory: Path = typer.Argument(..., exists=True, file_okay=False),
+                    name: Optional[str] = typer.Option(None, help="registry name (default: the folder's name)"),
+                    overwrite: bool = False, url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+    """Import a PEFT Bone / MiSS adapter folder; the server checks it against its base model first."""
+    info = BoneClient(url, api_key).import_adapter(name or directory.name, directory, overwrite)
+    console.print(f"imported {info['name']} (sha256 {info['sha256'][:12]}…)")
+
+
 def generate(prompt: str = typer.Argument(...), adapter: Optional[str] = typer.Option(None, help="adapter name (default: base model)"),
              max_new_tokens: int = 64, temperature: float = 0.0, stream: bool = typer.Option(True),
              url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
@@ -139,9 +149,9 @@ def generate(prompt: str = typer.Argument(...), adapter: Optional[str] = typer.O
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     try:
         if stream:
-            for event in client.generate_stream(prompt, adapter, **params):
-                if event.get("text"):
-                    console.out(event["text"], end="", highlight=False)
+            for event, payload in client.generate_stream(prompt, adapter, **params):
+                if event == "message" and payload.get("text"):  # the final "done" event repeats the whole text
+                    console.out(payload["text"], end="", highlight=False)
             console.out("")
         else:
             console.out(client.generate(prompt, adapter, **params)["text"], highlight=False)

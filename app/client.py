@@ -45,24 +45,37 @@ class BoneClient:
         self._raise_for_error(response)
         return response.json() if response.content else None
 
-    def stream_sse(self, method: str, path: str, **kwargs) -> Iterator[dict[str, Any]]:
-        """Yield the JSON payload of each SSE ``data:`` line until the stream ends or sends [DONE]."""
+    def stream_sse(self, method: str, path: str, **kwargs) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(event name, JSON payload)`` per SSE event until the stream ends or sends [DONE]; an
+        ``error`` event raises ApiError with the server's message."""
         try:
             with self.http.stream(method, path, headers={"Accept": "text/event-stream"}, timeout=None, **kwargs) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise_for_error(response)
+                event = "message"
                 for line in response.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return
-                    yield json.loads(data)
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            return
+                        payload = json.loads(data)
+                        if event == "error":
+                            error = payload.get("error", payload)
+                            raise ApiError(500, error.get("message", "error"), error.get("param"))
+                        yield event, payload
+                    elif not line:
+                        event = "message"  # a blank line ends an event
         except httpx.HTTPError as exc:
             raise ApiError(0, f"cannot reach {self.http.base_url}: {exc}") from None
 
     # --- the API --------------------------------------------------------------------------------------
+    def upload_file(self, path) -> dict[str, Any]:
+        with open(path, "rb") as handle:
+            return self.request("POST", "/files", files={"file": (path.name, handle)})
+
     def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/jobs", json=body)
 
@@ -78,8 +91,23 @@ class BoneClient:
     def list_adapters(self) -> list[dict[str, Any]]:
         return self.request("GET", "/adapters")["data"]
 
+    def download_adapter(self, name: str, fmt: str = "bone") -> bytes:
+        try:
+            response = self.http.get(f"/adapters/{name}/download", params={"format": fmt})
+        except httpx.HTTPError as exc:
+            raise ApiError(0, f"cannot reach {self.http.base_url}: {exc}") from None
+        self._raise_for_error(response)
+        return response.content
+
+    def import_adapter(self, name: str, directory, overwrite: bool = False) -> dict[str, Any]:
+        with open(directory / "adapter_config.json", "rb") as config, \
+                open(directory / "adapter_model.safetensors", "rb") as weights:
+            return self.request("POST", "/adapters", data={"name": name, "overwrite": str(overwrite).lower()},
+                                files={"adapter_config": ("adapter_config.json", config),
+                                       "adapter_model": ("adapter_model.safetensors", weights)})
+
     def generate(self, prompt: str, adapter: str | None, **params) -> dict[str, Any]:
         return self.request("POST", "/generate", json={"prompt": prompt, "adapter": adapter, **params})
 
-    def generate_stream(self, prompt: str, adapter: str | None, **params) -> Iterator[dict[str, Any]]:
+    def generate_stream(self, prompt: str, adapter: str | None, **params) -> Iterator[tuple[str, dict[str, Any]]]:
         return self.stream_sse("POST", "/generate", json={"prompt": prompt, "adapter": adapter, "stream": True, **params})
