@@ -121,7 +121,7 @@ def stalling_copy(src, dst, *args, **kwargs):
         out.flush()
     print("mid-write", flush=True)
     time.sleep(120)  # ... when the process is killed
-reg.shutil.copyfile = stalling_copy
+shutil.copyfile = stalling_copy  # wherever the registry's storage copies from
 reg.AdapterRegistry(Path(sys.argv[1])).publish(sys.argv[2], Path(sys.argv[3]), {"base_model": "embedded", "bone": {}},
                                                 overwrite=True)
 """
@@ -284,3 +284,25 @@ def test_a_fitting_peft_adapter_imports_and_serves_what_it_learned(client, live,
                                             "temperature": 0})
     assert served.status_code == 200, served.text
     assert served.json()["text"] == want_text
+
+
+# --- generation overload -----------------------------------------------------------------------------------------
+def test_generation_overload_answers_429_with_retry_after_not_timeouts(tmp_path, redis_url, shared_models_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = make_settings(tmp_path / "data", shared_models_dir, **{**TEST_LIMITS, "max_queue": 2,
+                                                                       "max_batch_size": 2})
+    with LiveServer(settings) as server, server.client(timeout=60) as client:
+        def one(i):
+            started = time.monotonic()
+            reply = client.post("/generate", json={"prompt": f"story {i}", "max_new_tokens": 64, "temperature": 0})
+            return reply, time.monotonic() - started
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(one, range(24)))
+    codes = sorted({reply.status_code for reply, _ in results})
+    assert codes == [200, 429], codes
+    for reply, seconds in results:
+        if reply.status_code == 429:
+            assert reply.json()["error"]["type"] == "rate_limit_error" and int(reply.headers["retry-after"]) >= 1
+            assert seconds < 5  # refused at once, not after waiting in line
