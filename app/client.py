@@ -89,7 +89,13 @@ class BoneClient:
         return self.request("POST", f"/jobs/{job_id}/cancel")
 
     def list_adapters(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/adapters")["data"]
+        adapters: list[dict[str, Any]] = []
+        while True:  # the listing is paginated by name
+            params = {"limit": 1000, **({"after": adapters[-1]["name"]} if adapters else {})}
+            page = self.request("GET", "/adapters", params=params)
+            adapters += page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return adapters
 
     def download_adapter(self, name: str, fmt: str = "bone") -> bytes:
         try:

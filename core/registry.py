@@ -12,6 +12,7 @@ file whose sha256 matches the metadata (object storage: downloaded once into a c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tempfile
@@ -47,6 +48,15 @@ class AdapterInfo(BaseModel):
     size_bytes: int
     created_at: float
     lineage: dict[str, Any] | None = None
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse_metadata(raw: bytes) -> AdapterInfo | None:
+    """Parsed once per distinct metadata file content (listings re-read unchanged files from a cache)."""
+    try:
+        return AdapterInfo.model_validate_json(raw)
+    except ValueError:
+        return None
 
 
 def file_sha256(path: Path) -> str:
@@ -143,10 +153,9 @@ class AdapterRegistry:
     def list(self) -> list[AdapterInfo]:
         infos = []
         for raw in self.storage.all_metadata():
-            try:
-                infos.append(AdapterInfo.model_validate_json(raw))
-            except ValueError:
-                continue  # a damaged entry must not hide the others
+            info = _parse_metadata(raw)
+            if info is not None:  # a damaged entry must not hide the others
+                infos.append(info)
         return sorted(infos, key=lambda info: info.name)
 
     def verified_weights(self, name: str) -> tuple[Path, AdapterInfo]:

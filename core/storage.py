@@ -63,6 +63,10 @@ def _raced(name: str) -> Conflict:
     return Conflict(f"adapter {name!r} was published concurrently", param="adapter_name", code="adapter_exists")
 
 
+# path of a metadata.json -> ((inode, mtime_ns, size), bytes); shared by every registry object of the process
+_METADATA_CACHE: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
+
+
 class LocalStorage:
     """One folder per adapter: ``<root>/<name>/{adapter_config.json, adapter_model.safetensors, metadata.json}``."""
 
@@ -81,12 +85,24 @@ class LocalStorage:
         return (self.root / name / METADATA_FILE).read_bytes()
 
     def all_metadata(self) -> list[bytes]:
+        # Listing 1,000 adapters must not read 1,000 files per request: each metadata file is re-read only when
+        # its (inode, mtime, size) changes; a publish or overwrite writes a new file, so a new inode.
         found = []
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith("."):
+        with os.scandir(self.root) as scan:
+            names = sorted(entry.name for entry in scan if not entry.name.startswith("."))
+        for name in names:
+            path = self.root / name / METADATA_FILE
+            try:
+                st = os.stat(path)
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+                hit = _METADATA_CACHE.get(path)
+                if hit is None or hit[0] != stamp:
+                    hit = (stamp, path.read_bytes())
+                    _METADATA_CACHE[path] = hit
+            except OSError:
+                _METADATA_CACHE.pop(path, None)
                 continue
-            with contextlib.suppress(OSError):
-                found.append((entry / METADATA_FILE).read_bytes())
+            found.append(hit[1])
         return found
 
     def read_config(self, name: str) -> dict[str, Any]:
