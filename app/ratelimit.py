@@ -29,6 +29,7 @@ BUCKETS: dict[tuple[str, str], str] = {
     ("POST", "/jobs"): "training",
     ("POST", "/files"): "training",
     ("POST", "/adapters"): "training",
+    ("POST", "/evals"): "training",  # an eval occupies a worker like a training job
     ("POST", "/generate"): "generation",
     ("POST", "/v1/completions"): "generation",
     ("POST", "/v1/chat/completions"): "generation",

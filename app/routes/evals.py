@@ -1,0 +1,145 @@
+"""Adapter evaluations: create (validate + enqueue), list, read, cancel.
+
+``POST /evals`` scores adapters (and the base model) on held-out rows on a worker; the task is enqueued by
+its dotted path (``core.evals.EVAL_TASK``), so this process never imports ``worker``. An evaluation is
+visible to its owner (and admins) only, like a job; each adapter named must be visible to the caller too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job as RQJob
+from rq.job import JobStatus as RQStatus
+
+from app.auth import PrincipalDep
+from app.deps import JobCheckerDep, QueueDep, RedisDep, RegistryDep, SettingsDep
+from app.routes.jobs import check_file_visible
+from core.auth import Principal
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.evals import EVAL_TASK, EvalCreate, EvalStore, Evaluation
+from core.fleet import choose_queue
+from core.jobs import FileDataset, JobStatus, dataset_summary
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/evals", tags=["evals"])
+
+
+@router.post("", status_code=202, response_model=Evaluation)
+def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, queue: QueueDep, registry: RegistryDep,
+                checker: JobCheckerDep, principal: PrincipalDep) -> Evaluation:
+    if body.max_seq_length > settings.max_seq_length:
+        raise InvalidRequest(f"max_seq_length={body.max_seq_length} exceeds the server's limit of "
+                             f"{settings.max_seq_length} (BONE_MAX_SEQ_LENGTH)", param="max_seq_length")
+    if body.max_new_tokens > settings.max_new_tokens:
+        raise InvalidRequest(f"max_new_tokens={body.max_new_tokens} exceeds the server's limit of "
+                             f"{settings.max_new_tokens} (BONE_MAX_NEW_TOKENS)", param="max_new_tokens")
+    base_model = body.base_model or settings.base_model
+    for index, name in enumerate(body.adapters):
+        try:
+            info = registry.get(name)  # scoped: another owner's adapter is as missing as an unknown one
+        except NotFound as exc:
+            raise NotFound(exc.message, param=f"adapters.{index}") from None
+        if info.base_model != base_model:
+            raise Conflict(f"adapter {name!r} was trained on base model {info.base_model!r}, not {base_model!r}: "
+                           "adapters evaluated together must share one base model", param=f"adapters.{index}",
+                           code="base_model_mismatch")
+        if info.bone.get("bias", "none") != "none":
+            raise Conflict(f"adapter {name!r} trained biases (bias={info.bone['bias']!r}), which live in the shared "
+                           "base model: it cannot share batches with other adapters", param=f"adapters.{index}",
+                           code="unservable_adapter")
+    records = checker._check_one(body.dataset, "dataset")  # the same dataset checks as POST /jobs
+    if isinstance(body.dataset, FileDataset):
+        check_file_visible(settings, body.dataset.file_id, principal)
+    queue_name = choose_queue(settings, None, base_model)  # where this base model's training jobs go
+    evaluation = Evaluation(id=Evaluation.new_id(), adapters=body.adapters, include_base=body.include_base,
+                            base_model=base_model, dataset=dataset_summary(body.dataset),
+                            max_examples=body.max_examples, batch_size=body.batch_size,
+                            max_seq_length=body.max_seq_length, max_new_tokens=body.max_new_tokens,
+                            owner=principal.owner, queue=queue_name)
+    store = EvalStore(conn)
+    store.create(evaluation, records=records)
+    if queue_name != queue.name:
+        queue = Queue(queue_name, connection=queue.connection)
+    try:
+        queue.enqueue(EVAL_TASK, evaluation.id, job_id=evaluation.id, job_timeout=settings.job_timeout_s,
+                      result_ttl=86400, failure_ttl=7 * 86400)
+    except Exception:
+        try:  # never leave a record that claims to be queued when nothing will run it
+            store.transition(evaluation.id, None, status=JobStatus.FAILED, error="could not be queued",
+                             finished_at=time.time())
+        except Exception:  # noqa: BLE001 - Redis is likely gone; the original error matters more
+            pass
+        raise
+    log.info("queued %s for adapters %s", evaluation.id, ", ".join(body.adapters))
+    return evaluation
+
+
+@router.get("")
+def list_evals(conn: RedisDep, principal: PrincipalDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+               after: Annotated[str | None, Query(description="id of the last evaluation of the previous page")] = None
+               ) -> dict:
+    store = EvalStore(conn)
+    if after is not None:
+        _visible(store, after, principal, param="after")
+    found, has_more = store.list(limit=limit, after=after, owner=None if principal.is_admin else principal.owner)
+    return {"object": "list", "data": [e.model_dump(mode="json") for e in found], "has_more": has_more}
+
+
+@router.get("/{eval_id}", response_model=Evaluation)
+def get_eval(eval_id: str, conn: RedisDep, principal: PrincipalDep) -> Evaluation:
+    store = EvalStore(conn)
+    return _reconcile(store, _visible(store, eval_id, principal))
+
+
+@router.post("/{eval_id}/cancel", response_model=Evaluation)
+def cancel_eval(eval_id: str, conn: RedisDep, principal: PrincipalDep) -> Evaluation:
+    """Queued: cancelled at once. Running: the worker stops before its next batch. Already final: 409."""
+    store = EvalStore(conn)
+    evaluation = _visible(store, eval_id, principal)
+    if evaluation.status.is_final:
+        raise Conflict(f"evaluation {eval_id} is already {evaluation.status.value}", param="eval_id",
+                       code="invalid_state")
+    store.request_cancel(eval_id)
+    if evaluation.status is JobStatus.QUEUED:
+        try:
+            RQJob.fetch(eval_id, connection=conn).cancel()
+        except NoSuchJobError:
+            pass
+        try:
+            return store.transition(eval_id, [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=time.time())
+        except Conflict:
+            pass  # a worker started it in between; it honours the flag
+    return store.get(eval_id)
+
+
+def _visible(store: EvalStore, eval_id: str, principal: Principal, *, param: str = "eval_id") -> Evaluation:
+    try:
+        evaluation = store.get(eval_id)
+    except NotFound:
+        evaluation = None
+    if evaluation is None or not principal.can_see(evaluation.owner):
+        raise NotFound(f"no evaluation with id {eval_id!r}", param=param)  # the same words either way
+    return evaluation
+
+
+def _reconcile(store: EvalStore, evaluation: Evaluation) -> Evaluation:
+    """A running evaluation whose RQ job failed outside the task (its process was killed) is failed."""
+    if evaluation.status is not JobStatus.RUNNING:
+        return evaluation
+    try:
+        status = RQJob.fetch(evaluation.id, connection=store.conn).get_status(refresh=False)
+    except NoSuchJobError:
+        return evaluation
+    if status not in (RQStatus.FAILED, RQStatus.STOPPED):
+        return evaluation
+    try:
+        return store.transition(evaluation.id, [JobStatus.RUNNING], status=JobStatus.FAILED, finished_at=time.time(),
+                                error="the evaluation process died before it finished")
+    except Conflict:
+        return store.get(evaluation.id)
