@@ -77,13 +77,16 @@ def api(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)"
 
 
 @cli.command()
-def worker(burst: bool = typer.Option(False, help="exit when the queue is empty")) -> None:
-    """Run one training worker (one per GPU)."""
+def worker(burst: bool = typer.Option(False, help="exit when the queue is empty"),
+           queues: Optional[str] = typer.Option(None, help="queues to serve, comma separated, in priority order "
+                                                "(e.g. gpu-24g,cpu); default: BONE_QUEUE_NAME")) -> None:
+    """Run one training worker (one per GPU, or one per machine for multi-GPU jobs)."""
     settings = _settings()
     _setup_logging(settings)
     from worker.main import run_worker
 
-    run_worker(settings, burst=burst)
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    run_worker(settings, burst=burst, queues=names)
 
 
 @cli.command()

@@ -24,6 +24,8 @@ from app.job_checks import JobChecker
 from app.observability import install_observability
 from app.openapi import install_openapi
 from app.routes import adapter_export, adapter_import, adapters, files, generate, health, jobs, openai
+from app.routes import fleet
+from app.routes import evals
 from core.auth import KeyRing
 from core.base_model import load_base_model
 from core.janitor import Janitor
@@ -88,6 +90,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app, settings)
     app.include_router(health.router, responses=error_responses(500, 503))
     # Every other router: a key (when keys are configured), the per-key rate limit, the error envelope documented.
-    for module in (jobs, files, adapters, adapter_import, adapter_export, generate, openai):
+    for module in (jobs, files, adapters, adapter_import, adapter_export, generate, openai, fleet, evals):
         app.include_router(module.router, dependencies=[Depends(guard)], responses=error_responses())
     return app

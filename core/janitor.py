@@ -35,12 +35,13 @@ TRAINING_TASK = "worker.tasks.run_training_job"
 LOCK_KEY = PREFIX + "janitor:lock"
 
 
-def enqueue_training(conn: redis.Redis, settings: Settings, job_id: str, *, at_front: bool = False) -> None:
+def enqueue_training(conn: redis.Redis, settings: Settings, job_id: str, *, at_front: bool = False,
+                     queue: str | None = None) -> None:
     """Put a job on the training queue by the task's dotted path; the RQ job has the job's id (cancel finds
     it by that id) and an explicit timeout (RQ's default of 180 s would kill training)."""
     from rq import Queue
 
-    Queue(settings.queue_name, connection=conn).enqueue(
+    Queue(queue or settings.queue_name, connection=conn).enqueue(
         TRAINING_TASK, job_id, job_id=job_id, job_timeout=settings.job_timeout_s, result_ttl=86400,
         failure_ttl=7 * 86400, at_front=at_front)
 
@@ -63,21 +64,22 @@ def recover(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, re
     except (Conflict, NotFound):
         return None
     store.clear_heartbeat(job_id)
-    _forget_rq_execution(conn, settings, job_id)
+    _forget_rq_execution(conn, settings, job_id, job.queue)
     store.add_event(job_id, "retry", f"{reason}; queued again (attempt {attempt + 1} of {settings.max_attempts}) "
                     "to resume from its last checkpoint", attempt=attempt, reason=reason)
-    enqueue_training(conn, settings, job_id, at_front=True)  # ahead of newer jobs: it has work done already
+    enqueue_training(conn, settings, job_id, at_front=True, queue=job.queue)  # ahead of newer jobs: work done already
     log.warning("job %s: %s; re-queued (attempt %d of %d)", job_id, reason, attempt + 1, settings.max_attempts)
     return "queued"
 
 
-def _forget_rq_execution(conn: redis.Redis, settings: Settings, job_id: str) -> None:
+def _forget_rq_execution(conn: redis.Redis, settings: Settings, job_id: str, queue: str | None = None) -> None:
     """Drop the dead execution from RQ's started registry, so RQ's own cleanup (90+ s later) never reports
     the re-queued job as abandoned. Best effort: worker.main's handler ignores such reports anyway."""
-    key = f"rq:wip:{settings.queue_name}"
+    name = queue or settings.queue_name  # the job's own (resource) queue
+    key = f"rq:wip:{name}"
     for member, _ in conn.zscan_iter(key, match=f"{job_id}:*"):
         conn.zrem(key, member)
-    conn.zrem(f"rq:failed:{settings.queue_name}", job_id)
+    conn.zrem(f"rq:failed:{name}", job_id)
 
 
 def sweep(conn: redis.Redis, settings: Settings, *, now: float | None = None) -> list[str]:

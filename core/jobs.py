@@ -102,6 +102,9 @@ class TrainingSpec(_Strict):
     # -- checkpoints under the job's work dir; a retried job resumes from the newest
     save_every: int | None = Field(None, ge=1, description="steps between checkpoints")
     publish_checkpoints: bool = Field(False, description="also publish each checkpoint as adapter <name>-step-<n>")
+    # -- one job on several devices (PyTorch distributed; bounded by BONE_MAX_NUM_PROCESSES)
+    num_processes: int = Field(1, ge=1, le=64, description="training processes (one per GPU; gloo on CPU); each "
+                               "takes a disjoint shard of every global batch, so the loss curve matches one process")
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> "TrainingSpec":
@@ -120,6 +123,8 @@ class JobCreate(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     validation_dataset: DatasetSpec | None = Field(None, description="rows to evaluate on (instead of eval_fraction)")
     overwrite: bool = False
+    queue: str | None = Field(None, description="worker queue (e.g. gpu-24g, cpu); default: chosen from the base "
+                              "model (BONE_RESOURCE_QUEUES), else the server's default queue")
 
     @field_validator("adapter_name")
     @classmethod
@@ -162,6 +167,8 @@ class Job(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0
+    queue: str | None = None  # the RQ queue it was (last) put on; None = the server's default queue
+    worker: str | None = None  # the worker that ran its latest attempt
 
     @staticmethod
     def new_id() -> str:

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     janitor_interval_s: float = Field(5.0, gt=0)
     max_attempts: int = Field(3, ge=1, description="runs of one job (first + retries after its worker died)")
     checkpoints_kept: int = Field(2, ge=1, description="newest checkpoints kept in a job's work dir")
+    # --- fleets (core/fleet.py): queues by resource; a worker serves the queues of `bone-server worker --queues`
+    queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="resource queues jobs may name besides queue_name, comma separated "
+        "(e.g. cpu,gpu-24g,gpu-80g)")
+    resource_queues: dict[str, str] = Field(
+        default_factory=dict, description="JSON {base model: queue}: the queue of a job that names none")
+    max_num_processes: int = Field(8, ge=1, description="bound on a job's training.num_processes")
+    distributed_timeout_s: float = Field(600.0, gt=0, description="a distributed job's collectives give up after this")
 
     # --- request bounds ----------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
@@ -92,7 +100,7 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    @field_validator("adapter_preload", "adapter_pin", mode="before")
+    @field_validator("adapter_preload", "adapter_pin", "queues", mode="before")
     @classmethod
     def _name_list(cls, value: object) -> object:
         if isinstance(value, str):

@@ -12,12 +12,22 @@ own signals only feed that path:
   the cause recorded, so the janitor's next pass (seconds) re-queues it naming the cause;
 * a whole worker that dies is noticed by the janitor within ~heartbeat TTL + interval (20 s by default);
   RQ's own abandoned-job report comes 90+ s later and is only logged.
+
+Fleets (core/fleet.py): ``queues`` (``bone-server worker --queues cpu,gpu-24g``) are the RQ queues served, in
+priority order (default: ``BONE_QUEUE_NAME``); an ``Advert`` thread keeps this worker's device, memory and
+queues in Redis for ``GET /workers`` and ``GET /queues``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from typing import Any, Sequence
 
 from core.settings import Settings
 
@@ -28,8 +38,8 @@ def maintenance_interval(settings: Settings) -> int:
     return max(5, settings.worker_ttl_s // 3)
 
 
-def run_worker(settings: Settings, *, burst: bool = False) -> bool:
-    """Serve the training queue until stopped (or, with ``burst``, until it is empty). Returns RQ's result."""
+def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str] | None = None) -> bool:
+    """Serve the training queues until stopped (or, with ``burst``, until they are empty). Returns RQ's result."""
     # Before anything imports torch.cuda: ask NVML whether a GPU exists, which does not initialise CUDA in
     # this (parent) process; the work-horses forked from it can then still use CUDA.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -47,23 +57,101 @@ def run_worker(settings: Settings, *, burst: bool = False) -> bool:
     model_cache.preload(settings.base_model, settings, device)
 
     conn = redis.Redis.from_url(settings.redis_url)
-    queue = Queue(settings.queue_name, connection=conn)
+    names = list(dict.fromkeys(queues or [settings.queue_name]))
     worker = Worker(
-        [queue], connection=conn,
+        [Queue(name, connection=conn) for name in names], connection=conn,
         worker_ttl=settings.worker_ttl_s,
         maintenance_interval=maintenance_interval(settings),
         exception_handlers=[_abandoned_job_handler],
         work_horse_killed_handler=_work_horse_killed,
     )
-    log.info("worker %s listening on queue %r at %s (worker TTL %d s, maintenance every %d s)", worker.name,
-             settings.queue_name, settings.redis_url, settings.worker_ttl_s, maintenance_interval(settings))
+    log.info("worker %s listening on queues %s at %s (worker TTL %d s, maintenance every %d s)", worker.name,
+             ",".join(names), settings.redis_url, settings.worker_ttl_s, maintenance_interval(settings))
+    tasks.use_worker_name(worker.name)  # recorded on each job it starts
+    advert = Advert(settings, worker.name, describe_device(settings, device) | {"queues": names}).start()
     # Started before the first fork; work-horses inherit no threads, so it only ever runs in this parent.
     janitor = None if burst else Janitor(settings, clean_workdirs=True).start()
     try:
         return worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level.upper())
     finally:
+        advert.stop()
         if janitor is not None:
             janitor.stop()
+
+
+# --- what this worker advertises (core/fleet.py) ------------------------------------------------------------------
+def describe_device(settings: Settings, device) -> dict[str, Any]:
+    """Device, device count and memory, found without initialising CUDA in this (forking) parent process."""
+    import torch
+
+    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "device": device.type,
+                            "cpus": os.cpu_count(), "memory_bytes": _host_memory(),
+                            "max_num_processes": settings.max_num_processes, "started_at": time.time()}
+    if device.type == "cuda":
+        info["gpus"] = torch.cuda.device_count()  # NVML-based (see run_worker): no CUDA context here
+        info.update(_gpu_memory())
+    return info
+
+
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gpu_memory() -> dict[str, Any]:
+    """GPU model and memory per GPU from nvidia-smi (NVML); empty when it is not there."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {}
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = [line.split(",") for line in out.strip().splitlines() if "," in line]
+    return {"gpu_names": [r[0].strip() for r in rows],
+            "gpu_memory_bytes": [int(float(r[1])) * 1024 * 1024 for r in rows]}
+
+
+class Advert:
+    """Keeps ``bone:worker:<name>`` alive while this worker runs (a thread of the parent process)."""
+
+    def __init__(self, settings: Settings, name: str, info: dict[str, Any]) -> None:
+        import redis
+
+        self.name, self.info, self.ttl = name, info, settings.worker_ttl_s
+        self.conn = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bone-advert", daemon=True)
+
+    def start(self) -> "Advert":
+        from core.fleet import advertise
+
+        advertise(self.conn, self.name, self.info, self.ttl)  # at once: GET /workers shows it from the start
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        from core.fleet import withdraw
+
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            withdraw(self.conn, self.name)
+        except Exception:  # noqa: BLE001 - it expires by itself
+            pass
+        self.conn.close()
+
+    def _run(self) -> None:
+        from core.fleet import advertise
+
+        while not self._stop.wait(max(1.0, self.ttl / 3)):
+            try:
+                advertise(self.conn, self.name, self.info, self.ttl)
+            except Exception as exc:  # noqa: BLE001 - Redis blips: keep trying
+                log.warning("worker advert failed: %s", exc)
 
 
 def _work_horse_killed(job, pid: int, status: int, rusage) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import redis
@@ -42,6 +43,15 @@ def use_settings(settings: Settings | None) -> None:
     environment's: ``run_worker(settings)`` and tests call this."""
     global _settings_override
     _settings_override = settings
+
+
+_worker_name: str | None = None
+
+
+def use_worker_name(name: str | None) -> None:
+    """The RQ worker name recorded on the jobs this process (and its work-horses) start (``job.worker``)."""
+    global _worker_name
+    _worker_name = name
 
 
 def current_settings() -> Settings:
@@ -107,11 +117,12 @@ def _start(store: JobStore, job_id: str) -> Job | None:
     try:
         # RUNNING too: RQ may hand out a job again whose process died before the janitor saw it.
         job = store.transition(job_id, [JobStatus.QUEUED, JobStatus.RUNNING], status=JobStatus.RUNNING,
-                               started_at=time.time(), attempts=job.attempts + 1, error=None)
+                               started_at=time.time(), attempts=job.attempts + 1, error=None, worker=_worker_name)
     except Conflict:
         log.info("job %s changed state before it started; not running it", job_id)
         return None
-    store.add_event(job_id, "status", f"started (attempt {job.attempts})", status="running", attempt=job.attempts)
+    store.add_event(job_id, "status", f"started (attempt {job.attempts})", status="running", attempt=job.attempts,
+                    worker=_worker_name)
     log.info("job %s started (attempt %d): adapter %r on %r", job_id, job.attempts, job.adapter_name, job.base_model)
     return job
 
@@ -157,12 +168,14 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
                     rows=data.rows, examples=len(train_examples), eval_examples=len(eval_examples),
                     truncated=data.truncated, dropped=data.dropped, trainable_params=trainable, device=device.type)
 
-    # -- train (resuming from the newest checkpoint in the work dir, if an earlier attempt left one)
+    # -- train (resuming from the newest checkpoint in the work dir, if an earlier attempt left one); with
+    #    num_processes > 1 this process is rank 0 of a distributed run (worker/distributed.py)
     publisher = CheckpointPublisher(store, settings, job, config)
-    result = train(bone_model, tokenizer, train_examples, spec, device=device, eval_examples=eval_examples,
-                   on_step=reporter.on_step, on_event=publisher.wrap(reporter.on_event),
-                   should_stop=reporter.should_stop, checkpoint_dir=workdir / "checkpoints",
-                   checkpoints_kept=settings.checkpoints_kept, adapter_name=ADAPTER_NAME_IN_MODEL)
+    with _processes(job, settings, device, config, train_examples, eval_examples, workdir) as group:
+        result = train(bone_model, tokenizer, train_examples, spec, device=device, eval_examples=eval_examples,
+                       on_step=reporter.on_step, on_event=publisher.wrap(reporter.on_event),
+                       should_stop=reporter.should_stop, checkpoint_dir=workdir / "checkpoints",
+                       checkpoints_kept=settings.checkpoints_kept, adapter_name=ADAPTER_NAME_IN_MODEL, group=group)
     if reporter.should_stop():  # a cancel that arrived during the last step still wins over publishing
         raise Cancelled()
     metrics = {
@@ -182,6 +195,8 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
                        best_eval_loss=min(e["eval_loss"] for e in result.evals), eval_examples=len(eval_examples))
     if result.stopped_early:
         metrics["stopped_early"] = 1
+    if spec.num_processes > 1:
+        metrics["num_processes"] = spec.num_processes
     log.info("job %s trained %d steps in %.1f s, loss %.4f -> %.4f", job.id, result.steps, result.seconds,
              result.losses[0], result.final_loss)
 
@@ -194,6 +209,21 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
         "base_model": job.base_model, "bone": config.to_dict(), "job_id": job.id, "owner": job.owner,
         "metrics": metrics,
     })
+
+
+def _processes(job: Job, settings: Settings, device: torch.device, config, train_examples, eval_examples,
+               workdir: Path):
+    """No group for one process; else the other ranks started and this one joined as rank 0."""
+    from worker import distributed
+
+    n = job.training.num_processes
+    if n == 1:
+        return nullcontext(None)
+    distributed.check_processes(n, device, settings.max_num_processes)
+    return distributed.launch(n, device=device, timeout_s=settings.distributed_timeout_s, helper_args={
+        "base_model": job.base_model, "settings": settings, "bone_config": config,
+        "adapter_name": ADAPTER_NAME_IN_MODEL, "spec": job.training, "examples": list(train_examples),
+        "eval_examples": list(eval_examples), "checkpoint_dir": str(workdir / "checkpoints")})
 
 
 class CheckpointPublisher:

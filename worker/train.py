@@ -7,6 +7,11 @@ is the mean over every trainable token of one optimizer step, however the step i
 (gradient accumulation gives the same gradient as one big batch). With ``checkpoint_dir`` the loop saves
 every ``save_every`` steps and, if a checkpoint is already there (a retried job), resumes from the newest:
 the same seed then gives the same weights as a run that was never interrupted.
+
+With ``group`` (worker/distributed.py) the same loop runs in every process of a distributed job: each rank draws
+the same global batches from the same seeded stream, runs only its disjoint shard of every micro-batch, and
+the trainable (``bone_*``) gradients are summed across ranks before the optimizer step, so the update equals
+the single-process one. Rank 0 alone reports, evaluates and checkpoints; it polls the stop flag and broadcasts it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,9 @@ from core.jobs import TrainingSpec
 from worker import checkpoint
 from worker.batches import BatchStream, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
+
+if TYPE_CHECKING:
+    from worker.distributed import Group
 from worker.evaluate import EvalResult, evaluate
 
 __all__ = ["Cancelled", "TrainResult", "collate", "count_steps", "get_lr", "train"]
@@ -97,6 +105,11 @@ def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def example_targets(example: Example) -> int:
+    """Trainable tokens of one example as ``trainable_tokens`` counts them in a collated batch."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
 def due(step: int, every: int | None, total: int) -> bool:
     """After optimizer step ``step`` (1-based), is a periodic action due? Never on the last step: the end of
     the run has its own evaluation, and a checkpoint there would only be deleted again."""
@@ -122,12 +135,13 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
           device: torch.device, eval_examples: Sequence[Example] = (), on_step: StepCallback | None = None,
           on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
           checkpoint_dir: Path | None = None, checkpoints_kept: int = 2,
-          adapter_name: str = "default") -> TrainResult:
+          adapter_name: str = "default", group: "Group | None" = None) -> TrainResult:
     if not examples:
         raise ValueError("no training examples")
     on_step = on_step or _noop
     on_event = on_event or _noop
     stop = should_stop or (lambda: False)
+    main = group is None or group.is_main  # the rank that reports, evaluates and checkpoints
 
     # -- reproducibility: same seed, same data order, same initial state, same bytes (on CPU)
     seed_everything(spec.seed)
@@ -170,23 +184,31 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         loop.update({k: saved[k] for k in loop})
         batches.skip(loop["micro_batches"])
         on_event("resumed", f"resumed from the checkpoint of step {start}", step=start)
+    if group is not None:
+        group.broadcast(params)  # every rank starts from rank 0's weights, whatever its own init did
 
     model.train()
     started = time.perf_counter()
     on_event("phase", "", phase="training")
     for step in range(start, total_steps):
-        if stop():
+        if group.any(stop()) if group is not None else stop():  # rank 0 polls; every rank stops together
             raise Cancelled()
         step_started = time.perf_counter()
         lr = get_lr(step, base_lr=spec.learning_rate, schedule=spec.lr_scheduler,
                     warmup_steps=spec.warmup_steps, total_steps=total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
 
         # -- forward/backward over the step's micro-batches; each is divided by the step's token count
         epochs_before = batches.epochs_done
-        step_batches = [collate(next(batches), pad_id, device) for _ in range(spec.gradient_accumulation_steps)]
-        n_targets = max(1, sum(trainable_tokens(b) for b in step_batches))
+        global_batches = [next(batches) for _ in range(spec.gradient_accumulation_steps)]
+        loop["seen"] += sum(len(b) for b in global_batches)
+        if group is None:
+            step_batches = [collate(b, pad_id, device) for b in global_batches]
+            n_targets = max(1, sum(trainable_tokens(b) for b in step_batches))
+        else:  # this rank's rows of each micro-batch; the divisor counts every rank's tokens
+            n_targets = max(1, sum(example_targets(ex) for b in global_batches for ex in b))
+            step_batches = [collate(shard, pad_id, device) for b in global_batches if (shard := group.shard(b))]
         step_loss = 0.0
         step_tokens = 0
         for batch in step_batches:
@@ -195,7 +217,8 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
             loss.backward()
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].sum())
-            loop["seen"] += batch["input_ids"].size(0)
+        if group is not None:  # sum the shards' gradients (and loss, tokens): the single-process step's values
+            step_loss, step_tokens = group.all_reduce_grads(params, step_loss, step_tokens)
 
         # -- clip, step, clear (clip_grad_norm_ with inf measures the norm without clipping)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
@@ -216,19 +239,25 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
 
         # -- evaluate; stop early when the eval loss has not improved for `patience` evaluations
         if eval_examples and due(done, spec.eval_every, total_steps):
-            got = run_eval(done)
-            if loop["best_eval"] is None or got.loss < loop["best_eval"]:
-                loop["best_eval"], loop["bad_evals"] = got.loss, 0
-            else:
-                loop["bad_evals"] += 1
-            if spec.early_stopping_patience is not None and loop["bad_evals"] >= spec.early_stopping_patience:
+            patience_out = False
+            if main:  # rank 0 evaluates; the others wait for its early-stopping verdict
+                got = run_eval(done)
+                if loop["best_eval"] is None or got.loss < loop["best_eval"]:
+                    loop["best_eval"], loop["bad_evals"] = got.loss, 0
+                else:
+                    loop["bad_evals"] += 1
+                patience_out = (spec.early_stopping_patience is not None
+                                and loop["bad_evals"] >= spec.early_stopping_patience)
+            if group is not None:
+                patience_out = group.from_main(patience_out)
+            if patience_out:
                 result.stopped_early = True
                 on_event("message", f"stopped early at step {done}: no better eval loss in "
                          f"{loop['bad_evals']} evaluations", step=done)
                 break
 
         # -- checkpoint: everything the next attempt needs to carry on exactly here
-        if checkpoint_dir is not None and due(done, spec.save_every, total_steps):
+        if main and checkpoint_dir is not None and due(done, spec.save_every, total_steps):
             on_event("phase", "", phase="checkpointing")
             loop["seconds"] += time.perf_counter() - started
             started = time.perf_counter()
@@ -240,7 +269,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
             on_event("phase", "", phase="training")
 
     # -- a last evaluation on the final weights (unless the loop just did one)
-    if eval_examples and (not result.evals or result.evals[-1]["step"] != result.steps):
+    if main and eval_examples and (not result.evals or result.evals[-1]["step"] != result.steps):
         run_eval(result.steps)
     model.eval()
     result.epochs = loop["seen"] / len(examples)

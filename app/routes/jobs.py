@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from sse_starlette.sse import EventSourceResponse
@@ -24,6 +25,7 @@ from core.auth import Principal
 from core.checkpoints import unpublish_checkpoints
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.files import FileStore
+from core.fleet import choose_queue
 from core.janitor import TRAINING_TASK
 from core.jobs import FileDataset, Job, JobCreate, JobStatus, dataset_summary
 from core.jobstore import JobStore
@@ -41,10 +43,18 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
     for spec in (body.dataset, body.validation_dataset):
         if isinstance(spec, FileDataset):  # another owner's file answers as a missing one
             check_file_visible(settings, spec.file_id, principal)
-    job = Job(id=Job.new_id(), adapter_name=body.adapter_name, base_model=body.base_model or settings.base_model,
+    base_model = body.base_model or settings.base_model
+    queue_name = choose_queue(settings, body.queue, base_model)  # 400 for an unknown queue
+    if body.training.num_processes > settings.max_num_processes:
+        raise InvalidRequest(f"training.num_processes={body.training.num_processes} exceeds the server's limit of "
+                             f"{settings.max_num_processes} (BONE_MAX_NUM_PROCESSES)", param="training.num_processes")
+    job = Job(id=Job.new_id(), adapter_name=body.adapter_name, base_model=base_model,
               dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite,
-              validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset))
+              validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset),
+              queue=queue_name)
     store.create(job, records=records, validation_records=validation_records)
+    if queue_name != queue.name:
+        queue = Queue(queue_name, connection=queue.connection)
     try:
         queue.enqueue(TRAINING_TASK, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=86400,
                       failure_ttl=7 * 86400)

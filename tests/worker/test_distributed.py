@@ -1,0 +1,138 @@
+"""One job on two processes (``training.num_processes = 2``, gloo on the CPU) against the same job on one.
+
+Each rank runs a disjoint shard of the same global batch and the trainable gradients are summed, so the step
+losses must match the single-process run up to float summation order: measured differences are ~1e-7; the
+tolerance is 1e-4 relative (and the final adapter weights 1e-4 absolute). Rank 0 (this process) reports,
+evaluates, checkpoints and publishes; rank 1 is a real spawned process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.fleet import choose_queue, known_queues, live_workers, queue_summary
+from core.errors import InvalidRequest
+from core.jobs import JobStatus
+from core.registry import WEIGHTS_FILE, AdapterRegistry
+from core.settings import Settings
+from worker.distributed import Group
+from worker.tasks import run_training_job
+
+pytestmark = pytest.mark.slow
+
+# Different lengths, so the two shards of a batch pad differently: the loss divisor must count the global step.
+ROWS = [{"prompt": f"Q{i}: {'x' * (i % 5)}?\n", "completion": f"A{i}{'y' * (i % 3)}."} for i in range(10)]
+RECIPE = dict(max_steps=8, learning_rate=1e-2, batch_size=3, gradient_accumulation_steps=2, max_seq_length=48,
+              seed=7, eval_fraction=0.2, eval_every=4, save_every=4, warmup_steps=1)
+
+
+def _losses(store, job_id):
+    return [e["data"]["loss"] for e in store.events(job_id, limit=1000) if e["type"] == "step"]
+
+
+def _weights(settings, name):
+    return load_file(str(AdapterRegistry(settings.registry_dir).path(name) / WEIGHTS_FILE))
+
+
+def test_two_processes_match_one_and_publish_one_adapter(task_settings, store, make_job):
+    single = make_job(ROWS, adapter_name="single", **RECIPE)
+    double = make_job(ROWS, adapter_name="double", num_processes=2, **RECIPE)
+    assert run_training_job(single.id) == "succeeded", store.get(single.id).error
+    assert run_training_job(double.id) == "succeeded", store.get(double.id).error
+
+    one, two = store.get(single.id), store.get(double.id)
+    assert two.metrics["num_processes"] == 2 and "num_processes" not in one.metrics
+    assert one.metrics["train_examples"] == two.metrics["train_examples"] == 8  # same data, same global batch
+    assert one.metrics["train_tokens"] == two.metrics["train_tokens"]
+    assert one.metrics["epochs"] == two.metrics["epochs"]
+    l1, l2 = _losses(store, single.id), _losses(store, double.id)
+    assert len(l1) == len(l2) == 8
+    assert l2 == pytest.approx(l1, rel=1e-4), (l1, l2)
+    assert two.metrics["eval_loss"] == pytest.approx(one.metrics["eval_loss"], rel=1e-4)
+    # rank 0 alone reports: one step event per step, one checkpoint, evals at 4 and 8
+    assert [c["step"] for c in store.checkpoints(double.id)] == [4]
+    evals = [e["data"]["step"] for e in store.events(double.id, limit=1000) if e["type"] == "eval"]
+    assert evals == [4, 8]
+
+    registry = AdapterRegistry(task_settings.registry_dir)
+    assert sorted(a.name for a in registry.list()) == ["double", "single"]  # exactly one adapter per job
+    w1, w2 = _weights(task_settings, "single"), _weights(task_settings, "double")
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-4)
+
+
+def test_a_cancelled_distributed_job_stops_every_process(task_settings, store, make_job):
+    job = make_job(ROWS, adapter_name="stopped", num_processes=2, max_steps=5000, batch_size=4)
+
+    def cancel_after_two_steps():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_losses(store, job.id)) < 2:
+            time.sleep(0.05)
+        store.request_cancel(job.id)
+
+    canceller = threading.Thread(target=cancel_after_two_steps)
+    canceller.start()
+    assert run_training_job(job.id) == "cancelled"
+    canceller.join()
+    assert 2 <= len(_losses(store, job.id)) < 5000
+    assert not AdapterRegistry(task_settings.registry_dir).exists("stopped")
+    assert not torch.distributed.is_initialized()
+    import multiprocessing
+
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("bone-rank-")]
+
+
+def test_too_many_processes_fail_the_job_with_a_clear_message(tmp_path, redis_url, shared_models_dir, store,
+                                                              make_job):
+    from worker import tasks
+
+    data_dir = tmp_path / "d"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
+    tasks.use_settings(Settings(data_dir=data_dir, redis_url=redis_url, max_num_processes=2))
+    try:
+        job = make_job(ROWS, adapter_name="toomany", num_processes=3, max_steps=2)
+        assert run_training_job(job.id) == "failed"
+        assert "BONE_MAX_NUM_PROCESSES" in store.get(job.id).error
+    finally:
+        tasks.use_settings(None)
+
+
+def test_shards_are_disjoint_and_cover_the_batch():
+    batch = list(range(7))
+    shards = [Group(r, 3, torch.device("cpu")).shard(batch) for r in range(3)]
+    assert sorted(x for s in shards for x in s) == batch and shards[0] == [0, 3, 6]
+
+
+# --- queues and adverts (core/fleet.py) ---------------------------------------------------------------------------
+def test_queue_choice(tmp_path):
+    s = Settings(data_dir=tmp_path, queues="cpu,gpu-24g", resource_queues={"big/model": "gpu-80g"})
+    assert known_queues(s) == ["bone-training", "cpu", "gpu-24g", "gpu-80g"]
+    assert choose_queue(s, None, "embedded") == "bone-training"
+    assert choose_queue(s, None, "big/model") == "gpu-80g"
+    assert choose_queue(s, "cpu", "big/model") == "cpu"  # the job's own choice wins
+    with pytest.raises(InvalidRequest) as err:
+        choose_queue(s, "gpu-7g", "embedded")
+    assert err.value.param == "queue"
+
+
+def test_adverts_expire_and_queues_count_workers(tmp_path, redis_conn):
+    from core.fleet import advertise, withdraw
+
+    s = Settings(data_dir=tmp_path, queues="cpu")
+    advertise(redis_conn, "w1", {"device": "cpu", "memory_bytes": 1, "queues": ["cpu"]}, ttl_s=30)
+    advertise(redis_conn, "w2", {"device": "cuda", "gpus": 2, "queues": ["gpu-24g", "cpu"]}, ttl_s=1)
+    redis_conn.rpush("rq:queue:cpu", "a", "b")
+    assert [w["name"] for w in live_workers(redis_conn)] == ["w1", "w2"]
+    by_name = {q["name"]: q for q in queue_summary(redis_conn, s)}
+    assert (by_name["cpu"]["depth"], by_name["cpu"]["workers"]) == (2, 2)
+    assert by_name["gpu-24g"]["workers"] == 1 and not by_name["gpu-24g"]["known"]
+    time.sleep(1.2)
+    assert [w["name"] for w in live_workers(redis_conn)] == ["w1"]  # w2 stopped refreshing: gone
+    withdraw(redis_conn, "w1")
+    assert live_workers(redis_conn) == []
