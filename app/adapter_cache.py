@@ -2,7 +2,11 @@
 count alone does not bound memory once adapters differ in rank or targets) and, below that, host-memory
 copies (bounded by bytes) that make a re-load skip disk, sha256 check and parsing. Both tiers are LRU.
 
-Entries are keyed by (name, sha256). The sha comes from the registry metadata read for every request, so a
+Entries are keyed by (name, sha256). A per-request mix of adapters (``"adapters": {"a": 0.7, "b": 0.3}``) is a
+virtual adapter, never written to the registry: its blocks are ``Σ wᵢ Bᵢ`` of the sources' (exact for Bone),
+built by the loader threads from the verified sources, and it is cached and evicted like any adapter under
+``(mix_name(mix), mix_sha256(mix))``, both derived from the sorted (name, sha256, weight) tuples — so a
+re-published source makes a new key, and evicting a source (deleted, overwritten) evicts its mixes too. The sha comes from the registry metadata read for every request, so a
 re-published adapter is a new key and a deleted one is never found.
 
 Reading an adapter (registry, sha256, safetensors) is slow and runs on the ``AdapterLoader`` threads, never
@@ -13,6 +17,8 @@ thread only; slots in use by running rows are never evicted (``in_use``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import time
@@ -47,6 +53,7 @@ class FetchedAdapter:
     tensors: dict[str, Any]
     size_bytes: int  # of the tensors: what it costs in memory, not on disk
     fetch_s: float
+    sources: tuple[str, ...] = ()  # a mix: the adapters it sums (evicting one of them evicts the mix)
 
 
 @dataclass
@@ -56,6 +63,7 @@ class CachedAdapter:
     slot: str  # the adapter's name inside the model (module dict keys cannot hold '.')
     size_bytes: int
     loaded_in_s: float
+    sources: tuple[str, ...] = ()
 
 
 def slot_name(name: str, sha256: str) -> str:
@@ -76,6 +84,45 @@ def fetch_adapter(registry: AdapterRegistry, name: str) -> FetchedAdapter:
     return FetchedAdapter(name, info.sha256, config, tensors, size, time.perf_counter() - started)
 
 
+Mix = tuple[tuple[str, str, float], ...]  # sorted (source name, sha256, weight)
+MIX_PREFIX = "~mix-"  # registry names cannot hold '~', so a mix never collides with a published adapter
+
+
+def mix_name(mix: Mix) -> str:
+    """The cache name of a mix: the same sources with the same weights, whatever their versions."""
+    spec = json.dumps([[name, repr(float(weight))] for name, _, weight in sorted(mix)])
+    return MIX_PREFIX + hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def mix_sha256(mix: Mix) -> str:
+    """The version of a mix: changes when any source is re-published."""
+    spec = json.dumps([[name, sha, repr(float(weight))] for name, sha, weight in sorted(mix)])
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def fetch_mix(registry: AdapterRegistry, mix: Mix, out_features: dict[str, int] | None = None) -> FetchedAdapter:
+    """Registry → host memory for a mix: every source sha256-verified, then ``Σ wᵢ Bᵢ`` in float32, in the
+    sorted order of the sources (the same bits for the same mix). Versions are those read now: if a source
+    was re-published since the request resolved it, the mix is built from (and keyed by) the new one."""
+    from bone import BoneConfigError, combine_bone_adapters
+    from core.errors import InvalidRequest
+
+    started = time.perf_counter()
+    items, read = [], []
+    for name, _, weight in sorted(mix):
+        source = fetch_adapter(registry, name)
+        items.append((name, source.config, source.tensors, float(weight)))
+        read.append((name, source.sha256, float(weight)))
+    try:
+        config, tensors = combine_bone_adapters(items, out_features=out_features)
+    except BoneConfigError as exc:  # a source re-published as Bat / another r since the request was checked
+        raise InvalidRequest(str(exc), param="adapters", code="invalid_adapter_mix") from None
+    read_mix = tuple(read)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    return FetchedAdapter(mix_name(read_mix), mix_sha256(read_mix), config, tensors, size,
+                          time.perf_counter() - started, sources=tuple(name for name, _, _ in read_mix))
+
+
 class AdapterLoader:
     """Fetches adapters on its own threads; ``on_done(name, fetched, error)`` is called from a loader thread
     (the engine turns it into a message for the model thread). One fetch per name at a time."""
@@ -86,11 +133,13 @@ class AdapterLoader:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="adapter-loader")
         self._inflight: set[str] = set()  # touched by the model thread only (fetch / finished)
 
-    def fetch(self, name: str) -> None:
+    def fetch(self, name: str, read: Callable[[], FetchedAdapter] | None = None) -> None:
+        """Read adapter ``name`` (or, for a mix, call ``read``) on a loader thread."""
         if name in self._inflight:
             return
         self._inflight.add(name)
-        self._pool.submit(fetch_adapter, self.registry, name).add_done_callback(lambda f: self._report(name, f))
+        future = self._pool.submit(read) if read is not None else self._pool.submit(fetch_adapter, self.registry, name)
+        future.add_done_callback(lambda f: self._report(name, f))
 
     def _report(self, name: str, future: Future) -> None:
         error = future.exception()
@@ -178,7 +227,8 @@ class AdapterCache:
         slot = slot_name(*key)
         self.host.add_adapter(slot, fetched.config, fetched.tensors)  # copies the blocks onto the device
         took = fetched.fetch_s + time.perf_counter() - started
-        self._entries[key] = CachedAdapter(fetched.name, fetched.sha256, slot, fetched.size_bytes, took)
+        self._entries[key] = CachedAdapter(fetched.name, fetched.sha256, slot, fetched.size_bytes, took,
+                                           fetched.sources)
         self._bytes += fetched.size_bytes
         self.installs += 1
         metrics.ADAPTER_LOAD_SECONDS.observe(took)
@@ -188,14 +238,19 @@ class AdapterCache:
         return slot
 
     def evict(self, name: str, keep_sha: str | None = None, in_use: Iterable[str] = frozenset()) -> int:
-        """Drop every version of ``name`` (except ``keep_sha``) from both tiers; versions still used by running
-        rows are dropped as soon as those rows finish. Returns how many left the device now."""
+        """Drop every version of ``name`` (except ``keep_sha``) from both tiers — and, when every version goes
+        (``keep_sha`` None: deleted or overwritten), the mixes that sum it; entries still used by running rows
+        are dropped as soon as those rows finish. Returns how many left the device now."""
         in_use = set(in_use)
-        for key in [k for k in self._cpu if k[0] == name and k[1] != keep_sha]:
+
+        def doomed(key: Key, sources: tuple[str, ...]) -> bool:
+            return (key[0] == name and key[1] != keep_sha) or (keep_sha is None and name in sources)
+
+        for key in [k for k, f in self._cpu.items() if doomed(k, f.sources)]:
             self._cpu_used -= self._cpu.pop(key).size_bytes
         dropped = 0
         for key, entry in list(self._entries.items()):
-            if key[0] == name and key[1] != keep_sha:
+            if doomed(key, entry.sources):
                 if entry.slot in in_use:
                     self._doomed.add(key)
                 else:

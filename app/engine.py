@@ -6,6 +6,10 @@ answer the rows that finished. Rows join and leave between steps (continuous bat
 adapters*: every row names its adapter and the Bone layers select per row in a single forward. When the
 engine is idle, the first request waits up to ``batch_wait_ms`` for company, so a burst is prefilled at once.
 
+A request may also name a *mix* of Bone adapters (``{"a": 0.7, "b": 0.3}``): a virtual adapter whose blocks
+are the exact weighted sum of the sources', built by the loader from the registry, never written back, and
+held in the adapter pool like any adapter (see ``app.adapter_cache``); its rows batch with everything else.
+
 A request whose adapter is not resident waits without holding anyone up: the ``AdapterLoader`` threads read
 and verify it, and only the final copy into the model (``AdapterCache.install``) runs here, between steps.
 """
@@ -26,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from app import metrics
-from app.adapter_cache import AdapterCache, AdapterLoader, FetchedAdapter
+from app.adapter_cache import AdapterCache, AdapterLoader, FetchedAdapter, Mix, fetch_mix, mix_name, mix_sha256
 from app.decoding import Row, RunningBatch, SamplingParams
 from app.model_host import BASE_SLOT, ModelHost
 from core.base_model import LoadedBaseModel
@@ -44,6 +48,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     adapter: str | None
+    adapters: dict[str, float] | None = None  # the mix served, if the request named one
 
 
 @dataclass(eq=False)
@@ -58,6 +63,7 @@ class _Request:
     arrived: float = field(default_factory=time.perf_counter)
     fetched: FetchedAdapter | None = None  # its adapter, read by the loader, waiting to be installed
     counted: bool = False  # cache hit/miss recorded
+    mix: Mix | None = None  # a mix of adapters: ``adapter`` / ``sha256`` are then the mix's cache key
 
 
 @dataclass
@@ -95,6 +101,10 @@ class InferenceEngine:
         self.eos_ids = _eos_ids(base)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self.max_positions = getattr(base.model.config, "max_position_embeddings", None)
+        # out_features per module path: mixes of MiSS-mini adapters tile their blocks to (r, out)
+        self._out_features = {path: int(getattr(m, "out_features", None) or m.weight.shape[-1])
+                              for path, m in base.model.named_modules()
+                              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
         accepted = inspect.signature(base.model.forward).parameters
         self._keep_last_logits = "logits_to_keep" in accepted
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40).
@@ -136,8 +146,15 @@ class InferenceEngine:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def submit(self, prompt_ids: list[int], adapter: str | None, sha256: str | None, params: SamplingParams,
-               on_text: Callable[[str], None] | None = None) -> _Request:
-        """Queue one request (bounds checked here, so an error names the field before anything runs)."""
+               on_text: Callable[[str], None] | None = None, mix: Mix | None = None) -> _Request:
+        """Queue one request (bounds checked here, so an error names the field before anything runs).
+        ``mix``: sorted (source name, sha256, weight) tuples, checked combinable by the caller; it replaces
+        ``adapter`` / ``sha256``."""
+        if mix is not None:
+            if adapter is not None:
+                raise InvalidRequest("give either adapter or adapters, not both", param="adapters")
+            mix = tuple(sorted(mix))
+            adapter, sha256 = mix_name(mix), mix_sha256(mix)
         if not prompt_ids:
             raise InvalidRequest("prompt is empty after tokenization", param="prompt")
         if len(prompt_ids) > self.settings.max_prompt_tokens:
@@ -154,7 +171,7 @@ class InferenceEngine:
                                   f"(BONE_MAX_QUEUE={self.settings.max_queue}); retry shortly",
                                   retry_after=1.0, code="engine_busy")
             self._pending += 1
-        request = _Request(prompt_ids, adapter, sha256, params, on_text=on_text)
+        request = _Request(prompt_ids, adapter, sha256, params, on_text=on_text, mix=mix)
         self._inbox.put(request)
         return request
 
@@ -307,7 +324,11 @@ class InferenceEngine:
             return slot
         fetched = request.fetched or self.cache.cpu_get(key)
         if fetched is None:
-            self.loader.fetch(request.adapter)
+            if request.mix is None:
+                self.loader.fetch(request.adapter)
+            else:
+                mix, registry = request.mix, self.cache.registry
+                self.loader.fetch(request.adapter, lambda: fetch_mix(registry, mix, self._out_features))
             return None
         if not must_progress and not self.cache.has_room(fetched.size_bytes, in_use):
             return None  # joins when running rows free their adapters
@@ -343,9 +364,10 @@ class InferenceEngine:
         request: _Request = row.tag
         self.aborted += row.finish_reason == "abort"
         metrics.GENERATED_TOKENS.labels("adapter" if request.adapter else "base").inc(len(row.generated))
+        mix = None if request.mix is None else {name: weight for name, _, weight in request.mix}
         request.future.set_result(GenerationResult(
             text=row.text, finish_reason=row.finish_reason or "length", prompt_tokens=len(row.prompt_ids),
-            completion_tokens=len(row.generated), adapter=request.adapter))
+            completion_tokens=len(row.generated), adapter=None if mix else request.adapter, adapters=mix))
 
     def _count_tokens(self, n: int) -> None:
         """tokens/s over windows of at least half a second (a single step is too noisy to export)."""

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from bone import BASE_ADAPTER, BoneConfig, BoneModel
-from bone.routing import routing_context
 from core.errors import Conflict
 
 BASE_SLOT = BASE_ADAPTER
@@ -22,7 +21,8 @@ class ModelHost:
         # Adapters are stored in float32 next to a bf16/fp16 base (autocast_adapter_dtype), as in training.
         self.bone_model = BoneModel(model)
         self.bone_model.eval()
-        self._routing = None
+        self._routing = None  # the open ``BoneModel.routing`` context of the running batch
+        self._routed = None
         self._routing_slots: list[str] | None = None
 
     @property
@@ -44,23 +44,23 @@ class ModelHost:
     def forward(self, slots: list[str], **kwargs: Any) -> Any:
         """One forward where row i uses adapter ``slots[i]`` (or the base).
 
-        Consecutive calls with the same rows (the decode steps between two joins/leaves) share one routing
-        context, so each layer gathers its per-row blocks once per batch composition, not once per token;
-        that gather (a few KB of adapter blocks per layer) is the only copy a switch costs: base weights and
-        resident adapters are never copied or moved. ``bone.BoneModel.forward(adapter_names=...)`` would
-        rebuild the routing on every call, hence ``bone.routing.routing_context`` here. A slot in use by a
-        running row is never deleted (``AdapterCache`` in_use), so gathered blocks never go stale.
+        Consecutive calls with the same rows (the decode steps between two joins/leaves) share one
+        ``BoneModel.routing``, so each layer gathers its per-row blocks once per batch composition, not once
+        per token; that gather (a few KB of adapter blocks per layer) is the only copy a switch costs: base
+        weights and resident adapters are never copied or moved. A slot in use by a running row is never
+        deleted (``AdapterCache`` in_use); adding or deleting other adapters drops the affected plans, which
+        the next step rebuilds.
         """
         if not self.bone_model.adapter_configs:
             return self.bone_model(**kwargs)  # nothing loaded yet: the plain model, no routing overhead
         if self._routing_slots != slots:
             self.end_batch()
-            self._routing = routing_context(slots)
-            self._routing.__enter__()
-            self._routing_slots = list(slots)
-        return self.bone_model.base_model(**kwargs)
+            routing = self.bone_model.routing(slots)
+            self._routed = routing.__enter__()
+            self._routing, self._routing_slots = routing, list(slots)
+        return self._routed(**kwargs)
 
     def end_batch(self) -> None:
         if self._routing is not None:
-            self._routing.__exit__(None, None, None)
-            self._routing, self._routing_slots = None, None
+            routing, self._routing, self._routed, self._routing_slots = self._routing, None, None, None
+            routing.__exit__(None, None, None)

@@ -1,7 +1,7 @@
 """Serving throughput: 16 concurrent requests on 16 different adapters vs 1 adapter vs the base model, and a
 naive baseline that serves them one at a time switching adapters — one process, side by side.
 
-    python bench/serve.py --model small --new-tokens 64 --repeats 5 [--http]
+    python bench/serve.py --model small --new-tokens 64 --repeats 5 [--http] [--mixes]
 
 In-process: requests go straight to ``InferenceEngine`` (the real scheduler, per-row adapters, continuous
 batching). ``--http`` repeats mixed and base through the real app (uvicorn on loopback, ``POST /generate``,
@@ -9,7 +9,8 @@ one client thread per request; needs Redis at ``--redis-url`` for the app's life
 is PEFT-style: one model holding all adapters, ``set_adapter(name)`` then ``generate()`` per request.
 Also: adapter cold load (registry → usable, p50) and a check that switching between resident adapters
 loads nothing and moves no parameter. Figures are medians over ``--repeats`` runs after a warm-up run.
-EOS is disabled so every request generates exactly ``--new-tokens`` tokens.
+EOS is disabled so every request generates exactly ``--new-tokens`` tokens. ``--mixes`` adds a scenario of 16
+per-request mixes (request i: ``{adapter i: 0.5, adapter i+1: 0.5}``), built once by the engine, then cached.
 """
 
 from __future__ import annotations
@@ -67,13 +68,20 @@ def prompts(n: int, length: int) -> list[list[int]]:
     return [torch.randint(3, 256, (length - (i % 4) * 3,), generator=g).tolist() for i in range(n)]  # ragged
 
 
-def engine_run(engine: InferenceEngine, adapters: list[str | None], ids: list[list[int]], new_tokens: int) -> float:
-    """Tokens/s for one burst of concurrent requests through the engine."""
+def engine_run(engine: InferenceEngine, adapters: list, ids: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s for one burst of concurrent requests through the engine (an entry of ``adapters`` is a name,
+    None for the base model, or a dict name -> weight for a mix)."""
     registry = engine.cache.registry
-    shas = [None if a is None else registry.get(a).sha256 for a in adapters]
+
+    def selector(a):
+        if isinstance(a, dict):
+            return None, None, tuple(sorted((n, registry.get(n).sha256, w) for n, w in a.items()))
+        return a, None if a is None else registry.get(a).sha256, None
+
+    selectors = [selector(a) for a in adapters]
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     started = time.perf_counter()
-    requests = [engine.submit(p, a, s, params) for p, a, s in zip(ids, adapters, shas)]
+    requests = [engine.submit(p, a, s, params, mix=m) for p, (a, s, m) in zip(ids, selectors)]
     tokens = sum(r.future.result(600).completion_tokens for r in requests)
     return tokens / (time.perf_counter() - started)
 
@@ -154,6 +162,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--http", action="store_true", help="also measure over HTTP (needs Redis)")
+    parser.add_argument("--mixes", action="store_true", help="also 16 per-request mixes of two adapters each")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -171,6 +180,9 @@ def main() -> None:
 
     # Round-robin over the scenarios, so drift on a shared machine hits them alike; medians per scenario.
     scenarios = {"base": [None] * N_REQUESTS, "one adapter": [names[0]] * N_REQUESTS, "mixed (16 adapters)": names}
+    if args.mixes:
+        scenarios["16 mixes (2 adapters each)"] = [{names[i]: 0.5, names[(i + 1) % N_REQUESTS]: 0.5}
+                                                   for i in range(N_REQUESTS)]
     runs = {label: (lambda a=adapters: engine_run(engine, a, ids, args.new_tokens)) for label, adapters in scenarios.items()}
     figures = round_robin(runs, args.repeats)
     params = {n: (p.data_ptr(), p._version) for n, p in engine.host.bone_model.named_parameters()}
@@ -193,7 +205,7 @@ def main() -> None:
     cold_ms, promote_ms = cold_loads(engine, names)
 
     print(f"\n{'in-process engine':<28}{'tokens/s':>10}{'vs base':>9}")
-    for label in ("base", "one adapter", "mixed (16 adapters)"):
+    for label in scenarios:
         tps = figures[label]
         print(f"{label:<28}{tps:>10.1f}{tps / base_tps:>8.2f}x")
     print(f"{'naive (one by one, switch)':<28}{naive_tps:>10.1f}{naive_tps / base_tps:>8.2f}x")

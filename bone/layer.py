@@ -111,6 +111,9 @@ class BoneLinear(nn.Module):
         # in a tuple so a decode step pays no module/dict lookups. Rebuilt by _refresh() whenever anything
         # it depends on changes (adapters, activation, merge, disable, .to(), load_state_dict).
         self._fast: tuple | None = None
+        # Per-row serving (bone.routing): the plan built for the current routing, dropped on any change above.
+        self._row_plan = None
+        self._row_epoch = 0
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh())
 
     @property
@@ -129,6 +132,8 @@ class BoneLinear(nn.Module):
 
     def _refresh(self) -> None:
         self._fast = None
+        self._row_plan = None
+        self._row_epoch = getattr(self, "_row_epoch", 0) + 1
         if self._disabled_flag or self.merged_adapters or len(self._active) != 1:
             return
         n = self._active[0]

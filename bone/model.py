@@ -1,5 +1,17 @@
 """``BoneModel`` / ``get_bone_model``: wrap the targeted layers of a Hugging Face model in place and manage
-its adapters (add, load, activate, delete, disable, merge, save), PEFT-style."""
+its adapters (add, load, activate, delete, disable, merge, save), PEFT-style.
+
+Per-row adapters (one forward, row i uses adapter ``names[i]`` or ``"__base__"``):
+
+- ``model(input_ids, adapter_names=[...])`` / ``model.generate(..., adapter_names=[...])``: one call; each
+  layer gathers its per-row blocks on the first forward of the call (generate reuses them for every token).
+- ``with model.routing(names) as routed: routed(...); routed(...)``: a serving loop that calls the model
+  step by step itself (a KV cache, continuous batching). ``routed`` forwards to the wrapped model (also
+  ``routed.generate``) with the rows' adapters, and every call reuses the per-layer plans of the first one —
+  the gather happens once per batch composition, not once per token. Open a new ``routing`` when rows join
+  or leave. The plans are dropped when the block ends, and automatically whenever an adapter is added to,
+  deleted from, merged into or moved with a layer (the next call rebuilds them), so they never go stale.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +29,7 @@ from .config import BoneConfig
 from .errors import BoneCheckpointError, BoneConfigError, BoneError
 from .layer import BoneLinear
 from .modules_to_save import ModulesToSave
-from .routing import BASE_ADAPTER, routing_context
+from .routing import BASE_ADAPTER, RoutedModel, RowRouting, routing_context
 from .targets import find_modules_to_save, find_targets, iter_modules, resolve_target_spec
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
@@ -378,6 +390,20 @@ class BoneModel(nn.Module):
         names = self._row_names(adapter_names, kwargs)
         with routing_context(names):
             return self.base_model(*args, **kwargs)
+
+    @contextmanager
+    def routing(self, adapter_names: list[str]):
+        """Per-row adapter selection reusable across calls: yields a :class:`~bone.routing.RoutedModel`;
+        ``routed(**kwargs)`` runs the wrapped model with row i on ``adapter_names[i]`` (``"__base__"``: the
+        base model), reusing the per-layer plans (gathered blocks) built by its first call. Names are
+        checked once, here; the batch of every call must have ``len(adapter_names)`` rows (or a multiple:
+        rows expanded in place, e.g. beams)."""
+        names = self._row_names(adapter_names, {})
+        routed = RoutedModel(self.base_model, RowRouting(names))
+        try:
+            yield routed
+        finally:
+            routed.close()
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         if adapter_names is None:

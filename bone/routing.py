@@ -1,16 +1,20 @@
 """Per-row adapter selection: row i of a batch uses adapter ``names[i]`` (or ``"__base__"``) in ONE forward.
 
-``BoneModel`` installs a :class:`RowRouting` in a context variable around the wrapped model's forward /
-generate; every ``BoneLinear`` reads it. Per layer, a plan is built once (and, outside autograd, cached on
-the routing object, so ``generate`` builds it once and reuses it on every decode step):
+A :class:`RowRouting` is active in a context variable around the wrapped model's forward / generate; every
+``BoneLinear`` reads it. Per layer, a plan is built once and, outside autograd, kept on the layer, tagged with
+the routing that built it and the batch size, so every later forward under the same routing (the decode
+steps of ``generate``, or of a serving loop through :meth:`bone.BoneModel.routing`) finds it with one
+attribute read and one identity check — no dict lookup, no gather, no allocation beyond the outputs:
 
-- Bone / mini rows, grouped by r: ``S_r(x)`` once per group, a per-row block tensor ``(rows, r, out)``
-  gathered from the stacked blocks (zeros for rows that are base or use another group), one ``baddbmm``.
+- Bone / mini rows, grouped by r: ``S_r(x)`` once per group (and once per input tensor: sibling projections
+  such as q/k/v or gate/up share it), a per-row block tensor ``(rows, r, out)`` gathered once from the
+  adapters' blocks (zeros for rows that are base or use another group), one in-place ``baddbmm_`` into the
+  base output. Every row using the same Bone adapter takes one ``addmm_`` with that adapter's block instead.
 - Bat rows, grouped per Bat adapter (a loop over distinct adapters, never over rows): the adapter's dense
   weight, one ``F.linear`` over its rows, written back with ``index_copy``.
 
-Gradients flow through the gathered blocks when grad mode is on (no cache then). ``miss_dropout`` is not
-applied in per-row mode (it is a serving path). Gradient checkpointing recomputes outside the routing
+Gradients flow through the gathered blocks when grad mode is on (nothing is cached then). ``miss_dropout``
+is not applied in per-row mode (it is a serving path). Gradient checkpointing recomputes outside the routing
 context, so it cannot be combined with per-row selection.
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +43,12 @@ def current_routing() -> "RowRouting | None":
 
 
 class RowRouting:
+    """Which adapter each row uses, and the per-layer plans built for it (kept until :meth:`close`)."""
+
     def __init__(self, names: list[str]):
         self.names = list(names)
-        self._cache: dict = {}
+        self._plans: dict["BoneLinear", "_Plan"] = {}  # outside autograd: the plans built for this routing
+        self._expanded: dict[int, list[str]] = {}
 
     def row_names(self, rows: int) -> list[str]:
         """Names per row of a batch of ``rows`` rows; generate() expands each input row k times in place
@@ -49,34 +56,50 @@ class RowRouting:
         n = len(self.names)
         if rows == n:
             return self.names
+        hit = self._expanded.get(rows)
+        if hit is not None:
+            return hit
         if rows % n:
             raise BoneError(
                 f"adapter_names has {n} entries but a layer received a batch of {rows} rows; "
                 "give one adapter name per input row"
             )
         k = rows // n
-        return [name for name in self.names for _ in range(k)]
+        names = self._expanded[rows] = [name for name in self.names for _ in range(k)]
+        return names
 
     def plan(self, layer: "BoneLinear", rows: int, device: torch.device) -> "_Plan":
-        cacheable = not torch.is_grad_enabled()
-        key = (id(layer), rows, device)
-        if cacheable:
-            hit = self._cache.get(key)
-            if hit is not None:
-                return hit
-        p = _Plan.build(layer, self.row_names(rows), device)
-        if cacheable:
-            self._cache[key] = p
+        if torch.is_grad_enabled():  # gathered blocks must carry the graph: never reused
+            return _Plan.build(layer, self.row_names(rows), device)
+        # The layer's slot holds the plan of the routing that ran last; this routing's own dict keeps its
+        # plans too, so alternating routings (e.g. prefill of newcomers between decode steps) never rebuild.
+        # ``layer._row_epoch`` changes whenever the layer does (adapters added/deleted, merge, .to()).
+        p = self._plans.get(layer)
+        if p is None or p.rows != rows or p.epoch != layer._row_epoch:
+            p = _Plan.build(layer, self.row_names(rows), device)
+            p.routing, p.rows, p.epoch = self, rows, layer._row_epoch
+            self._plans[layer] = p
+        layer._row_plan = p
         return p
+
+    def close(self) -> None:
+        """Drop the cached plans (and the gathered blocks they hold)."""
+        for layer in self._plans:
+            if layer._row_plan is not None and layer._row_plan.routing is self:
+                layer._row_plan = None
+        self._plans.clear()
 
 
 @contextmanager
 def routing_context(names: list[str]):
-    token = _ROUTING.set(RowRouting(names))
+    """Per-row selection for the enclosed forwards; the plans live as long as the context."""
+    routing = RowRouting(names)
+    token = _ROUTING.set(routing)
     try:
-        yield
+        yield routing
     finally:
         _ROUTING.reset(token)
+        routing.close()
 
 
 @contextmanager
@@ -89,13 +112,56 @@ def no_routing():
         _ROUTING.reset(token)
 
 
+class RoutedModel:
+    """A model whose forwards run with one per-row routing: ``BoneModel.routing(names)`` yields one.
+
+    Calling it (or its ``forward`` / ``generate``) runs the wrapped Hugging Face model with row i using
+    adapter ``names[i]``; every call reuses the per-layer plans built by the first one, so a decode loop pays
+    for the gather once per batch composition, not once per token. Only valid inside its ``with`` block."""
+
+    def __init__(self, model: Any, routing: RowRouting):
+        self._model, self._routing = model, routing
+        self.names = routing.names
+
+    def __call__(self, *args, **kwargs):
+        return self._run(self._model, args, kwargs)
+
+    forward = __call__
+
+    def generate(self, *args, **kwargs):
+        return self._run(self._model.generate, args, kwargs)
+
+    def _run(self, fn, args, kwargs):
+        if self._routing is None:
+            raise BoneError("this routed model was closed (its `with BoneModel.routing(...)` block ended)")
+        token = _ROUTING.set(self._routing)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _ROUTING.reset(token)
+
+    def close(self) -> None:
+        if self._routing is not None:
+            self._routing.close()
+            self._routing = None
+
+
 class _Plan:
-    __slots__ = ("uniform", "bone", "bat")
+    """What one layer does for one routing. ``kind``: 0 base only, 1 every row uses one Bone block
+    (``block`` (r, out)), 2 one r-group of Bone rows (``block`` gathered (rows, r, out)), 3 anything else
+    (several r groups and/or Bat rows: ``bone`` and ``bat`` lists)."""
+
+    __slots__ = ("kind", "r", "block", "bone", "bat", "routing", "rows", "epoch")
 
     def __init__(self):
-        self.uniform: list[tuple[int, torch.Tensor]] = []  # every row uses one Bone block: (r, block)
+        self.kind = 0
+        self.r = 0
+        self.block: torch.Tensor | None = None
         self.bone: list[tuple[int, torch.Tensor]] = []  # (r, gathered (rows, r, out))
         self.bat: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row index, dense logical weight)
+        self.routing: RowRouting | None = None
+        self.rows = 0
+        self.epoch = -1
 
     @classmethod
     def build(cls, layer: "BoneLinear", names: list[str], device: torch.device) -> "_Plan":
@@ -110,7 +176,7 @@ class _Plan:
             return p
         bone = [n for n in present if layer.bone_variant[n] != "bat"]
         if len(bone) == 1 and len(present) == 1 and all(n == bone[0] for n in names):
-            p.uniform.append((layer.bone_r[bone[0]], layer.full_block(bone[0])))
+            p.kind, p.r, p.block = 1, layer.bone_r[bone[0]], layer.full_block(bone[0])
             return p
         by_r: dict[int, list[str]] = {}
         for n in bone:
@@ -125,6 +191,10 @@ class _Plan:
             if layer.bone_variant[n] == "bat":
                 rows = torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
                 p.bat.append((rows, layer.effective_weight([n])))
+        if len(p.bone) == 1 and not p.bat:
+            p.kind, (p.r, p.block) = 2, p.bone[0]
+        else:
+            p.kind = 3
         return p
 
 
@@ -134,27 +204,45 @@ def row_forward(layer: "BoneLinear", x: torch.Tensor, routing: RowRouting) -> to
     if layer._disabled:
         raise BoneError("adapter_names cannot be used inside disable_adapter()")
     rows = x.shape[0]
-    plan = routing.plan(layer, rows, x.device)
-    y = layer.base_layer(x)
-    if not (plan.uniform or plan.bone or plan.bat):
-        return y
-    out = layer.out_features
+    plan = layer._row_plan
+    if plan is None or plan.routing is not routing or plan.rows != rows or torch.is_grad_enabled():
+        plan = routing.plan(layer, rows, x.device)
+    kind = plan.kind
+    base = layer.base_layer
+    if kind == 0:
+        return base(x)
     grad = torch.is_grad_enabled()
-    fin = layer.in_features
-    for r, blk in plan.uniform:
-        if not grad and y.dtype == blk.dtype == x.dtype and y.is_contiguous() and x.is_contiguous():
-            y.view(-1, out).addmm_(BF.cached_chunk_sum(x, r), blk)
-        else:
-            s = BF.chunk_sum(x.to(blk.dtype), r)
-            y = y + (s @ blk).to(y.dtype)
-    for r, g in plan.bone:
+    out = layer.out_features
+    if kind != 3 and not grad:
+        blk = plan.block
+        w = base.weight
+        if x.dtype == w.dtype == blk.dtype and x.is_contiguous() and layer._plain \
+                and not layer.is_conv1d:
+            # the serving hot path: base gemm, the (shared) chunk sum, one fused accumulate into y
+            y = F.linear(x, w, base.bias)
+            s = BF.cached_chunk_sum(x, plan.r)
+            if kind == 1:
+                y.view(-1, out).addmm_(s, blk)
+            else:
+                y.view(rows, -1, out).baddbmm_(s.view(rows, -1, plan.r), blk)
+            return y
+    y = base(x)
+    bone = plan.bone if kind != 1 else [(plan.r, plan.block)]
+    for r, g in bone:
+        uniform = g.dim() == 2
         if not grad and y.dtype == g.dtype == x.dtype and y.is_contiguous() and x.is_contiguous():
-            s = BF.cached_chunk_sum(x, r).view(rows, -1, r)
-            y.view(rows, -1, out).baddbmm_(s, g)
+            s = BF.cached_chunk_sum(x, r)
+            if uniform:
+                y.view(-1, out).addmm_(s, g)
+            else:
+                y.view(rows, -1, out).baddbmm_(s.view(rows, -1, r), g)
         else:
-            s = BF.chunk_sum(x.to(g.dtype), r).reshape(rows, -1, r)
-            y = y + torch.bmm(s, g).view(y.shape).to(y.dtype)
-    bias = layer.base_layer.bias
+            s = BF.chunk_sum(x.to(g.dtype), r)
+            if uniform:
+                y = y + (s @ g).to(y.dtype)
+            else:
+                y = y + torch.bmm(s.reshape(rows, -1, r), g).view(y.shape).to(y.dtype)
+    bias = base.bias
     for idx, w in plan.bat:
         xb = x.index_select(0, idx).to(w.dtype)
         yb = F.linear(xb, w, None if bias is None else bias.to(w.dtype)).to(y.dtype)

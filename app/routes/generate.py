@@ -1,5 +1,7 @@
 """``POST /generate``: text from the base model or any published adapter, batched with whatever else is
 being generated at the moment (see ``app.engine``). ``stream: true`` answers as server-sent events.
+``"adapters": {"a": 0.7, "b": 0.3}`` in place of ``adapter`` serves the exact weighted sum of Bone adapters
+(same base model, same r), built and cached by the engine, never written to the registry.
 
 The helpers below (submit, follow a stream, notice a client that hangs up) are shared with the
 OpenAI-compatible routes."""
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -17,19 +20,37 @@ from sse_starlette.sse import EventSourceResponse
 
 from app.decoding import SamplingParams
 from app.deps import EngineDep, RegistryDep, SettingsDep
+from app.adapter_cache import Mix
 from app.engine import GenerationResult, InferenceEngine
 from app.errors import service_error_from
+from bone import BoneConfig, BoneConfigError
+from bone.arithmetic import check_combinable
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
+from core.jobs import check_adapter_name
 from core.registry import AdapterRegistry
 from core.settings import Settings
 
 router = APIRouter(tags=["generate"])
+
+MAX_MIX = 16  # sources in one per-request mix (as for POST /adapters/{name}/compose)
+AdaptersField = Field(None, min_length=1, max_length=MAX_MIX,
+                      description='a mix of Bone adapters served as their exact weighted sum, e.g. {"a": 0.7, "b": 0.3}; '
+                                  "replaces adapter (nothing is written to the registry)")
+
+
+def check_mix(value: dict[str, float] | None) -> dict[str, float] | None:
+    for name, weight in (value or {}).items():
+        check_adapter_name(name)
+        if not math.isfinite(weight):
+            raise ValueError(f"the weight of {name!r} must be a finite number")
+    return value
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter: str | None = Field(None, description="adapter name; null = the base model")
+    adapters: dict[str, float] | None = AdaptersField
     prompt: str = Field(min_length=1)
     max_new_tokens: int = Field(64, ge=1, description="bounded by BONE_MAX_NEW_TOKENS")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
@@ -37,6 +58,11 @@ class GenerateRequest(BaseModel):
     seed: int | None = None
     stop: Annotated[list[str], Field(max_length=4)] | str | None = None
     stream: bool = False
+
+    @field_validator("adapters")
+    @classmethod
+    def _mix(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        return check_mix(value)
 
     @field_validator("stop")
     @classmethod
@@ -57,6 +83,7 @@ class GenerateResponse(BaseModel):
     object: str = "generation"
     text: str
     adapter: str | None
+    adapters: dict[str, float] | None = None
     finish_reason: str
     usage: Usage
 
@@ -85,10 +112,34 @@ def resolve_adapter(name: str | None, registry: AdapterRegistry, settings: Setti
     return info.sha256
 
 
+def resolve_mix(adapters: dict[str, float], registry: AdapterRegistry, settings: Settings) -> Mix:
+    """Check a mix before it is queued: every source exists (404), was trained on the served base model
+    (409) and can be summed exactly with the others (Bone, one r; else 422) — all naming ``adapters``.
+    Returns the sorted (name, sha256, weight) tuples the engine keys the mix by."""
+    items, mix = [], []
+    for name, weight in sorted(adapters.items()):
+        try:
+            info = registry.get(name)
+            config = BoneConfig.from_dict(registry.adapter_config(name))
+        except NotFound as exc:
+            raise NotFound(exc.message, param=f"adapters.{name}") from None
+        if info.base_model != settings.base_model:
+            raise Conflict(f"adapter {name!r} was trained on base model {info.base_model!r}, but this server serves "
+                           f"{settings.base_model!r}", param=f"adapters.{name}", code="base_model_mismatch")
+        items.append((name, config))
+        mix.append((name, info.sha256, float(weight)))
+    try:
+        check_combinable(items)
+    except BoneConfigError as exc:
+        raise InvalidRequest(str(exc), param="adapters", code="invalid_adapter_mix") from None
+    return tuple(mix)
+
+
 def to_response(result: GenerationResult) -> GenerateResponse:
     usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                   total_tokens=result.prompt_tokens + result.completion_tokens)
-    return GenerateResponse(text=result.text, adapter=result.adapter, finish_reason=result.finish_reason, usage=usage)
+    return GenerateResponse(text=result.text, adapter=result.adapter, adapters=result.adapters,
+                            finish_reason=result.finish_reason, usage=usage)
 
 
 class ClientDisconnected(ServiceError):
@@ -121,13 +172,17 @@ async def results_or_disconnect(engine: InferenceEngine, requests: list, http_re
 
 
 def submit_all(engine: InferenceEngine, jobs: list[tuple], on_text=None) -> list:
-    """Submit (prompt_ids, adapter, sha256, params) jobs; ``on_text(i, piece)`` streams job i. All or none:
-    if one is refused (queue full, bounds), the ones already queued are withdrawn."""
+    """Submit (prompt_ids, adapter, sha256, params[, mix]) jobs; ``on_text(i, piece)`` streams job i. All or
+    none: if one is refused (queue full, bounds), the ones already queued are withdrawn."""
     requests = []
     try:
-        for i, (ids, adapter, sha256, params) in enumerate(jobs):
+        for i, (ids, adapter, sha256, params, *mix) in enumerate(jobs):
             callback = None if on_text is None else (lambda piece, i=i: on_text(i, piece))
-            requests.append(engine.submit(ids, adapter, sha256, params, on_text=callback))
+            mix = mix[0] if mix else None
+            if mix is None:
+                requests.append(engine.submit(ids, adapter, sha256, params, on_text=callback))
+            else:
+                requests.append(engine.submit(ids, None, None, params, on_text=callback, mix=mix))
     except Exception:
         for request in requests:
             request.future.cancel()
@@ -184,8 +239,14 @@ SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "stri
 async def generate(body: GenerateRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
                    settings: SettingsDep) -> Any:
     params = sampling_params(body, settings)
-    sha256 = await run_in_threadpool(resolve_adapter, body.adapter, registry, settings)
-    job = (engine.tokenize(body.prompt), body.adapter, sha256, params)
+    if body.adapters is not None:
+        if body.adapter is not None:
+            raise InvalidRequest("give either adapter or adapters, not both", param="adapters")
+        mix = await run_in_threadpool(resolve_mix, body.adapters, registry, settings)
+        job = (engine.tokenize(body.prompt), None, None, params, mix)
+    else:
+        sha256 = await run_in_threadpool(resolve_adapter, body.adapter, registry, settings)
+        job = (engine.tokenize(body.prompt), body.adapter, sha256, params)
     if body.stream:
         return EventSourceResponse(_events(stream_jobs(engine, [job])))
     (result,) = await results_or_disconnect(engine, submit_all(engine, [job]), http_request)

@@ -1,6 +1,9 @@
 """OpenAI-compatible routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
 
-``model`` is an adapter name, or the base model's name for the base model itself. The official ``openai``
+``model`` is an adapter name, or the base model's name for the base model itself. An extra body field
+``adapters`` (``{"a": 0.7, "b": 0.3}``; the official client sends it with ``extra_body={"adapters": ...}``)
+serves the exact weighted sum of Bone adapters instead; ``model`` is then the base model's name (or any
+name that is not a published adapter: naming an adapter and a mix at once is refused, 422 on ``adapters``). The official ``openai``
 client works unchanged (``base_url=http://host:port/v1``); streams follow OpenAI's chunk format and end with
 ``data: [DONE]``. Requests go through the same engine as ``/generate`` (batched with everything else).
 Fields OpenAI defines but this server cannot honour (logprobs, echo, penalties, tools) are refused with
@@ -17,13 +20,15 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
 from app.decoding import SamplingParams
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.engine import GenerationResult, InferenceEngine
-from app.routes.generate import SSE_RESPONSE, error_body, resolve_adapter, results_or_disconnect, stream_jobs, submit_all
+from app.adapter_cache import Mix
+from app.routes.generate import (SSE_RESPONSE, AdaptersField, check_mix, error_body, resolve_adapter, resolve_mix,
+                                 results_or_disconnect, stream_jobs, submit_all)
 from core.errors import InvalidRequest, NotFound, ServiceError
 from core.registry import AdapterRegistry
 from core.settings import Settings
@@ -53,6 +58,12 @@ class _Common(BaseModel):
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    adapters: dict[str, float] | None = AdaptersField
+
+    @field_validator("adapters")
+    @classmethod
+    def _mix(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        return check_mix(value)
 
 
 class CompletionRequest(_Common):
@@ -91,18 +102,32 @@ def _params(body: _Common, settings: Settings, default_max: int) -> SamplingPara
                           stop=tuple(stops))
 
 
-def _adapter_for(model: str, registry: AdapterRegistry, settings: Settings) -> tuple[str | None, str | None]:
-    """(adapter name, sha256) for ``model``; (None, None) is the base model."""
+def _adapter_for(model: str, registry: AdapterRegistry, settings: Settings,
+                 adapters: dict[str, float] | None = None) -> tuple[str | None, str | None, Mix | None]:
+    """(adapter name, sha256, mix) for ``model`` (and the ``adapters`` extra field); (None, None, None) is
+    the base model."""
+    if adapters is not None:
+        if model != settings.base_model and _is_adapter(model, registry):
+            raise InvalidRequest(f"model {model!r} is an adapter and adapters is given: a request uses one or the "
+                                 f"other (set model to the base model, {settings.base_model!r})", param="adapters")
+        return None, None, resolve_mix(adapters, registry, settings)
     if model == settings.base_model:
-        return None, None
+        return None, None, None
     try:
-        return model, resolve_adapter(model, registry, settings)
+        return model, resolve_adapter(model, registry, settings), None
     except ServiceError as exc:
         exc.param = "model"
         if isinstance(exc, NotFound):
             exc.message = f"the model {model!r} does not exist (GET /v1/models lists them)"
             exc.code = "model_not_found"
         raise
+
+
+def _is_adapter(model: str, registry: AdapterRegistry) -> bool:
+    try:
+        return registry.exists(model)
+    except NotFound:  # not even a valid adapter name
+        return False
 
 
 def _seeded(params: SamplingParams, k: int) -> SamplingParams:
@@ -136,12 +161,12 @@ async def list_models(registry: RegistryDep, settings: SettingsDep) -> dict:
 async def completions(body: CompletionRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
                       settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=16)  # OpenAI's default for completions
-    adapter, sha256 = await run_in_threadpool(_adapter_for, body.model, registry, settings)
+    adapter, sha256, mix = await run_in_threadpool(_adapter_for, body.model, registry, settings, body.adapters)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or any(not p for p in prompts):
         raise InvalidRequest("prompt must be a non-empty string or list of strings", param="prompt")
     ids = [engine.tokenize(p) for p in prompts]
-    jobs = [(ids[i], adapter, sha256, _seeded(params, k)) for i in range(len(prompts)) for k in range(body.n)]
+    jobs = [(ids[i], adapter, sha256, _seeded(params, k), mix) for i in range(len(prompts)) for k in range(body.n)]
     prompt_tokens = sum(len(x) for x in ids)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
@@ -159,9 +184,9 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
 async def chat_completions(body: ChatRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
                            settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=settings.max_new_tokens)
-    adapter, sha256 = await run_in_threadpool(_adapter_for, body.model, registry, settings)
+    adapter, sha256, mix = await run_in_threadpool(_adapter_for, body.model, registry, settings, body.adapters)
     ids = engine.tokenize(_render_chat(engine, body.messages), add_special_tokens=False)  # the template has them
-    jobs = [(ids, adapter, sha256, _seeded(params, k)) for k in range(body.n)]
+    jobs = [(ids, adapter, sha256, _seeded(params, k), mix) for k in range(body.n)]
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
         def chunk(i: int, text: str | None, finish: str | None) -> dict:

@@ -1,0 +1,47 @@
+"""Mixes in the engine: the virtual adapter's blocks are bit-for-bit the offline composition, it is cached
+under a key derived from its sources' versions, and evicting a source evicts its mixes."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from app.adapter_cache import mix_name, mix_sha256
+from app.decoding import SamplingParams
+from bone import BoneConfig, combine_bone_adapters
+from core.registry import AdapterRegistry
+from tests.app.conftest import publish_adapter
+from tests.app.test_engine import make_engine  # noqa: F401 - fixture
+
+
+def _mix(registry: AdapterRegistry, weights: dict[str, float]):
+    return tuple(sorted((n, registry.get(n).sha256, w) for n, w in weights.items()))
+
+
+def test_mix_blocks_equal_the_offline_sum_and_are_evicted_with_a_source(make_engine):
+    engine = make_engine()
+    settings = engine.settings
+    publish_adapter(settings, "ea", seed=31)
+    publish_adapter(settings, "eb", seed=32, target_modules=("q_proj", "up_proj"))
+    registry = AdapterRegistry(settings.registry_dir)
+    weights = {"eb": 0.25, "ea": -1.5}
+    mix = _mix(registry, weights)
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    result = engine.submit(engine.tokenize("hello"), None, None, params, mix=mix).future.result(120)
+    assert result.adapter is None and result.adapters == {"ea": -1.5, "eb": 0.25}
+
+    key = (mix_name(mix), mix_sha256(mix))
+    slot = engine.cache.slots()[key]
+    items = [(n, BoneConfig.from_dict(registry.adapter_config(n)), load_file(registry.verified_weights(n)[0]), w)
+             for n, w in sorted(weights.items())]
+    _, want = combine_bone_adapters(items)
+    layers = dict(engine.host.bone_model.bone_layers())
+    assert want
+    for key_, block in want.items():
+        path = key_.removeprefix("base_model.model.").removesuffix(".bone_block")
+        assert torch.equal(layers[path].bone_block[slot].detach(), block), path
+
+    engine.evict_adapter("eb")  # deleted / overwritten source: its mixes go too
+    engine.submit(engine.tokenize("x"), None, None, params).future.result(120)  # a step: the control ran
+    assert key not in engine.cache.slots()
+    assert mix_name(mix).startswith("~") and not registry.exists("ea-eb")

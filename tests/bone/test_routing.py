@@ -1,0 +1,124 @@
+"""``BoneModel.routing``: per-row selection reusable across calls (a serving loop), plans built once per
+layer and composition, dropped when a layer changes, released when the block ends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bone import BASE_ADAPTER, BoneConfig, BoneError, get_bone_model
+from bone import routing as R
+from tests.bone.tiny import build, ids, randomize, targets
+
+
+def two_adapters(name="llama"):
+    bm = get_bone_model(build(name), BoneConfig(r=4, target_modules=targets(name), init_weights=False), "a")
+    bm.add_adapter("b", BoneConfig(r=4, target_modules=targets(name), init_weights=False))
+    bm.add_adapter("c", BoneConfig(r=2, target_modules=targets(name)[:2], init_weights=False))
+    randomize(bm, 0.05)
+    bm.eval()
+    return bm
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    calls = []
+    orig = R._Plan.build.__func__
+    monkeypatch.setattr(R._Plan, "build", classmethod(lambda cls, *a: calls.append(a[0]) or orig(cls, *a)))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("names", [["a", "b", BASE_ADAPTER, "c"], ["a", "a", "a", "a"], [BASE_ADAPTER] * 4])
+def test_routed_calls_equal_per_call_selection_and_reuse_the_plans(name, names, builds):
+    bm = two_adapters(name)
+    x = ids(batch=4, seq=5)
+    with torch.no_grad():
+        want = bm(input_ids=x, adapter_names=names).logits
+        n_layers = len(bm.bone_layers())
+        builds.clear()
+        with bm.routing(names) as routed:
+            for _ in range(3):
+                torch.testing.assert_close(routed(input_ids=x).logits, want, atol=0, rtol=0)
+        assert len(builds) == n_layers  # once per layer for the whole block, not per call
+        assert all(layer._row_plan is None for _, layer in bm.bone_layers())  # released on exit
+
+
+def test_routed_decode_loop_equals_generate():
+    bm = two_adapters()
+    names = ["b", "a", BASE_ADAPTER]
+    x = ids(batch=3, seq=4)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    want = bm.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=names, **kw)
+    with torch.no_grad(), bm.routing(names) as routed:
+        got = routed.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
+        out = routed(input_ids=x, use_cache=True)  # a hand-written loop with a KV cache
+        cache_arg = "cache" if hasattr(out, "cache") else "past_key_values"  # renamed in transformers 5.x
+        cache, tokens = getattr(out, cache_arg), [out.logits[:, -1].argmax(-1)]
+        for _ in range(4):
+            out = routed(input_ids=tokens[-1][:, None], use_cache=True, **{cache_arg: cache})
+            cache = getattr(out, cache_arg)
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(got, want)
+    mine, theirs = torch.stack(tokens, 1), want[:, x.shape[1]:]
+    eos = bm.generation_config.eos_token_id
+    for row in range(len(names)):  # generate pads a row after its EOS; the loop above runs on
+        ended = (theirs[row] == eos).nonzero()
+        end = int(ended[0]) + 1 if len(ended) else theirs.shape[1]
+        assert torch.equal(mine[row, :end], theirs[row, :end]), row
+
+
+def test_alternating_routings_do_not_rebuild(builds):
+    bm = two_adapters()
+    x = ids(batch=2, seq=3)
+    with torch.no_grad(), bm.routing(["a", "b"]) as one, bm.routing(["b", BASE_ADAPTER]) as two:
+        first = (one(input_ids=x).logits, two(input_ids=x).logits)
+        n = len(builds)
+        for _ in range(2):
+            torch.testing.assert_close(one(input_ids=x).logits, first[0], atol=0, rtol=0)
+            torch.testing.assert_close(two(input_ids=x).logits, first[1], atol=0, rtol=0)
+        assert len(builds) == n
+
+
+def test_a_changed_layer_drops_its_plan_and_the_next_call_sees_the_change(builds):
+    bm = two_adapters()
+    x = ids(batch=2, seq=3)
+    with torch.no_grad(), bm.routing(["a", BASE_ADAPTER]) as routed:
+        before = routed(input_ids=x).logits
+        bm.add_adapter("d", BoneConfig(r=4, target_modules=targets("llama")))  # e.g. a server installs one
+        builds.clear()
+        torch.testing.assert_close(routed(input_ids=x).logits, before, atol=0, rtol=0)
+        assert len(builds) == len(bm.bone_layers())  # rebuilt: the layers changed
+        with torch.no_grad():
+            for _, layer in bm.bone_layers():
+                layer.bone_block["a"].mul_(0)
+                layer._refresh()  # in-place edits of the blocks: a gathered plan would be stale without this
+        with bm.disable_adapter():
+            base = bm(input_ids=x).logits
+        torch.testing.assert_close(routed(input_ids=x).logits, base, atol=1e-6, rtol=1e-6)
+
+
+def test_routing_checks_names_once_and_refuses_use_after_the_block():
+    bm = two_adapters()
+    with pytest.raises(BoneError, match="unknown adapter 'zzz'"):
+        with bm.routing(["a", "zzz"]):
+            pass
+    with bm.routing(["a"]) as routed:
+        pass
+    with pytest.raises(BoneError, match="closed"):
+        routed(input_ids=ids(batch=1))
+    with bm.routing(["a", "b"]) as routed, pytest.raises(BoneError, match="2 entries"):
+        routed(input_ids=ids(batch=3))
+
+
+def test_grad_mode_never_reuses_plans_and_gradients_reach_the_rows_adapters(builds):
+    bm = get_bone_model(build("llama"), BoneConfig(r=4, target_modules=targets("llama")), "a")
+    bm.add_adapter("b", BoneConfig(r=4, target_modules=targets("llama")))
+    bm.set_adapter(["a", "b"])
+    x = ids(batch=2)
+    with bm.routing(["a", "b"]) as routed:
+        routed(input_ids=x, labels=x).loss.backward()
+        routed(input_ids=x, labels=x)
+    assert len(builds) == 2 * len(bm.bone_layers())
+    grads = {n.split(".")[-1] for n, p in bm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {"a", "b"}
