@@ -114,8 +114,9 @@ async def run(args, url: str) -> bool:
         async def list_adapters(c):
             return await c.get("/adapters")
 
-        listed = (await client.get("/adapters")).json()["data"]
-        print(f"{len(listed)} adapters registered; {args.clients} concurrent clients")
+        first = (await client.get("/adapters")).json()
+        print(f"{args.adapters} adapters registered (GET /adapters pages them: {len(first['data'])} per page, "
+              f"has_more={first['has_more']}); {args.clients} concurrent clients")
         passed = True
         for name, request in (("POST /jobs", post_job), ("GET /adapters", list_adapters)):
             await hammer(client, args.clients, min(args.clients * 2, args.requests), request)  # warm-up
