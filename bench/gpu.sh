@@ -28,7 +28,7 @@ if [[ $MODE == gpu ]]; then
   NPROC=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
   DEVICE=cuda
   STEPS=${BENCH_STEPS:-200}
-  TRAIN_ARGS=(--model small --steps 10 --batch 8 --seq 512)
+  TRAIN_ARGS=(--model small --steps 10 --batch 8 --seq 512 --device cuda)
   SERVE_ARGS=(--model small --device cuda --new-tokens 64 --repeats 5)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/machine.txt"
 else

@@ -35,7 +35,8 @@ class Floor(torch.nn.Module):
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
-        self.scale = torch.nn.Parameter(torch.ones(()))
+        # the base's dtype: an fp32 scalar would silently promote bf16 activations to fp32
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=next(model.parameters()).dtype))
 
     def forward(self, input_ids, labels):
         emb = self.model.get_input_embeddings()(input_ids) * self.scale
@@ -86,6 +87,12 @@ def make_variants(base, with_peft: bool):
     return out
 
 
+def _sync(device: torch.device) -> None:
+    """CUDA runs asynchronously: a timer must wait for the queued kernels to finish."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_step(mod, opt, ids):
     loss = mod(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -96,7 +103,7 @@ def train_step(mod, opt, ids):
 def bench_training(variants, args):
     g = torch.Generator().manual_seed(0)
     vocab = next(iter(variants.values())).model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
     opts = {}
     for name, mod in variants.items():
         mod.train()
@@ -107,13 +114,15 @@ def bench_training(variants, args):
     times = {n: [] for n in variants}
     for _ in range(args.steps):  # round-robin: one step of each variant per round
         for name, mod in variants.items():
+            _sync(args.device)
             t0 = time.perf_counter()
             train_step(mod, opts[name], ids)
+            _sync(args.device)
             times[name].append(time.perf_counter() - t0)
     tokens = args.batch * args.seq
     floor = statistics.median(times["floor"])
     print(f"\ntraining step: model={args.model} batch={args.batch} seq={args.seq} steps={args.steps} "
-          f"threads={torch.get_num_threads()}")
+          f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}")
     # "x floor" compares medians; "paired" is the median of per-round ratios (each step against the floor
     # step timed next to it), which cancels load drift from other processes on a shared machine.
     print(f"{'variant':<20}{'median ms':>11}{'tokens/s':>11}{'x floor':>9}{'paired':>9}")
@@ -130,8 +139,10 @@ def bench_training(variants, args):
 def per_token_ms(gen, ids, n_new, reps):
     """Median per-token decode time: (time for n_new tokens - time for 1 token) / (n_new - 1)."""
     def run(n):
+        _sync(ids.device)
         t0 = time.perf_counter()
         gen(ids, n)
+        _sync(ids.device)
         return time.perf_counter() - t0
 
     run(n_new)
@@ -142,7 +153,7 @@ def per_token_ms(gen, ids, n_new, reps):
 
 def bench_generation(base, args, with_peft):
     torch.manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (1, 16))
+    ids = torch.randint(0, base.config.vocab_size, (1, 16)).to(args.device)
     kw = dict(do_sample=False, pad_token_id=0)
 
     def hf_gen(m):
@@ -191,7 +202,14 @@ def main(argv=None):
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's MiSS even if installed")
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="base weights (default: bfloat16 on CUDA, float32 on CPU; adapters stay float32 as in PEFT)")
     args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     if args.steps < 10:
         print("note: fewer than 10 timed steps; medians are noisy", file=sys.stderr)
     with_peft = False
@@ -201,7 +219,7 @@ def main(argv=None):
             with_peft = True
         except ImportError:
             print("peft with MiSS not installed: PEFT rows skipped", file=sys.stderr)
-    base = build_model(args.model)
+    base = build_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
     if not args.skip_training:
         bench_training(make_variants(base, with_peft), args)
     if not args.skip_generation:
