@@ -75,3 +75,29 @@ def test_worker_training_figures_reach_metrics_through_redis(client, redis_conn)
     assert "bone_training_tokens_per_s 1000.0" in text
     assert "bone_training_step_time_s 0.5" in text
     assert "bone_training_steps_total 2.0" in text
+
+
+def test_log_lines_of_a_request_carry_its_request_id(live, client):
+    import io
+    import json
+    import logging
+
+    from core.logs import ContextFilter, JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("app.routes.adapters")  # logs "deleted adapter ..." inside the request
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        publish_adapter(live.settings, "logged", seed=1)
+        assert client.delete("/adapters/logged", headers={"X-Request-ID": "req-for-logs"}).status_code == 200
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert any("deleted adapter" in line["message"] for line in lines)
+    assert all(line.get("request_id") == "req-for-logs" for line in lines)
