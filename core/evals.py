@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import Conflict, NotFound
 from core.jobs import DatasetSpec, JobStatus, check_adapter_name
-from core.jobstore import PREFIX
+from core.jobstore import PREFIX, page_newest_first
 
 EVAL_TASK = "worker.evals.run_eval_job"
 BASE = "__base__"  # the results key of the base model (bone.BASE_ADAPTER; core imports no torch)
@@ -144,24 +144,8 @@ class EvalStore:
 
     def list(self, *, limit: int = 20, after: str | None = None, owner: str | None = None) -> tuple[list[Evaluation], bool]:
         """Newest first; ``owner`` keeps only that owner's. Returns (evaluations, has_more)."""
-        start = 0
-        if after is not None:
-            rank = self.conn.zrevrank(PREFIX + "evals", after)
-            if rank is None:
-                raise NotFound(f"no evaluation with id {after!r}", param="after")
-            start = rank + 1
-        found: list[Evaluation] = []
-        while len(found) <= limit:
-            ids = self.conn.zrevrange(PREFIX + "evals", start, start + 4 * limit)
-            if not ids:
-                break
-            start += len(ids)
-            for raw in self.conn.mget([_key(i.decode()) for i in ids]):
-                if raw is not None:
-                    evaluation = Evaluation.model_validate_json(raw)
-                    if owner is None or evaluation.owner == owner:
-                        found.append(evaluation)
-        return found[:limit], len(found) > limit
+        return page_newest_first(self.conn, PREFIX + "evals", _key, Evaluation, limit=limit, after=after, owner=owner,
+                                 what="evaluation")
 
     def transition(self, eval_id: str, allowed_from: Iterable[JobStatus] | None = None, **fields: Any) -> Evaluation:
         """Atomically update (WATCH/MULTI), only from ``allowed_from`` (default: any non-final state)."""

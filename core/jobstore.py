@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import redis
 
 from core.errors import Conflict, NotFound
 from core.jobs import Job, JobStatus
+
+T = TypeVar("T")
 
 PREFIX = "bone:"
 STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step with every transition (metrics)
@@ -33,6 +35,32 @@ STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step wi
 TRAINING_METRICS = PREFIX + "metrics:training"
 RUNNING = PREFIX + "jobs:running"
 EVENTS_MAXLEN = 100_000
+
+
+def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str], model: type[T], *, limit: int,
+                      after: str | None, owner: str | None, what: str) -> tuple[list[T], bool]:
+    """One page of records indexed by creation time in the sorted set ``index``, newest first, optionally only
+    ``owner``'s. ``after`` is the last id of the previous page. Returns (records, has_more)."""
+    start = 0
+    if after is not None:
+        rank = conn.zrevrank(index, after)
+        if rank is None:
+            raise NotFound(f"no {what} with id {after!r}", param="after")
+        start = rank + 1
+    found: list[T] = []
+    # Owner filtering happens after the fetch, so read in chunks until the page is full.
+    while len(found) <= limit:
+        ids = conn.zrevrange(index, start, start + 4 * limit)
+        if not ids:
+            break
+        start += len(ids)
+        for raw in conn.mget([key_of(i.decode()) for i in ids]):
+            if raw is None:
+                continue
+            record = model.model_validate_json(raw)
+            if owner is None or record.owner == owner:
+                found.append(record)
+    return found[:limit], len(found) > limit
 
 
 def _job_key(job_id: str) -> str:
@@ -69,27 +97,8 @@ class JobStore:
 
     def list(self, *, limit: int = 20, after: str | None = None, owner: str | None = None) -> tuple[list[Job], bool]:
         """Newest first. ``after`` is the id of the last job of the previous page. Returns (jobs, has_more)."""
-        start = 0
-        if after is not None:
-            rank = self.conn.zrevrank(PREFIX + "jobs", after)
-            if rank is None:
-                raise NotFound(f"no job with id {after!r}", param="after")
-            start = rank + 1
-        jobs: list[Job] = []
-        # Owner filtering happens after the fetch, so read in chunks until the page is full.
-        while len(jobs) <= limit:
-            ids = self.conn.zrevrange(PREFIX + "jobs", start, start + 4 * limit)
-            if not ids:
-                break
-            start += len(ids)
-            raws = self.conn.mget([_job_key(i.decode()) for i in ids])
-            for raw in raws:
-                if raw is None:
-                    continue
-                job = Job.model_validate_json(raw)
-                if owner is None or job.owner == owner:
-                    jobs.append(job)
-        return jobs[:limit], len(jobs) > limit
+        return page_newest_first(self.conn, PREFIX + "jobs", _job_key, Job, limit=limit, after=after, owner=owner,
+                                 what="job")
 
     # --- updates --------------------------------------------------------------------------------------
     def update(self, job_id: str, **fields: Any) -> Job:

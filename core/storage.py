@@ -46,7 +46,8 @@ ORPHAN_GRACE_S = 3600.0
 Check = Callable[[Path, str], None]
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -121,10 +122,10 @@ class LocalStorage:
                 shutil.copyfile(source_dir / filename, staging / filename)
             (staging / METADATA_FILE).write_text(metadata_json)
             for child in staging.iterdir():
-                _fsync_path(child)
-            _fsync_path(staging)
+                fsync_path(child)
+            fsync_path(staging)
             self._swap_into_place(name, staging, overwrite)
-            _fsync_path(self.root)
+            fsync_path(self.root)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

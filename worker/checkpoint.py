@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.storage import fsync_path
+
 STATE_FILE = "state.json"
 _PREFIX = "step-"
 
@@ -60,13 +62,13 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step,
                                                   "python_rng": [py_version, list(py_state), py_gauss]}))
         for child in tmp.iterdir():
-            _fsync(child)
-        _fsync(tmp)
+            fsync_path(child)
+        fsync_path(tmp)
         target = step_dir(root, step)
         if target.exists():  # a previous attempt reached this step too: same content, replace it
             shutil.rmtree(target)
         os.rename(tmp, target)
-        _fsync(root)
+        fsync_path(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prune(root, keep)
@@ -98,11 +100,3 @@ def prune(root: Path, keep: int) -> None:
     done = sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
