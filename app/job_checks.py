@@ -7,6 +7,7 @@ the model's config: no weights, no memory, and no reading of the live model the 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -24,6 +25,7 @@ from core.registry import AdapterRegistry
 from core.settings import Settings
 
 _SKELETONS_KEPT = 4
+_FITS_KEPT = 1024  # (base model, Bone config) pairs known to fit; most jobs repeat a handful of configs
 
 
 class JobChecker:
@@ -33,6 +35,7 @@ class JobChecker:
         self._server_config = server_model_config  # the loaded base model's config, when the API has one
         self._skeletons: OrderedDict[str, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()
+        self._fits: set[tuple[str, str]] = set()
 
     def check(self, body: JobCreate) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
         """Raise a ServiceError naming the field at fault; return the inline (records, validation records)."""
@@ -94,8 +97,16 @@ class JobChecker:
     def check_bone_config(self, body: JobCreate) -> None:
         from bone import BoneConfig, validate_config_for_model
 
-        config = BoneConfig.from_dict(body.bone.model_dump(exclude_none=True))  # BoneConfigError → 422 bone.<field>
-        validate_config_for_model(self._skeleton(body.base_model or self.settings.base_model), config)
+        fields = body.bone.model_dump(exclude_none=True)
+        key = (body.base_model or self.settings.base_model, json.dumps(fields, sort_keys=True))
+        if key in self._fits:
+            return  # walking the model's modules is most of POST /jobs' own work: do it once per config
+        config = BoneConfig.from_dict(fields)  # BoneConfigError → 422 bone.<field>
+        validate_config_for_model(self._skeleton(key[0]), config)
+        with self._lock:
+            if len(self._fits) >= _FITS_KEPT:
+                self._fits.clear()
+            self._fits.add(key)
 
     def _skeleton(self, name: str) -> torch.nn.Module:
         with self._lock:

@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Iterable, TypeVar
 
 import redis
+from redis.client import Pipeline
 
 from core.errors import Conflict, NotFound
 from core.jobs import Job, JobStatus
@@ -73,8 +74,10 @@ class JobStore:
 
     # --- create / read ----------------------------------------------------------------------------------
     def create(self, job: Job, records: list[dict[str, Any]] | None = None,
-               validation_records: list[dict[str, Any]] | None = None) -> None:
-        pipe = self.conn.pipeline(transaction=True)
+               validation_records: list[dict[str, Any]] | None = None, *, pipeline: Pipeline | None = None) -> None:
+        """Store a new job. With ``pipeline`` the writes join it and the caller executes it: the API queues the
+        job for RQ in the same MULTI/EXEC, so a job is stored and queued, or neither, in one round trip."""
+        pipe = pipeline if pipeline is not None else self.conn.pipeline(transaction=True)
         pipe.set(_job_key(job.id), job.model_dump_json())
         if records is not None:
             pipe.set(_job_key(job.id) + ":records", json.dumps(records))
@@ -82,7 +85,8 @@ class JobStore:
             pipe.set(_job_key(job.id) + ":validation_records", json.dumps(validation_records))
         pipe.zadd(PREFIX + "jobs", {job.id: job.created_at})
         pipe.hincrby(STATUS_COUNTS, job.status.value, 1)
-        pipe.execute()
+        if pipeline is None:
+            pipe.execute()
 
     def get(self, job_id: str) -> Job:
         raw = self.conn.get(_job_key(job_id))

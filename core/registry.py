@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from core.errors import Conflict, CorruptAdapter, NotFound
 from core.jobs import check_adapter_name
@@ -48,6 +48,19 @@ class AdapterInfo(BaseModel):
     size_bytes: int
     created_at: float
     lineage: dict[str, Any] | None = None
+
+    _json: bytes | None = PrivateAttr(None)
+
+    def json_bytes(self) -> bytes:
+        """This entry as JSON, serialised once: listings share parsed entries (see ``_parse_metadata``), so a
+        page of GET /adapters joins cached bytes instead of dumping 100 models per request."""
+        if self._json is None:
+            self._json = self.model_dump_json().encode()
+        return self._json
+
+
+# registry root -> (listing stamp, sorted listing); shared by every registry object of the process
+_LISTINGS: dict[str, tuple[Any, tuple[AdapterInfo, ...]]] = {}
 
 
 @functools.lru_cache(maxsize=16384)
@@ -151,12 +164,21 @@ class AdapterRegistry:
             raise NotFound(f"no adapter named {name!r}", param="adapter") from None
 
     def list(self) -> list[AdapterInfo]:
+        """Every adapter, sorted by name. While the storage's listing stamp is unchanged the previous listing
+        is reused: GET /adapters with 1,000 adapters then costs no file system call but one stat."""
+        stamp = self.storage.listing_stamp()  # taken first: a change while we read gives the next call a new one
+        cached = _LISTINGS.get(str(self.storage.root))
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return list(cached[1])
         infos = []
         for raw in self.storage.all_metadata():
             info = _parse_metadata(raw)
             if info is not None:  # a damaged entry must not hide the others
                 infos.append(info)
-        return sorted(infos, key=lambda info: info.name)
+        infos.sort(key=lambda info: info.name)
+        if stamp is not None:
+            _LISTINGS[str(self.storage.root)] = (stamp, tuple(infos))
+        return infos
 
     def verified_weights(self, name: str) -> tuple[Path, AdapterInfo]:
         """A local path to the weights after checking their sha256 against the metadata; raises

@@ -64,6 +64,9 @@ def _raced(name: str) -> Conflict:
     return Conflict(f"adapter {name!r} was published concurrently", param="adapter_name", code="adapter_exists")
 
 
+# A root folder whose mtime is older than this is trusted to move on its next change (see listing_stamp).
+LISTING_SETTLED_S = 2.0
+
 # path of a metadata.json -> ((inode, mtime_ns, size), bytes); shared by every registry object of the process
 _METADATA_CACHE: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
 
@@ -84,6 +87,16 @@ class LocalStorage:
 
     def read_metadata(self, name: str) -> bytes:
         return (self.root / name / METADATA_FILE).read_bytes()
+
+    def listing_stamp(self) -> tuple[int, int] | None:
+        """A token that changes whenever an adapter appears, is replaced or goes: every one of those renames an
+        entry of the root folder, which moves the folder's mtime. ``None`` while that mtime is recent: a second
+        change within the filesystem's timestamp granularity (or a clock a little off, on network filesystems)
+        could leave it unmoved, so a listing read then must not be cached (git's "racy clean" rule)."""
+        st = os.stat(self.root)
+        if time.time() - st.st_mtime < LISTING_SETTLED_S:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def all_metadata(self) -> list[bytes]:
         # Listing 1,000 adapters must not read 1,000 files per request: each metadata file is re-read only when
@@ -249,6 +262,9 @@ class ObjectStorage:
     def read_metadata(self, name: str) -> bytes:
         with self._reachable():
             return self.fs.cat_file(self._key(name, MANIFEST_FILE))
+
+    def listing_stamp(self) -> None:
+        return None  # object stores give no cheap change token: every listing asks the store
 
     def all_metadata(self) -> list[bytes]:
         # One recursive listing, then every manifest fetched concurrently (fsspec's async cat): a few

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
+from typing import Literal
 
 import redis
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field
 
 from app.deps import EngineDep, RedisDep, RegistryDep
 from core.evals import EvalStore, LatestEval
@@ -15,16 +18,25 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 
-@router.get("")
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+    has_more: bool = Field(description="another page follows: ask again with `after` = the last name of this one")
+
+
+@router.get("", response_model=AdapterList)
 def list_adapters(registry: RegistryDep,
                   limit: int = Query(100, ge=1, le=1000, description="page size"),
-                  after: str | None = Query(None, description="name of the last adapter of the previous page")) -> dict:
+                  after: str | None = Query(None, description="name of the last adapter of the previous page")
+                  ) -> Response:
     """Adapters by name, one page at a time (``has_more`` says whether another page follows)."""
-    infos = registry.list()
-    if after is not None:
-        infos = [info for info in infos if info.name > after]  # names are unique and sorted
-    page = infos[:limit]
-    return {"object": "list", "data": [info.model_dump(mode="json") for info in page], "has_more": len(infos) > limit}
+    infos = registry.list()  # sorted by name, names unique
+    start = 0 if after is None else bisect.bisect_right([info.name for info in infos], after)
+    page = infos[start:start + limit]
+    # Built from each entry's cached JSON: this is the hottest read route (DESIGN §6: 1,000 adapters, p99 ≤ 50 ms).
+    body = b'{"object":"list","data":[' + b",".join(info.json_bytes() for info in page) + b'],"has_more":' + \
+        (b"true" if start + limit < len(infos) else b"false") + b"}"
+    return Response(body, media_type="application/json")
 
 
 class AdapterView(AdapterInfo):

@@ -52,19 +52,16 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
               dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite,
               validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset),
               queue=queue_name)
-    store.create(job, records=records, validation_records=validation_records)
     if queue_name != queue.name:
         queue = Queue(queue_name, connection=queue.connection)
-    try:
+    # The record and RQ's queue entry in one MULTI/EXEC: a job is stored and queued, or (Redis gone) neither,
+    # and the client gets a 503 for a job that does not exist. One round trip.
+    with queue.connection.pipeline(transaction=True) as pipe:
+        pipe.multi()  # explicit MULTI first: RQ, handed a pipeline, starts one itself unless it is already open
+        store.create(job, records=records, validation_records=validation_records, pipeline=pipe)
         queue.enqueue(TRAINING_TASK, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=86400,
-                      failure_ttl=7 * 86400)
-    except Exception:
-        # Never leave a record that claims to be queued when nothing will run it.
-        try:
-            store.update(job.id, status=JobStatus.FAILED, error="could not be queued", finished_at=time.time())
-        except Exception:  # noqa: BLE001 - Redis is likely gone; the original error matters more
-            pass
-        raise
+                      failure_ttl=7 * 86400, pipeline=pipe)
+        pipe.execute()
     log.info("queued %s for adapter %r", job.id, job.adapter_name)
     return job
 
