@@ -49,11 +49,16 @@ def _keyring(settings: Settings):
 def _how_to_call(settings: Settings, keyring) -> str:
     url = f"http://{settings.host}:{settings.port}"
     auth = ' -H "Authorization: Bearer $BONE_API_KEY"' if keyring.enabled else ""
-    state = (f"API keys on ({len(keyring)} configured)" if keyring.enabled
-             else "auth OFF (loopback only; set BONE_API_KEYS to require keys)")
+    if not keyring.enabled:
+        state = "auth OFF (BONE_AUTH_DISABLED=true; allowed on loopback only)"
+    elif keyring.local_key_file is not None:
+        state = (f"API keys on: the local admin key is in {keyring.local_key_file} (set BONE_API_KEYS for your own "
+                 f"keys)\n  export BONE_API_KEY=$(cat {keyring.local_key_file})")
+    else:
+        state = f"API keys on ({len(keyring)} configured)"
     return (f"bone-server: API on {url} - {state}\n"
             f"  curl {url}/generate{auth} -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_new_tokens\": 32}}'\n"
-            f"  docs: {url}/docs   dashboard: {url}/ui")
+            f"  docs: {url}/docs   dashboard: {url}/ui (paste the key in its API key field)")
 
 
 def _serve_api(settings: Settings) -> None:
@@ -71,8 +76,9 @@ def api(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)"
         port: Optional[int] = typer.Option(None, help="port (BONE_PORT)")) -> None:
     """Run the HTTP API (needs a Redis at BONE_REDIS_URL)."""
     settings = _settings(host=host, port=port)
-    _keyring(settings)
+    keyring = _keyring(settings)
     _setup_logging(settings)
+    typer.echo(_how_to_call(settings, keyring), err=True)
     _serve_api(settings)
 
 

@@ -1,7 +1,7 @@
 """Client commands of ``bone-server`` (jobs, adapters, generate) that talk to a running API over HTTP.
 
-``--url`` / ``BONE_URL`` pick the server, ``--api-key`` / ``BONE_API_KEY`` the key. Errors print as one
-line and exit non-zero.
+``--url`` / ``BONE_URL`` pick the server, ``--api-key`` / ``BONE_API_KEY`` the key (default on a loopback URL: the
+local admin key in the data dir). Errors print as one line and exit non-zero.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import time
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Optional
 import zipfile
@@ -19,6 +20,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from app.client import ApiError, BoneClient
+from core.auth import is_loopback
+from core.local_key import read_local_key
+from core.settings import Settings
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,6 +32,17 @@ KeyOption = typer.Option(None, "--api-key", envvar="BONE_API_KEY", help="API key
 
 jobs_cli = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
 adapters_cli = typer.Typer(help="The adapter registry.", no_args_is_help=True)
+
+
+def _client(url: str, api_key: str | None) -> BoneClient:
+    """A client with the given key; with none, a loopback server's local admin key from the data dir (what
+    ``bone-server up`` mints when no BONE_API_KEYS are set), so local use needs no copying of keys."""
+    if api_key is None and is_loopback(urlsplit(url).hostname or ""):
+        try:
+            api_key = read_local_key(Settings().data_dir)
+        except ValueError:  # unreadable BONE_* settings: go without; the server answers 401 if it needs a key
+            api_key = None
+    return BoneClient(url, api_key)
 
 
 def one_line_errors(func):
@@ -54,7 +69,7 @@ def jobs_create(file: Path = typer.Option(..., "--file", exists=True, dir_okay=F
     """Upload FILE (validated row by row by the server), then start fine-tuning NAME on it."""
     training = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
                                   "batch_size": batch_size}.items() if v is not None}
-    client = BoneClient(url, api_key)
+    client = _client(url, api_key)
     uploaded = client.upload_file(file)
     body = {"adapter_name": name, "dataset": {"file_id": uploaded["id"]},
             "bone": {"r": r, "init_weights": "bat" if bat else True}, "training": training, "overwrite": overwrite}
@@ -66,7 +81,7 @@ def jobs_create(file: Path = typer.Option(..., "--file", exists=True, dir_okay=F
 @one_line_errors
 def jobs_list(limit: int = 20, url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
     table = Table("id", "adapter", "status", "step", "loss", "error")
-    for job in BoneClient(url, api_key).list_jobs(limit):
+    for job in _client(url, api_key).list_jobs(limit):
         progress = job.get("progress") or {}
         loss = (job.get("metrics") or {}).get("train_loss")
         table.add_row(job["id"], job["adapter_name"], job["status"],
@@ -79,7 +94,7 @@ def jobs_list(limit: int = 20, url: str = UrlOption, api_key: Optional[str] = Ke
 @one_line_errors
 def jobs_watch(job_id: str, interval: float = 0.5, url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
     """Follow a job with a live progress bar (step, loss, ETA) until it ends; exit 1 unless it succeeded."""
-    client = BoneClient(url, api_key)
+    client = _client(url, api_key)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -101,7 +116,7 @@ def jobs_watch(job_id: str, interval: float = 0.5, url: str = UrlOption, api_key
 @jobs_cli.command("cancel")
 @one_line_errors
 def jobs_cancel(job_id: str, url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
-    job = BoneClient(url, api_key).cancel_job(job_id)
+    job = _client(url, api_key).cancel_job(job_id)
     console.print(f"{job['id']}: {job['status']}")
 
 
@@ -109,7 +124,7 @@ def jobs_cancel(job_id: str, url: str = UrlOption, api_key: Optional[str] = KeyO
 @one_line_errors
 def adapters_list(url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
     table = Table("name", "base model", "r", "variant", "train loss", "size", "created")
-    for info in BoneClient(url, api_key).list_adapters():
+    for info in _client(url, api_key).list_adapters():
         bone = info.get("bone") or {}
         loss = (info.get("metrics") or {}).get("train_loss")
         table.add_row(info["name"], info["base_model"], str(bone.get("r")),
@@ -124,7 +139,7 @@ def adapters_list(url: str = UrlOption, api_key: Optional[str] = KeyOption) -> N
 def adapters_download(name: str, directory: Path, format: str = typer.Option("bone", help="bone | miss | lora"),
                       url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
     """Write adapter NAME into DIRECTORY in PEFT's layout (as trained, as MiSS, or as a LoRA adapter)."""
-    data = BoneClient(url, api_key).download_adapter(name, format)
+    data = _client(url, api_key).download_adapter(name, format)
     directory.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         archive.extractall(directory)
@@ -137,7 +152,7 @@ def adapters_import(directory: Path = typer.Argument(..., exists=True, file_okay
                     name: Optional[str] = typer.Option(None, help="registry name (default: the folder's name)"),
                     overwrite: bool = False, url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
     """Import a PEFT Bone / MiSS adapter folder; the server checks it against its base model first."""
-    info = BoneClient(url, api_key).import_adapter(name or directory.name, directory, overwrite)
+    info = _client(url, api_key).import_adapter(name or directory.name, directory, overwrite)
     console.print(f"imported {info['name']} (sha256 {info['sha256'][:12]}…)")
 
 
@@ -145,7 +160,7 @@ def generate(prompt: str = typer.Argument(...), adapter: Optional[str] = typer.O
              max_new_tokens: int = 64, temperature: float = 0.0, stream: bool = typer.Option(True),
              url: str = UrlOption, api_key: Optional[str] = KeyOption) -> None:
     """Generate from the base model or an adapter, streaming to the terminal."""
-    client = BoneClient(url, api_key)
+    client = _client(url, api_key)
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
     try:
         if stream:

@@ -64,7 +64,7 @@ class _OwnedJobChecker:
         return getattr(self._checker, name)
 
     def check(self, body, *args, **kwargs):
-        check_name_free(self._checker.registry, body.adapter_name, self._principal)
+        check_name_free(self._checker.registry, body.adapter_name, self._principal, for_job=True)
         for param in ("dataset", "validation_dataset"):  # a job may train only on its owner's uploaded files
             file_id = getattr(getattr(body, param, None), "file_id", None)
             if file_id is not None:

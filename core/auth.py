@@ -6,8 +6,9 @@ plain sha256 is the right hash (as for GitHub or Stripe tokens): nothing to brut
 request. Settings hold ``owner:role:sha256hex`` entries (``BONE_API_KEYS``); the raw key is printed once by
 ``bone-server keys create`` and never stored.
 
-``user`` keys see and touch only what their owner created; ``admin`` keys see everything. When auth is off
-(loopback only), every caller is the anonymous admin and records get no owner.
+``user`` keys see and touch only what their owner created; ``admin`` keys see everything. Auth is off only when
+``BONE_AUTH_DISABLED=true`` on a loopback host: every caller is then the anonymous admin and records get no
+owner. A loopback server with no keys configured is not open: it uses the local admin key (core/local_key.py).
 
 This module also holds the owner-scoped views of the job store and the adapter registry that the API hands
 to routes (``app.deps``): another owner's job or adapter answers exactly like a missing one (404), so ids
@@ -23,11 +24,13 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from core.errors import Conflict, NotFound
 from core.jobs import Job, JobStatus
 from core.jobstore import JobStore
+from core.local_key import LOCAL_OWNER, ensure_local_key, local_key_path
 from core.registry import AdapterInfo, AdapterRegistry
 
 Role = Literal["admin", "user"]
@@ -135,9 +138,10 @@ def is_loopback(host: str) -> bool:
 class KeyRing:
     """The configured keys; ``enabled`` is False when the server runs without auth (loopback only)."""
 
-    def __init__(self, entries: Iterable[KeyEntry], enabled: bool) -> None:
+    def __init__(self, entries: Iterable[KeyEntry], enabled: bool, local_key_file: Path | None = None) -> None:
         self._by_hash = {entry.sha256: entry for entry in entries}
         self.enabled = enabled
+        self.local_key_file = local_key_file  # set when the only key is the data dir's local admin key
 
     @classmethod
     def from_settings(cls, settings: Any) -> "KeyRing":
@@ -153,7 +157,11 @@ class KeyRing:
             if not loopback:
                 raise AuthConfigError(f"BONE_HOST={settings.host!r} is not loopback and BONE_API_KEYS is empty: refusing "
                                       "to serve without authentication (mint a key with `bone-server keys create --owner NAME`)")
-            return cls(entries, enabled=False)  # loopback, nothing configured: a local development server
+            # Loopback, nothing configured: still not open (only BONE_AUTH_DISABLED says that), but usable at
+            # once with the data dir's local admin key (core/local_key.py).
+            key = ensure_local_key(settings.data_dir)
+            return cls([KeyEntry(LOCAL_OWNER, "admin", hash_key(key))], enabled=True,
+                       local_key_file=local_key_path(settings.data_dir))
         return cls(entries, enabled=True)
 
     def __len__(self) -> int:
@@ -251,18 +259,28 @@ class OwnedRegistry(AdapterRegistry):
         super().delete(name)
 
     def publish(self, name: str, source_dir: Any, metadata: dict[str, Any], *, overwrite: bool = False) -> AdapterInfo:
-        check_name_free(self, name, self.principal)
-        return super().publish(name, source_dir, {"owner": self.principal.owner, **metadata}, overwrite=overwrite)
+        check_name_free(self, name, self.principal)  # the common case, answered before any copying
+        # ... and again atomically with the swap: another owner may take the name while we copy.
+        return super().publish(name, source_dir, {"owner": self.principal.owner, **metadata}, overwrite=overwrite,
+                               may_replace=lambda current: self.principal.can_see(current.owner))
 
 
-def check_name_free(registry: Any, name: str, principal: Principal) -> None:
-    """Adapter names are one namespace: a name another owner holds is taken, whatever ``overwrite`` says."""
-    if principal.is_admin:
+def may_publish_over(job_owner: str | None, job_id: str, current: AdapterInfo) -> bool:
+    """What a training job may replace when it publishes: an adapter of its own owner (or one an earlier
+    attempt of the same job published). Not another owner's, even for an admin's job: the job publishes as its
+    owner, so replacing would silently move the name to them. With auth off every owner is None."""
+    return current.owner == job_owner or current.job_id == job_id
+
+
+def check_name_free(registry: Any, name: str, principal: Principal, *, for_job: bool = False) -> None:
+    """Adapter names are one namespace: a name another owner holds is taken, whatever ``overwrite`` says.
+    Admins may replace anyone's adapter directly, but a job (``for_job``) only its owner's: see may_publish_over."""
+    if principal.is_admin and not for_job:
         return
     try:
         info = AdapterRegistry.get(registry, name)  # unscoped on purpose, also for an OwnedRegistry
     except NotFound:
         return
-    if not principal.can_see(info.owner):
+    if info.owner != principal.owner if for_job else not principal.can_see(info.owner):
         raise Conflict(f"adapter name {name!r} is already in use; choose another name", param="adapter_name",
                        code="adapter_exists")

@@ -19,7 +19,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, Field, PrivateAttr
 
@@ -202,8 +202,10 @@ class AdapterRegistry:
             raise NotFound(f"no adapter named {name!r}", param="adapter") from None
 
     # --- write -----------------------------------------------------------------------------------------
-    def publish(self, name: str, source_dir: Path, metadata: dict[str, Any], *, overwrite: bool = False) -> AdapterInfo:
-        """Copy an adapter folder (PEFT layout) into the registry atomically and return its metadata."""
+    def publish(self, name: str, source_dir: Path, metadata: dict[str, Any], *, overwrite: bool = False,
+                may_replace: Callable[[AdapterInfo], bool] | None = None) -> AdapterInfo:
+        """Copy an adapter folder (PEFT layout) into the registry atomically and return its metadata.
+        ``may_replace`` judges the adapter an overwrite would replace (e.g. same owner), atomically with the swap."""
         self.path(name)
         if not overwrite and self.storage.has(name):
             raise Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="adapter_name",
@@ -212,7 +214,12 @@ class AdapterRegistry:
         weights = source_dir / WEIGHTS_FILE
         info = AdapterInfo(name=name, sha256=file_sha256(weights), size_bytes=weights.stat().st_size,
                            created_at=time.time(), **metadata)
-        self.storage.commit(name, source_dir, info.model_dump_json(indent=2), overwrite)
+        judge = None
+        if may_replace is not None:
+            def judge(raw: bytes) -> bool:
+                current = _parse_metadata(raw)
+                return current is not None and may_replace(current)
+        self.storage.commit(name, source_dir, info.model_dump_json(indent=2), overwrite, judge)
         return info
 
     def delete(self, name: str) -> None:

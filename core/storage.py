@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -58,6 +59,17 @@ def fsync_path(path: Path) -> None:
 def _taken(name: str) -> Conflict:
     return Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="adapter_name",
                     code="adapter_exists")
+
+
+def _in_use(name: str) -> Conflict:
+    return Conflict(f"adapter name {name!r} is already in use; choose another name", param="adapter_name",
+                    code="adapter_exists")
+
+
+# ``commit(..., may_replace=)``: given the metadata (JSON bytes) of the adapter an overwrite would replace, may it?
+# Checked under the same lock (local) or compare-and-swap (object storage) as the replacement itself, so an
+# owner check cannot be raced by another owner publishing the name in between.
+MayReplace = Callable[[bytes], bool]
 
 
 def _raced(name: str) -> Conflict:
@@ -127,7 +139,8 @@ class LocalStorage:
         check(path, str(path))
         return path
 
-    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool) -> None:
+    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,
+               may_replace: MayReplace | None = None) -> None:
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
@@ -137,11 +150,30 @@ class LocalStorage:
             for child in staging.iterdir():
                 fsync_path(child)
             fsync_path(staging)
-            self._swap_into_place(name, staging, overwrite)
+            with self._publish_lock():
+                if may_replace is not None and overwrite:
+                    try:
+                        current = self.read_metadata(name)
+                    except FileNotFoundError:
+                        current = None
+                    if current is not None and not may_replace(current):
+                        raise _in_use(name)
+                self._swap_into_place(name, staging, overwrite)
             fsync_path(self.root)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _publish_lock(self) -> Iterator[None]:
+        """One publisher at a time per registry folder (all processes on this host): the check of what an
+        overwrite replaces and the swap happen as one step. Held for two renames, not for the copy."""
+        with open(self.root / ".publish.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _swap_into_place(self, name: str, staging: Path, overwrite: bool) -> None:
         target, trash = self.root / name, None
@@ -308,13 +340,18 @@ class ObjectStorage:
         return cached
 
     # --- write ---------------------------------------------------------------------------------------
-    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool) -> None:
+    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,
+               may_replace: MayReplace | None = None) -> None:
         fs, version = self.fs, new_version()
         manifest_key = self._key(name, MANIFEST_FILE)
         with self._reachable():
-            old_etag, old_version = self._current(name)
+            old_etag, old_version, old_raw = self._current(name)
             if old_etag is not None and not overwrite:
                 raise _taken(name)
+            # The manifest PUT below is conditional on old_etag: if another publisher replaces the manifest we
+            # judged here, ours fails instead of replacing theirs unchecked.
+            if old_raw is not None and may_replace is not None and not may_replace(old_raw):
+                raise _in_use(name)
             config = json.loads((source_dir / CONFIG_FILE).read_text())
             for filename in (CONFIG_FILE, WEIGHTS_FILE):
                 fs.put_file(str(source_dir / filename), self._key(name, version, filename))
@@ -332,8 +369,8 @@ class ObjectStorage:
                 with contextlib.suppress(FileNotFoundError):
                     fs.rm(self._key(name, old_version), recursive=True)
 
-    def _current(self, name: str) -> tuple[str | None, str | None]:
-        """(ETag, version) of the manifest in place: (None, None) when there is none; version None when it is
+    def _current(self, name: str) -> tuple[str | None, str | None, bytes | None]:
+        """(ETag, version, raw manifest) in place: all None when there is none; version None when it is
         unreadable (an overwrite still replaces it). ETag first: if the manifest changes between the two
         reads, the conditional PUT that follows fails instead of deleting the wrong version."""
         key = self._key(name, MANIFEST_FILE)
@@ -341,11 +378,11 @@ class ObjectStorage:
             etag = self.fs.info(key).get("ETag") or ""
             raw = self.fs.cat_file(key)
         except FileNotFoundError:
-            return None, None
+            return None, None, None
         try:
-            return etag, json.loads(raw)["version"]
+            return etag, json.loads(raw)["version"], raw
         except (ValueError, KeyError, TypeError):
-            return etag, None
+            return etag, None, raw
 
     def _put_manifest(self, key: str, data: bytes, old_etag: str | None) -> None:
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
@@ -360,7 +397,7 @@ class ObjectStorage:
 
     def remove(self, name: str) -> bool:
         with self._reachable():
-            etag, version = self._current(name)
+            etag, version, _ = self._current(name)
             if etag is None:
                 return False
             with contextlib.suppress(FileNotFoundError):  # a concurrent delete got there first: gone either way

@@ -10,6 +10,10 @@ import redis
 
 from core.settings import Settings
 
+# The suite serves without keys, said explicitly as the server requires (loopback only): tests of keys and of
+# the local admin key (tests/app/test_auth_keys.py, tests/e2e/test_up.py) turn it back off for themselves.
+os.environ.setdefault("BONE_AUTH_DISABLED", "true")
+
 # A database of its own so the suite never touches data on db 0; override with BONE_TEST_REDIS_URL.
 TEST_REDIS_URL = os.environ.get("BONE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 

@@ -12,11 +12,13 @@ import logging
 import shutil
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import redis
 import torch
 
+from core.auth import may_publish_over
 from core.base_model import pick_device
 from core.checkpoints import checkpoint_adapter_name, unpublish_checkpoints
 from core.errors import Conflict, ServiceError
@@ -205,10 +207,12 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
     adapter_dir = workdir / "adapter"
     bone_model.save_pretrained(adapter_dir, adapter_name=ADAPTER_NAME_IN_MODEL)
     registry = AdapterRegistry.from_settings(settings)
+    # The API checked the name when it accepted the job, but training takes a while: another owner may have
+    # taken it since. The registry judges what an overwrite would replace atomically with the swap.
     return registry.publish(job.adapter_name, adapter_dir, overwrite=job.overwrite, metadata={
         "base_model": job.base_model, "bone": config.to_dict(), "job_id": job.id, "owner": job.owner,
         "metrics": metrics,
-    })
+    }, may_replace=partial(may_publish_over, job.owner, job.id))
 
 
 def _processes(job: Job, settings: Settings, device: torch.device, config, train_examples, eval_examples,
@@ -249,7 +253,7 @@ class CheckpointPublisher:
             registry.publish(name, path, overwrite=self.job.overwrite or ours, metadata={
                 "base_model": self.job.base_model, "bone": self.config.to_dict(), "job_id": self.job.id,
                 "owner": self.job.owner, "metrics": {k: v for k, v in data.items() if k.endswith("loss")} | {"steps": step},
-            })
+            }, may_replace=partial(may_publish_over, self.job.owner, self.job.id))
         self.store.add_checkpoint(self.job.id, step, {"created_at": time.time(), "adapter": name,
                                                       "train_loss": data.get("train_loss"),
                                                       "eval_loss": data.get("eval_loss")})

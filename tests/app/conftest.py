@@ -65,6 +65,8 @@ def make_settings(data_dir: Path, models_dir: Path, **overrides) -> Settings:
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "models").exists():
         (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
+    # The suite runs with BONE_AUTH_DISABLED=true (tests/conftest.py); a server given keys uses them.
+    overrides.setdefault("auth_disabled", not overrides.get("api_keys"))
     return Settings(data_dir=data_dir, redis_url=overrides.pop("redis_url", TEST_REDIS_URL), **overrides)
 
 

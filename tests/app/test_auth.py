@@ -157,6 +157,10 @@ def test_a_name_another_owner_holds_cannot_be_trained_over(client, live):
                                                                   "dataset": {"records": RECORDS}})
         assert reply.status_code == 409 and reply.json()["error"]["code"] == "adapter_exists", reply.text
     assert create_job(client, BOB, "taken", overwrite=True)["owner"] == "bob"
+    # An admin's job publishes as the admin: training over bob's adapter would silently take his name.
+    reply = client.post("/jobs", headers=bearer(ROOT), json={"adapter_name": "taken", "overwrite": True,
+                                                             "dataset": {"records": RECORDS}})
+    assert reply.status_code == 409 and reply.json()["error"]["code"] == "adapter_exists", reply.text
 
 
 # --- rate limits ------------------------------------------------------------------------------------------------

@@ -17,6 +17,14 @@ from core.settings import Settings
 HASH = "ab" * 32
 
 
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path, monkeypatch):
+    # Every Settings below gets a fresh data dir (a local admin key may be minted there) and auth on unless
+    # a test says otherwise (the suite's conftest turns it off for everyone else).
+    monkeypatch.setenv("BONE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("BONE_AUTH_DISABLED", raising=False)
+
+
 def settings(**fields) -> Settings:
     return Settings(_env_file=None, **fields)
 
@@ -74,13 +82,32 @@ def test_loopback(host, loopback):
 
 
 @pytest.mark.parametrize("fields, enabled", [
-    ({"host": "127.0.0.1"}, False),  # nothing configured on loopback: a local development server
+    ({"host": "127.0.0.1"}, True),  # nothing configured on loopback: still on, with the local admin key
+    ({"host": "127.0.0.1", "auth_disabled": True}, False),  # off only when the settings say so
     ({"host": "127.0.0.1", "auth_disabled": True, "api_keys": [f"a:user:{HASH}"]}, False),
     ({"host": "127.0.0.1", "api_keys": [f"a:user:{HASH}"]}, True),  # keys configured: on, even on loopback
     ({"host": "0.0.0.0", "api_keys": [f"a:user:{HASH}"]}, True),
 ])
 def test_when_auth_is_on(fields, enabled):
     assert KeyRing.from_settings(settings(**fields)).enabled is enabled
+
+
+def test_loopback_without_keys_mints_one_local_admin_key(tmp_path):
+    import stat
+
+    from core.local_key import local_key_path
+
+    ring = KeyRing.from_settings(settings(host="127.0.0.1"))
+    path = local_key_path(settings().data_dir)
+    assert ring.local_key_file == path and stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = path.read_text().strip()
+    assert key.startswith("bsk-")
+    who = ring.authenticate(key)
+    assert (who.owner, who.is_admin) == ("local", True)
+    again = KeyRing.from_settings(settings(host="127.0.0.1"))  # a restart (or the next process) keeps the key
+    assert again.authenticate(key) is not None and path.read_text().strip() == key
+    configured = KeyRing.from_settings(settings(host="127.0.0.1", api_keys=[f"a:user:{HASH}"]))
+    assert configured.local_key_file is None and configured.authenticate(key) is None  # replaced by real keys
 
 
 @pytest.mark.parametrize("fields, says", [

@@ -62,3 +62,20 @@ def test_cached_json_matches_the_model(settings, trusting):
     publish_adapter(settings, "alpha", seed=0)
     info = AdapterRegistry(settings.registry_dir).list()[0]
     assert json.loads(info.json_bytes()) == info.model_dump(mode="json")
+
+
+def test_an_overwrite_is_judged_under_the_publish_lock(settings):
+    from core.errors import Conflict
+
+    registry = AdapterRegistry(settings.registry_dir)
+    publish_adapter(settings, "owned", seed=0)
+    source = registry.path("owned")
+    before = registry.get("owned")
+    with pytest.raises(Conflict, match="in use"):
+        registry.publish("owned", source, {"base_model": "embedded", "bone": before.bone, "owner": "alice"},
+                         overwrite=True, may_replace=lambda current: current.owner == "alice")
+    assert registry.get("owned") == before
+    assert not [p for p in registry.root.iterdir() if p.name.startswith((".staging-", ".trash-"))]
+    replaced = registry.publish("owned", source, {"base_model": "embedded", "bone": before.bone}, overwrite=True,
+                                may_replace=lambda current: current.owner is None)
+    assert registry.get("owned") == replaced and replaced.created_at > before.created_at

@@ -167,13 +167,25 @@ def test_manifest_put_is_conditional(registry, tmp_path, s3_server, s3_url, over
     """Two publishers that both read the old state: the store lets only the first manifest PUT through."""
     registry.publish("race", _adapter_dir(tmp_path), META)
     storage: ObjectStorage = registry.storage
-    stale = (None, None) if not overwrite else ('"0123456789abcdef0123456789abcdef"', "v0000000000000-gone")
+    stale = (None, None, None) if not overwrite else ('"0123456789abcdef0123456789abcdef"', "v0000000000000-gone", None)
     storage._current = lambda name: stale  # what a publisher saw before the other one's manifest landed
     before = keys(s3_server, s3_url)
     with pytest.raises(Conflict, match="concurrently" if overwrite else "already exists"):
         storage.commit("race", _adapter_dir(tmp_path, b"weights-v2"), registry.get("race").model_dump_json(), overwrite)
     assert keys(s3_server, s3_url) == before  # the loser's version was removed; the winner's untouched
     assert registry.verified_weights("race")[0].read_bytes() == b"weights-v1"
+
+
+def test_an_overwrite_is_judged_on_the_manifest_it_replaces(registry, tmp_path, s3_server, s3_url):  # noqa: F811
+    registry.publish("owned", _adapter_dir(tmp_path), {**META, "owner": "bob"})
+    before = keys(s3_server, s3_url)
+    with pytest.raises(Conflict, match="in use"):
+        registry.publish("owned", _adapter_dir(tmp_path, b"weights-v2"), {**META, "owner": "alice"}, overwrite=True,
+                         may_replace=lambda current: current.owner == "alice")
+    assert keys(s3_server, s3_url) == before and registry.get("owned").owner == "bob"
+    registry.publish("owned", _adapter_dir(tmp_path, b"weights-v2"), {**META, "owner": "bob"}, overwrite=True,
+                     may_replace=lambda current: current.owner == "bob")
+    assert registry.verified_weights("owned")[0].read_bytes() == b"weights-v2"
 
 
 def test_damaged_manifest_does_not_hide_the_others(registry, tmp_path, s3_server, s3_url):  # noqa: F811

@@ -41,6 +41,8 @@ def test_up_starts_its_own_redis_and_stops_everything_on_sigterm(tmp_path, share
     port = free_port()
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": dead_redis, "OMP_NUM_THREADS": "1"}
+    env.pop("BONE_AUTH_DISABLED", None)  # as a user runs it: no keys configured, auth not switched off
+    env.pop("BONE_API_KEYS", None)
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
@@ -60,13 +62,24 @@ def test_up_starts_its_own_redis_and_stops_everything_on_sigterm(tmp_path, share
         assert (data_dir / "redis" / "redis.log").exists()  # the private Redis keeps its data in the data dir
         assert "started" in (tmp_path / "up.log").read_text()  # ... and the log says which one was started
 
+        # Not open: no key → 401; the local admin key `up` minted, and printed the path of, works.
+        key_file = data_dir / "local-admin.key"
+        assert f"the local admin key is in {key_file}" in (tmp_path / "up.log").read_text()
+        assert httpx.get(f"http://127.0.0.1:{port}/jobs").status_code == 401
+        auth = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
+
         # the worker really is connected: a job gets picked up and finishes
-        job = httpx.post(f"http://127.0.0.1:{port}/jobs", json={
+        job = httpx.post(f"http://127.0.0.1:{port}/jobs", headers=auth, json={
             "adapter_name": "smoke", "dataset": {"records": [{"text": "hello"}]}, "training": {"max_steps": 2}}).json()
         deadline = time.monotonic() + 90
-        while httpx.get(f"http://127.0.0.1:{port}/jobs/{job['id']}").json()["status"] != "succeeded":
+        while httpx.get(f"http://127.0.0.1:{port}/jobs/{job['id']}", headers=auth).json()["status"] != "succeeded":
             assert time.monotonic() < deadline
             time.sleep(0.3)
+
+        # The CLI client on the same machine finds the local key by itself.
+        listed = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "list", "--url", f"http://127.0.0.1:{port}"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and job["id"] in listed.stdout, listed.stdout + listed.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -89,6 +89,21 @@ def test_an_existing_adapter_is_not_overwritten_unless_asked(task_settings, redi
     assert AdapterRegistry(task_settings.registry_dir).get("taken").job_id == third.id
 
 
+def test_a_job_never_replaces_another_owners_adapter(task_settings, redis_conn, store, make_job):
+    # The API refuses such a job up front; this is the name being taken by bob while alice's job trained.
+    bobs = make_job(LEARNABLE, adapter_name="contested", max_steps=1)
+    alices = make_job(LEARNABLE, adapter_name="contested", max_steps=1, overwrite=True)
+    bobs_again = make_job(LEARNABLE, adapter_name="contested", max_steps=1, overwrite=True)
+    for job, owner in ((bobs, "bob"), (alices, "alice"), (bobs_again, "bob")):
+        store.update(job.id, owner=owner)
+    run_queued(redis_conn, task_settings, bobs.id, alices.id, bobs_again.id)
+    assert [store.get(j.id).status for j in (bobs, alices, bobs_again)] == [
+        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUCCEEDED]
+    assert "already in use" in store.get(alices.id).error
+    info = AdapterRegistry(task_settings.registry_dir).get("contested")
+    assert (info.owner, info.job_id) == ("bob", bobs_again.id)  # its owner may still overwrite it
+
+
 def test_a_job_cancelled_before_it_starts_never_runs(task_settings, redis_conn, store, make_job):
     # The API sets the flag first; a worker that dequeues the job before the API marks it cancelled
     # must still not run it.

@@ -1,0 +1,50 @@
+"""The local admin key: what a loopback server with no configured keys uses instead of running open.
+
+Auth may be off only when the settings say so (``BONE_AUTH_DISABLED=true``, loopback only). A fresh
+``bone-server up`` on embedded defaults still has to work, so, like Jupyter's token, the server mints one admin
+key on first start and keeps it in the data dir, readable by its user only. ``up`` prints where it is; the CLI
+client reads it when it talks to a loopback server and no key was given. Configuring ``BONE_API_KEYS`` replaces
+it (the file is then ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LOCAL_KEY_FILE = "local-admin.key"
+LOCAL_OWNER = "local"
+
+
+def local_key_path(data_dir: Path) -> Path:
+    return Path(data_dir) / LOCAL_KEY_FILE
+
+
+def read_local_key(data_dir: Path) -> str | None:
+    try:
+        key = local_key_path(data_dir).read_text().strip()
+    except OSError:
+        return None
+    return key or None
+
+
+def ensure_local_key(data_dir: Path) -> str:
+    """The data dir's local admin key, minted on first use. Several processes starting at once on one data dir
+    (``up`` runs an API and a worker; tests run replicas) agree: the file is created exclusively, never replaced."""
+    from core.auth import generate_key
+
+    path = local_key_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = generate_key()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        existing = read_local_key(data_dir)
+        if existing is None:
+            raise RuntimeError(f"{path} exists but holds no key: delete it to mint a new one") from None
+        return existing
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key
