@@ -46,13 +46,17 @@ def check_mix(value: dict[str, float] | None) -> dict[str, float] | None:
     return value
 
 
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter: str | None = Field(None, description="adapter name; null = the base model")
     adapters: dict[str, float] | None = AdaptersField
     prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(64, ge=1, description="bounded by BONE_MAX_NEW_TOKENS")
+    max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS} (or the server's "
+                                       "limit, if lower); bounded by BONE_MAX_NEW_TOKENS")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
@@ -89,11 +93,13 @@ class GenerateResponse(BaseModel):
 
 
 def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams:
-    if body.max_new_tokens > settings.max_new_tokens:
-        raise InvalidRequest(f"max_new_tokens={body.max_new_tokens} exceeds the server's limit of "
+    # A request that names no budget must not be refused by a server configured below the default.
+    limit = body.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens)
+    if limit > settings.max_new_tokens:
+        raise InvalidRequest(f"max_new_tokens={limit} exceeds the server's limit of "
                              f"{settings.max_new_tokens} (BONE_MAX_NEW_TOKENS)", param="max_new_tokens")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+    return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
                           seed=body.seed, stop=tuple(stops))
 
 

@@ -69,3 +69,14 @@ def test_a_client_that_hangs_up_frees_its_slot(client, live):
     wait_until(lambda: engine.aborted == aborted + 2, timeout=10)
     reply = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "temperature": 0})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_request_without_a_budget_fits_a_server_capped_below_the_default():
+    from app.routes.generate import DEFAULT_MAX_NEW_TOKENS, GenerateRequest, sampling_params
+    from core.settings import Settings
+
+    low = Settings(_env_file=None, max_new_tokens=8)
+    assert sampling_params(GenerateRequest(prompt="hi"), low).max_new_tokens == 8  # not a 422
+    high = Settings(_env_file=None, max_new_tokens=1000)
+    assert sampling_params(GenerateRequest(prompt="hi"), high).max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    assert sampling_params(GenerateRequest(prompt="hi", max_new_tokens=5), low).max_new_tokens == 5
