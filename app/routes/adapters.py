@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from app.deps import EngineDep, RedisDep, RegistryDep
+from app.schemas import Deleted
 from core.evals import EvalStore, LatestEval
 from core.registry import AdapterInfo
 
@@ -53,7 +54,11 @@ def get_adapter(name: str, registry: RegistryDep, conn: RedisDep) -> AdapterView
     return AdapterView(**info.model_dump(), latest_eval=latest)
 
 
-@router.delete("/{name}")
+class AdapterDeleted(Deleted):
+    object: Literal["adapter"] = "adapter"
+
+
+@router.delete("/{name}", response_model=AdapterDeleted)
 def delete_adapter(name: str, registry: RegistryDep, engine: EngineDep) -> dict:
     registry.delete(name)  # 404 when absent; gone from listings and from every later request at once
     engine.evict_adapter(name)

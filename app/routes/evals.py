@@ -20,6 +20,7 @@ from rq.job import JobStatus as RQStatus
 from app.auth import PrincipalDep
 from app.deps import JobCheckerDep, QueueDep, RedisDep, RegistryDep, SettingsDep
 from app.routes.jobs import check_file_visible
+from app.schemas import Page
 from core.auth import Principal
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.evals import EVAL_TASK, EvalCreate, EvalStore, Evaluation
@@ -28,6 +29,10 @@ from core.jobs import FileDataset, JobStatus, dataset_summary
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/evals", tags=["evals"])
+
+
+class EvaluationList(Page[Evaluation]):
+    pass
 
 
 @router.post("", status_code=202, response_model=Evaluation)
@@ -80,15 +85,15 @@ def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, queue: 
     return evaluation
 
 
-@router.get("")
+@router.get("", response_model=EvaluationList)
 def list_evals(conn: RedisDep, principal: PrincipalDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                after: Annotated[str | None, Query(description="id of the last evaluation of the previous page")] = None
-               ) -> dict:
+               ) -> EvaluationList:
     store = EvalStore(conn)
     if after is not None:
         _visible(store, after, principal, param="after")
     found, has_more = store.list(limit=limit, after=after, owner=None if principal.is_admin else principal.owner)
-    return {"object": "list", "data": [e.model_dump(mode="json") for e in found], "has_more": has_more}
+    return EvaluationList(data=found, has_more=has_more)
 
 
 @router.get("/{eval_id}", response_model=Evaluation)

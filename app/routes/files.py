@@ -7,18 +7,27 @@ streams in, and the copy to disk counts again (413 either way). A key sees only 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from app.auth import PrincipalDep
 from app.deps import SettingsDep
+from app.schemas import Deleted, Listing
 from core.auth import Principal
 from core.errors import NotFound
 from core.files import FileInfo, FileStore
 
 router = APIRouter(prefix="/files", tags=["files"])
+
+
+class FileList(Listing[FileInfo]):
+    pass
+
+
+class FileDeleted(Deleted):
+    object: Literal["file"] = "file"
 
 
 def _store(settings) -> FileStore:
@@ -42,10 +51,9 @@ async def upload_file(settings: SettingsDep, principal: PrincipalDep,
                                    max_bytes=settings.max_upload_bytes, expected_format=format)
 
 
-@router.get("")
-def list_files(settings: SettingsDep, principal: PrincipalDep) -> dict:
-    files = [f for f in _store(settings).list() if principal.can_see(f.owner)]
-    return {"object": "list", "data": [f.model_dump(mode="json") for f in files], "has_more": False}
+@router.get("", response_model=FileList)
+def list_files(settings: SettingsDep, principal: PrincipalDep) -> FileList:
+    return FileList(data=[f for f in _store(settings).list() if principal.can_see(f.owner)], has_more=False)
 
 
 @router.get("/{file_id}", response_model=FileInfo)
@@ -53,7 +61,7 @@ def get_file(file_id: str, settings: SettingsDep, principal: PrincipalDep) -> Fi
     return _visible(_store(settings), file_id, principal)
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, settings: SettingsDep, principal: PrincipalDep) -> dict:
     store = _store(settings)
     _visible(store, file_id, principal)

@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import redis
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
 
 from app.deps import EngineDep, RedisDep
+from app.errors import ErrorResponse
 from core.errors import ServiceUnavailable
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-async def healthz() -> dict:
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = "ready"
+    base_model: str = Field(description="the base model served, as configured (BONE_BASE_MODEL)")
+    device: str = Field(description="where it runs, e.g. cpu or cuda:0")
+
+
+# Not ready is an answer of this probe, not a failure: say which codes a load balancer will see.
+NOT_READY = {503: {"model": ErrorResponse, "description": "Not ready: Redis does not answer (code "
+                   "`redis_unavailable`) or the base model is not loaded (code `model_not_ready`)"}}
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
     """The process answers: always 200 (restart it only when this fails)."""
-    return {"status": "ok"}
+    return Health()
 
 
-@router.get("/readyz")
-async def readyz(conn: RedisDep, engine: EngineDep) -> dict:
+@router.get("/readyz", response_model=Readiness, responses=NOT_READY)
+async def readyz(conn: RedisDep, engine: EngineDep) -> Readiness:
     """Ready to take traffic: Redis answers a ping and the base model is loaded and served."""
     try:
         await run_in_threadpool(conn.ping)
@@ -27,4 +46,4 @@ async def readyz(conn: RedisDep, engine: EngineDep) -> dict:
         raise ServiceUnavailable(f"Redis unreachable: {exc}", code="redis_unavailable") from None
     if not engine.ready:
         raise ServiceUnavailable("the base model is not loaded", code="model_not_ready")
-    return {"status": "ready", "base_model": engine.base.name, "device": str(engine.base.device)}
+    return Readiness(base_model=engine.base.name, device=str(engine.base.device))

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
@@ -21,6 +22,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from app.auth import PrincipalDep
 from app.deps import JobCheckerDep, JobStoreDep, QueueDep, RegistryDep, SettingsDep
+from app.schemas import Listing, Page
 from core.auth import Principal
 from core.checkpoints import unpublish_checkpoints
 from core.errors import Conflict, InvalidRequest, NotFound
@@ -34,6 +36,40 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 EVENT_POLL_MS = 1000  # below the Redis client's socket timeout, so a blocking read never times out the socket
+
+
+class JobList(Page[Job]):
+    pass
+
+
+class Checkpoint(BaseModel):
+    """One saved checkpoint, as the worker records it. The optional fields are absent (not null) in a record
+    written without them, which the route passes on as stored (``response_model_exclude_unset``)."""
+
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    job_id: str
+    step: int
+    created_at: float | None = None
+    adapter: str | None = Field(None, description="the adapter it was published as (training.publish_checkpoints), "
+                                                  "else null")
+    train_loss: float | None = None
+    eval_loss: float | None = None
+
+
+class CheckpointList(Listing[Checkpoint]):
+    pass
+
+
+class JobEvent(BaseModel):
+    type: str = Field(description="status, step, eval, epoch, checkpoint, resumed, message, retry, error, ...")
+    message: str
+    created_at: float
+    data: dict[str, Any] = Field(description="the event's own fields (e.g. step, loss, lr; status)")
+    id: str = Field(description="the Redis stream id; pass it as `after` (or Last-Event-ID) to read on from here")
+
+
+class JobEventList(Page[JobEvent]):
+    pass
 
 
 @router.post("", status_code=202, response_model=Job)
@@ -66,11 +102,12 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
     return job
 
 
-@router.get("")
+@router.get("", response_model=JobList)
 def list_jobs(store: JobStoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(description="id of the last job of the previous page")] = None) -> dict:
+              after: Annotated[str | None, Query(description="id of the last job of the previous page")] = None
+              ) -> JobList:
     jobs, has_more = store.list(limit=limit, after=after)
-    return {"object": "list", "data": [job.model_dump(mode="json") for job in jobs], "has_more": has_more}
+    return JobList(data=jobs, has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=Job)
@@ -111,7 +148,7 @@ def cancel_job(job_id: str, store: JobStoreDep, queue: QueueDep, registry: Regis
     return store.get(job_id)
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, response_model_exclude_unset=True)
 def job_checkpoints(job_id: str, store: JobStoreDep) -> dict:
     """The job's checkpoints so far: step, train/eval loss and, with ``training.publish_checkpoints``, the
     name of the adapter each one was published as (usable in /generate at once)."""
@@ -120,7 +157,7 @@ def job_checkpoints(job_id: str, store: JobStoreDep) -> dict:
                                        for c in store.checkpoints(job_id)], "has_more": False}
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_model=JobEventList)  # or SSE: see app/openapi.py STREAMING
 async def job_events(job_id: str, request: Request, store: JobStoreDep,
                      after: Annotated[str | None, Query(description="id of the last event already seen")] = None,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -27,8 +27,8 @@ from app.decoding import SamplingParams
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.engine import GenerationResult, InferenceEngine
 from app.adapter_cache import Mix
-from app.routes.generate import (SSE_RESPONSE, AdaptersField, check_mix, error_body, resolve_adapter, resolve_mix,
-                                 results_or_disconnect, stream_jobs, submit_all)
+from app.routes.generate import (SSE_RESPONSE, AdaptersField, Usage, check_mix, error_body, resolve_adapter,
+                                 resolve_mix, results_or_disconnect, stream_jobs, submit_all)
 from core.errors import InvalidRequest, NotFound, ServiceError
 from core.registry import AdapterRegistry
 from core.settings import Settings
@@ -82,6 +82,61 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Any] | None = None
+
+
+# --- responses (OpenAI's shapes; fields in the order the routes build them) -------------------------------------
+class ModelCard(BaseModel):
+    id: str = Field(description="the base model's name, or an adapter's")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when the adapter was published (unix time); 0 for the base model")
+    owned_by: str = Field(description="the adapter's owner, else bone-server")
+    parent: str | None = Field(description="the base model an adapter was trained on; null for the base model")
+    root: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(description="the base model first, then every adapter trained on it")
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(description="prompt i's choice k is index i * n + k")
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    created: int
+    model: str
+    object: Literal["text_completion"] = "text_completion"
+    usage: Usage
+    choices: list[CompletionChoice]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    usage: Usage
+    choices: list[ChatChoice]
 
 
 def _params(body: _Common, settings: Settings, default_max: int) -> SamplingParams:
@@ -146,7 +201,7 @@ def _finish(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList)
 async def list_models(registry: RegistryDep, settings: SettingsDep) -> dict:
     infos = await run_in_threadpool(registry.list)
     base = {"id": settings.base_model, "object": "model", "created": 0, "owned_by": "bone-server", "parent": None,
@@ -157,7 +212,7 @@ async def list_models(registry: RegistryDep, settings: SettingsDep) -> dict:
     return {"object": "list", "data": [base, *adapters]}
 
 
-@router.post("/completions", responses=SSE_RESPONSE)
+@router.post("/completions", response_model=Completion, responses=SSE_RESPONSE)
 async def completions(body: CompletionRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
                       settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=16)  # OpenAI's default for completions
@@ -180,7 +235,7 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
                         for i, r in enumerate(results)]}
 
 
-@router.post("/chat/completions", responses=SSE_RESPONSE)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=SSE_RESPONSE)
 async def chat_completions(body: ChatRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
                            settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=settings.max_new_tokens)
