@@ -38,6 +38,10 @@ class EvaluationList(Page[Evaluation]):
 @router.post("", status_code=202, response_model=Evaluation)
 def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, queue: QueueDep, registry: RegistryDep,
                 checker: JobCheckerDep, principal: PrincipalDep) -> Evaluation:
+    # Defaults the caller did not set follow a server capped below them instead of being refused.
+    for field, cap in (("max_seq_length", settings.max_seq_length), ("max_new_tokens", settings.max_new_tokens)):
+        if field not in body.model_fields_set:
+            setattr(body, field, min(getattr(body, field), cap))
     if body.max_seq_length > settings.max_seq_length:
         raise InvalidRequest(f"max_seq_length={body.max_seq_length} exceeds the server's limit of "
                              f"{settings.max_seq_length} (BONE_MAX_SEQ_LENGTH)", param="max_seq_length")

@@ -179,3 +179,15 @@ def test_owners_evaluate_and_see_only_their_own(secured, redis_url):
         assert http.get("/evals", headers=bob).json()["data"] == []
         assert [e["id"] for e in http.get("/evals", headers=alice).json()["data"]] == [created["id"]]
         assert http.post(f"/evals/{created['id']}/cancel", headers=bob).status_code == 404
+
+
+def test_unset_bounds_follow_a_server_capped_below_the_defaults(tmp_path_factory, shared_models_dir, redis_url):
+    settings = make_settings(tmp_path_factory.mktemp("low-caps") / "data", shared_models_dir,
+                             max_seq_length=128, max_new_tokens=8)
+    publish_adapter(settings, "capped", seed=0)
+    with LiveServer(settings) as server, server.client() as http:
+        reply = http.post("/evals", json={"adapters": ["capped"], "dataset": {"records": ROWS}})
+        assert reply.status_code == 202, reply.text
+        assert (reply.json()["max_seq_length"], reply.json()["max_new_tokens"]) == (128, 8)
+        asked = http.post("/evals", json={"adapters": ["capped"], "dataset": {"records": ROWS}, "max_new_tokens": 9})
+        assert asked.status_code == 422 and asked.json()["error"]["param"] == "max_new_tokens"  # said, so refused

@@ -163,7 +163,7 @@ def test_a_publish_killed_mid_write_never_shows_a_partial_adapter(client, live, 
     assert again.status_code == 200 and again.json()["text"] == before.json()["text"]
 
     assert AdapterRegistry(live.settings.registry_dir).sweep() == 2  # what the API does at start
-    assert not [p for p in live.settings.registry_dir.iterdir() if p.name.startswith(".")]
+    assert not [p for p in live.settings.registry_dir.iterdir() if p.name.startswith((".staging-", ".trash-"))]
 
 
 # --- corrupted weights -------------------------------------------------------------------------------------------
