@@ -129,6 +129,8 @@ class JobStore:
                         raise Conflict(f"job {job_id} is on attempt {job.attempts}, not {attempt}", param="job_id",
                                        code="invalid_state")
                     job = Job.model_validate({**job.model_dump(), **fields})  # validates the new fields too
+                    if job.status.is_final:  # a finished job is in no phase and has nothing left to wait for
+                        job.progress = job.progress.model_copy(update={"phase": None, "eta_s": None})
                     previous = Job.model_validate_json(raw).status
                     pipe.multi()
                     pipe.set(key, job.model_dump_json())

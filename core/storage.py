@@ -39,6 +39,7 @@ from core.errors import Conflict, CorruptAdapter, ServiceUnavailable
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "metadata.json"
+PUBLISH_LOCK_FILE = ".publish.lock"  # a local registry's publish lock (flock); hidden, so never listed
 MANIFEST_FILE = "manifest.json"
 # Versions not named by a manifest are left alone this long: they may belong to a publish still uploading.
 ORPHAN_GRACE_S = 3600.0
@@ -168,7 +169,7 @@ class LocalStorage:
     def _publish_lock(self) -> Iterator[None]:
         """One publisher at a time per registry folder (all processes on this host): the check of what an
         overwrite replaces and the swap happen as one step. Held for two renames, not for the copy."""
-        with open(self.root / ".publish.lock", "a+") as handle:
+        with open(self.root / PUBLISH_LOCK_FILE, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

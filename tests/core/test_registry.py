@@ -6,6 +6,7 @@ import pytest
 
 from core.errors import Conflict, CorruptAdapter, NotFound
 from core.registry import AdapterRegistry, file_sha256
+from core.storage import PUBLISH_LOCK_FILE
 
 
 def _adapter_dir(tmp_path: Path, payload: bytes = b"weights-v1") -> Path:
@@ -37,7 +38,7 @@ def test_republish_conflicts_unless_overwrite(tmp_path):
     info = registry.publish("alpha", _adapter_dir(tmp_path, b"weights-v2"), META, overwrite=True)
     assert registry.get("alpha").sha256 == info.sha256
     assert (tmp_path / "reg" / "alpha" / "adapter_model.safetensors").read_bytes() == b"weights-v2"
-    assert [p.name for p in (tmp_path / "reg").iterdir()] == ["alpha"]  # no staging/trash left behind
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == [PUBLISH_LOCK_FILE, "alpha"]  # no staging/trash
 
 
 def test_corrupted_weights_are_refused_naming_the_file(tmp_path):
@@ -73,4 +74,4 @@ def test_delete(tmp_path):
     assert registry.list() == []
     with pytest.raises(NotFound):
         registry.delete("alpha")
-    assert os.listdir(tmp_path / "reg") == []
+    assert os.listdir(tmp_path / "reg") == [PUBLISH_LOCK_FILE]

@@ -36,6 +36,7 @@ def test_a_job_trains_and_publishes_its_adapter(task_settings, redis_conn, store
     assert done.status is JobStatus.SUCCEEDED, done.error
     assert done.error is None and done.attempts == 1 and done.started_at <= done.finished_at
     assert (done.progress.step, done.progress.total_steps) == (12, 12)
+    assert (done.progress.phase, done.progress.eta_s) == (None, None)  # finished: no phase "publishing" left behind
     assert done.metrics["train_loss"] < done.metrics["train_loss_first"]  # it learned
 
     registry = AdapterRegistry(task_settings.registry_dir)
@@ -165,7 +166,7 @@ def test_eval_metrics_and_truncation_reach_the_adapter_and_the_events(task_setti
     assert events[1]["data"]["truncated"] == 1 and "1 truncated to max_seq_length=24" in events[1]["message"]
     ids = [e["id"] for e in events]
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
-    assert done.progress.eta_s == 0 and done.progress.phase == "publishing"
+    assert done.progress.eta_s is None and done.progress.phase is None  # final: no phase, nothing left to wait for
 
 
 def test_published_checkpoints_are_listed_and_usable(task_settings, redis_conn, store, make_job):
