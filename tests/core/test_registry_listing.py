@@ -1,4 +1,4 @@
-"""The registry listing is reused while the registry folder's mtime stands still (core/storage.py
+"""The registry listing is reused while the registry folder's mtime stands still (core/storage/local.py
 ``listing_stamp``): every publish, overwrite and delete must still show in the very next listing."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import core.storage
+import core.storage.local
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
 
@@ -16,7 +16,7 @@ from tests.app.conftest import publish_adapter
 @pytest.fixture
 def trusting(monkeypatch):
     # Trust any mtime at once, so every listing below is served from the cache when the stamp allows it.
-    monkeypatch.setattr(core.storage, "LISTING_SETTLED_S", 0.0)
+    monkeypatch.setattr(core.storage.local, "LISTING_SETTLED_S", 0.0)
 
 
 def names(registry: AdapterRegistry) -> list[str]:
@@ -26,6 +26,7 @@ def names(registry: AdapterRegistry) -> list[str]:
 def test_publish_overwrite_delete_show_at_once(settings, trusting):
     registry = AdapterRegistry(settings.registry_dir)
     publish_adapter(settings, "alpha", seed=0)
+    assert registry.storage.listing_stamp() is not None  # the patch took effect: listings below are cached
     assert names(registry) == ["alpha"]
     assert registry.list()[0] is registry.list()[0]  # served from the cache: the same parsed entry
 

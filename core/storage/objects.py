@@ -1,16 +1,11 @@
-"""Where the adapter registry keeps its files: a local directory, or any fsspec URL (``s3://bucket/prefix``).
+"""The registry on any fsspec filesystem (``s3://bucket/prefix``), made atomic by writing the manifest last.
 
-Both backends answer the same few questions for ``core.registry`` (which owns names, metadata, sha256 checks
-and errors); they differ only in how a publish is made atomic:
-
-* ``LocalStorage``: the files and ``metadata.json`` go into a hidden staging folder, are fsynced, then the
-  folder is renamed into place (one atomic rename on one filesystem).
-* ``ObjectStorage``: object stores have no rename, so each publish writes a new *version* folder and then,
-  last, ``<name>/manifest.json`` (the metadata plus the version id and the adapter config). Readers see
-  only names whose manifest exists and read the files of the version it names, so a half-written publish
-  is invisible and an overwrite switches versions in one PUT. The manifest PUT is conditional
-  (If-None-Match / If-Match), so two concurrent publishers cannot both win. Old versions are deleted after
-  the new manifest is in place; a reader that raced gets FileNotFoundError and the registry re-reads.
+Object stores have no rename, so each publish writes a new *version* folder and then, last,
+``<name>/manifest.json`` (the metadata plus the version id and the adapter config). Readers see only names
+whose manifest exists and read the files of the version it names, so a half-written publish is invisible and
+an overwrite switches versions in one PUT. The manifest PUT is conditional (If-None-Match / If-Match), so two
+concurrent publishers cannot both win. Old versions are deleted after the new manifest is in place; a reader
+that raced gets FileNotFoundError and the registry re-reads.
 
     <prefix>/<name>/manifest.json
     <prefix>/<name>/<version>/adapter_config.json
@@ -24,189 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
-import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from core.errors import Conflict, CorruptAdapter, ServiceUnavailable
+from core.storage.common import CONFIG_FILE, WEIGHTS_FILE, Check, MayReplace, _in_use, _raced, _taken
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-METADATA_FILE = "metadata.json"
-PUBLISH_LOCK_FILE = ".publish.lock"  # a local registry's publish lock (flock); hidden, so never listed
 MANIFEST_FILE = "manifest.json"
 # Versions not named by a manifest are left alone this long: they may belong to a publish still uploading.
 ORPHAN_GRACE_S = 3600.0
-
-# check(path, label): raises CorruptAdapter when the file at `path` does not hash to the manifest's sha256.
-Check = Callable[[Path, str], None]
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _taken(name: str) -> Conflict:
-    return Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="adapter_name",
-                    code="adapter_exists")
-
-
-def _in_use(name: str) -> Conflict:
-    return Conflict(f"adapter name {name!r} is already in use; choose another name", param="adapter_name",
-                    code="adapter_exists")
-
-
-# ``commit(..., may_replace=)``: given the metadata (JSON bytes) of the adapter an overwrite would replace, may it?
-# Checked under the same lock (local) or compare-and-swap (object storage) as the replacement itself, so an
-# owner check cannot be raced by another owner publishing the name in between.
-MayReplace = Callable[[bytes], bool]
-
-
-def _raced(name: str) -> Conflict:
-    return Conflict(f"adapter {name!r} was published concurrently", param="adapter_name", code="adapter_exists")
-
-
-# A root folder whose mtime is older than this is trusted to move on its next change (see listing_stamp).
-LISTING_SETTLED_S = 2.0
-
-# path of a metadata.json -> ((inode, mtime_ns, size), bytes); shared by every registry object of the process
-_METADATA_CACHE: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
-
-
-class LocalStorage:
-    """One folder per adapter: ``<root>/<name>/{adapter_config.json, adapter_model.safetensors, metadata.json}``."""
-
-    def __init__(self, root: Path, *, create: bool = True) -> None:
-        self.root = Path(root)
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
-
-    def location(self, name: str) -> Path:
-        return self.root / name
-
-    def has(self, name: str) -> bool:
-        return (self.root / name / METADATA_FILE).is_file()
-
-    def read_metadata(self, name: str) -> bytes:
-        return (self.root / name / METADATA_FILE).read_bytes()
-
-    def listing_stamp(self) -> tuple[int, int] | None:
-        """A token that changes whenever an adapter appears, is replaced or goes: every one of those renames an
-        entry of the root folder, which moves the folder's mtime. ``None`` while that mtime is recent: a second
-        change within the filesystem's timestamp granularity (or a clock a little off, on network filesystems)
-        could leave it unmoved, so a listing read then must not be cached (git's "racy clean" rule)."""
-        st = os.stat(self.root)
-        if time.time() - st.st_mtime < LISTING_SETTLED_S:
-            return None
-        return st.st_ino, st.st_mtime_ns
-
-    def all_metadata(self) -> list[bytes]:
-        # Listing 1,000 adapters must not read 1,000 files per request: each metadata file is re-read only when
-        # its (inode, mtime, size) changes; a publish or overwrite writes a new file, so a new inode.
-        found = []
-        with os.scandir(self.root) as scan:
-            names = sorted(entry.name for entry in scan if not entry.name.startswith("."))
-        for name in names:
-            path = self.root / name / METADATA_FILE
-            try:
-                st = os.stat(path)
-                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-                hit = _METADATA_CACHE.get(path)
-                if hit is None or hit[0] != stamp:
-                    hit = (stamp, path.read_bytes())
-                    _METADATA_CACHE[path] = hit
-            except OSError:
-                _METADATA_CACHE.pop(path, None)
-                continue
-            found.append(hit[1])
-        return found
-
-    def read_config(self, name: str) -> dict[str, Any]:
-        return json.loads((self.root / name / CONFIG_FILE).read_text())
-
-    def weights(self, name: str, sha256: str, check: Check) -> Path:
-        path = self.root / name / WEIGHTS_FILE
-        check(path, str(path))
-        return path
-
-    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,
-               may_replace: MayReplace | None = None) -> None:
-        staging = self.root / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
-        try:
-            for filename in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copyfile(source_dir / filename, staging / filename)
-            (staging / METADATA_FILE).write_text(metadata_json)
-            for child in staging.iterdir():
-                fsync_path(child)
-            fsync_path(staging)
-            with self._publish_lock():
-                if may_replace is not None and overwrite:
-                    try:
-                        current = self.read_metadata(name)
-                    except FileNotFoundError:
-                        current = None
-                    if current is not None and not may_replace(current):
-                        raise _in_use(name)
-                self._swap_into_place(name, staging, overwrite)
-            fsync_path(self.root)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-
-    @contextlib.contextmanager
-    def _publish_lock(self) -> Iterator[None]:
-        """One publisher at a time per registry folder (all processes on this host): the check of what an
-        overwrite replaces and the swap happen as one step. Held for two renames, not for the copy."""
-        with open(self.root / PUBLISH_LOCK_FILE, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _swap_into_place(self, name: str, staging: Path, overwrite: bool) -> None:
-        target, trash = self.root / name, None
-        if target.exists():
-            if not overwrite:
-                raise _taken(name)
-            trash = self.root / f".trash-{uuid.uuid4().hex}"
-            os.rename(target, trash)
-        try:
-            os.rename(staging, target)  # fails (ENOTEMPTY) if another publisher won the race
-        except OSError:
-            if trash is not None:
-                os.rename(trash, target)
-            raise _raced(name) from None
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-    def remove(self, name: str) -> bool:
-        if not self.has(name):
-            return False
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
-        os.rename(self.root / name, trash)  # disappears from listings at once; the files go after
-        shutil.rmtree(trash, ignore_errors=True)
-        return True
-
-    def sweep(self) -> int:
-        removed = 0
-        for entry in self.root.iterdir():
-            if entry.name.startswith((".staging-", ".trash-")):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-        return removed
 
 
 def new_version() -> str:
