@@ -101,20 +101,21 @@ class _RemoteRoot(str):
     storage: ObjectStorage
 
 
-def _open_storage(root: Path | str, cache_dir: Path | None, storage_options: dict[str, Any] | None):
+def _open_storage(root: Path | str, cache_dir: Path | None, storage_options: dict[str, Any] | None,
+                  cache_bytes: int = 0):
     text = str(root)
     if "://" not in text:
         return LocalStorage(Path(text))
     if text.startswith("file://"):
         return LocalStorage(Path(text[len("file://"):]))
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "bone-registry-cache"
-    return ObjectStorage(text, cache, storage_options)
+    return ObjectStorage(text, cache, storage_options, cache_bytes=cache_bytes)
 
 
 class AdapterRegistry:
     def __init__(self, root: Path | str, *, cache_dir: Path | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
-        self.storage = _open_storage(root, cache_dir, storage_options)
+                 storage_options: dict[str, Any] | None = None, cache_bytes: int = 0) -> None:
+        self.storage = _open_storage(root, cache_dir, storage_options, cache_bytes)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdapterRegistry:
@@ -123,7 +124,8 @@ class AdapterRegistry:
         options: dict[str, Any] = {}
         if settings.s3_endpoint_url and settings.registry_url.startswith(("s3://", "s3a://")):
             options["endpoint_url"] = settings.s3_endpoint_url
-        return cls(settings.registry_url, cache_dir=settings.registry_cache_dir, storage_options=options)
+        return cls(settings.registry_url, cache_dir=settings.registry_cache_dir, storage_options=options,
+                   cache_bytes=settings.registry_cache_bytes)
 
     @property
     def root(self) -> Path | str:

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     # e.g. s3://bucket/prefix (credentials from the usual AWS_* variables or fsspec's FSSPEC_S3_* config).
     registry_url: str | None = None
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (SeaweedFS, MinIO) for s3:// registry URLs")
+    registry_cache_bytes: int = Field(10 * 1024**3, ge=0, description="local copies of object-storage weights "
+                                      "(<data dir>/registry-cache) kept up to this size, least recently used "
+                                      "dropped first; 0 = no bound")
     base_model: str = Field(
         EMBEDDED_BASE_MODEL,
         description="Hugging Face id or local directory of the shared base model; 'embedded' builds a tiny "

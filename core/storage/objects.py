@@ -61,9 +61,11 @@ def _precondition_failed(exc: BaseException) -> bool:
 class ObjectStorage:
     """The registry on any fsspec filesystem, made atomic by writing the manifest last."""
 
-    def __init__(self, url: str, cache_dir: Path, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, cache_dir: Path, storage_options: dict[str, Any] | None = None, *,
+                 cache_bytes: int = 0) -> None:
         self.root = url.rstrip("/")
         self.cache_dir = Path(cache_dir)
+        self.cache_bytes = cache_bytes  # 0: the weights cache is not bounded
         self._options = dict(storage_options or {})
         self._fs, self._pid = None, None
         self._base = self._filesystem()[1]
@@ -147,6 +149,7 @@ class ObjectStorage:
         if cached.is_file():
             try:
                 check(cached, str(cached))
+                os.utime(cached)  # recently used: the cache drops the least recently used copies first
                 return cached
             except CorruptAdapter:
                 cached.unlink(missing_ok=True)  # a damaged cache copy is fetched again, not a reason to refuse
@@ -164,7 +167,26 @@ class ObjectStorage:
             os.replace(part, cached)  # same content under the same name if two loaders raced: harmless
         finally:
             Path(part).unlink(missing_ok=True)
+        self._prune_cache(keep=cached)
         return cached
+
+    def _prune_cache(self, keep: Path) -> None:
+        """Drop the least recently used weight copies until the cache fits ``cache_bytes`` (never ``keep``,
+        the one just fetched). A dropped copy is fetched again, and sha256-checked, on its next use."""
+        if not self.cache_bytes:
+            return
+        entries = []
+        for path in self.cache_dir.glob("*.safetensors"):
+            with contextlib.suppress(FileNotFoundError):  # another process pruned it first
+                st = path.stat()
+                entries.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries, key=lambda entry: entry[0]):
+            if total <= self.cache_bytes:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size
 
     # --- write ---------------------------------------------------------------------------------------
     def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,

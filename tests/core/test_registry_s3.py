@@ -5,6 +5,7 @@ each other's changes without a restart."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -226,3 +227,19 @@ def test_unreachable_store_is_service_unavailable(tmp_path):
         "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}, "retries": 1})
     with pytest.raises(ServiceUnavailable, match="s3://nowhere/reg"):
         dead.list()
+
+
+def test_the_weights_cache_keeps_to_its_size_least_recently_used_first(s3_server, s3_url, tmp_path):  # noqa: F811
+    payloads = {name: name.encode().ljust(300, b".") for name in ("one", "two", "three")}  # 300 bytes each
+    bounded = AdapterRegistry(s3_url, cache_dir=tmp_path / "small-cache", cache_bytes=700,
+                              storage_options={"endpoint_url": s3_server.endpoint_url})
+    for name, payload in payloads.items():
+        bounded.publish(name, _adapter_dir(tmp_path, payload), META)
+    paths = {name: bounded.verified_weights(name)[0] for name in ("one", "two")}
+    os.utime(paths["one"], (1, 1))  # "one" used long ago ...
+    os.utime(paths["two"], (2, 2))
+    assert bounded.verified_weights("one")[0] == paths["one"]  # ... until now: a hit marks it recently used
+    bounded.verified_weights("three")  # 900 bytes > 700: the least recently used copy ("two") goes
+    assert sorted(p.name for p in (tmp_path / "small-cache").glob("*.safetensors")) == sorted(
+        bounded.get(name).sha256 + ".safetensors" for name in ("one", "three"))
+    assert bounded.verified_weights("two")[0].read_bytes() == payloads["two"]  # fetched again when asked
