@@ -34,6 +34,17 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 
+class MaintenanceAtDebug(logging.Filter):
+    """RQ logs each registry clean-up at INFO. We run it every few seconds (so a dead worker's job is noticed
+    fast), which would put a line in the log every 10-15 s forever: shown at DEBUG only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and str(record.msg).startswith("Worker %s: cleaning registries"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def maintenance_interval(settings: Settings) -> int:
     return max(5, settings.worker_ttl_s // 3)
 
@@ -67,6 +78,7 @@ def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str]
     )
     log.info("worker %s listening on queues %s at %s (worker TTL %d s, maintenance every %d s)", worker.name,
              ",".join(names), settings.redis_url, settings.worker_ttl_s, maintenance_interval(settings))
+    worker.log.addFilter(MaintenanceAtDebug())
     tasks.use_worker_name(worker.name)  # recorded on each job it starts
     advert = Advert(settings, worker.name, describe_device(settings, device) | {"queues": names}).start()
     # Started before the first fork; work-horses inherit no threads, so it only ever runs in this parent.

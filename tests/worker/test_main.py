@@ -81,3 +81,19 @@ def test_rq_abandoned_reports_leave_the_job_to_the_janitor(redis_conn, store, ma
 
 def test_maintenance_runs_often_enough_to_notice_a_dead_worker(settings):
     assert main.maintenance_interval(settings) == 10  # worker TTL 30 s: ~90 s to notice (rq-redis-notes.md)
+
+
+def test_rq_maintenance_lines_show_at_debug_only(caplog):
+    import logging
+
+    from worker.main import MaintenanceAtDebug
+
+    rq_log = logging.getLogger("rq.worker.test-maintenance")
+    rq_log.addFilter(MaintenanceAtDebug())
+    with caplog.at_level(logging.INFO, logger=rq_log.name):
+        rq_log.info("Worker %s: cleaning registries for queue: %s", "w1", "bone-training")
+        rq_log.info("Worker %s: started with PID %d", "w1", 1)  # other lines stay as they are
+    assert [r.getMessage() for r in caplog.records] == ["Worker w1: started with PID 1"]
+    with caplog.at_level(logging.DEBUG, logger=rq_log.name):
+        rq_log.info("Worker %s: cleaning registries for queue: %s", "w1", "bone-training")
+    assert caplog.records[-1].levelname == "DEBUG" and "cleaning registries" in caplog.records[-1].getMessage()
