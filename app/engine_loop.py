@@ -1,0 +1,249 @@
+"""The model thread's side of the inference engine (``app.engine``): its scheduler loop.
+
+The model thread runs a scheduler loop: take what arrived, admit what is ready into the running batch
+(``RunningBatch``: prefill the newcomers, merge their KV cache into the running one), run one decode step,
+answer the rows that finished. Rows join and leave between steps (continuous batching) *whatever their
+adapters*: every row names its adapter and the Bone layers select per row in a single forward. When the
+engine is idle, the first request waits up to ``batch_wait_ms`` for company, so a burst is prefilled at once.
+
+A request whose adapter is not resident waits without holding anyone up: the ``AdapterLoader`` threads read
+and verify it, and only the final copy into the model (``AdapterCache.install``) runs here, between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import torch
+
+from app import metrics
+from app.adapter_cache import AdapterCache, AdapterLoader, fetch_mix
+from app.decoding import Row, RunningBatch
+from app.engine_messages import STOP, GenerationResult, Loaded, Request
+from app.model_host import BASE_SLOT, ModelHost
+from core.errors import ServiceError, ServiceUnavailable
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelThread:
+    """The loop ``InferenceEngine`` runs on its model thread, and its steps: everything here runs on that
+    thread. The state it works on is set up by ``InferenceEngine.__init__``:"""
+
+    settings: Settings
+    host: ModelHost
+    cache: AdapterCache
+    loader: AdapterLoader
+    batch: RunningBatch
+    eos_ids: frozenset[int]
+    _inbox: queue.Queue
+    _waiting: deque[Request]
+    _pending: int
+    _pending_lock: threading.Lock
+    _preload: list[str]
+    _out_features: dict[str, int]
+    _tps_window: list
+    _detokenize: Callable[[list[int]], str]
+    prefills: int
+    joins: int
+    steps: int
+    aborted: int
+    hits: int
+    misses: int
+
+    def _serve_forever(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            if not self._receive():
+                break
+            self._admit()
+            if self.batch.rows:
+                self._step()
+        for row in self.batch.clear():
+            row.tag.future.set_exception(ServiceUnavailable("the server is shutting down", code="shutting_down"))
+        while self._waiting:
+            self._fail(self._waiting.popleft(), ServiceUnavailable("the server is shutting down", code="shutting_down"))
+
+    def _receive(self) -> bool:
+        """Take what arrived. Busy: never wait. Idle: block until a request comes, then gather for up to
+        ``batch_wait_ms`` (or until a full batch waits). Returns False on stop."""
+        idle, deadline = not self.batch.rows, None
+        while True:
+            if not idle:
+                timeout = 0.0
+            elif deadline is None:
+                timeout = 0.05 if self._waiting else None  # waiting on loads or room: poll for abandoned ones
+            else:
+                timeout = max(0.0, deadline - time.monotonic())
+            try:
+                item = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is STOP:
+                return False
+            if isinstance(item, Request):
+                self._waiting.append(item)
+                if idle and deadline is None:
+                    deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+                if len(self._waiting) >= self.settings.max_batch_size:
+                    idle = False  # a full batch is here: drain the rest without waiting
+            elif isinstance(item, Loaded):
+                self._on_loaded(item)
+                if idle and deadline is None:
+                    return True
+            else:
+                try:
+                    item.action()
+                except Exception:  # noqa: BLE001 - housekeeping must never kill the model thread
+                    log.exception("engine control action failed")
+
+    def _on_loaded(self, item: Loaded) -> None:
+        self.loader.finished(item.name)
+        users = [r for r in self._waiting if r.adapter == item.name and r.fetched is None]
+        if item.error is not None:
+            if not isinstance(item.error, ServiceError):
+                log.error("loading adapter %r failed: %s", item.name, item.error)
+            for request in users:
+                self._waiting.remove(request)
+                self._fail(request, item.error)
+            return
+        fetched = item.fetched
+        self.cache.cpu_put(fetched)
+        for request in users:  # an older sha still in the CPU tier keeps it; else the version just read
+            if request.sha256 == fetched.sha256 or self.cache.cpu_get((request.adapter, request.sha256 or "")) is None:
+                request.fetched = fetched
+        if item.name in self._preload and not users:
+            try:
+                self.cache.install(fetched, self._in_use())
+            except Exception:  # noqa: BLE001 - a broken preload must not stop serving
+                log.exception("preloading adapter %r failed", item.name)
+
+    def _in_use(self) -> set[str]:
+        return {row.adapter_slot for row in self.batch.rows}
+    def _admit(self) -> None:
+        if not self._waiting or not self.batch.accepts_joins:
+            return
+        room = self.settings.max_batch_size - len(self.batch.rows)
+        in_use, chosen, still = self._in_use(), [], deque()
+        for request in self._waiting:
+            if request.future.cancelled():  # the caller gave up (timeout, disconnect) while it waited
+                self._release()
+                continue
+            slot = self._resolve(request, in_use, must_progress=not self.batch.rows and not chosen) if len(chosen) < room else None
+            if slot is False:
+                continue  # answered with an error
+            if slot is None:
+                still.append(request)
+                continue
+            if not request.future.set_running_or_notify_cancel():
+                self._release()
+                continue
+            in_use.add(slot)
+            chosen.append(Row(prompt_ids=request.prompt_ids, adapter_slot=slot, params=request.params,
+                              eos_ids=self.eos_ids, decode=self._detokenize, on_text=request.on_text,
+                              should_stop=request.abandoned.is_set, tag=request))
+        self._waiting = still
+        if not chosen:
+            return
+        self.prefills += 1
+        self.joins += bool(self.batch.rows)
+        for row in chosen:
+            self._release()
+        try:
+            done = self.batch.add(chosen)
+        except Exception as exc:  # noqa: BLE001 - reported to the newcomers; the running rows carry on
+            log.exception("prefill of %d rows failed", len(chosen))
+            for row in chosen:
+                row.tag.future.set_exception(exc)
+            return
+        now = time.perf_counter()
+        for row in chosen:
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - row.tag.arrived)
+        self._count_tokens(len(chosen))
+        for row in done:
+            self._answer(row)
+
+    def _resolve(self, request: Request, in_use: set[str], must_progress: bool) -> str | None | bool:
+        """The request's slot in the model, None if not ready yet (loading, or no room while others run),
+        False if it failed (already answered)."""
+        if request.adapter is None:
+            return BASE_SLOT
+        key = (request.adapter, request.sha256 or "")
+        slot = self.cache.resident(key)
+        if not request.counted:
+            request.counted = True
+            self.hits += slot is not None
+            self.misses += slot is None
+            (metrics.ADAPTER_CACHE_HITS if slot is not None else metrics.ADAPTER_CACHE_MISSES).inc()
+        if slot is not None:
+            return slot
+        fetched = request.fetched or self.cache.cpu_get(key)
+        if fetched is None:
+            if request.mix is None:
+                self.loader.fetch(request.adapter)
+            else:
+                mix, registry = request.mix, self.cache.registry
+                self.loader.fetch(request.adapter, lambda: fetch_mix(registry, mix, self._out_features))
+            return None
+        if not must_progress and not self.cache.has_room(fetched.size_bytes, in_use):
+            return None  # joins when running rows free their adapters
+        try:
+            return self.cache.install(fetched, in_use)
+        except Exception as exc:  # noqa: BLE001 - a bad checkpoint, an unservable adapter
+            if not isinstance(exc, ServiceError):
+                log.exception("installing adapter %r failed", request.adapter)
+            self._fail(request, exc)
+            return False
+
+    def _step(self) -> None:
+        rows = len(self.batch.rows)
+        try:
+            done = self.batch.step()
+        except Exception as exc:  # noqa: BLE001 - reported to every row of the batch, the thread lives on
+            log.exception("decode step of %d rows failed", rows)
+            for row in self.batch.clear():
+                row.tag.future.set_exception(exc)
+            self.host.end_batch()
+            return
+        self.steps += 1
+        metrics.BATCH_SIZE.observe(rows)
+        self._count_tokens(rows)
+        for row in done:
+            self._answer(row)
+        if done:
+            self.cache.shrink(self._in_use())
+        if not self.batch.rows:
+            self.host.end_batch()
+
+    def _answer(self, row: Row) -> None:
+        request: Request = row.tag
+        self.aborted += row.finish_reason == "abort"
+        metrics.GENERATED_TOKENS.labels("adapter" if request.adapter else "base").inc(len(row.generated))
+        mix = None if request.mix is None else {name: weight for name, _, weight in request.mix}
+        request.future.set_result(GenerationResult(
+            text=row.text, finish_reason=row.finish_reason or "length", prompt_tokens=len(row.prompt_ids),
+            completion_tokens=len(row.generated), adapter=None if mix else request.adapter, adapters=mix))
+
+    def _count_tokens(self, n: int) -> None:
+        """tokens/s over windows of at least half a second (a single step is too noisy to export)."""
+        window = self._tps_window
+        window[1] += n
+        elapsed = time.perf_counter() - window[0]
+        if elapsed >= 0.5:
+            metrics.GENERATION_TOKENS_PER_S.set(window[1] / elapsed)
+            window[0], window[1] = time.perf_counter(), 0
+
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        self._release()
+        if request.future.set_running_or_notify_cancel():
+            request.future.set_exception(exc)
+
+    def _release(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1

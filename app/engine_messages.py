@@ -1,0 +1,56 @@
+"""What passes between the request handlers, the adapter loader and the engine's model thread: the items
+of the engine's inbox (a request, an adapter the loader has read, work to do between steps, the stop
+marker) and the ``GenerationResult`` a request's future resolves to."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from app.adapter_cache import FetchedAdapter, Mix
+from app.decoding import SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str | None
+    adapters: dict[str, float] | None = None  # the mix served, if the request named one
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    adapter: str | None
+    sha256: str | None
+    params: SamplingParams
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    on_text: Callable[[str], None] | None = None
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+    fetched: FetchedAdapter | None = None  # its adapter, read by the loader, waiting to be installed
+    counted: bool = False  # cache hit/miss recorded
+    mix: Mix | None = None  # a mix of adapters: ``adapter`` / ``sha256`` are then the mix's cache key
+
+
+@dataclass
+class Control:
+    """Work for the model thread between steps (e.g. evicting a deleted adapter)."""
+
+    action: Callable[[], Any]
+
+
+@dataclass
+class Loaded:
+    name: str
+    fetched: FetchedAdapter | None
+    error: BaseException | None
+
+
+STOP = object()
