@@ -1,16 +1,9 @@
 """``BoneModel`` / ``get_bone_model``: wrap the targeted layers of a Hugging Face model in place and manage
-its adapters (add, load, activate, delete, disable, merge, save), PEFT-style.
+its adapters (add, load, activate, delete, disable), PEFT-style.
 
-Per-row adapters (one forward, row i uses adapter ``names[i]`` or ``"__base__"``):
-
-- ``model(input_ids, adapter_names=[...])`` / ``model.generate(..., adapter_names=[...])``: one call; each
-  layer gathers its per-row blocks on the first forward of the call (generate reuses them for every token).
-- ``with model.routing(names) as routed: routed(...); routed(...)``: a serving loop that calls the model
-  step by step itself (a KV cache, continuous batching). ``routed`` forwards to the wrapped model (also
-  ``routed.generate``) with the rows' adapters, and every call reuses the per-layer plans of the first one —
-  the gather happens once per batch composition, not once per token. Open a new ``routing`` when rows join
-  or leave. The plans are dropped when the block ends, and automatically whenever an adapter is added to,
-  deleted from, merged into or moved with a layer (the next call rebuilds them), so they never go stale.
+The rest of ``BoneModel`` lives in its mixins: merging and unloading in :mod:`bone.model_merge`, saving an
+adapter in :mod:`bone.model_save`, per-row adapters (``adapter_names=``, ``routing``) in
+:mod:`bone.model_routing`.
 """
 
 from __future__ import annotations
@@ -28,20 +21,17 @@ from . import checkpoint as ckpt
 from .config import BoneConfig
 from .errors import BoneCheckpointError, BoneConfigError, BoneError
 from .layer import BoneLinear
+from .model_merge import AdapterMergeMixin, _set_submodule
+from .model_routing import RowRoutingMixin
+from .model_save import AdapterSaveMixin
 from .modules_to_save import ModulesToSave
-from .routing import BASE_ADAPTER, RoutedModel, RowRouting, routing_context
+from .routing import BASE_ADAPTER
 from .targets import find_modules_to_save, find_targets, iter_modules, resolve_target_spec
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
 
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, new)
-
-
-class BoneModel(nn.Module):
+class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module):
     """A Hugging Face model with Bone adapters. ``base_model`` is the wrapped model (changed in place)."""
 
     def __init__(self, model: nn.Module, autocast_adapter_dtype: bool = True):
@@ -261,50 +251,6 @@ class BoneModel(nn.Module):
             w.set_active([])
         self._update_requires_grad()
 
-    # -- merging -----------------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the adapters into the base weights (in order). With ``safe_merge`` every new weight is checked
-        for NaN/inf before it is written, and a failure rolls back the layers already merged by this call."""
-        names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
-        done: list[tuple[BoneLinear, int]] = []
-        try:
-            for _, layer in self.bone_layers():
-                done.append((layer, len(layer.merge(names, safe_merge=safe_merge))))
-        except BoneError:
-            for layer, k in reversed(done):
-                layer.unmerge(k)
-            raise
-
-    def unmerge_adapter(self) -> None:
-        for _, layer in self.bone_layers():
-            layer.unmerge()
-
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the (active) adapters and return the plain HF model (no Bone modules left)."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        names = set(self.active_adapters if adapter_names is None else adapter_names)
-        for path, w in self._mts_wrappers():
-            keep = next((n for n in (adapter_names or self.active_adapters) if n in w.modules_to_save), None)
-            _set_submodule(self.base_model, path, w.modules_to_save[keep] if keep else w.original_module)
-        del names
-        return self._unwrap_all()
-
-    def unload(self) -> nn.Module:
-        """Drop every adapter without merging; returns the plain HF model."""
-        self.unmerge_adapter()
-        for path, w in self._mts_wrappers():
-            _set_submodule(self.base_model, path, w.original_module)
-        return self._unwrap_all()
-
-    def _unwrap_all(self) -> nn.Module:
-        for path, layer in self.bone_layers():
-            _set_submodule(self.base_model, path, layer.base_layer)
-        for path, w in self._mts_wrappers():
-            _set_submodule(self.base_model, path, w.original_module)
-        self.adapter_configs.clear()
-        self.active_adapters = []
-        return self.base_model
-
     # -- parameters --------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
@@ -317,102 +263,6 @@ class BoneModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         t, a = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / max(a, 1):.4f}")
-
-    # -- checkpoints -------------------------------------------------------------------------------------
-    def _resolve_one(self, adapter_name: str | None) -> str:
-        if adapter_name is None:
-            if len(self.active_adapters) != 1:
-                raise BoneError(f"active adapters are {self.active_adapters}; pass adapter_name to choose one")
-            return self.active_adapters[0]
-        return self._check_names([adapter_name])[0]
-
-    def get_adapter_state_dict(self, adapter_name: str | None = None, format: str = "bone") -> dict[str, torch.Tensor]:
-        """This adapter's tensors in PEFT's on-disk layout (never another adapter's)."""
-        name = self._resolve_one(adapter_name)
-        config = self.adapter_configs[name]
-        sd: dict[str, torch.Tensor] = {}
-        targets: set[str] = set()
-        for path, layer in self.bone_layers():
-            if name in layer.bone_block:
-                sd[f"{ckpt.PREFIX}{path}.bone_block"] = layer.bone_block[name].detach().clone()
-                targets.add(path)
-        for path, w in self._mts_wrappers():
-            if name in w.modules_to_save:
-                for k, v in w.modules_to_save[name].state_dict().items():
-                    sd[f"{ckpt.PREFIX}{path}.{k}"] = v.detach().clone()
-        for k, p in ckpt.bias_parameters(self.base_model, config, targets).items():
-            sd[f"{ckpt.PREFIX}{k}"] = p.detach().clone()
-        return ckpt.to_format(sd, format.lower())
-
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
-                        format: str = "bone") -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (the active one by
-        default). ``format="miss"`` writes the MiSS form that current PEFT loads."""
-        name = self._resolve_one(adapter_name)
-        fmt = format.lower()
-        config = self.adapter_configs[name]
-        d = config.to_dict(fmt)  # raises for mini/dropout in the BONE format
-        d["inference_mode"] = True
-        if d["base_model_name_or_path"] is None:
-            d["base_model_name_or_path"] = getattr(self.base_model, "name_or_path", None)
-        if d["task_type"] is None:
-            cls = type(self.base_model)
-            d["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-        ckpt.write_adapter_dir(save_directory, d, self.get_adapter_state_dict(name, format=fmt))
-
-    def export_miss(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-        self.save_pretrained(save_directory, adapter_name, format="miss")
-
-    # -- running -----------------------------------------------------------------------------------------
-    def _row_names(self, adapter_names: Any, kwargs: dict) -> list[str]:
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
-            raise BoneError("adapter_names must be a list with one adapter name (or '__base__') per row")
-        names = list(adapter_names)
-        for n in names:
-            if n != BASE_ADAPTER and n not in self.adapter_configs:
-                raise BoneError(f"unknown adapter {n!r} in adapter_names; adapters: {sorted(self.adapter_configs)}")
-        ref = kwargs.get("input_ids")
-        if ref is None:
-            ref = kwargs.get("inputs_embeds")
-        if torch.is_tensor(ref) and ref.dim() >= 1 and ref.shape[0] != len(names):
-            raise BoneError(f"adapter_names has {len(names)} entries for a batch of {ref.shape[0]} rows")
-        if self._disabled:
-            raise BoneError("adapter_names cannot be used inside disable_adapter()")
-        if any(layer.merged_adapters for _, layer in self.bone_layers()):
-            raise BoneError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
-        return names
-
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        if adapter_names is None:
-            return self.base_model(*args, **kwargs)
-        if args and "input_ids" not in kwargs and torch.is_tensor(args[0]):
-            kwargs["input_ids"], args = args[0], args[1:]
-        names = self._row_names(adapter_names, kwargs)
-        with routing_context(names):
-            return self.base_model(*args, **kwargs)
-
-    @contextmanager
-    def routing(self, adapter_names: list[str]):
-        """Per-row adapter selection reusable across calls: yields a :class:`~bone.routing.RoutedModel`;
-        ``routed(**kwargs)`` runs the wrapped model with row i on ``adapter_names[i]`` (``"__base__"``: the
-        base model), reusing the per-layer plans (gathered blocks) built by its first call. Names are
-        checked once, here; the batch of every call must have ``len(adapter_names)`` rows (or a multiple:
-        rows expanded in place, e.g. beams)."""
-        names = self._row_names(adapter_names, {})
-        routed = RoutedModel(self.base_model, RowRouting(names))
-        try:
-            yield routed
-        finally:
-            routed.close()
-
-    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
-        if args and "input_ids" not in kwargs and torch.is_tensor(args[0]):
-            kwargs["input_ids"], args = args[0], args[1:]
-        names = self._row_names(adapter_names, kwargs)
-        with routing_context(names):  # per-layer gathered blocks are built on the first step, then reused
-            return self.base_model.generate(*args, **kwargs)
 
 
 def get_bone_model(model: nn.Module, config: BoneConfig, adapter_name: str = "default",
