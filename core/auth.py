@@ -281,6 +281,7 @@ def check_name_free(registry: Any, name: str, principal: Principal, *, for_job: 
         info = AdapterRegistry.get(registry, name)  # unscoped on purpose, also for an OwnedRegistry
     except NotFound:
         return
-    if info.owner != principal.owner if for_job else not principal.can_see(info.owner):
+    taken = info.owner != principal.owner if for_job else not principal.can_see(info.owner)
+    if taken:
         raise Conflict(f"adapter name {name!r} is already in use; choose another name", param="adapter_name",
                        code="adapter_exists")

@@ -24,9 +24,9 @@ from typing import Any, Iterable, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.errors import Conflict, NotFound
+from core.errors import NotFound
 from core.jobs import DatasetSpec, JobStatus, check_adapter_name
-from core.jobstore import PREFIX, page_newest_first
+from core.jobstore import PREFIX, non_final, page_newest_first, transition_record
 
 EVAL_TASK = "worker.evals.run_eval_job"
 BASE = "__base__"  # the results key of the base model (bone.BASE_ADAPTER; core imports no torch)
@@ -149,26 +149,8 @@ class EvalStore:
 
     def transition(self, eval_id: str, allowed_from: Iterable[JobStatus] | None = None, **fields: Any) -> Evaluation:
         """Atomically update (WATCH/MULTI), only from ``allowed_from`` (default: any non-final state)."""
-        key = _key(eval_id)
-        allowed = set(allowed_from) if allowed_from is not None else {s for s in JobStatus if not s.is_final}
-        with self.conn.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise NotFound(f"no evaluation with id {eval_id!r}", param="eval_id")
-                    current = Evaluation.model_validate_json(raw)
-                    if current.status not in allowed:
-                        raise Conflict(f"evaluation {eval_id} is {current.status.value}", param="eval_id",
-                                       code="invalid_state")
-                    updated = Evaluation.model_validate({**current.model_dump(), **fields})
-                    pipe.multi()
-                    pipe.set(key, updated.model_dump_json())
-                    pipe.execute()
-                    return updated
-                except redis.WatchError:
-                    continue
+        return transition_record(self.conn, _key(eval_id), Evaluation, non_final(allowed_from), fields,
+                                 what="evaluation", record_id=eval_id, param="eval_id")
 
     # --- cancel ---------------------------------------------------------------------------------------
     def request_cancel(self, eval_id: str) -> None:

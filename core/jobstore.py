@@ -23,12 +23,14 @@ import time
 from typing import Any, Callable, Iterable, TypeVar
 
 import redis
+from pydantic import BaseModel
 from redis.client import Pipeline
 
 from core.errors import Conflict, NotFound
 from core.jobs import Job, JobStatus
 
 T = TypeVar("T")
+S = TypeVar("S", bound=BaseModel)  # a record with a ``status``: a Job, or core.evals' Evaluation
 
 PREFIX = "bone:"
 STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step with every transition (metrics)
@@ -62,6 +64,42 @@ def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str
             if owner is None or record.owner == owner:
                 found.append(record)
     return found[:limit], len(found) > limit
+
+
+def transition_record(conn: redis.Redis, key: str, model: type[S], allowed: set[JobStatus], fields: dict[str, Any], *,
+                      what: str, record_id: str, param: str, check: Callable[[S], None] | None = None,
+                      finish: Callable[[S], S] | None = None,
+                      also: Callable[[Pipeline, S, S], None] | None = None) -> S:
+    """Atomically move the record at ``key`` (a job or an evaluation) to ``fields``: WATCH it, refuse unless its
+    status is in ``allowed`` (and ``check`` passes), MULTI-write the updated record together with whatever
+    ``also(pipe, before, after)`` adds, and start over if someone else wrote it meanwhile."""
+    with conn.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                raw = pipe.get(key)
+                if raw is None:
+                    raise NotFound(f"no {what} with id {record_id!r}", param=param)
+                before = model.model_validate_json(raw)
+                if before.status not in allowed:
+                    raise Conflict(f"{what} {record_id} is {before.status.value}", param=param, code="invalid_state")
+                if check is not None:
+                    check(before)
+                after = model.model_validate({**before.model_dump(), **fields})  # validates the new fields too
+                if finish is not None:
+                    after = finish(after)
+                pipe.multi()
+                pipe.set(key, after.model_dump_json())
+                if also is not None:
+                    also(pipe, before, after)
+                pipe.execute()
+                return after
+            except redis.WatchError:
+                continue
+
+
+def non_final(allowed_from: Iterable[JobStatus] | None) -> set[JobStatus]:
+    return set(allowed_from) if allowed_from is not None else {s for s in JobStatus if not s.is_final}
 
 
 def _job_key(job_id: str) -> str:
@@ -113,38 +151,28 @@ class JobStore:
                    attempt: int | None = None, **fields: Any) -> Job:
         """Atomically update a job (WATCH/MULTI), only from ``allowed_from`` states (default: any non-final)
         and, with ``attempt``, only while ``job.attempts`` is still that (a later attempt's record stands)."""
-        key = _job_key(job_id)
-        allowed = set(allowed_from) if allowed_from is not None else {s for s in JobStatus if not s.is_final}
-        with self.conn.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise NotFound(f"no job with id {job_id!r}", param="job_id")
-                    job = Job.model_validate_json(raw)
-                    if job.status not in allowed:
-                        raise Conflict(f"job {job_id} is {job.status.value}", param="job_id", code="invalid_state")
-                    if attempt is not None and job.attempts != attempt:
-                        raise Conflict(f"job {job_id} is on attempt {job.attempts}, not {attempt}", param="job_id",
-                                       code="invalid_state")
-                    job = Job.model_validate({**job.model_dump(), **fields})  # validates the new fields too
-                    if job.status.is_final:  # a finished job is in no phase and has nothing left to wait for
-                        job.progress = job.progress.model_copy(update={"phase": None, "eta_s": None})
-                    previous = Job.model_validate_json(raw).status
-                    pipe.multi()
-                    pipe.set(key, job.model_dump_json())
-                    if job.status is not previous:
-                        pipe.hincrby(STATUS_COUNTS, previous.value, -1)
-                        pipe.hincrby(STATUS_COUNTS, job.status.value, 1)
-                        if job.status is JobStatus.RUNNING:
-                            pipe.sadd(RUNNING, job_id)
-                        elif previous is JobStatus.RUNNING:
-                            pipe.srem(RUNNING, job_id)
-                    pipe.execute()
-                    return job
-                except redis.WatchError:
-                    continue
+        def same_attempt(job: Job) -> None:
+            if attempt is not None and job.attempts != attempt:
+                raise Conflict(f"job {job_id} is on attempt {job.attempts}, not {attempt}", param="job_id",
+                               code="invalid_state")
+
+        def settle(job: Job) -> Job:
+            if job.status.is_final:  # a finished job is in no phase and has nothing left to wait for
+                job.progress = job.progress.model_copy(update={"phase": None, "eta_s": None})
+            return job
+
+        def count(pipe: Pipeline, before: Job, after: Job) -> None:
+            if after.status is before.status:
+                return
+            pipe.hincrby(STATUS_COUNTS, before.status.value, -1)
+            pipe.hincrby(STATUS_COUNTS, after.status.value, 1)
+            if after.status is JobStatus.RUNNING:
+                pipe.sadd(RUNNING, job_id)
+            elif before.status is JobStatus.RUNNING:
+                pipe.srem(RUNNING, job_id)
+
+        return transition_record(self.conn, _job_key(job_id), Job, non_final(allowed_from), fields, what="job",
+                                 record_id=job_id, param="job_id", check=same_attempt, finish=settle, also=count)
 
     # --- cancel ---------------------------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:

@@ -10,6 +10,7 @@ it (the file is then ignored).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 LOCAL_KEY_FILE = "local-admin.key"
@@ -30,21 +31,26 @@ def read_local_key(data_dir: Path) -> str | None:
 
 def ensure_local_key(data_dir: Path) -> str:
     """The data dir's local admin key, minted on first use. Several processes starting at once on one data dir
-    (``up`` runs an API and a worker; tests run replicas) agree: the file is created exclusively, never replaced."""
+    agree: the key is written whole to a private temporary file, then linked into place, which fails if another
+    process linked theirs first (then theirs is the key). No reader ever sees a half-written file."""
     from core.auth import generate_key
 
     path = local_key_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = generate_key()
+    fd, temporary = tempfile.mkstemp(prefix=".local-admin-", dir=path.parent)  # mode 0600
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        existing = read_local_key(data_dir)
-        if existing is None:
-            raise RuntimeError(f"{path} exists but holds no key: delete it to mint a new one") from None
-        return existing
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    return key
+        key = generate_key()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            existing = read_local_key(data_dir)
+            if existing is None:
+                raise RuntimeError(f"{path} holds no key: delete it to mint a new one") from None
+            return existing
+        return key
+    finally:
+        os.unlink(temporary)

@@ -145,3 +145,14 @@ def test_keys_create_prints_the_key_once_and_its_entry(monkeypatch):
 def test_keys_create_refuses_bad_input(args):
     result = CliRunner().invoke(cli, ["keys", "create", *args])
     assert result.exit_code == 2
+
+
+def test_processes_starting_together_agree_on_one_local_key(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.local_key import ensure_local_key, local_key_path
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: ensure_local_key(tmp_path), range(32)))
+    assert keys == {local_key_path(tmp_path).read_text().strip()}
+    assert [p.name for p in tmp_path.iterdir()] == ["local-admin.key"]  # no temporary file left behind
