@@ -32,6 +32,56 @@ def _bounds(settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
 # Operations that answer server-sent events when asked (``stream: true`` / ``?stream=true``).
 STREAMING = (("post", "/generate"), ("post", "/v1/completions"), ("post", "/v1/chat/completions"),
              ("get", "/jobs/{job_id}/events"))
+# OpenAPI links: which later operations take a value from an earlier answer (the created job's id, the
+# uploaded file's id, ...). Clients and generated SDKs read them as "what to call next"; schemathesis'
+# stateful phase (tests/app/test_fuzz.py) follows them, so the deep routes are fuzzed with ids that exist.
+# (producer method, producer path, status) -> [(link name, consumer method, consumer path, {param: expression})]
+LINKS: dict[tuple[str, str, str], list[tuple[str, str, str, dict[str, str]]]] = {
+    ("post", "/jobs", "202"): [
+        ("GetJob", "get", "/jobs/{job_id}", {"job_id": "$response.body#/id"}),
+        ("CancelJob", "post", "/jobs/{job_id}/cancel", {"job_id": "$response.body#/id"}),
+        ("JobEvents", "get", "/jobs/{job_id}/events", {"job_id": "$response.body#/id"}),
+        ("JobCheckpoints", "get", "/jobs/{job_id}/checkpoints", {"job_id": "$response.body#/id"}),
+        ("JobAdapter", "get", "/adapters/{name}", {"name": "$response.body#/adapter_name"}),
+    ],
+    ("post", "/files", "201"): [
+        ("GetFile", "get", "/files/{file_id}", {"file_id": "$response.body#/id"}),
+        ("DeleteFile", "delete", "/files/{file_id}", {"file_id": "$response.body#/id"}),
+    ],
+    ("post", "/evals", "202"): [
+        ("GetEval", "get", "/evals/{eval_id}", {"eval_id": "$response.body#/id"}),
+        ("CancelEval", "post", "/evals/{eval_id}/cancel", {"eval_id": "$response.body#/id"}),
+    ],
+    ("post", "/adapters", "201"): [
+        ("GetAdapter", "get", "/adapters/{name}", {"name": "$response.body#/name"}),
+        ("DownloadAdapter", "get", "/adapters/{name}/download", {"name": "$response.body#/name"}),
+        ("ComposeFromAdapter", "post", "/adapters/{name}/compose", {"name": "$response.body#/name"}),
+        ("DeleteAdapter", "delete", "/adapters/{name}", {"name": "$response.body#/name"}),
+    ],
+    ("post", "/adapters/{name}/compose", "201"): [
+        ("GetComposed", "get", "/adapters/{name}", {"name": "$response.body#/name"}),
+        ("DeleteComposed", "delete", "/adapters/{name}", {"name": "$response.body#/name"}),
+    ],
+}
+
+
+def _operation_ref(method: str, path: str) -> str:
+    # JSON pointer to the operation: "/" inside a path segment is escaped as "~1" (RFC 6901).
+    return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    paths = schema.get("paths", {})
+    for (method, path, status), links in LINKS.items():
+        response = paths.get(path, {}).get(method, {}).get("responses", {}).get(status)
+        if response is None:
+            continue  # a route that moved: the schema stays valid, and tests/app/test_openapi_links.py says so
+        for name, to_method, to_path, parameters in links:
+            if to_method in paths.get(to_path, {}):
+                response.setdefault("links", {})[name] = {"operationRef": _operation_ref(to_method, to_path),
+                                                          "parameters": parameters}
+
+
 SSE_CONTENT = {"text/event-stream": {"schema": {"description": "server-sent events, each `data:` a JSON object "
                                                  "(the error envelope on failure); `data: [DONE]` ends a generation"}}}
 
@@ -55,6 +105,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             ok = schema.get("paths", {}).get(path, {}).get(method, {}).get("responses", {}).get("200")
             if ok is not None:
                 ok.setdefault("content", {}).update(SSE_CONTENT)
+        _add_links(schema)
         app.openapi_schema = schema
         return schema
 

@@ -56,3 +56,54 @@ def test_operation_conforms_to_the_schema(api_schema, live, redis_url, method, p
         run()
     except Unsatisfiable:
         assert mode is GenerationMode.NEGATIVE  # an operation without inputs has no invalid request to make
+
+
+
+STATEFUL_CHECKS = [checks.use_after_free, checks.ensure_resource_availability]
+STATEFUL_STEPS = 40  # steps per scenario; a dozen scenarios keep the stateful phase around a minute
+
+
+def _operation(schema: dict, ref: str) -> dict:
+    path, method = ref.removeprefix("#/paths/").rsplit("/", 1)
+    return schema["paths"][path.replace("~1", "/").replace("~0", "~")][method]
+
+
+def test_links_resolve_to_operations():
+    """Every link names an operation the schema has and parameters that operation takes: a link to a route
+    that moved would otherwise silently keep the stateful phase from reaching it."""
+    schema = create_app(Settings(_env_file=None)).openapi()
+    links = [link for ops in schema["paths"].values() for op in ops.values()
+             for response in op.get("responses", {}).values() for link in response.get("links", {}).values()]
+    assert len(links) >= 12
+    for link in links:
+        params = {p["name"] for p in _operation(schema, link["operationRef"]).get("parameters", [])}
+        assert set(link["parameters"]) <= params, link
+
+
+def test_stateful_links_reach_the_deep_routes(api_schema, live, redis_url):
+    """schemathesis' stateful phase: it creates jobs, files, evaluations and adapters and follows the links to
+    read, cancel, download, compose and delete what it made, with schemathesis' default checks (no 5xx,
+    answers as documented, a deleted resource stays gone)."""
+    reached: set[tuple[str, str]] = set()
+
+    class Machine(api_schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case):
+            return {"headers": {"Authorization": f"Bearer {ADMIN}"}, "timeout": 30}
+
+        def after_call(self, response, case):
+            super().after_call(response, case)
+            if response.status_code < 400:
+                reached.add((case.method.upper(), case.path))
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            # The stateless checks minus the data-acceptance pair (a schema-valid body can still break a rule
+            # the schema cannot state, e.g. an upload's file suffix), plus the stateful ones: a created
+            # resource can be read, and a deleted one stays gone.
+            case.validate_response(response, checks=CHECKS[:-2], additional_checks=STATEFUL_CHECKS,
+                                   transport_kwargs=kwargs or None, recorder=self.recorder)
+
+    Machine.run(settings=settings(max_examples=12, stateful_step_count=STATEFUL_STEPS, deadline=None,
+                                  derandomize=True, database=None, suppress_health_check=list(HealthCheck)))
+    # What the links are for: operations on ids that exist were reached and answered with success.
+    deep = sorted(op for op in reached if "{" in op[1])
+    assert len(deep) >= 3, f"the stateful phase reached too few operations on existing resources: {sorted(reached)}"
