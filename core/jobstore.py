@@ -19,6 +19,7 @@ Keys (all under ``bone:``):
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -26,7 +27,7 @@ import redis
 from pydantic import BaseModel
 from redis.client import Pipeline
 
-from core.errors import Conflict, NotFound
+from core.errors import Conflict, InvalidRequest, NotFound
 from core.jobs import Job, JobStatus
 
 T = TypeVar("T")
@@ -38,6 +39,15 @@ STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step wi
 TRAINING_METRICS = PREFIX + "metrics:training"
 RUNNING = PREFIX + "jobs:running"
 EVENTS_MAXLEN = 100_000
+EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream id, the only cursor the events listing hands out
+
+
+def check_event_id(after: str | None, param: str = "after") -> None:
+    """A cursor (query ``after`` or SSE's ``Last-Event-ID``) must be an id this store handed out: Redis refuses
+    anything else with an error that is not the client's to read."""
+    if after is not None and not EVENT_ID.fullmatch(after):
+        raise InvalidRequest(f"{param} must be an event id such as '1700000000000-0', not {after[:40]!r}",
+                             param=param)
 
 
 def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str], model: type[T], *, limit: int,
@@ -197,6 +207,7 @@ class JobStore:
     def events(self, job_id: str, *, after: str | None = None, limit: int = 100,
                block_ms: int | None = None) -> list[dict[str, Any]]:
         key = _job_key(job_id) + ":events"
+        check_event_id(after)
         if block_ms is not None:
             got = self.conn.xread({key: after or "0-0"}, count=limit, block=block_ms) or []
             entries = got[0][1] if got else []

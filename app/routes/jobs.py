@@ -30,7 +30,7 @@ from core.files import FileStore
 from core.fleet import choose_queue
 from core.janitor import TRAINING_TASK
 from core.jobs import FileDataset, Job, JobCreate, JobStatus, dataset_summary
-from core.jobstore import JobStore
+from core.jobstore import JobStore, check_event_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -165,7 +165,9 @@ async def job_events(job_id: str, request: Request, store: JobStoreDep,
                      last_event_id: Annotated[str | None, Header()] = None) -> Any:
     job = await run_in_threadpool(store.get, job_id)  # 404 before any stream starts
     wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
+    check_event_id(after)
     if wants_stream:
+        check_event_id(last_event_id, param="Last-Event-ID")
         return EventSourceResponse(_follow(store, job, after or last_event_id), ping=15)
     events = await run_in_threadpool(lambda: store.events(job_id, after=after, limit=limit + 1))
     return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}

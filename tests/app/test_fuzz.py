@@ -87,6 +87,16 @@ def test_stateful_links_reach_the_deep_routes(api_schema, live, redis_url):
     reached: set[tuple[str, str]] = set()
 
     class Machine(api_schema.as_state_machine()):  # type: ignore[misc]
+        def before_call(self, case):
+            # A followed event stream of a job that never ends (no worker here) would hold each call for its
+            # whole timeout; the stateless phase covers the stream's answers.
+            if isinstance(case.query, dict) and "stream" in case.query:
+                case.query["stream"] = False
+            if isinstance(case.headers, dict):
+                case.headers.pop("Accept", None)
+                case.headers.pop("accept", None)
+            super().before_call(case)
+
         def get_call_kwargs(self, case):
             return {"headers": {"Authorization": f"Bearer {ADMIN}"}, "timeout": 30}
 
@@ -106,4 +116,5 @@ def test_stateful_links_reach_the_deep_routes(api_schema, live, redis_url):
                                   derandomize=True, database=None, suppress_health_check=list(HealthCheck)))
     # What the links are for: operations on ids that exist were reached and answered with success.
     deep = sorted(op for op in reached if "{" in op[1])
+    print("stateful phase reached:", deep)
     assert len(deep) >= 3, f"the stateful phase reached too few operations on existing resources: {sorted(reached)}"
