@@ -18,8 +18,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# forward(input_ids, attention_mask, position_ids, past_key_values, adapter_names) -> (last logits, cache)
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, list[str]], tuple[torch.Tensor, Any]]
+# forward(input_ids, attention_mask, position_ids, past_key_values, adapter_names[, all_logits])
+#   -> (logits, cache): the last position's logits (rows, vocab), or every position's (rows, columns, vocab)
+#   when all_logits is true (the prompt's log-probabilities need them)
+Forward = Callable[..., tuple[torch.Tensor, Any]]
+
+# (token id, its log-probability, the top alternatives as (token id, log-probability), most likely first)
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -29,6 +34,11 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Log-probabilities (of the model's distribution, before temperature and top_p, as OpenAI and vLLM report
+    # them): None = none; k >= 0 = each generated token's, with its k most likely alternatives.
+    logprobs: int | None = None
+    # The same for every prompt token after the first (OpenAI's echo=true with logprobs).
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -44,6 +54,8 @@ class Row:
     should_stop: Callable[[], bool] = lambda: False  # e.g. the client went away
     tag: Any = None  # the caller's handle (the engine's request)
     generated: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first: None), if asked
     text: str = ""
     finish_reason: str | None = None
     _emitted: int = 0
@@ -170,7 +182,15 @@ class RunningBatch:
         ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self.forward(ids, mask, positions, None, [r.adapter_slot for r in rows])
+        slots = [r.adapter_slot for r in rows]
+        if any(r.params.prompt_logprobs is not None for r in rows):
+            logits, cache = self.forward(ids, mask, positions, None, slots, all_logits=True)
+            for j, row in enumerate(rows):
+                if row.params.prompt_logprobs is not None:
+                    row.prompt_logprobs = _prompt_logprobs(logits[j], row.prompt_ids, row.params.prompt_logprobs)
+            logits = logits[:, -1, :]
+        else:
+            logits, cache = self.forward(ids, mask, positions, None, slots)
         tokens = self._push(rows, logits)
         keep = [j for j, r in enumerate(rows) if not r.finished]
         if len(keep) < len(rows) and keep:
@@ -205,6 +225,9 @@ class RunningBatch:
         tokens = []
         for j, row in enumerate(rows):
             token = greedy[j] if row.params.temperature == 0 else row.choose(logits[j])
+            if row.params.logprobs is not None:
+                row.token_logprobs.append(_token_logprob(torch.log_softmax(logits[j].float(), dim=-1), token,
+                                                         row.params.logprobs))
             row.push(token)
             tokens.append(token)
         return tokens
@@ -248,6 +271,23 @@ class RunningBatch:
             for layer in layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
             self._mask = self._mask[:, first:]
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s entry in one position's log-probabilities (vocab,), with the ``top`` most likely."""
+    alternatives = []
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return token, float(logprobs[token]), alternatives
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it. ``logits`` (columns, vocab) is the
+    row's prefill output, left-padded: the prompt fills its last ``len(prompt)`` columns."""
+    start = logits.shape[0] - len(prompt)
+    predicted = torch.log_softmax(logits[start:start + len(prompt) - 1].float(), dim=-1)  # predicts tokens 1..
+    return [None] + [_token_logprob(predicted[i], token, top) for i, token in enumerate(prompt[1:])]
 
 
 def _pad_cols(kv: torch.Tensor, width: int) -> torch.Tensor:

@@ -148,13 +148,28 @@ class InferenceEngine(ModelThread):
         self._inbox.put(Control(lambda: self.cache.evict(name, in_use=self._in_use())))
 
     # --- the model call the model thread makes (``RunningBatch``'s forward) --------------------------
-    def _forward(self, ids, mask, positions, cache, slots: list[str]):
+    def _forward(self, ids, mask, positions, cache, slots: list[str], all_logits: bool = False):
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: cache,
                   "use_cache": True}
-        if self._keep_last_logits:
+        if self._keep_last_logits and not all_logits:
             kwargs["logits_to_keep"] = 1
         out = self.host.forward(slots, **kwargs)
-        return out.logits[:, -1, :], getattr(out, self._cache_arg)
+        return (out.logits if all_logits else out.logits[:, -1, :]), getattr(out, self._cache_arg)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Token ids back to text, special tokens spelled out (an echoed prompt reads as it was scored)."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token on its own, as OpenAI's logprobs name them (special tokens spelled out)."""
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: the model's embedding rows (may exceed the tokenizer's vocabulary)."""
+        return int(getattr(self.base.model.config, "vocab_size", None) or len(self.tokenizer))
 
 
 def _eos_ids(base: LoadedBaseModel) -> frozenset[int]:

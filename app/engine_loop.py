@@ -228,7 +228,10 @@ class ModelThread:
         mix = None if request.mix is None else {name: weight for name, _, weight in request.mix}
         request.future.set_result(GenerationResult(
             text=row.text, finish_reason=row.finish_reason or "length", prompt_tokens=len(row.prompt_ids),
-            completion_tokens=len(row.generated), adapter=None if mix else request.adapter, adapters=mix))
+            completion_tokens=len(row.generated), adapter=None if mix else request.adapter, adapters=mix,
+            token_ids=list(row.generated),
+            token_logprobs=row.token_logprobs if row.params.logprobs is not None else None,
+            prompt_logprobs=row.prompt_logprobs))
 
     def _count_tokens(self, n: int) -> None:
         """tokens/s over windows of at least half a second (a single step is too noisy to export)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from app.adapter_cache import FetchedAdapter, Mix
-from app.decoding import SamplingParams
+from app.decoding import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -22,6 +22,9 @@ class GenerationResult:
     completion_tokens: int
     adapter: str | None
     adapters: dict[str, float] | None = None  # the mix served, if the request named one
+    token_ids: list[int] = field(default_factory=list)  # what was generated (stop strings may cut the text)
+    token_logprobs: list[TokenLogprob] | None = None  # per generated token, when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, when the request asked
 
 
 @dataclass(eq=False)

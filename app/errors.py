@@ -37,7 +37,8 @@ _HTTP_TYPES = {
 class ErrorDetail(BaseModel):
     message: str
     type: str = Field(description="invalid_request_error, authentication_error, not_found, conflict, rate_limit_error, "
-                                  "service_unavailable or server_error")
+                                  "service_unavailable or server_error; on /v1 OpenAI's: invalid_request_error (400, "
+                                  "404, 409, 413), authentication_error, permission_error, rate_limit_error, server_error")
     param: str | None = Field(description="the dotted path of the field at fault, when one is")
     code: str
 
@@ -47,12 +48,12 @@ class ErrorResponse(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "Malformed request (e.g. a broken multipart body)",
+    400: "Malformed request (e.g. a broken multipart body); on the OpenAI routes (/v1) every invalid request",
     401: "Missing or invalid API key",
     404: "No such resource (another owner's ids answer the same)",
     409: "Conflict with the current state",
     413: "Request body or upload too large",
-    422: "Validation error naming the field (`param`)",
+    422: "Validation error naming the field (`param`); the OpenAI routes (/v1) answer 400 instead",
     429: "Rate limit or generation queue full; see Retry-After",
     500: "Unexpected server error (details in the server log, never in the response)",
     503: "A dependency (Redis, the model) is unavailable; retry",
@@ -65,19 +66,50 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
             for status in (statuses or tuple(_ERROR_DESCRIPTIONS))}
 
 
+# --- the OpenAI-compatible routes speak OpenAI's table ----------------------------------------------------
+OPENAI_PREFIX = "/v1/"
+# OpenAI (and vLLM) answer every invalid request with 400, so its SDKs raise ``BadRequestError``; the native
+# routes keep 422 for validation. Types as OpenAI's API and SDKs use them; ``code`` stays ours (e.g.
+# ``model_not_found`` on a 404).
+_OPENAI_STATUS = {422: 400}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIX) or path == OPENAI_PREFIX.rstrip("/")
+
+
+def openai_status_and_type(status: int, type_: str) -> tuple[int, str]:
+    """What a ``/v1`` route answers for an error the service reports as (status, type)."""
+    status = _OPENAI_STATUS.get(status, status)
+    return status, _OPENAI_TYPES.get(status, type_)
+
+
 def envelope(status: int, message: str, type_: str, code: str, param: str | None = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
+             headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    if is_openai_path(path):
+        status, type_ = openai_status_and_type(status, type_)
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
+def error_response(exc: ServiceError, path: str = "") -> JSONResponse:
     headers = None
     if isinstance(exc, RateLimited):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
     elif isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+    return envelope(exc.status, exc.message, exc.type, exc.code, exc.param, headers=headers, path=path)
 
 
 def service_error_from(exc: BaseException) -> ServiceError | None:
@@ -166,17 +198,17 @@ def _message(err: dict) -> str:
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
     if exc.status >= 500:
         log.error("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     if not errors:
-        return envelope(422, "invalid request", "invalid_request_error", "invalid_value")
+        return envelope(422, "invalid request", "invalid_request_error", "invalid_value", path=request.url.path)
     param, message, code = summarize_validation_errors(errors)
     if errors[0].get("type") == "json_invalid":
         param = None  # loc holds a character offset, not a field
-    return envelope(422, message, "invalid_request_error", code, param)
+    return envelope(422, message, "invalid_request_error", code, param, path=request.url.path)
 
 
 async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -187,7 +219,7 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
         message = f"no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} not allowed on {request.url.path}"
-    return envelope(exc.status_code, message, type_, code, headers=getattr(exc, "headers", None))
+    return envelope(exc.status_code, message, type_, code, headers=getattr(exc, "headers", None), path=request.url.path)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -195,9 +227,10 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     if translated is not None:
         if translated.status >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, translated.status, translated.message)
-        return error_response(translated)
+        return error_response(translated, request.url.path)
     log.exception("unhandled error in %s %s", request.method, request.url.path)
-    return envelope(500, "internal server error; the server log has the details", "server_error", "internal_error")
+    return envelope(500, "internal server error; the server log has the details", "server_error", "internal_error",
+                    path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

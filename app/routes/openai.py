@@ -6,13 +6,20 @@ serves the exact weighted sum of Bone adapters instead; ``model`` is then the ba
 name that is not a published adapter: naming an adapter and a mix at once is refused, 422 on ``adapters``). The official ``openai``
 client works unchanged (``base_url=http://host:port/v1``); streams follow OpenAI's chunk format and end with
 ``data: [DONE]``. Requests go through the same engine as ``/generate`` (batched with everything else).
-Fields OpenAI defines but this server cannot honour (logprobs, echo, penalties, tools) are refused with
-422 naming the field rather than silently ignored; unknown fields are ignored, as OpenAI's SDKs add new
-ones over time.
+``prompt`` may also be token ids (a list of ints, or a list of such lists), as lm-evaluation-harness sends.
+``logprobs`` / ``echo`` (completions) and ``logprobs`` / ``top_logprobs`` (chat) report the model's own
+log-probabilities (before temperature and top_p, as vLLM does); ``echo`` with ``max_tokens: 0`` scores a
+prompt without generating (lm-eval's loglikelihood). ``usage.prompt_tokens`` counts each prompt once, whatever ``n``.
+
+Errors follow OpenAI's table (400 for every invalid request, ``invalid_request_error`` for a missing model:
+see ``app.errors``). Fields OpenAI defines but this server cannot honour (``response_format`` other than text,
+``logit_bias``, ``suffix``, tools and functions, penalties, ``best_of``) are refused with 400 naming the field
+rather than silently ignored; unknown fields are ignored, as OpenAI's SDKs add new ones over time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -25,6 +32,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from app.decoding import SamplingParams
 from app.deps import EngineDep, RegistryDep, SettingsDep
+from app.decoding import TokenLogprob
 from app.engine import GenerationResult, InferenceEngine
 from app.adapter_cache import Mix
 from app.routes.generate import (SSE_RESPONSE, AdaptersField, Usage, check_mix, error_body, resolve_adapter,
@@ -46,19 +54,25 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo (score the prompt, generate nothing)")
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1, description="0 keeps only the most likely token (greedy)")
     n: int = Field(1, ge=1, le=8)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     adapters: dict[str, float] | None = AdaptersField
+    # Defined by OpenAI, not honoured here: accepted only at their neutral value (see ``_refuse_unsupported``).
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
     @field_validator("adapters")
     @classmethod
@@ -66,10 +80,18 @@ class _Common(BaseModel):
         return check_mix(value)
 
 
+MAX_LOGPROBS = 20  # alternatives per position (vLLM's default bound; OpenAI's completions allow 5)
+
+TokenIds = list[int]
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="report each token's log-probability and its k most likely alternatives")
     best_of: int | None = None
+    suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -81,7 +103,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 # --- responses (OpenAI's shapes; fields in the order the routes build them) -------------------------------------
@@ -102,10 +125,17 @@ class ModelList(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="null for the first prompt token (nothing predicts it)")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = Field(description="prompt i's choice k is index i * n + k")
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -123,10 +153,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -139,22 +184,67 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
 
 
-def _params(body: _Common, settings: Settings, default_max: int) -> SamplingParams:
-    refused = {"logprobs": body.logprobs not in (None, False, 0), "presence_penalty": body.presence_penalty != 0,
-               "frequency_penalty": body.frequency_penalty != 0, "echo": getattr(body, "echo", False),
-               "best_of": getattr(body, "best_of", None) not in (None, 1), "tools": bool(getattr(body, "tools", None))}
+def _refuse_unsupported(body: _Common) -> None:
+    """A field OpenAI defines but this server cannot honour is refused (400 naming it), never ignored: a
+    client asking for JSON output or a tool call must not get plain text that it then fails to parse."""
+    response_format = (body.response_format or {}).get("type", "text")
+    refused = {
+        "response_format": response_format != "text",
+        "logit_bias": bool(body.logit_bias),
+        "suffix": bool(getattr(body, "suffix", None)),
+        "tools": bool(body.tools),
+        "tool_choice": body.tool_choice not in (None, "none"),
+        "functions": bool(body.functions),
+        "function_call": body.function_call not in (None, "none"),
+        "presence_penalty": body.presence_penalty != 0,
+        "frequency_penalty": body.frequency_penalty != 0,
+        "best_of": getattr(body, "best_of", None) not in (None, 1, body.n),
+    }
     for field, used in refused.items():
         if used:
-            raise InvalidRequest(f"{field} is not supported by this server", param=field, code="unsupported_parameter")
-    limit = body.max_completion_tokens or body.max_tokens or min(default_max, settings.max_new_tokens)
+            what = f"response_format type {response_format!r}" if field == "response_format" else field
+            raise InvalidRequest(f"{what} is not supported by this server (it serves plain text generation only)",
+                                 param=field, code="unsupported_parameter")
+    if body.stream and _wants_logprobs(body):
+        raise InvalidRequest("logprobs are not available when streaming; ask without stream", param="logprobs",
+                             code="unsupported_parameter")
+
+
+def _wants_logprobs(body: _Common) -> bool:
+    return body.logprobs is not None and body.logprobs is not False  # completions' logprobs=0 asks too
+
+
+def _params(body: _Common, settings: Settings, default_max: int) -> SamplingParams:
+    _refuse_unsupported(body)
+    limit = body.max_completion_tokens or body.max_tokens
+    if limit is None:
+        limit = min(default_max, settings.max_new_tokens)
     if limit > settings.max_new_tokens:
         raise InvalidRequest(f"max_tokens={limit} exceeds the server's limit of {settings.max_new_tokens} "
                              "(BONE_MAX_NEW_TOKENS)", param="max_tokens")
+    if limit == 0 and not getattr(body, "echo", False):
+        raise InvalidRequest("max_tokens=0 generates nothing: it is only useful with echo (to score the prompt)",
+                             param="max_tokens")
+    if limit == 0 and body.stream:
+        raise InvalidRequest("max_tokens=0 scores the prompt; ask without stream", param="stream")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise InvalidRequest("stop takes up to 4 non-empty strings", param="stop")
-    return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=tuple(stops))
+    top = _top_logprobs(body)
+    echo = getattr(body, "echo", False)
+    # max_tokens=0: one token is generated (the prefill makes it anyway) and dropped from the answer.
+    return SamplingParams(max_new_tokens=max(limit, 1), temperature=body.temperature, top_p=body.top_p,
+                          seed=body.seed, stop=tuple(stops), logprobs=top,
+                          prompt_logprobs=top if echo else None)
+
+
+def _top_logprobs(body: _Common) -> int | None:
+    """How many alternatives per position the request asked for; None = no logprobs."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
 
 
 def _adapter_for(model: str, registry: AdapterRegistry, settings: Settings,
@@ -189,10 +279,11 @@ def _seeded(params: SamplingParams, k: int) -> SamplingParams:
     """Choice k of n: a different (still reproducible) seed, so the n choices are not all alike."""
     if k == 0 or params.seed is None:
         return params
-    return SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.seed + k, params.stop)
+    return dataclasses.replace(params, seed=params.seed + k)
 
 
 def _usage(results: list[GenerationResult], prompt_tokens: int) -> dict:
+    """``prompt_tokens``: every prompt once, however many choices (``n``) each has, as OpenAI and vLLM count."""
     completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
@@ -201,15 +292,38 @@ def _finish(result: GenerationResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
+def _base_card(settings: Settings) -> dict:
+    return {"id": settings.base_model, "object": "model", "created": 0, "owned_by": "bone-server", "parent": None,
+            "root": settings.base_model}
+
+
+def _adapter_card(info, settings: Settings) -> dict:
+    return {"id": info.name, "object": "model", "created": int(info.created_at), "owned_by": info.owner or "bone-server",
+            "parent": settings.base_model, "root": settings.base_model}
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(registry: RegistryDep, settings: SettingsDep) -> dict:
     infos = await run_in_threadpool(registry.list)
-    base = {"id": settings.base_model, "object": "model", "created": 0, "owned_by": "bone-server", "parent": None,
-            "root": settings.base_model}
-    adapters = [{"id": info.name, "object": "model", "created": int(info.created_at), "owned_by": info.owner or "bone-server",
-                 "parent": settings.base_model, "root": settings.base_model}
+    adapters = [_adapter_card(info, settings)
                 for info in infos if info.base_model == settings.base_model]  # the ones this server can serve
-    return {"object": "list", "data": [base, *adapters]}
+    return {"object": "list", "data": [_base_card(settings), *adapters]}
+
+
+@router.get("/models/{model:path}", response_model=ModelCard)
+async def retrieve_model(model: str, registry: RegistryDep, settings: SettingsDep) -> dict:
+    """One model as ``GET /v1/models`` lists it (``client.models.retrieve``); a hub base model's id may hold a slash."""
+    if model == settings.base_model:
+        return _base_card(settings)
+    missing = NotFound(f"the model {model!r} does not exist (GET /v1/models lists them)", param="model",
+                       code="model_not_found")
+    try:
+        info = await run_in_threadpool(registry.get, model)
+    except (NotFound, InvalidRequest):  # absent, or not even a valid adapter name
+        raise missing from None
+    if info.base_model != settings.base_model:  # listed nowhere here: this server cannot serve it
+        raise missing
+    return _adapter_card(info, settings)
 
 
 @router.post("/completions", response_model=Completion, responses=SSE_RESPONSE)
@@ -217,22 +331,103 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
                       settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=16)  # OpenAI's default for completions
     adapter, sha256, mix = await run_in_threadpool(_adapter_for, body.model, registry, settings, body.adapters)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or any(not p for p in prompts):
-        raise InvalidRequest("prompt must be a non-empty string or list of strings", param="prompt")
-    ids = [engine.tokenize(p) for p in prompts]
-    jobs = [(ids[i], adapter, sha256, _seeded(params, k), mix) for i in range(len(prompts)) for k in range(body.n)]
+    ids = _prompt_ids(engine, body.prompt)
+    jobs = [(ids[i], adapter, sha256, _seeded(params, k), mix) for i in range(len(ids)) for k in range(body.n)]
     prompt_tokens = sum(len(x) for x in ids)
+    scoring_only = (body.max_completion_tokens or body.max_tokens) == 0
+    texts = None
+    if body.echo:  # text prompts come back as given; token ids as they decode
+        texts = [p if isinstance(p, str) else engine.detokenize(x) for p, x in zip(_prompt_list(body.prompt), ids)]
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
         def chunk(i: int, text: str, finish: str | None) -> dict:
             return {**meta, "object": "text_completion",
                     "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
-        return _sse(engine, jobs, body, prompt_tokens, meta, "text_completion", chunk, first=None)
+        first = None
+        if body.echo:  # the prompt comes back first, as with OpenAI
+            first = [chunk(i * body.n + k, texts[i], None) for i in range(len(ids)) for k in range(body.n)]
+        return _sse(engine, jobs, body, prompt_tokens, meta, "text_completion", chunk, first=first, role_first=False)
     results = await results_or_disconnect(engine, submit_all(engine, jobs), http_request)
-    return {**meta, "object": "text_completion", "usage": _usage(results, prompt_tokens * body.n),
-            "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": _finish(r)}
-                        for i, r in enumerate(results)]}
+    if scoring_only:
+        results = [_without_completion(r) for r in results]
+    choices = []
+    for j, result in enumerate(results):
+        prompt_text = texts[j // body.n] if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _completion_logprobs(engine, ids[j // body.n] if body.echo else None, result)
+        choices.append({"index": j, "text": prompt_text + result.text, "logprobs": logprobs,
+                        "finish_reason": _finish(result)})
+    return {**meta, "object": "text_completion", "usage": _usage(results, prompt_tokens), "choices": choices}
+
+
+def _prompt_ids(engine: InferenceEngine, prompt: str | list) -> list[list[int]]:
+    """One token-id list per prompt: text is tokenized, token ids (a list, or a list of lists) are checked."""
+    prompts = _prompt_list(prompt)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InvalidRequest("prompt must be a non-empty string, token-id list, or list of either", param="prompt")
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            ids.append(engine.tokenize(p))
+            continue
+        bad = next((t for t in p if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            where = "prompt" if prompts[0] is prompt else f"prompt.{i}"
+            raise InvalidRequest(f"token id {bad} is outside the model's vocabulary (0..{engine.vocab_size - 1})",
+                                 param=where)
+        ids.append(list(p))  # as given: no special tokens added (lm-eval scores exactly these)
+    return ids
+
+
+def _prompt_list(prompt: str | list) -> list:
+    """The prompts of a request: a string and a token-id list are one prompt each."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        return [prompt]
+    return list(prompt)
+
+
+def _without_completion(result: GenerationResult) -> GenerationResult:
+    """``max_tokens: 0``: the token the prefill generated is not part of the answer."""
+    return dataclasses.replace(result, text="", finish_reason="length", completion_tokens=0, token_ids=[],
+                               token_logprobs=[] if result.token_logprobs is not None else None)
+
+
+def _completion_logprobs(engine: InferenceEngine, echoed: list[int] | None, result: GenerationResult) -> dict:
+    """OpenAI's completions ``logprobs``: the echoed prompt's tokens (if echo), then the generated ones."""
+    entries: list[TokenLogprob | None] = list(result.prompt_logprobs or []) if echoed is not None else []
+    ids = list(echoed or []) + result.token_ids
+    entries += result.token_logprobs or []
+    tokens = engine.token_texts(ids)
+    alternatives = sorted({t for e in entries if e for t, _ in e[2]})
+    names = dict(zip(alternatives, engine.token_texts(alternatives)))
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens,
+            "token_logprobs": [None if e is None else e[1] for e in entries],
+            "top_logprobs": [None if e is None else _top_dict(e, names) for e in entries],
+            "text_offset": offsets}
+
+
+def _top_dict(entry: TokenLogprob, names: dict[int, str]) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for token, logprob in entry[2]:
+        top.setdefault(names[token], logprob)  # two ids that read alike: keep the likelier
+    return top
+
+
+def _chat_logprobs(engine: InferenceEngine, result: GenerationResult) -> dict:
+    entries = result.token_logprobs or []
+    every = sorted({e[0] for e in entries} | {t for e in entries for t, _ in e[2]})
+    names = dict(zip(every, engine.token_texts(every)))
+
+    def item(token: int, logprob: float) -> dict:
+        return {"token": names[token], "logprob": logprob, "bytes": list(names[token].encode("utf-8"))}
+
+    return {"content": [{**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in top]}
+                        for token, logprob, top in entries], "refusal": None}
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=SSE_RESPONSE)
@@ -253,8 +448,9 @@ async def chat_completions(body: ChatRequest, http_request: Request, engine: Eng
                                "finish_reason": None}]} for k in range(body.n)]
         return _sse(engine, jobs, body, len(ids), meta, "chat.completion.chunk", chunk, first=first)
     results = await results_or_disconnect(engine, submit_all(engine, jobs), http_request)
-    return {**meta, "object": "chat.completion", "usage": _usage(results, len(ids) * body.n),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+    return {**meta, "object": "chat.completion", "usage": _usage(results, len(ids)),
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                         "logprobs": _chat_logprobs(engine, r) if body.logprobs else None,
                          "finish_reason": _finish(r)} for i, r in enumerate(results)]}
 
 
@@ -275,7 +471,10 @@ def _render_chat(engine: InferenceEngine, messages: list[ChatMessage]) -> str:
         raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
 
 
-def _sse(engine, jobs, body: _Common, prompt_tokens: int, meta: dict, object_: str, chunk, first) -> EventSourceResponse:
+def _sse(engine, jobs, body: _Common, prompt_tokens: int, meta: dict, object_: str, chunk, first,
+         role_first: bool = True) -> EventSourceResponse:
+    """``first``: events sent before any text (chat: each choice's role; completions with echo: the prompt).
+    ``role_first``: the chat stream's shape (a choice's last chunk has an empty delta)."""
     follow = stream_jobs(engine, jobs)  # submitted now: a refused request still gets a plain error response
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
@@ -292,12 +491,12 @@ def _sse(engine, jobs, body: _Common, prompt_tokens: int, meta: dict, object_: s
                     return
                 else:
                     results.append(outcome)
-                    yield {"data": json.dumps(chunk(i, None if first else "", _finish(outcome)))}
+                    yield {"data": json.dumps(chunk(i, None if role_first and first else "", _finish(outcome)))}
         finally:
             await follow.aclose()  # abandons what is still running (frees the batch slots)
         if include_usage:
             yield {"data": json.dumps({**meta, "object": object_, "choices": [],
-                                       "usage": _usage(results, prompt_tokens * body.n)})}
+                                       "usage": _usage(results, prompt_tokens)})}
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(events())

@@ -72,10 +72,10 @@ def test_errors_come_back_as_openai_errors(oai, live):
     with pytest.raises(openai.NotFoundError) as missing:
         oai.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
     assert missing.value.body["param"] == "model" and missing.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.UnprocessableEntityError) as too_many:
+    with pytest.raises(openai.BadRequestError) as too_many:
         oai.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "hi"}],
                                     max_tokens=live.settings.max_new_tokens + 1)
     assert too_many.value.body["param"] == "max_tokens"
-    with pytest.raises(openai.UnprocessableEntityError) as unsupported:
-        oai.completions.create(model="embedded", prompt="hi", max_tokens=2, logprobs=2)
-    assert unsupported.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        oai.completions.create(model="embedded", prompt="hi", max_tokens=2, logit_bias={"65": 5})
+    assert unsupported.value.body["param"] == "logit_bias"
