@@ -150,6 +150,36 @@ def keys_create(owner: str = typer.Option(..., help="who the key belongs to (job
                f"# BONE_API_KEYS={entry.line()}", err=True)
 
 
+models_cli = typer.Typer(help="Base models.", no_args_is_help=True)
+cli.add_typer(models_cli, name="models")
+
+
+@models_cli.command("export-embedded")
+def models_export_embedded(directory: str = typer.Argument(..., help="folder to write (new, or empty)")) -> None:
+    """Write the embedded base model as a normal Hugging Face folder (config, weights, tokenizer), so adapters
+    downloaded from a server on the embedded base load with PEFT / transformers / vLLM elsewhere: their
+    base_model_name_or_path is "embedded-llama-v1", so export into that folder name next to them."""
+    from pathlib import Path
+
+    from core.base_model import build_embedded_model
+
+    target = Path(directory).expanduser()
+    if target.exists() and not target.is_dir():
+        typer.echo(f"bone-server: {target} exists and is not a folder", err=True)
+        raise typer.Exit(code=2)
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        typer.echo(f"bone-server: {target} is not empty; give a new or empty folder", err=True)
+        raise typer.Exit(code=2)
+    if (target / "config.json").is_file():
+        typer.echo(f"bone-server: {target} already holds a model; nothing written", err=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():
+        target.rmdir()  # empty: the build renames its staging folder into place
+    build_embedded_model(target.resolve())
+    typer.echo(str(target.resolve()))
+
+
 from app.cli_client import register as _register_client_commands  # noqa: E402 - after the server commands
 
 _register_client_commands(cli)

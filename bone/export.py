@@ -5,7 +5,9 @@ A Bone update is exactly a LoRA update: ``ΔW = Bᵀ · E`` where ``E`` is the `
 (r × in) and ``lora_alpha = r`` (scale 1): rank ≤ r, no approximation.
 
 Bat is weight-dependent (``ΔW_ij = W_ij B_i + B_i``): its dense delta is generally full-rank, so it is
-exported through a truncated SVD of that delta, and the relative approximation error is reported.
+exported through a truncated SVD of that delta, and the relative approximation error is reported. The rank
+is the smallest that meets a relative-error ``tolerance`` in every module (default ``DEFAULT_BAT_TOLERANCE``),
+or a fixed ``bat_rank``; an export whose error is at float32 round-off (``EXACT_RELATIVE_ERROR``) is exact.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from .checkpoint import PREFIX, check_tensors, write_adapter_dir
 from .config import BoneConfig
 from .errors import BoneConfigError
 from .targets import find_targets
+
+
+# ‖ΔW − BA‖/‖ΔW‖ below this is float32 round-off of the reconstruction itself: the export is exact.
+EXACT_RELATIVE_ERROR = 1e-5
+# Bat without an explicit rank: the smallest rank whose relative error is at most this in every module
+# (greedy output of the exported LoRA then matches the Bat adapter's).
+DEFAULT_BAT_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -73,29 +82,39 @@ def _lora_config(config: BoneConfig, rank: int, target_names: list[str], fan_in_
 
 
 def to_lora(model: nn.Module, config: BoneConfig, tensors: dict[str, torch.Tensor], *,
-            bat_rank: int | None = None) -> LoraExport:
+            bat_rank: int | None = None, tolerance: float | None = None) -> LoraExport:
     """LoRA factors for one adapter checkpoint (``tensors`` in PEFT's layout) on ``model`` (the plain HF
     base model; for Bone only its module shapes matter, so a meta-device model works; Bat needs weights).
 
-    ``bat_rank``: rank of the truncated SVD for Bat (default ``r``); ignored for Bone, which is exact."""
+    Bat only (Bone is exact at rank r and ignores both): ``bat_rank`` fixes the rank of the truncated SVD;
+    otherwise the rank is the smallest whose relative error is at most ``tolerance`` (default
+    ``DEFAULT_BAT_TOLERANCE``) in every module."""
+    if bat_rank is not None and tolerance is not None:
+        raise BoneConfigError("give a LoRA rank or a tolerance, not both (the tolerance chooses the rank)", "tolerance")
+    if tolerance is not None and not 0 < tolerance < 1:
+        raise BoneConfigError(f"tolerance is a relative error in (0, 1), got {tolerance}", "tolerance")
     if config.bias != "none" or config.modules_to_save:
         raise BoneConfigError("LoRA export covers adapter blocks only; this adapter also trains biases or "
                               "modules_to_save, which a LoRA adapter cannot carry the same way", "bias")
     tensors = check_tensors(model, config, tensors)
     targets = find_targets(model, config)
     variant = config.variant
-    rank = config.r if variant != "bat" else (bat_rank or config.r)
+    if variant == "bat":
+        deltas = {t.name: _bat_delta(model.get_submodule(t.name), tensors[f"{PREFIX}{t.name}.bone_block"].float(),
+                                     t.is_conv1d) for t in targets}
+        rank = bat_rank or _rank_for(deltas.values(), tolerance or DEFAULT_BAT_TOLERANCE)
+    else:
+        rank = config.r
     if rank <= 0:
         raise BoneConfigError(f"LoRA rank must be positive, got {rank}", "rank")
     out: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     for target in targets:
-        block = tensors[f"{PREFIX}{target.name}.bone_block"].float()
         key = f"{PREFIX}{target.name}"
         if variant == "bat":
-            lora_b, lora_a, errors[target.name] = _bat_factors(model.get_submodule(target.name), block, rank,
-                                                               target.is_conv1d)
+            lora_b, lora_a, errors[target.name] = _svd_factors(deltas.pop(target.name), rank)
         else:
+            block = tensors[f"{key}.bone_block"].float()
             if variant == "mini":
                 block = BF.expand_mini(block, target.out_features)
             lora_b = block.t().contiguous()  # (out, r)
@@ -106,11 +125,13 @@ def to_lora(model: nn.Module, config: BoneConfig, tensors: dict[str, torch.Tenso
     if fan_in_fan_out and not all(t.is_conv1d for t in targets):
         raise BoneConfigError("LoRA's fan_in_fan_out is one flag per adapter: cannot export targets that mix "
                               "Linear and Conv1D layers", "target_modules")
+    exact = variant != "bat" or max(errors.values(), default=0.0) <= EXACT_RELATIVE_ERROR
     return LoraExport(config=_lora_config(config, rank, [t.name for t in targets], fan_in_fan_out),
-                      tensors=out, rank=rank, exact=variant != "bat", relative_errors=errors)
+                      tensors=out, rank=rank, exact=exact, relative_errors=errors)
 
 
-def _bat_factors(module: nn.Module, block: torch.Tensor, rank: int, conv1d: bool):
+def _bat_delta(module: nn.Module, block: torch.Tensor, conv1d: bool) -> tuple[torch.Tensor, ...]:
+    """A Bat module's dense update ΔW (out × in) and its SVD: (ΔW, u, s, vh)."""
     base = getattr(module, "base_layer", module)
     weight = base.weight.detach().float()
     if weight.is_meta:
@@ -119,6 +140,26 @@ def _bat_factors(module: nn.Module, block: torch.Tensor, rank: int, conv1d: bool
     logical = weight.t() if conv1d else weight
     delta = BF.bat_weight(weight, block, conv1d) - logical  # (out, in)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return delta, u, s, vh
+
+
+def _rank_for(deltas, tolerance: float) -> int:
+    """The smallest rank whose truncation error ‖ΔW − ΔW_k‖/‖ΔW‖ (the tail of the singular values) is at
+    most ``tolerance`` in every module."""
+    rank = 1
+    for _, _, s, _ in deltas:
+        energy = s.double().square()
+        total = float(energy.sum())
+        if total == 0:
+            continue
+        tail = (energy.flip(0).cumsum(0).flip(0) / total).sqrt()  # tail[k]: relative error at rank k
+        fits = (tail <= tolerance).nonzero()
+        rank = max(rank, int(fits[0]) if fits.numel() else s.numel())
+    return rank
+
+
+def _svd_factors(svd: tuple[torch.Tensor, ...], rank: int):
+    delta, u, s, vh = svd
     k = min(rank, s.numel())
     lora_b = u[:, :k] * s[:k]  # (out, k)
     lora_a = vh[:k]  # (k, in)

@@ -124,6 +124,16 @@ def resolve_base_model(name: str, settings: Settings, *, param: str = "base_mode
     return str(path)
 
 
+def exported_base_model_name(name: str, settings: Settings) -> str:
+    """``base_model_name_or_path`` for an adapter a user downloads: what ``from_pretrained`` resolves on their
+    side. A hub id stays as it is; a local base is its folder; the embedded base (no hub id, built here) is
+    the relative folder ``bone-server models export-embedded embedded-llama-v1`` writes."""
+    if name == EMBEDDED_BASE_MODEL:
+        return EMBEDDED_DIR_NAME
+    looks_local = name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+    return str(Path(name).expanduser().resolve()) if looks_local else name
+
+
 def pick_device(settings: Settings) -> torch.device:
     if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")

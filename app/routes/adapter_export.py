@@ -2,7 +2,9 @@
 
 - ``GET /adapters/{name}/download?format=bone|miss|lora``: a zip of the adapter in PEFT's layout —
   as trained (BONE), as current PEFT's MiSS, or as a standard LoRA adapter that vLLM, LoRAX and PEFT's LoRA
-  serve unchanged (exact for Bone; Bat through a truncated SVD, its error in ``bone_export.json``).
+  serve unchanged (exact for Bone; Bat through a truncated SVD at the smallest rank meeting ``?tolerance=``,
+  its error in ``bone_export.json``). Every download's ``base_model_name_or_path`` resolves on the
+  downloader's side (see ``core.base_model.exported_base_model_name``).
 - ``POST /adapters/{name}/compose``: store ``Σ wᵢ Bᵢ`` of Bone adapters as a new adapter ``name``, with its
   lineage in the metadata (exact: a Bone update is linear in its block).
 """
@@ -22,11 +24,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file
 
-from app.deps import EngineDep, RegistryDep
+from app.deps import EngineDep, RegistryDep, SettingsDep
 from bone import BoneConfig, BoneConfigError, combine_bone_adapters, to_lora
+from bone.export import DEFAULT_BAT_TOLERANCE
 from bone.checkpoint import to_format, write_adapter_dir
+from core.base_model import exported_base_model_name
 from core.errors import Conflict, InvalidRequest
 from core.jobs import check_adapter_name
+from core.settings import EMBEDDED_BASE_MODEL
 from core.registry import AdapterInfo, AdapterRegistry
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -54,15 +59,28 @@ def _folder_bytes(write) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
 
 
-def _export(registry: AdapterRegistry, engine, name: str, fmt: str, lora_rank: int | None) -> tuple[bytes, dict]:
+def _export(registry: AdapterRegistry, engine, settings, name: str, fmt: str, lora_rank: int | None,
+            tolerance: float | None = None) -> tuple[bytes, dict]:
     info, config, tensors = _read(registry, name)
     if info.base_model != engine.base.name:
         raise Conflict(f"adapter {name!r} was trained on {info.base_model!r}; this server's base model is "
                        f"{engine.base.name!r}", param="adapter", code="base_model_mismatch")
-    report = {"adapter": name, "format": fmt, "sha256": info.sha256}
+    # What from_pretrained resolves on the downloader's side (a hub id, a folder; the embedded base: the
+    # folder `bone-server models export-embedded` writes), not the server's own name for its base.
+    config.base_model_name_or_path = exported_base_model_name(info.base_model, settings)
+    config.task_type = config.task_type or "CAUSAL_LM"  # what this server serves; PEFT's Auto classes need it
+    report = {"adapter": name, "format": fmt, "sha256": info.sha256, "base_model": info.base_model,
+              "base_model_name_or_path": config.base_model_name_or_path}
+    if info.base_model == EMBEDDED_BASE_MODEL:
+        report["base_model_how"] = f"bone-server models export-embedded {config.base_model_name_or_path}"
     if fmt == "lora":
         # the served base model gives the shapes (and, for Bat, the weights its update depends on)
-        export = to_lora(engine.base.model, config, tensors, bat_rank=lora_rank)
+        try:
+            export = to_lora(engine.base.model, config, tensors, bat_rank=lora_rank, tolerance=tolerance)
+        except BoneConfigError as exc:
+            if exc.field != "tolerance":
+                raise
+            raise InvalidRequest(str(exc), param="tolerance") from None
         report.update(rank=export.rank, exact=export.exact, max_relative_error=export.max_relative_error,
                       relative_errors=export.relative_errors)
         files = _folder_bytes(export.save)
@@ -75,11 +93,15 @@ def _export(registry: AdapterRegistry, engine, name: str, fmt: str, lora_rank: i
 
 @router.get("/{name}/download", response_class=Response,
             responses={200: {"content": {"application/zip": {}}, "description": "the adapter folder, zipped"}})
-async def download_adapter(name: str, registry: RegistryDep, engine: EngineDep,
+async def download_adapter(name: str, registry: RegistryDep, engine: EngineDep, settings: SettingsDep,
                            format: Literal["bone", "miss", "lora"] = "bone",
                            lora_rank: int | None = Query(None, ge=1, le=4096,
-                                                         description="Bat → LoRA only: rank of the truncated SVD")) -> Response:
-    data, report = await run_in_threadpool(_export, registry, engine, name, format, lora_rank)
+                                                         description="Bat → LoRA only: rank of the truncated SVD"),
+                           tolerance: float | None = Query(None, gt=0, lt=1, description=(
+                               "Bat → LoRA only: the smallest rank whose relative error ‖ΔW − BA‖/‖ΔW‖ is at most "
+                               f"this in every module (default {DEFAULT_BAT_TOLERANCE:g} when lora_rank is not given)"))
+                           ) -> Response:
+    data, report = await run_in_threadpool(_export, registry, engine, settings, name, format, lora_rank, tolerance)
     headers = {"Content-Disposition": f'attachment; filename="{name}-{format}.zip"'}
     if format == "lora":
         headers["X-Bone-Lora-Exact"] = "true" if report["exact"] else "false"

@@ -65,6 +65,70 @@ def test_bat_lora_download_reports_its_approximation(live, client):
     assert report["rank"] == 2 and 0 < report["max_relative_error"] < 1
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_bat_lora_download_meets_the_tolerance_and_keeps_greedy_output(live, client, tmp_path):
+    peft = pytest.importorskip("peft")
+    publish_adapter(live.settings, "bat-tol", seed=9, init_weights="bat")
+    loose = json.loads(_unzip(client.get("/adapters/bat-tol/download?format=lora&tolerance=0.2"))["bone_export.json"])
+    response = client.get("/adapters/bat-tol/download?format=lora")  # the default tolerance
+    files = _unzip(response)
+    report = json.loads(files["bone_export.json"])
+    assert report["max_relative_error"] <= 1e-4 and loose["max_relative_error"] <= 0.2
+    assert loose["rank"] < report["rank"]  # a looser tolerance, a smaller rank
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 64, 101]])
+    ours = _logits(BoneModel.from_pretrained(_base_model(live.settings), live.settings.registry_dir / "bat-tol"), ids)
+    theirs = _logits(peft.PeftModel.from_pretrained(_base_model(live.settings), tmp_path), ids)
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+    torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-3)
+    full = client.get("/adapters/bat-tol/download?format=lora&lora_rank=256")  # the embedded model's width
+    assert full.headers["x-bone-lora-exact"] == "true"
+    both = client.get("/adapters/bat-tol/download?format=lora&lora_rank=8&tolerance=1e-3")
+    assert both.status_code == 422 and both.json()["error"]["param"] == "tolerance"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("fmt", ["lora", "miss"])
+def test_downloads_name_a_base_model_that_resolves(live, client, tmp_path, monkeypatch, fmt):
+    """The embedded base has no hub id: downloads name the folder ``bone-server models export-embedded`` writes,
+    and PEFT's AutoPeftModelForCausalLM loads the adapter from that alone."""
+    import subprocess
+    import sys
+
+    peft = pytest.importorskip("peft")
+    publish_adapter(live.settings, "resolves", seed=10)
+    files = _unzip(client.get(f"/adapters/resolves/download?format={fmt}"))
+    config = json.loads(files["adapter_config.json"])
+    assert config["base_model_name_or_path"] == "embedded-llama-v1"
+    assert json.loads(files["bone_export.json"])["base_model_how"] == "bone-server models export-embedded embedded-llama-v1"
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    for name, data in files.items():
+        (adapter_dir / name).write_bytes(data)
+    done = subprocess.run([sys.executable, "-m", "app.cli", "models", "export-embedded", "embedded-llama-v1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    again = subprocess.run([sys.executable, "-m", "app.cli", "models", "export-embedded", "adapter"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "not empty" in again.stderr  # never writes into a folder with other files
+    monkeypatch.chdir(tmp_path)
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).eval()
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    ours = BoneModel.from_pretrained(_base_model(live.settings), live.settings.registry_dir / "resolves")
+    torch.testing.assert_close(_logits(loaded, ids), _logits(ours, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, expected", [("embedded", "embedded-llama-v1"), ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")])
+def test_exported_base_model_names(live, name, expected):
+    from core.base_model import exported_base_model_name
+
+    assert exported_base_model_name(name, live.settings) == expected
+    local = live.settings.data_dir / "models" / "local-base"
+    local.mkdir(parents=True, exist_ok=True)
+    assert exported_base_model_name(str(local), live.settings) == str(local.resolve())
+
+
 def test_compose_stores_an_exact_sum_with_lineage(live, client):
     a = publish_adapter(live.settings, "comp-a", seed=6)
     publish_adapter(live.settings, "comp-b", seed=7)

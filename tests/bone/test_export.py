@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bone import BoneConfig, BoneConfigError, get_bone_model, to_lora
-from bone.export import selection_matrix
+from bone.export import DEFAULT_BAT_TOLERANCE, EXACT_RELATIVE_ERROR, selection_matrix
 from bone.functional import bone_delta
 from tests.bone.tiny import build, ids, randomize, targets
 
@@ -61,9 +61,29 @@ def test_bat_exports_through_svd_with_its_error_reported():
     bm = _adapter("llama", r=4, init="bat")
     config, tensors = bm.adapter_configs["default"], bm.get_adapter_state_dict("default")
     full = to_lora(build("llama"), config, tensors, bat_rank=64)  # ≥ every layer's rank: exact up to fp error
-    assert not full.exact and full.max_relative_error < 1e-5
+    assert full.exact and full.max_relative_error < EXACT_RELATIVE_ERROR
     low = to_lora(build("llama"), config, tensors, bat_rank=2)
-    assert 0 < low.max_relative_error < 1 and set(low.relative_errors) == set(full.relative_errors)
+    assert not low.exact and 0 < low.max_relative_error < 1 and set(low.relative_errors) == set(full.relative_errors)
+
+
+@pytest.mark.parametrize("tolerance", [0.5, 0.1, 1e-2, 1e-4])
+def test_bat_tolerance_picks_the_smallest_rank_that_meets_it(tolerance):
+    bm = _adapter("llama", r=4, init="bat")
+    config, tensors = bm.adapter_configs["default"], bm.get_adapter_state_dict("default")
+    export = to_lora(build("llama"), config, tensors, tolerance=tolerance)
+    assert export.max_relative_error <= tolerance * (1 + 1e-3)
+    if export.rank > 1:  # one rank less misses the tolerance somewhere
+        below = to_lora(build("llama"), config, tensors, bat_rank=export.rank - 1)
+        assert below.max_relative_error > tolerance
+
+
+def test_bat_default_export_meets_the_default_tolerance():
+    bm = _adapter("llama", r=4, init="bat")
+    config, tensors = bm.adapter_configs["default"], bm.get_adapter_state_dict("default")
+    export = to_lora(build("llama"), config, tensors)
+    assert export.max_relative_error <= DEFAULT_BAT_TOLERANCE
+    with pytest.raises(BoneConfigError, match="not both"):
+        to_lora(build("llama"), config, tensors, bat_rank=4, tolerance=1e-3)
 
 
 def test_bat_export_needs_real_weights():
