@@ -138,15 +138,26 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> Example
 def encode_messages(tokenizer, messages: list[dict[str, str]]) -> Example:
     """Render the whole conversation once, find each assistant turn's characters by rendering the prefix up
     to it, and take the loss on the tokens that start inside those spans. Tokenizing the full string once
-    (instead of gluing pieces) keeps the tokens exactly those the model sees at inference."""
+    (instead of gluing pieces) keeps the tokens exactly those the model sees at inference.
+
+    A span is what the model must produce after the generation prompt: the turn's content through the EOS
+    that ends it. Not the role header (also when the conversation opens with an assistant turn, or the
+    template has no generation prompt), nor what the template writes after the EOS (a newline before the
+    next turn): the model stops at the EOS, so it never generates that."""
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     full = tokenizer.apply_chat_template(messages, tokenize=False)
+    eos = tokenizer.eos_token
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
+        start = len(_generation_prefix(tokenizer, messages[:i], full))
         end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        content_at = full.find(message["content"], start, end) if message["content"] else -1
+        if content_at >= 0:  # a role header the generation prompt did not cover (e.g. "assistant: ")
+            start = content_at
+        if eos and eos in full[start:end]:
+            end = full.rindex(eos, start, end) + len(eos)
         spans.append((start, end))
     # The template already writes any special tokens (BOS, EOS) as text.
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -154,10 +165,21 @@ def encode_messages(tokenizer, messages: list[dict[str, str]]) -> Example:
     labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX
               for tok, (a, _) in zip(ids, enc["offset_mapping"])]
     # Templates that end each turn with EOS already teach the model to stop; the others get one appended.
-    if tokenizer.eos_token not in full:
+    if eos not in full:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id if messages[-1]["role"] == "assistant" else IGNORE_INDEX)
     return Example(ids, labels)
+
+
+def _generation_prefix(tokenizer, before: list[dict[str, str]], full: str) -> str:
+    """The conversation up to an assistant turn, with the generation prompt (its role header). For an
+    opening assistant turn that is the template's header on an empty conversation, when the template can
+    render one that ``full`` starts with; else nothing (the content search above then skips the header)."""
+    try:
+        prefix = tokenizer.apply_chat_template(before, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - templates that index messages[0] cannot render an empty conversation
+        return ""
+    return prefix if full.startswith(prefix) else ""
 
 
 ENCODERS: dict[str, Callable[[Any, dict[str, Any]], Example]] = {

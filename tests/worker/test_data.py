@@ -38,8 +38,9 @@ def test_messages_take_the_loss_on_assistant_turns_only(base):
     (example,) = tokenize_rows([{"messages": messages}], tok, 256).examples
     assert example.input_ids == ids(tok, tok.apply_chat_template(messages, tokenize=False))
     learned = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
-    # Each assistant turn as the template renders it (content, EOS, newline); nothing of system or user.
-    assert learned == "hey<|eos|>\nciao<|eos|>\n"
+    # Each assistant turn's content and the EOS that ends it: not the newline the template writes after the
+    # EOS (the model stops at the EOS and never generates it), nothing of system or user.
+    assert learned == "hey<|eos|>ciao<|eos|>"
     # The masked positions are contiguous runs that start right after "<|assistant|>\n".
     text_before_first = tok.decode(example.input_ids[: example.labels.index(ids(tok, "h")[0])])
     assert text_before_first.endswith("<|assistant|>\n")
@@ -53,8 +54,21 @@ def test_messages_get_an_eos_when_the_template_has_none(base):
     (example,) = tokenize_rows([{"messages": [{"role": "user", "content": "a"},
                                              {"role": "assistant", "content": "b"}]}], tok, 64).examples
     assert example.input_ids[-1] == tok.eos_token_id
-    # This template has no generation prompt, so the role line counts as part of the assistant's turn.
-    assert tok.decode([t for t in example.labels if t != IGNORE_INDEX]) == "assistant: b\n<|eos|>"
+    # This template has no generation prompt: its role line is still not learned, only what follows it.
+    assert tok.decode([t for t in example.labels if t != IGNORE_INDEX]) == "b\n<|eos|>"
+
+
+@pytest.mark.parametrize("messages, learned", [
+    ([{"role": "assistant", "content": "Hi, how can I help?"}, {"role": "user", "content": "x"},
+      {"role": "assistant", "content": "y"}], "Hi, how can I help?<|eos|>y<|eos|>"),
+    ([{"role": "assistant", "content": "opening"}], "opening<|eos|>"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "<|eos|>"),
+])
+def test_an_opening_assistant_turn_learns_no_role_header(base, messages, learned):
+    tok = base.tokenizer
+    (example,) = tokenize_rows([{"messages": messages}], tok, 256).examples
+    assert tok.decode([t for t in example.labels if t != IGNORE_INDEX]) == learned
+    assert example.labels[0] == IGNORE_INDEX  # "<" of "<|assistant|>"
 
 
 @pytest.mark.parametrize("row, message, field", [
