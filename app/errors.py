@@ -109,7 +109,10 @@ def error_response(exc: ServiceError, path: str = "") -> JSONResponse:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
     elif isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"}
-    return envelope(exc.status, exc.message, exc.type, exc.code, exc.param, headers=headers, path=path)
+    body, status = exc.to_dict(), exc.status  # to_dict: some errors carry more (an upload's bad rows)
+    if is_openai_path(path):
+        status, body["error"]["type"] = openai_status_and_type(status, exc.type)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def service_error_from(exc: BaseException) -> ServiceError | None:

@@ -17,7 +17,7 @@ import torch
 
 from core.base_model import resolve_base_model
 from core.errors import Conflict, InvalidRequest, NotFound
-from core.files import SUFFIXES, FileStore
+from core.files import SUFFIXES, FileStore, InvalidFile, validate_rows
 from core.formats import detect_format
 from core.jobs import DatasetSpec, FileDataset, HFDataset, JobCreate, PathDataset, RecordsDataset
 from core.paths import resolve_inside
@@ -72,16 +72,34 @@ class JobChecker:
                 detect_format(record, index, dataset.format, param_prefix=f"{param}.records")
             return dataset.records
         if isinstance(dataset, PathDataset):
-            self.dataset_path(dataset.path, param=f"{param}.path")
+            path = self.dataset_path(dataset.path, param=f"{param}.path")
+            if dataset.format is not None:
+                self._check_format(path, dataset.format, param, label=dataset.path)
         if isinstance(dataset, FileDataset):
+            store = FileStore(self.settings.files_dir)
             try:
-                FileStore(self.settings.files_dir).path(dataset.file_id)
+                path = store.path(dataset.file_id)
             except NotFound as exc:
                 raise InvalidRequest(exc.message, param=f"{param}.file_id", code="not_found") from None
+            if dataset.format is not None:
+                self._check_format(path, dataset.format, param, label=dataset.file_id,
+                                   detected=store.get(dataset.file_id).formats)
         if isinstance(dataset, HFDataset) and dataset.hf_dataset.startswith(("/", ".", "~")):
             raise InvalidRequest(f"hf_dataset {dataset.hf_dataset!r}: local datasets must be folders inside the "
                                  "datasets dir, named relative to it", param=f"{param}.hf_dataset")
         return None
+
+    @staticmethod
+    def _check_format(path: Path, fmt: str, param: str, *, label: str, detected: dict[str, int] | None = None) -> None:
+        """A ``format`` override must fit every row of the file now, not fail in a worker on row 0. An upload
+        whose rows were all detected as ``fmt`` fits without reading it again."""
+        if detected and set(detected) == {fmt}:
+            return
+        try:
+            validate_rows(path, fmt, label=label)
+        except InvalidFile as exc:
+            raise InvalidRequest(f"{param}.format={fmt!r} does not fit {label!r}: {exc.message}",
+                                 param=f"{param}.format", code="format_mismatch") from None
 
     def dataset_path(self, relative: str, *, param: str = "dataset.path") -> Path:
         """The file a ``{"path": ...}`` dataset names, which must lie inside the datasets dir."""

@@ -84,8 +84,10 @@ def iter_rows(path: Path, label: str | None = None) -> Iterator[tuple[int | None
         raise InvalidRequest(f"cannot read dataset {label!r}: {first}", param="dataset") from exc
 
 
+# utf-8-sig: a leading byte-order mark (Excel's "CSV UTF-8", pandas' encoding="utf-8-sig", Notepad) is
+# dropped; otherwise it would glue itself to the first column's name ("\ufeffprompt") or the first JSON line.
 def _json_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         head = handle.read(1 << 12).lstrip()
         handle.seek(0)
         if head.startswith("["):  # a .json file holding one array of rows
@@ -102,7 +104,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
             yield reader.line_num, {k: (v if v != "" else None) for k, v in row.items() if k is not None}

@@ -112,3 +112,55 @@ def test_a_job_on_an_uploaded_file_and_a_validation_file(files, live):
     missing = files.post("/jobs", json={"adapter_name": "x", "dataset": {"file_id": "file-nothere"}})
     assert missing.status_code == 422 and missing.json()["error"]["param"] == "dataset.file_id"
     assert missing.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("content", [
+    "\ufeffprompt,completion\n2+2=,4\n3+3=,6\n".encode("utf-8"),  # Excel's "CSV UTF-8", pandas' utf-8-sig
+    "\ufeffprompt,completion\r\n2+2=,4\r\n3+3=,6\r\n".encode("utf-8"),
+])
+def test_a_csv_with_a_byte_order_mark_reads_like_one_without(files, live, content):
+    from core.files import read_rows
+
+    reply = upload(files, "excel.csv", content)
+    assert reply.status_code == 201, reply.text
+    info = reply.json()
+    assert info["formats"] == {"prompt_completion": 2}
+    rows = read_rows(live.settings.files_dir / f"{info['id']}.csv")  # what the worker trains on
+    assert rows[0] == {"prompt": "2+2=", "completion": "4"}  # no "\ufeffprompt" column
+
+
+def test_a_jsonl_with_a_byte_order_mark_is_read(files):
+    reply = upload(files, "bom.jsonl", b"\xef\xbb\xbf" + jsonl(ROWS[:2]))
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["rows"] == 2
+
+
+@pytest.mark.parametrize("fmt, ok", [("prompt_completion", True), ("text", False), ("messages", False)])
+def test_a_format_override_is_checked_against_the_uploaded_file(files, fmt, ok):
+    train = upload(files, "pc.jsonl", jsonl([ROWS[0]] * 3)).json()
+    reply = files.post("/jobs", json={"adapter_name": f"fmt-{fmt.replace('_', '-')}",
+                                      "dataset": {"file_id": train["id"], "format": fmt}})
+    if ok:
+        assert reply.status_code == 202, reply.text
+        return
+    assert reply.status_code == 422, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "dataset.format" and error["code"] == "format_mismatch"
+    assert "row 0" in error["message"] and fmt in error["message"]
+
+
+def test_a_format_override_is_checked_against_a_mixed_file_and_a_path(files, live):
+    mixed = upload(files, "mixed.jsonl", jsonl(ROWS)).json()
+    reply = files.post("/jobs", json={"adapter_name": "fmt-mixed", "dataset": {"file_id": mixed["id"], "format": "text"},
+                                      "validation_dataset": {"file_id": mixed["id"]}})
+    assert reply.status_code == 422 and "row 0" in reply.json()["error"]["message"], reply.text
+    live.settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    (live.settings.datasets_dir / "fmt.jsonl").write_bytes(jsonl([ROWS[1]] * 2))
+    good = files.post("/jobs", json={"adapter_name": "fmt-path", "dataset": {"path": "fmt.jsonl", "format": "text"}})
+    assert good.status_code == 202, good.text
+    bad = files.post("/jobs", json={"adapter_name": "fmt-path2", "dataset": {"path": "fmt.jsonl", "format": "messages"},
+                                    "validation_dataset": {"records": [{"text": "x"}]}})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "dataset.format", bad.text
+    held = files.post("/jobs", json={"adapter_name": "fmt-held", "dataset": {"path": "fmt.jsonl"},
+                                     "validation_dataset": {"file_id": mixed["id"], "format": "messages"}})
+    assert held.status_code == 422 and held.json()["error"]["param"] == "validation_dataset.format", held.text
