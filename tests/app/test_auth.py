@@ -189,3 +189,19 @@ def test_another_owners_file_is_neither_readable_nor_trainable(client):
         assert other.json()["error"]["param"] == f"{field}.file_id" == absent.json()["error"]["param"]
         assert other.json()["error"]["message"] == absent.json()["error"]["message"].replace("file-missing", file_id)
     assert create_job(client, BOB, "bobs-own", dataset={"file_id": file_id})["owner"] == "bob"
+
+
+def test_openai_clients_get_openai_errors_for_keys_and_ownership(client, live):
+    import openai
+
+    publish_as(live, "bob", "bobs-model", seed=3)
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="bsk-not-a-key", max_retries=0) as wrong:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            wrong.models.list()
+    assert refused.value.body["type"] == "authentication_error" and refused.value.body["code"] == "invalid_api_key"
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key=ALICE, max_retries=0) as alice:
+        with pytest.raises(openai.NotFoundError) as hidden:  # another owner's adapter reads as a missing one
+            alice.models.retrieve("bobs-model")
+        assert hidden.value.body["type"] == "invalid_request_error" and hidden.value.body["code"] == "model_not_found"
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key=BOB, max_retries=0) as bob:
+        assert bob.models.retrieve("bobs-model").owned_by == "bob"

@@ -126,3 +126,30 @@ def test_union_errors_pick_the_shape_the_client_meant():
         {"type": "extra_forbidden", "loc": ("body", "dataset", "PathDataset", "records"), "msg": "Extra"},
     ]
     assert summarize_validation_errors(errors) == ("dataset.records", "dataset.records: too short", "invalid_value")
+
+
+@pytest.mark.parametrize("status, type_, expected", [  # OpenAI's table, on /v1 only
+    (422, "invalid_request_error", (400, "invalid_request_error")),
+    (400, "invalid_request_error", (400, "invalid_request_error")),
+    (401, "authentication_error", (401, "authentication_error")),
+    (403, "forbidden", (403, "permission_error")),
+    (404, "not_found", (404, "invalid_request_error")),
+    (409, "conflict", (409, "invalid_request_error")),
+    (413, "invalid_request_error", (413, "invalid_request_error")),
+    (429, "rate_limit_error", (429, "rate_limit_error")),
+    (500, "server_error", (500, "server_error")),
+    (503, "service_unavailable", (503, "server_error")),
+])
+def test_openai_routes_map_statuses_and_types(status, type_, expected):
+    from app.errors import is_openai_path, openai_status_and_type
+
+    assert openai_status_and_type(status, type_) == expected
+    assert is_openai_path("/v1/completions") and is_openai_path("/v1") and not is_openai_path("/v1x/jobs")
+    assert not is_openai_path("/generate") and not is_openai_path("/adapters/v1/download")
+
+
+def test_native_routes_keep_422_and_their_types(client):
+    reply = client.post("/generate", json={"prompt": ""})
+    assert reply.status_code == 422 and reply.json()["error"]["type"] == "invalid_request_error"
+    missing = client.get("/adapters/no-such-adapter")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
