@@ -3,7 +3,7 @@
 ``model`` is an adapter name, or the base model's name for the base model itself. An extra body field
 ``adapters`` (``{"a": 0.7, "b": 0.3}``; the official client sends it with ``extra_body={"adapters": ...}``)
 serves the exact weighted sum of Bone adapters instead; ``model`` is then the base model's name (or any
-name that is not a published adapter: naming an adapter and a mix at once is refused, 422 on ``adapters``). The official ``openai``
+name that is not a published adapter: naming an adapter and a mix at once is refused, 400 on ``adapters``). The official ``openai``
 client works unchanged (``base_url=http://host:port/v1``); streams follow OpenAI's chunk format and end with
 ``data: [DONE]``. Requests go through the same engine as ``/generate`` (batched with everything else).
 ``prompt`` may also be token ids (a list of ints, or a list of such lists), as lm-evaluation-harness sends.
@@ -30,9 +30,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
-from app.decoding import SamplingParams
+from app.decoding import SamplingParams, TokenLogprob
 from app.deps import EngineDep, RegistryDep, SettingsDep
-from app.decoding import TokenLogprob
 from app.engine import GenerationResult, InferenceEngine
 from app.adapter_cache import Mix
 from app.routes.generate import (SSE_RESPONSE, AdaptersField, Usage, check_mix, error_body, resolve_adapter,
@@ -393,6 +392,7 @@ def _without_completion(result: GenerationResult) -> GenerationResult:
                                token_logprobs=[] if result.token_logprobs is not None else None)
 
 
+# --- logprobs in OpenAI's two shapes -----------------------------------------------------------------------
 def _completion_logprobs(engine: InferenceEngine, echoed: list[int] | None, result: GenerationResult) -> dict:
     """OpenAI's completions ``logprobs``: the echoed prompt's tokens (if echo), then the generated ones."""
     entries: list[TokenLogprob | None] = list(result.prompt_logprobs or []) if echoed is not None else []
