@@ -81,13 +81,20 @@ def get_lr(step: int, *, base_lr: float, schedule: str, warmup_steps: int, total
     raise ValueError(f"unknown lr_scheduler {schedule!r}")
 
 
-def count_steps(n_examples: int, spec: TrainingSpec) -> int:
-    """Optimizer steps for the run: ``max_steps`` if set, else enough for ``epochs`` passes."""
+def count_micro_batches(n_examples: int, spec: TrainingSpec) -> int | None:
+    """Micro-batches for ``epochs`` passes (None with ``max_steps``: that run counts steps, not passes)."""
     if spec.max_steps is not None:
-        return spec.max_steps
-    micro_batches_per_epoch = math.ceil(n_examples / spec.batch_size)
-    steps_per_epoch = micro_batches_per_epoch / spec.gradient_accumulation_steps
-    return max(1, math.ceil(spec.epochs * steps_per_epoch))
+        return None
+    return max(1, math.ceil(spec.epochs * math.ceil(n_examples / spec.batch_size)))
+
+
+def count_steps(n_examples: int, spec: TrainingSpec) -> int:
+    """Optimizer steps for the run: ``max_steps`` if set, else enough for ``epochs`` passes. The last step of
+    an ``epochs`` run may accumulate fewer micro-batches, so the run sees ``epochs`` passes, not more."""
+    micro_batches = count_micro_batches(n_examples, spec)
+    if micro_batches is None:
+        return spec.max_steps  # type: ignore[return-value]
+    return max(1, math.ceil(micro_batches / spec.gradient_accumulation_steps))
 
 
 def seed_everything(seed: int) -> None:
@@ -154,6 +161,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     total_steps = count_steps(len(examples), spec)
+    micro_batch_budget = count_micro_batches(len(examples), spec)
 
     # -- memory and precision: recompute activations if asked (non-reentrant: the frozen base's inputs need
     #    no grad); bf16 autocast on CUDA with fp32 master weights for the adapter, plain fp32 on CPU
@@ -201,7 +209,10 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
 
         # -- forward/backward over the step's micro-batches; each is divided by the step's token count
         epochs_before = batches.epochs_done
-        global_batches = [next(batches) for _ in range(spec.gradient_accumulation_steps)]
+        accumulate = spec.gradient_accumulation_steps
+        if micro_batch_budget is not None:  # the last step stops where the requested passes end
+            accumulate = min(accumulate, micro_batch_budget - batches.position)
+        global_batches = [next(batches) for _ in range(accumulate)]
         loop["seen"] += sum(len(b) for b in global_batches)
         if group is None:
             step_batches = [collate(b, pad_id, device) for b in global_batches]

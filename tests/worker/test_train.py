@@ -107,6 +107,18 @@ def test_gradient_accumulation_weights_every_token_the_same(base, examples):
         torch.testing.assert_close(sd_a[key], sd_b[key], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("epochs, batch_size, accumulation, steps", [
+    (3, 5, 2, 5),  # 3 micro-batches a pass, 2 per step: the 5th step takes the one left, not one more
+    (1, 4, 2, 2),
+    (2, 12, 1, 2),
+])
+def test_epochs_run_exactly_that_many_passes(base, examples, epochs, batch_size, accumulation, steps):
+    result = train(fresh(base), base.tokenizer, examples,
+                   TrainingSpec(epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=accumulation),
+                   device=CPU)
+    assert result.steps == steps and result.epochs == epochs
+
+
 def test_should_stop_raises_cancelled_between_steps(base, wrapped, examples):
     steps = []
     with pytest.raises(Cancelled):
