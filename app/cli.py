@@ -19,8 +19,32 @@ from pydantic import ValidationError
 from core.logs import setup_logging
 from core.settings import Settings, describe_validation_error
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune and serve Bone adapters.")
+cli = typer.Typer(no_args_is_help=True, help=(
+    "Fine-tune and serve Bone adapters. `bone-server up` runs the service (API + worker + Redis if none answers); "
+    "the other commands are clients of a running API (http://$BONE_HOST:$BONE_PORT, key from --api-key, "
+    "BONE_API_KEY or the local admin key in $BONE_DATA_DIR)."))
 log = logging.getLogger("bone_server")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bone-server")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"bone-server {_version()}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Fine-tune and serve Bone adapters."""
 
 
 def _settings(**overrides) -> Settings:
@@ -58,7 +82,9 @@ def _how_to_call(settings: Settings, keyring) -> str:
         state = f"API keys on ({len(keyring)} configured)"
     return (f"bone-server: API on {url} - {state}\n"
             f"  curl {url}/generate{auth} -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_new_tokens\": 32}}'\n"
-            f"  docs: {url}/docs   dashboard: {url}/ui (paste the key in its API key field)")
+            f"  docs: {url}/docs   dashboard: {url}/ui (paste the key in its API key field)\n"
+            f"  command line: bone-server --help (from a `make run` checkout: .venv/bin/bone-server, or "
+            f"`source .venv/bin/activate` first)")
 
 
 def _serve_api(settings: Settings) -> None:
@@ -71,9 +97,13 @@ def _serve_api(settings: Settings) -> None:
                 log_config=None)
 
 
+HOST_HELP = "bind address (default: $BONE_HOST, else 127.0.0.1)"
+PORT_HELP = "port (default: $BONE_PORT, else 8000)"
+
+
 @cli.command()
-def api(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)"),
-        port: Optional[int] = typer.Option(None, help="port (BONE_PORT)")) -> None:
+def api(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=False),
+        port: Optional[int] = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
     """Run the HTTP API (needs a Redis at BONE_REDIS_URL)."""
     settings = _settings(host=host, port=port)
     keyring = _keyring(settings)
@@ -84,8 +114,8 @@ def api(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)"
 
 @cli.command()
 def worker(burst: bool = typer.Option(False, help="exit when the queue is empty"),
-           queues: Optional[str] = typer.Option(None, help="queues to serve, comma separated, in priority order "
-                                                "(e.g. gpu-24g,cpu); default: BONE_QUEUE_NAME")) -> None:
+           queues: Optional[str] = typer.Option(None, show_default=False, help="queues to serve, comma separated, in priority order "
+                                                "(e.g. gpu-24g,cpu) (default: $BONE_QUEUE_NAME)")) -> None:
     """Run one training worker (one per GPU, or one per machine for multi-GPU jobs)."""
     settings = _settings()
     _setup_logging(settings)
@@ -96,8 +126,8 @@ def worker(burst: bool = typer.Option(False, help="exit when the queue is empty"
 
 
 @cli.command()
-def up(host: Optional[str] = typer.Option(None, help="bind address (BONE_HOST)"),
-       port: Optional[int] = typer.Option(None, help="port (BONE_PORT)")) -> None:
+def up(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=False),
+       port: Optional[int] = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
     """API + one worker, on the Redis at BONE_REDIS_URL, or on a private redis-server started here."""
     from app.redis_launcher import ensure_redis
 
