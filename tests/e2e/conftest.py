@@ -79,3 +79,21 @@ def service(tmp_path, redis_url, shared_models_dir):
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture
+def keyed_service(tmp_path, redis_url, shared_models_dir):
+    """The service as `make run` starts it: no BONE_API_KEYS, so the API mints the local admin key into its data
+    dir. Its API also accepts jobs on the queue `idle`, which no worker serves (jobs there stay queued)."""
+    data_dir = tmp_path / "bone-data"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
+    svc = Service(data_dir, redis_url, tmp_path)
+    svc.env.update({"BONE_AUTH_DISABLED": "false", "BONE_QUEUES": "idle"})
+    svc.start("api", "api")
+    svc.start("worker", "worker")
+    try:
+        svc.wait_ready()
+        yield svc
+    finally:
+        svc.stop()

@@ -64,3 +64,100 @@ def test_cli_errors_are_one_line_with_nonzero_exit(service):
     unreachable = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "list", "--url", "http://127.0.0.1:9"],
                                  capture_output=True, text=True, cwd=ROOT)
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+# --- a CLI that guides ------------------------------------------------------------------------------------
+def walk(command, path=()):
+    """Every (path, click command) of the CLI, groups included."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from walk(sub, (*path, name))
+
+
+def test_every_command_and_option_has_help():
+    import typer.main
+
+    from app.cli import cli as app_cli
+
+    undocumented = []
+    for path, command in walk(typer.main.get_command(app_cli)):
+        if path and not (command.help or command.short_help):
+            undocumented.append(" ".join(path))
+        for param in command.params:
+            if param.name != "help" and not getattr(param, "help", None):
+                undocumented.append(f"{' '.join(path)} {param.name}")
+    assert undocumented == []
+
+
+def test_version_and_completion():
+    version = subprocess.run([sys.executable, "-m", "app.cli", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert version.returncode == 0 and version.stdout.startswith("bone-server ")
+    shown = subprocess.run([sys.executable, "-m", "app.cli", "--help"], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "COLUMNS": "200"})
+    assert "--install-completion" in shown.stdout
+
+
+def plain_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: the server found through BONE_PORT/BONE_DATA_DIR, no BONE_URL/BONE_API_KEY."""
+    base = {k: v for k, v in os.environ.items() if k not in ("BONE_URL", "BONE_API_KEY", "BONE_DATA_DIR")}
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**base, "COLUMNS": "200", "PYTHONPATH": str(ROOT), **env}, timeout=timeout)
+
+
+def test_settings_key_hints_files_cancel_and_adapters(keyed_service, tmp_path):
+    svc = keyed_service
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    port = {"BONE_PORT": str(svc.port)}
+
+    # From another folder, no key: the error names where the client looked and how to pass one.
+    lost = plain_cli("jobs", "list", env=port, cwd=elsewhere)
+    assert lost.returncode == 1
+    assert "missing API key" in lost.stderr and str(elsewhere / "bone-data" / "local-admin.key") in lost.stderr
+    assert "--api-key" in lost.stderr and "BONE_API_KEY" in lost.stderr
+    # BONE_PORT + BONE_DATA_DIR, the server's own settings, are all the client needs.
+    found = {**port, "BONE_DATA_DIR": str(svc.data_dir)}
+    assert plain_cli("jobs", "list", env=found, cwd=elsewhere).returncode == 0
+    key = (svc.data_dir / "local-admin.key").read_text().strip()
+    assert plain_cli("jobs", "list", "--api-key", key, env=port, cwd=elsewhere).returncode == 0
+    refused = plain_cli("jobs", "list", "--api-key", "bsk-wrong", env=port, cwd=elsewhere)
+    assert refused.returncode == 1 and "refused" in refused.stderr
+
+    # files upload / list / delete
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in MEMORIZE_RECORDS) + "\n")
+    uploaded = plain_cli("files", "upload", str(data), "--quiet", env=found, cwd=elsewhere)
+    file_id = uploaded.stdout.strip()
+    assert uploaded.returncode == 0 and file_id.startswith("file-"), uploaded.stderr
+    assert file_id in plain_cli("files", "list", env=found, cwd=elsewhere).stdout
+    assert plain_cli("files", "delete", file_id, env=found, cwd=elsewhere).stdout.strip() == f"deleted {file_id}"
+    assert file_id not in plain_cli("files", "list", env=found, cwd=elsewhere).stdout
+
+    # cancel says what happened: a queued job (on a queue no worker serves) never runs ...
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    queued = httpx.post(svc.url + "/jobs", headers=headers, json={
+        "adapter_name": "never", "dataset": {"records": MEMORIZE_RECORDS}, "queue": "idle",
+        "training": {"max_steps": 1}}).json()
+    cancelled = plain_cli("jobs", "cancel", queued["id"], env=found, cwd=elsewhere)
+    assert cancelled.stdout.strip() == f"{queued['id']}: cancelled before it ran; nothing was published"
+    again = plain_cli("jobs", "cancel", queued["id"], env=found, cwd=elsewhere)
+    assert again.returncode == 0 and again.stdout.strip() == f"{queued['id']}: job already cancelled; nothing to cancel"
+
+    # ... a finished one is left alone; then compose, export and delete adapters
+    training = MEMORIZE_RECIPE["training"]
+    job_id = plain_cli("jobs", "create", "--file", str(data), "--name", "memo", "--quiet", "--max-steps",
+                       str(training["max_steps"]), "--learning-rate", str(training["learning_rate"]),
+                       "--batch-size", str(training["batch_size"]), env=found, cwd=elsewhere).stdout.strip()
+    assert plain_cli("jobs", "watch", job_id, env=found, cwd=elsewhere).returncode == 0
+    done = plain_cli("jobs", "cancel", job_id, env=found, cwd=elsewhere)
+    assert done.stdout.strip() == f"{job_id}: job already succeeded; nothing to cancel"
+    composed = plain_cli("adapters", "compose", "half", "memo=0.5", env=found, cwd=elsewhere)
+    assert composed.returncode == 0 and "composed half" in composed.stdout, composed.stderr
+    exported = plain_cli("adapters", "export", "memo", str(tmp_path / "lora"), env=found, cwd=elsewhere)
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert plain_cli("adapters", "delete", "half", env=found, cwd=elsewhere).stdout.strip() == "deleted half"
+    listed = plain_cli("adapters", "list", env=found, cwd=elsewhere).stdout
+    assert "memo" in listed and "half" not in listed

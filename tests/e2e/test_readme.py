@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Service
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,23 +64,6 @@ def test_the_matcher_can_fail(expected, output, ok):
 def test_the_walkthrough_has_steps_and_checks():
     steps = walkthrough_steps(README.read_text())
     assert len(steps) >= 8 and sum(expected is not None for _, expected in steps) >= 8
-
-
-@pytest.fixture
-def keyed_service(tmp_path, redis_url, shared_models_dir):
-    """The service as `make run` starts it: no BONE_API_KEYS, so the API mints the local admin key."""
-    data_dir = tmp_path / "bone-data"
-    data_dir.mkdir()
-    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
-    svc = Service(data_dir, redis_url, tmp_path)
-    svc.env["BONE_AUTH_DISABLED"] = "false"
-    svc.start("api", "api")
-    svc.start("worker", "worker")
-    try:
-        svc.wait_ready()
-        yield svc
-    finally:
-        svc.stop()
 
 
 def test_the_readme_walkthrough_runs_as_written(keyed_service, tmp_path):
