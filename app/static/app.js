@@ -1,33 +1,85 @@
-// bone-server dashboard: plain JS, no build step. Talks to the same HTTP API as every other client.
+// bone-server dashboard: plain JS, no build step, no inline code (the page runs under a strict CSP).
+// Talks to the same HTTP API as every other client.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { selectedJob: null, adapters: [] };
+const KEY_STORE = "bone-api-key";
+const FINAL = ["succeeded", "failed", "cancelled"];
+// The key lives in this page's memory; it goes to localStorage only when the user ticks "remember".
+const state = { key: localStorage.getItem(KEY_STORE) || "", selectedJob: null, adapters: [], needsKey: false };
 
-$("api-key").value = localStorage.getItem("bone-api-key") || "";
-$("api-key").addEventListener("change", (e) => localStorage.setItem("bone-api-key", e.target.value));
+$("api-key").value = state.key;
+$("remember-key").checked = Boolean(localStorage.getItem(KEY_STORE));
 
-async function api(method, path, body) {
-  const headers = { "Content-Type": "application/json" };
-  const key = $("api-key").value.trim();
-  if (key) headers["Authorization"] = "Bearer " + key;
-  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  useKey();
+});
+$("api-key").addEventListener("change", useKey);
+$("remember-key").addEventListener("change", useKey);
+
+function useKey() {
+  state.key = $("api-key").value.trim();
+  if ($("remember-key").checked && state.key) localStorage.setItem(KEY_STORE, state.key);
+  else localStorage.removeItem(KEY_STORE);
+  tick();
+}
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+function headers(json) {
+  const h = json ? { "Content-Type": "application/json" } : {};
+  if (state.key) h["Authorization"] = "Bearer " + state.key;
+  return h;
+}
+
+async function check(response) {
   const data = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
+  if (response.status === 401) showKeyNeeded(data && data.error ? data.error.message : "");
   if (!response.ok) {
     const err = data && data.error ? data.error : { message: response.statusText };
-    throw new Error(err.message + (err.param ? ` (${err.param})` : ""));
+    throw new ApiError(response.status, err.message + (err.param ? ` (${err.param})` : ""));
   }
   return data;
 }
 
-function cell(text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text;
-  if (cls) td.className = cls;
-  return td;
+async function api(method, path, body) {
+  const response = await fetch(path, { method, headers: headers(body !== undefined),
+                                       body: body === undefined ? undefined : JSON.stringify(body) });
+  return check(response);
 }
 
-// --- health -------------------------------------------------------------------------------------------
+async function upload(file) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  return check(await fetch("/files", { method: "POST", headers: headers(false), body: form }));
+}
+
+function showKeyNeeded(message) {
+  state.needsKey = true;
+  $("key-needed").hidden = false;
+  $("key-error").textContent = state.key ? `The server refused this key: ${message}` : "";
+}
+
+function el(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+function cell(text, cls) {
+  return el("td", { textContent: text, className: cls || "" });
+}
+
+function hintRow(body, columns, text) {
+  body.replaceChildren(el("tr", {}, el("td", { colSpan: columns, className: "hint", textContent: text })));
+}
+
+const fmt = (value, digits = 4) => (value == null ? "" : Number(value).toFixed(digits));
+
+// --- health and key -----------------------------------------------------------------------------------
 async function refreshHealth() {
   try {
     await api("GET", "/readyz");
@@ -37,35 +89,48 @@ async function refreshHealth() {
   }
 }
 
+async function keyIsAccepted() {
+  try {
+    await api("GET", "/jobs?limit=1");
+    state.needsKey = false;
+    $("key-needed").hidden = true;
+    return true;
+  } catch (e) {
+    if (e.status !== 401) return true; // another problem: the sections say it themselves
+    for (const [body, cols, what] of [["jobs-body", 6, "jobs"], ["adapters-body", 8, "adapters"]]) {
+      hintRow($(body), cols, `Enter your API key (top right) to see ${what}.`);
+    }
+    $("evals-list").replaceChildren(el("p", { className: "hint", textContent: "Enter your API key to see evaluations." }));
+    return false;
+  }
+}
+
 // --- jobs ---------------------------------------------------------------------------------------------
 async function refreshJobs() {
-  let jobs;
-  try { jobs = (await api("GET", "/jobs?limit=20")).data; } catch (e) { return; }
+  const jobs = (await api("GET", "/jobs?limit=20")).data;
   const body = $("jobs-body");
+  if (!jobs.length) {
+    hintRow(body, 6, "No jobs yet: start one above (examples/capitals.jsonl is a good first one).");
+    return;
+  }
   body.replaceChildren();
   for (const job of jobs) {
-    const tr = document.createElement("tr");
-    tr.dataset.jobId = job.id;
     const p = job.progress || {};
-    const loss = (job.metrics || {}).train_loss;
-    tr.append(cell(job.id), cell(job.adapter_name), cell(job.status, "status-" + job.status),
-      cell(`${p.step || 0}/${p.total_steps || "?"}`), cell(loss == null ? "" : loss.toFixed(4)));
-    const actions = document.createElement("td");
-    const show = document.createElement("button");
-    show.className = "link"; show.textContent = "loss curve";
-    show.addEventListener("click", () => { state.selectedJob = job.id; refreshChart(); });
-    actions.append(show);
-    if (job.status === "queued" || job.status === "running") {
-      const cancel = document.createElement("button");
-      cancel.className = "link"; cancel.textContent = " cancel";
-      cancel.addEventListener("click", () => api("POST", `/jobs/${job.id}/cancel`).then(refreshJobs));
+    const tr = el("tr", { className: job.id === state.selectedJob ? "selected" : "" });
+    tr.dataset.jobId = job.id;
+    const actions = el("td", { className: "actions" });
+    actions.append(el("button", { type: "button", className: "link", textContent: "details" }));
+    actions.lastChild.addEventListener("click", () => { state.selectedJob = job.id; refreshJobs(); refreshJobDetail(); });
+    if (!FINAL.includes(job.status)) {
+      const cancel = el("button", { type: "button", className: "link danger", textContent: "cancel" });
+      cancel.addEventListener("click", () => api("POST", `/jobs/${job.id}/cancel`).then(refreshJobs).catch(() => {}));
       actions.append(cancel);
     }
-    if (job.error) actions.append(Object.assign(document.createElement("span"), { className: "error", textContent: " " + job.error }));
-    tr.append(actions);
+    tr.append(cell(job.id, "mono"), cell(job.adapter_name), cell(job.status, "status-" + job.status),
+      cell(`${p.step || 0}/${p.total_steps || "?"}`), cell(fmt((job.metrics || {}).train_loss)), actions);
     body.append(tr);
   }
-  if (!state.selectedJob && jobs.length) state.selectedJob = jobs[0].id;
+  if (!state.selectedJob) state.selectedJob = jobs[0].id;
 }
 
 async function jobEvents(jobId) {
@@ -87,17 +152,33 @@ function lossSeries(events) {
     const d = e.data || {};
     if (d.step == null) continue;
     if (d.loss != null && e.type === "step") train.push([d.step, d.loss]);
-    if (d.eval_loss != null) evals.push([d.step, d.eval_loss]);
+    if (d.eval_loss != null && e.type === "eval") evals.push([d.step, d.eval_loss]);
   }
   return { train, evals };
 }
 
+// Round tick spacing (1, 2 or 5 × 10^k) so the x-axis labels about `count` steps.
+function niceTicks(lo, hi, count) {
+  const raw = Math.max((hi - lo) / count, 1);
+  const magnitude = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= raw);
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi; t += step) ticks.push(t);
+  return ticks;
+}
+
 function drawChart(canvas, series) {
+  // Draw at the canvas's displayed width, so the chart fills its column.
+  const width = Math.max(300, Math.floor(canvas.clientWidth || canvas.width));
+  if (canvas.width !== width) canvas.width = width;
   const ctx = canvas.getContext("2d");
-  const W = canvas.width, H = canvas.height, pad = { l: 50, r: 12, t: 12, b: 28 };
+  const W = canvas.width, H = canvas.height, pad = { l: 56, r: 16, t: 12, b: 40 };
   ctx.clearRect(0, 0, W, H);
   const all = series.train.concat(series.evals);
   ctx.fillStyle = "#6b7280"; ctx.font = "12px system-ui";
+  canvas.dataset.trainPoints = series.train.length;
+  canvas.dataset.evalPoints = series.evals.length;
+  $("legend-eval").hidden = series.evals.length === 0;
   if (!all.length) { ctx.fillText("no steps yet", pad.l, H / 2); return; }
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
@@ -110,44 +191,81 @@ function drawChart(canvas, series) {
     ctx.beginPath(); ctx.moveTo(pad.l, Y(y)); ctx.lineTo(W - pad.r, Y(y)); ctx.stroke();
     ctx.fillText(y.toFixed(3), 4, Y(y) + 4);
   }
-  ctx.fillText(`step ${x0}`, pad.l, H - 8);
-  ctx.fillText(`step ${x1}`, W - pad.r - 60, H - 8);
+  const ticks = niceTicks(x0, x1, Math.max(2, Math.floor((W - pad.l - pad.r) / 70)));
+  ctx.textAlign = "center";
+  for (const t of ticks) {
+    ctx.beginPath(); ctx.moveTo(X(t), H - pad.b); ctx.lineTo(X(t), H - pad.b + 5); ctx.stroke();
+    ctx.fillText(String(t), X(t), H - pad.b + 18);
+  }
+  ctx.fillText("step", (pad.l + W - pad.r) / 2, H - 4);
+  ctx.textAlign = "start";
+  canvas.dataset.xTicks = ticks.length;
   const line = (points, color) => {
     if (!points.length) return;
     ctx.strokeStyle = color; ctx.fillStyle = color; ctx.lineWidth = 2; ctx.beginPath();
     points.forEach(([x, y], i) => (i ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y))));
     ctx.stroke();
-    if (points.length === 1) { ctx.beginPath(); ctx.arc(X(points[0][0]), Y(points[0][1]), 3, 0, 7); ctx.fill(); }
+    if (points.length < 20) for (const [x, y] of points) { ctx.beginPath(); ctx.arc(X(x), Y(y), 3, 0, 7); ctx.fill(); }
   };
   line(series.train, "#2563eb");
   line(series.evals, "#d97706");
-  canvas.dataset.trainPoints = series.train.length;
-  canvas.dataset.evalPoints = series.evals.length;
 }
 
-async function refreshChart() {
+function definitionList(target, entries) {
+  target.replaceChildren(...entries.flatMap(([k, v]) => [el("dt", { textContent: k }), el("dd", { textContent: v })]));
+}
+
+function settingsOf(job) {
+  const dataset = job.dataset || {};
+  const entries = [["adapter", job.adapter_name], ["base model", job.base_model],
+    ["dataset", dataset.file_id || dataset.path || dataset.hf_dataset || (dataset.records ? "inline records" : JSON.stringify(dataset))]];
+  for (const [k, v] of Object.entries(job.bone || {})) if (v != null) entries.push([`bone.${k}`, JSON.stringify(v)]);
+  for (const [k, v] of Object.entries(job.training || {})) if (v != null && v !== false) entries.push([`training.${k}`, String(v)]);
+  if (job.queue) entries.push(["queue", job.queue]);
+  if (job.worker) entries.push(["worker", job.worker]);
+  return entries;
+}
+
+async function refreshJobDetail() {
   if (!state.selectedJob) return;
+  const id = state.selectedJob;
+  const [job, events, checkpoints] = await Promise.all([
+    api("GET", `/jobs/${id}`), jobEvents(id), api("GET", `/jobs/${id}/checkpoints`).catch(() => ({ data: [] }))]);
   $("job-detail").hidden = false;
-  $("job-detail-id").textContent = state.selectedJob;
-  try { drawChart($("loss-chart"), lossSeries(await jobEvents(state.selectedJob))); } catch (e) { /* next tick */ }
+  $("job-detail-id").textContent = id;
+  $("job-detail-status").textContent = job.status;
+  $("job-detail-status").className = "pill status-" + job.status;
+  $("job-detail-error").hidden = !job.error;
+  $("job-detail-error").textContent = job.error || "";
+  drawChart($("loss-chart"), lossSeries(events));
+  definitionList($("job-settings"), settingsOf(job));
+  definitionList($("job-metrics"), Object.entries(job.metrics || {}).map(([k, v]) => [k, typeof v === "number" ? String(+v.toFixed(4)) : String(v)]));
+  const cp = $("job-checkpoints");
+  if (!checkpoints.data.length) hintRow(cp, 4, "none (set training.save_every to keep checkpoints)");
+  else cp.replaceChildren(...checkpoints.data.map((c) => el("tr", {}, cell(String(c.step)), cell(fmt(c.train_loss)),
+    cell(fmt(c.eval_loss)), cell(c.adapter || ""))));
+  // Every event except the per-step and per-epoch ones (the curve and the metrics show those), newest last.
+  const notable = events.filter((e) => !["step", "phase", "epoch"].includes(e.type));
+  $("job-events").replaceChildren(...notable.slice(-50).map((e) => el("li", { className: "event-" + e.type },
+    el("time", { textContent: new Date(e.created_at * 1000).toLocaleTimeString() }),
+    el("span", { className: "kind", textContent: e.type }), el("span", { textContent: e.message || JSON.stringify(e.data) }))));
 }
 
 $("job-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const form = event.target, out = $("job-form-result");
+  out.textContent = "uploading…"; out.className = "";
   try {
-    const text = await form.file.files[0].text();
-    const records = text.split("\n").filter((l) => l.trim()).map((l, i) => {
-      try { return JSON.parse(l); } catch (e) { throw new Error(`line ${i + 1} is not JSON`); }
-    });
+    const file = await upload(form.file.files[0]);
+    out.textContent = `uploaded ${file.id} (${file.rows} rows, ${file.format}); starting…`;
     const job = await api("POST", "/jobs", {
       adapter_name: form.adapter_name.value,
-      dataset: { records },
+      dataset: { file_id: file.id },
       bone: { r: Number(form.r.value), init_weights: form.variant.value === "bat" ? "bat" : true },
       training: { max_steps: Number(form.max_steps.value), learning_rate: Number(form.learning_rate.value),
                   batch_size: Number(form.batch_size.value) },
     });
-    out.textContent = `started ${job.id}`; out.className = "";
+    out.textContent = `started ${job.id} on ${file.id}`;
     state.selectedJob = job.id;
     refreshJobs();
   } catch (e) {
@@ -157,52 +275,122 @@ $("job-form").addEventListener("submit", async (event) => {
 
 // --- adapters -----------------------------------------------------------------------------------------
 async function refreshAdapters() {
-  let adapters;
-  try { adapters = (await api("GET", "/adapters")).data; } catch (e) { return; }
+  const adapters = (await api("GET", "/adapters")).data;
   state.adapters = adapters;
   const body = $("adapters-body");
-  body.replaceChildren();
+  if (!adapters.length) hintRow(body, 8, "No adapters yet: a job that succeeds publishes one.");
+  else body.replaceChildren();
   for (const a of adapters) {
-    const tr = document.createElement("tr");
-    const bone = a.bone || {}, loss = (a.metrics || {}).train_loss;
-    tr.append(cell(a.name), cell(a.base_model), cell(String(bone.r)), cell(bone.init_weights === "bat" ? "bat" : "bone"),
-      cell(loss == null ? "" : loss.toFixed(4)), cell(`${(a.size_bytes / 1024).toFixed(0)} KiB`),
-      cell(new Date(a.created_at * 1000).toLocaleString()));
-    const del = document.createElement("button");
-    del.className = "link"; del.textContent = "delete";
-    del.addEventListener("click", () => api("DELETE", `/adapters/${a.name}`).then(refreshAdapters));
-    const td = document.createElement("td"); td.append(del); tr.append(td);
-    body.append(tr);
+    const bone = a.bone || {};
+    const del = el("button", { type: "button", className: "link danger", textContent: "delete" });
+    del.addEventListener("click", () => api("DELETE", `/adapters/${a.name}`).then(refreshAdapters).catch(() => {}));
+    body.append(el("tr", {}, cell(a.name), cell(a.base_model), cell(String(bone.r)),
+      cell(bone.init_weights === "bat" ? "bat" : "bone"), cell(fmt((a.metrics || {}).train_loss)),
+      cell(`${(a.size_bytes / 1024).toFixed(0)} KiB`), cell(new Date(a.created_at * 1000).toLocaleString()),
+      el("td", {}, del)));
   }
-  for (const select of document.querySelectorAll(".adapter-select")) {
-    const keep = select.value;
-    select.replaceChildren(new Option("(base model)", ""));
-    for (const a of adapters) select.append(new Option(a.name, a.name));
-    select.value = [...select.options].some((o) => o.value === keep) ? keep : "";
-  }
+  const fill = (select, withBase) => {
+    const keep = [...select.selectedOptions].map((o) => o.value);
+    select.replaceChildren(...(withBase ? [new Option("(base model)", "")] : []),
+      ...adapters.map((a) => new Option(a.name, a.name)));
+    for (const o of select.options) o.selected = keep.includes(o.value);
+  };
+  for (const select of document.querySelectorAll(".adapter-select")) fill(select, true);
+  fill($("eval-adapters"), false);
 }
 
-// --- playground: the same prompt, two adapters, side by side (both requests share one engine batch) ----
+// --- evaluations --------------------------------------------------------------------------------------
+function evalTable(evaluation) {
+  const rows = Object.entries(evaluation.results || {}).map(([model, m]) => el("tr", {},
+    cell(model === "__base__" ? "base model" : model), cell(fmt(m.loss)), cell(fmt(m.perplexity, 2)),
+    cell(fmt(m.token_accuracy, 3)), cell(m.exact_match == null ? "" : `${fmt(m.exact_match, 2)} of ${m.exact_match_examples}`),
+    cell(String(m.examples))));
+  return el("table", {}, el("thead", {}, el("tr", {}, ...["model", "loss", "perplexity", "token accuracy", "exact match", "examples"]
+    .map((h) => el("th", { textContent: h })))), el("tbody", {}, ...rows));
+}
+
+async function refreshEvals() {
+  const evaluations = (await api("GET", "/evals?limit=5")).data;
+  const list = $("evals-list");
+  if (!evaluations.length) {
+    list.replaceChildren(el("p", { className: "hint", textContent: "No evaluations yet: pick adapters and a file above." }));
+    return;
+  }
+  list.replaceChildren(...evaluations.map((ev) => el("div", { className: "eval" },
+    el("h3", {}, el("span", { className: "mono", textContent: ev.id }), " ",
+      el("span", { className: "pill status-" + ev.status, textContent: ev.status }), " ",
+      el("span", { className: "muted", textContent: ev.adapters.join(", ") })),
+    ev.error ? el("p", { className: "error", textContent: ev.error }) : "",
+    Object.keys(ev.results || {}).length ? evalTable(ev) : "")));
+}
+
+$("eval-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target, out = $("eval-form-result");
+  out.textContent = "uploading…"; out.className = "";
+  try {
+    const file = await upload(form.file.files[0]);
+    const evaluation = await api("POST", "/evals", {
+      adapters: [...$("eval-adapters").selectedOptions].map((o) => o.value),
+      include_base: form.include_base.checked, dataset: { file_id: file.id } });
+    out.textContent = `started ${evaluation.id} on ${file.id}`;
+    refreshEvals();
+  } catch (e) {
+    out.textContent = e.message; out.className = "error";
+  }
+});
+
+// --- playground: the same prompt on two adapters, streamed side by side (one engine batch) -------------
+async function streamInto(out, body) {
+  const response = await fetch("/generate", { method: "POST", headers: { ...headers(true), Accept: "text/event-stream" },
+                                               body: JSON.stringify({ ...body, stream: true }) });
+  if (!response.ok) await check(response);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "", event = "message", text = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let newline;
+    while ((newline = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, newline).replace(/\r$/, "");
+      buffer = buffer.slice(newline + 1);
+      if (line.startsWith("event:")) event = line.slice(6).trim();
+      else if (line.startsWith("data:")) {
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return text;
+        const payload = JSON.parse(data);
+        if (event === "error") throw new Error((payload.error || payload).message);
+        if (event === "done") text = payload.text;
+        else if (payload.text) text += payload.text;
+        out.textContent = text;
+      } else if (!line) event = "message";
+    }
+  }
+  return text;
+}
+
 $("generate").addEventListener("click", async () => {
   const prompt = $("prompt").value;
-  const params = { max_new_tokens: Number($("max-new-tokens").value), temperature: Number($("temperature").value) };
+  const params = { prompt, max_new_tokens: Number($("max-new-tokens").value), temperature: Number($("temperature").value) };
   const run = async (side) => {
     const out = $("output-" + side);
-    out.textContent = "…"; out.classList.remove("error");
+    out.textContent = "…"; out.classList.remove("error"); out.dataset.state = "streaming";
     try {
-      const adapter = $("adapter-" + side).value || null;
-      const reply = await api("POST", "/generate", { prompt, adapter, ...params });
-      out.textContent = reply.text;
+      out.textContent = await streamInto(out, { ...params, adapter: $("adapter-" + side).value || null });
     } catch (e) {
       out.textContent = e.message; out.classList.add("error");
     }
+    out.dataset.state = "done";
   };
   await Promise.all([run("left"), run("right")]);
 });
 
 async function tick() {
-  await Promise.all([refreshHealth(), refreshJobs(), refreshAdapters()]);
-  await refreshChart();
+  await refreshHealth();
+  if (!(await keyIsAccepted())) return;
+  await Promise.all([refreshJobs(), refreshAdapters(), refreshEvals()].map((p) => p.catch(() => {})));
+  await refreshJobDetail().catch(() => {});
 }
 tick();
 setInterval(tick, 1500);
