@@ -19,8 +19,8 @@ from core.base_model import resolve_base_model
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.files import SUFFIXES, FileStore, InvalidFile, validate_rows
 from core.formats import detect_format
-from core.jobs import DatasetSpec, FileDataset, HFDataset, JobCreate, PathDataset, RecordsDataset
-from core.paths import resolve_inside
+from core.jobs import DatasetSpec, FileDataset, HFDataset, JobCreate, PathDataset, RecordsDataset, check_job_size
+from core.paths import dataset_file, dataset_source
 from core.registry import AdapterRegistry
 from core.settings import Settings
 
@@ -46,6 +46,7 @@ class JobChecker:
             raise InvalidRequest(
                 f"training.max_seq_length={body.training.max_seq_length} exceeds the server's limit of "
                 f"{s.max_seq_length} (BONE_MAX_SEQ_LENGTH)", param="training.max_seq_length")
+        check_job_size(body.training, s)
         if body.training.publish_checkpoints and len(body.adapter_name) > 64 - len("-step-") - 7:
             raise InvalidRequest("adapter_name is too long for checkpoint names '<name>-step-<n>' (at most 51 "
                                  "characters with publish_checkpoints)", param="adapter_name")
@@ -84,9 +85,9 @@ class JobChecker:
             if dataset.format is not None:
                 self._check_format(path, dataset.format, param, label=dataset.file_id,
                                    detected=store.get(dataset.file_id).formats)
-        if isinstance(dataset, HFDataset) and dataset.hf_dataset.startswith(("/", ".", "~")):
-            raise InvalidRequest(f"hf_dataset {dataset.hf_dataset!r}: local datasets must be folders inside the "
-                                 "datasets dir, named relative to it", param=f"{param}.hf_dataset")
+        if isinstance(dataset, HFDataset):
+            dataset_source(dataset.hf_dataset, datasets_dir=self.settings.datasets_dir,
+                           allow_hub=self.settings.allow_hub_datasets, param=f"{param}.hf_dataset")
         return None
 
     @staticmethod
@@ -103,13 +104,7 @@ class JobChecker:
 
     def dataset_path(self, relative: str, *, param: str = "dataset.path") -> Path:
         """The file a ``{"path": ...}`` dataset names, which must lie inside the datasets dir."""
-        path = resolve_inside(self.settings.datasets_dir, relative, param=param, what="dataset path")
-        if not path.is_file():
-            raise InvalidRequest(f"dataset file {relative!r} does not exist in {self.settings.datasets_dir}",
-                                 param=param, code="not_found")
-        if path.suffix.lower() not in SUFFIXES:
-            raise InvalidRequest(f"dataset file {relative!r} must be one of {', '.join(SUFFIXES)}", param=param)
-        return path
+        return dataset_file(relative, datasets_dir=self.settings.datasets_dir, suffixes=SUFFIXES, param=param)
 
     # --- bone config vs the base model ---------------------------------------------------------------
     def check_bone_config(self, body: JobCreate) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from core.errors import InvalidRequest
+from core.paths import base_model_not_allowed, is_hub_id, local_model_dir
 from core.settings import EMBEDDED_BASE_MODEL, Settings
 
 EMBEDDED_DIR_NAME = "embedded-llama-v1"
@@ -106,22 +107,30 @@ def build_embedded_model(target: Path) -> Path:
 
 
 def resolve_base_model(name: str, settings: Settings, *, param: str = "base_model") -> str:
-    """Map a base-model name to what ``from_pretrained`` takes; local paths must lie in allowed directories."""
+    """Map a base-model name to what ``from_pretrained`` takes. The server's own base model is the operator's
+    choice and taken as configured; any other name follows core/paths.py: an absolute model folder inside
+    the allowed directories, or a hub id that names nothing local. One message for every refusal."""
     if name == EMBEDDED_BASE_MODEL:
         return str(build_embedded_model(settings.models_dir / EMBEDDED_DIR_NAME))
-    looks_local = name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
-    if not looks_local:
-        return name  # a Hugging Face id
-    path = Path(name).expanduser().resolve()
-    allowed = [settings.data_dir, *settings.allowed_model_dirs]
-    if not any(path.is_relative_to(Path(root).expanduser().resolve()) for root in allowed):
-        raise InvalidRequest(
-            f"local base model {name!r} is outside the allowed directories (the data dir and BONE_ALLOWED_MODEL_DIRS)",
-            param=param,
-        )
+    if name == settings.base_model:
+        return _operator_model(name, settings, param)
+    local = local_model_dir(name, [settings.data_dir, *settings.allowed_model_dirs])
+    if local is not None:
+        return str(local)
+    if not name.startswith("/") and is_hub_id(name):
+        return name
+    raise base_model_not_allowed(name, param)
+
+
+def _operator_model(name: str, settings: Settings, param: str) -> str:
+    """BONE_BASE_MODEL itself: a hub id, or a local folder given by the operator (relative to where they start
+    the server, like any path in the environment)."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name
     if not (path / "config.json").is_file():
-        raise InvalidRequest(f"local base model {name!r} has no config.json", param=param)
-    return str(path)
+        raise InvalidRequest(f"the server's base model {name!r} has no config.json (BONE_BASE_MODEL)", param=param)
+    return str(path.resolve())
 
 
 def exported_base_model_name(name: str, settings: Settings) -> str:

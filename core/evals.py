@@ -8,7 +8,7 @@ completion. The worker task is ``worker.evals.run_eval_job``; the API enqueues i
 Keys (all under ``bone:``):
   eval:{id}             the Evaluation as JSON
   evals                 sorted set of ids by creation time (listing, cursor pagination)
-  eval:{id}:records     inline dataset rows (kept apart so listings stay small)
+  eval:{id}:records     inline dataset rows (kept apart so listings stay small; deleted at the end, TTL)
   eval:{id}:cancel      cooperative-cancel flag the task polls between batches
   adapter_eval:{name}   the adapter's latest finished evaluation (``LatestEval``), shown by
                         ``GET /adapters/{name}`` while the adapter's sha256 is still the one evaluated
@@ -25,8 +25,9 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import NotFound
-from core.jobs import DatasetSpec, JobStatus, check_adapter_name
-from core.jobstore import PREFIX, non_final, page_newest_first, transition_record
+from core.jobs import DatasetSpec, JobStatus, PathStr, check_adapter_name
+from core.jobstore import (INLINE_RECORDS_TTL_S, PREFIX, index_new, non_final, page_newest_first, read_record,
+                           settle_ended, transition_record)
 
 EVAL_TASK = "worker.evals.run_eval_job"
 BASE = "__base__"  # the results key of the base model (bone.BASE_ADAPTER; core imports no torch)
@@ -36,16 +37,16 @@ EvalStatus = JobStatus  # one lifecycle for everything the workers run: queued, 
 
 
 class EvalCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # requests carry no inf/nan (core/jobs.py)
 
     adapters: list[str] = Field(min_length=1, max_length=MAX_ADAPTERS, description="registry names to evaluate")
     include_base: bool = Field(True, description="also score the base model on the same rows")
     dataset: DatasetSpec
-    base_model: str | None = Field(None, description="defaults to the server's base model; every adapter must be on it")
+    base_model: PathStr | None = Field(None, description="defaults to the server's base model; every adapter must be on it")
     max_examples: int = Field(1000, ge=1, le=100_000, description="the first N rows of the dataset")
     batch_size: int = Field(8, ge=1, le=256, description="examples per forward; each runs once per adapter in it")
-    max_seq_length: int = Field(512, ge=8)
-    max_new_tokens: int = Field(64, ge=0, description="greedy tokens for exact match; 0 skips exact match")
+    max_seq_length: int = Field(512, ge=8, le=1 << 20)
+    max_new_tokens: int = Field(64, ge=0, le=1 << 20, description="greedy tokens for exact match; 0 skips exact match")
 
     @field_validator("adapters")
     @classmethod
@@ -123,19 +124,20 @@ class EvalStore:
     def __init__(self, conn: redis.Redis) -> None:
         self.conn = conn
 
-    def create(self, evaluation: Evaluation, records: list[dict[str, Any]] | None = None) -> None:
+    def create(self, evaluation: Evaluation, records: list[dict[str, Any]] | None = None, *,
+               records_ttl_s: int = INLINE_RECORDS_TTL_S) -> None:
         pipe = self.conn.pipeline(transaction=True)
         pipe.set(_key(evaluation.id), evaluation.model_dump_json())
-        if records is not None:
-            pipe.set(_key(evaluation.id) + ":records", json.dumps(records))
-        pipe.zadd(PREFIX + "evals", {evaluation.id: evaluation.created_at})
+        if records is not None:  # deleted when the evaluation ends; the TTL covers one that never does
+            pipe.set(_key(evaluation.id) + ":records", json.dumps(records), ex=records_ttl_s)
+        index_new(pipe, PREFIX + "evals", evaluation.id, evaluation.created_at, evaluation.owner)
         pipe.execute()
 
     def get(self, eval_id: str) -> Evaluation:
         raw = self.conn.get(_key(eval_id))
         if raw is None:
             raise NotFound(f"no evaluation with id {eval_id!r}", param="eval_id")
-        return Evaluation.model_validate_json(raw)
+        return read_record(Evaluation, raw, "evaluation", eval_id)
 
     def records(self, eval_id: str, which: str = "records") -> list[dict[str, Any]] | None:
         """Inline rows (``which`` is accepted for ``worker.data.load_rows``, which reads jobs the same way)."""
@@ -150,7 +152,8 @@ class EvalStore:
     def transition(self, eval_id: str, allowed_from: Iterable[JobStatus] | None = None, **fields: Any) -> Evaluation:
         """Atomically update (WATCH/MULTI), only from ``allowed_from`` (default: any non-final state)."""
         return transition_record(self.conn, _key(eval_id), Evaluation, non_final(allowed_from), fields,
-                                 what="evaluation", record_id=eval_id, param="eval_id")
+                                 what="evaluation", record_id=eval_id, param="eval_id",
+                                 also=lambda pipe, before, after: settle_ended(pipe, _key(eval_id), before, after))
 
     # --- cancel ---------------------------------------------------------------------------------------
     def request_cancel(self, eval_id: str) -> None:

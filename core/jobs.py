@@ -10,9 +10,9 @@ import re
 import time
 import uuid
 from enum import Enum
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from core.formats import FormatName
 
@@ -39,8 +39,23 @@ class JobStatus(str, Enum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+# Length bounds of request strings. Generous for real use; they exist so no field can carry megabytes.
+MAX_NAME_CHARS = 256  # ids, hub names, splits, revisions, queue names
+MAX_PATH_CHARS = 1024  # paths inside the data dir, base-model directories
+MAX_PATTERN_CHARS = 2048  # target_modules / exclude_modules regexes (see core/patterns.py)
+MAX_MODULE_NAMES = 1024  # entries of a target/exclude list
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and numpy take without overflow
+
+ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+PathStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH_CHARS)]
+PatternStr = Annotated[str, StringConstraints(max_length=MAX_PATTERN_CHARS)]
+ModuleNames = Annotated[list[ShortStr], Field(max_length=MAX_MODULE_NAMES)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Requests only: inf/nan never cross the boundary (``1e309`` parses as inf in JSON). Stored records that
+    # the workers fill (metrics, eta) are plain models, since a diverged loss may legitimately be nan.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --- datasets: exactly one form -------------------------------------------------------------------------------
@@ -53,17 +68,18 @@ class RecordsDataset(_Dataset):
 
 
 class PathDataset(_Dataset):
-    path: str = Field(min_length=1, description="JSONL/CSV/Parquet file inside the data dir's datasets folder")
+    path: PathStr = Field(description="JSONL/CSV/Parquet file inside the data dir's datasets folder")
 
 
 class FileDataset(_Dataset):
-    file_id: str = Field(min_length=1)
+    file_id: ShortStr
 
 
 class HFDataset(_Dataset):
-    hf_dataset: str = Field(min_length=1, description="hub name, or a dataset folder inside the datasets dir")
-    split: str = "train"
-    revision: str | None = None
+    hf_dataset: ShortStr = Field(description="a dataset folder inside the datasets dir, named relative to it; a hub "
+                                 "id only where the operator allows it (BONE_ALLOW_HUB_DATASETS)")
+    split: ShortStr = "train"
+    revision: ShortStr | None = None
 
 
 DatasetSpec = Union[RecordsDataset, PathDataset, FileDataset, HFDataset]
@@ -73,34 +89,38 @@ class BoneSpec(_Strict):
     """Bone configuration, PEFT's field names. Defaults suit a small model; `r` is also bounded by settings."""
 
     r: int = Field(8, ge=1)
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
+    target_modules: ModuleNames | PatternStr | None = Field(None, description="module names, or one regex "
+                                                            "(RE2 syntax: no look-around or back-references)")
+    exclude_modules: ModuleNames | PatternStr | None = None
     init_weights: bool | Literal["bat"] = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: str | None = None
+    layers_to_transform: Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(max_length=MAX_MODULE_NAMES)] \
+        | Annotated[int, Field(ge=0, le=100_000)] | None = None
+    layers_pattern: ModuleNames | ShortStr | None = None
     bias: Literal["none", "all", "bone_only"] = "none"
 
 
 class TrainingSpec(_Strict):
-    epochs: float = Field(3.0, gt=0, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    # Upper bounds here are only what no job could mean; the server's own (BONE_MAX_EPOCHS,
+    # BONE_MAX_TRAIN_STEPS, BONE_MAX_TRAIN_TOKENS) are checked by app/job_checks.py and again by the worker.
+    epochs: float = Field(3.0, gt=0, le=1_000_000)
+    max_steps: int | None = Field(None, ge=1, le=10**12, description="overrides epochs when set")
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10**12)
     batch_size: int = Field(4, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_seq_length: int = Field(512, ge=8)
+    max_seq_length: int = Field(512, ge=8, le=1 << 20)
     packing: bool = Field(False, description="concatenate examples into max_seq_length blocks (no padding)")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
+    weight_decay: float = Field(0.0, ge=0, le=100.0)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT)
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     # -- evaluation: on `validation_dataset` if the job has one, else on a seeded `eval_fraction` of the rows
     eval_fraction: float | None = Field(None, gt=0, lt=1)
-    eval_every: int | None = Field(None, ge=1, description="steps between evaluations (and one at the end)")
-    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without a better eval loss")
+    eval_every: int | None = Field(None, ge=1, le=10**12, description="steps between evaluations (and one at the end)")
+    early_stopping_patience: int | None = Field(None, ge=1, le=1_000_000, description="evaluations without a better eval loss")
     # -- checkpoints under the job's work dir; a retried job resumes from the newest
-    save_every: int | None = Field(None, ge=1, description="steps between checkpoints")
+    save_every: int | None = Field(None, ge=1, le=10**12, description="steps between checkpoints")
     publish_checkpoints: bool = Field(False, description="also publish each checkpoint as adapter <name>-step-<n>")
     # -- one job on several devices (PyTorch distributed; bounded by BONE_MAX_NUM_PROCESSES)
     num_processes: int = Field(1, ge=1, le=64, description="training processes (one per GPU; gloo on CPU); each "
@@ -116,14 +136,15 @@ class TrainingSpec(_Strict):
 
 
 class JobCreate(_Strict):
-    adapter_name: str
+    adapter_name: Annotated[str, StringConstraints(max_length=64)]
     dataset: DatasetSpec
-    base_model: str | None = Field(None, description="defaults to the server's base model")
+    base_model: PathStr | None = Field(None, description="defaults to the server's base model; else a Hugging Face "
+                                       "id or a directory inside the allowed model dirs (BONE_ALLOWED_MODEL_DIRS)")
     bone: BoneSpec = Field(default_factory=BoneSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     validation_dataset: DatasetSpec | None = Field(None, description="rows to evaluate on (instead of eval_fraction)")
     overwrite: bool = False
-    queue: str | None = Field(None, description="worker queue (e.g. gpu-24g, cpu); default: chosen from the base "
+    queue: ShortStr | None = Field(None, description="worker queue (e.g. gpu-24g, cpu); default: chosen from the base "
                               "model (BONE_RESOURCE_QUEUES), else the server's default queue")
 
     @field_validator("adapter_name")
@@ -182,3 +203,29 @@ def dataset_summary(dataset: DatasetSpec) -> dict[str, Any]:
     return dataset.model_dump(exclude_none=True)
 
 
+
+
+def check_job_size(training: TrainingSpec, settings: Any, *, steps: int | None = None,
+                   tokens_per_example: float | None = None) -> None:
+    """The server's bounds on one job (BONE_MAX_EPOCHS, BONE_MAX_TRAIN_STEPS, BONE_MAX_TRAIN_TOKENS). The API
+    checks what the request says (``max_steps`` at the most every token of ``max_seq_length``); the worker,
+    once the data is tokenized, checks again with the real ``steps`` and mean ``tokens_per_example``."""
+    from core.errors import InvalidRequest
+
+    if training.epochs > settings.max_epochs:
+        raise InvalidRequest(f"training.epochs={training.epochs:g} exceeds the server's limit of "
+                             f"{settings.max_epochs:g} (BONE_MAX_EPOCHS)", param="training.epochs")
+    steps = training.max_steps if steps is None else steps
+    if steps is None:
+        return  # epochs over a dataset not read yet: the worker checks
+    param = "training.max_steps" if training.max_steps is not None else "training.epochs"
+    if steps > settings.max_train_steps:
+        raise InvalidRequest(f"the job would run {steps:,} optimizer steps; the server's limit is "
+                             f"{settings.max_train_steps:,} (BONE_MAX_TRAIN_STEPS)", param=param)
+    per_example = training.max_seq_length if tokens_per_example is None else tokens_per_example
+    tokens = steps * training.batch_size * training.gradient_accumulation_steps * per_example
+    if tokens > settings.max_train_tokens:
+        raise InvalidRequest(f"the job would train on up to {tokens:,.0f} tokens ({steps:,} steps x batch_size "
+                             f"{training.batch_size} x gradient_accumulation_steps "
+                             f"{training.gradient_accumulation_steps} x {per_example:,.0f} tokens per example); the "
+                             f"server's limit is {settings.max_train_tokens:,} (BONE_MAX_TRAIN_TOKENS)", param=param)

@@ -3,7 +3,10 @@
 Keys (all under ``bone:``):
   job:{id}          the Job as JSON
   jobs              sorted set of ids by creation time (listing, cursor pagination)
-  job:{id}:records  inline dataset rows (kept apart so listings stay small)
+  jobs:owner:{owner}  the same, one owner's only: a user's listing reads only their own records
+  owner:{owner}:active  ids of the owner's queued and running jobs and evaluations (the active-jobs quota)
+  job:{id}:records  inline dataset rows (kept apart so listings stay small); deleted when the job ends and
+                    given a TTL when stored (BONE_INLINE_RECORDS_TTL_S), so no path leaves them behind
   job:{id}:cancel   cooperative-cancel flag the training loop polls. A separate key on purpose: RQ's
                     ``save_meta()`` rewrites the whole meta field, so a flag kept in ``job.meta`` is lost
                     (shared/reference/rq-redis-notes.md).
@@ -19,15 +22,17 @@ Keys (all under ``bone:``):
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
 import redis
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from redis.client import Pipeline
 
-from core.errors import Conflict, InvalidRequest, NotFound
+from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from core.jobs import Job, JobStatus
 
 T = TypeVar("T")
@@ -40,6 +45,9 @@ TRAINING_METRICS = PREFIX + "metrics:training"
 RUNNING = PREFIX + "jobs:running"
 EVENTS_MAXLEN = 100_000
 EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream id, the only cursor the events listing hands out
+INLINE_RECORDS_TTL_S = 7 * 24 * 3600  # default of BONE_INLINE_RECORDS_TTL_S
+
+log = logging.getLogger(__name__)
 
 
 def check_event_id(after: str | None, param: str = "after") -> None:
@@ -50,10 +58,55 @@ def check_event_id(after: str | None, param: str = "after") -> None:
                              param=param)
 
 
+class UnreadableRecord(ServiceError):
+    code = "unreadable_record"
+
+
+def owner_index(index: str, owner: str) -> str:
+    return f"{index}:owner:{owner}"
+
+
+def active_key(owner: str) -> str:
+    return f"{PREFIX}owner:{owner}:active"
+
+
+_indexed: set[str] = set()  # indexes whose per-owner copies this process has checked (see ensure_owner_index)
+_indexed_lock = threading.Lock()
+
+
+def ensure_owner_index(conn: redis.Redis, index: str, key_of: Callable[[str], str]) -> None:
+    """Records stored before per-owner indexes existed get indexed once (a marker key says it is done)."""
+    with _indexed_lock:
+        if index in _indexed:
+            return
+        marker = index + ":owner_index_v1"
+        if not conn.exists(marker):
+            entries = [(i.decode(), score) for i, score in conn.zrange(index, 0, -1, withscores=True)]
+            for chunk in range(0, len(entries), 500):
+                part = entries[chunk:chunk + 500]
+                pipe = conn.pipeline(transaction=False)
+                for (record_id, score), raw in zip(part, conn.mget([key_of(i) for i, _ in part])):
+                    try:
+                        owner = json.loads(raw).get("owner") if raw is not None else None
+                    except (ValueError, AttributeError):
+                        owner = None
+                    if isinstance(owner, str) and owner:
+                        pipe.zadd(owner_index(index, owner), {record_id: score})
+                pipe.execute()
+            conn.set(marker, "1")
+        _indexed.add(index)
+
+
 def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str], model: type[T], *, limit: int,
                       after: str | None, owner: str | None, what: str) -> tuple[list[T], bool]:
     """One page of records indexed by creation time in the sorted set ``index``, newest first, optionally only
-    ``owner``'s. ``after`` is the last id of the previous page. Returns (records, has_more)."""
+    ``owner``'s (read from that owner's own index: another owner's records are never even fetched). ``after``
+    is the last id of the previous page. A record that no longer validates (written by an older version, or
+    damaged) is skipped and logged: one bad record must not take the listing down for everyone. Returns
+    (records, has_more)."""
+    if owner is not None:
+        ensure_owner_index(conn, index, key_of)
+        index = owner_index(index, owner)
     start = 0
     if after is not None:
         rank = conn.zrevrank(index, after)
@@ -61,19 +114,50 @@ def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str
             raise NotFound(f"no {what} with id {after!r}", param="after")
         start = rank + 1
     found: list[T] = []
-    # Owner filtering happens after the fetch, so read in chunks until the page is full.
+    # Records may be missing or skipped, so read in chunks until the page is full.
     while len(found) <= limit:
-        ids = conn.zrevrange(index, start, start + 4 * limit)
+        ids = conn.zrevrange(index, start, start + limit)
         if not ids:
             break
         start += len(ids)
-        for raw in conn.mget([key_of(i.decode()) for i in ids]):
+        for record_id, raw in zip(ids, conn.mget([key_of(i.decode()) for i in ids])):
             if raw is None:
                 continue
-            record = model.model_validate_json(raw)
+            try:
+                record = model.model_validate_json(raw)
+            except ValidationError as exc:
+                log.warning("skipping %s %s in a listing: its record no longer validates (%d errors, first: %s)",
+                            what, record_id.decode(), exc.error_count(), exc.errors()[0].get("msg"))
+                continue
             if owner is None or record.owner == owner:
                 found.append(record)
     return found[:limit], len(found) > limit
+
+
+def read_record(model: type[T], raw: bytes, what: str, record_id: str) -> T:
+    """One stored record; one that no longer validates is a server-side fault named in the envelope."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        log.error("%s %s: stored record no longer validates: %s", what, record_id, exc)
+        raise UnreadableRecord(f"{what} {record_id} has a stored record this server cannot read") from None
+
+
+def index_new(pipe: Pipeline, index: str, record_id: str, created_at: float, owner: str | None) -> None:
+    """Add a new record to the listing index (and its owner's, and the owner's active set)."""
+    pipe.zadd(index, {record_id: created_at})
+    if owner is not None:
+        pipe.zadd(owner_index(index, owner), {record_id: created_at})
+        pipe.sadd(active_key(owner), record_id)
+
+
+def settle_ended(pipe: Pipeline, key: str, before: Any, after: Any) -> None:
+    """A record that just reached a final state: its inline rows go (nothing will read them again) and it no
+    longer counts against its owner's active quota."""
+    if after.status.is_final and not before.status.is_final:
+        pipe.delete(key + ":records", key + ":validation_records")
+        if after.owner is not None:
+            pipe.srem(active_key(after.owner), after.id)
 
 
 def transition_record(conn: redis.Redis, key: str, model: type[S], allowed: set[JobStatus], fields: dict[str, Any], *,
@@ -122,16 +206,18 @@ class JobStore:
 
     # --- create / read ----------------------------------------------------------------------------------
     def create(self, job: Job, records: list[dict[str, Any]] | None = None,
-               validation_records: list[dict[str, Any]] | None = None, *, pipeline: Pipeline | None = None) -> None:
+               validation_records: list[dict[str, Any]] | None = None, *, pipeline: Pipeline | None = None,
+               records_ttl_s: int = INLINE_RECORDS_TTL_S) -> None:
         """Store a new job. With ``pipeline`` the writes join it and the caller executes it: the API queues the
-        job for RQ in the same MULTI/EXEC, so a job is stored and queued, or neither, in one round trip."""
+        job for RQ in the same MULTI/EXEC, so a job is stored and queued, or neither, in one round trip.
+        Inline rows expire after ``records_ttl_s`` even if the job never ends (they are deleted when it does)."""
         pipe = pipeline if pipeline is not None else self.conn.pipeline(transaction=True)
         pipe.set(_job_key(job.id), job.model_dump_json())
         if records is not None:
-            pipe.set(_job_key(job.id) + ":records", json.dumps(records))
+            pipe.set(_job_key(job.id) + ":records", json.dumps(records), ex=records_ttl_s)
         if validation_records is not None:
-            pipe.set(_job_key(job.id) + ":validation_records", json.dumps(validation_records))
-        pipe.zadd(PREFIX + "jobs", {job.id: job.created_at})
+            pipe.set(_job_key(job.id) + ":validation_records", json.dumps(validation_records), ex=records_ttl_s)
+        index_new(pipe, PREFIX + "jobs", job.id, job.created_at, job.owner)
         pipe.hincrby(STATUS_COUNTS, job.status.value, 1)
         if pipeline is None:
             pipe.execute()
@@ -140,7 +226,7 @@ class JobStore:
         raw = self.conn.get(_job_key(job_id))
         if raw is None:
             raise NotFound(f"no job with id {job_id!r}", param="job_id")
-        return Job.model_validate_json(raw)
+        return read_record(Job, raw, "job", job_id)
 
     def records(self, job_id: str, which: str = "records") -> list[dict[str, Any]] | None:
         """Inline rows: ``which`` is "records" or "validation_records"."""
@@ -174,6 +260,7 @@ class JobStore:
         def count(pipe: Pipeline, before: Job, after: Job) -> None:
             if after.status is before.status:
                 return
+            settle_ended(pipe, _job_key(job_id), before, after)
             pipe.hincrby(STATUS_COUNTS, before.status.value, -1)
             pipe.hincrby(STATUS_COUNTS, after.status.value, 1)
             if after.status is JobStatus.RUNNING:

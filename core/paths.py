@@ -1,22 +1,108 @@
-"""The one "inside this directory" check: user-given relative paths (``{"path": ...}`` datasets, local
-Hugging Face dataset folders) must stay inside a root the operator chose. The API checks before queueing; the
-worker checks again, because the file system may have changed since."""
+"""Where a name that comes from a request may point: the one rule for every path a client sends.
+
+- ``{"path": ...}`` datasets and ``hf_dataset`` names are resolved inside ``<data_dir>/datasets`` (symlinks
+  resolved, then checked to stay inside); an ``hf_dataset`` may be a hub id only where the operator allows it
+  (``BONE_ALLOW_HUB_DATASETS``).
+- ``base_model`` is the server's own base model, an absolute directory inside the allowed model dirs (the data
+  dir and ``BONE_ALLOWED_MODEL_DIRS``), or a Hugging Face id.
+
+Nothing is ever resolved against a process's working directory. ``datasets.load_dataset`` and
+``from_pretrained`` both try a name as a local path before the hub, so a hub id that happens to name something
+under the working directory is refused. Every refusal of a name says the same words whether or not anything
+exists there, and never shows a server path: the answer is no oracle for the server's file system.
+
+The API checks before queueing (app/job_checks.py); the worker checks again (worker/data.py,
+core/base_model.py), because the file system may have changed since.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 
 from core.errors import InvalidRequest
 
+# A Hugging Face repo id: "name" or "namespace/name" (the hub's own rule, plus no "..").
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
 
 def resolve_inside(root: Path, relative: str, *, param: str, what: str = "path") -> Path:
     """``root / relative`` fully resolved; refuses absolute paths, '~', '..', backslashes and symlinks that
-    lead out of ``root``. Does not check that the target exists."""
-    pure = PurePosixPath(relative)
-    if not relative or pure.is_absolute() or relative.startswith("~") or ".." in pure.parts or "\\" in relative:
-        raise InvalidRequest(f"{what} {relative!r} must be relative to {root} without '..'", param=param)
-    base = Path(root).resolve()
-    path = (base / pure).resolve()
-    if not path.is_relative_to(base):  # a symlink pointing out of the root
-        raise InvalidRequest(f"{what} {relative!r} leads outside {base}", param=param)
+    lead out of ``root`` (one message for all of them). Does not check that the target exists."""
+    path = inside_or_none(root, relative)
+    if path is None:
+        raise InvalidRequest(f"{what} {relative!r} must name something inside {_root_label(root)}, relative to it "
+                             "and without '..'", param=param)
     return path
+
+
+def inside_or_none(root: Path, relative: str) -> Path | None:
+    pure = PurePosixPath(relative)
+    if (not relative or pure.is_absolute() or relative.startswith("~") or ".." in pure.parts or "\\" in relative
+            or "\x00" in relative):
+        return None
+    base = Path(root).resolve()
+    try:
+        path = (base / pure).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return path if path.is_relative_to(base) else None  # a symlink pointing out of the root
+
+
+def is_hub_id(name: str) -> bool:
+    """A well-formed hub id that no loader would take for a local path first."""
+    if not _HUB_ID.match(name) or ".." in name:
+        return False
+    try:
+        return not Path(name).exists()  # relative to the working directory: what the loaders would try first
+    except OSError:
+        return False
+
+
+def dataset_source(name: str, *, datasets_dir: Path, allow_hub: bool, param: str) -> str:
+    """What ``datasets.load_dataset`` gets for ``hf_dataset``: a folder (or file) inside the datasets dir,
+    else, where the operator allows hub datasets, the hub id."""
+    local = inside_or_none(datasets_dir, name)
+    if local is not None and local.exists():
+        return str(local)
+    if allow_hub and is_hub_id(name):
+        return name
+    hub = " or a Hugging Face dataset id" if allow_hub else " (hub datasets are off: BONE_ALLOW_HUB_DATASETS)"
+    raise InvalidRequest(f"hf_dataset {name!r} is not available: name a dataset folder inside the data dir's "
+                         f"datasets folder, relative to it{hub}", param=param, code="dataset_not_allowed")
+
+
+def dataset_file(relative: str, *, datasets_dir: Path, suffixes: tuple[str, ...], param: str) -> Path:
+    """The file a ``{"path": ...}`` dataset names: an existing JSONL/CSV/Parquet file inside the datasets dir."""
+    path = inside_or_none(datasets_dir, relative)
+    if path is None or not path.is_file():
+        raise InvalidRequest(f"dataset path {relative!r} is not available: name a file inside the data dir's datasets "
+                             "folder, relative to it", param=param, code="dataset_not_allowed")
+    if path.suffix.lower() not in suffixes:
+        raise InvalidRequest(f"dataset file {relative!r} must be one of {', '.join(suffixes)}", param=param)
+    return path
+
+
+def local_model_dir(name: str, allowed_roots: list[Path]) -> Path | None:
+    """An absolute request path that resolves (symlinks followed) to a model folder inside an allowed root."""
+    if not name.startswith("/") or "\x00" in name:
+        return None
+    try:
+        path = Path(name).resolve()
+    except (OSError, RuntimeError):
+        return None
+    roots = [Path(root).expanduser().resolve() for root in allowed_roots]
+    if not any(path.is_relative_to(root) for root in roots):
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def base_model_not_allowed(name: str, param: str) -> InvalidRequest:
+    return InvalidRequest(f"base model {name!r} is not available: use the server's base model, a Hugging Face id, "
+                          "or the absolute path of a model folder (with config.json) inside the allowed model "
+                          "directories (the data dir and BONE_ALLOWED_MODEL_DIRS)", param=param,
+                          code="base_model_not_allowed")
+
+
+def _root_label(root: Path) -> str:
+    return f"the data dir's {Path(root).name} folder"

@@ -50,7 +50,8 @@ class Settings(BaseSettings):
         "mints a key and prints its entry. Only hashes are stored.")
     auth_disabled: bool = Field(False, description="serve without keys; refused unless the host is loopback")
     rate_limit_window_s: int = Field(60, ge=1)
-    rate_limit_training: int = Field(60, ge=0, description="POST /jobs, /files, /adapters per key per window; 0 = off")
+    rate_limit_training: int = Field(60, ge=0, description="POST /jobs, /evals, /files, /adapters (import) and "
+                                     "/adapters/{name}/compose per key per window; 0 = off")
     rate_limit_generation: int = Field(600, ge=0, description="POST /generate, /v1/*completions per key per window; 0 = off")
 
     # --- queue / worker ----------------------------------------------------------------------------
@@ -82,6 +83,23 @@ class Settings(BaseSettings):
     max_seq_length: int = Field(4096, ge=16)
     max_new_tokens: int = Field(512, ge=1)
     max_prompt_tokens: int = Field(2048, ge=1)
+    # A job's size. The defaults admit any job that fits the 24 h job timeout on one fast GPU: ~20 optimizer
+    # steps/s is the most a tiny model reaches (2M steps = 28 h at that rate), and ~1M tokens/s the most any
+    # model trains at (1e11 tokens = 28 h). They refuse only what could never finish (max_steps=10**15).
+    max_train_steps: int = Field(2_000_000, ge=1, description="bound on a job's optimizer steps (max_steps, or "
+                                 "what epochs come to on its data)")
+    max_epochs: float = Field(1000.0, gt=0, description="bound on training.epochs")
+    max_train_tokens: int = Field(100_000_000_000, ge=1, description="bound on the tokens one job trains on "
+                                  "(steps x batch x accumulation x tokens per example)")
+    # Datasets named by a request are folders/files inside <data_dir>/datasets; a hub id only if this is on.
+    allow_hub_datasets: bool = False
+
+    # --- per-owner quotas (429 naming the quota; 0 = no bound) ------------------------------------------
+    max_active_jobs_per_owner: int = Field(32, ge=0, description="queued + running jobs and evaluations")
+    max_file_bytes_per_owner: int = Field(20 * 1024**3, ge=0, description="bytes of uploaded files")
+    max_adapters_per_owner: int = Field(1000, ge=0, description="adapters in the registry")
+    inline_records_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="inline dataset rows of a job expire "
+                                      "after this even if it never ends (they are deleted when it does)")
 
     # --- inference engine --------------------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1)

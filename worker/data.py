@@ -21,11 +21,11 @@ from typing import Any, Callable
 import torch
 
 from core.errors import InvalidRequest, NotFound
-from core.files import FileStore, read_rows
+from core.files import SUFFIXES, FileStore, read_rows
 from core.formats import detect_format
 from core.jobs import FileDataset, HFDataset, Job, PathDataset
 from core.jobstore import JobStore
-from core.paths import resolve_inside
+from core.paths import dataset_file, dataset_source
 from core.settings import Settings
 
 IGNORE_INDEX = -100  # what cross-entropy skips: prompt tokens, non-assistant turns, padding
@@ -75,27 +75,21 @@ def load_rows(job: Job, store: JobStore, settings: Settings, *, validation: bool
         return read_rows(path, label=file_id)
     if "hf_dataset" in kind:
         spec = HFDataset(**kind)
-        return _load_with_datasets(hf_dataset_source(spec.hf_dataset, settings), settings, label=spec.hf_dataset,
-                                   split=spec.split, revision=spec.revision)
+        source = hf_dataset_source(spec.hf_dataset, settings, param=f"{param}.hf_dataset")
+        return _load_with_datasets(source, settings, label=spec.hf_dataset, split=spec.split, revision=spec.revision)
     raise InvalidRequest(f"job {job.id} has an unknown dataset form {sorted(kind)}", param=param)
 
 
 def resolve_dataset_path(relative: str, settings: Settings, *, param: str = "dataset.path") -> Path:
-    """A ``{"path": ...}`` dataset: a file inside the datasets dir (core.paths does the containment check)."""
-    path = resolve_inside(settings.datasets_dir, relative, param=param, what="dataset.path")
-    if not path.is_file():
-        raise InvalidRequest(f"dataset.path {relative!r}: no such file in the datasets dir", param=param)
-    return path
+    """A ``{"path": ...}`` dataset: a file inside the datasets dir (core.paths holds the rule)."""
+    return dataset_file(relative, datasets_dir=settings.datasets_dir, suffixes=SUFFIXES, param=param)
 
 
-def hf_dataset_source(name: str, settings: Settings) -> str:
-    """What ``datasets.load_dataset`` gets: a folder of that name inside the datasets dir if there is one,
-    else the hub name. A path anywhere else is refused: ``load_dataset`` would read any local folder."""
-    if name.startswith(("/", ".", "~")) or "\\" in name or ".." in name:
-        raise InvalidRequest(f"hf_dataset {name!r}: local datasets must be folders inside the datasets dir, "
-                             "named relative to it", param="dataset.hf_dataset")
-    local = resolve_inside(settings.datasets_dir, name, param="dataset.hf_dataset", what="hf_dataset")
-    return str(local) if local.is_dir() else name
+def hf_dataset_source(name: str, settings: Settings, *, param: str = "dataset.hf_dataset") -> str:
+    """What ``datasets.load_dataset`` gets: a folder inside the datasets dir, or a hub id where the operator
+    allows them. Never anything else: ``load_dataset`` would read any local folder (core.paths holds the rule)."""
+    return dataset_source(name, datasets_dir=settings.datasets_dir, allow_hub=settings.allow_hub_datasets,
+                          param=param)
 
 
 def _load_with_datasets(name: str, settings: Settings, *, label: str, **kwargs: Any) -> list[dict[str, Any]]:

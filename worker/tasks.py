@@ -22,7 +22,7 @@ from core.auth import may_publish_over
 from core.base_model import pick_device
 from core.checkpoints import checkpoint_adapter_name, unpublish_checkpoints
 from core.errors import Conflict, ServiceError
-from core.jobs import Job, JobStatus
+from core.jobs import Job, JobStatus, check_job_size
 from core.jobstore import JobStore
 from core.logs import job_id_var
 from core.registry import AdapterInfo, AdapterRegistry
@@ -31,7 +31,7 @@ from worker import model_cache
 from worker.data import Cancelled, load_rows, pack, split_eval, tokenize_rows
 from worker.heartbeat import Heartbeat
 from worker.progress import ProgressReporter
-from worker.train import train
+from worker.train import count_steps, train
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME_IN_MODEL = "default"  # the name inside the BoneModel; the registry name is the job's adapter_name
@@ -162,6 +162,9 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
         train_examples, eval_examples = split_eval(train_examples, spec.eval_fraction, spec.seed)
     if spec.packing:
         train_examples = pack(train_examples, spec.max_seq_length, spec.seed)
+    if train_examples:  # the server's bounds on the job's real size (epochs only become steps here)
+        mean_tokens = sum(len(e.input_ids) for e in train_examples) / len(train_examples)
+        check_job_size(spec, settings, steps=count_steps(len(train_examples), spec), tokens_per_example=mean_tokens)
     formats = ", ".join(f"{n} {kind}" for kind, n in sorted(data.formats.items()))
     store.add_event(job.id, "message", f"{data.rows} rows ({formats}): {data.truncated} truncated to "
                     f"max_seq_length={spec.max_seq_length}, {data.dropped} without trainable tokens; "
