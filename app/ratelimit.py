@@ -28,7 +28,8 @@ REDIS_DOWN_SKIP_S = 5.0
 BUCKETS: dict[tuple[str, str], str] = {
     ("POST", "/jobs"): "training",
     ("POST", "/files"): "training",
-    ("POST", "/adapters"): "training",
+    ("POST", "/adapters"): "training",  # import: a publish, like a finished job
+    ("POST", "/adapters/{name}/compose"): "training",  # a publish too: unbounded, it floods the registry
     ("POST", "/evals"): "training",  # an eval occupies a worker like a training job
     ("POST", "/generate"): "generation",
     ("POST", "/v1/completions"): "generation",

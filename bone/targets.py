@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 from torch import nn
@@ -19,6 +20,26 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency, but
         pass
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
+
+# Regex targets match with RE2 when it is installed (the service always has it, and accepts only patterns RE2
+# compiles: core/patterns.py): linear time, so no pattern can freeze the caller. Without it, or for a construct
+# RE2 lacks, a library user's own pattern falls back to Python's ``re``.
+try:
+    import re2 as _re2
+except ImportError:  # pragma: no cover - optional for library users
+    _re2 = None
+
+
+@lru_cache(maxsize=256)
+def compile_target_regex(pattern: str):
+    if _re2 is not None:
+        options = _re2.Options()
+        options.log_errors = False
+        try:
+            return _re2.compile(pattern, options)
+        except _re2.error:
+            pass
+    return re.compile(pattern)
 
 # Default targets per `config.model_type` (same choice as PEFT's LoRA/Bone mapping).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -87,7 +108,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 def _matches(spec, key: str) -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, key) is not None
+        return compile_target_regex(spec).fullmatch(key) is not None
     return any(key == t or key.endswith("." + t) for t in spec)
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from core.formats import FormatName
+from core.patterns import MAX_PATTERN_CHARS, check_pattern
 
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
@@ -42,7 +43,6 @@ class JobStatus(str, Enum):
 # Length bounds of request strings. Generous for real use; they exist so no field can carry megabytes.
 MAX_NAME_CHARS = 256  # ids, hub names, splits, revisions, queue names
 MAX_PATH_CHARS = 1024  # paths inside the data dir, base-model directories
-MAX_PATTERN_CHARS = 2048  # target_modules / exclude_modules regexes (see core/patterns.py)
 MAX_MODULE_NAMES = 1024  # entries of a target/exclude list
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and numpy take without overflow
 
@@ -97,6 +97,13 @@ class BoneSpec(_Strict):
         | Annotated[int, Field(ge=0, le=100_000)] | None = None
     layers_pattern: ModuleNames | ShortStr | None = None
     bias: Literal["none", "all", "bone_only"] = "none"
+
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _bounded_regex(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a string is a regex matched against every module name (core/patterns.py)
+            check_pattern(value)
+        return value
 
 
 class TrainingSpec(_Strict):

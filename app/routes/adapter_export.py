@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file
 
+from app.auth import PrincipalDep
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from bone import BoneConfig, BoneConfigError, combine_bone_adapters, to_lora
 from bone.export import DEFAULT_BAT_TOLERANCE
@@ -31,6 +32,7 @@ from bone.checkpoint import to_format, write_adapter_dir
 from core.base_model import exported_base_model_name
 from core.errors import Conflict, InvalidRequest
 from core.jobs import check_adapter_name
+from core.quotas import check_adapter_count
 from core.settings import EMBEDDED_BASE_MODEL
 from core.registry import AdapterInfo, AdapterRegistry
 
@@ -153,6 +155,8 @@ def _compose(registry: AdapterRegistry, engine, name: str, request: ComposeReque
 
 
 @router.post("/{name}/compose", status_code=201, response_model=AdapterInfo)
-async def compose_adapter(name: str, body: ComposeRequest, registry: RegistryDep, engine: EngineDep) -> AdapterInfo:
+async def compose_adapter(name: str, body: ComposeRequest, registry: RegistryDep, engine: EngineDep,
+                          settings: SettingsDep, principal: PrincipalDep) -> AdapterInfo:
     """Store the exact weighted sum of Bone adapters (same base model, same r) as adapter ``name``."""
+    await run_in_threadpool(check_adapter_count, registry, principal, name, settings.max_adapters_per_owner)
     return await run_in_threadpool(_compose, registry, engine, name, body)

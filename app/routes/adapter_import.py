@@ -18,8 +18,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
+from app.auth import PrincipalDep
 from app.deps import JobCheckerDep, RegistryDep, SettingsDep
 from core.errors import InvalidRequest
+from core.patterns import check_config_patterns
+from core.quotas import check_adapter_count
 from core.jobs import ADAPTER_NAME_PATTERN, check_adapter_name
 from core.registry import CONFIG_FILE, WEIGHTS_FILE, AdapterInfo
 
@@ -38,7 +41,7 @@ MAX_CONFIG_BYTES = 1 << 20
 def import_adapter(name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN, max_length=64)],
                    adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
                    adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
-                   registry: RegistryDep, settings: SettingsDep, checker: JobCheckerDep,
+                   registry: RegistryDep, settings: SettingsDep, checker: JobCheckerDep, principal: PrincipalDep,
                    overwrite: Annotated[bool, Form()] = False) -> AdapterInfo:
     from bone import BoneConfig, validate_config_for_model
     from bone.checkpoint import check_tensors
@@ -48,7 +51,9 @@ def import_adapter(name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN, max_l
         check_adapter_name(name)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="name") from None
+    check_adapter_count(registry, principal, name, settings.max_adapters_per_owner)
     config_dict = _read_config(adapter_config)
+    check_config_patterns(config_dict, param="adapter_config")  # before any regex runs (RE2, bounded)
     try:
         config = BoneConfig.from_dict(config_dict)
     except BoneError as exc:

@@ -26,6 +26,7 @@ from core.errors import Conflict, InvalidRequest, NotFound
 from core.evals import EVAL_TASK, EvalCreate, EvalStore, Evaluation
 from core.fleet import choose_queue
 from core.jobs import FileDataset, JobStatus, dataset_summary
+from core.quotas import release_active, reserve_active
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/evals", tags=["evals"])
@@ -72,7 +73,12 @@ def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, queue: 
                             max_seq_length=body.max_seq_length, max_new_tokens=body.max_new_tokens,
                             owner=principal.owner, queue=queue_name)
     store = EvalStore(conn)
-    store.create(evaluation, records=records)
+    reserve_active(conn, principal, evaluation.id, settings.max_active_jobs_per_owner)
+    try:
+        store.create(evaluation, records=records, records_ttl_s=settings.inline_records_ttl_s)
+    except Exception:
+        release_active(conn, principal, evaluation.id)
+        raise
     if queue_name != queue.name:
         queue = Queue(queue_name, connection=queue.connection)
     try:

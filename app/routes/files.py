@@ -18,6 +18,7 @@ from app.schemas import Deleted, Listing
 from core.auth import Principal
 from core.errors import NotFound
 from core.files import FileInfo, FileStore
+from core.quotas import QuotaExceeded, bound, check_file_bytes
 
 router = APIRouter(prefix="/files", tags=["files"])
 
@@ -47,8 +48,24 @@ async def upload_file(settings: SettingsDep, principal: PrincipalDep,
                       format: Annotated[str | None, Form(description="text, prompt_completion or messages; "
                                                          "detected per row when unset")] = None) -> FileInfo:
     owner = principal.owner if principal.authenticated else None
-    return await run_in_threadpool(_store(settings).save, file.file, file.filename or "", owner=owner,
-                                   max_bytes=settings.max_upload_bytes, expected_format=format)
+    return await run_in_threadpool(_save_within_quota, settings, principal, file, owner, format)
+
+
+def _save_within_quota(settings, principal: Principal, file: UploadFile, owner: str | None,
+                       format: str | None) -> FileInfo:
+    """Save, then hold the owner's files to BONE_MAX_FILE_BYTES_PER_OWNER (an upload's size is known only once
+    it is read; one over the quota is deleted again before anyone sees it)."""
+    store, limit = _store(settings), settings.max_file_bytes_per_owner
+    used = sum(f.bytes for f in store.list() if f.owner == owner) if bound(principal, limit) else 0
+    check_file_bytes(used, 1, principal, limit)  # already full: refused before a byte is copied
+    info = store.save(file.file, file.filename or "", owner=owner, max_bytes=settings.max_upload_bytes,
+                      expected_format=format)
+    try:
+        check_file_bytes(used, info.bytes, principal, limit)
+    except QuotaExceeded:
+        store.delete(info.id)
+        raise
+    return info
 
 
 @router.get("", response_model=FileList)

@@ -31,6 +31,7 @@ from core.fleet import choose_queue
 from core.janitor import TRAINING_TASK
 from core.jobs import FileDataset, Job, JobCreate, JobStatus, dataset_summary
 from core.jobstore import JobStore, check_event_id
+from core.quotas import check_adapter_count, release_active, reserve_active
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -90,14 +91,24 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
               queue=queue_name)
     if queue_name != queue.name:
         queue = Queue(queue_name, connection=queue.connection)
+    check_adapter_count(checker.registry, principal, body.adapter_name, settings.max_adapters_per_owner)
+    reserve_active(queue.connection, principal, job.id, settings.max_active_jobs_per_owner)
     # The record and RQ's queue entry in one MULTI/EXEC: a job is stored and queued, or (Redis gone) neither,
     # and the client gets a 503 for a job that does not exist. One round trip.
-    with queue.connection.pipeline(transaction=True) as pipe:
-        pipe.multi()  # explicit MULTI first: RQ, handed a pipeline, starts one itself unless it is already open
-        store.create(job, records=records, validation_records=validation_records, pipeline=pipe)
-        queue.enqueue(TRAINING_TASK, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=86400,
-                      failure_ttl=7 * 86400, pipeline=pipe)
-        pipe.execute()
+    try:
+        with queue.connection.pipeline(transaction=True) as pipe:
+            pipe.multi()  # explicit MULTI first: RQ, handed a pipeline, starts one itself unless it is already open
+            store.create(job, records=records, validation_records=validation_records, pipeline=pipe,
+                         records_ttl_s=settings.inline_records_ttl_s)
+            queue.enqueue(TRAINING_TASK, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=86400,
+                          failure_ttl=7 * 86400, pipeline=pipe)
+            pipe.execute()
+    except Exception:
+        try:
+            release_active(queue.connection, principal, job.id)
+        except Exception:  # noqa: BLE001 - Redis is likely gone; the quota check drops the stale entry later
+            pass
+        raise
     log.info("queued %s for adapter %r", job.id, job.adapter_name)
     return job
 
