@@ -36,7 +36,8 @@ def bound(principal: Any, limit: int) -> bool:
 
 
 # --- queued + running jobs and evaluations ----------------------------------------------------------------------
-def _record_key(record_id: str) -> str:
+def record_key(record_id: str) -> str:
+    """The stored record of a job or evaluation id (RQ job ids are the same ids)."""
     return f"{PREFIX}eval:{record_id}" if record_id.startswith("eval-") else f"{PREFIX}job:{record_id}"
 
 
@@ -63,7 +64,7 @@ def reserve_active(conn: redis.Redis, principal: Any, record_id: str, limit: int
     if count <= limit:
         return
     members = [m.decode() for m in conn.smembers(key) if m.decode() != record_id]
-    stale = [m for m, raw in zip(members, conn.mget([_record_key(m) for m in members]) if members else [])
+    stale = [m for m, raw in zip(members, conn.mget([record_key(m) for m in members]) if members else [])
              if not _still_active(raw)]
     if stale:
         conn.srem(key, *stale)

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.auth import PrincipalDep
 from app.deps import RedisDep, SettingsDep
 from app.schemas import Listing
 from core.fleet import live_workers, queue_summary
+from core.quotas import record_key as _record_key
 
 router = APIRouter(tags=["fleet"])
 
@@ -62,8 +65,29 @@ class QueueList(Listing[QueueInfo]):
 
 
 @router.get("/workers", response_model=WorkerList, response_model_exclude_unset=True)
-def list_workers(conn: RedisDep) -> dict:
-    return {"object": "list", "data": [{"object": "worker", **w} for w in live_workers(conn)], "has_more": False}
+def list_workers(conn: RedisDep, principal: PrincipalDep) -> dict:
+    """Every live worker. A user key sees the id of a worker's current job only when the job is its own owner's
+    (another owner's job shows as null, the worker as busy); an admin key sees all."""
+    workers = live_workers(conn)
+    if not principal.is_admin:
+        hide_foreign_jobs(conn, workers, principal.owner)
+    return {"object": "list", "data": [{"object": "worker", **w} for w in workers], "has_more": False}
+
+
+def hide_foreign_jobs(conn, workers: list[dict], owner: str | None) -> None:
+    ids = [w["current_job"] for w in workers if w.get("current_job")]
+    if not ids:
+        return
+    owners = {}
+    for job_id, raw in zip(ids, conn.mget([_record_key(i) for i in ids])):
+        try:
+            owners[job_id] = json.loads(raw).get("owner") if raw is not None else None
+        except (ValueError, AttributeError):
+            owners[job_id] = None
+    for worker in workers:
+        job_id = worker.get("current_job")
+        if job_id and (owner is None or owners.get(job_id) != owner):
+            worker["current_job"] = None
 
 
 @router.get("/queues", response_model=QueueList)

@@ -27,8 +27,9 @@ def test_local_models_outside_allowed_dirs_are_refused(settings, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "config.json").write_text("{}")
-    with pytest.raises(InvalidRequest, match="outside the allowed"):
+    with pytest.raises(InvalidRequest, match="is not available") as refused:
         resolve_base_model(str(outside), settings)
+    assert refused.value.code == "base_model_not_allowed"
 
 
 def test_hub_ids_pass_through(settings):

@@ -175,7 +175,7 @@ def test_a_symlink_leading_out_of_the_datasets_dir_is_refused(settings, tmp_path
     secret.write_text('{"text": "secret"}\n')
     settings.datasets_dir.mkdir(parents=True)
     os.symlink(secret, settings.datasets_dir / "link.jsonl")
-    with pytest.raises(InvalidRequest, match="outside") as info:
+    with pytest.raises(InvalidRequest, match="is not available") as info:
         resolve_dataset_path("link.jsonl", settings)
     assert info.value.param == "dataset.path"
 
@@ -233,8 +233,9 @@ def test_a_missing_hub_dataset_is_a_one_line_error(settings, store, make_job, mo
     # No hub here; offline mode fails at once instead of retrying the network for ~20 s.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub = settings.model_copy(update={"allow_hub_datasets": True})  # hub ids only where the operator allows them
     with pytest.raises(InvalidRequest, match="cannot read dataset 'nobody/nothing'") as info:
-        load_rows(make_job(dataset={"hf_dataset": "nobody/nothing"}), store, settings)
+        load_rows(make_job(dataset={"hf_dataset": "nobody/nothing"}), store, hub)
     assert "\n" not in info.value.message
 
 
