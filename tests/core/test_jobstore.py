@@ -79,3 +79,44 @@ def test_status_counts_follow_transitions(redis_conn):
     store.transition(b.id, [JobStatus.QUEUED], status=JobStatus.CANCELLED)
     counts = {k.decode(): int(v) for k, v in redis_conn.hgetall("bone:jobs:status_counts").items()}
     assert counts == {"queued": 0, "running": 1, "cancelled": 1}
+
+
+def test_owner_listing_reads_the_owners_index_and_backfills_older_records(redis_conn):
+    import core.jobstore as jobstore
+
+    store = JobStore(redis_conn)
+    old = _job(owner="me", created_at=1.0)
+    redis_conn.set(f"bone:job:{old.id}", old.model_dump_json())  # stored before per-owner indexes existed
+    redis_conn.zadd("bone:jobs", {old.id: old.created_at})
+    jobstore._indexed.discard("bone:jobs")
+    new = _job(owner="me", created_at=2.0)
+    store.create(new)
+    store.create(_job(owner="other", created_at=3.0))
+    page, more = store.list(owner="me")
+    assert [j.id for j in page] == [new.id, old.id] and not more
+    assert redis_conn.zcard("bone:jobs:owner:me") == 2
+
+
+def test_a_record_that_no_longer_validates_is_skipped_by_listings(redis_conn):
+    store = JobStore(redis_conn)
+    good, bad = _job(owner="me", created_at=1.0), _job(owner="me", created_at=2.0)
+    store.create(good)
+    store.create(bad)
+    raw = redis_conn.get(f"bone:job:{bad.id}").decode().replace('"weight_decay":0.0', '"weight_decay":1e309')
+    redis_conn.set(f"bone:job:{bad.id}", raw)
+    for owner in ("me", None):
+        page, _ = store.list(owner=owner)
+        assert [j.id for j in page] == [good.id]
+
+
+def test_ending_a_job_deletes_its_inline_records_and_frees_its_active_slot(redis_conn):
+    store = JobStore(redis_conn)
+    job = _job(owner="me")
+    store.create(job, records=[{"text": "a"}], validation_records=[{"text": "b"}], records_ttl_s=600)
+    assert 0 < redis_conn.ttl(f"bone:job:{job.id}:records") <= 600
+    assert redis_conn.sismember("bone:owner:me:active", job.id)
+    store.transition(job.id, None, status=JobStatus.RUNNING)
+    assert store.records(job.id) == [{"text": "a"}]
+    store.transition(job.id, None, status=JobStatus.SUCCEEDED)
+    assert store.records(job.id) is None and store.records(job.id, "validation_records") is None
+    assert not redis_conn.sismember("bone:owner:me:active", job.id)
