@@ -24,6 +24,8 @@ def _bounds(settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
         ("ChatRequest", "max_completion_tokens", tokens),
         ("BoneSpec", "r", {"maximum": settings.max_r}),
         ("TrainingSpec", "max_seq_length", {"maximum": settings.max_seq_length}),
+        ("TrainingSpec", "epochs", {"maximum": settings.max_epochs}),
+        ("TrainingSpec", "max_steps", {"maximum": settings.max_train_steps}),
         ("RecordsDataset", "records", {"maxItems": settings.max_inline_records}),
         ("JobCreate", "adapter_name", {"pattern": ADAPTER_NAME_PATTERN}),
     ]

@@ -46,6 +46,9 @@ MAX_PATH_CHARS = 1024  # paths inside the data dir, base-model directories
 MAX_MODULE_NAMES = 1024  # entries of a target/exclude list
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and numpy take without overflow
 
+# hf_dataset: "name" or "namespace/name", as on the hub (a folder under the datasets dir, or a hub id); never "..".
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 PathStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH_CHARS)]
 PatternStr = Annotated[str, StringConstraints(max_length=MAX_PATTERN_CHARS)]
@@ -76,7 +79,8 @@ class FileDataset(_Dataset):
 
 
 class HFDataset(_Dataset):
-    hf_dataset: ShortStr = Field(description="a dataset folder inside the datasets dir, named relative to it; a hub "
+    hf_dataset: ShortStr = Field(pattern=DATASET_NAME_PATTERN,
+                                 description="a dataset folder inside the datasets dir, named relative to it; a hub "
                                  "id only where the operator allows it (BONE_ALLOW_HUB_DATASETS)")
     split: ShortStr = "train"
     revision: ShortStr | None = None

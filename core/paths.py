@@ -22,8 +22,9 @@ from pathlib import Path, PurePosixPath
 
 from core.errors import InvalidRequest
 
-# A Hugging Face repo id: "name" or "namespace/name" (the hub's own rule, plus no "..").
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+# A Hugging Face repo id: "name" or "namespace/name" (the hub's own characters; no "..", no third part).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+MAX_HUB_ID_CHARS = 256
 
 
 def resolve_inside(root: Path, relative: str, *, param: str, what: str = "path") -> Path:
@@ -51,7 +52,7 @@ def inside_or_none(root: Path, relative: str) -> Path | None:
 
 def is_hub_id(name: str) -> bool:
     """A well-formed hub id that no loader would take for a local path first."""
-    if not _HUB_ID.match(name) or ".." in name:
+    if len(name) > MAX_HUB_ID_CHARS or not _HUB_ID.match(name) or ".." in name:
         return False
     try:
         return not Path(name).exists()  # relative to the working directory: what the loaders would try first

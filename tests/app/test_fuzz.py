@@ -19,8 +19,11 @@ from core.auth import KeyEntry, generate_key, hash_key
 from core.settings import Settings
 
 ADMIN = generate_key()
+# Hub datasets on: generated names are then hub ids, so POST /jobs creates jobs the stateful phase can follow
+# (with them off, only a folder inside the datasets dir is a dataset, and the generator cannot invent one).
 SERVER_SETTINGS = {"api_keys": [KeyEntry("fuzzer", "admin", hash_key(ADMIN)).line()],
-                   "rate_limit_training": 0, "rate_limit_generation": 0, "max_prompt_tokens": 256}
+                   "rate_limit_training": 0, "rate_limit_generation": 0, "max_prompt_tokens": 256,
+                   "allow_hub_datasets": True}
 EXAMPLES = {GenerationMode.POSITIVE: 15, GenerationMode.NEGATIVE: 8}  # per operation; the run stays well under a minute
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_schema_conformance, checks.response_headers_conformance, checks.negative_data_rejection,
