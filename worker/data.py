@@ -74,8 +74,10 @@ def load_rows(job: Job, store: JobStore, settings: Settings, *, validation: bool
             raise InvalidRequest(f"{param}.file_id {file_id!r}: {exc.message}", param=f"{param}.file_id") from None
         return read_rows(path, label=file_id)
     if "hf_dataset" in kind:
-        spec = HFDataset(**kind)
-        source = hf_dataset_source(spec.hf_dataset, settings, param=f"{param}.hf_dataset")
+        # Built without re-validating: the name goes through the path rule (one message) even in a record
+        # that an older server accepted with a name of another shape.
+        spec = HFDataset.model_construct(**{"split": "train", "revision": None, **kind})
+        source = hf_dataset_source(str(spec.hf_dataset), settings, param=f"{param}.hf_dataset")
         return _load_with_datasets(source, settings, label=spec.hf_dataset, split=spec.split, revision=spec.revision)
     raise InvalidRequest(f"job {job.id} has an unknown dataset form {sorted(kind)}", param=param)
 
