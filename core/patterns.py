@@ -9,6 +9,7 @@ memory RE2 may compile them into.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import re2
@@ -29,6 +30,12 @@ def _options() -> "re2.Options":
 
 def check_pattern(pattern: str) -> str:
     """Raise ValueError (one line, for a 422) unless ``pattern`` is a bounded RE2 regex."""
+    _check(pattern)  # cached: every stored job's Bone config is checked again each time it is read
+    return pattern
+
+
+@lru_cache(maxsize=1024)
+def _check(pattern: str) -> None:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ValueError(f"a module regex may have at most {MAX_PATTERN_CHARS} characters, got {len(pattern)}")
     try:
@@ -37,7 +44,6 @@ def check_pattern(pattern: str) -> str:
         detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise ValueError(f"module regex {pattern[:80]!r} is not supported: {detail} (RE2 syntax: matching in "
                          "linear time, so no look-around and no back-references)") from None
-    return pattern
 
 
 def check_config_patterns(config: dict[str, Any], *, param: str) -> None:
