@@ -54,7 +54,7 @@ _ERROR_DESCRIPTIONS = {
     409: "Conflict with the current state",
     413: "Request body or upload too large",
     422: "Validation error naming the field (`param`); the OpenAI routes (/v1) answer 400 instead",
-    429: "Rate limit or generation queue full; see Retry-After",
+    429: "Rate limit or generation queue full (see Retry-After), or a per-owner quota (code quota_exceeded)",
     500: "Unexpected server error (details in the server log, never in the response)",
     503: "A dependency (Redis, the model) is unavailable; retry",
 }

@@ -22,7 +22,8 @@ from core.jobstore import PREFIX, active_key
 
 
 class QuotaExceeded(ServiceError):
-    status, type, code = 429, "quota_exceeded", "quota_exceeded"
+    # No Retry-After: waiting does not help, ending a job or deleting a file or adapter does.
+    status, type, code = 429, "rate_limit_error", "quota_exceeded"
 
     def __init__(self, quota: str, setting: str, limit: int, what: str) -> None:
         super().__init__(f"quota {quota} exceeded: {what}; the limit per owner is {limit:,} ({setting})",
