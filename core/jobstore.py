@@ -4,7 +4,8 @@ Keys (all under ``bone:``):
   job:{id}          the Job as JSON
   jobs              sorted set of ids by creation time (listing, cursor pagination)
   jobs:owner:{owner}  the same, one owner's only: a user's listing reads only their own records
-  owner:{owner}:active  ids of the owner's queued and running jobs and evaluations (the active-jobs quota)
+  owner:{owner}:active  sorted set of the owner's queued and running job and evaluation ids, by when they
+                    were reserved (the active-jobs quota, core/quotas.py)
   job:{id}:records  inline dataset rows (kept apart so listings stay small); deleted when the job ends and
                     given a TTL when stored (BONE_INLINE_RECORDS_TTL_S), so no path leaves them behind
   job:{id}:cancel   cooperative-cancel flag the training loop polls. A separate key on purpose: RQ's
@@ -148,7 +149,7 @@ def index_new(pipe: Pipeline, index: str, record_id: str, created_at: float, own
     pipe.zadd(index, {record_id: created_at})
     if owner is not None:
         pipe.zadd(owner_index(index, owner), {record_id: created_at})
-        pipe.sadd(active_key(owner), record_id)
+        pipe.zadd(active_key(owner), {record_id: created_at}, nx=True)  # nx: keep the quota's reservation time
 
 
 def settle_ended(pipe: Pipeline, key: str, before: Any, after: Any) -> None:
@@ -157,7 +158,7 @@ def settle_ended(pipe: Pipeline, key: str, before: Any, after: Any) -> None:
     if after.status.is_final and not before.status.is_final:
         pipe.delete(key + ":records", key + ":validation_records")
         if after.owner is not None:
-            pipe.srem(active_key(after.owner), after.id)
+            pipe.zrem(active_key(after.owner), after.id)
 
 
 def transition_record(conn: redis.Redis, key: str, model: type[S], allowed: set[JobStatus], fields: dict[str, Any], *,

@@ -13,6 +13,7 @@ not bound. Over a quota → 429 in the envelope, ``code: quota_exceeded`` and ``
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import redis
@@ -31,6 +32,9 @@ class QuotaExceeded(ServiceError):
         self.quota = quota
 
 
+RESERVATION_GRACE_S = 60.0  # a reservation whose record is still missing after this was a failed creation
+
+
 def bound(principal: Any, limit: int) -> bool:
     """Whether ``principal`` is held to a quota of ``limit``."""
     return limit > 0 and principal.owner is not None and not principal.is_admin
@@ -42,44 +46,53 @@ def record_key(record_id: str) -> str:
     return f"{PREFIX}eval:{record_id}" if record_id.startswith("eval-") else f"{PREFIX}job:{record_id}"
 
 
-def _still_active(raw: bytes | None) -> bool:
-    if raw is None:
-        return False
+def _ended(raw: bytes | None) -> bool:
     try:
-        return json.loads(raw).get("status") in ("queued", "running")
-    except (ValueError, AttributeError):
-        return False
+        return json.loads(raw).get("status") not in ("queued", "running")
+    except (ValueError, AttributeError, TypeError):
+        return True
 
 
 def reserve_active(conn: redis.Redis, principal: Any, record_id: str, limit: int) -> None:
     """Count ``record_id`` (about to be created) against its owner's active-jobs quota, or raise QuotaExceeded.
-    Add first, then count: two concurrent requests can never both take the last slot. Members whose record is
-    final or gone (a creation that failed half-way) are dropped before refusing."""
+
+    A request passes only when one MULTI that adds it also counts at most ``limit`` entries, itself included;
+    entries leave only when their record ends or their request is refused. So concurrent requests can never
+    pass the quota together. Before refusing, entries that no longer hold a slot are dropped and the count is
+    taken once more: a record that ended, or a reservation older than RESERVATION_GRACE_S whose record was never
+    written (its creation failed half-way); a younger one without a record is a creation in flight."""
     if not bound(principal, limit):
         return
     key = active_key(principal.owner)
-    pipe = conn.pipeline(transaction=True)
-    pipe.sadd(key, record_id)
-    pipe.scard(key)
-    _, count = pipe.execute()
+    if _add_and_count(conn, key, record_id) <= limit:
+        return
+    conn.zrem(key, record_id)
+    now = time.time()
+    entries = [(m.decode(), score) for m, score in conn.zrange(key, 0, -1, withscores=True)]
+    raws = conn.mget([record_key(m) for m, _ in entries]) if entries else []
+    stale = [m for (m, score), raw in zip(entries, raws)
+             if (raw is None and now - score > RESERVATION_GRACE_S) or (raw is not None and _ended(raw))]
+    if stale:
+        conn.zrem(key, *stale)
+    count = _add_and_count(conn, key, record_id)
     if count <= limit:
         return
-    members = [m.decode() for m in conn.smembers(key) if m.decode() != record_id]
-    stale = [m for m, raw in zip(members, conn.mget([record_key(m) for m in members]) if members else [])
-             if not _still_active(raw)]
-    if stale:
-        conn.srem(key, *stale)
-    if conn.scard(key) <= limit:
-        return
-    conn.srem(key, record_id)
+    conn.zrem(key, record_id)
     raise QuotaExceeded("active_jobs", "BONE_MAX_ACTIVE_JOBS_PER_OWNER", limit,
-                        f"{count - 1 - len(stale)} jobs and evaluations are queued or running")
+                        f"{count - 1} jobs and evaluations are queued or running")
+
+
+def _add_and_count(conn: redis.Redis, key: str, record_id: str) -> int:
+    pipe = conn.pipeline(transaction=True)
+    pipe.zadd(key, {record_id: time.time()})
+    pipe.zcard(key)
+    return pipe.execute()[1]
 
 
 def release_active(conn: redis.Redis, principal: Any, record_id: str) -> None:
     """Undo ``reserve_active`` for a record that was not created after all."""
     if principal.owner is not None:
-        conn.srem(active_key(principal.owner), record_id)
+        conn.zrem(active_key(principal.owner), record_id)
 
 
 # --- uploaded files ---------------------------------------------------------------------------------------------

@@ -194,6 +194,19 @@ def test_row6_active_jobs_quota_is_429_naming_it(live, client):
     assert post_job(client, BOB, "bob-4").status_code == 202
 
 
+def test_row6_concurrent_jobs_never_pass_the_active_quota_together(live, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> int:
+        with live.client() as http:
+            return post_job(http, BOB, f"bob-race-{i}").status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        codes = sorted(pool.map(one, range(6)))
+    assert codes == [202] * 3 + [429] * 3, codes
+    assert len(client.get("/jobs", headers=bearer(BOB)).json()["data"]) == 3
+
+
 def test_row6_file_bytes_quota_is_429_and_keeps_nothing(live, client):
     store = FileStore(live.settings.files_dir)
     for info in store.list():  # earlier tests' uploads count against the same owners

@@ -114,9 +114,9 @@ def test_ending_a_job_deletes_its_inline_records_and_frees_its_active_slot(redis
     job = _job(owner="me")
     store.create(job, records=[{"text": "a"}], validation_records=[{"text": "b"}], records_ttl_s=600)
     assert 0 < redis_conn.ttl(f"bone:job:{job.id}:records") <= 600
-    assert redis_conn.sismember("bone:owner:me:active", job.id)
+    assert redis_conn.zscore("bone:owner:me:active", job.id) is not None
     store.transition(job.id, None, status=JobStatus.RUNNING)
     assert store.records(job.id) == [{"text": "a"}]
     store.transition(job.id, None, status=JobStatus.SUCCEEDED)
     assert store.records(job.id) is None and store.records(job.id, "validation_records") is None
-    assert not redis_conn.sismember("bone:owner:me:active", job.id)
+    assert redis_conn.zscore("bone:owner:me:active", job.id) is None
