@@ -22,7 +22,7 @@ ALICE, BOB, ROOT = generate_key(), generate_key(), generate_key()
 SERVER_SETTINGS = {
     "api_keys": [KeyEntry("alice", "user", hash_key(ALICE)).line(), KeyEntry("bob", "user", hash_key(BOB)).line(),
                  KeyEntry("root", "admin", hash_key(ROOT)).line()],
-    "rate_limit_training": 8,
+    "rate_limit_training": 12,
     "max_active_jobs_per_owner": 3,
     "max_file_bytes_per_owner": 100,
     "max_adapters_per_owner": 3,
@@ -246,7 +246,7 @@ def test_row7_unbounded_max_steps_is_refused(client, training, param):
 def test_row8_compose_flood_is_rate_limited(live, client):
     publish_as(live, "bob", "bob-src", seed=1)
     codes = [client.post(f"/adapters/bob-c{i}/compose", headers=bearer(BOB),
-                         json={"adapters": {"bob-src": 0.5}}).status_code for i in range(10)]
+                         json={"adapters": {"bob-src": 0.5}}).status_code for i in range(15)]
     assert 429 in codes, codes
     assert codes.index(429) <= live.settings.rate_limit_training, codes
 
@@ -266,3 +266,17 @@ def test_row10_workers_hide_other_owners_job_ids(client, redis_conn):
     assert current(BOB) == (None, "busy")
     assert current(ALICE) == (alices, "busy")
     assert current(ROOT) == (alices, "busy")
+
+
+# --- row 11: no file-existence oracle through base_model ----------------------------------------------------------
+def test_row11_base_model_paths_answer_the_same_whether_or_not_they_exist(live, client):
+    existing = ["data/../../../etc/passwd", "/etc", "../" * 8 + "etc/hostname", str(live.settings.data_dir)]
+    missing = ["data/../../../no/such/file", "/no/such/dir", "../" * 8 + "no/such", str(live.settings.data_dir / "nope")]
+    messages = set()
+    for name in existing + missing:
+        reply = post_job(client, BOB, "bob-probe", base_model=name)
+        assert reply.status_code == 422, (name, reply.text)
+        error = error_of(reply)
+        assert error["param"] == "base_model" and error["code"] == "base_model_not_allowed", (name, error)
+        messages.add(error["message"].replace(repr(name), "NAME"))
+    assert len(messages) == 1, messages
