@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from core.errors import NotFound
 from core.jobs import DatasetSpec, JobStatus, PathStr, check_adapter_name
@@ -39,7 +39,8 @@ EvalStatus = JobStatus  # one lifecycle for everything the workers run: queued, 
 class EvalCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # requests carry no inf/nan (core/jobs.py)
 
-    adapters: list[str] = Field(min_length=1, max_length=MAX_ADAPTERS, description="registry names to evaluate")
+    adapters: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        min_length=1, max_length=MAX_ADAPTERS, description="registry names to evaluate")
     include_base: bool = Field(True, description="also score the base model on the same rows")
     dataset: DatasetSpec
     base_model: PathStr | None = Field(None, description="defaults to the server's base model; every adapter must be on it")

@@ -16,8 +16,9 @@ from app.auth import PrincipalDep
 from app.deps import SettingsDep
 from app.schemas import Deleted, Listing
 from core.auth import Principal
-from core.errors import NotFound
+from core.errors import InvalidRequest, NotFound
 from core.files import FileInfo, FileStore
+from core.jobs import MAX_NAME_CHARS
 from core.quotas import QuotaExceeded, bound, check_file_bytes
 
 router = APIRouter(prefix="/files", tags=["files"])
@@ -55,6 +56,8 @@ def _save_within_quota(settings, principal: Principal, file: UploadFile, owner: 
                        format: str | None) -> FileInfo:
     """Save, then hold the owner's files to BONE_MAX_FILE_BYTES_PER_OWNER (an upload's size is known only once
     it is read; one over the quota is deleted again before anyone sees it)."""
+    if len(file.filename or "") > MAX_NAME_CHARS:
+        raise InvalidRequest(f"the file name may have at most {MAX_NAME_CHARS} characters", param="file")
     store, limit = _store(settings), settings.max_file_bytes_per_owner
     used = sum(f.bytes for f in store.list() if f.owner == owner) if bound(principal, limit) else 0
     check_file_bytes(used, 1, principal, limit)  # already full: refused before a byte is copied

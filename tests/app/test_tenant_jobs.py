@@ -105,6 +105,14 @@ def test_row3_infinite_weight_decay_does_not_break_listing(client, redis_conn, c
     assert one.status_code == 500 and error_of(one)["code"] == "unreadable_record"  # the envelope, no traceback
 
 
+def test_row3_long_file_names_and_eval_names_are_refused(client):
+    upload = client.post("/files", headers=bearer(BOB), files={"file": ("x" * 300 + ".jsonl", b'{"text": "a"}\n')})
+    assert upload.status_code == 422 and error_of(upload)["param"] == "file", upload.text
+    evaluation = client.post("/evals", headers=bearer(BOB), json={"adapters": ["a" * 100],
+                                                                  "dataset": {"records": RECORDS}})
+    assert evaluation.status_code == 422 and error_of(evaluation)["param"].startswith("adapters"), evaluation.text
+
+
 def test_row3_long_strings_and_huge_seeds_are_refused(client):
     for fields, param in (({"base_model": "x" * 5000}, "base_model"),
                           ({"queue": "q" * 1000}, "queue"),
