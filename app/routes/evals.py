@@ -97,7 +97,8 @@ def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, queue: 
 
 @router.get("", response_model=EvaluationList)
 def list_evals(conn: RedisDep, principal: PrincipalDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-               after: Annotated[str | None, Query(max_length=256, description="id of the last evaluation of the previous page")] = None
+               after: Annotated[str | None, Query(max_length=256,
+                                                  description="id of the last evaluation of the previous page")] = None
                ) -> EvaluationList:
     store = EvalStore(conn)
     if after is not None:

@@ -46,8 +46,8 @@ def _visible(store: FileStore, file_id: str, principal: Principal) -> FileInfo:
 @router.post("", status_code=201, response_model=FileInfo)
 async def upload_file(settings: SettingsDep, principal: PrincipalDep,
                       file: Annotated[UploadFile, File(description="JSONL, JSON, CSV or Parquet rows")],
-                      format: Annotated[str | None, Form(max_length=64, description="text, prompt_completion or messages; "
-                                                         "detected per row when unset")] = None) -> FileInfo:
+                      format: Annotated[str | None, Form(max_length=64, description="text, prompt_completion or "
+                                                         "messages; detected per row when unset")] = None) -> FileInfo:
     owner = principal.owner if principal.authenticated else None
     return await run_in_threadpool(_save_within_quota, settings, principal, file, owner, format)
 

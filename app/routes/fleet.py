@@ -13,7 +13,7 @@ from app.auth import PrincipalDep
 from app.deps import RedisDep, SettingsDep
 from app.schemas import Listing
 from core.fleet import live_workers, queue_summary
-from core.quotas import record_key as _record_key
+from core.quotas import record_key
 
 router = APIRouter(tags=["fleet"])
 
@@ -79,7 +79,7 @@ def hide_foreign_jobs(conn, workers: list[dict], owner: str | None) -> None:
     if not ids:
         return
     owners = {}
-    for job_id, raw in zip(ids, conn.mget([_record_key(i) for i in ids])):
+    for job_id, raw in zip(ids, conn.mget([record_key(i) for i in ids])):
         try:
             owners[job_id] = json.loads(raw).get("owner") if raw is not None else None
         except (ValueError, AttributeError):

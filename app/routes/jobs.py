@@ -115,7 +115,8 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
 
 @router.get("", response_model=JobList)
 def list_jobs(store: JobStoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=256, description="id of the last job of the previous page")] = None
+              after: Annotated[str | None, Query(max_length=256,
+                                                 description="id of the last job of the previous page")] = None
               ) -> JobList:
     jobs, has_more = store.list(limit=limit, after=after)
     return JobList(data=jobs, has_more=has_more)
@@ -170,7 +171,8 @@ def job_checkpoints(job_id: str, store: JobStoreDep) -> dict:
 
 @router.get("/{job_id}/events", response_model=JobEventList)  # or SSE: see app/openapi.py STREAMING
 async def job_events(job_id: str, request: Request, store: JobStoreDep,
-                     after: Annotated[str | None, Query(max_length=256, description="id of the last event already seen")] = None,
+                     after: Annotated[str | None, Query(max_length=256,
+                                                       description="id of the last event already seen")] = None,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                      stream: bool = False,
                      last_event_id: Annotated[str | None, Header()] = None) -> Any:
