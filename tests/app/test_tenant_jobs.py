@@ -235,6 +235,10 @@ def test_row6_adapters_quota_is_429_for_jobs_and_compose(live, client):
     assert job.status_code == 429 and error_of(job)["param"] == "quota.adapters", job.text
     compose = client.post("/adapters/bob-sum/compose", headers=bearer(BOB), json={"adapters": {"bob-a0": 1.0}})
     assert compose.status_code == 429 and error_of(compose)["param"] == "quota.adapters", compose.text
+    imported = client.post("/adapters", headers=bearer(BOB), data={"name": "bob-imported"},
+                           files={"adapter_config": ("adapter_config.json", b"{}"),
+                                  "adapter_model": ("adapter_model.safetensors", b"x")})
+    assert imported.status_code == 429 and error_of(imported)["param"] == "quota.adapters", imported.text
     assert post_job(client, BOB, "bob-a0", overwrite=True).status_code == 202  # replacing one's own adds nothing
 
 
