@@ -29,7 +29,7 @@ from typing import Any, Iterable, Literal
 
 from core.errors import Conflict, NotFound
 from core.jobs import Job, JobStatus
-from core.jobstore import JobStore
+from core.jobstore import JobStore, UnreadableRecord
 from core.local_key import LOCAL_OWNER, ensure_local_key, local_key_path
 from core.registry import AdapterInfo, AdapterRegistry
 
@@ -191,7 +191,12 @@ class OwnedJobStore(JobStore):
         super().create(job, *args, **kwargs)
 
     def get(self, job_id: str) -> Job:
-        job = super().get(job_id)
+        try:
+            job = super().get(job_id)
+        except UnreadableRecord:  # only its owner (or an admin) may learn that it exists, unreadable or not
+            if not self.principal.can_see(self.stored_owner(job_id)):
+                raise NotFound(f"no job with id {job_id!r}", param="job_id") from None
+            raise
         if not self.principal.can_see(job.owner):
             raise NotFound(f"no job with id {job_id!r}", param="job_id")  # word for word what a missing id answers
         return job

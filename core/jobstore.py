@@ -229,6 +229,15 @@ class JobStore:
             raise NotFound(f"no job with id {job_id!r}", param="job_id")
         return read_record(Job, raw, "job", job_id)
 
+    def stored_owner(self, job_id: str) -> str | None:
+        """The owner named in a job's stored record, read without validating the rest of it."""
+        raw = self.conn.get(_job_key(job_id))
+        try:
+            owner = json.loads(raw).get("owner") if raw is not None else None
+        except (ValueError, AttributeError):
+            return None
+        return owner if isinstance(owner, str) else None
+
     def records(self, job_id: str, which: str = "records") -> list[dict[str, Any]] | None:
         """Inline rows: ``which`` is "records" or "validation_records"."""
         raw = self.conn.get(_job_key(job_id) + ":" + which)

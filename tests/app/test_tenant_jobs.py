@@ -103,6 +103,7 @@ def test_row3_infinite_weight_decay_does_not_break_listing(client, redis_conn, c
     assert [j["id"] for j in client.get("/jobs", headers=bearer(ROOT)).json()["data"]] == [alices["id"]]
     one = client.get(f"/jobs/{bobs['id']}", headers=bearer(BOB))
     assert one.status_code == 500 and error_of(one)["code"] == "unreadable_record"  # the envelope, no traceback
+    assert client.get(f"/jobs/{bobs['id']}", headers=bearer(ALICE)).status_code == 404  # as for any other's id
 
 
 def test_row3_long_file_names_and_eval_names_are_refused(client):
