@@ -176,6 +176,32 @@ def test_row4_backtracking_regex_in_an_imported_adapter_config_answers_promptly(
     assert time.perf_counter() - started < 5 and slowest < 1.0
 
 
+def test_row4_healthz_stays_fast_while_backtracking_patterns_are_sent(live, client):
+    """Ten row-4 requests back to back (both shapes) while /healthz is probed; its p99 stays far below the
+    seconds one such request used to freeze the whole API for (bound generous: 2 shared CPUs in CI)."""
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def attack():
+        try:
+            for i in range(10):
+                pattern = (EVIL if i % 2 else EVIL_RE2) + "." * 200
+                assert post_job(client, ROOT, "evil", bone={"target_modules": pattern}).status_code == 422
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=attack)
+    with httpx.Client(base_url=live.url, timeout=30) as probe:
+        thread.start()
+        while not done.is_set() or len(latencies) < 20:
+            started = time.perf_counter()
+            assert probe.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - started)
+    thread.join()
+    latencies.sort()
+    assert latencies[int(0.99 * (len(latencies) - 1))] < 0.25, latencies[-5:]
+
+
 def test_row4_a_plain_regex_still_targets_modules(client):
     reply = post_job(client, ALICE, "regex-ok", bone={"target_modules": r"model\.layers\.\d+\.self_attn\.(q|v)_proj"})
     assert reply.status_code == 202, reply.text
