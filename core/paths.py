@@ -61,10 +61,10 @@ def is_hub_id(name: str) -> bool:
 
 
 def dataset_source(name: str, *, datasets_dir: Path, allow_hub: bool, param: str) -> str:
-    """What ``datasets.load_dataset`` gets for ``hf_dataset``: a folder (or file) inside the datasets dir,
+    """What ``datasets.load_dataset`` gets for ``hf_dataset``: a folder inside the datasets dir,
     else, where the operator allows hub datasets, the hub id."""
     local = inside_or_none(datasets_dir, name)
-    if local is not None and local.exists():
+    if local is not None and local.is_dir():
         return str(local)
     if allow_hub and is_hub_id(name):
         return name
