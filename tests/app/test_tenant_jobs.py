@@ -106,6 +106,21 @@ def test_row3_infinite_weight_decay_does_not_break_listing(client, redis_conn, c
     assert client.get(f"/jobs/{bobs['id']}", headers=bearer(ALICE)).status_code == 404  # as for any other's id
 
 
+def test_row3_a_broken_evaluation_record_does_not_break_eval_listing(live, client, redis_conn):
+    publish_as(live, "bob", "bob-scored", seed=3)
+    publish_as(live, "alice", "alice-scored", seed=4)
+    bobs = client.post("/evals", headers=bearer(BOB), json={"adapters": ["bob-scored"], "dataset": {"records": RECORDS}})
+    alices = client.post("/evals", headers=bearer(ALICE), json={"adapters": ["alice-scored"],
+                                                                "dataset": {"records": RECORDS}})
+    assert bobs.status_code == alices.status_code == 202, (bobs.text, alices.text)
+    key = f"bone:eval:{bobs.json()['id']}"
+    redis_conn.set(key, redis_conn.get(key).decode().replace('"max_examples":1000', '"max_examples":"many"'))
+    for key_, expected in ((ALICE, [alices.json()["id"]]), (BOB, []), (ROOT, [alices.json()["id"]])):
+        listing = client.get("/evals", headers=bearer(key_))
+        assert listing.status_code == 200, listing.text
+        assert [e["id"] for e in listing.json()["data"]] == expected
+
+
 def test_row3_long_file_names_and_eval_names_are_refused(client):
     upload = client.post("/files", headers=bearer(BOB), files={"file": ("x" * 300 + ".jsonl", b'{"text": "a"}\n')})
     assert upload.status_code == 422 and error_of(upload)["param"] == "file", upload.text
