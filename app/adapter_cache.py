@@ -72,14 +72,11 @@ def slot_name(name: str, sha256: str) -> str:
 
 def fetch_adapter(registry: AdapterRegistry, name: str) -> FetchedAdapter:
     """Registry → host memory: sha256-verified weights and the Bone config (raises NotFound / CorruptAdapter)."""
-    from safetensors.torch import load_file
-
     from bone import BoneConfig
 
     started = time.perf_counter()
-    weights, info = registry.verified_weights(name)
+    tensors, info = registry.verified_tensors(name)  # loaded from the very bytes that were hashed
     config = BoneConfig.from_dict(registry.adapter_config(name))
-    tensors = load_file(str(weights), device="cpu")
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     return FetchedAdapter(name, info.sha256, config, tensors, size, time.perf_counter() - started)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 from typing import Optional
 
@@ -57,6 +56,9 @@ def _settings(**overrides) -> Settings:
 
 def _setup_logging(settings: Settings) -> None:
     setup_logging(settings.log_level)
+    # Every server process (and what it starts) creates files others cannot read: registry, uploads,
+    # checkpoints, keys. Set here, before anything is written.
+    os.umask(int(settings.umask, 8))
 
 
 def _keyring(settings: Settings):
@@ -68,6 +70,25 @@ def _keyring(settings: Settings):
     except AuthConfigError as exc:
         typer.echo(f"bone-server: {exc}", err=True)
         raise typer.Exit(code=2) from None
+
+
+def _check_registry(settings: Settings) -> None:
+    """An object-storage registry must write its manifests conditionally, or two publishers could both win:
+    refuse to start otherwise, in one line. A store that does not answer now is only warned about (the API
+    answers 503 for registry calls until it does)."""
+    if not settings.registry_url:
+        return
+    from core.errors import ServiceUnavailable
+    from core.registry import AdapterRegistry
+    from core.storage.objects import StorageCapabilityError
+
+    try:
+        AdapterRegistry.from_settings(settings).check_storage()
+    except StorageCapabilityError as exc:
+        typer.echo(f"bone-server: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    except ServiceUnavailable as exc:
+        log.warning("could not check the registry's conditional writes: %s", exc)
 
 
 def _how_to_call(settings: Settings, keyring) -> str:
@@ -87,14 +108,15 @@ def _how_to_call(settings: Settings, keyring) -> str:
             f"`source .venv/bin/activate` first)")
 
 
-def _serve_api(settings: Settings) -> None:
+def _serve_api(settings: Settings, worker_supervisor=None) -> None:
     import uvicorn
 
+    from app.http_server import uvicorn_config
     from app.main import create_app
 
-    # log_config=None: uvicorn keeps our logging (JSON lines, request ids) instead of installing its own
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None)
+    app = create_app(settings)
+    app.state.worker_supervisor = worker_supervisor  # /readyz reports the worker `up` keeps alive
+    uvicorn.Server(uvicorn_config(app, settings)).run()
 
 
 HOST_HELP = "bind address (default: $BONE_HOST, else 127.0.0.1)"
@@ -108,6 +130,7 @@ def api(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=Fa
     settings = _settings(host=host, port=port)
     keyring = _keyring(settings)
     _setup_logging(settings)
+    _check_registry(settings)
     typer.echo(_how_to_call(settings, keyring), err=True)
     _serve_api(settings)
 
@@ -119,6 +142,7 @@ def worker(burst: bool = typer.Option(False, help="exit when the queue is empty"
     """Run one training worker (one per GPU, or one per machine for multi-GPU jobs)."""
     settings = _settings()
     _setup_logging(settings)
+    _check_registry(settings)
     from worker.main import run_worker
 
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
@@ -130,10 +154,12 @@ def up(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=Fal
        port: Optional[int] = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
     """API + one worker, on the Redis at BONE_REDIS_URL, or on a private redis-server started here."""
     from app.redis_launcher import ensure_redis
+    from app.worker_supervisor import WorkerSupervisor
 
     settings = _settings(host=host, port=port)
     keyring = _keyring(settings)
     _setup_logging(settings)
+    _check_registry(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         redis_handle = ensure_redis(settings.redis_url, settings.data_dir)
@@ -142,20 +168,18 @@ def up(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=Fal
         raise typer.Exit(code=2) from None
     settings = settings.model_copy(update={"redis_url": redis_handle.url})
     child_env = {**os.environ, "BONE_REDIS_URL": redis_handle.url, "BONE_DATA_DIR": str(settings.data_dir)}
-    worker_proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=child_env)
+    # Restarted with backoff whenever it exits (crash, OOM kill, kill -9); /readyz reports it.
+    supervisor = WorkerSupervisor([sys.executable, "-m", "app.cli", "worker"], child_env,
+                                  max_backoff_s=settings.reconnect_max_backoff_s).start()
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that kills this
     # process on the spot and orphans the worker. Turn it into SystemExit so the cleanup below runs.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    log.info("worker started (pid %d); API on http://%s:%d", worker_proc.pid, settings.host, settings.port)
+    log.info("worker started (pid %d); API on http://%s:%d", supervisor.pid, settings.host, settings.port)
     typer.echo(_how_to_call(settings, keyring), err=True)
     try:
-        _serve_api(settings)
+        _serve_api(settings, supervisor)
     finally:
-        worker_proc.terminate()
-        try:
-            worker_proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker_proc.kill()
+        supervisor.stop()
         redis_handle.stop()
 
 

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.paths import redact_server_paths
 from core.errors import InvalidRequest, PayloadTooLarge, RateLimited, ServiceError, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -198,10 +199,18 @@ def _message(err: dict) -> str:
 
 
 # --- handlers ------------------------------------------------------------------------------------------
+def _without_server_paths(request: Request, exc: ServiceError) -> ServiceError:
+    """Messages leave the server without its absolute paths (names relative to the data dir instead)."""
+    settings = getattr(request.app.state, "settings", None)
+    if settings is not None:
+        exc.message = redact_server_paths(exc.message, settings.data_dir)
+    return exc
+
+
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
     if exc.status >= 500:
         log.error("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(exc, request.url.path)
+    return error_response(_without_server_paths(request, exc), request.url.path)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -230,7 +239,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     if translated is not None:
         if translated.status >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, translated.status, translated.message)
-        return error_response(translated, request.url.path)
+        return error_response(_without_server_paths(request, translated), request.url.path)
     log.exception("unhandled error in %s %s", request.method, request.url.path)
     return envelope(500, "internal server error; the server log has the details", "server_error", "internal_error",
                     path=request.url.path)

@@ -26,6 +26,7 @@ from app.observability import install_observability
 from app.openapi import install_openapi
 from app.routes import adapter_export, adapter_import, adapters, files, generate, health, jobs, openai
 from app.routes import fleet
+from app.security_headers import SecurityHeaders
 from app.routes import evals
 from core.auth import KeyRing
 from core.base_model import load_base_model
@@ -56,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         conn = connect_redis(settings.redis_url)
         registry = AdapterRegistry.from_settings(settings)
-        swept = registry.sweep()
+        swept = await run_in_threadpool(registry.sweep, settings.registry_sweep_grace_s)
         if swept:
             log.info("removed %d leftovers of interrupted publishes from %s", swept, registry.root)
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, upload_paths=UPLOAD_PATHS,
                        max_upload_bytes=settings.max_upload_bytes)
     install_observability(app)
+    app.add_middleware(SecurityHeaders)  # outermost: error and 503 answers get the headers too
     install_openapi(app, settings)
     app.include_router(health.router, responses=error_responses(500, 503))
     # Every other router: a key (when keys are configured), the per-key rate limit, the error envelope documented.

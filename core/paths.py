@@ -17,7 +17,11 @@ core/base_model.py), because the file system may have changed since.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import sys
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from core.errors import InvalidRequest
@@ -107,3 +111,25 @@ def base_model_not_allowed(name: str, param: str) -> InvalidRequest:
 
 def _root_label(root: Path) -> str:
     return f"the data dir's {Path(root).name} folder"
+
+
+def redact_server_paths(text: str, data_dir: Path) -> str:
+    """``text`` without the server's absolute paths, for messages that leave the server: a path inside the
+    data dir becomes relative to it (``datasets/x.jsonl``), any other under a known server root (temporary
+    files, the installation, the working directory, home) becomes ``<server>/...``."""
+    if "/" not in text:
+        return text
+    for root, replacement in _server_roots(str(Path(data_dir))):
+        text = text.replace(root + "/", replacement).replace(root, replacement.rstrip("/") or ".")
+    return text
+
+
+@functools.lru_cache(maxsize=8)
+def _server_roots(data_dir: str) -> tuple[tuple[str, str], ...]:
+    roots = {data_dir: "", str(Path(data_dir).resolve()): ""}
+    for other in (tempfile.gettempdir(), sys.prefix, sys.base_prefix, os.getcwd(), str(Path.home()),
+                  str(Path(__file__).resolve().parents[1])):
+        if other and other != "/":
+            roots.setdefault(other, "<server>/")
+            roots.setdefault(str(Path(other).resolve()), "<server>/")
+    return tuple(sorted(roots.items(), key=lambda item: -len(item[0])))  # longest first: the most specific wins

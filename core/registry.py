@@ -80,6 +80,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_bytes_sha256(name: str, expected: str, data: bytes, label: str) -> None:
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise CorruptAdapter(f"adapter {name!r}: {label} has sha256 {actual[:12]}…, metadata says {expected[:12]}…; "
+                             "refusing to load it", param="adapter")
+
+
 def _check_sha256(name: str, expected: str, path: Path, label: str) -> None:
     """Raise CorruptAdapter unless ``path`` hashes to ``expected``; ``label`` names it (a path or an object URL).
     A missing file raises FileNotFoundError: the adapter may have been replaced meanwhile."""
@@ -88,7 +95,8 @@ def _check_sha256(name: str, expected: str, path: Path, label: str) -> None:
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise CorruptAdapter(f"adapter {name!r}: cannot read {label}: {exc}", param="adapter") from None
+        raise CorruptAdapter(f"adapter {name!r}: cannot read {label}: {exc.strerror or type(exc).__name__}",
+                             param="adapter") from None
     if actual != expected:
         raise CorruptAdapter(f"adapter {name!r}: {label} has sha256 {actual[:12]}…, metadata says {expected[:12]}…; "
                              "refusing to load it", param="adapter")
@@ -184,15 +192,38 @@ class AdapterRegistry:
 
     def verified_weights(self, name: str) -> tuple[Path, AdapterInfo]:
         """A local path to the weights after checking their sha256 against the metadata; raises
-        CorruptAdapter naming the file (or object) at fault."""
+        CorruptAdapter naming the file (or object) at fault. To load them, use ``verified_tensors``: a path
+        may be re-read after the check."""
+        return self._read_verified(name, lambda info: self.storage.weights(
+            name, info.sha256, partial(_check_sha256, name, info.sha256)))
+
+    def verified_bytes(self, name: str) -> tuple[bytes, AdapterInfo]:
+        """The weights file's bytes, read once and sha256-checked: what is loaded is what was hashed."""
+        return self._read_verified(name, lambda info: self.storage.read_weights(
+            name, info.sha256, partial(_check_bytes_sha256, name, info.sha256)))
+
+    def verified_tensors(self, name: str) -> tuple[dict[str, Any], AdapterInfo]:
+        """The adapter's tensors (on the CPU), loaded from the very bytes whose sha256 was checked."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        data, info = self.verified_bytes(name)
+        try:
+            return load(data), info
+        except (SafetensorError, ValueError) as exc:
+            raise CorruptAdapter(f"adapter {name!r}: {name}/{WEIGHTS_FILE} is not a readable safetensors file: "
+                                 f"{exc}", param="adapter") from None
+
+    def _read_verified(self, name: str, read: Callable[[AdapterInfo], Any]) -> tuple[Any, AdapterInfo]:
         info = self.get(name)
         for attempt in range(READ_ATTEMPTS):
             try:
-                return self.storage.weights(name, info.sha256, partial(_check_sha256, name, info.sha256)), info
-            except FileNotFoundError as exc:
+                return read(info), info
+            except FileNotFoundError:
                 latest = self.get(name)  # NotFound if it was deleted meanwhile
                 if latest == info or attempt == READ_ATTEMPTS - 1:
-                    raise CorruptAdapter(f"adapter {name!r}: cannot read its weights: {exc}", param="adapter") from None
+                    raise CorruptAdapter(f"adapter {name!r}: cannot read its weights ({name}/{WEIGHTS_FILE} is "
+                                         "missing)", param="adapter") from None
                 info = latest  # replaced by a newer version while we read: serve that one
         raise AssertionError("unreachable")
 
@@ -229,6 +260,13 @@ class AdapterRegistry:
         if not self.storage.remove(name):
             raise NotFound(f"no adapter named {name!r}", param="name")
 
-    def sweep(self) -> int:
-        """Remove leftovers of interrupted publishes/deletes. Returns how many were removed."""
-        return self.storage.sweep()
+    def sweep(self, grace_s: float | None = None) -> int:
+        """Finish interrupted overwrites, then remove leftovers of interrupted publishes/deletes older than
+        ``grace_s`` (default: the backend's own). Returns how many were removed."""
+        return self.storage.sweep() if grace_s is None else self.storage.sweep(grace_s)
+
+    def check_storage(self) -> None:
+        """Raise ``StorageCapabilityError`` when the store cannot publish atomically (object storage without
+        conditional writes); a local directory always can."""
+        if isinstance(self.storage, ObjectStorage):
+            self.storage.check_conditional_writes()

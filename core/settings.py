@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     registry_cache_bytes: int = Field(10 * 1024**3, ge=0, description="local copies of object-storage weights "
                                       "(<data dir>/registry-cache) kept up to this size, least recently used "
                                       "dropped first; 0 = no bound")
+    registry_sweep_grace_s: float = Field(3600.0, ge=0, description="leftovers of interrupted publishes "
+                                          "(staging/trash folders, unreferenced object versions) younger than this "
+                                          "are left alone by the sweep each API start runs")
     base_model: str = Field(
         EMBEDDED_BASE_MODEL,
         description="Hugging Face id or local directory of the shared base model; 'embedded' builds a tiny "
@@ -42,6 +45,18 @@ class Settings(BaseSettings):
     # --- network -----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+
+    # The HTTP server holds its ground (app/http_server.py): a client has this long to send a request's head
+    # (request line + headers) once the connection is ready for one, so slow-header clients (slowloris) are cut
+    # off; idle keep-alive connections close after keep_alive; beyond max_connections new requests get 503.
+    http_header_timeout_s: float = Field(10.0, gt=0, description="seconds to receive a request's head")
+    http_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close after this")
+    http_max_connections: int = Field(1024, ge=1, description="open connections (and running requests) "
+                                      "beyond which new requests are answered 503")
+    http_max_header_bytes: int = Field(64 * 1024, ge=4096, description="largest request head accepted")
+    # Files the server writes (registry, uploads, checkpoints, keys) are not readable by other users.
+    umask: str = Field("027", pattern=r"^0?[0-7]{3}$", description="process umask (octal): 027 gives 0640 files, "
+                       "0750 folders")
 
     # --- security (core/auth.py) -------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -64,6 +79,10 @@ class Settings(BaseSettings):
     # killed worker's job resumes within ~ttl + interval (RQ alone notices after 90-810 s).
     heartbeat_ttl_s: float = Field(15.0, ge=1)
     janitor_interval_s: float = Field(5.0, gt=0)
+    # A worker whose Redis goes away waits and reconnects (1 s, doubling up to this) instead of exiting;
+    # `bone-server up` restarts a worker that exits, with the same backoff.
+    reconnect_max_backoff_s: float = Field(30.0, ge=0.1, description="longest wait between Redis reconnects / "
+                                           "worker restarts")
     max_attempts: int = Field(3, ge=1, description="runs of one job (first + retries after its worker died)")
     checkpoints_kept: int = Field(2, ge=1, description="newest checkpoints kept in a job's work dir")
     # --- fleets (core/fleet.py): queues by resource; a worker serves the queues of `bone-server worker --queues`

@@ -175,13 +175,11 @@ def load_adapters(bone_model, registry: AdapterRegistry, names: Sequence[str],
                   base_model: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Add each registry adapter to ``bone_model`` under a slot name of its own (module keys cannot hold
     '.'); returns ({name: slot}, {name: sha256}). Weights are sha256-checked, keys and shapes strictly."""
-    from safetensors.torch import load_file
-
     from bone import BoneConfig
 
     slots, shas = {}, {}
     for i, name in enumerate(names):
-        weights, info = registry.verified_weights(name)
+        tensors, info = registry.verified_tensors(name)  # loaded from the very bytes that were hashed
         if base_model is not None and info.base_model != base_model:
             raise Conflict(f"adapter {name!r} was trained on base model {info.base_model!r}, not {base_model!r}",
                            param="adapters", code="base_model_mismatch")
@@ -191,7 +189,7 @@ def load_adapters(bone_model, registry: AdapterRegistry, names: Sequence[str],
                            "model: it cannot share batches with other adapters", param="adapters",
                            code="unservable_adapter")
         slot = f"eval_{i}"
-        bone_model.add_adapter_from_state_dict(slot, config, load_file(str(weights), device="cpu"))
+        bone_model.add_adapter_from_state_dict(slot, config, tensors)
         slots[name], shas[name] = slot, info.sha256
     return slots, shas
 

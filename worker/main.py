@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -58,6 +59,7 @@ def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str]
     import redis
     from rq import Queue, Worker
 
+    from core.backoff import Backoff
     from core.base_model import pick_device
     from core.janitor import Janitor
     from worker import model_cache, tasks
@@ -67,28 +69,72 @@ def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str]
     log.info("preloading base model %r (jobs will train on %s)", settings.base_model, device.type)
     model_cache.preload(settings.base_model, settings, device)
 
-    conn = redis.Redis.from_url(settings.redis_url)
     names = list(dict.fromkeys(queues or [settings.queue_name]))
-    worker = Worker(
-        [Queue(name, connection=conn) for name in names], connection=conn,
-        worker_ttl=settings.worker_ttl_s,
-        maintenance_interval=maintenance_interval(settings),
-        exception_handlers=[_abandoned_job_handler],
-        work_horse_killed_handler=_work_horse_killed,
-    )
-    log.info("worker %s listening on queues %s at %s (worker TTL %d s, maintenance every %d s)", worker.name,
-             ",".join(names), settings.redis_url, settings.worker_ttl_s, maintenance_interval(settings))
-    worker.log.addFilter(MaintenanceAtDebug())
-    tasks.use_worker_name(worker.name)  # recorded on each job it starts
-    advert = Advert(settings, worker.name, describe_device(settings, device) | {"queues": names}).start()
-    # Started before the first fork; work-horses inherit no threads, so it only ever runs in this parent.
-    janitor = None if burst else Janitor(settings, clean_workdirs=True).start()
+    described = describe_device(settings, device) | {"queues": names}
+    janitor = None
+    backoff = Backoff(settings.reconnect_max_backoff_s)
     try:
-        return worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level.upper())
+        while True:
+            worker = None
+            try:
+                conn = redis.Redis.from_url(settings.redis_url)
+                conn.ping()
+                worker = Worker(
+                    [Queue(name, connection=conn) for name in names], connection=conn,
+                    worker_ttl=settings.worker_ttl_s,
+                    maintenance_interval=maintenance_interval(settings),
+                    exception_handlers=[_abandoned_job_handler],
+                    work_horse_killed_handler=_work_horse_killed,
+                )
+                log.info("worker %s listening on queues %s at %s (worker TTL %d s, maintenance every %d s)",
+                         worker.name, ",".join(names), settings.redis_url, settings.worker_ttl_s,
+                         maintenance_interval(settings))
+                worker.log.addFilter(MaintenanceAtDebug())
+                tasks.use_worker_name(worker.name)  # recorded on each job it starts
+                advert = Advert(settings, worker.name, described).start()
+                # Started before the first fork; work-horses inherit no threads, so it only ever runs in this parent.
+                if janitor is None and not burst:
+                    janitor = Janitor(settings, clean_workdirs=True).start()
+                backoff.reset()
+                try:
+                    worked = worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level.upper())
+                finally:
+                    advert.stop()
+                if burst or _stop_was_requested(worker):
+                    return worked
+                cause = "its loop ended without a stop request (Redis lost during maintenance?)"
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if burst:
+                    raise
+                cause = f"Redis unreachable: {exc}"
+            # RQ leaves its own SIGTERM handler on the worker it built; while waiting, a stop is just an exit.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _wait_for_work_horse(worker)
+            delay = backoff.next()
+            log.warning("worker lost its Redis (%s); reconnecting in %.1f s", cause, delay)
+            time.sleep(delay)
     finally:
-        advert.stop()
         if janitor is not None:
             janitor.stop()
+
+
+def _stop_was_requested(worker) -> bool:
+    """A SIGTERM/SIGINT or RQ's stop command (not an outage) ended the worker's loop."""
+    return bool(getattr(worker, "_stop_requested", False) or getattr(worker, "_shutdown_requested_date", None))
+
+
+def _wait_for_work_horse(worker) -> None:
+    """A job still running in a work-horse when Redis went away finishes (or fails) before this worker takes
+    another: two trainings must never share the device. Its heartbeat tells the janitor if it died."""
+    pid = getattr(worker, "horse_pid", 0) if worker is not None else 0
+    if not pid:
+        return
+    log.warning("waiting for the running job's process %d to end before reconnecting", pid)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 # --- what this worker advertises (core/fleet.py) ------------------------------------------------------------------

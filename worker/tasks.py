@@ -25,6 +25,7 @@ from core.errors import Conflict, ServiceError
 from core.jobs import Job, JobStatus, check_job_size
 from core.jobstore import JobStore
 from core.logs import job_id_var
+from core.paths import redact_server_paths
 from core.registry import AdapterInfo, AdapterRegistry
 from core.settings import Settings, get_settings
 from worker import model_cache
@@ -80,7 +81,7 @@ def run_training_job(job_id: str) -> str:
                 _finish(store, job_id, JobStatus.CANCELLED, "cancelled; nothing was published")
             except Exception as exc:  # noqa: BLE001 - every failure becomes the job's `error`
                 log.exception("job %s failed", job_id)  # the traceback goes to the log, one line to the job
-                reason = describe_failure(exc)
+                reason = redact_server_paths(describe_failure(exc), settings.data_dir)  # users see it
                 store.add_event(job_id, "error", reason)
                 _finish(store, job_id, JobStatus.FAILED, reason, error=reason)
             else:

@@ -22,7 +22,6 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import load_file
 
 from app.auth import PrincipalDep
 from app.deps import EngineDep, RegistryDep, SettingsDep
@@ -42,9 +41,9 @@ MAX_COMPOSE = 16
 
 
 def _read(registry: AdapterRegistry, name: str) -> tuple[AdapterInfo, BoneConfig, dict]:
-    weights, info = registry.verified_weights(name)  # 404 when absent, refused when corrupt
+    tensors, info = registry.verified_tensors(name)  # 404 when absent, refused when corrupt
     config = BoneConfig.from_dict(registry.adapter_config(name))
-    return info, config, load_file(weights, device="cpu")
+    return info, config, tensors
 
 
 def _zip(files: dict[str, bytes]) -> bytes:

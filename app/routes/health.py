@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import redis
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -20,10 +20,19 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class SupervisedWorker(BaseModel):
+    state: Literal["starting", "running", "restarting", "stopped"]
+    pid: int | None
+    restarts: int = Field(description="times it exited and was started again")
+    last_exit: str | None = Field(description="how it last ended, e.g. 'killed by SIGKILL'")
+
+
 class Readiness(BaseModel):
     status: Literal["ready"] = "ready"
     base_model: str = Field(description="the base model served, as configured (BONE_BASE_MODEL)")
     device: str = Field(description="where it runs, e.g. cpu or cuda:0")
+    worker: SupervisedWorker | None = Field(None, description="`bone-server up` only: the worker it keeps alive "
+                                            "(restarted with backoff when it exits); the API stays ready meanwhile")
 
 
 # Not ready is an answer of this probe, not a failure: say which codes a load balancer will see.
@@ -38,7 +47,7 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Readiness, responses=NOT_READY)
-async def readyz(conn: RedisDep, engine: EngineDep) -> Readiness:
+async def readyz(request: Request, conn: RedisDep, engine: EngineDep) -> Readiness:
     """Ready to take traffic: Redis answers a ping and the base model is loaded and served."""
     try:
         await run_in_threadpool(conn.ping)
@@ -46,4 +55,6 @@ async def readyz(conn: RedisDep, engine: EngineDep) -> Readiness:
         raise ServiceUnavailable(f"Redis unreachable: {exc}", code="redis_unavailable") from None
     if not engine.ready:
         raise ServiceUnavailable("the base model is not loaded", code="model_not_ready")
-    return Readiness(base_model=engine.base.name, device=str(engine.base.device))
+    supervisor = getattr(request.app.state, "worker_supervisor", None)
+    worker = SupervisedWorker(**supervisor.status()) if supervisor is not None else None
+    return Readiness(base_model=engine.base.name, device=str(engine.base.device), worker=worker)

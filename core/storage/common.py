@@ -13,8 +13,15 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "metadata.json"
 
+# What the server writes is readable by its own user and group only (BONE_UMASK narrows it further).
+FILE_MODE = 0o640
+FOLDER_MODE = 0o750
+
 # check(path, label): raises CorruptAdapter when the file at `path` does not hash to the manifest's sha256.
 Check = Callable[[Path, str], None]
+
+# check_bytes(data, label): the same for weights already read into memory (hashed, then loaded, from these bytes).
+CheckBytes = Callable[[bytes, str], None]
 
 # ``commit(..., may_replace=)``: given the metadata (JSON bytes) of the adapter an overwrite would replace, may it?
 # Checked under the same lock (local) or compare-and-swap (object storage) as the replacement itself, so an

@@ -2,6 +2,15 @@
 
 A publish copies the files and ``metadata.json`` into a hidden staging folder, fsyncs them, then renames the
 folder into place (one atomic rename on one filesystem), so a reader sees no adapter or a whole one.
+
+An overwrite needs two renames (the old folder aside to ``.trash-*``, then the staging folder into place).
+Before the first one the publisher writes a journal (``.swap-<name>.json``, naming both folders); whoever
+next takes the publish lock for that name (a publish, a delete, the sweep every API start runs) finishes the
+swap of a publisher that died between the renames: forward when the new folder is whole, else back. So the
+old or the new version is always there, never neither.
+
+The sweep deletes leftovers (``.staging-*``, ``.trash-*``) only under the publish lock, only once they are
+older than a grace period, and never a staging folder a live publisher still holds (a shared flock on it).
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -16,16 +26,63 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from core.storage.common import (CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, Check, MayReplace, _in_use, _raced,
-                                 _taken, fsync_path)
+from core.storage.common import (CONFIG_FILE, FILE_MODE, FOLDER_MODE, METADATA_FILE, WEIGHTS_FILE, Check,
+                                 CheckBytes, MayReplace, _in_use, _raced, _taken, fsync_path)
+
+log = logging.getLogger(__name__)
 
 PUBLISH_LOCK_FILE = ".publish.lock"  # a local registry's publish lock (flock); hidden, so never listed
+STAGING_PREFIX, TRASH_PREFIX, JOURNAL_PREFIX = ".staging-", ".trash-", ".swap-"
 
 # A root folder whose mtime is older than this is trusted to move on its next change (see listing_stamp).
 LISTING_SETTLED_S = 2.0
+# Staging and trash folders younger than this are left alone by the sweep (BONE_REGISTRY_SWEEP_GRACE_S).
+SWEEP_GRACE_S = 3600.0
 
 # path of a metadata.json -> ((inode, mtime_ns, size), bytes); shared by every registry object of the process
 _METADATA_CACHE: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
+
+
+def _leftover_name(prefix: str) -> str:
+    # Milliseconds in the name: the sweep reads a leftover's age from it (a renamed folder keeps its old mtime).
+    return f"{prefix}{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
+
+
+def _leftover_age_s(entry: Path) -> float:
+    """Seconds since the leftover was made (from its name), or since it last changed, whichever is less."""
+    ages = []
+    stamp = entry.name.split("-", 2)[1] if entry.name.count("-") >= 2 else ""
+    if stamp.isdigit() and len(stamp) == 13:
+        ages.append(time.time() - int(stamp) / 1000)
+    with contextlib.suppress(FileNotFoundError):
+        ages.append(time.time() - entry.stat().st_mtime)
+    return min(ages) if ages else 0.0
+
+
+@contextlib.contextmanager
+def _held(folder: Path) -> Iterator[None]:
+    """A shared flock on a staging folder while its publisher fills and renames it: the sweep skips it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _abandoned(folder: Path) -> bool:
+    """No live publisher holds this folder (its flock goes when the process dies)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class LocalStorage:
@@ -79,32 +136,47 @@ class LocalStorage:
     def read_config(self, name: str) -> dict[str, Any]:
         return json.loads((self.root / name / CONFIG_FILE).read_text())
 
+    def label(self, name: str) -> str:
+        """How errors name the weights: relative to the registry, never a server path."""
+        return f"{name}/{WEIGHTS_FILE}"
+
     def weights(self, name: str, sha256: str, check: Check) -> Path:
         path = self.root / name / WEIGHTS_FILE
-        check(path, str(path))
+        check(path, self.label(name))
         return path
 
+    def read_weights(self, name: str, sha256: str, check: CheckBytes) -> bytes:
+        """The weights file read once and checked: the caller loads these very bytes, so a file changed after
+        the check cannot be what is loaded."""
+        data = (self.root / name / WEIGHTS_FILE).read_bytes()
+        check(data, self.label(name))
+        return data
+
+    # --- write ---------------------------------------------------------------------------------------
     def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,
                may_replace: MayReplace | None = None) -> None:
-        staging = self.root / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
+        staging = self.root / _leftover_name(STAGING_PREFIX)
+        staging.mkdir(mode=FOLDER_MODE)
         try:
-            for filename in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copyfile(source_dir / filename, staging / filename)
-            (staging / METADATA_FILE).write_text(metadata_json)
-            for child in staging.iterdir():
-                fsync_path(child)
-            fsync_path(staging)
-            with self._publish_lock():
-                if may_replace is not None and overwrite:
-                    try:
-                        current = self.read_metadata(name)
-                    except FileNotFoundError:
-                        current = None
-                    if current is not None and not may_replace(current):
-                        raise _in_use(name)
-                self._swap_into_place(name, staging, overwrite)
-            fsync_path(self.root)
+            with _held(staging):
+                for filename in (CONFIG_FILE, WEIGHTS_FILE):
+                    shutil.copyfile(source_dir / filename, staging / filename)
+                (staging / METADATA_FILE).write_text(metadata_json)
+                for child in staging.iterdir():
+                    os.chmod(child, FILE_MODE)
+                    fsync_path(child)
+                fsync_path(staging)
+                with self._publish_lock():
+                    self._recover(name)
+                    if may_replace is not None and overwrite:
+                        try:
+                            current = self.read_metadata(name)
+                        except FileNotFoundError:
+                            current = None
+                        if current is not None and not may_replace(current):
+                            raise _in_use(name)
+                    self._swap_into_place(name, staging, overwrite)
+                fsync_path(self.root)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -120,34 +192,97 @@ class LocalStorage:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def _journal(self, name: str) -> Path:
+        return self.root / f"{JOURNAL_PREFIX}{name}.json"
+
     def _swap_into_place(self, name: str, staging: Path, overwrite: bool) -> None:
-        target, trash = self.root / name, None
-        if target.exists():
-            if not overwrite:
-                raise _taken(name)
-            trash = self.root / f".trash-{uuid.uuid4().hex}"
-            os.rename(target, trash)
+        target = self.root / name
+        if not target.exists():
+            try:
+                os.rename(staging, target)  # fails (ENOTEMPTY) if another publisher won the race
+            except OSError:
+                raise _raced(name) from None
+            return
+        if not overwrite:
+            raise _taken(name)
+        trash, journal = self.root / _leftover_name(TRASH_PREFIX), self._journal(name)
+        # The journal is durable before the first rename: a publisher that dies between the two leaves enough
+        # for _recover to finish its swap.
+        part = journal.with_name(journal.name + ".part")
+        part.write_text(json.dumps({"staging": staging.name, "trash": trash.name}))
+        fsync_path(part)
+        os.replace(part, journal)
+        fsync_path(self.root)
+        os.rename(target, trash)
+        os.rename(staging, target)
+        fsync_path(self.root)
+        journal.unlink()
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _recover(self, name: str) -> str | None:
+        """Finish the swap of a publisher that died between its two renames (call under the publish lock).
+        Returns "forward", "back" or None (nothing to do)."""
+        journal = self._journal(name)
         try:
-            os.rename(staging, target)  # fails (ENOTEMPTY) if another publisher won the race
-        except OSError:
-            if trash is not None:
+            plan = json.loads(journal.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            plan = {}  # torn before its fsync: the first rename never happened
+        target = self.root / name
+        staging = self.root / str(plan.get("staging", ""))
+        trash = self.root / str(plan.get("trash", ""))
+        outcome = None
+        if not target.exists() and plan:
+            if (staging / METADATA_FILE).is_file():
+                os.rename(staging, target)  # the new version was whole (fsynced before the journal)
+                outcome = "forward"
+            elif (trash / METADATA_FILE).is_file():
                 os.rename(trash, target)
-            raise _raced(name) from None
-        if trash is not None:
+                outcome = "back"
+        fsync_path(self.root)
+        journal.unlink()
+        if outcome:
+            log.warning("registry: finished an interrupted overwrite of %r (rolled %s)", name, outcome)
+        if plan and trash.name.startswith(TRASH_PREFIX) and trash.exists():
             shutil.rmtree(trash, ignore_errors=True)
+        return outcome
 
     def remove(self, name: str) -> bool:
-        if not self.has(name):
-            return False
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
-        os.rename(self.root / name, trash)  # disappears from listings at once; the files go after
+        with self._publish_lock():
+            self._recover(name)
+            if not self.has(name):
+                return False
+            trash = self.root / _leftover_name(TRASH_PREFIX)
+            os.rename(self.root / name, trash)  # disappears from listings at once; the files go after
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
-    def sweep(self) -> int:
+    def recover(self) -> list[str]:
+        """Finish every interrupted overwrite (what each API start does first). Returns the names fixed."""
+        fixed = []
+        with self._publish_lock():
+            for journal in sorted(self.root.glob(f"{JOURNAL_PREFIX}*.json")):
+                name = journal.name[len(JOURNAL_PREFIX):-len(".json")]
+                if self._recover(name):
+                    fixed.append(name)
+        return fixed
+
+    def sweep(self, grace_s: float = SWEEP_GRACE_S) -> int:
+        """Finish interrupted overwrites, then delete staging and trash folders older than ``grace_s`` that no
+        live publisher holds. Under the publish lock, so never in the middle of a swap."""
         removed = 0
-        for entry in self.root.iterdir():
-            if entry.name.startswith((".staging-", ".trash-")):
+        self.recover()
+        with self._publish_lock():
+            for entry in sorted(self.root.iterdir()):
+                if entry.name.startswith(JOURNAL_PREFIX) and entry.name.endswith(".part"):
+                    if _leftover_age_s(entry) >= grace_s:
+                        entry.unlink(missing_ok=True)  # a journal torn before its rename: nothing was swapped
+                    continue
+                if not entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                    continue
+                if _leftover_age_s(entry) < grace_s or not _abandoned(entry):
+                    continue
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         return removed

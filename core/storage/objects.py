@@ -28,11 +28,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.errors import Conflict, CorruptAdapter, ServiceUnavailable
-from core.storage.common import CONFIG_FILE, WEIGHTS_FILE, Check, MayReplace, _in_use, _raced, _taken
+from core.storage.common import (CONFIG_FILE, WEIGHTS_FILE, Check, CheckBytes, MayReplace, _in_use, _raced,
+                                 _taken)
 
 MANIFEST_FILE = "manifest.json"
 # Versions not named by a manifest are left alone this long: they may belong to a publish still uploading.
 ORPHAN_GRACE_S = 3600.0
+
+
+S3FS_MIN_VERSION = (2024, 12)  # the first s3fs whose pipe_file(mode="create") sends If-None-Match
+
+
+class StorageCapabilityError(RuntimeError):
+    """The registry's store cannot do what atomic publishing needs; start-up stops with this one line."""
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 def new_version() -> str:
@@ -96,6 +112,8 @@ class ObjectStorage:
         except Exception as exc:  # noqa: BLE001 - network, auth and server errors of any fsspec backend
             if _precondition_failed(exc):
                 raise
+            if isinstance(exc, StorageCapabilityError):
+                raise
             raise ServiceUnavailable(f"adapter registry {self.root} is unreachable: {exc}") from exc
 
     def _key(self, *parts: str) -> str:
@@ -148,27 +166,61 @@ class ObjectStorage:
         cached = self.cache_dir / f"{sha256}.safetensors"
         if cached.is_file():
             try:
-                check(cached, str(cached))
+                check(cached, f"{name}/{WEIGHTS_FILE} (local copy)")
                 os.utime(cached)  # recently used: the cache drops the least recently used copies first
                 return cached
             except CorruptAdapter:
                 cached.unlink(missing_ok=True)  # a damaged cache copy is fetched again, not a reason to refuse
-        manifest = self._manifest(name)
-        if manifest["sha256"] != sha256:
-            raise FileNotFoundError(f"{self.location(name)}: replaced while reading")  # the registry re-reads
-        remote = self._key(name, manifest["version"], WEIGHTS_FILE)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, part = tempfile.mkstemp(prefix=".part-", dir=self.cache_dir)
-        os.close(fd)
+        remote, label = self._remote_weights(name, sha256)
+        part = self._part_file()
         try:
             with self._reachable():
                 self.fs.get_file(remote, part)
-            check(Path(part), f"{self.root}/{name}/{manifest['version']}/{WEIGHTS_FILE}")
+            check(Path(part), label)
             os.replace(part, cached)  # same content under the same name if two loaders raced: harmless
         finally:
             Path(part).unlink(missing_ok=True)
         self._prune_cache(keep=cached)
         return cached
+
+    def read_weights(self, name: str, sha256: str, check: CheckBytes) -> bytes:
+        """The weights as bytes, checked: from the local copy when it is sound, else downloaded (and the copy
+        kept). The caller loads these very bytes, so nothing can change them between the check and the load."""
+        cached = self.cache_dir / f"{sha256}.safetensors"
+        with contextlib.suppress(FileNotFoundError):
+            data = cached.read_bytes()
+            try:
+                check(data, f"{name}/{WEIGHTS_FILE} (local copy)")
+                os.utime(cached)
+                return data
+            except CorruptAdapter:
+                cached.unlink(missing_ok=True)
+        remote, label = self._remote_weights(name, sha256)
+        with self._reachable():
+            data = self.fs.cat_file(remote)
+        check(data, label)
+        part = self._part_file()
+        try:
+            Path(part).write_bytes(data)
+            os.replace(part, cached)
+        finally:
+            Path(part).unlink(missing_ok=True)
+        self._prune_cache(keep=cached)
+        return data
+
+    def _remote_weights(self, name: str, sha256: str) -> tuple[str, str]:
+        """(key, label) of the weights of the version in place; FileNotFoundError if it is no longer ``sha256``."""
+        manifest = self._manifest(name)
+        if manifest["sha256"] != sha256:
+            raise FileNotFoundError(f"{name}: replaced while reading")  # the registry re-reads
+        return (self._key(name, manifest["version"], WEIGHTS_FILE),
+                f"{self.root}/{name}/{manifest['version']}/{WEIGHTS_FILE}")
+
+    def _part_file(self) -> str:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, part = tempfile.mkstemp(prefix=".part-", dir=self.cache_dir)  # mode 0600
+        os.close(fd)
+        return part
 
     def _prune_cache(self, keep: Path) -> None:
         """Drop the least recently used weight copies until the cache fits ``cache_bytes`` (never ``keep``,
@@ -187,6 +239,39 @@ class ObjectStorage:
             if path != keep:
                 path.unlink(missing_ok=True)
                 total -= size
+
+    # --- start-up check ------------------------------------------------------------------------------
+    def check_conditional_writes(self) -> None:
+        """Refuse to serve a registry whose manifest writes are not conditional: two publishers could then both
+        win. s3fs before 2024.12 drops ``mode="create"`` without a word, and some stores ignore If-None-Match;
+        so check the version, then write one probe object twice with the condition: the second must fail."""
+        if "s3" not in self._protocols():
+            return
+        import s3fs
+
+        if _version_tuple(getattr(s3fs, "__version__", "0")) < S3FS_MIN_VERSION:
+            raise StorageCapabilityError(
+                f"s3fs {s3fs.__version__} cannot write conditionally (needs s3fs>=2024.12); "
+                "pip install -U 'bone-server[s3]'")
+        probe = self._key(f".bone-probe-{uuid.uuid4().hex}")
+        with self._reachable():
+            try:
+                self.fs.pipe_file(probe, b"1", mode="create")
+                try:
+                    self.fs.pipe_file(probe, b"2", mode="create")
+                except Exception as exc:  # noqa: BLE001 - what a refused conditional PUT raises varies
+                    if _precondition_failed(exc):
+                        return
+                    raise
+                raise StorageCapabilityError(
+                    f"the object store at {self.root} ignored a conditional write (If-None-Match); "
+                    "concurrent publishes could overwrite each other, so the registry refuses to start")
+            finally:
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(probe)
+
+    def _protocols(self) -> set[str]:
+        return {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
 
     # --- write ---------------------------------------------------------------------------------------
     def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,
@@ -234,8 +319,7 @@ class ObjectStorage:
             return etag, None, raw
 
     def _put_manifest(self, key: str, data: bytes, old_etag: str | None) -> None:
-        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
-        if "s3" not in protocols:
+        if "s3" not in self._protocols():
             self.fs.pipe_file(key, data)  # other stores: last writer wins
         elif old_etag is None:
             self.fs.pipe_file(key, data, mode="create")  # If-None-Match: *
@@ -256,9 +340,9 @@ class ObjectStorage:
                     self.fs.rm(self._key(name, version), recursive=True)
         return True
 
-    def sweep(self) -> int:
-        """Delete versions no manifest names (interrupted or lost publishes) once they are old enough that
-        no publisher can still be uploading them; and stale partial downloads in the cache."""
+    def sweep(self, grace_s: float = ORPHAN_GRACE_S) -> int:
+        """Delete versions no manifest names (interrupted or lost publishes) once they are older than
+        ``grace_s``, so no publisher can still be uploading them; and stale partial downloads in the cache."""
         removed = 0
         with self._reachable():
             keys = self._all_keys()
@@ -279,12 +363,12 @@ class ObjectStorage:
                     live[name] = "?"  # unreadable manifest: cannot tell which version is live, so keep them all
             for name, version in sorted(versions):
                 age = _version_age_s(version)
-                if live.get(name) not in (version, "?") and age is not None and age > ORPHAN_GRACE_S:
+                if live.get(name) not in (version, "?") and age is not None and age > grace_s:
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm(self._key(name, version), recursive=True)
                     removed += 1
         if self.cache_dir.is_dir():
             for part in self.cache_dir.glob(".part-*"):
-                if time.time() - part.stat().st_mtime > ORPHAN_GRACE_S:
+                if time.time() - part.stat().st_mtime > grace_s:
                     part.unlink(missing_ok=True)
         return removed

@@ -1,5 +1,6 @@
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,15 @@ def test_corrupted_weights_are_refused_naming_the_file(tmp_path):
         registry.verified_weights("alpha")
 
 
-def test_interrupted_publish_is_never_listed_and_is_swept(tmp_path):
+def test_interrupted_publish_is_never_listed_and_is_swept_once_old(tmp_path):
     registry = AdapterRegistry(tmp_path / "reg")
     half = tmp_path / "reg" / ".staging-deadbeef"
     half.mkdir()
     (half / "adapter_config.json").write_text("{}")
     assert registry.list() == []
+    assert registry.sweep() == 0 and half.exists()  # young: it may be a publish still copying
+    two_hours_ago = time.time() - 7200
+    os.utime(half, (two_hours_ago, two_hours_ago))
     assert registry.sweep() == 1
     assert not half.exists()
 
