@@ -87,3 +87,49 @@ def test_up_starts_its_own_redis_and_stops_everything_on_sigterm(tmp_path, share
     while _children_alive(children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _children_alive(children) == [], "bone-server up left processes behind"
+
+
+def test_up_restarts_its_worker_when_it_is_killed(tmp_path, shared_models_dir):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
+    port = free_port()
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # `up` starts a private Redis: the shared one is untouched
+    env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": dead_redis, "OMP_NUM_THREADS": "1",
+           "BONE_AUTH_DISABLED": "true", "BONE_RECONNECT_MAX_BACKOFF_S": "2"}
+    log_path = tmp_path / "up.log"
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)], env=env,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+    base = f"http://127.0.0.1:{port}"
+
+    def ready_worker() -> dict | None:
+        try:
+            answer = httpx.get(f"{base}/readyz", timeout=2)
+        except httpx.HTTPError:
+            return None
+        return answer.json()["worker"] if answer.status_code == 200 else None
+
+    def wait(predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{what}:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.3)
+        return value
+
+    try:
+        first = wait(lambda: (w := ready_worker()) and w["state"] == "running" and w, 120, "not ready")
+        assert first["restarts"] == 0 and first["last_exit"] is None
+        os.kill(first["pid"], signal.SIGKILL)
+        again = wait(lambda: (w := ready_worker()) and w["restarts"] == 1 and w["state"] == "running" and w, 30,
+                     "the worker was not restarted")
+        assert again["pid"] != first["pid"] and again["last_exit"] == "killed by SIGKILL"
+        assert "killed by SIGKILL; restarting it in" in log_path.read_text()
+
+        # the new worker takes jobs
+        job = httpx.post(f"{base}/jobs", json={"adapter_name": "after-restart", "dataset": {"records": [{"text": "hi"}]},
+                                               "training": {"max_steps": 2}}).json()
+        wait(lambda: httpx.get(f"{base}/jobs/{job['id']}").json()["status"] == "succeeded", 120, "job not done")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
