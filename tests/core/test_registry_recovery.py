@@ -172,3 +172,14 @@ def test_the_bytes_loaded_are_the_bytes_hashed(tmp_path):
     writer.join(5)
     assert float(tensors["base_model.model.layer.bone_block"][0, 0]) == 1.0
     assert len(served) == 1
+
+
+def test_published_files_are_not_readable_by_others(tmp_path):
+    previous = os.umask(0o022)  # a permissive umask: the registry narrows its own files anyway
+    try:
+        registry = AdapterRegistry(tmp_path / "reg")
+        registry.publish("alpha", adapter_dir(tmp_path / "v1", 1.0), META)
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "reg" / "alpha").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o640, path.name

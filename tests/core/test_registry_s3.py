@@ -243,3 +243,47 @@ def test_the_weights_cache_keeps_to_its_size_least_recently_used_first(s3_server
     assert sorted(p.name for p in (tmp_path / "small-cache").glob("*.safetensors")) == sorted(
         bounded.get(name).sha256 + ".safetensors" for name in ("one", "three"))
     assert bounded.verified_weights("two")[0].read_bytes() == payloads["two"]  # fetched again when asked
+
+
+# --- start-up capability check and loading what was hashed ------------------------------------------------------
+def test_the_store_s_conditional_writes_are_checked_at_start(registry):
+    registry.check_storage()  # SeaweedFS refuses a second If-None-Match create: fine
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(registry, monkeypatch):
+    from core.storage.objects import StorageCapabilityError
+
+    fs = registry.storage.fs
+    unconditional = fs.pipe_file
+
+    def drops_the_condition(path, data, mode="overwrite", **kwargs):  # what s3fs < 2024.12 does with mode="create"
+        return unconditional(path, data, **kwargs)
+
+    monkeypatch.setattr(fs, "pipe_file", drops_the_condition)
+    with pytest.raises(StorageCapabilityError, match="ignored a conditional write"):
+        registry.check_storage()
+
+
+def test_an_old_s3fs_is_refused_by_version(registry, monkeypatch):
+    import s3fs
+
+    from core.storage.objects import StorageCapabilityError
+
+    monkeypatch.setattr(s3fs, "__version__", "2024.6.0")
+    with pytest.raises(StorageCapabilityError, match=r"s3fs>=2024\.12"):
+        registry.check_storage()
+
+
+def test_tensors_are_loaded_from_the_bytes_that_were_hashed(registry, tmp_path):
+    import torch
+    from safetensors.torch import save
+
+    payload = save({"w": torch.arange(4.0)})
+    registry.publish("tensors", _adapter_dir(tmp_path, payload), META)
+    tensors, info = registry.verified_tensors("tensors")  # downloaded, checked, loaded from memory
+    assert torch.equal(tensors["w"], torch.arange(4.0))
+    cached = tmp_path / "cache" / f"{info.sha256}.safetensors"
+    assert cached.read_bytes() == payload
+    cached.write_bytes(save({"w": torch.zeros(4)}))  # a damaged local copy is fetched again, not loaded
+    tensors, _ = registry.verified_tensors("tensors")
+    assert torch.equal(tensors["w"], torch.arange(4.0))
