@@ -55,7 +55,8 @@ def test_start_job_watch_curve_and_generate_from_the_page(service, page, tmp_pat
 
     page.wait_for_selector("#jobs-body td.status-succeeded", timeout=240_000)
     # the chart of the selected (new) job has one point per step
-    page.wait_for_function("Number(document.getElementById('loss-chart').dataset.trainPoints) >= "
+    # Predicates are arrow functions: a bare expression string is eval()ed in the page, which the CSP forbids.
+    page.wait_for_function("() => Number(document.getElementById('loss-chart').dataset.trainPoints) >= "
                            f"{training['max_steps']}", timeout=30_000)
     # the job detail: settings, metrics, events; step ticks along the x-axis; no eval legend without evals
     page.wait_for_selector("#job-detail-status:has-text('succeeded')", timeout=30_000)
