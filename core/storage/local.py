@@ -3,11 +3,13 @@
 A publish copies the files and ``metadata.json`` into a hidden staging folder, fsyncs them, then renames the
 folder into place (one atomic rename on one filesystem), so a reader sees no adapter or a whole one.
 
-An overwrite needs two renames (the old folder aside to ``.trash-*``, then the staging folder into place).
-Before the first one the publisher writes a journal (``.swap-<name>.json``, naming both folders); whoever
-next takes the publish lock for that name (a publish, a delete, the sweep every API start runs) finishes the
-swap of a publisher that died between the renames: forward when the new folder is whole, else back. So the
-old or the new version is always there, never neither.
+An overwrite exchanges the staging folder with the live one in one step where the kernel and filesystem can
+(Linux ``renameat2(RENAME_EXCHANGE)``: ext4, xfs, btrfs, tmpfs), so a reader sees the old version or the new
+one, never neither. Elsewhere it takes two renames (the old folder aside to ``.trash-*``, then the staging
+folder into place); before the first one the publisher writes a journal (``.swap-<name>.json``, naming both
+folders), and whoever next takes the publish lock for that name (a publish, a delete, the sweep every API
+start runs) finishes the swap of a publisher that died between the renames: forward when the new folder is
+whole, else back.
 
 The sweep deletes leftovers (``.staging-*``, ``.trash-*``) only under the publish lock, only once they are
 older than a grace period, and never a staging folder a live publisher still holds (a shared flock on it).
@@ -16,11 +18,14 @@ older than a grace period, and never a staging folder a live publisher still hol
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +46,29 @@ SWEEP_GRACE_S = 3600.0
 
 # path of a metadata.json -> ((inode, mtime_ns, size), bytes); shared by every registry object of the process
 _METADATA_CACHE: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+_libc = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (``renameat2(RENAME_EXCHANGE)``); False where the platform or filesystem
+    cannot, so the caller falls back to two journaled renames."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(_libc, "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
 
 
 def _leftover_name(prefix: str) -> str:
@@ -205,6 +233,10 @@ class LocalStorage:
             return
         if not overwrite:
             raise _taken(name)
+        if _exchange(staging, target):  # one atomic step: the staging name now holds the old version
+            fsync_path(self.root)
+            shutil.rmtree(staging, ignore_errors=True)
+            return
         trash, journal = self.root / _leftover_name(TRASH_PREFIX), self._journal(name)
         # The journal is durable before the first rename: a publisher that dies between the two leaves enough
         # for _recover to finish its swap.

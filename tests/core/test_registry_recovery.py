@@ -72,7 +72,9 @@ def test_a_publish_racing_a_sweep_in_another_process_always_lands(tmp_path):
 DIE_BETWEEN_RENAMES = """
 import os, sys
 from pathlib import Path
+import core.storage.local as local
 from core.registry import AdapterRegistry
+local._exchange = lambda a, b: False  # a filesystem without RENAME_EXCHANGE: two journaled renames
 real_rename = os.rename
 def rename_then_die(src, dst, *args, **kwargs):
     real_rename(src, dst, *args, **kwargs)
@@ -115,6 +117,50 @@ def test_a_publish_or_delete_finishes_an_interrupted_overwrite_first(tmp_path):
                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     registry.delete("alpha")  # rolls the overwrite forward, then deletes: nothing comes back later
     assert LocalStorage(root).recover() == [] and not registry.exists("alpha")
+
+
+def test_readers_never_miss_an_adapter_while_it_is_overwritten(tmp_path, monkeypatch):
+    """Any rename that puts a folder aside is slowed down, widening the window in which a two-rename swap
+    leaves the name missing; the exchange has no such window."""
+    root = tmp_path / "reg"
+    registry = AdapterRegistry(root)
+    registry.publish("alpha", adapter_dir(tmp_path / "v0", 0.0), META)
+    if not local_exchange_works(tmp_path):
+        pytest.skip("this filesystem has no RENAME_EXCHANGE: overwrites fall back to two journaled renames")
+    real_rename = os.rename
+
+    def slow_rename(src, dst, *args, **kwargs):
+        real_rename(src, dst, *args, **kwargs)
+        if Path(dst).name.startswith(".trash-"):
+            time.sleep(0.2)
+
+    monkeypatch.setattr(os, "rename", slow_rename)
+    missing, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            if not (root / "alpha" / "metadata.json").is_file():
+                missing.append(time.monotonic())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        for i in range(1, 6):
+            registry.publish("alpha", adapter_dir(tmp_path / f"v{i}", float(i)), META, overwrite=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert missing == []
+    assert float(registry.verified_tensors("alpha")[0]["base_model.model.layer.bone_block"][0, 0]) == 5.0
+
+
+def local_exchange_works(folder: Path) -> bool:
+    from core.storage.local import _exchange
+
+    (folder / "ex-a").mkdir()
+    (folder / "ex-b").mkdir()
+    return _exchange(folder / "ex-a", folder / "ex-b")
 
 
 def test_young_or_held_leftovers_survive_the_sweep(tmp_path):
