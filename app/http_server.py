@@ -32,18 +32,34 @@ def _uvicorn_protocol() -> type:
         return H11Protocol
 
 
-def with_head_deadline(base: type, timeout_s: float) -> type:
-    """``base`` (one of uvicorn's HTTP protocols) that closes a connection whose request head is late.
+def with_head_deadline(base: type, timeout_s: float, max_head_bytes: int) -> type:
+    """``base`` (one of uvicorn's HTTP protocols) that closes a connection whose request head is late, or
+    larger than ``max_head_bytes`` (httptools has no such bound of its own; h11 has one).
 
     Both of uvicorn's protocols start a new ``cycle`` when a head is complete; so "the head arrived" is "the
     cycle changed since the deadline was armed"."""
 
     class HeadDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _head_timer: asyncio.TimerHandle | None = None
+        _cycle_then = None
+        _head_bytes = 0
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_head_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is None:
+                return
+            if self.cycle is not self._cycle_then:  # the head is in: the route's own bounds apply now
+                self._disarm()
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > max_head_bytes and not self.transport.is_closing():
+                self._disarm()
+                log.info("closing a connection from %s: request head over %d bytes", self._peer(), max_head_bytes)
+                self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -51,23 +67,30 @@ def with_head_deadline(base: type, timeout_s: float) -> type:
                 self._arm_head_deadline()  # a keep-alive connection owes the next head as promptly
 
         def connection_lost(self, exc) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._disarm()
             super().connection_lost(exc)
 
         def _arm_head_deadline(self) -> None:
+            self._disarm()
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a pipelined request is running: armed again when its response completes
+            self._cycle_then, self._head_bytes = self.cycle, 0
+            self._head_timer = self.loop.call_later(timeout_s, self._head_deadline)
+
+        def _disarm(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(timeout_s, self._head_deadline, self.cycle)
+                self._head_timer = None
 
-        def _head_deadline(self, cycle_then) -> None:
+        def _head_deadline(self) -> None:
             self._head_timer = None
-            waiting = self.cycle is cycle_then and (cycle_then is None or cycle_then.response_complete)
-            if waiting and not self.transport.is_closing():
-                log.info("closing a connection from %s: no complete request head within %.0f s",
-                         self.client[0] if self.client else "?", timeout_s)
+            if self.cycle is self._cycle_then and not self.transport.is_closing():
+                log.info("closing a connection from %s: no complete request head within %.0f s", self._peer(),
+                         timeout_s)
                 self.transport.close()
+
+        def _peer(self) -> str:
+            return self.client[0] if self.client else "?"
 
     HeadDeadlineProtocol.__name__ = f"HeadDeadline{base.__name__}"
     return HeadDeadlineProtocol
@@ -77,7 +100,8 @@ def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
     """How ``bone-server api``/``up`` serve ``app`` (tests build their live servers with it too)."""
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
                    log_config=None,  # uvicorn keeps our logging (JSON lines, request ids)
-                   http=with_head_deadline(_uvicorn_protocol(), settings.http_header_timeout_s),
+                   http=with_head_deadline(_uvicorn_protocol(), settings.http_header_timeout_s,
+                                            settings.http_max_header_bytes),
                    timeout_keep_alive=settings.http_keep_alive_s,
                    limit_concurrency=settings.http_max_connections,
                    h11_max_incomplete_event_size=settings.http_max_header_bytes)

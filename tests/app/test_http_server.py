@@ -99,6 +99,36 @@ def test_slowloris_connections_are_cut_off_while_others_are_served(api):
     assert max(served) < 1.0, served
 
 
+def test_an_oversized_request_head_is_cut_off_at_once(api):
+    _, port, _ = api
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(HEADER_TIMEOUT_S + 5)
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000)
+            answer = sock.recv(1024)
+        except OSError:  # reset while sending: closed as well
+            answer = b""
+    assert not answer.startswith(b"HTTP/1.1 200"), answer
+    assert time.monotonic() - started < HEADER_TIMEOUT_S
+
+
+def test_pipelined_and_large_body_requests_are_served(api):
+    url, port, _ = api
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # two requests in one write
+        sock.settimeout(10)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while received.count(b"HTTP/1.1 200") < 2:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    # a body far over the head bound, arriving with the head, is the route's business (here: a 422)
+    answer = httpx.post(url + "/generate", content=b'{"prompt": "' + b"a" * 300_000 + b'"}',
+                        headers={"content-type": "application/json"}, timeout=30)
+    assert answer.status_code in (413, 422), answer.text[:200]
+
+
 def test_a_prompt_client_on_a_kept_alive_connection_is_not_cut_off(api):
     url, _, _ = api
     with httpx.Client(base_url=url, timeout=5) as client:
