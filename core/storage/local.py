@@ -87,17 +87,6 @@ def _leftover_age_s(entry: Path) -> float:
     return min(ages) if ages else 0.0
 
 
-@contextlib.contextmanager
-def _held(folder: Path) -> Iterator[None]:
-    """A shared flock on a staging folder while its publisher fills and renames it: the sweep skips it."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _abandoned(folder: Path) -> bool:
     """No live publisher holds this folder (its flock goes when the process dies)."""
     try:
@@ -183,29 +172,40 @@ class LocalStorage:
     # --- write ---------------------------------------------------------------------------------------
     def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,
                may_replace: MayReplace | None = None) -> None:
+        with self._new_staging() as staging:
+            for filename in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(source_dir / filename, staging / filename)
+            (staging / METADATA_FILE).write_text(metadata_json)
+            for child in staging.iterdir():
+                os.chmod(child, FILE_MODE)
+                fsync_path(child)
+            fsync_path(staging)
+            with self._publish_lock():
+                self._recover(name)
+                if may_replace is not None and overwrite:
+                    try:
+                        current = self.read_metadata(name)
+                    except FileNotFoundError:
+                        current = None
+                    if current is not None and not may_replace(current):
+                        raise _in_use(name)
+                self._swap_into_place(name, staging, overwrite)
+            fsync_path(self.root)
+
+    @contextlib.contextmanager
+    def _new_staging(self) -> Iterator[Path]:
+        """A fresh staging folder with a shared flock on it from birth (made under the publish lock, which the
+        sweep holds, so the sweep never sees it unheld) until the publish ends; then removed unless it went
+        into place."""
         staging = self.root / _leftover_name(STAGING_PREFIX)
-        staging.mkdir(mode=FOLDER_MODE)
+        with self._publish_lock():
+            staging.mkdir(mode=FOLDER_MODE)
+            fd = os.open(staging, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_SH)
         try:
-            with _held(staging):
-                for filename in (CONFIG_FILE, WEIGHTS_FILE):
-                    shutil.copyfile(source_dir / filename, staging / filename)
-                (staging / METADATA_FILE).write_text(metadata_json)
-                for child in staging.iterdir():
-                    os.chmod(child, FILE_MODE)
-                    fsync_path(child)
-                fsync_path(staging)
-                with self._publish_lock():
-                    self._recover(name)
-                    if may_replace is not None and overwrite:
-                        try:
-                            current = self.read_metadata(name)
-                        except FileNotFoundError:
-                            current = None
-                        if current is not None and not may_replace(current):
-                            raise _in_use(name)
-                    self._swap_into_place(name, staging, overwrite)
-                fsync_path(self.root)
+            yield staging
         finally:
+            os.close(fd)
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
