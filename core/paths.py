@@ -120,7 +120,7 @@ def redact_server_paths(text: str, data_dir: Path) -> str:
     if "/" not in text:
         return text
     for root, replacement in _server_roots(str(Path(data_dir))):
-        text = text.replace(root + "/", replacement).replace(root, replacement.rstrip("/") or ".")
+        text = text.replace(root + "/", replacement).replace(root, replacement.rstrip("/") or "<data dir>")
     return text
 
 
@@ -132,4 +132,5 @@ def _server_roots(data_dir: str) -> tuple[tuple[str, str], ...]:
         if other and other != "/":
             roots.setdefault(other, "<server>/")
             roots.setdefault(str(Path(other).resolve()), "<server>/")
+    roots = {root: shown for root, shown in roots.items() if root not in ("", "/")}
     return tuple(sorted(roots.items(), key=lambda item: -len(item[0])))  # longest first: the most specific wins
