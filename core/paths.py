@@ -119,18 +119,24 @@ def redact_server_paths(text: str, data_dir: Path) -> str:
     files, the installation, the working directory, home) becomes ``<server>/...``."""
     if "/" not in text:
         return text
-    for root, replacement in _server_roots(str(Path(data_dir))):
-        text = text.replace(root + "/", replacement).replace(root, replacement.rstrip("/") or "<data dir>")
-    return text
+    pattern, shown = _server_roots(str(Path(data_dir)))
+
+    def replace(match: re.Match) -> str:
+        prefix = shown[match.group(1)]
+        return prefix if match.group(2) else (prefix.rstrip("/") or "<data dir>")
+
+    return pattern.sub(replace, text)
 
 
 @functools.lru_cache(maxsize=8)
-def _server_roots(data_dir: str) -> tuple[tuple[str, str], ...]:
+def _server_roots(data_dir: str) -> tuple[re.Pattern, dict[str, str]]:
+    """One pattern for every root (longest first, one pass, so nothing is replaced twice): a root followed by
+    ``/`` or by the end of the path."""
     roots = {data_dir: "", str(Path(data_dir).resolve()): ""}
     for other in (tempfile.gettempdir(), sys.prefix, sys.base_prefix, os.getcwd(), str(Path.home()),
                   str(Path(__file__).resolve().parents[1])):
-        if other and other != "/":
-            roots.setdefault(other, "<server>/")
-            roots.setdefault(str(Path(other).resolve()), "<server>/")
-    roots = {root: shown for root, shown in roots.items() if root not in ("", "/")}
-    return tuple(sorted(roots.items(), key=lambda item: -len(item[0])))  # longest first: the most specific wins
+        roots.setdefault(other, "<server>/")
+        roots.setdefault(str(Path(other).resolve()), "<server>/")
+    roots = {root.rstrip("/"): shown for root, shown in roots.items() if root.rstrip("/")}
+    alternatives = "|".join(re.escape(root) for root in sorted(roots, key=len, reverse=True))
+    return re.compile(rf"({alternatives})(?:(/)|(?![\w.@+-]))"), roots
