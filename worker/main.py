@@ -13,6 +13,11 @@ own signals only feed that path:
 * a whole worker that dies is noticed by the janitor within ~heartbeat TTL + interval (20 s by default);
   RQ's own abandoned-job report comes 90+ s later and is only logged.
 
+Redis going away does not end the worker: whether it is down at start or lost under a running worker, the
+worker waits (1 s, doubling up to ``BONE_RECONNECT_MAX_BACKOFF_S``), builds a fresh RQ ``Worker`` and goes on;
+a job still running in a work-horse then finishes before another is taken. Only a stop request (SIGTERM,
+SIGINT, RQ's shutdown command) or ``burst`` ends ``run_worker``.
+
 Fleets (core/fleet.py): ``queues`` (``bone-server worker --queues cpu,gpu-24g``) are the RQ queues served, in
 priority order (default: ``BONE_QUEUE_NAME``); an ``Advert`` thread keeps this worker's device, memory and
 queues in Redis for ``GET /workers`` and ``GET /queues``.
