@@ -93,6 +93,8 @@ class Settings(BaseSettings):
         default_factory=dict, description="JSON {base model: queue}: the queue of a job that names none")
     max_num_processes: int = Field(8, ge=1, description="bound on a job's training.num_processes")
     distributed_timeout_s: float = Field(600.0, gt=0, description="a distributed job's collectives give up after this")
+    distributed_max_restarts: int = Field(1, ge=0, description="times torch elastic restarts a distributed job's "
+                                          "processes after one failed; the group resumes from the last checkpoint")
 
     # --- request bounds ----------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)

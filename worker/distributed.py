@@ -1,35 +1,35 @@
-"""One job on several devices: ``training.num_processes = N`` trains with N processes and PyTorch distributed.
+"""One job on several devices: ``training.num_processes = N`` trains with N processes on PyTorch's own engine.
 
-The RQ work-horse that runs the job is rank 0: it loads and tokenizes the data, keeps the heartbeat, reports
-progress, evaluates, checkpoints and publishes, exactly as a one-process job does. ``launch`` starts ranks
-1..N-1 with ``torch.multiprocessing`` (spawn: a fresh interpreter each, never a fork of the threaded
-work-horse, and CUDA-safe); each loads the base model itself, wraps it with the same Bone config and runs the
-same ``worker.train.train`` loop with a ``Group``.
+* **Launch**: ``torch.distributed.elastic`` (the launcher behind ``torchrun``) starts the N ranks from the RQ
+  work-horse (``elastic_launch``: c10d rendezvous on a free loopback port, run id = job id, spawned processes,
+  ``BONE_DISTRIBUTED_MAX_RESTARTS`` restarts of the whole group after a rank fails; a restarted group resumes
+  from the job's newest checkpoint, which ``worker.train.train`` finds by itself).
+* **Sync**: each rank wraps the Bone model in ``DistributedDataParallel`` (bucketed all-reduce of the trainable
+  ``bone_*`` gradients, overlapped with backward; ``no_sync()`` on all but the last micro-batch of a step).
 
-How the ranks stay equal to one process (no DDP wrapper: only the ``bone_*`` parameters train, so summing
-their gradients is all DDP would do here):
+How the ranks stay equal to one process:
 * every rank draws the same global batches from the same seeded stream (global batch = batch_size x
-  gradient_accumulation_steps examples, as with one process) and runs only rows ``rank::N`` of each
-  micro-batch; the loss divisor counts the trainable tokens of the *global* step;
-* after backward, one all-reduce sums the trainable gradients (and the step's loss and token count), so every
-  rank clips and steps with the single-process gradient, up to float summation order;
-* rank 0's weights are broadcast once at the start (and after resuming from a checkpoint, which every rank
-  reads); rank 0 polls the cancel flag at each step and the verdict is all-reduced, so all ranks stop together.
+  gradient_accumulation_steps examples, as with one process) and runs only its rows of each micro-batch
+  (``Ranks.shard``); the loss divisor counts the trainable tokens of the *global* step. DDP averages
+  gradients over the ranks, so each rank's loss is multiplied by the world size: the average of the scaled
+  shard gradients is the single-process gradient (up to float summation order);
+* DDP broadcasts rank 0's trainable weights when it wraps the model (after a resume, which every rank reads);
+* rank 0 alone reports progress, evaluates, checkpoints and saves the final adapter for the work-horse to
+  publish; it polls the cancel flag at each step and the verdict is all-reduced, so all ranks stop together.
 
-Backend: NCCL on CUDA (rank r on ``cuda:r``), gloo on CPU. Rendezvous is a TCP store on 127.0.0.1 (one
-machine); rank 0 waits for the others to report ready while watching their processes, so a rank that dies while
-starting fails the job at once. Later, a dead peer breaks gloo's collectives at once (NCCL's after
-``BONE_DISTRIBUTED_TIMEOUT_S``). Helpers exit by themselves when the work-horse goes away.
+The work-horse is the elastic agent: it waits for the ranks, returns rank 0's ``TrainResult`` (or raises
+``Cancelled`` / one line naming the failed rank). Backend: NCCL on CUDA (local rank r on ``cuda:r``), gloo on
+CPU. Ranks exit by themselves when the work-horse goes away (cancel by RQ, OOM killer).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -40,11 +40,12 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-READY_KEY = "bone-ready"
+CANCELLED = "cancelled"  # what a rank returns when the job was cancelled (a raise would count as a failure)
 
 
-class Group:
-    """One rank's view of the job's process group (the default torch.distributed group)."""
+class Ranks:
+    """One rank's view of the job's default process group: its rows of each batch and the small collectives
+    the loop needs besides DDP's gradient sync (stop verdicts, the step's loss and token count)."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -54,13 +55,21 @@ class Group:
         return self.rank == 0
 
     def shard(self, batch: Sequence[Any]) -> list[Any]:
-        """This rank's rows of a global micro-batch (disjoint across ranks, together all of it)."""
-        return list(batch[self.rank::self.world_size])
+        """This rank's rows of a global micro-batch: contiguous, sizes differing by at most one, disjoint
+        across ranks and together all of it (a batch smaller than the world leaves some shards empty)."""
+        base, extra = divmod(len(batch), self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return list(batch[start:start + base + (1 if self.rank < extra else 0)])
 
-    def broadcast(self, params: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, src=0)
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``DistributedDataParallel`` over the trainable parameters only: every rank loads the same frozen
+        base, so DDP neither broadcasts nor reduces it (on a 7 B base that broadcast alone would be 14 GB)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
     def any(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
@@ -72,20 +81,7 @@ class Group:
         dist.broadcast(t, src=0)
         return bool(t.item() > 0)
 
-    def all_reduce_grads(self, params: list[torch.Tensor], loss: float, tokens: int) -> tuple[float, int]:
-        """Sum every rank's trainable gradients in place (one flat buffer); return the summed loss and tokens."""
-        grads = []
-        for p in params:
-            if p.grad is None:  # a rank with an empty shard this step still takes part
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad.reshape(-1))
-        flat = torch.cat(grads)
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
+    def sum_stats(self, loss: float, tokens: int) -> tuple[float, int]:
         stats = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=self.device)
         dist.all_reduce(stats)
         return float(stats[0]), int(round(float(stats[1])))
@@ -95,8 +91,8 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device.type == "cuda" else torch.device("cpu")
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if device.type == "cuda" else torch.device("cpu")
 
 
 def check_processes(n: int, device: torch.device, max_processes: int) -> None:
@@ -115,103 +111,117 @@ def _free_port() -> int:
 
 
 @contextmanager
-def launch(n: int, *, device: torch.device, timeout_s: float, helper_args: dict[str, Any],
-           start_timeout_s: float = 600.0) -> Iterator[Group]:
-    """Start ranks 1..n-1, join the process group as rank 0 and yield rank 0's ``Group``; on leaving, wait
-    for the helpers (or, after an error or cancel, kill them) and tear the group down."""
-    import torch.multiprocessing as mp
-
-    port = _free_port()
-    store = dist.TCPStore("127.0.0.1", port, n, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout_s))
-    ctx = mp.get_context("spawn")
-    helpers = []
-    for rank in range(1, n):
-        proc = ctx.Process(target=_helper_main, args=(rank, n, port, device.type, timeout_s, helper_args),
-                           name=f"bone-rank-{rank}", daemon=True)
-        proc.start()
-        helpers.append(proc)
-    ok = False
+def _own_signal_handlers() -> Iterator[None]:
+    """The elastic agent installs its own SIGTERM/SIGINT/... handlers in the calling process; put ours
+    (RQ's in a work-horse, pytest's in tests) back afterwards."""
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved = {name: signal.getsignal(getattr(signal, name)) for name in names} if main_thread else {}
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while store.add(READY_KEY, 0) < n - 1:  # wait for every helper, but notice one that dies meanwhile
-            for rank, proc in enumerate(helpers, start=1):
-                if proc.exitcode is not None:
-                    raise RuntimeError(f"training process rank {rank} of {n} exited with code {proc.exitcode} "
-                                       "while starting (see the worker log)")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the {n - 1} other training processes were not ready after {start_timeout_s:g} s")
-            time.sleep(0.1)
-        if device.type == "cuda":
-            torch.cuda.set_device(0)
-        dist.init_process_group(backend_for(device), store=store, rank=0, world_size=n,
-                                timeout=timedelta(seconds=timeout_s))
-        log.info("distributed training: %d processes, backend %s", n, backend_for(device))
-        yield Group(0, n, rank_device(device, 0))
-        ok = True
+        yield
     finally:
-        if ok:
-            for proc in helpers:
-                proc.join(timeout=60)
-        for proc in helpers:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=10)
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - a broken group after a failure: nothing left to release
-                pass
-        failed = [(r, p.exitcode) for r, p in enumerate(helpers, start=1) if p.exitcode not in (0, None)]
-        if ok and failed:
-            raise RuntimeError(f"training processes failed: {', '.join(f'rank {r} (exit {c})' for r, c in failed)}")
+        for name, handler in saved.items():
+            if handler is not None:
+                signal.signal(getattr(signal, name), handler)
 
 
-# --- ranks 1..N-1 ---------------------------------------------------------------------------------------------
+def run(n: int, *, device: torch.device, settings, job, bone_config, examples, eval_examples,
+        checkpoint_dir: Path, adapter_dir: Path, adapter_name: str):
+    """Train the job on ``n`` processes started by torch elastic; returns rank 0's ``TrainResult`` after rank 0
+    saved the adapter into ``adapter_dir``. Raises ``Cancelled`` when the job was cancelled."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from worker.data import Cancelled
+
+    check_processes(n, device, settings.max_num_processes)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=job.id, rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"join_timeout": int(settings.distributed_timeout_s)},
+        max_restarts=settings.distributed_max_restarts, monitor_interval=0.1, start_method="spawn")
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 1)  # N ranks share this machine's cores
+    args = {"device_type": device.type, "timeout_s": settings.distributed_timeout_s, "threads": threads,
+            "parent": os.getpid(), "settings": settings, "job": job, "bone_config": bone_config,
+            "examples": list(examples), "eval_examples": list(eval_examples),
+            "checkpoint_dir": str(checkpoint_dir), "adapter_dir": str(adapter_dir), "adapter_name": adapter_name}
+    log.info("distributed training: %d processes, backend %s, up to %d restarts", n, backend_for(device),
+             settings.distributed_max_restarts)
+    try:
+        with _own_signal_handlers():
+            outcomes = elastic_launch(config, _rank_main)(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise RuntimeError(f"training process rank {rank} of {n} failed: {_one_line(failure.message)}") from None
+    outcome = outcomes[0]
+    if outcome == CANCELLED:
+        raise Cancelled()
+    return outcome
+
+
+def _one_line(message: Any) -> str:
+    if isinstance(message, dict):
+        message = message.get("message", message)
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no message (see the worker log)"
+
+
+# --- every rank -----------------------------------------------------------------------------------------------
 def _exit_with_parent(parent: int) -> None:
-    """The work-horse (rank 0) may be killed abruptly (cancel by RQ, OOM): a helper must not outlive it."""
+    """The work-horse (the elastic agent) may be killed abruptly (cancel by RQ, OOM): a rank must not outlive it."""
     while True:
         if os.getppid() != parent:
             os._exit(3)
         time.sleep(1.0)
 
 
-def _helper_main(rank: int, world_size: int, port: int, device_type: str, timeout_s: float,
-                 args: dict[str, Any]) -> None:
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+def _rank_main(args: dict[str, Any]):
+    """A rank's entry point (elastic sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous store)."""
+    threading.Thread(target=_exit_with_parent, args=(args["parent"],), daemon=True).start()
+    torch.set_num_threads(args["threads"])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    device = rank_device(torch.device(args["device_type"]), local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), timeout=timedelta(seconds=args["timeout_s"]))
     try:
-        _helper_train(rank, world_size, port, device_type, timeout_s, args)
-    except Exception:  # noqa: BLE001 - the exit code tells rank 0; the traceback goes to the worker log
-        traceback.print_exc()
-        os._exit(1)
+        return _rank_train(Ranks(rank, world_size, device), args)
+    finally:
+        dist.destroy_process_group()
 
 
-def _helper_train(rank: int, world_size: int, port: int, device_type: str, timeout_s: float,
-                  args: dict[str, Any]) -> None:
+def _rank_train(ranks: Ranks, args: dict[str, Any]):
     from bone import get_bone_model
     from core.base_model import load_base_model
+    from core.jobstore import JobStore
+    from core.logs import job_id_var
     from worker.data import Cancelled
     from worker.train import train
 
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    device = rank_device(torch.device(device_type), rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    loaded = load_base_model(args["base_model"], args["settings"], device=device)
+    settings, job = args["settings"], args["job"]
+    loaded = load_base_model(job.base_model, settings, device=ranks.device)
     bone_model = get_bone_model(loaded.model, args["bone_config"], adapter_name=args["adapter_name"])
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
-    store.add(READY_KEY, 1)
-    dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    hooks: dict[str, Any] = {}
+    if ranks.is_main:  # rank 0 reports: its own Redis connection, the same reporter the one-process path uses
+        import redis
+
+        from worker.progress import ProgressReporter
+        from worker.tasks import CheckpointPublisher
+
+        job_id_var.set(job.id)
+        store = JobStore(redis.Redis.from_url(settings.redis_url))
+        reporter = ProgressReporter(store, job.id)
+        hooks = {"on_step": reporter.on_step, "should_stop": reporter.should_stop,
+                 "on_event": CheckpointPublisher(store, settings, job, args["bone_config"]).wrap(reporter.on_event)}
     try:
         # eval rows too: rank 0 alone evaluates, but every rank must reach the same collectives around it
-        train(bone_model, loaded.tokenizer, args["examples"], args["spec"], device=device,
-              eval_examples=args["eval_examples"],
-              checkpoint_dir=Path(args["checkpoint_dir"]) if args.get("checkpoint_dir") else None,
-              adapter_name=args["adapter_name"], group=Group(rank, world_size, device))
+        result = train(bone_model, loaded.tokenizer, args["examples"], job.training, device=ranks.device,
+                       eval_examples=args["eval_examples"], checkpoint_dir=Path(args["checkpoint_dir"]),
+                       checkpoints_kept=settings.checkpoints_kept, adapter_name=args["adapter_name"],
+                       ranks=ranks, **hooks)
     except Cancelled:
-        pass  # rank 0 records the cancel
-    finally:
-        dist.destroy_process_group()
+        return CANCELLED
+    if ranks.is_main:
+        bone_model.save_pretrained(args["adapter_dir"], adapter_name=args["adapter_name"])
+        return result
+    return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -175,13 +174,24 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
                     truncated=data.truncated, dropped=data.dropped, trainable_params=trainable, device=device.type)
 
     # -- train (resuming from the newest checkpoint in the work dir, if an earlier attempt left one); with
-    #    num_processes > 1 this process is rank 0 of a distributed run (worker/distributed.py)
-    publisher = CheckpointPublisher(store, settings, job, config)
-    with _processes(job, settings, device, config, train_examples, eval_examples, workdir) as group:
+    #    num_processes > 1 torch elastic runs the ranks and rank 0 reports and saves the adapter
+    #    (worker/distributed.py); this process waits for them
+    adapter_dir = workdir / "adapter"
+    if spec.num_processes > 1:
+        from worker import distributed
+
+        result = distributed.run(spec.num_processes, device=device, settings=settings, job=job, bone_config=config,
+                                 examples=train_examples, eval_examples=eval_examples,
+                                 checkpoint_dir=workdir / "checkpoints", adapter_dir=adapter_dir,
+                                 adapter_name=ADAPTER_NAME_IN_MODEL)
+        reporter.progress = dict(store.get(job.id).progress.model_dump())  # rank 0 wrote it meanwhile
+    else:
+        publisher = CheckpointPublisher(store, settings, job, config)
         result = train(bone_model, tokenizer, train_examples, spec, device=device, eval_examples=eval_examples,
                        on_step=reporter.on_step, on_event=publisher.wrap(reporter.on_event),
                        should_stop=reporter.should_stop, checkpoint_dir=workdir / "checkpoints",
-                       checkpoints_kept=settings.checkpoints_kept, adapter_name=ADAPTER_NAME_IN_MODEL, group=group)
+                       checkpoints_kept=settings.checkpoints_kept, adapter_name=ADAPTER_NAME_IN_MODEL)
+        bone_model.save_pretrained(adapter_dir, adapter_name=ADAPTER_NAME_IN_MODEL)
     if reporter.should_stop():  # a cancel that arrived during the last step still wins over publishing
         raise Cancelled()
     metrics = {
@@ -208,8 +218,6 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
 
     # -- save, then publish atomically (the registry copies from the temp folder, then renames into place)
     reporter.phase("publishing")
-    adapter_dir = workdir / "adapter"
-    bone_model.save_pretrained(adapter_dir, adapter_name=ADAPTER_NAME_IN_MODEL)
     registry = AdapterRegistry.from_settings(settings)
     # The API checked the name when it accepted the job, but training takes a while: another owner may have
     # taken it since. The registry judges what an overwrite would replace atomically with the swap.
@@ -217,21 +225,6 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
         "base_model": job.base_model, "bone": config.to_dict(), "job_id": job.id, "owner": job.owner,
         "metrics": metrics,
     }, may_replace=partial(may_publish_over, job.owner, job.id))
-
-
-def _processes(job: Job, settings: Settings, device: torch.device, config, train_examples, eval_examples,
-               workdir: Path):
-    """No group for one process; else the other ranks started and this one joined as rank 0."""
-    from worker import distributed
-
-    n = job.training.num_processes
-    if n == 1:
-        return nullcontext(None)
-    distributed.check_processes(n, device, settings.max_num_processes)
-    return distributed.launch(n, device=device, timeout_s=settings.distributed_timeout_s, helper_args={
-        "base_model": job.base_model, "settings": settings, "bone_config": config,
-        "adapter_name": ADAPTER_NAME_IN_MODEL, "spec": job.training, "examples": list(train_examples),
-        "eval_examples": list(eval_examples), "checkpoint_dir": str(workdir / "checkpoints")})
 
 
 class CheckpointPublisher:

@@ -8,10 +8,15 @@ is the mean over every trainable token of one optimizer step, however the step i
 every ``save_every`` steps and, if a checkpoint is already there (a retried job), resumes from the newest:
 the same seed then gives the same weights as a run that was never interrupted.
 
-With ``group`` (worker/distributed.py) the same loop runs in every process of a distributed job: each rank draws
+The loss is computed by ``worker.loss.CausalLMLoss`` (hidden states, then the output head in checkpointed
+chunks: never the whole micro-batch's fp32 logits). On CUDA the forward runs under bf16 autocast, or fp16
+with a ``GradScaler`` on GPUs without bf16; AdamW is the fused kernel there.
+
+With ``ranks`` (worker/distributed.py) the same loop runs in every process of a distributed job: each rank draws
 the same global batches from the same seeded stream, runs only its disjoint shard of every micro-batch, and
-the trainable (``bone_*``) gradients are summed across ranks before the optimizer step, so the update equals
-the single-process one. Rank 0 alone reports, evaluates and checkpoints; it polls the stop flag and broadcasts it.
+``DistributedDataParallel`` averages the trainable (``bone_*``) gradients (each rank's loss is scaled by the
+world size, so the average is the single-process gradient; ``no_sync`` on all but a step's last micro-batch).
+Rank 0 alone reports, evaluates and checkpoints; it polls the stop flag and the verdict is shared.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from core.jobs import TrainingSpec
 from worker import checkpoint
@@ -33,8 +37,9 @@ from worker.batches import BatchStream, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
 
 if TYPE_CHECKING:
-    from worker.distributed import Group
+    from worker.distributed import Ranks
 from worker.evaluate import EvalResult, evaluate
+from worker.loss import CausalLMLoss, plain_cross_entropy
 
 __all__ = ["Cancelled", "TrainResult", "collate", "count_steps", "get_lr", "train"]
 
@@ -103,13 +108,30 @@ def seed_everything(seed: int) -> None:
 
 
 def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over trainable tokens; the caller divides by the step's
-    token count so every token weighs the same across micro-batches of different lengths."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, :-1].float()  # fp32 softmax: bf16 logits lose the small probabilities
-    targets = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    """Sum (not mean) of next-token cross-entropy over trainable tokens, through the model's full logits
+    (the reference ``CausalLMLoss`` is tested against); the loop divides by the step's token count so every
+    token weighs the same across micro-batches of different lengths."""
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **extra).logits
+    return plain_cross_entropy(logits, batch["labels"])
+
+
+def precision(device: torch.device):
+    """(autocast context, GradScaler or None): bf16 autocast on CUDA where the GPU has bf16, else fp16 autocast
+    with a loss scaler (fp16 gradients underflow without one); plain fp32 on CPU. Masters stay fp32."""
+    if device.type != "cuda":
+        return nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16), None
+    return torch.autocast(device_type="cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def make_optimizer(params: list[torch.Tensor], spec: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the fused kernel on CUDA (one launch per step, not per tensor)."""
+    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 def example_targets(example: Example) -> int:
@@ -133,6 +155,17 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def rank_batch(ranks: "Ranks", batch: list[Example], pad_id: int,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
+    """(this rank's collated rows of a global micro-batch, loss weight). A rank whose shard is empty (an
+    epoch's last short batch on many ranks) runs one row with weight 0: DDP needs every rank in every
+    backward, and a zero-weighted row adds nothing to the gradient."""
+    shard = ranks.shard(batch)
+    if shard:
+        return collate(shard, pad_id, device), 1.0
+    return collate([batch[0]], pad_id, device), 0.0
+
+
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -142,13 +175,13 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
           device: torch.device, eval_examples: Sequence[Example] = (), on_step: StepCallback | None = None,
           on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
           checkpoint_dir: Path | None = None, checkpoints_kept: int = 2,
-          adapter_name: str = "default", group: "Group | None" = None) -> TrainResult:
+          adapter_name: str = "default", ranks: "Ranks | None" = None) -> TrainResult:
     if not examples:
         raise ValueError("no training examples")
     on_step = on_step or _noop
     on_event = on_event or _noop
     stop = should_stop or (lambda: False)
-    main = group is None or group.is_main  # the rank that reports, evaluates and checkpoints
+    main = ranks is None or ranks.is_main  # the rank that reports, evaluates and checkpoints
 
     # -- reproducibility: same seed, same data order, same initial state, same bytes (on CPU)
     seed_everything(spec.seed)
@@ -159,16 +192,15 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(params, spec, device)
     total_steps = count_steps(len(examples), spec)
     micro_batch_budget = count_micro_batches(len(examples), spec)
 
     # -- memory and precision: recompute activations if asked (non-reentrant: the frozen base's inputs need
-    #    no grad); bf16 autocast on CUDA with fp32 master weights for the adapter, plain fp32 on CPU
+    #    no grad); bf16 (or fp16 + loss scaling) autocast on CUDA with fp32 master weights, plain fp32 on CPU
     if spec.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
+    autocast, scaler = precision(device)
 
     def run_eval(step: int) -> EvalResult:
         on_event("phase", "", phase="evaluating")
@@ -192,14 +224,17 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         loop.update({k: saved[k] for k in loop})
         batches.skip(loop["micro_batches"])
         on_event("resumed", f"resumed from the checkpoint of step {start}", step=start)
-    if group is not None:
-        group.broadcast(params)  # every rank starts from rank 0's weights, whatever its own init did
+    # DDP broadcasts rank 0's trainable weights as it wraps: every rank starts from them, whatever its own init
+    forward = CausalLMLoss(model)
+    if ranks is not None:
+        forward = ranks.wrap(forward)
+    world = ranks.world_size if ranks is not None else 1
 
     model.train()
     started = time.perf_counter()
     on_event("phase", "", phase="training")
     for step in range(start, total_steps):
-        if group.any(stop()) if group is not None else stop():  # rank 0 polls; every rank stops together
+        if ranks.any(stop()) if ranks is not None else stop():  # rank 0 polls; every rank stops together
             raise Cancelled()
         step_started = time.perf_counter()
         lr = get_lr(step, base_lr=spec.learning_rate, schedule=spec.lr_scheduler,
@@ -214,26 +249,35 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
             accumulate = min(accumulate, micro_batch_budget - batches.position)
         global_batches = [next(batches) for _ in range(accumulate)]
         loop["seen"] += sum(len(b) for b in global_batches)
-        if group is None:
-            step_batches = [collate(b, pad_id, device) for b in global_batches]
-            n_targets = max(1, sum(trainable_tokens(b) for b in step_batches))
+        if ranks is None:
+            step_batches = [(collate(b, pad_id, device), 1.0) for b in global_batches]
+            n_targets = max(1, sum(trainable_tokens(b) for b, _ in step_batches))
         else:  # this rank's rows of each micro-batch; the divisor counts every rank's tokens
             n_targets = max(1, sum(example_targets(ex) for b in global_batches for ex in b))
-            step_batches = [collate(shard, pad_id, device) for b in global_batches if (shard := group.shard(b))]
+            step_batches = [rank_batch(ranks, b, pad_id, device) for b in global_batches]
         step_loss = 0.0
         step_tokens = 0
-        for batch in step_batches:
-            with autocast:
-                loss = summed_loss(model, batch) / n_targets
-            loss.backward()
+        for i, (batch, weight) in enumerate(step_batches):
+            # gradients are reduced across ranks once per step: on its last micro-batch's backward
+            sync = ranks is None or i == len(step_batches) - 1
+            with (nullcontext() if sync else forward.no_sync()):
+                with autocast:
+                    loss = forward(**batch) * (weight / n_targets)
+                (scaler.scale(loss * world) if scaler is not None else loss * world).backward()
             step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].sum())
-        if group is not None:  # sum the shards' gradients (and loss, tokens): the single-process step's values
-            step_loss, step_tokens = group.all_reduce_grads(params, step_loss, step_tokens)
+            step_tokens += int(batch["attention_mask"].sum()) if weight else 0
+        if ranks is not None:  # the step's loss and token count over every rank (DDP synced the gradients)
+            step_loss, step_tokens = ranks.sum_stats(step_loss, step_tokens)
 
         # -- clip, step, clear (clip_grad_norm_ with inf measures the norm without clipping)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # -- bookkeeping
@@ -259,8 +303,8 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
                     loop["bad_evals"] += 1
                 patience_out = (spec.early_stopping_patience is not None
                                 and loop["bad_evals"] >= spec.early_stopping_patience)
-            if group is not None:
-                patience_out = group.from_main(patience_out)
+            if ranks is not None:
+                patience_out = ranks.from_main(patience_out)
             if patience_out:
                 result.stopped_early = True
                 on_event("message", f"stopped early at step {done}: no better eval loss in "
