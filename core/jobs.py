@@ -12,7 +12,7 @@ import uuid
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from core.formats import FormatName
 from core.patterns import MAX_PATTERN_CHARS, check_pattern
@@ -118,7 +118,15 @@ class TrainingSpec(_Strict):
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     warmup_steps: int = Field(0, ge=0, le=10**12)
-    batch_size: int = Field(4, ge=1, le=1024)
+    # -- one job on several devices (PyTorch distributed; bounded by BONE_MAX_NUM_PROCESSES). Declared before
+    #    batch_size: its check reads them.
+    num_processes: int = Field(1, ge=1, le=64, description="training processes (one per GPU; gloo on CPU); each "
+                               "takes a disjoint shard of every global batch, so the loss curve matches one process")
+    per_device_batch_size: int | None = Field(None, ge=1, le=1024, description="examples per process per micro-batch; "
+                                              "sets batch_size = per_device_batch_size x num_processes")
+    batch_size: int = Field(4, ge=1, le=1024, validate_default=True,
+                            description="global micro-batch (all processes together); a multiple of num_processes; "
+                            "one optimizer step sees batch_size x gradient_accumulation_steps examples")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_seq_length: int = Field(512, ge=8, le=1 << 20)
     packing: bool = Field(False, description="concatenate examples into max_seq_length blocks (no padding)")
@@ -133,9 +141,27 @@ class TrainingSpec(_Strict):
     # -- checkpoints under the job's work dir; a retried job resumes from the newest
     save_every: int | None = Field(None, ge=1, le=10**12, description="steps between checkpoints")
     publish_checkpoints: bool = Field(False, description="also publish each checkpoint as adapter <name>-step-<n>")
-    # -- one job on several devices (PyTorch distributed; bounded by BONE_MAX_NUM_PROCESSES)
-    num_processes: int = Field(1, ge=1, le=64, description="training processes (one per GPU; gloo on CPU); each "
-                               "takes a disjoint shard of every global batch, so the loss curve matches one process")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _whole_shards(cls, value: int, info: ValidationInfo) -> int:
+        """Every process gets the same number of rows of each micro-batch (none gets an empty one)."""
+        n = info.data.get("num_processes", 1)
+        if info.data.get("per_device_batch_size") is None and value % n:
+            raise ValueError(f"batch_size={value} is the global micro-batch and must be a multiple of "
+                             f"num_processes={n} (or set per_device_batch_size)")
+        return value
+
+    @model_validator(mode="after")
+    def _per_device_sets_batch_size(self) -> "TrainingSpec":
+        if self.per_device_batch_size is not None:
+            derived = self.per_device_batch_size * self.num_processes
+            if "batch_size" in self.model_fields_set and self.batch_size != derived:
+                raise ValueError(f"batch_size={self.batch_size} contradicts per_device_batch_size="
+                                 f"{self.per_device_batch_size} x num_processes={self.num_processes} = {derived}; "
+                                 "set one of them")
+            self.batch_size = derived
+        return self
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> "TrainingSpec":

@@ -71,7 +71,7 @@ def test_jobs_spread_over_the_fleet_and_each_runs_once(fleet):
             assert created.json()["queue"] == ("cpu" if i % 2 else "bone-training")
             ids.append(created.json()["id"])
         body = {"adapter_name": "fleet-ddp", "dataset": {"records": ROWS}, "queue": "cpu",
-                "training": {**TRAINING, "num_processes": 2}}
+                "training": {**TRAINING, "num_processes": 2, "batch_size": 4}}
         created = client.post("/jobs", json=body)
         assert created.status_code == 202, created.text
         ids.append(created.json()["id"])
