@@ -44,7 +44,9 @@ class BatchStream:
 
 
 def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; padding has attention 0 and label IGNORE_INDEX."""
+    """Right-padded tensors; padding has attention 0 and label IGNORE_INDEX. Packed blocks: ``collate_packed``."""
+    if any(ex.segments is not None for ex in batch):
+        return collate_packed(batch, pad_id, device)
     width = max(len(ex.input_ids) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -56,6 +58,35 @@ def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str
         attention_mask[row, :n] = 1
     return {k: v.to(device) for k, v in
             (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask))}
+
+
+def collate_packed(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Packed blocks as transformers' flattening convention (``DataCollatorWithFlattening``) has them:
+    ``position_ids`` restart at 0 at each example and ``attention_mask`` is None, from which the model builds
+    a block-diagonal causal mask (eager and sdpa: a 4-D mask; flash-attention: cu_seqlens), so no token
+    attends across examples. A row's padding tail is one more segment (its own positions from 0) that no real
+    token attends to; its labels are IGNORE_INDEX. The first token of every segment is no target."""
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        start = 0
+        for length in [*(ex.segments or [n]), width - n]:
+            if length:
+                position_ids[row, start:start + length] = torch.arange(length)
+                labels[row, start] = IGNORE_INDEX
+            start += length
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device),
+            "position_ids": position_ids.to(device), "attention_mask": None}
+
+
+def batch_tokens(batch: list[Example]) -> int:
+    """Real (non-padding) tokens of a micro-batch."""
+    return sum(len(ex.input_ids) for ex in batch)
 
 
 def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:

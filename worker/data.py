@@ -39,6 +39,9 @@ class Cancelled(Exception):
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
+    # A packed block: the lengths of the whole examples it holds, in order (None: one plain example). Each
+    # restarts its positions at 0 and attends only within itself (worker.batches.collate).
+    segments: list[int] | None = None
 
 
 @dataclass
@@ -226,14 +229,26 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 
 
 def pack(examples: list[Example], max_seq_length: int, seed: int) -> list[Example]:
-    """Concatenate the examples (seeded order, each already ending with EOS) and cut the stream into
-    ``max_seq_length`` blocks: no padding, so every token computed is a token learned from. Labels travel
-    with their tokens; a block may start mid-example (its first label is never predicted, as usual)."""
+    """Whole examples (seeded order) placed one after another into blocks of at most ``max_seq_length``
+    tokens; a block is closed when the next example does not fit, so no example is ever cut in two. Each block
+    records its examples' lengths (``segments``): collation restarts the positions at 0 for each and lets no
+    token attend across examples, so a packed example computes exactly what it computes alone. The first
+    token of every example but the block's first is no target (the previous example's last token must not
+    learn to predict the next example); the block's own first token never is one anyway."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 2)).tolist()
-    ids: list[int] = []
-    labels: list[int] = []
+    blocks: list[Example] = []
+    current = Example([], [], [])
     for i in order:
-        ids.extend(examples[i].input_ids)
-        labels.extend(examples[i].labels)
-    blocks = [Example(ids[s:s + max_seq_length], labels[s:s + max_seq_length]) for s in range(0, len(ids), max_seq_length)]
-    return [b for b in blocks if any(label != IGNORE_INDEX for label in b.labels[1:])]
+        example = examples[i]
+        if current.segments and len(current.input_ids) + len(example.input_ids) > max_seq_length:
+            blocks.append(current)
+            current = Example([], [], [])
+        labels = list(example.labels)
+        if current.segments:
+            labels[0] = IGNORE_INDEX
+        current.input_ids.extend(example.input_ids)
+        current.labels.extend(labels)
+        current.segments.append(len(example.input_ids))
+    if current.segments:
+        blocks.append(current)
+    return blocks

@@ -33,7 +33,7 @@ import torch
 
 from core.jobs import TrainingSpec
 from worker import checkpoint
-from worker.batches import BatchStream, collate, trainable_tokens
+from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
 
 if TYPE_CHECKING:
@@ -156,14 +156,14 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def rank_batch(ranks: "Ranks", batch: list[Example], pad_id: int,
-               device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
-    """(this rank's collated rows of a global micro-batch, loss weight). A rank whose shard is empty (an
+               device: torch.device) -> tuple[dict[str, torch.Tensor], float, int]:
+    """(this rank's collated rows of a global micro-batch, loss weight, real tokens). A rank whose shard is empty (an
     epoch's last short batch on many ranks) runs one row with weight 0: DDP needs every rank in every
     backward, and a zero-weighted row adds nothing to the gradient."""
     shard = ranks.shard(batch)
     if shard:
-        return collate(shard, pad_id, device), 1.0
-    return collate([batch[0]], pad_id, device), 0.0
+        return collate(shard, pad_id, device), 1.0, batch_tokens(shard)
+    return collate([batch[0]], pad_id, device), 0.0, 0
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -250,14 +250,14 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         global_batches = [next(batches) for _ in range(accumulate)]
         loop["seen"] += sum(len(b) for b in global_batches)
         if ranks is None:
-            step_batches = [(collate(b, pad_id, device), 1.0) for b in global_batches]
-            n_targets = max(1, sum(trainable_tokens(b) for b, _ in step_batches))
+            step_batches = [(collate(b, pad_id, device), 1.0, batch_tokens(b)) for b in global_batches]
+            n_targets = max(1, sum(trainable_tokens(b) for b, _, _ in step_batches))
         else:  # this rank's rows of each micro-batch; the divisor counts every rank's tokens
             n_targets = max(1, sum(example_targets(ex) for b in global_batches for ex in b))
             step_batches = [rank_batch(ranks, b, pad_id, device) for b in global_batches]
         step_loss = 0.0
         step_tokens = 0
-        for i, (batch, weight) in enumerate(step_batches):
+        for i, (batch, weight, tokens) in enumerate(step_batches):
             # gradients are reduced across ranks once per step: on its last micro-batch's backward
             sync = ranks is None or i == len(step_batches) - 1
             with (nullcontext() if sync else forward.no_sync()):
@@ -265,7 +265,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
                     loss = forward(**batch) * (weight / n_targets)
                 (scaler.scale(loss * world) if scaler is not None else loss * world).backward()
             step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].sum()) if weight else 0
+            step_tokens += tokens
         if ranks is not None:  # the step's loss and token count over every rank (DDP synced the gradients)
             step_loss, step_tokens = ranks.sum_stats(step_loss, step_tokens)
 

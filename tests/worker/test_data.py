@@ -253,9 +253,10 @@ def test_split_eval_is_seeded_and_disjoint():
     assert len(split_eval(examples_of(2), 0.9, seed=1)[0]) == 1  # never everything
 
 
-def test_packing_makes_full_blocks_that_keep_every_token_and_label():
+def test_packing_fills_blocks_with_whole_examples_that_keep_every_token_and_label():
     examples = examples_of(10)
     blocks = pack(examples, 8, seed=0)
-    assert [len(b.input_ids) for b in blocks] == [8, 8, 8, 6]
+    assert [len(b.input_ids) for b in blocks] == [6, 6, 6, 6, 6]  # two 3-token examples per block: a third would not fit
+    assert all(b.segments == [3, 3] for b in blocks)
     assert sorted(t for b in blocks for t in b.input_ids) == sorted(t for e in examples for t in e.input_ids)
     assert sum(t == IGNORE_INDEX for b in blocks for t in b.labels) == 10  # each example's masked first token
