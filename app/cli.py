@@ -138,15 +138,22 @@ def api(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=Fa
 @cli.command()
 def worker(burst: bool = typer.Option(False, help="exit when the queue is empty"),
            queues: Optional[str] = typer.Option(None, show_default=False, help="queues to serve, comma separated, in priority order "
-                                                "(e.g. gpu-24g,cpu) (default: $BONE_QUEUE_NAME)")) -> None:
-    """Run one training worker (one per GPU, or one per machine for multi-GPU jobs)."""
-    settings = _settings()
+                                                "(e.g. gpu-24g,cpu) (default: $BONE_QUEUE_NAME)"),
+           device: Optional[str] = typer.Option(None, show_default=False, help="cpu, cuda or cuda:N: the device this "
+                                                "worker trains on (default: $BONE_DEVICE, else auto)")) -> None:
+    """Run one training worker (one per GPU with --device cuda:N, or one per machine for multi-GPU jobs)."""
+    settings = _settings(device=device)
     _setup_logging(settings)
     _check_registry(settings)
+    from core.fleet import DeviceUnavailable
     from worker.main import run_worker
 
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
-    run_worker(settings, burst=burst, queues=names)
+    try:
+        run_worker(settings, burst=burst, queues=names)
+    except DeviceUnavailable as exc:
+        typer.echo(f"bone-server: {exc}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @cli.command()

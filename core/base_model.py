@@ -144,7 +144,9 @@ def exported_base_model_name(name: str, settings: Settings) -> str:
 
 
 def pick_device(settings: Settings) -> torch.device:
-    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
+    if settings.device.startswith("cuda"):
+        return torch.device(settings.device)  # "cuda" or a pinned "cuda:N"
+    if settings.device == "auto" and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 

@@ -49,6 +49,26 @@ def choose_queue(settings: Settings, requested: str | None, base_model: str) -> 
     return settings.resource_queues.get(base_model, settings.queue_name)
 
 
+# --- the device a worker runs on ---------------------------------------------------------------------------
+class DeviceUnavailable(ValueError):
+    """The device a worker was told to use does not exist here: a start-up error, said in one line."""
+
+
+def check_device(device: Any, setting: str) -> None:
+    """Refuse a CUDA device this machine does not have. ``torch.cuda.device_count`` is NVML-based in the worker
+    (PYTORCH_NVML_BASED_CUDA_CHECK), so asking does not initialise CUDA in the forking parent."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise DeviceUnavailable(f"{setting}: this machine has no CUDA device (torch sees none); use cpu or auto")
+    if device.index is not None and device.index >= count:
+        raise DeviceUnavailable(f"{setting}: no such GPU; this machine has {count} "
+                                f"(cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''})")
+
+
 # --- what a worker advertises ---------------------------------------------------------------------------------
 def advertise(conn: redis.Redis, name: str, info: dict[str, Any], ttl_s: int) -> None:
     """Write (or refresh) a worker's advert; it disappears ``ttl_s`` after the last refresh."""

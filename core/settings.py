@@ -73,7 +73,9 @@ class Settings(BaseSettings):
     queue_name: str = "bone-training"
     job_timeout_s: int = Field(24 * 3600, ge=60, description="RQ job timeout (RQ's own default of 180 s kills training)")
     worker_ttl_s: int = Field(30, ge=5, description="worker heartbeat TTL; a dead worker is noticed within ~3x this")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+                        description="auto (CUDA when present), cpu, cuda, or cuda:N to pin this process to one GPU "
+                        "(`bone-server worker --device cuda:N`: one worker per GPU)")
     # A job's trainer refreshes a heartbeat every heartbeat_ttl_s/5 s; a janitor (in every worker and API
     # process) checks every janitor_interval_s and re-queues a running job whose heartbeat expired, so a
     # killed worker's job resumes within ~ttl + interval (RQ alone notices after 90-810 s).

@@ -99,6 +99,9 @@ def check_processes(n: int, device: torch.device, max_processes: int) -> None:
     if n > max_processes:
         raise ValueError(f"training.num_processes={n} exceeds this worker's limit of {max_processes} "
                          "(BONE_MAX_NUM_PROCESSES)")
+    if device.index is not None and n > 1:
+        raise ValueError(f"training.num_processes={n} needs a worker that owns its machine's GPUs; this worker is "
+                         f"pinned to {device} (--device); send the job to a queue served by an unpinned worker")
     if device.type == "cuda" and n > torch.cuda.device_count():
         raise ValueError(f"training.num_processes={n} needs {n} GPUs; this worker has {torch.cuda.device_count()}; "
                          "send the job to a queue whose workers have enough GPUs")

@@ -69,8 +69,11 @@ def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str]
     from core.janitor import Janitor
     from worker import model_cache, tasks
 
-    tasks.use_settings(settings)  # forked work-horses inherit it, so API flags and tests reach the task
+    from core.fleet import check_device
+
     device = pick_device(settings)
+    check_device(device, f"device {settings.device} (--device / BONE_DEVICE)")  # DeviceUnavailable: one line
+    tasks.use_settings(settings)  # forked work-horses inherit it, so API flags and tests reach the task
     log.info("preloading base model %r (jobs will train on %s)", settings.base_model, device.type)
     model_cache.preload(settings.base_model, settings, device)
 
@@ -147,12 +150,17 @@ def describe_device(settings: Settings, device) -> dict[str, Any]:
     """Device, device count and memory, found without initialising CUDA in this (forking) parent process."""
     import torch
 
-    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "device": device.type,
+    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
                             "cpus": os.cpu_count(), "memory_bytes": _host_memory(),
                             "max_num_processes": settings.max_num_processes, "started_at": time.time()}
     if device.type == "cuda":
         info["gpus"] = torch.cuda.device_count()  # NVML-based (see run_worker): no CUDA context here
-        info.update(_gpu_memory())
+        gpus = _gpu_memory()
+        info.update(gpus)
+        if device.index is not None and device.index < len(gpus.get("gpu_memory_bytes", [])):
+            # a pinned worker (one per GPU): its own GPU's model and memory, free memory at start-up
+            info.update(gpu_name=gpus["gpu_names"][device.index], device_memory_bytes=gpus["gpu_memory_bytes"][device.index],
+                        device_free_bytes=gpus["gpu_free_bytes"][device.index])
     return info
 
 
@@ -169,13 +177,14 @@ def _gpu_memory() -> dict[str, Any]:
     if smi is None:
         return {}
     try:
-        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+        out = subprocess.run([smi, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    rows = [line.split(",") for line in out.strip().splitlines() if "," in line]
+    rows = [line.split(",") for line in out.strip().splitlines() if line.count(",") >= 2]
     return {"gpu_names": [r[0].strip() for r in rows],
-            "gpu_memory_bytes": [int(float(r[1])) * 1024 * 1024 for r in rows]}
+            "gpu_memory_bytes": [int(float(r[1])) * 1024 * 1024 for r in rows],
+            "gpu_free_bytes": [int(float(r[2])) * 1024 * 1024 for r in rows]}
 
 
 class Advert:

@@ -134,6 +134,8 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
 
     reporter = ProgressReporter(store, job.id)
     device = pick_device(settings)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # a worker pinned to cuda:N: anything that says just "cuda" means N too
     spec = job.training
 
     # -- data first: a bad file fails before any model work

@@ -5,6 +5,7 @@ roles run outside a container."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ def test_compose_config_resolves_with_required_secret(tmp_path):
     assert result.returncode == 0, result.stderr
     services = subprocess.run([_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu",
                                "config", "--services"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert set(services.stdout.split()) == {"redis", "api", "worker", "worker-gpu"}
+    assert set(services.stdout.split()) == {"redis", "api", "worker", "worker-gpu-0", "worker-gpu-1"}
 
 
 def test_compose_refuses_to_start_without_the_api_keys():
@@ -95,3 +96,15 @@ def test_entrypoint_healthcheck_follows_healthz():
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
 def test_entrypoint_is_posix_sh():
     assert (ROOT / "docker" / "entrypoint.sh").read_text().startswith("#!/bin/sh")
+
+
+def test_each_gpu_worker_reserves_its_own_gpu():
+    env = {**os.environ, "BONE_API_KEYS": "admin:secret"}
+    result = subprocess.run([_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu", "config",
+                             "--format", "json"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    gpu_workers = {name: s for name, s in services.items() if name.startswith("worker-gpu")}
+    ids = [tuple(d["device_ids"]) for s in gpu_workers.values() for d in s["deploy"]["resources"]["reservations"]["devices"]]
+    assert len(ids) == len(gpu_workers) >= 2 and len(set(ids)) == len(ids)  # one distinct GPU each
+    assert all(s["command"][:3] == ["worker", "--device", "cuda:0"] for s in gpu_workers.values())
