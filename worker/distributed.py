@@ -143,6 +143,10 @@ def run(n: int, *, device: torch.device, settings, job, bone_config, examples, e
         rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"join_timeout": int(settings.distributed_timeout_s)},
         max_restarts=settings.distributed_max_restarts, monitor_interval=0.1, start_method="spawn")
     threads = int(os.environ.get("OMP_NUM_THREADS") or 1)  # N ranks share this machine's cores
+    # Each (re)started group's rank 0 hosts a fresh store for init_process_group. The default (the agent's
+    # rendezvous store, shared by every restart round) keeps the dead group's keys: a restarted rank could
+    # read the old rank 0's gloo address and fail with "connection refused" (seen in ~1 of 2 restarts here).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     args = {"device_type": device.type, "timeout_s": settings.distributed_timeout_s, "threads": threads,
             "parent": os.getpid(), "settings": settings, "job": job, "bone_config": bone_config,
             "examples": list(examples), "eval_examples": list(eval_examples),

@@ -102,6 +102,38 @@ def test_a_cancelled_distributed_job_stops_every_process(task_settings, store, m
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("bone-rank-")]
 
 
+def test_a_lost_rank_restarts_the_group_which_resumes_from_the_checkpoint(task_settings, store, make_job):
+    """SIGKILL one rank after the first checkpoint: torch elastic restarts the whole group (max_restarts), the
+    new ranks resume from the checkpoint and the job succeeds with every step done."""
+    import multiprocessing
+    import os
+    import signal
+
+    job = make_job(ROWS, adapter_name="restarted", num_processes=2, max_steps=60, batch_size=4, save_every=4)
+
+    def kill_a_rank_after_the_first_checkpoint():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not store.checkpoints(job.id):
+            time.sleep(0.02)
+        ranks = [p for p in multiprocessing.active_children() if p.pid != os.getpid()]
+        killed.extend(p.pid for p in ranks[-1:])
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_rank_after_the_first_checkpoint)
+    killer.start()
+    assert run_training_job(job.id) == "succeeded", store.get(job.id).error
+    killer.join()
+    assert killed, "no rank process to kill"
+    events = store.events(job.id, limit=5000)
+    resumed = [e["data"]["step"] for e in events if e["type"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0] % 4 == 0 and resumed[0] < 60, resumed
+    steps = [e["data"]["step"] for e in events if e["type"] == "step"]
+    assert steps[-1] == 60 and sorted(set(steps)) == list(range(1, 61))
+    assert store.get(job.id).metrics["steps"] == 60
+
+
 def test_too_many_processes_fail_the_job_with_a_clear_message(tmp_path, redis_url, shared_models_dir, store,
                                                               make_job):
     from worker import tasks
