@@ -66,10 +66,9 @@ def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str]
 
     from core.backoff import Backoff
     from core.base_model import pick_device
+    from core.fleet import check_device
     from core.janitor import Janitor
     from worker import model_cache, tasks
-
-    from core.fleet import check_device
 
     device = pick_device(settings)
     check_device(device, f"device {settings.device} (--device / BONE_DEVICE)")  # DeviceUnavailable: one line
