@@ -56,7 +56,7 @@ def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         attention_mask[row, :n] = 1
-    return {k: v.to(device) for k, v in
+    return {k: to_device(v, device) for k, v in
             (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask))}
 
 
@@ -80,8 +80,15 @@ def collate_packed(batch: list[Example], pad_id: int, device: torch.device) -> d
                 position_ids[row, start:start + length] = torch.arange(length)
                 labels[row, start] = IGNORE_INDEX
             start += length
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device),
-            "position_ids": position_ids.to(device), "attention_mask": None}
+    return {"input_ids": to_device(input_ids, device), "labels": to_device(labels, device),
+            "position_ids": to_device(position_ids, device), "attention_mask": None}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To a GPU from pinned host memory without blocking the host (the copy overlaps the queued kernels)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def batch_tokens(batch: list[Example]) -> int:
