@@ -81,6 +81,16 @@ def test_per_device_batches_with_a_one_row_batch_match_one_process(task_settings
     assert store.get(double.id).metrics["train_tokens"] == store.get(single.id).metrics["train_tokens"]
 
 
+def test_packed_blocks_on_two_processes_match_one_process(task_settings, store, make_job):
+    common = dict(max_steps=3, learning_rate=1e-2, max_seq_length=32, seed=5, packing=True, batch_size=2)
+    single = make_job(ROWS, adapter_name="pack-single", **common)
+    double = make_job(ROWS, adapter_name="pack-double", num_processes=2, **common)
+    assert run_training_job(single.id) == "succeeded", store.get(single.id).error
+    assert run_training_job(double.id) == "succeeded", store.get(double.id).error
+    l1, l2 = _losses(store, single.id), _losses(store, double.id)
+    assert len(l1) == len(l2) == 3 and l2 == pytest.approx(l1, rel=1e-5), (l1, l2)
+
+
 def test_a_cancelled_distributed_job_stops_every_process(task_settings, store, make_job):
     job = make_job(ROWS, adapter_name="stopped", num_processes=2, max_steps=5000, batch_size=4)
 
