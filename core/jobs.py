@@ -20,6 +20,10 @@ from core.patterns import MAX_PATTERN_CHARS, check_pattern
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
 
+# Validation context for records read back from the store: rules that apply to new requests only (e.g. a
+# batch that splits evenly over the processes) are not re-judged on what was accepted under older rules.
+STORED = {"stored": True}
+
 
 def check_adapter_name(name: str) -> str:
     # ".." would still match the pattern's character class; refuse anything that is not one plain path part.
@@ -145,7 +149,10 @@ class TrainingSpec(_Strict):
     @field_validator("batch_size")
     @classmethod
     def _whole_shards(cls, value: int, info: ValidationInfo) -> int:
-        """Every process gets the same number of rows of each micro-batch (none gets an empty one)."""
+        """Every process gets the same number of rows of each micro-batch (none gets an empty one). A rule for
+        new jobs only: a record stored before it still loads (the trainer copes with uneven shards)."""
+        if info.context and info.context.get("stored"):
+            return value
         n = info.data.get("num_processes", 1)
         if info.data.get("per_device_batch_size") is None and value % n:
             raise ValueError(f"batch_size={value} is the global micro-batch and must be a multiple of "

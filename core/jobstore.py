@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 from redis.client import Pipeline
 
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
-from core.jobs import Job, JobStatus
+from core.jobs import STORED, Job, JobStatus
 
 T = TypeVar("T")
 S = TypeVar("S", bound=BaseModel)  # a record with a ``status``: a Job, or core.evals' Evaluation
@@ -125,7 +125,7 @@ def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str
             if raw is None:
                 continue
             try:
-                record = model.model_validate_json(raw)
+                record = model.model_validate_json(raw, context=STORED)
             except ValidationError as exc:
                 log.warning("skipping %s %s in a listing: its record no longer validates (%d errors, first: %s)",
                             what, record_id.decode(), exc.error_count(), exc.errors()[0].get("msg"))
@@ -138,7 +138,7 @@ def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str
 def read_record(model: type[T], raw: bytes, what: str, record_id: str) -> T:
     """One stored record; one that no longer validates is a server-side fault named in the envelope."""
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate_json(raw, context=STORED)
     except ValidationError as exc:
         log.error("%s %s: stored record no longer validates: %s", what, record_id, exc)
         raise UnreadableRecord(f"{what} {record_id} has a stored record this server cannot read") from None
@@ -175,12 +175,12 @@ def transition_record(conn: redis.Redis, key: str, model: type[S], allowed: set[
                 raw = pipe.get(key)
                 if raw is None:
                     raise NotFound(f"no {what} with id {record_id!r}", param=param)
-                before = model.model_validate_json(raw)
+                before = model.model_validate_json(raw, context=STORED)
                 if before.status not in allowed:
                     raise Conflict(f"{what} {record_id} is {before.status.value}", param=param, code="invalid_state")
                 if check is not None:
                     check(before)
-                after = model.model_validate({**before.model_dump(), **fields})  # validates the new fields too
+                after = model.model_validate({**before.model_dump(), **fields}, context=STORED)  # validates the new fields too
                 if finish is not None:
                     after = finish(after)
                 pipe.multi()

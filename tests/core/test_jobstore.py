@@ -120,3 +120,18 @@ def test_ending_a_job_deletes_its_inline_records_and_frees_its_active_slot(redis
     store.transition(job.id, None, status=JobStatus.SUCCEEDED)
     assert store.records(job.id) is None and store.records(job.id, "validation_records") is None
     assert redis_conn.zscore("bone:owner:me:active", job.id) is None
+
+
+def test_a_record_accepted_under_older_rules_still_loads(redis_conn):
+    """batch_size must split evenly over num_processes for NEW jobs; a job queued before that rule (batch 3 on
+    2 processes) is still read, listed and moved through its states, never silently dropped."""
+    store = JobStore(redis_conn)
+    job = _job(training=TrainingSpec.model_construct(**{**TrainingSpec().model_dump(), "batch_size": 3,
+                                                        "num_processes": 2}))
+    store.create(job)
+    with pytest.raises(ValueError, match="multiple of num_processes"):
+        TrainingSpec(batch_size=3, num_processes=2)
+    assert store.get(job.id).training.batch_size == 3
+    assert [j.id for j in store.list(limit=10)[0]] == [job.id]
+    store.transition(job.id, None, status=JobStatus.CANCELLED)
+    assert store.get(job.id).status is JobStatus.CANCELLED
