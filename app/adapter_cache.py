@@ -71,12 +71,21 @@ def slot_name(name: str, sha256: str) -> str:
 
 
 def fetch_adapter(registry: AdapterRegistry, name: str) -> FetchedAdapter:
-    """Registry → host memory: sha256-verified weights and the Bone config (raises NotFound / CorruptAdapter)."""
+    """Registry → host memory: sha256-verified, finite weights and the Bone config (raises NotFound /
+    CorruptAdapter). Non-finite weights (published before imports and jobs were checked) are refused here,
+    so such an adapter fails its own requests at admission and never a batch."""
     from bone import BoneConfig
+    from bone.checkpoint import NonFiniteTensorError, check_finite
+    from core.errors import CorruptAdapter
 
     started = time.perf_counter()
     tensors, info = registry.verified_tensors(name)  # loaded from the very bytes that were hashed
     config = BoneConfig.from_dict(registry.adapter_config(name))
+    try:
+        check_finite(tensors)
+    except NonFiniteTensorError as exc:
+        raise CorruptAdapter(f"adapter {name!r} cannot be served: {exc}", param="adapter",
+                             code="non_finite_adapter") from None
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     return FetchedAdapter(name, info.sha256, config, tensors, size, time.perf_counter() - started)
 
@@ -102,6 +111,7 @@ def fetch_mix(registry: AdapterRegistry, mix: Mix, out_features: dict[str, int] 
     sorted order of the sources (the same bits for the same mix). Versions are those read now: if a source
     was re-published since the request resolved it, the mix is built from (and keyed by) the new one."""
     from bone import BoneConfigError, combine_bone_adapters
+    from bone.checkpoint import NonFiniteTensorError, check_finite
     from core.errors import InvalidRequest
 
     started = time.perf_counter()
@@ -114,6 +124,11 @@ def fetch_mix(registry: AdapterRegistry, mix: Mix, out_features: dict[str, int] 
         config, tensors = combine_bone_adapters(items, out_features=out_features)
     except BoneConfigError as exc:  # a source re-published as Bat / another r since the request was checked
         raise InvalidRequest(str(exc), param="adapters", code="invalid_adapter_mix") from None
+    try:
+        check_finite(tensors)  # finite sources, |w| <= 100: only sources near float32's edge overflow
+    except NonFiniteTensorError as exc:
+        raise InvalidRequest(f"the weighted sum of these adapters is not finite: {exc}", param="adapters",
+                             code="non_finite_weights") from None
     read_mix = tuple(read)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     return FetchedAdapter(mix_name(read_mix), mix_sha256(read_mix), config, tensors, size,

@@ -54,5 +54,12 @@ async def guard(request: Request, principal: PrincipalDep) -> None:
     if bucket is None:
         return
     limiter = get_rate_limiter(request)
-    identity = principal.key_id or (request.client.host if request.client else "unknown")
-    await run_in_threadpool(limiter.hit, bucket, identity)
+    await run_in_threadpool(limiter.hit, bucket, caller_key(request))
+
+
+def caller_key(request: Request) -> str:
+    """Who a request counts against (rate limits, its share of the generation queue): its API key, else,
+    on a server without keys, its client address. Call after ``guard`` (which records the principal)."""
+    principal = getattr(request.state, "principal", None)
+    key_id = getattr(principal, "key_id", None)
+    return key_id or (request.client.host if request.client else "unknown")

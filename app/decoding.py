@@ -8,15 +8,29 @@ left-padded with masked columns). Finished rows leave the batch and the cache at
 became padding for every remaining row are trimmed, so a short answer never pays for a long neighbour.
 
 Positions are counted from each row's first real token, so a padded row computes what it would alone.
+
+A row's failure is that row's alone. Parameters are checked before a row joins (``SamplingParams.check``);
+an error while sampling, stopping or detokenizing one row (or logits that are not finite) finishes that row
+with its error and the others carry on. When the model call of a whole step or prefill raises (a device
+out-of-memory, or an input only one row triggers), it is retried with the batch split in halves, down to a
+single row, which alone is failed; rows set aside by a split (``parked``) resume later by recomputing their
+prompt and what they generated so far (a prefill), as vLLM's recompute preemption does.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from core.errors import GenerationFailed, InvalidRequest, ServiceError, ServiceUnavailable
+from core.requests import SEED_BOUND
+
+log = logging.getLogger(__name__)
 
 # forward(input_ids, attention_mask, position_ids, past_key_values, adapter_names[, all_logits])
 #   -> (logits, cache): the last position's logits (rows, vocab), or every position's (rows, columns, vocab)
@@ -40,6 +54,19 @@ class SamplingParams:
     # The same for every prompt token after the first (OpenAI's echo=true with logprobs).
     prompt_logprobs: int | None = None
 
+    def check(self) -> None:
+        """Refuse what sampling cannot take before the row joins a batch, naming the field."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be a positive integer", param="max_new_tokens")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest("temperature must be a finite number >= 0", param="temperature")
+        if not math.isfinite(self.top_p) or not 0 <= self.top_p <= 1:
+            raise InvalidRequest("top_p must be in [0, 1]", param="top_p")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_BOUND):
+            raise InvalidRequest("seed must be an integer with 0 <= seed < 2**63", param="seed")
+        if any(not isinstance(stop, str) or not stop for stop in self.stop):
+            raise InvalidRequest("stop strings must be non-empty strings", param="stop")
+
 
 @dataclass
 class Row:
@@ -57,7 +84,8 @@ class Row:
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first: None), if asked
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # stop, length, abort, or error (then ``error`` says why)
+    error: BaseException | None = None
     _emitted: int = 0
     _generator: torch.Generator | None = None
 
@@ -86,6 +114,17 @@ class Row:
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self._generator))
+
+    def fail(self, exc: BaseException) -> None:
+        """Finish this row with an error (reported to its caller only)."""
+        if not isinstance(exc, ServiceError):
+            log.warning("generation of one row failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        self.error, self.finish_reason = exc, "error"
+
+    @property
+    def input_ids(self) -> list[int]:
+        """What a prefill of this row feeds: its prompt, plus what it generated if it resumes after a split."""
+        return self.prompt_ids + self.generated
 
     def push(self, token: int) -> None:
         self.generated.append(token)
@@ -167,6 +206,9 @@ class RunningBatch:
         self._mask: torch.Tensor | None = None  # (rows, cached columns): 1 where the column is a real token
         self._last_pos: torch.Tensor | None = None  # (rows, 1): position of each row's last fed token
         self._next: list[int] = []  # the token each row feeds at the next step
+        self.parked: list[Row] = []  # set aside by a failed prefill or step; resumed by recomputation
+        self._room_at_park = 0  # rows running when the last ones were parked: they resume below that
+        self.split_retries = {"prefill": 0, "step": 0}  # forwards retried split (tests, logs)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -177,16 +219,68 @@ class RunningBatch:
         return not self.rows or _kv_layers(self._cache) is not None
 
     def add(self, rows: list[Row]) -> list[Row]:
-        """Prefill ``rows`` in one forward (each row's first token comes from it) and merge them into the
-        batch. Returns the rows that finished on that first token (they never join)."""
-        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id)
+        """Prefill ``rows`` in one forward (each row's next token comes from it) and merge them into the
+        batch. Returns the rows that finished meanwhile: on that first token, or failed. If the prefill
+        raises, it is retried with ``rows`` split in halves; a row is failed only alone, except that one out
+        of device memory next to running rows is parked until they leave."""
+        try:
+            self._prefill(rows)
+        except Exception as exc:  # noqa: BLE001 - retried split; the running rows are untouched
+            done, pending = [r for r in rows if r.finished], [r for r in rows if not r.finished]
+            _release_device_memory(exc)
+            log.warning("prefill of %d rows failed (%s: %s); retrying them split", len(rows), type(exc).__name__, exc)
+            self.split_retries["prefill"] += 1
+            if len(pending) > 1:
+                half = len(pending) // 2
+                return done + self.add(pending[:half]) + self.add(pending[half:])
+            if pending and _out_of_memory(exc) and self.rows:
+                self._park(pending)
+            elif pending:
+                pending[0].fail(row_error(exc))
+                done += pending
+            return done
+        return [r for r in rows if r.finished]
+
+    def step(self) -> list[Row]:
+        """One decode step for every row. Returns the rows that finished (already out of the batch)."""
+        try:
+            ids = torch.tensor(self._next, dtype=torch.long, device=self.device).unsqueeze(1)
+            mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+            positions = self._last_pos + 1
+            logits, self._cache = self.forward(ids, mask, positions, self._cache, [r.adapter_slot for r in self.rows])
+        except Exception as exc:  # noqa: BLE001 - retried split (see _step_failed)
+            return self._step_failed(exc)
+        self._mask, self._last_pos = mask, positions
+        self._next = self._push(self.rows, logits)
+        return self._drop_finished()
+
+    def resume(self) -> list[Row]:
+        """Prefill the parked rows again once there is more room than when they were parked (or none runs).
+        Returns the rows that finished (see ``add``)."""
+        if not self.parked or not self.accepts_joins or (self.rows and len(self.rows) >= self._room_at_park):
+            return []
+        rows, self.parked = self.parked, []
+        return self.add(rows)
+
+    def clear(self) -> list[Row]:
+        rows, self.rows = self.rows, []
+        self._cache = self._mask = self._last_pos = None
+        self._next = []
+        return rows
+
+    # --- internals -------------------------------------------------------------------------------------
+    def _prefill(self, rows: list[Row]) -> None:
+        """``add`` without the retry: on an exception the batch is as before (the merge undoes itself)."""
+        ids, mask = left_pad([r.input_ids for r in rows], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         slots = [r.adapter_slot for r in rows]
-        if any(r.params.prompt_logprobs is not None for r in rows):
+        # The prompt's log-probabilities come from a row's first prefill (a resumed row has them already).
+        scored = [r.params.prompt_logprobs is not None and r.prompt_logprobs is None and not r.generated for r in rows]
+        if any(scored):
             logits, cache = self.forward(ids, mask, positions, None, slots, all_logits=True)
             for j, row in enumerate(rows):
-                if row.params.prompt_logprobs is not None:
+                if scored[j]:
                     row.prompt_logprobs = _prompt_logprobs(logits[j], row.prompt_ids, row.params.prompt_logprobs)
             logits = logits[:, -1, :]
         else:
@@ -199,38 +293,63 @@ class RunningBatch:
             mask, positions = mask.index_select(0, index), positions.index_select(0, index)
         if keep:
             self._merge([rows[j] for j in keep], cache, mask, positions[:, -1:], [tokens[j] for j in keep])
-        return [r for r in rows if r.finished]
 
-    def step(self) -> list[Row]:
-        """One decode step for every row. Returns the rows that finished (already out of the batch)."""
-        ids = torch.tensor(self._next, dtype=torch.long, device=self.device).unsqueeze(1)
-        mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
-        positions = self._last_pos + 1
-        logits, self._cache = self.forward(ids, mask, positions, self._cache, [r.adapter_slot for r in self.rows])
-        self._mask, self._last_pos = mask, positions
-        self._next = self._push(self.rows, logits)
-        return self._drop_finished()
-
-    def clear(self) -> list[Row]:
-        rows, self.rows = self.rows, []
-        self._cache = self._mask = self._last_pos = None
-        self._next = []
-        return rows
-
-    # --- internals -------------------------------------------------------------------------------------
-    @staticmethod
-    def _push(rows: list[Row], logits: torch.Tensor) -> list[int]:
-        # One device→host copy for all greedy rows (a sync per row per step would dominate on a GPU).
-        greedy = logits.argmax(dim=-1).tolist()
+    def _push(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token, pushed to it. One device→host copy for the batch (a sync per row per step
+        would dominate on a GPU): the greedy tokens and whether each row's logits are finite (a NaN or +inf
+        anywhere makes the row's max non-finite). An error here is its row's alone."""
+        greedy, finite = torch.stack([logits.argmax(dim=-1), torch.isfinite(logits.amax(dim=-1)).long()]).tolist()
         tokens = []
         for j, row in enumerate(rows):
-            token = greedy[j] if row.params.temperature == 0 else row.choose(logits[j])
-            if row.params.logprobs is not None:
-                row.token_logprobs.append(_token_logprob(torch.log_softmax(logits[j].float(), dim=-1), token,
-                                                         row.params.logprobs))
-            row.push(token)
+            try:
+                if not finite[j]:
+                    raise GenerationFailed("the model produced non-finite logits (NaN or infinity) for this request; "
+                                           "its adapter's weights may be corrupt", code="non_finite_logits")
+                token = greedy[j] if row.params.temperature == 0 else row.choose(logits[j])
+                if row.params.logprobs is not None:
+                    row.token_logprobs.append(_token_logprob(torch.log_softmax(logits[j].float(), dim=-1), token,
+                                                             row.params.logprobs))
+                row.push(token)
+            except Exception as exc:  # noqa: BLE001 - this row's failure; its neighbours keep generating
+                row.fail(exc)
+                token = self.pad_id
             tokens.append(token)
         return tokens
+
+    def _step_failed(self, exc: Exception) -> list[Row]:
+        """A step's forward raised: cut the cache back to before it, set the second half of the rows aside
+        (parked, resumed later by recomputation) and retry with the first; a row alone is failed."""
+        _release_device_memory(exc)
+        log.warning("decode step of %d rows failed (%s: %s); retrying it split", len(self.rows), type(exc).__name__, exc)
+        self.split_retries["step"] += 1
+        if len(self.rows) == 1:
+            (row,) = self.clear()
+            row.fail(row_error(exc))
+            return [row]
+        if not self._roll_back():  # a cache that cannot be cut back: every row resumes by recomputation
+            self._park(self.clear())
+            return []
+        half = len(self.rows) // 2
+        parked = self.rows[half:]
+        self._select(list(range(half)))
+        self._park(parked)
+        return self.step()
+
+    def _park(self, rows: list[Row]) -> None:
+        self.parked.extend(rows)
+        self._room_at_park = len(self.rows)
+
+    def _roll_back(self) -> bool:
+        """Drop the column a failed step appended to the layers it reached. False if the cache is not made
+        of plain layers (then it cannot be trusted)."""
+        layers = _kv_layers(self._cache)
+        if layers is None:
+            return False
+        width = self._mask.shape[1]
+        for layer in layers:
+            if layer.keys.shape[-2] > width:
+                layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+        return True
 
     def _merge(self, rows: list[Row], cache: Any, mask: torch.Tensor, last_pos: torch.Tensor,
                tokens: list[int]) -> None:
@@ -238,12 +357,24 @@ class RunningBatch:
             self.rows, self._cache, self._mask, self._last_pos, self._next = rows, cache, mask, last_pos, tokens
             return
         old, new = _kv_layers(self._cache), _kv_layers(cache)
-        width = max(self._mask.shape[1], mask.shape[1])
-        for a, b in zip(old, new):  # left-pad the shorter side with masked columns, stack the rows
-            a.keys = torch.cat([_pad_cols(a.keys, width), _pad_cols(b.keys, width)], dim=0)
-            a.values = torch.cat([_pad_cols(a.values, width), _pad_cols(b.values, width)], dim=0)
-        self._mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(mask, width)], dim=0)
-        self._last_pos = torch.cat([self._last_pos, last_pos], dim=0)
+        count, old_width = len(self.rows), self._mask.shape[1]
+        width = max(old_width, mask.shape[1])
+        merged = 0
+        try:
+            for a, b in zip(old, new):  # left-pad the shorter side with masked columns, stack the rows
+                keys = torch.cat([_pad_cols(a.keys, width), _pad_cols(b.keys, width)], dim=0)
+                values = torch.cat([_pad_cols(a.values, width), _pad_cols(b.values, width)], dim=0)
+                a.keys, a.values = keys, values
+                merged += 1
+            merged_mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(mask, width)], dim=0)
+            merged_last = torch.cat([self._last_pos, last_pos], dim=0)
+        except Exception:
+            # Out of memory half-way: the layers already merged go back to the running rows (views, no copy).
+            for a in old[:merged]:
+                a.keys = a.keys[:count, :, width - old_width:, :]
+                a.values = a.values[:count, :, width - old_width:, :]
+            raise
+        self._mask, self._last_pos = merged_mask, merged_last
         self.rows, self._next = self.rows + rows, self._next + tokens
 
     def _drop_finished(self) -> list[Row]:
@@ -254,12 +385,16 @@ class RunningBatch:
         if not keep:
             self.clear()
             return done
+        self._select(keep)
+        return done
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (indices into ``rows``) in the batch and its cache."""
         index = torch.tensor(keep, device=self.device)
         self._cache.batch_select_indices(index)
         self._mask, self._last_pos = self._mask.index_select(0, index), self._last_pos.index_select(0, index)
         self.rows, self._next = [self.rows[j] for j in keep], [self._next[j] for j in keep]
         self._trim()
-        return done
 
     def _trim(self) -> None:
         """Cut leading columns that are padding for every remaining row (left by a long row that left)."""
@@ -288,6 +423,26 @@ def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[
     start = logits.shape[0] - len(prompt)
     predicted = torch.log_softmax(logits[start:start + len(prompt) - 1].float(), dim=-1)  # predicts tokens 1..
     return [None] + [_token_logprob(predicted[i], token, top) for i, token in enumerate(prompt[1:])]
+
+
+def row_error(exc: BaseException) -> ServiceError:
+    """What the caller of a failed row is told: the error itself if it is one of ours, else its cause named."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if _out_of_memory(exc):
+        return ServiceUnavailable("the device ran out of memory generating this request, even alone in its batch; "
+                                  "retry, or ask for fewer tokens", code="device_out_of_memory")
+    return GenerationFailed(f"generating this request failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _release_device_memory(exc: BaseException) -> None:
+    """After a device OOM, hand cached blocks back so the split retry gets the memory the failed call freed."""
+    if _out_of_memory(exc) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _pad_cols(kv: torch.Tensor, width: int) -> torch.Tensor:

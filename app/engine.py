@@ -2,7 +2,8 @@
 
 This module is the engine as the rest of the server sees it: ``InferenceEngine`` sets up the serving model,
 the adapter pool and its loader, starts and stops the model thread, and gives request handlers their side:
-``tokenize``, ``submit`` (every bound checked before anything is queued), ``result`` (the request timeout)
+``tokenize`` / ``tokenize_async`` (off the event loop), ``submit`` (every bound checked before anything is
+queued, the queue shared out per key), ``result`` (the request timeout)
 and ``evict_adapter``. What the model thread does with the queue (the scheduler loop, continuous batching,
 cold adapter loads) is ``app.engine_loop``; what passes between the two is ``app.engine_messages``.
 
@@ -21,6 +22,7 @@ import time
 from collections import deque
 from typing import Callable
 
+import anyio
 import torch
 
 from app.adapter_cache import AdapterCache, AdapterLoader, Mix, mix_name, mix_sha256
@@ -48,6 +50,7 @@ class InferenceEngine(ModelThread):
         self.loader = AdapterLoader(registry, lambda name, f, e: self._inbox.put(Loaded(name, f, e)))
         self._waiting: deque[Request] = deque()  # model thread only
         self._pending = 0  # submitted, not yet admitted or answered: what max_queue bounds
+        self._pending_by_key: dict[str, int] = {}  # ... per key: what max_queue_per_key bounds
         self._pending_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # fast tokenizers refuse concurrent use ("Already borrowed")
         self._thread: threading.Thread | None = None
@@ -65,7 +68,7 @@ class InferenceEngine(ModelThread):
         self.batch = RunningBatch(self._forward, self.pad_id, base.device)
         self._preload = list(dict.fromkeys([*settings.adapter_preload, *settings.adapter_pin]))
         # Counters for tests and benchmarks (Prometheus has the same figures, process-wide).
-        self.prefills = self.joins = self.steps = self.aborted = self.hits = self.misses = 0
+        self.prefills = self.joins = self.steps = self.aborted = self.hits = self.misses = self.failed_rows = 0
         self._tps_window = [time.perf_counter(), 0]
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -94,15 +97,21 @@ class InferenceEngine(ModelThread):
         with self._tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
+    async def tokenize_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``tokenize`` on a worker thread: a long prompt never holds the event loop (bound its bytes first)."""
+        return await anyio.to_thread.run_sync(self.tokenize, text, add_special_tokens)
+
     def _detokenize(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def submit(self, prompt_ids: list[int], adapter: str | None, sha256: str | None, params: SamplingParams,
-               on_text: Callable[[str], None] | None = None, mix: Mix | None = None) -> Request:
-        """Queue one request (bounds checked here, so an error names the field before anything runs).
-        ``mix``: sorted (source name, sha256, weight) tuples, checked combinable by the caller; it replaces
-        ``adapter`` / ``sha256``."""
+               on_text: Callable[[str], None] | None = None, mix: Mix | None = None, key: str | None = None) -> Request:
+        """Queue one request (bounds checked here, so an error names the field before anything runs, and
+        nothing a row carries can fail the batch it joins). ``mix``: sorted (source name, sha256, weight)
+        tuples, checked combinable by the caller; it replaces ``adapter`` / ``sha256``. ``key``: who asks;
+        a key may hold at most ``max_queue_per_key`` of the waiting requests (None: internal callers)."""
+        params.check()
         if mix is not None:
             if adapter is not None:
                 raise InvalidRequest("give either adapter or adapters, not both", param="adapters")
@@ -113,18 +122,29 @@ class InferenceEngine(ModelThread):
         if len(prompt_ids) > self.settings.max_prompt_tokens:
             raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the limit is {self.settings.max_prompt_tokens} "
                                  "(BONE_MAX_PROMPT_TOKENS)", param="prompt")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:  # on a GPU, a device-side assert for everyone
+            raise InvalidRequest(f"prompt holds token ids outside the model's vocabulary (0..{self.vocab_size - 1})",
+                                 param="prompt")
         if self.max_positions and len(prompt_ids) + params.max_new_tokens > self.max_positions:
             raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                                  f"the model's context of {self.max_positions} tokens", param="max_new_tokens")
         if not self.ready:
             raise ServiceUnavailable("the inference engine is not running", code="engine_unavailable")
+        share = self.settings.queue_share
         with self._pending_lock:
             if self._pending >= self.settings.max_queue:
                 raise RateLimited(f"{self._pending} generation requests are waiting for a batch slot "
                                   f"(BONE_MAX_QUEUE={self.settings.max_queue}); retry shortly",
                                   retry_after=1.0, code="engine_busy")
+            mine = self._pending_by_key.get(key, 0) if key is not None else 0
+            if key is not None and mine >= share:
+                raise RateLimited(f"this key has {mine} generation requests waiting for a batch slot; one key may hold "
+                                  f"at most {share} of the {self.settings.max_queue} queue places (BONE_MAX_QUEUE_PER_KEY); "
+                                  "retry when some have finished", retry_after=1.0, code="key_queue_full")
             self._pending += 1
-        request = Request(prompt_ids, adapter, sha256, params, on_text=on_text, mix=mix)
+            if key is not None:
+                self._pending_by_key[key] = mine + 1
+        request = Request(prompt_ids, adapter, sha256, params, on_text=on_text, mix=mix, key=key)
         self._inbox.put(request)
         return request
 

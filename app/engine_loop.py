@@ -8,6 +8,11 @@ engine is idle, the first request waits up to ``batch_wait_ms`` for company, so 
 
 A request whose adapter is not resident waits without holding anyone up: the ``AdapterLoader`` threads read
 and verify it, and only the final copy into the model (``AdapterCache.install``) runs here, between steps.
+
+One request never fails another: a row's error is answered to its caller alone (``app.decoding``), and rows
+a failed step set aside (``RunningBatch.parked``) resume before any newcomer is admitted. Admission takes
+the waiting requests of keys with the fewest running rows first, so one key's backlog does not hold the
+batch slots while another key waits.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from app import metrics
 from app.adapter_cache import AdapterCache, AdapterLoader, fetch_mix
-from app.decoding import Row, RunningBatch
+from app.decoding import Row, RunningBatch, row_error
 from app.engine_messages import STOP, GenerationResult, Loaded, Request
 from app.model_host import BASE_SLOT, ModelHost
 from core.errors import ServiceError, ServiceUnavailable
@@ -45,6 +50,7 @@ class ModelThread:
     _inbox: queue.Queue
     _waiting: deque[Request]
     _pending: int
+    _pending_by_key: dict[str, int]
     _pending_lock: threading.Lock
     _preload: list[str]
     _out_features: dict[str, int]
@@ -54,6 +60,7 @@ class ModelThread:
     joins: int
     steps: int
     aborted: int
+    failed_rows: int
     hits: int
     misses: int
 
@@ -65,7 +72,7 @@ class ModelThread:
             self._admit()
             if self.batch.rows:
                 self._step()
-        for row in self.batch.clear():
+        for row in self.batch.clear() + self.batch.parked:
             row.tag.future.set_exception(ServiceUnavailable("the server is shutting down", code="shutting_down"))
         while self._waiting:
             self._fail(self._waiting.popleft(), ServiceUnavailable("the server is shutting down", code="shutting_down"))
@@ -73,7 +80,7 @@ class ModelThread:
     def _receive(self) -> bool:
         """Take what arrived. Busy: never wait. Idle: block until a request comes, then gather for up to
         ``batch_wait_ms`` (or until a full batch waits). Returns False on stop."""
-        idle, deadline = not self.batch.rows, None
+        idle, deadline = not self.batch.rows and not self.batch.parked, None
         while True:
             if not idle:
                 timeout = 0.0
@@ -125,15 +132,20 @@ class ModelThread:
                 log.exception("preloading adapter %r failed", item.name)
 
     def _in_use(self) -> set[str]:
-        return {row.adapter_slot for row in self.batch.rows}
+        return {row.adapter_slot for row in self.batch.rows + self.batch.parked}  # parked rows resume on theirs
     def _admit(self) -> None:
+        if self.batch.parked:
+            for row in self.batch.resume():
+                self._answer(row)
+            if self.batch.parked:
+                return  # short of device memory: newcomers wait until the parked rows are back in
         if not self._waiting or not self.batch.accepts_joins:
             return
         room = self.settings.max_batch_size - len(self.batch.rows)
         in_use, chosen, still = self._in_use(), [], deque()
-        for request in self._waiting:
+        for request in self._fair_order():
             if request.future.cancelled():  # the caller gave up (timeout, disconnect) while it waited
-                self._release()
+                self._release(request)
                 continue
             slot = self._resolve(request, in_use, must_progress=not self.batch.rows and not chosen) if len(chosen) < room else None
             if slot is False:
@@ -142,7 +154,7 @@ class ModelThread:
                 still.append(request)
                 continue
             if not request.future.set_running_or_notify_cancel():
-                self._release()
+                self._release(request)
                 continue
             in_use.add(slot)
             chosen.append(Row(prompt_ids=request.prompt_ids, adapter_slot=slot, params=request.params,
@@ -154,7 +166,7 @@ class ModelThread:
         self.prefills += 1
         self.joins += bool(self.batch.rows)
         for row in chosen:
-            self._release()
+            self._release(row.tag)
         try:
             done = self.batch.add(chosen)
         except Exception as exc:  # noqa: BLE001 - reported to the newcomers; the running rows carry on
@@ -168,6 +180,14 @@ class ModelThread:
         self._count_tokens(len(chosen))
         for row in done:
             self._answer(row)
+
+    def _fair_order(self) -> list[Request]:
+        """The waiting requests, those of keys with the fewest running rows first (in arrival order within a key
+        and among keys with as many)."""
+        running: dict[str | None, int] = {}
+        for row in self.batch.rows:
+            running[row.tag.key] = running.get(row.tag.key, 0) + 1
+        return sorted(self._waiting, key=lambda request: running.get(request.key, 0))
 
     def _resolve(self, request: Request, in_use: set[str], must_progress: bool) -> str | None | bool:
         """The request's slot in the model, None if not ready yet (loading, or no room while others run),
@@ -223,6 +243,10 @@ class ModelThread:
 
     def _answer(self, row: Row) -> None:
         request: Request = row.tag
+        if row.error is not None:
+            self.failed_rows += 1
+            request.future.set_exception(row_error(row.error))
+            return
         self.aborted += row.finish_reason == "abort"
         metrics.GENERATED_TOKENS.labels("adapter" if request.adapter else "base").inc(len(row.generated))
         mix = None if request.mix is None else {name: weight for name, _, weight in request.mix}
@@ -243,10 +267,17 @@ class ModelThread:
             window[0], window[1] = time.perf_counter(), 0
 
     def _fail(self, request: Request, exc: BaseException) -> None:
-        self._release()
+        self._release(request)
         if request.future.set_running_or_notify_cancel():
             request.future.set_exception(exc)
 
-    def _release(self) -> None:
+    def _release(self, request: Request) -> None:
+        """``request`` no longer waits (admitted, answered or given up): it leaves the queue bounds."""
         with self._pending_lock:
             self._pending -= 1
+            if request.key is not None:
+                left = self._pending_by_key.get(request.key, 0) - 1
+                if left > 0:
+                    self._pending_by_key[request.key] = left
+                else:
+                    self._pending_by_key.pop(request.key, None)

@@ -40,6 +40,7 @@ class Request:
     fetched: FetchedAdapter | None = None  # its adapter, read by the loader, waiting to be installed
     counted: bool = False  # cache hit/miss recorded
     mix: Mix | None = None  # a mix of adapters: ``adapter`` / ``sha256`` are then the mix's cache key
+    key: str | None = None  # who asked (API key, else client address): its share of the queue; None = unbounded
 
 
 @dataclass

@@ -231,7 +231,8 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
         message = f"no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} not allowed on {request.url.path}"
-    return envelope(exc.status_code, message, type_, code, headers=getattr(exc, "headers", None), path=request.url.path)
+    return envelope(exc.status_code, message, type_, code, param=getattr(exc, "param", None),
+                    headers=getattr(exc, "headers", None), path=request.url.path)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -268,19 +269,26 @@ class BodySizeLimit:
     they stream in (chunked uploads), so a huge body never lands in memory."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, upload_paths: tuple[str, ...] = (),
-                 max_upload_bytes: int | None = None) -> None:
+                 max_upload_bytes: int | None = None, path_limits: dict[str, tuple[int, str, str]] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
         # Multipart uploads (training files, adapter imports) get their own, larger bound.
         self.upload_paths, self.max_upload_bytes = frozenset(upload_paths), max_upload_bytes or max_bytes
+        # POST routes whose valid bodies are known to be smaller (generation: one prompt's worth), refused
+        # before a byte is parsed: path -> (limit, the settings it derives from, the field that makes it large).
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") in self.upload_paths
+        path = scope.get("path", "").rstrip("/")
+        upload = scope.get("method") == "POST" and path in self.upload_paths
         limit, setting = (self.max_upload_bytes, "BONE_MAX_UPLOAD_BYTES") if upload else (self.max_bytes, "BONE_MAX_BODY_BYTES")
+        param = None
+        if scope.get("method") == "POST" and path in self.path_limits:
+            limit, setting, param = self.path_limits[path]
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = error_response(self._too_large(limit, setting))
+            response = error_response(self._too_large(limit, setting, param))
             return await response(scope, receive, send)
         seen = 0
 
@@ -291,11 +299,13 @@ class BodySizeLimit:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     # Raised inside the route's body read: FastAPI re-raises HTTPExceptions untouched.
-                    raise StarletteHTTPException(413, self._too_large(limit, setting).message)
+                    error = StarletteHTTPException(413, self._too_large(limit, setting, param).message)
+                    error.param = param  # the envelope names the field that made the body large
+                    raise error
             return message
 
         await self.app(scope, limited_receive, send)
 
     @staticmethod
-    def _too_large(limit: int, setting: str) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body exceeds {limit} bytes ({setting})")
+    def _too_large(limit: int, setting: str, param: str | None = None) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body exceeds {limit} bytes ({setting})", param=param)

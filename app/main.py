@@ -38,6 +38,8 @@ from core.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 UPLOAD_PATHS = ("/files", "/adapters")  # multipart routes, bounded by BONE_MAX_UPLOAD_BYTES
+# Generation bodies hold one prompt's worth (Settings.max_generation_body_bytes): route -> the field that is large.
+GENERATION_PATHS = {"/generate": "prompt", "/v1/completions": "prompt", "/v1/chat/completions": "messages"}
 REDIS_CONNECT_TIMEOUT_S = 1.0
 REDIS_SOCKET_TIMEOUT_S = 5.0  # above the longest blocking read (job events follow with 1 s XREADs)
 
@@ -91,8 +93,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.keyring = KeyRing.from_settings(settings)  # AuthConfigError: an open API on a public address
     install_error_handlers(app)
+    why = ("BONE_MAX_BODY_BYTES" if settings.max_generation_body_bytes == settings.max_body_bytes
+           else "a prompt's worth: BONE_MAX_PROMPT_TOKENS x BONE_PROMPT_BYTES_PER_TOKEN, JSON-escaped")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, upload_paths=UPLOAD_PATHS,
-                       max_upload_bytes=settings.max_upload_bytes)
+                       max_upload_bytes=settings.max_upload_bytes,
+                       path_limits={path: (settings.max_generation_body_bytes, why, param)
+                                    for path, param in GENERATION_PATHS.items()})
     install_observability(app)
     app.add_middleware(SecurityHeaders)  # outermost: error and 503 answers get the headers too
     install_openapi(app, settings)

@@ -28,6 +28,8 @@ def _bounds(settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
         ("TrainingSpec", "max_steps", {"maximum": settings.max_train_steps}),
         ("RecordsDataset", "records", {"maxItems": settings.max_inline_records}),
         ("JobCreate", "adapter_name", {"pattern": ADAPTER_NAME_PATTERN}),
+        # a prompt of more characters than its byte bound is refused whatever it holds (app.routes.generate)
+        ("GenerateRequest", "prompt", {"maxLength": settings.max_prompt_bytes}),
     ]
 
 

@@ -123,6 +123,24 @@ def check_tensors(model: nn.Module, config: BoneConfig, tensors: dict[str, torch
     return tensors
 
 
+class NonFiniteTensorError(BoneCheckpointError):
+    """A tensor of an adapter holds NaN or infinity: serving it would turn every answer into noise or an error."""
+
+    def __init__(self, key: str, bad: int, total: int):
+        super().__init__(f"tensor {key!r} holds {bad} non-finite value(s) (NaN or infinity) out of {total}")
+        self.key = key
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise ``NonFiniteTensorError`` naming the first (by key) floating-point tensor that holds NaN or ±inf."""
+    for key in sorted(tensors):
+        value = tensors[key]
+        if torch.is_tensor(value) and value.is_floating_point():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                raise NonFiniteTensorError(key, int((~finite).sum()), value.numel())
+
+
 # -- files -------------------------------------------------------------------------------------------------
 def read_adapter_dir(directory: str | os.PathLike) -> tuple[BoneConfig, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError

@@ -57,6 +57,13 @@ class ServiceUnavailable(ServiceError):
     status, type, code = 503, "service_unavailable", "service_unavailable"
 
 
+class GenerationFailed(ServiceError):
+    """Generating one request failed (its sampling, stop check or detokenizing, or the model on its row alone);
+    the other requests of its batch are unaffected."""
+
+    status, type, code = 500, "server_error", "generation_failed"
+
+
 class CorruptAdapter(ServiceError):
     """A registry entry whose files do not match its recorded sha256 (or cannot be read)."""
 

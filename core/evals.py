@@ -28,6 +28,7 @@ from core.errors import NotFound
 from core.jobs import DatasetSpec, JobStatus, PathStr, check_adapter_name
 from core.jobstore import (INLINE_RECORDS_TTL_S, PREFIX, index_new, non_final, page_newest_first, read_record,
                            settle_ended, transition_record)
+from core.requests import RequestModel
 
 EVAL_TASK = "worker.evals.run_eval_job"
 BASE = "__base__"  # the results key of the base model (bone.BASE_ADAPTER; core imports no torch)
@@ -36,8 +37,8 @@ MAX_ADAPTERS = 16
 EvalStatus = JobStatus  # one lifecycle for everything the workers run: queued, running, succeeded, failed, cancelled
 
 
-class EvalCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # requests carry no inf/nan (core/jobs.py)
+class EvalCreate(RequestModel):  # finite floats, bounded strings (core.requests)
+    model_config = ConfigDict(extra="forbid")
 
     adapters: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
         min_length=1, max_length=MAX_ADAPTERS, description="registry names to evaluate")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from core.formats import FormatName
 from core.patterns import MAX_PATTERN_CHARS, check_pattern
+from core.requests import SEED_BOUND, RequestModel
 
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
@@ -48,7 +49,7 @@ class JobStatus(str, Enum):
 MAX_NAME_CHARS = 256  # ids, hub names, splits, revisions, queue names
 MAX_PATH_CHARS = 1024  # paths inside the data dir, base-model directories
 MAX_MODULE_NAMES = 1024  # entries of a target/exclude list
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63: what torch.manual_seed and numpy take without overflow
+SEED_LIMIT = SEED_BOUND  # seeds are 0 <= seed < 2**63: what torch.manual_seed and numpy take without overflow
 
 # hf_dataset: "name" or "namespace/name", as on the hub (a folder under the datasets dir, or a hub id); never "..".
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
@@ -59,10 +60,10 @@ PatternStr = Annotated[str, StringConstraints(max_length=MAX_PATTERN_CHARS)]
 ModuleNames = Annotated[list[ShortStr], Field(max_length=MAX_MODULE_NAMES)]
 
 
-class _Strict(BaseModel):
-    # Requests only: inf/nan never cross the boundary (``1e309`` parses as inf in JSON). Stored records that
-    # the workers fill (metrics, eta) are plain models, since a diverged loss may legitimately be nan.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class _Strict(RequestModel):
+    # Requests only: inf/nan never cross the boundary (``1e309`` parses as inf in JSON; core.requests). Stored
+    # records that the workers fill (metrics, eta) are plain models, since a diverged loss may legitimately be nan.
+    model_config = ConfigDict(extra="forbid")
 
 
 # --- datasets: exactly one form -------------------------------------------------------------------------------

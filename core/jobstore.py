@@ -45,7 +45,7 @@ STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step wi
 TRAINING_METRICS = PREFIX + "metrics:training"
 RUNNING = PREFIX + "jobs:running"
 EVENTS_MAXLEN = 100_000
-EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream id, the only cursor the events listing hands out
+EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a Redis stream id, the only cursor the events listing hands out
 INLINE_RECORDS_TTL_S = 7 * 24 * 3600  # default of BONE_INLINE_RECORDS_TTL_S
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 def check_event_id(after: str | None, param: str = "after") -> None:
     """A cursor (query ``after`` or SSE's ``Last-Event-ID``) must be an id this store handed out: Redis refuses
     anything else with an error that is not the client's to read."""
-    if after is not None and not EVENT_ID.fullmatch(after):
+    # Each part below 2**64 too: a 20-digit part past it passes the pattern and Redis refuses it just the same.
+    if after is not None and (not EVENT_ID.fullmatch(after) or any(int(part) >= 2**64 for part in after.split("-"))):
         raise InvalidRequest(f"{param} must be an event id such as '1700000000000-0', not {after[:40]!r}",
                              param=param)
 

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     max_seq_length: int = Field(4096, ge=16)
     max_new_tokens: int = Field(512, ge=1)
     max_prompt_tokens: int = Field(2048, ge=1)
+    # A prompt is refused by its size before it is tokenized (which is CPU work proportional to its length):
+    # at most max_prompt_tokens x this many UTF-8 bytes. 16 covers common tokenizers' longest ordinary tokens.
+    prompt_bytes_per_token: int = Field(16, ge=1, le=1024)
     # A job's size. The defaults admit any job that fits the 24 h job timeout on one fast GPU: ~20 optimizer
     # steps/s is the most a tiny model reaches (2M steps = 28 h at that rate), and ~1M tokens/s the most any
     # model trains at (1e11 tokens = 28 h). They refuse only what could never finish (max_steps=10**15).
@@ -128,6 +131,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     max_queue: int = Field(256, ge=1)
+    max_queue_per_key: int | None = Field(None, ge=1, description="waiting generation requests one API key (or, "
+                                          "without keys, one client address) may hold; default max(1, max_queue // 4)")
     request_timeout_s: float = Field(300.0, gt=0)
     adapter_cache_size: int = Field(64, ge=1, description="adapters resident on the device, by count")
     adapter_cache_bytes: int = Field(2 * 1024**3, ge=1, description="... and by bytes")
@@ -170,6 +175,21 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    # --- derived bounds ---------------------------------------------------------------------------------
+    @property
+    def queue_share(self) -> int:
+        return self.max_queue_per_key or max(1, self.max_queue // 4)
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        return self.max_prompt_tokens * self.prompt_bytes_per_token
+
+    @property
+    def max_generation_body_bytes(self) -> int:
+        """Bodies of the generation routes: room for a prompt at its byte bound, JSON-escaped (up to 6 bytes
+        per UTF-8 byte for \\u escapes), plus the other fields; never above max_body_bytes."""
+        return min(self.max_body_bytes, max(1 << 20, 6 * self.max_prompt_bytes + (64 << 10)))
 
     # Derived locations, one place so API and worker agree.
     @property

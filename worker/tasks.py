@@ -220,6 +220,7 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
 
     # -- save, then publish atomically (the registry copies from the temp folder, then renames into place)
     reporter.phase("publishing")
+    check_publishable(adapter_dir)  # a diverged run's NaN/inf never reaches the registry
     registry = AdapterRegistry.from_settings(settings)
     # The API checked the name when it accepted the job, but training takes a while: another owner may have
     # taken it since. The registry judges what an overwrite would replace atomically with the swap.
@@ -247,6 +248,7 @@ class CheckpointPublisher:
         name = None
         if self.job.training.publish_checkpoints:
             name = checkpoint_adapter_name(self.job.adapter_name, step)
+            check_publishable(path)
             registry = AdapterRegistry.from_settings(self.settings)
             ours = registry.exists(name) and registry.get(name).job_id == self.job.id  # an earlier attempt's
             registry.publish(name, path, overwrite=self.job.overwrite or ours, metadata={
@@ -268,6 +270,18 @@ def _finish(store: JobStore, job_id: str, status: JobStatus, message: str, **fie
         return
     store.add_event(job_id, "status", message, status=status.value)
     log.info("job %s %s: %s", job_id, status.value, message)
+
+
+def check_publishable(adapter_dir: Path) -> None:
+    """Never publish weights holding NaN or infinity (a diverged run): the job fails naming the tensor."""
+    from bone.checkpoint import NonFiniteTensorError, check_finite, read_adapter_dir
+
+    _, tensors = read_adapter_dir(adapter_dir)
+    try:
+        check_finite(tensors)
+    except NonFiniteTensorError as exc:
+        raise ServiceError(f"training diverged, nothing was published: {exc} (try a lower training.learning_rate)",
+                           code="non_finite_weights") from None
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -21,19 +21,21 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from app.auth import PrincipalDep
 from app.deps import EngineDep, RegistryDep, SettingsDep
+from app.routes.generate import check_mix
 from bone import BoneConfig, BoneConfigError, combine_bone_adapters, to_lora
 from bone.export import DEFAULT_BAT_TOLERANCE
-from bone.checkpoint import to_format, write_adapter_dir
+from bone.checkpoint import NonFiniteTensorError, check_finite, to_format, write_adapter_dir
 from core.base_model import exported_base_model_name
 from core.errors import Conflict, InvalidRequest
 from core.jobs import check_adapter_name
 from core.quotas import check_adapter_count
 from core.settings import EMBEDDED_BASE_MODEL
 from core.registry import AdapterInfo, AdapterRegistry
+from core.requests import RequestModel
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -110,19 +112,18 @@ async def download_adapter(name: str, registry: RegistryDep, engine: EngineDep, 
     return Response(data, media_type="application/zip", headers=headers)
 
 
-class ComposeRequest(BaseModel):
+class ComposeRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     adapters: dict[str, float] = Field(min_length=1, max_length=MAX_COMPOSE,
-                                       description="source adapter name → weight, e.g. {\"a\": 0.7, \"b\": 0.3}")
+                                       description="source adapter name → weight, e.g. {\"a\": 0.7, \"b\": 0.3}; "
+                                                   "|weight| <= 100")
     overwrite: bool = False
 
     @field_validator("adapters")
     @classmethod
     def _names(cls, value: dict[str, float]) -> dict[str, float]:
-        for name in value:
-            check_adapter_name(name)
-        return value
+        return check_mix(value)  # the same rules as a per-request mix
 
 
 def _compose(registry: AdapterRegistry, engine, name: str, request: ComposeRequest) -> AdapterInfo:
@@ -142,6 +143,10 @@ def _compose(registry: AdapterRegistry, engine, name: str, request: ComposeReque
         config, summed = combine_bone_adapters([(src, cfg, tensors, w) for src, _, cfg, tensors, w in sources])
     except BoneConfigError as exc:  # Bat, biases, mixed r: a request problem, named on the request's field
         raise InvalidRequest(str(exc), param="adapters") from None
+    try:
+        check_finite(summed)  # finite sources, bounded weights: only a source near float32's edge gets here
+    except NonFiniteTensorError as exc:
+        raise InvalidRequest(f"the weighted sum is not finite: {exc}", param="adapters", code="non_finite_weights") from None
     with tempfile.TemporaryDirectory() as folder:
         write_adapter_dir(folder, config.to_dict("bone"), summed)
         info = registry.publish(name, Path(folder), {

@@ -44,7 +44,7 @@ def import_adapter(name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN, max_l
                    registry: RegistryDep, settings: SettingsDep, checker: JobCheckerDep, principal: PrincipalDep,
                    overwrite: Annotated[bool, Form()] = False) -> AdapterInfo:
     from bone import BoneConfig, validate_config_for_model
-    from bone.checkpoint import check_tensors
+    from bone.checkpoint import NonFiniteTensorError, check_finite, check_tensors
     from bone.errors import BoneError
 
     try:
@@ -84,6 +84,10 @@ def import_adapter(name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN, max_l
         except BoneError as exc:
             raise InvalidRequest(f"adapter does not fit base model {settings.base_model!r}: {exc}",
                                  param="adapter_model", code="adapter_mismatch") from None
+        try:
+            check_finite(tensors)
+        except NonFiniteTensorError as exc:
+            raise InvalidRequest(f"adapter_model: {exc}", param="adapter_model", code="non_finite_weights") from None
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})

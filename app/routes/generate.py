@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
+from app.auth import caller_key
 from app.decoding import SamplingParams
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.adapter_cache import Mix
@@ -28,11 +29,19 @@ from bone.arithmetic import check_combinable
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from core.jobs import check_adapter_name
 from core.registry import AdapterRegistry
+from core.requests import SEED_BOUND, RequestModel
 from core.settings import Settings
 
 router = APIRouter(tags=["generate"])
 
 MAX_MIX = 16  # sources in one per-request mix (as for POST /adapters/{name}/compose)
+MAX_MIX_WEIGHT = 100.0  # |w| per source: far beyond any useful blend, and a sum of float32 blocks stays finite
+MAX_STOPS, MAX_STOP_CHARS = 4, 512
+MAX_NAME_CHARS = 64  # adapter names (core.jobs.ADAPTER_NAME_PATTERN)
+# A prompt's own bound is the server's (Settings.max_prompt_bytes, checked before tokenizing); this one only
+# lifts the default string bound of request models, the body bound keeps it far lower.
+MAX_PROMPT_CHARS = 64 << 20
+SeedField = Field(None, ge=0, lt=SEED_BOUND, description="0 <= seed < 2**63; same seed, same text")
 AdaptersField = Field(None, min_length=1, max_length=MAX_MIX,
                       description='a mix of Bone adapters served as their exact weighted sum, e.g. {"a": 0.7, "b": 0.3}; '
                                   "replaces adapter (nothing is written to the registry)")
@@ -41,26 +50,47 @@ AdaptersField = Field(None, min_length=1, max_length=MAX_MIX,
 def check_mix(value: dict[str, float] | None) -> dict[str, float] | None:
     for name, weight in (value or {}).items():
         check_adapter_name(name)
-        if not math.isfinite(weight):
-            raise ValueError(f"the weight of {name!r} must be a finite number")
+        if not math.isfinite(weight) or abs(weight) > MAX_MIX_WEIGHT:
+            raise ValueError(f"the weight of {name!r} must be a finite number with |w| <= {MAX_MIX_WEIGHT:g}")
     return value
+
+
+def check_prompt(text: str, settings: Settings, param: str = "prompt") -> None:
+    """A prompt's size and encoding, checked before it is tokenized: at most ``max_prompt_bytes`` of UTF-8
+    (BONE_MAX_PROMPT_TOKENS x BONE_PROMPT_BYTES_PER_TOKEN) and valid Unicode (no lone surrogates, which
+    JSON can spell and no tokenizer can encode). Cheap: the length in characters is checked first."""
+    limit = settings.max_prompt_bytes
+    too_long = InvalidRequest(f"{param} is longer than {limit} bytes of UTF-8, more than BONE_MAX_PROMPT_TOKENS="
+                              f"{settings.max_prompt_tokens} tokens can hold ({settings.prompt_bytes_per_token} bytes a "
+                              "token, BONE_PROMPT_BYTES_PER_TOKEN)", param=param, code="prompt_too_long")
+    if len(text) > limit:
+        raise too_long
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{param} is not valid Unicode: a lone surrogate at character {exc.start}",
+                             param=param) from None
+    if size > limit:
+        raise too_long
 
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter: str | None = Field(None, description="adapter name; null = the base model")
+    adapter: str | None = Field(None, max_length=MAX_NAME_CHARS, description="adapter name; null = the base model")
     adapters: dict[str, float] | None = AdaptersField
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="at most BONE_MAX_PROMPT_TOKENS tokens and that many x BONE_PROMPT_BYTES_PER_TOKEN bytes")
     max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS} (or the server's "
                                        "limit, if lower); bounded by BONE_MAX_NEW_TOKENS")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: Annotated[list[str], Field(max_length=4)] | str | None = None
+    seed: int | None = SeedField
+    stop: Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | \
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)] | None = None
     stream: bool = False
 
     @field_validator("adapters")
@@ -177,18 +207,22 @@ async def results_or_disconnect(engine: InferenceEngine, requests: list, http_re
             request.abandoned.set()
 
 
-def submit_all(engine: InferenceEngine, jobs: list[tuple], on_text=None) -> list:
-    """Submit (prompt_ids, adapter, sha256, params[, mix]) jobs; ``on_text(i, piece)`` streams job i. All or
-    none: if one is refused (queue full, bounds), the ones already queued are withdrawn."""
+def submit_all(engine: InferenceEngine, jobs: list[tuple], on_text=None, key: str | None = None) -> list:
+    """Submit (prompt_ids, adapter, sha256, params[, mix]) jobs for caller ``key``; ``on_text(i, piece)``
+    streams job i. All or none: if one is refused (queue full, bounds), the ones already queued are withdrawn."""
+    share = engine.settings.queue_share
+    if key is not None and len(jobs) > share:  # would be refused whole every time: say so, not 429
+        raise InvalidRequest(f"this request asks for {len(jobs)} generations (prompts x n); one key may queue at most "
+                             f"{share} at once (BONE_MAX_QUEUE_PER_KEY)", param="n", code="too_many_generations")
     requests = []
     try:
         for i, (ids, adapter, sha256, params, *mix) in enumerate(jobs):
             callback = None if on_text is None else (lambda piece, i=i: on_text(i, piece))
             mix = mix[0] if mix else None
             if mix is None:
-                requests.append(engine.submit(ids, adapter, sha256, params, on_text=callback))
+                requests.append(engine.submit(ids, adapter, sha256, params, on_text=callback, key=key))
             else:
-                requests.append(engine.submit(ids, None, None, params, on_text=callback, mix=mix))
+                requests.append(engine.submit(ids, None, None, params, on_text=callback, mix=mix, key=key))
     except Exception:
         for request in requests:
             request.future.cancel()
@@ -197,13 +231,13 @@ def submit_all(engine: InferenceEngine, jobs: list[tuple], on_text=None) -> list
     return requests
 
 
-def stream_jobs(engine: InferenceEngine, jobs: list[tuple]):
+def stream_jobs(engine: InferenceEngine, jobs: list[tuple], key: str | None = None):
     """Submit now (so a refused request still gets a plain error response), then follow as an async
     iterator of ``(i, piece, None)`` while text arrives and ``(i, None, result or exception)`` when job i ends.
     Closing the iterator (the client left) abandons every unfinished job, which frees its batch slot."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
-    requests = submit_all(engine, jobs, lambda i, piece: loop.call_soon_threadsafe(pieces.put_nowait, (i, piece)))
+    requests = submit_all(engine, jobs, lambda i, piece: loop.call_soon_threadsafe(pieces.put_nowait, (i, piece)), key)
 
     async def follow():
         outcomes = {asyncio.ensure_future(engine.result(r)): i for i, r in enumerate(requests)}
@@ -245,17 +279,19 @@ SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "stri
 async def generate(body: GenerateRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
                    settings: SettingsDep) -> Any:
     params = sampling_params(body, settings)
+    check_prompt(body.prompt, settings)
+    key = caller_key(http_request)
     if body.adapters is not None:
         if body.adapter is not None:
             raise InvalidRequest("give either adapter or adapters, not both", param="adapters")
         mix = await run_in_threadpool(resolve_mix, body.adapters, registry, settings)
-        job = (engine.tokenize(body.prompt), None, None, params, mix)
+        job = (await engine.tokenize_async(body.prompt), None, None, params, mix)
     else:
         sha256 = await run_in_threadpool(resolve_adapter, body.adapter, registry, settings)
-        job = (engine.tokenize(body.prompt), body.adapter, sha256, params)
+        job = (await engine.tokenize_async(body.prompt), body.adapter, sha256, params)
     if body.stream:
-        return EventSourceResponse(_events(stream_jobs(engine, [job])))
-    (result,) = await results_or_disconnect(engine, submit_all(engine, [job]), http_request)
+        return EventSourceResponse(_events(stream_jobs(engine, [job], key)))
+    (result,) = await results_or_disconnect(engine, submit_all(engine, [job], key=key), http_request)
     return to_response(result)
 
 

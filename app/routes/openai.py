@@ -23,21 +23,24 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
+from app.auth import caller_key
 from app.decoding import SamplingParams, TokenLogprob
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.engine import GenerationResult, InferenceEngine
 from app.adapter_cache import Mix
-from app.routes.generate import (SSE_RESPONSE, AdaptersField, Usage, check_mix, error_body, resolve_adapter,
-                                 resolve_mix, results_or_disconnect, stream_jobs, submit_all)
+from app.routes.generate import (MAX_PROMPT_CHARS, SSE_RESPONSE, AdaptersField, SeedField, Usage, check_mix,
+                                 check_prompt, error_body, resolve_adapter, resolve_mix, results_or_disconnect,
+                                 stream_jobs, submit_all)
 from core.errors import InvalidRequest, NotFound, ServiceError
 from core.registry import AdapterRegistry
+from core.requests import SEED_BOUND, RequestModel
 from core.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -49,16 +52,20 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class _Common(BaseModel):
+MAX_MESSAGES = MAX_PROMPTS = 1024  # every prompt, and a rendered conversation, is then bounded by check_prompt
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
+class _Common(RequestModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str = Field(max_length=1024)
     max_tokens: int | None = Field(None, ge=0, description="0 only with echo (score the prompt, generate nothing)")
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1, description="0 keeps only the most likely token (greedy)")
     n: int = Field(1, ge=1, le=8)
-    seed: int | None = None
+    seed: int | None = SeedField
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -85,7 +92,8 @@ TokenIds = list[int]
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: PromptText | Annotated[list[PromptText], Field(max_length=MAX_PROMPTS)] | TokenIds | \
+        Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="report each token's log-probability and its k most likely alternatives")
@@ -93,15 +101,15 @@ class CompletionRequest(_Common):
     suffix: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: str = Field(max_length=64)
+    content: PromptText | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
 
 
 class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
@@ -278,7 +286,7 @@ def _seeded(params: SamplingParams, k: int) -> SamplingParams:
     """Choice k of n: a different (still reproducible) seed, so the n choices are not all alike."""
     if k == 0 or params.seed is None:
         return params
-    return dataclasses.replace(params, seed=params.seed + k)
+    return dataclasses.replace(params, seed=(params.seed + k) % SEED_BOUND)
 
 
 def _usage(results: list[GenerationResult], prompt_tokens: int) -> dict:
@@ -330,7 +338,8 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
                       settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=16)  # OpenAI's default for completions
     adapter, sha256, mix = await run_in_threadpool(_adapter_for, body.model, registry, settings, body.adapters)
-    ids = _prompt_ids(engine, body.prompt)
+    ids = await run_in_threadpool(_prompt_ids, engine, body.prompt, settings)  # tokenizing: off the event loop
+    key = caller_key(http_request)
     jobs = [(ids[i], adapter, sha256, _seeded(params, k), mix) for i in range(len(ids)) for k in range(body.n)]
     prompt_tokens = sum(len(x) for x in ids)
     scoring_only = (body.max_completion_tokens or body.max_tokens) == 0
@@ -345,8 +354,9 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
         first = None
         if body.echo:  # the prompt comes back first, as with OpenAI
             first = [chunk(i * body.n + k, texts[i], None) for i in range(len(ids)) for k in range(body.n)]
-        return _sse(engine, jobs, body, prompt_tokens, meta, "text_completion", chunk, first=first, role_first=False)
-    results = await results_or_disconnect(engine, submit_all(engine, jobs), http_request)
+        return _sse(engine, jobs, body, prompt_tokens, meta, "text_completion", chunk, first=first, role_first=False,
+                    key=key)
+    results = await results_or_disconnect(engine, submit_all(engine, jobs, key=key), http_request)
     if scoring_only:
         results = [_without_completion(r) for r in results]
     choices = []
@@ -360,14 +370,16 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
     return {**meta, "object": "text_completion", "usage": _usage(results, prompt_tokens), "choices": choices}
 
 
-def _prompt_ids(engine: InferenceEngine, prompt: str | list) -> list[list[int]]:
-    """One token-id list per prompt: text is tokenized, token ids (a list, or a list of lists) are checked."""
+def _prompt_ids(engine: InferenceEngine, prompt: str | list, settings: Settings) -> list[list[int]]:
+    """One token-id list per prompt: text is bounded (``check_prompt``) and tokenized, token ids (a list, or a
+    list of lists) are checked. CPU work: callers run it on a worker thread."""
     prompts = _prompt_list(prompt)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidRequest("prompt must be a non-empty string, token-id list, or list of either", param="prompt")
     ids = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
+            check_prompt(p, settings, "prompt" if prompts[0] is prompt else f"prompt.{i}")
             ids.append(engine.tokenize(p))
             continue
         bad = next((t for t in p if not 0 <= t < engine.vocab_size), None)
@@ -435,7 +447,8 @@ async def chat_completions(body: ChatRequest, http_request: Request, engine: Eng
                            settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=settings.max_new_tokens)
     adapter, sha256, mix = await run_in_threadpool(_adapter_for, body.model, registry, settings, body.adapters)
-    ids = engine.tokenize(_render_chat(engine, body.messages), add_special_tokens=False)  # the template has them
+    ids = await run_in_threadpool(_chat_ids, engine, body.messages, settings)
+    key = caller_key(http_request)
     jobs = [(ids, adapter, sha256, _seeded(params, k), mix) for k in range(body.n)]
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
@@ -446,12 +459,19 @@ async def chat_completions(body: ChatRequest, http_request: Request, engine: Eng
         first = [{**meta, "object": "chat.completion.chunk",  # OpenAI opens each choice with the role
                   "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                "finish_reason": None}]} for k in range(body.n)]
-        return _sse(engine, jobs, body, len(ids), meta, "chat.completion.chunk", chunk, first=first)
-    results = await results_or_disconnect(engine, submit_all(engine, jobs), http_request)
+        return _sse(engine, jobs, body, len(ids), meta, "chat.completion.chunk", chunk, first=first, key=key)
+    results = await results_or_disconnect(engine, submit_all(engine, jobs, key=key), http_request)
     return {**meta, "object": "chat.completion", "usage": _usage(results, len(ids)),
             "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
                          "logprobs": _chat_logprobs(engine, r) if body.logprobs else None,
                          "finish_reason": _finish(r)} for i, r in enumerate(results)]}
+
+
+def _chat_ids(engine: InferenceEngine, messages: list[ChatMessage], settings: Settings) -> list[int]:
+    """Render, bound and tokenize a conversation: CPU work that runs on a worker thread, never the event loop."""
+    text = _render_chat(engine, messages)
+    check_prompt(text, settings, "messages")
+    return engine.tokenize(text, add_special_tokens=False)  # the template has them
 
 
 def _render_chat(engine: InferenceEngine, messages: list[ChatMessage]) -> str:
@@ -472,10 +492,10 @@ def _render_chat(engine: InferenceEngine, messages: list[ChatMessage]) -> str:
 
 
 def _sse(engine, jobs, body: _Common, prompt_tokens: int, meta: dict, object_: str, chunk, first,
-         role_first: bool = True) -> EventSourceResponse:
+         role_first: bool = True, key: str | None = None) -> EventSourceResponse:
     """``first``: events sent before any text (chat: each choice's role; completions with echo: the prompt).
     ``role_first``: the chat stream's shape (a choice's last chunk has an empty delta)."""
-    follow = stream_jobs(engine, jobs)  # submitted now: a refused request still gets a plain error response
+    follow = stream_jobs(engine, jobs, key)  # submitted now: a refused request still gets a plain error response
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
     async def events():

@@ -199,3 +199,15 @@ def test_we_load_peft_miss_checkpoints(init, tmp_path):
     bm = BoneModel.from_pretrained(build("llama"), tmp_path)
     assert bm.adapter_configs["default"].peft_type == "MISS"
     torch.testing.assert_close(logits(bm, x), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_names_the_tensor(bad):
+    from bone.checkpoint import NonFiniteTensorError, check_finite
+
+    tensors = {"a.bone_block": torch.zeros(2, 3), "b.bone_block": torch.ones(2, 3), "steps": torch.tensor([1, 2])}
+    check_finite(tensors)
+    tensors["b.bone_block"][1, 2] = bad
+    with pytest.raises(NonFiniteTensorError, match="'b.bone_block' holds 1 non-finite") as refused:
+        check_finite(tensors)
+    assert refused.value.key == "b.bone_block"

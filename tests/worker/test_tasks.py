@@ -264,3 +264,18 @@ def test_a_retried_job_resumes_from_its_checkpoint_and_ends_with_the_same_weight
     b = load_file(registry.path("resumed") / WEIGHTS_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert done.metrics["train_loss"] == store.get(straight.id).metrics["train_loss"]
+
+
+def test_weights_with_nan_or_inf_are_never_published(tmp_path):
+    """A diverged run (NaN/inf in a block) fails its job naming the tensor instead of publishing poison."""
+    from bone.checkpoint import write_adapter_dir
+    from core.errors import ServiceError
+    from worker.tasks import check_publishable
+
+    config = {"peft_type": "BONE", "r": 2, "target_modules": ["q_proj"], "init_weights": True}
+    write_adapter_dir(tmp_path / "ok", config, {"base_model.model.q_proj.bone_block": torch.ones(2, 4)})
+    check_publishable(tmp_path / "ok")
+    write_adapter_dir(tmp_path / "bad", config, {"base_model.model.q_proj.bone_block": torch.tensor([[1.0, float("nan")]])})
+    with pytest.raises(ServiceError) as refused:
+        check_publishable(tmp_path / "bad")
+    assert refused.value.code == "non_finite_weights" and "q_proj.bone_block" in refused.value.message
