@@ -325,3 +325,17 @@ def test_one_key_cannot_take_the_whole_generation_queue(live, alice, bob):
     assert [r.status_code for r in bob_done] == [200] * 8
     # alice's request took the first free slot, ahead of bob's two waiting ones: it finished before them
     assert alice_waited < max(r.elapsed.total_seconds() for r in bob_done)
+
+
+@pytest.mark.parametrize("body", [
+    {"adapter_name": "nul", "dataset": {"path": "a\x00b.jsonl"}},
+    {"adapter_name": "nul", "dataset": {"hf_dataset": "a\x00b"}},
+    {"adapter_name": "nul", "dataset": {"records": [{"text": "hi"}]}, "base_model": "a\x00b"},
+])
+def test_row9_a_nul_byte_in_a_path_is_never_a_500(live, bob, body):
+    """(The fuzzer's find: a NUL byte reached the file system, which refuses it with a ValueError.) Whether a
+    hub-style name is accepted at all is the datasets rule's business (issue 13 point 3); never a 500."""
+    reply = bob.post("/jobs", json=body)
+    assert reply.status_code < 500, reply.text
+    if "hf_dataset" not in body["dataset"]:
+        assert reply.status_code == 422
