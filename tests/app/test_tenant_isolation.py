@@ -297,11 +297,13 @@ def test_row9_other_cursors_never_answer_500(live, bob, path, named):
 
 
 # --- point 5: one key's share of the generation queue ---------------------------------------------------------
-def test_one_key_cannot_take_the_whole_generation_queue(live, alice, bob):
+def test_one_key_cannot_take_the_whole_generation_queue(live, client):
     """Bob fills the 4 batch slots and his share (4) of the 16 waiting places; his next request is a 429 naming
     the quota, while alice still gets in, and ahead of bob's waiting ones."""
     engine = live.engine
-    long = {"prompt": "Tell me everything", "max_new_tokens": 400, "temperature": 0}
+    alice = live.client(headers=as_(ALICE), timeout=300)  # two rounds of long rows on a busy machine
+    bob = live.client(headers=as_(BOB), timeout=300)
+    long = {"prompt": "Tell me everything", "max_new_tokens": 250, "temperature": 0}
     replies: dict[str, list] = {"bob": [], "alice": []}
     with ThreadPoolExecutor(10) as pool:
         futures = [pool.submit(bob.post, "/generate", json=long) for _ in range(4)]
@@ -322,6 +324,8 @@ def test_one_key_cannot_take_the_whole_generation_queue(live, alice, bob):
         alice_waited = time.monotonic() - started
         assert mine.status_code == 200, mine.text
         bob_done = [f.result(120) for f in futures]
+    alice.close()
+    bob.close()
     assert [r.status_code for r in bob_done] == [200] * 8
     # alice's request took the first free slot, ahead of bob's two waiting ones: it finished before them
     assert alice_waited < max(r.elapsed.total_seconds() for r in bob_done)
