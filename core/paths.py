@@ -103,7 +103,9 @@ def local_model_dir(name: str, allowed_roots: list[Path]) -> Path | None:
 
 
 def base_model_not_allowed(name: str, param: str) -> InvalidRequest:
-    return InvalidRequest(f"base model {name!r} is not available: use the server's base model, a Hugging Face id, "
+    # The name is not echoed: the error handler redacts server paths in messages, which would make the echo
+    # differ between names (and the reply must not differ with what exists on the server).
+    return InvalidRequest("this base model is not available: use the server's base model, a Hugging Face id, "
                           "or the absolute path of a model folder (with config.json) inside the allowed model "
                           "directories (the data dir and BONE_ALLOWED_MODEL_DIRS)", param=param,
                           code="base_model_not_allowed")
