@@ -77,7 +77,7 @@ def slowloris(port: int, closed_after: list[float], seconds: float = 30) -> None
     closed_after.append(time.monotonic() - started)
 
 
-def test_slowloris_connections_are_cut_off_while_others_are_served(api):
+def test_row12_slowloris_connections_are_cut_off_while_others_are_served(api):
     url, port, _ = api
     closed_after: list[float] = []
     attackers = [threading.Thread(target=slowloris, args=(port, closed_after)) for _ in range(20)]
