@@ -97,3 +97,28 @@ def keyed_service(tmp_path, redis_url, shared_models_dir):
         yield svc
     finally:
         svc.stop()
+
+
+def service_factory(tmp_path, redis_url, shared_models_dir):
+    """Like ``service``, with extra environment for both processes (e.g. ``BONE_API_KEYS``)."""
+    started: list[Service] = []
+
+    def start(**env: str) -> Service:
+        data_dir = tmp_path / f"data{len(started)}"
+        data_dir.mkdir()
+        (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
+        svc = Service(data_dir, redis_url, tmp_path)
+        svc.env.update(env)
+        if "BONE_API_KEYS" in env:
+            svc.env.pop("BONE_AUTH_DISABLED", None)  # keys given: the suite's default of no auth does not apply
+        started.append(svc)
+        svc.start("api", "api")
+        svc.start("worker", "worker")
+        svc.wait_ready()
+        return svc
+
+    try:
+        yield start
+    finally:
+        for svc in started:
+            svc.stop()
