@@ -99,6 +99,7 @@ def keyed_service(tmp_path, redis_url, shared_models_dir):
         svc.stop()
 
 
+@pytest.fixture
 def service_factory(tmp_path, redis_url, shared_models_dir):
     """Like ``service``, with extra environment for both processes (e.g. ``BONE_API_KEYS``)."""
     started: list[Service] = []
