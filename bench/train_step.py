@@ -263,8 +263,9 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time every shape of --shapes (no generation)")
     ap.add_argument("--shapes", type=parse_shapes, default=parse_shapes("1x128,2x256,4x512,8x1024"),
                     help="batch x sequence shapes of --sweep, e.g. 1x128,2x256")
-    ap.add_argument("--train-path", choices=["auto", "fold", "add"], default="auto",
-                    help="Bone training path: measured per shape (auto) or pinned")
+    ap.add_argument("--train-path", choices=["auto", "measure", "fold", "add"], default="auto",
+                    help="Bone training path: the library default (auto: additive on CPU, timed per shape on "
+                         "GPU), timed per shape everywhere (measure), or pinned")
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--gen-reps", type=int, default=3)
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's MiSS even if installed")

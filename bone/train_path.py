@@ -9,8 +9,11 @@ Bone, ``y = x Wᵀ + b + S_r(x) @ B`` (equivalently ``x (W + ΔW)ᵀ + b``), can
   no full-weight rebuild.
 
 Which is cheaper depends on the shape, dtype and device (a weight-sized memory pass against tokens-sized
-ones), so it is timed once per (in, out, r, tokens bucket, dtype, device) at first use and cached
-(:func:`choose`); :func:`force` pins a path (tests, benchmarks). Either way the block gradient is one small
+ones), so on an accelerator it is timed once per (in, out, r, tokens bucket, dtype, device) at first use and
+cached (:func:`choose`). On the CPU the default is the additive form, always: the two forms round differently,
+and a timing-based pick could differ between the process that wrote a checkpoint and the one that resumes it,
+which would break the bit-identical CPU resume the service promises (and the measured pick showed no
+consistent win on CPU). :func:`force` pins a path or asks for measuring everywhere (tests, benchmarks). Either way the block gradient is one small
 gemm ``S_r(x)ᵀ @ dy`` with ``S_r(x)`` (tokens×r) saved from the forward, never x, and the chunk sum is shared
 between sibling projections that read the same input (q/k/v, gate/up) through
 :func:`bone.functional.cached_chunk_sum`, as in decoding.
@@ -30,13 +33,15 @@ import torch.nn.functional as F
 from . import functional as BF
 
 _CHOICES: dict[tuple, tuple[bool, bool]] = {}  # key -> (fold forward, fold backward)
-_FORCED: list = [None]  # None (measure), "fold" or "add"
+_FORCED: list = [None]  # None (auto: additive on CPU, measured elsewhere), "measure", "fold" or "add"
+MODES = (None, "measure", "fold", "add")
 
 
 def force(mode: str | None) -> None:
-    """Pin the Bone training path: ``"fold"``, ``"add"``, or ``None`` to measure per shape (the default)."""
-    if mode not in (None, "fold", "add"):
-        raise ValueError(f"train path must be 'fold', 'add' or None, got {mode!r}")
+    """Pin the Bone training path: ``"fold"``, ``"add"``, ``"measure"`` (timed per shape on every device), or
+    ``None`` for the default (additive on CPU, so runs are reproducible; measured per shape elsewhere)."""
+    if mode not in MODES:
+        raise ValueError(f"train path must be one of {MODES}, got {mode!r}")
     _FORCED[0] = mode
 
 
@@ -109,8 +114,10 @@ def _measure(fin: int, fout: int, rs: tuple[int, ...], tokens: int, dtype, devic
 def choose(fin: int, fout: int, rs: tuple[int, ...], tokens: int, dtype, device, conv1d: bool) -> tuple[bool, bool]:
     """(fold the forward?, fold the backward?) for this layer shape and token count; measured once per key."""
     forced = _FORCED[0]
-    if forced is not None:
+    if forced in ("fold", "add"):
         return (forced == "fold",) * 2
+    if forced is None and device.type == "cpu":
+        return (False, False)
     key = (fin, fout, rs, tokens_bucket(tokens), dtype, device.type, device.index, conv1d)
     hit = _CHOICES.get(key)
     if hit is None:

@@ -61,13 +61,13 @@ def test_bone_forward_equals_dense(fin, fout, r, conv1d, grad):
 
 @pytest.fixture
 def train_path():
-    """Pins the Bone training path for one test, then restores measuring and forgets measured choices."""
+    """Pins the Bone training path for one test, then restores the default and forgets measured choices."""
     yield TP.force
     TP.force(None)
     TP.clear()
 
 
-@pytest.mark.parametrize("mode", ["fold", "add", None])  # None: measured at first use
+@pytest.mark.parametrize("mode", ["fold", "add", "measure", None])  # measure: timed at first use
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("fin, fout, r", [(16, 12, 4), (12, 8, 3), (10, 20, 4), (5, 6, 8), (40, 24, 16)])
 def test_training_path_gradients(fin, fout, r, conv1d, mode, train_path):
@@ -300,3 +300,16 @@ def test_fast_path_refreshes_after_to_and_load_state_dict():
         layer.double()
         assert layer(x.double()).dtype == torch.float64
     assert not torch.equal(y, layer(x.double()).float())
+
+
+def test_cpu_training_takes_one_path_by_default(train_path):
+    """On the CPU the default is the additive form with no timing: every process (the one that wrote a
+    checkpoint and the one that resumes it) computes with the same rounding, so resumes stay bit-identical."""
+    train_path(None)
+    layer = make(16, 12, False)
+    layer.add_adapter("a", "bone", 4, random_init=True)
+    layer.set_active(["a"])
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert TP.choose(16, 12, (4,), 6, torch.float32, torch.device("cpu"), False) == (False, False)
+    assert TP.choices() == {}  # nothing was timed
