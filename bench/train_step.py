@@ -1,12 +1,17 @@
-"""Bone training-step and generation cost against the frozen-base floor, one process, side by side.
+"""Bone training-step and generation cost against the frozen-base floor and PEFT, one process, side by side.
 
-    python bench/train_step.py --model small --steps 10 --batch 4 --seq 256
+    python bench/train_step.py                      # small model, batch 2 x 256, 16 rounds after 3 warm-up steps
+    python bench/train_step.py --sweep              # ours / PEFT per shape: 1x128, 2x256, 4x512, 8x1024
+    python bench/train_step.py --sweep --shapes 1x128,2x256 --rounds 8
 
 Variants (all seven Llama projections targeted): the floor (frozen base, gradients flow through every layer
 via one trainable scalar on the input embeddings, no weight gradients), Bone r=16, Bone r=64, Bat r=16 and,
-when PEFT with MiSS is installed, PEFT's MiSS at the same settings. Steps are timed round-robin across the
-variants so drift on a shared machine hits them alike; figures are medians over the timed steps.
-Then: per-token greedy generation, batch 1, one adapter unmerged, vs the base model (and PEFT's MiSS).
+when PEFT with MiSS is installed, PEFT's MiSS at the same settings (same math). One round times one step of
+every variant, in an order rotated each round so no variant always follows the same neighbour; every figure
+is the MEDIAN OF PER-ROUND RATIOS (each step against the floor / PEFT step of the same round), which resists
+load drift from other processes on a shared machine better than a ratio of medians. The 1-minute load
+average is printed with each table: on a shared machine, compare runs only at similar load.
+Then (not with --sweep): per-token greedy generation, batch 1, one adapter unmerged, vs the base model.
 """
 
 from __future__ import annotations
@@ -100,10 +105,39 @@ def train_step(mod, opt, ids):
     opt.zero_grad(set_to_none=True)
 
 
-def bench_training(variants, args):
+PAIRS = [("bone r=16", "peft miss r=16"), ("bone r=64", "peft miss r=64"), ("bat r=16", "peft miss-bat r=16")]
+
+
+def load_average() -> str:
+    try:
+        return "load %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:  # pragma: no cover - not on every platform
+        return "load n/a"
+
+
+def time_rounds(variants, opts, ids, args):
+    """Per variant, the step time of every round (rounds rotate the variant order)."""
+    names = list(variants)
+    times = {n: [] for n in names}
+    for k in range(args.rounds):
+        order = names[k % len(names):] + names[: k % len(names)]
+        for name in order:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            train_step(variants[name], opts[name], ids)
+            _sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired(times, a, b):
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def bench_training(variants, args, batch, seq):
     g = torch.Generator().manual_seed(0)
     vocab = next(iter(variants.values())).model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(args.device)
     opts = {}
     for name, mod in variants.items():
         mod.train()
@@ -111,28 +145,57 @@ def bench_training(variants, args):
         opts[name] = torch.optim.AdamW(params, lr=1e-4)
         for _ in range(args.warmup):
             train_step(mod, opts[name], ids)
-    times = {n: [] for n in variants}
-    for _ in range(args.steps):  # round-robin: one step of each variant per round
-        for name, mod in variants.items():
-            _sync(args.device)
-            t0 = time.perf_counter()
-            train_step(mod, opts[name], ids)
-            _sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-    tokens = args.batch * args.seq
-    floor = statistics.median(times["floor"])
-    print(f"\ntraining step: model={args.model} batch={args.batch} seq={args.seq} steps={args.steps} "
-          f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}")
-    # "x floor" compares medians; "paired" is the median of per-round ratios (each step against the floor
-    # step timed next to it), which cancels load drift from other processes on a shared machine.
-    print(f"{'variant':<20}{'median ms':>11}{'tokens/s':>11}{'x floor':>9}{'paired':>9}")
+    times = time_rounds(variants, opts, ids, args)
+    tokens = batch * seq
+    print(f"\ntraining step: model={args.model} batch={batch} seq={seq} rounds={args.rounds} warmup={args.warmup} "
+          f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} {load_average()}")
+    print(f"{'variant':<12}{'ours ms':>9}{'tokens/s':>10}{'ours/floor':>12}{'PEFT/floor':>12}{'ours/PEFT':>11}")
+    print(f"{'floor':<12}{statistics.median(times['floor']) * 1e3:>9.1f}"
+          f"{tokens / statistics.median(times['floor']):>10.0f}")
     res = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        paired = statistics.median(t / f for t, f in zip(ts, times["floor"]))
-        res[name] = med / floor
-        print(f"{name:<20}{med * 1e3:>11.1f}{tokens / med:>11.0f}{med / floor:>9.3f}{paired:>9.3f}")
+    for ours, peft in PAIRS:
+        med = statistics.median(times[ours])
+        row = {"ours/floor": paired(times, ours, "floor")}
+        if peft in times:
+            row["peft/floor"] = paired(times, peft, "floor")
+            row["ours/peft"] = paired(times, ours, peft)
+        res[ours] = row
+        fmt = lambda k: f"{row[k]:>12.3f}" if k in row else f"{'-':>12}"  # noqa: E731
+        print(f"{ours:<12}{med * 1e3:>9.1f}{tokens / med:>10.0f}{fmt('ours/floor')}{fmt('peft/floor')}"
+              f"{fmt('ours/peft')[1:]}")
+    from bone import train_path
+
+    picks = {}
+    for key, (ff, fb) in train_path.choices().items():
+        if key[3] == train_path.tokens_bucket(tokens):
+            picks[f"{key[0]}->{key[1]} r={'+'.join(map(str, key[2]))}"] = f"fwd {'fold' if ff else 'add'}/bwd {'fold' if fb else 'add'}"
+    if picks:
+        print("bone paths measured: " + "; ".join(f"{k}: {v}" for k, v in picks.items()))
     return res
+
+
+def bench_sweep(variants, args):
+    table = {}
+    for shape in args.shapes:
+        b, s = shape
+        table[shape] = bench_training(variants, args, b, s)
+    print(f"\nsweep (median of per-round ratios; {load_average()} at the end)")
+    head = "".join(f"{f'{b}x{s}':>10}" for b, s in args.shapes)
+    for col in ("ours/floor", "ours/peft"):
+        print(f"\n{col:<12}{head}")
+        for ours, _ in PAIRS:
+            cells = "".join(f"{table[sh][ours][col]:>10.3f}" if col in table[sh][ours] else f"{'-':>10}"
+                            for sh in args.shapes)
+            print(f"{ours:<12}{cells}")
+    return table
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        b, s = part.lower().split("x")
+        out.append((int(b), int(s)))
+    return out
 
 
 @torch.no_grad()
@@ -193,10 +256,16 @@ def bench_generation(base, args, with_peft):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["tiny", "small"], default="small")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rounds", "--steps", type=int, default=16, help="timed rounds (one step of every variant each)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--sweep", action="store_true", help="time every shape of --shapes (no generation)")
+    ap.add_argument("--shapes", type=parse_shapes, default=parse_shapes("1x128,2x256,4x512,8x1024"),
+                    help="batch x sequence shapes of --sweep, e.g. 1x128,2x256")
+    ap.add_argument("--train-path", choices=["auto", "measure", "fold", "add"], default="auto",
+                    help="Bone training path: the library default (auto: additive on CPU, timed per shape on "
+                         "GPU), timed per shape everywhere (measure), or pinned")
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--gen-reps", type=int, default=3)
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's MiSS even if installed")
@@ -210,8 +279,12 @@ def main(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
-    if args.steps < 10:
-        print("note: fewer than 10 timed steps; medians are noisy", file=sys.stderr)
+    if args.rounds < 10:
+        print("note: fewer than 10 timed rounds; medians are noisy", file=sys.stderr)
+    if args.train_path != "auto":
+        from bone import train_path
+
+        train_path.force(args.train_path)
     with_peft = False
     if not args.no_peft:
         try:
@@ -220,8 +293,11 @@ def main(argv=None):
         except ImportError:
             print("peft with MiSS not installed: PEFT rows skipped", file=sys.stderr)
     base = build_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
+    if args.sweep:
+        bench_sweep(make_variants(base, with_peft), args)
+        return
     if not args.skip_training:
-        bench_training(make_variants(base, with_peft), args)
+        bench_training(make_variants(base, with_peft), args, args.batch, args.seq)
     if not args.skip_generation:
         bench_generation(base, args, with_peft)
 

@@ -10,18 +10,23 @@ import torch
 import torch.nn.functional as F
 
 
-def chunk_sum(x: torch.Tensor, r: int) -> torch.Tensor:
+def chunk_sum(x: torch.Tensor, r: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """S_r(x): zero-pad the last dim of ``x`` to a multiple of ``r`` and sum its r-wide chunks -> (..., r).
 
-    Pads by slicing instead of F.pad so the input is never copied (x is the largest tensor here)."""
+    Pads by slicing instead of F.pad so the input is never copied (x is the largest tensor here). ``dtype``:
+    accumulate and return in that dtype (e.g. a bf16 input for an fp32 block) without a converted copy of x."""
     d = x.shape[-1]
     nf, rem = divmod(d, r)
     if rem == 0:
-        return x.unflatten(-1, (nf, r)).sum(-2) if nf > 1 else x
+        if nf > 1:
+            return x.unflatten(-1, (nf, r)).sum(-2, dtype=dtype)
+        return x if dtype is None or dtype == x.dtype else x.to(dtype)
     tail = x[..., nf * r:]
+    if dtype is not None:
+        tail = tail.to(dtype)
     if nf == 0:
         return F.pad(tail, (0, r - rem))
-    s = x[..., : nf * r].unflatten(-1, (nf, r)).sum(-2)
+    s = x[..., : nf * r].unflatten(-1, (nf, r)).sum(-2, dtype=dtype)
     return torch.cat([s[..., :rem] + tail, s[..., rem:]], dim=-1)
 
 
@@ -31,22 +36,24 @@ def chunk_sum(x: torch.Tensor, r: int) -> torch.Tensor:
 _LAST_SUM: list = [None]
 
 
-def cached_chunk_sum(x: torch.Tensor, r: int) -> torch.Tensor:
+def cached_chunk_sum(x: torch.Tensor, r: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``chunk_sum`` of a contiguous tensor as (tokens, r), reusing the previous result for the same input
-    tensor. Only for no-grad code paths (the cached tensor carries no graph). Inference-mode tensors have
-    no version counter, so they are never cached (an in-place edit could not be detected)."""
+    tensor. Only for code that runs without autograd recording (no-grad paths and the forward of the
+    training autograd Functions): the cached tensor carries no graph. Inference-mode tensors have no version
+    counter, so they are never cached (an in-place edit could not be detected)."""
+    dtype = dtype or x.dtype
     cacheable = not x.is_inference()
     v = x._version if cacheable else None
     hit = _LAST_SUM[0]
-    if cacheable and hit is not None and hit[0] is x and hit[1] == v and hit[2] == r:
-        return hit[3]
+    if cacheable and hit is not None and hit[0] is x and hit[1] == v and hit[2] == r and hit[3] == dtype:
+        return hit[4]
     x2 = x.view(-1, x.shape[-1])
     nf, rem = divmod(x2.shape[-1], r)
-    if rem == 0:
+    if rem == 0 and dtype == x.dtype:
         s = x2.view(-1, nf, r).sum(1) if nf > 1 else x2
     else:
-        s = chunk_sum(x2, r)
-    _LAST_SUM[0] = (x, v, r, s) if cacheable else None
+        s = chunk_sum(x2, r, dtype)
+    _LAST_SUM[0] = (x, v, r, dtype, s) if cacheable else None
     return s
 
 

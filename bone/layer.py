@@ -19,67 +19,12 @@ from torch import nn
 from . import functional as BF
 from .errors import BoneConfigError, BoneError
 from .routing import _ROUTING, row_forward
+from .train_path import BatTrainFn, bone_train
 from .targets import Conv1D
 
 VARIANTS = ("bone", "bat", "mini")
 
 
-
-
-class _BoneLinearFn(torch.autograd.Function):
-    """Training path of Bone when everything shares one dtype: ``y = x (W + ΔW)ᵀ + b`` in ONE matmul.
-
-    Why: the additive form costs an extra (tokens × out) add in the forward, an (tokens × r) @ (r × out)
-    matmul for dS, and a (tokens × in) broadcast-add in the backward. Folding ΔW into the weight costs one
-    (out × in) add instead (rebuilt in the backward rather than stored, so no extra weight copy is kept), and
-    the block gradient needs only ``S_r(x)ᵀ @ dy``, with ``S_r(x)`` (tokens × r) saved from the forward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, conv1d, *blocks):
-        w = weight
-        for blk in blocks:
-            w = BF.bone_weight(w, blk, conv1d)
-        x2 = x.reshape(-1, x.shape[-1])
-        if conv1d:
-            y = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
-        else:
-            y = F.linear(x2, w, bias)
-        sums: dict[int, torch.Tensor] = {}
-        saved_sums = []
-        for i, blk in enumerate(blocks):
-            if ctx.needs_input_grad[4 + i]:
-                r = blk.shape[0]
-                if r not in sums:
-                    sums[r] = BF.chunk_sum(x2, r).contiguous()
-                saved_sums.append(sums[r])
-            else:
-                saved_sums.append(None)
-        ctx.conv1d = conv1d
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        ctx.n_blocks = len(blocks)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight, *blocks, *saved_sums)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, gy):
-        x2, weight, *rest = ctx.saved_tensors
-        n = ctx.n_blocks
-        blocks, sums = rest[:n], rest[n:]
-        conv1d = ctx.conv1d
-        g2 = gy.reshape(-1, gy.shape[-1])
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            w = weight
-            for blk in blocks:  # rebuilt instead of saved: one (out × in) add vs a full weight copy kept alive
-                w = BF.bone_weight(w, blk, conv1d)
-            gx = (g2 @ w.t() if conv1d else g2 @ w).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            gw = x2.t() @ g2 if conv1d else g2.t() @ x2
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-        gblocks = [s.t() @ g2 if s is not None else None for s in sums]
-        return (gx, gw, gb, None, *gblocks)
 
 
 class BoneLinear(nn.Module):
@@ -292,6 +237,9 @@ class BoneLinear(nn.Module):
         if not active or self._disabled or self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         if self._dense:
+            if len(active) == 1 and self._bat_trainable(x, active[0]):
+                b = self.base_layer
+                return BatTrainFn.apply(x, b.weight, b.bias, self.bone_block[active[0]])
             w = self.effective_weight(active)
             bias = self.base_layer.bias
             y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
@@ -301,9 +249,8 @@ class BoneLinear(nn.Module):
     def _forward_bone(self, x, active, *args, **kwargs):
         blocks = [self.full_block(n) for n in active]
         training_dropout = self.training and any(self.bone_dropout[n] for n in active)
-        if torch.is_grad_enabled() and self._plain and not training_dropout and self._fusable(x, blocks):
-            w = self.base_layer.weight
-            return _BoneLinearFn.apply(x, w, self.base_layer.bias, self.is_conv1d, *blocks)
+        if torch.is_grad_enabled() and self._plain and not training_dropout and self._trainable(x, blocks):
+            return bone_train(x, self.base_layer.weight, self.base_layer.bias, self.is_conv1d, blocks)
         y = self.base_layer(x, *args, **kwargs)
         grad = torch.is_grad_enabled()
         for n, blk in zip(active, blocks):
@@ -319,13 +266,18 @@ class BoneLinear(nn.Module):
                 y = y + (s @ blk).to(y.dtype)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def _fusable(self, x: torch.Tensor, blocks: list[torch.Tensor]) -> bool:
+    def _trainable(self, x: torch.Tensor, blocks: list[torch.Tensor]) -> bool:
+        """The training Function applies: x in the base weight's dtype (blocks may be wider), no autocast,
+        something needs a gradient. It picks fold / additive per shape itself (bone.train_path)."""
         w = self.base_layer.weight
-        dt = x.dtype
-        if w.dtype != dt or any(b.dtype != dt for b in blocks) or torch.is_autocast_enabled(x.device.type):
+        if w.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
             return False
-        if not (x.requires_grad or w.requires_grad or any(b.requires_grad for b in blocks)):
+        return x.requires_grad or w.requires_grad or any(b.requires_grad for b in blocks)
+
+    def _bat_trainable(self, x: torch.Tensor, name: str) -> bool:
+        if not torch.is_grad_enabled() or not self._plain or self.is_conv1d:
             return False
-        # folding ΔW costs ~2·in·out element ops; the additive form ~tokens·(2·in + out): fold when cheaper
-        tokens = x.numel() // max(self.in_features, 1)
-        return tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
+        w, blk = self.base_layer.weight, self.bone_block[name]
+        if not (w.dtype == blk.dtype == x.dtype) or torch.is_autocast_enabled(x.device.type):
+            return False
+        return x.requires_grad or w.requires_grad or blk.requires_grad

@@ -5,6 +5,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bone import BoneConfigError, BoneError, BoneLinear
 from bone import functional as BF
+from bone import train_path as TP
 
 SHAPES = [(16, 12, 4), (10, 20, 2), (10, 20, 4), (12, 8, 3), (5, 6, 8), (3, 7, 16)]  # (in, out, r); r > in last two
 
@@ -58,17 +59,28 @@ def test_bone_forward_equals_dense(fin, fout, r, conv1d, grad):
         torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def train_path():
+    """Pins the Bone training path for one test, then restores the default and forgets measured choices."""
+    yield TP.force
+    TP.force(None)
+    TP.clear()
+
+
+@pytest.mark.parametrize("mode", ["fold", "add", "measure", None])  # measure: timed at first use
 @pytest.mark.parametrize("conv1d", [False, True])
-@pytest.mark.parametrize("fin, fout, r", [(16, 12, 4), (12, 8, 3), (5, 6, 8)])
-def test_fused_training_path_gradients(fin, fout, r, conv1d):
-    """The one-matmul autograd Function gives the same output and gradients as plain autograd on W + ΔW."""
+@pytest.mark.parametrize("fin, fout, r", [(16, 12, 4), (12, 8, 3), (10, 20, 4), (5, 6, 8), (40, 24, 16)])
+def test_training_path_gradients(fin, fout, r, conv1d, mode, train_path):
+    """The training Function (both forms of each half) gives the output and gradients of autograd on W + ΔW,
+    with two adapters of different r (one with in % r != 0)."""
+    train_path(mode)
     layer = make(fin, fout, conv1d)
     layer.add_adapter("a", "bone", r, random_init=True)
     layer.add_adapter("b", "bone", r + 1, random_init=True)
     layer.set_active(["a", "b"])
     layer.base_layer.weight.requires_grad_(True)
-    x = torch.randn(64, fin, requires_grad=True)  # enough tokens for the folded path
-    assert layer._fusable(x, [layer.bone_block["a"]])
+    x = torch.randn(2, 32, fin, requires_grad=True)
+    assert layer._trainable(x, [layer.bone_block["a"]])
     y = layer(x)
     gy = torch.randn_like(y)
     y.backward(gy)
@@ -81,7 +93,81 @@ def test_fused_training_path_gradients(fin, fout, r, conv1d):
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     ref.backward(gy)
     for g, leaf in zip(got, leaves):
-        torch.testing.assert_close(g, leaf.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(g, leaf.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fold", "add"])
+def test_sibling_projections_share_the_chunk_sum_in_training(mode, train_path):
+    """q/k/v-like layers reading the same x compute S_r(x) once; gradients still equal the reference."""
+    train_path(mode)
+    layers = [make(18, 8, seed=i) for i in range(3)]  # 18 % 4 != 0: every miss goes through chunk_sum
+    for layer in layers:
+        layer.add_adapter("a", "bone", 4, random_init=True)
+        layer.set_active(["a"])
+    x = torch.randn(24, 18, requires_grad=True)
+    calls = []
+    real = BF.chunk_sum
+    BF.chunk_sum = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        ys = [layer(x) for layer in layers]
+    finally:
+        BF.chunk_sum = real
+    assert len(calls) == 1  # the first layer computes it, the siblings reuse it
+    sum(y.square().sum() for y in ys).backward()
+    xl = x.detach().clone().requires_grad_(True)
+    ref = sum((xl @ (layer.base_layer.weight + BF.bone_delta(layer.bone_block["a"], 18)).t()
+               + layer.base_layer.bias).square().sum() for layer in layers)
+    ref.backward()
+    torch.testing.assert_close(x.grad, xl.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fold", "add"])
+def test_training_path_bf16_base_fp32_blocks(mode, train_path):
+    """A bf16 base with fp32 blocks (PEFT's autocast_adapter_dtype) runs the additive form without
+    converting x; output stays bf16, block gradients fp32 and close to an fp32 reference."""
+    train_path(mode)
+    torch.manual_seed(0)
+    layer = BoneLinear(nn.Linear(24, 16)).to(torch.bfloat16)
+    layer.add_adapter("a", "bone", 5, random_init=True, dtype=torch.float32)
+    layer.set_active(["a"])
+    x = torch.randn(40, 24, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    blk = layer.bone_block["a"]
+    assert blk.grad.dtype == torch.float32
+    bl = blk.detach().clone().requires_grad_(True)
+    ref = x.detach().float() @ (layer.base_layer.weight.float() + BF.bone_delta(bl, 24)).t() + layer.base_layer.bias.float()
+    ref.backward(gy.float())
+    torch.testing.assert_close(blk.grad, bl.grad, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("fin, fout, r", [(16, 12, 4), (12, 8, 2), (32, 64, 16), (24, 24, 8)])
+def test_bat_training_gradients(fin, fout, r):
+    """Bat's training Function: output and gradients (x, W, bias, block) equal autograd on the dense W'."""
+    layer = make(fin, fout)
+    layer.add_adapter("a", "bat", r)
+    layer.set_active(["a"])
+    rand_(layer.bone_block["a"], 0.1)
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(3, 10, fin, requires_grad=True)
+    assert layer._bat_trainable(x, "a")
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ts = (x, layer.base_layer.weight, layer.base_layer.bias, layer.bone_block["a"])
+    got = [t.grad.clone() for t in ts]
+    xl, wl, bl, kl = [t.detach().clone().requires_grad_(True) for t in ts]
+    wb = wl.reshape(fout // r, r, fin // r, r).permute(0, 2, 1, 3)  # (i, j, r, r) blocks W_ij
+    eye = torch.eye(r)
+    wp = (wb @ (eye + kl[:, None]) + kl[:, None]).permute(0, 2, 1, 3).reshape(fout, fin)
+    ref = xl @ wp.t() + bl
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    ref.backward(gy)
+    for g, leaf in zip(got, (xl, wl, bl, kl)):
+        torch.testing.assert_close(g, leaf.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
@@ -214,3 +300,16 @@ def test_fast_path_refreshes_after_to_and_load_state_dict():
         layer.double()
         assert layer(x.double()).dtype == torch.float64
     assert not torch.equal(y, layer(x.double()).float())
+
+
+def test_cpu_training_takes_one_path_by_default(train_path):
+    """On the CPU the default is the additive form with no timing: every process (the one that wrote a
+    checkpoint and the one that resumes it) computes with the same rounding, so resumes stay bit-identical."""
+    train_path(None)
+    layer = make(16, 12, False)
+    layer.add_adapter("a", "bone", 4, random_init=True)
+    layer.set_active(["a"])
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert TP.choose(16, 12, (4,), 6, torch.float32, torch.device("cpu"), False) == (False, False)
+    assert TP.choices() == {}  # nothing was timed
