@@ -166,10 +166,11 @@ class AdapterLoader:
 
 class AdapterCache:
     def __init__(self, registry: AdapterRegistry, host: AdapterHost, *, max_count: int, max_bytes: int,
-                 cpu_bytes: int = 0, device: Any = "cpu", pinned: Iterable[str] = ()) -> None:
+                 cpu_bytes: int = 0, device: Any = "cpu", dtype: Any = None, pinned: Iterable[str] = ()) -> None:
         self.registry, self.host = registry, host
         self.max_count, self.max_bytes, self.cpu_bytes = max_count, max_bytes, cpu_bytes
         self.device = device
+        self.dtype = dtype  # the base model's: blocks are cast to it once, on install (None: kept as read)
         self.pinned_names = set(pinned)  # by name: a re-published pinned adapter stays pinned
         self._entries: OrderedDict[Key, CachedAdapter] = OrderedDict()
         self._bytes = 0
@@ -212,6 +213,14 @@ class AdapterCache:
             _, old = self._cpu.popitem(last=False)
             self._cpu_used -= old.size_bytes
 
+    def device_bytes(self, fetched: FetchedAdapter) -> int:
+        """What ``fetched`` costs once installed: its floating tensors in the pool's dtype (a bf16 pool holds
+        half the bytes of the float32 checkpoint), the rest as read."""
+        if self.dtype is None:
+            return fetched.size_bytes
+        item = self.dtype.itemsize
+        return sum(t.numel() * (item if t.is_floating_point() else t.element_size()) for t in fetched.tensors.values())
+
     def has_room(self, size: int, in_use: set[str]) -> bool:
         """Whether ``size`` more bytes fit after evicting everything evictable (not pinned, not in use)."""
         keep = [e for k, e in self._entries.items() if not self._evictable(k, e, in_use)]
@@ -237,15 +246,15 @@ class AdapterCache:
         started = time.perf_counter()
         self.evict(fetched.name, keep_sha=fetched.sha256, in_use=in_use)
         slot = slot_name(*key)
-        self.host.add_adapter(slot, fetched.config, fetched.tensors)  # copies the blocks onto the device
+        self.host.add_adapter(slot, fetched.config, fetched.tensors)  # copies (and casts) the blocks onto the device
         took = fetched.fetch_s + time.perf_counter() - started
-        self._entries[key] = CachedAdapter(fetched.name, fetched.sha256, slot, fetched.size_bytes, took,
-                                           fetched.sources)
-        self._bytes += fetched.size_bytes
+        size = self.device_bytes(fetched)
+        self._entries[key] = CachedAdapter(fetched.name, fetched.sha256, slot, size, took, fetched.sources)
+        self._bytes += size
         self.installs += 1
         metrics.ADAPTER_LOAD_SECONDS.observe(took)
         log.info("loaded adapter %r (sha256 %s…, %d bytes) in %.1f ms", fetched.name, fetched.sha256[:12],
-                 fetched.size_bytes, took * 1000)
+                 size, took * 1000)
         self.shrink(in_use | {slot})
         return slot
 

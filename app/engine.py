@@ -45,7 +45,7 @@ class InferenceEngine(ModelThread):
         self.host = ModelHost(base.model)
         self.cache = AdapterCache(registry, self.host, max_count=settings.adapter_cache_size,
                                   max_bytes=settings.adapter_cache_bytes, cpu_bytes=settings.adapter_cpu_cache_bytes,
-                                  device=base.device, pinned=settings.adapter_pin)
+                                  device=base.device, dtype=self.host.dtype, pinned=settings.adapter_pin)
         self._inbox: queue.Queue = queue.Queue()
         self.loader = AdapterLoader(registry, lambda name, f, e: self._inbox.put(Loaded(name, f, e)))
         self._waiting: deque[Request] = deque()  # model thread only

@@ -211,7 +211,7 @@ class ModelThread:
                 mix, registry = request.mix, self.cache.registry
                 self.loader.fetch(request.adapter, lambda: fetch_mix(registry, mix, self._out_features))
             return None
-        if not must_progress and not self.cache.has_room(fetched.size_bytes, in_use):
+        if not must_progress and not self.cache.has_room(self.cache.device_bytes(fetched), in_use):
             return None  # joins when running rows free their adapters
         try:
             return self.cache.install(fetched, in_use)

@@ -64,8 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("removed %d leftovers of interrupted publishes from %s", swept, registry.root)
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         log.info("loading base model %r", settings.base_model)
-        base = await run_in_threadpool(load_base_model, settings.base_model, settings)
-        log.info("base model %r loaded on %s", settings.base_model, base.device)
+        base = await run_in_threadpool(load_base_model, settings.base_model, settings, None, settings.dtype)
+        log.info("base model %r loaded on %s in %s", settings.base_model, base.device,
+                 next(base.model.parameters()).dtype)
         engine = InferenceEngine(base, registry, settings)
         engine.start()
         app.state.settings = settings

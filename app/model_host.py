@@ -18,8 +18,11 @@ BASE_SLOT = BASE_ADAPTER
 
 class ModelHost:
     def __init__(self, model: torch.nn.Module) -> None:
-        # Adapters are stored in float32 next to a bf16/fp16 base (autocast_adapter_dtype), as in training.
-        self.bone_model = BoneModel(model)
+        # Adapter blocks are stored in the base's dtype (cast once, when they are added), not in float32 as
+        # in training: the fused serving path (``bone.routing.row_forward``) needs x, W and the blocks in one
+        # dtype, and a bf16/fp16 base with float32 blocks would take the slow path on every layer.
+        self.bone_model = BoneModel(model, autocast_adapter_dtype=False)
+        self.dtype = next(model.parameters()).dtype
         self.bone_model.eval()
         self._routing = None  # the open ``BoneModel.routing`` context of the running batch
         self._routed = None
@@ -35,6 +38,11 @@ class ModelHost:
             # other adapter's (and the base model's) answers.
             raise Conflict(f"this adapter trained biases (bias={config.bias!r}), which live in the shared base model; "
                            "it cannot be served next to other adapters", param="adapter", code="unservable_adapter")
+        if self.dtype == torch.float16:  # the one cast that can overflow: refuse it here, not as a NaN batch
+            limit = torch.finfo(torch.float16).max
+            if any(t.is_floating_point() and t.abs().max() > limit for t in tensors.values() if t.numel()):
+                raise Conflict("this adapter has weights beyond float16's range; serve it with BONE_DTYPE=bfloat16 "
+                               "or float32", param="adapter", code="unservable_adapter")
         self.bone_model.add_adapter_from_state_dict(slot, config, tensors)  # strict key/shape checks
 
     def delete_adapter(self, slot: str) -> None:

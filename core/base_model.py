@@ -160,7 +160,17 @@ class LoadedBaseModel:
     device: torch.device
 
 
-def load_base_model(name: str, settings: Settings, device: torch.device | None = None) -> LoadedBaseModel:
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``BONE_DTYPE`` → a torch dtype. auto: bf16 on CUDA; fp32 on CPU, where bf16 matmuls are slow and fp32
+    keeps CPU runs reproducible."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_base_model(name: str, settings: Settings, device: torch.device | None = None,
+                    dtype: str = "auto") -> LoadedBaseModel:
+    """Weights are loaded directly in ``dtype`` (the server passes ``settings.dtype``; training keeps auto)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_base_model(name, settings)
@@ -168,9 +178,8 @@ def load_base_model(name: str, settings: Settings, device: torch.device | None =
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # bf16 weights on CUDA; fp32 on CPU, where bf16 matmuls are slow and fp32 keeps CPU runs reproducible.
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=settings.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device),
+                                                 trust_remote_code=settings.trust_remote_code)
     model.to(device)
     model.eval()
     return LoadedBaseModel(name=name, source=source, model=model, tokenizer=tokenizer, device=device)

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                         description="auto (CUDA when present), cpu, cuda, or cuda:N to pin this process to one GPU "
                         "(`bone-server worker --device cuda:N`: one worker per GPU)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the served base model (adapters are cast to it once, when they enter the "
+        "device pool): auto = bfloat16 on CUDA, float32 on CPU")
     # A job's trainer refreshes a heartbeat every heartbeat_ttl_s/5 s; a janitor (in every worker and API
     # process) checks every janitor_interval_s and re-queues a running job whose heartbeat expired, so a
     # killed worker's job resumes within ~ttl + interval (RQ alone notices after 90-810 s).

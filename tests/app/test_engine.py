@@ -32,7 +32,7 @@ def make_engine(tmp_path: Path, shared_models_dir: Path):
 
     def build(**overrides) -> InferenceEngine:
         settings = Settings(data_dir=data_dir, **{"batch_wait_ms": 20, **overrides})
-        base = load_base_model("embedded", settings, device=torch.device("cpu"))
+        base = load_base_model("embedded", settings, device=torch.device("cpu"), dtype=settings.dtype)
         engine = InferenceEngine(base, AdapterRegistry(settings.registry_dir), settings)
         engine.start()
         engines.append(engine)
