@@ -1,7 +1,7 @@
 """Serving throughput: 16 concurrent requests on 16 different adapters vs 1 adapter vs the base model, and a
 naive baseline that serves them one at a time switching adapters — one process, side by side.
 
-    python bench/serve.py --model small --new-tokens 64 --repeats 5 [--http] [--mixes]
+    python bench/serve.py --model small --new-tokens 64 --repeats 5 [--dtype bfloat16] [--http] [--mixes]
 
 In-process: requests go straight to ``InferenceEngine`` (the real scheduler, per-row adapters, continuous
 batching). ``--http`` repeats mixed and base through the real app (uvicorn on loopback, ``POST /generate``,
@@ -49,7 +49,8 @@ def build_world(args, root: Path) -> tuple[Settings, list[str]]:
     model.save_pretrained(model_dir)
     _byte_level_tokenizer().save_pretrained(model_dir)
     settings = Settings(data_dir=root, base_model=str(model_dir), max_batch_size=N_REQUESTS, batch_wait_ms=5,
-                        redis_url=args.redis_url, device=args.device, max_new_tokens=max(512, args.new_tokens))
+                        redis_url=args.redis_url, device=args.device, max_new_tokens=max(512, args.new_tokens),
+                        dtype=args.dtype)
     registry = AdapterRegistry(settings.registry_dir)
     config = BoneConfig(r=args.r, target_modules=LLAMA_PROJECTIONS, init_weights=False)
     names = [f"bench-{i:02d}" for i in range(N_REQUESTS)]
@@ -161,6 +162,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="BONE_DTYPE of the served base (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--http", action="store_true", help="also measure over HTTP (needs Redis)")
     parser.add_argument("--mixes", action="store_true", help="also 16 per-request mixes of two adapters each")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
@@ -170,11 +173,11 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     settings, names = build_world(args, root)
     ids = prompts(N_REQUESTS, args.prompt_tokens)
-    base = load_base_model(settings.base_model, settings)
+    base = load_base_model(settings.base_model, settings, dtype=settings.dtype)
     engine = InferenceEngine(base, AdapterRegistry(settings.registry_dir), settings)
     engine.eos_ids = frozenset()
     engine.start()
-    print(f"model {args.model}, device {base.device}, {N_REQUESTS} concurrent requests, prompts ~{args.prompt_tokens} "
+    print(f"model {args.model}, device {base.device}, {engine.host.dtype}, {N_REQUESTS} concurrent requests, prompts ~{args.prompt_tokens} "
           f"tokens, {args.new_tokens} new tokens each, Bone r={args.r} on all 7 projections, "
           f"median of {args.repeats} runs, torch threads {torch.get_num_threads()}")
 
@@ -193,7 +196,7 @@ def main() -> None:
     engine.stop()
     base_tps = figures["base"]
 
-    naive_model = build_model(args.model, seed=0).to(base.device)
+    naive_model = build_model(args.model, seed=0).to(base.device, engine.host.dtype)
     naive_model.generation_config.eos_token_id = None
     from bone import BoneModel  # one model holding every adapter
 

@@ -66,3 +66,20 @@ def test_the_pool_counts_adapters_at_the_base_dtype(make_engine, setting, dtype)
     fetched = fetch_adapter(AdapterRegistry(engine.settings.registry_dir), "dt-size")
     assert all(t.dtype == torch.float32 for t in fetched.tensors.values())  # checkpoints stay float32
     assert engine.cache.resident_bytes == fetched.size_bytes * dtype.itemsize // 4
+
+
+def test_float16_refuses_an_adapter_beyond_its_range(make_engine):
+    from app.model_host import ModelHost
+    from core.base_model import load_base_model
+    from core.errors import Conflict
+
+    settings = make_engine.settings
+    publish_adapter(settings, "dt-big", seed=91)
+    fetched = fetch_adapter(AdapterRegistry(settings.registry_dir), "dt-big")
+    host = ModelHost(load_base_model("embedded", settings, device=torch.device("cpu"), dtype="float16").model)
+    host.add_adapter("fits", fetched.config, fetched.tensors)  # ordinary blocks fit: cast once, to float16
+    assert {layer.bone_block["fits"].dtype for _, layer in host.bone_model.bone_layers()} == {torch.float16}
+    huge = {k: v * 1e6 for k, v in fetched.tensors.items()}  # finite in float32, inf in float16
+    with pytest.raises(Conflict) as raised:
+        host.add_adapter("huge", fetched.config, huge)
+    assert raised.value.code == "unservable_adapter" and "huge" not in host.adapter_slots
