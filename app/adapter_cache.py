@@ -23,9 +23,10 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 from app import metrics
 from core.registry import AdapterRegistry

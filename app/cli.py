@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import sys
-from typing import Optional
 
 import typer
 from pydantic import ValidationError
@@ -124,8 +123,8 @@ PORT_HELP = "port (default: $BONE_PORT, else 8000)"
 
 
 @cli.command()
-def api(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=False),
-        port: Optional[int] = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
+def api(host: str | None = typer.Option(None, help=HOST_HELP, show_default=False),
+        port: int | None = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
     """Run the HTTP API (needs a Redis at BONE_REDIS_URL)."""
     settings = _settings(host=host, port=port)
     keyring = _keyring(settings)
@@ -137,9 +136,9 @@ def api(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=Fa
 
 @cli.command()
 def worker(burst: bool = typer.Option(False, help="exit when the queue is empty"),
-           queues: Optional[str] = typer.Option(None, show_default=False, help="queues to serve, comma separated, in priority order "
+           queues: str | None = typer.Option(None, show_default=False, help="queues to serve, comma separated, in priority order "
                                                 "(e.g. gpu-24g,cpu) (default: $BONE_QUEUE_NAME)"),
-           device: Optional[str] = typer.Option(None, show_default=False, help="cpu, cuda or cuda:N: the device this "
+           device: str | None = typer.Option(None, show_default=False, help="cpu, cuda or cuda:N: the device this "
                                                 "worker trains on (default: $BONE_DEVICE, else auto)")) -> None:
     """Run one training worker (one per GPU with --device cuda:N, or one per machine for multi-GPU jobs)."""
     settings = _settings(device=device)
@@ -157,8 +156,8 @@ def worker(burst: bool = typer.Option(False, help="exit when the queue is empty"
 
 
 @cli.command()
-def up(host: Optional[str] = typer.Option(None, help=HOST_HELP, show_default=False),
-       port: Optional[int] = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
+def up(host: str | None = typer.Option(None, help=HOST_HELP, show_default=False),
+       port: int | None = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
     """API + one worker, on the Redis at BONE_REDIS_URL, or on a private redis-server started here."""
     from app.redis_launcher import ensure_redis
     from app.worker_supervisor import WorkerSupervisor

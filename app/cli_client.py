@@ -17,7 +17,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 import typer
@@ -140,7 +140,7 @@ def _print_json(data: Any) -> None:
 def files_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                              help="JSONL, JSON, CSV or Parquet: text, prompt/completion or messages rows"),
                  quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the file id"),
-                 url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                 url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Upload a dataset; the server validates it row by row before keeping it, and prints its id."""
     info = _client(url, api_key).upload_file(file)
     console.print(info["id"] if quiet else f"{info['id']}  {info['rows']} rows  format={info['format']}  {file.name}",
@@ -150,7 +150,7 @@ def files_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False,
 @files_cli.command("list")
 @one_line_errors
 def files_list(limit: int = typer.Option(20, help="newest first, at most this many"),
-               url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+               url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """List uploaded files, newest first."""
     table = Table("id", "filename", "rows", "format", "size", "created")
     for info in _client(url, api_key).request("GET", "/files", params={"limit": limit})["data"]:
@@ -162,7 +162,7 @@ def files_list(limit: int = typer.Option(20, help="newest first, at most this ma
 @files_cli.command("delete")
 @one_line_errors
 def files_delete(file_id: str = typer.Argument(..., help="file-… id, as `files list` shows"),
-                 url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                 url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Delete an uploaded file (jobs that already read it keep their results)."""
     _client(url, api_key).request("DELETE", f"/files/{file_id}")
     console.print(f"deleted {file_id}", markup=False, highlight=False)
@@ -176,15 +176,15 @@ def jobs_create(file: Path = typer.Option(..., "--file", exists=True, dir_okay=F
                 name: str = typer.Option(..., "--name", help="adapter name: lowercase letters, digits, . _ - (at most 64)"),
                 r: int = typer.Option(8, help="Bone rank (block size)"),
                 bat: bool = typer.Option(False, help="train the Bat variant instead of Bone"),
-                target_modules: Optional[str] = typer.Option(
+                target_modules: str | None = typer.Option(
                     None, help="comma separated module names, or all-linear (default: the model type's usual ones)"),
-                max_steps: Optional[int] = typer.Option(None, help="optimizer steps; overrides --epochs"),
-                epochs: Optional[float] = typer.Option(None, help="passes over the data (server default: 3)"),
-                learning_rate: Optional[float] = typer.Option(None, help="peak learning rate (server default: 2e-4)"),
-                batch_size: Optional[int] = typer.Option(None, help="rows per micro-batch (server default: 4)"),
+                max_steps: int | None = typer.Option(None, help="optimizer steps; overrides --epochs"),
+                epochs: float | None = typer.Option(None, help="passes over the data (server default: 3)"),
+                learning_rate: float | None = typer.Option(None, help="peak learning rate (server default: 2e-4)"),
+                batch_size: int | None = typer.Option(None, help="rows per micro-batch (server default: 4)"),
                 overwrite: bool = typer.Option(False, help="replace an adapter of the same name when done"),
                 quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the job id"),
-                url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Upload FILE (validated row by row by the server), then start fine-tuning adapter NAME on it."""
     training = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
                                   "batch_size": batch_size}.items() if v is not None}
@@ -203,7 +203,7 @@ def jobs_create(file: Path = typer.Option(..., "--file", exists=True, dir_okay=F
 @jobs_cli.command("list")
 @one_line_errors
 def jobs_list(limit: int = typer.Option(20, help="newest first, at most this many"),
-              url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+              url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """List jobs, newest first: status, progress, last loss, error."""
     table = Table("id", "adapter", "status", "step", "loss", "error")
     for job in _client(url, api_key).list_jobs(limit):
@@ -217,7 +217,7 @@ def jobs_list(limit: int = typer.Option(20, help="newest first, at most this man
 @jobs_cli.command("show")
 @one_line_errors
 def jobs_show(job_id: str = typer.Argument(..., help="job-… id"),
-              url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+              url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Print one job as JSON: settings, status, progress, metrics, error."""
     _print_json(_client(url, api_key).get_job(job_id))
 
@@ -226,7 +226,7 @@ def jobs_show(job_id: str = typer.Argument(..., help="job-… id"),
 @one_line_errors
 def jobs_watch(job_id: str = typer.Argument(..., help="job-… id"),
                interval: float = typer.Option(0.5, help="seconds between polls"),
-               url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+               url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Follow a job with a live progress bar (step, loss, ETA) until it ends; exit 1 unless it succeeded."""
     client = _client(url, api_key)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -254,7 +254,7 @@ def jobs_watch(job_id: str = typer.Argument(..., help="job-… id"),
 @jobs_cli.command("cancel")
 @one_line_errors
 def jobs_cancel(job_id: str = typer.Argument(..., help="job-… id"),
-                url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Cancel a job and say what happened: a queued job never runs; a running one stops at its next step
     and publishes nothing; a finished one is left as it is."""
     client = _client(url, api_key)
@@ -278,7 +278,7 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="job-… id"),
 # --- adapters -----------------------------------------------------------------------------------------------
 @adapters_cli.command("list")
 @one_line_errors
-def adapters_list(url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+def adapters_list(url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """List the registry's adapters: base model, rank, variant, last train loss, size."""
     table = Table("name", "base model", "r", "variant", "train loss", "size", "created")
     for info in _client(url, api_key).list_adapters():
@@ -293,7 +293,7 @@ def adapters_list(url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOp
 @adapters_cli.command("show")
 @one_line_errors
 def adapters_show(name: str = typer.Argument(..., help="adapter name"),
-                  url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                  url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Print one adapter's metadata as JSON (config, metrics, lineage, latest evaluation)."""
     _print_json(_client(url, api_key).request("GET", f"/adapters/{name}"))
 
@@ -301,7 +301,7 @@ def adapters_show(name: str = typer.Argument(..., help="adapter name"),
 @adapters_cli.command("delete")
 @one_line_errors
 def adapters_delete(name: str = typer.Argument(..., help="adapter name"),
-                    url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                    url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Delete an adapter from the registry; the server stops serving it at once."""
     _client(url, api_key).request("DELETE", f"/adapters/{name}")
     console.print(f"deleted {name}", markup=False, highlight=False)
@@ -313,7 +313,7 @@ def adapters_compose(name: str = typer.Argument(..., help="name of the new adapt
                      parts: list[str] = typer.Argument(..., metavar="ADAPTER=WEIGHT...",
                                                        help="e.g. greeter=0.7 other=0.3"),
                      overwrite: bool = typer.Option(False, help="replace an adapter of the same name"),
-                     url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                     url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Store the exact weighted sum of Bone adapters (same base model, same r) as adapter NAME."""
     weights: dict[str, float] = {}
     for part in parts:
@@ -328,7 +328,7 @@ def adapters_compose(name: str = typer.Argument(..., help="name of the new adapt
                   markup=False, highlight=False)
 
 
-def _write_adapter(name: str, directory: Path, fmt: str, url: Optional[str], api_key: Optional[str]) -> None:
+def _write_adapter(name: str, directory: Path, fmt: str, url: str | None, api_key: str | None) -> None:
     data = _client(url, api_key).download_adapter(name, fmt)
     directory.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -341,7 +341,7 @@ def _write_adapter(name: str, directory: Path, fmt: str, url: Optional[str], api
 def adapters_download(name: str = typer.Argument(..., help="adapter name"),
                       directory: Path = typer.Argument(..., help="folder to write into (created if missing)"),
                       format: str = typer.Option("bone", help="bone (as trained) | miss (current PEFT) | lora"),
-                      url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                      url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Write adapter NAME into DIRECTORY in PEFT's layout (as trained, as MiSS, or as a LoRA adapter)."""
     _write_adapter(name, directory, format, url, api_key)
 
@@ -351,7 +351,7 @@ def adapters_download(name: str = typer.Argument(..., help="adapter name"),
 def adapters_export(name: str = typer.Argument(..., help="adapter name"),
                     directory: Path = typer.Argument(..., help="folder to write into (created if missing)"),
                     format: str = typer.Option("lora", help="lora (vLLM, LoRAX, PEFT) | miss | bone"),
-                    url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                    url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Export adapter NAME for other servers: an exact LoRA by default (Bone's update has rank r)."""
     _write_adapter(name, directory, format, url, api_key)
 
@@ -360,9 +360,9 @@ def adapters_export(name: str = typer.Argument(..., help="adapter name"),
 @one_line_errors
 def adapters_import(directory: Path = typer.Argument(..., exists=True, file_okay=False,
                                                      help="a PEFT Bone / MiSS adapter folder"),
-                    name: Optional[str] = typer.Option(None, help="registry name (default: the folder's name)"),
+                    name: str | None = typer.Option(None, help="registry name (default: the folder's name)"),
                     overwrite: bool = typer.Option(False, help="replace an adapter of the same name"),
-                    url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                    url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Import a PEFT Bone / MiSS adapter folder; the server checks it against its base model first."""
     info = _client(url, api_key).import_adapter(name or directory.name, directory, overwrite)
     console.print(f"imported {info['name']} (sha256 {info['sha256'][:12]}…)", markup=False, highlight=False)
@@ -388,7 +388,7 @@ def evals_create(adapters: list[str] = typer.Argument(..., help="adapter names t
                  include_base: bool = typer.Option(True, help="also score the base model on the same rows"),
                  max_new_tokens: int = typer.Option(64, help="greedy tokens for exact match; 0 skips it"),
                  quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the evaluation id"),
-                 url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                 url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Score ADAPTERS (and the base model) on FILE on a worker: loss, perplexity, token accuracy, exact match."""
     client = _client(url, api_key)
     uploaded = client.upload_file(file)
@@ -403,7 +403,7 @@ def evals_create(adapters: list[str] = typer.Argument(..., help="adapter names t
 @evals_cli.command("show")
 @one_line_errors
 def evals_show(eval_id: str = typer.Argument(..., help="eval-… id"),
-               url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+               url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Show an evaluation's status and its results, one row per adapter and the base model."""
     evaluation = _client(url, api_key).request("GET", f"/evals/{eval_id}")
     console.print(f"{eval_id}: {evaluation['status']}" + (f" — {evaluation['error']}" if evaluation.get("error") else ""),
@@ -416,7 +416,7 @@ def evals_show(eval_id: str = typer.Argument(..., help="eval-… id"),
 @one_line_errors
 def evals_watch(eval_id: str = typer.Argument(..., help="eval-… id"),
                 interval: float = typer.Option(0.5, help="seconds between polls"),
-                url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+                url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Wait for an evaluation to end, then show its results; exit 1 unless it succeeded."""
     client = _client(url, api_key)
     with console.status(f"{eval_id} …"):
@@ -433,11 +433,11 @@ def evals_watch(eval_id: str = typer.Argument(..., help="eval-… id"),
 # --- generation ---------------------------------------------------------------------------------------------
 @one_line_errors
 def generate(prompt: str = typer.Argument(..., help="the text to continue; in bash write newlines as $'Q: …?\\nA:'"),
-             adapter: Optional[str] = typer.Option(None, help="adapter name (default: the base model)"),
+             adapter: str | None = typer.Option(None, help="adapter name (default: the base model)"),
              max_new_tokens: int = typer.Option(64, help="at most this many new tokens"),
              temperature: float = typer.Option(0.0, help="0 = greedy (the same answer every time)"),
              stream: bool = typer.Option(True, help="print tokens as they come"),
-             url: Optional[str] = UrlOption, api_key: Optional[str] = KeyOption) -> None:
+             url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Generate from the base model or an adapter, streaming to the terminal."""
     client = _client(url, api_key)
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature}

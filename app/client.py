@@ -6,7 +6,8 @@ Errors come back as ``ApiError`` carrying the server's envelope message, so the 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 

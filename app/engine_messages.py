@@ -7,8 +7,9 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from app.adapter_cache import FetchedAdapter, Mix
 from app.decoding import SamplingParams, TokenLogprob

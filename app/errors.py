@@ -16,12 +16,12 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.paths import redact_server_paths
 from core.errors import InvalidRequest, PayloadTooLarge, RateLimited, ServiceError, ServiceUnavailable, Unauthorized
+from core.paths import redact_server_paths
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,8 @@ from app.errors import BodySizeLimit, error_responses, install_error_handlers
 from app.job_checks import JobChecker
 from app.observability import install_observability
 from app.openapi import install_openapi
-from app.routes import adapter_export, adapter_import, adapters, files, generate, health, jobs, openai
-from app.routes import fleet
+from app.routes import adapter_export, adapter_import, adapters, evals, files, fleet, generate, health, jobs, openai
 from app.security_headers import SecurityHeaders
-from app.routes import evals
 from core.auth import KeyRing
 from core.base_model import load_base_model
 from core.janitor import Janitor

@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from starlette.responses import Response
 
-from core.jobstore import STATUS_COUNTS, TRAINING_METRICS as TRAINING_METRICS_KEY
+from core.jobstore import STATUS_COUNTS
+from core.jobstore import TRAINING_METRICS as TRAINING_METRICS_KEY
 
 HTTP_LATENCY = Histogram(
     "bone_http_request_duration_seconds", "HTTP request latency", ["route", "method", "status"],

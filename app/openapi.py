@@ -4,7 +4,8 @@ test then see exactly what the server accepts. Validation itself stays in the ro
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 

@@ -12,7 +12,8 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from core.backoff import Backoff
 
@@ -47,7 +48,7 @@ class WorkerSupervisor:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> "WorkerSupervisor":
+    def start(self) -> WorkerSupervisor:
         self._spawn()
         self._thread.start()
         return self

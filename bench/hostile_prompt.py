@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -98,7 +99,7 @@ def main() -> None:
             }
             with httpx.Client(base_url=url, timeout=300) as http:
                 for name, send in cases.items():
-                    latencies, reply = probe_while(url, lambda: send(http))
+                    latencies, reply = probe_while(url, partial(send, http))
                     answer = reply.status_code if isinstance(reply, httpx.Response) else type(reply).__name__
                     print(f"{name}: answer {answer}; /healthz over {len(latencies)} probes: "
                           f"p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms, "

@@ -150,9 +150,7 @@ async def run(args, url: str) -> bool:
             return await c.post("/generate", json={"prompt": "Once upon a time", "max_new_tokens": 64,
                                                    "temperature": 0})
 
-        started = time.perf_counter()
         latencies, outcomes = await hammer(sessions, args.clients * 2, generate)
-        seconds = time.perf_counter() - started
         ms = sorted(x * 1000 for x in latencies)
         timeouts = sum(n for code, n in outcomes.items() if not code.isdigit())
         print(f"{'POST /generate (over)':<22} n={len(ms):>5}  {outcomes}  p50 {statistics.median(ms):.0f} ms  "

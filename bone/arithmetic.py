@@ -11,7 +11,7 @@ meaning that silently differs from running them.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -28,22 +28,33 @@ def check_combinable(items: Iterable[tuple[str, BoneConfig]]) -> int:
     rank = None
     for name, config in items:
         if config.variant == "bat":
-            raise BoneConfigError(f"adapter {name!r} is a Bat adapter: Bat is not linear in its blocks, so a "
-                                  "weighted sum has no exact meaning; combine Bone adapters only", "adapters")
+            raise BoneConfigError(
+                f"adapter {name!r} is a Bat adapter: Bat is not linear in its blocks, so a "
+                "weighted sum has no exact meaning; combine Bone adapters only",
+                "adapters",
+            )
         if config.bias != "none" or config.modules_to_save:
-            raise BoneConfigError(f"adapter {name!r} trains biases or modules_to_save, which cannot be summed "
-                                  "exactly; combine block-only Bone adapters", "adapters")
+            raise BoneConfigError(
+                f"adapter {name!r} trains biases or modules_to_save, which cannot be summed "
+                "exactly; combine block-only Bone adapters",
+                "adapters",
+            )
         if rank is None:
             rank = config.r
         elif config.r != rank:
-            raise BoneConfigError(f"adapter {name!r} has r={config.r}, the others r={rank}: blocks of different r "
-                                  "tile differently and cannot be summed into one block", "adapters")
+            raise BoneConfigError(
+                f"adapter {name!r} has r={config.r}, the others r={rank}: blocks of different r "
+                "tile differently and cannot be summed into one block",
+                "adapters",
+            )
     if rank is None:
         raise BoneConfigError("no adapters to combine", "adapters")
     return rank
 
 
-def combine(items: list[Weighted], *, out_features: dict[str, int] | None = None) -> tuple[BoneConfig, dict[str, torch.Tensor]]:
+def combine(
+    items: list[Weighted], *, out_features: dict[str, int] | None = None
+) -> tuple[BoneConfig, dict[str, torch.Tensor]]:
     """``Σ wᵢ Bᵢ`` over the adapters' blocks, as a new Bone adapter (config + tensors in PEFT's layout).
 
     ``out_features`` (module path → out) is needed only for MiSS-mini blocks, which are tiled to (r, out)."""
@@ -63,6 +74,11 @@ def combine(items: list[Weighted], *, out_features: dict[str, int] | None = None
             summed[key] = summed[key] + weight * block if key in summed else weight * block
     modules = sorted(k.removeprefix(PREFIX).removesuffix(".bone_block") for k in summed)
     first = items[0][1]
-    config = BoneConfig(r=rank, target_modules=modules, init_weights=True, task_type=first.task_type,
-                        base_model_name_or_path=first.base_model_name_or_path)
+    config = BoneConfig(
+        r=rank,
+        target_modules=modules,
+        init_weights=True,
+        task_type=first.task_type,
+        base_model_name_or_path=first.base_model_name_or_path,
+    )
     return config, summed

@@ -76,7 +76,8 @@ def expected_entries(model: nn.Module, config: BoneConfig) -> tuple[dict[str, Ex
     targets = find_targets(model, config)
     for t in targets:
         required[f"{PREFIX}{t.name}.bone_block"] = Expected(
-            t.name, block_shape(config.variant, config.r, config.mini_r, t.out_features), "block")
+            t.name, block_shape(config.variant, config.r, config.mini_r, t.out_features), "block"
+        )
     for path in find_modules_to_save(model, config):
         for k, v in _unwrap(model.get_submodule(path)).state_dict().items():
             required[f"{PREFIX}{path}.{k}"] = Expected(path, tuple(v.shape), "module")
@@ -91,7 +92,9 @@ def normalize_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, v in tensors.items():
         nk = k[: -len(".miss_block")] + ".bone_block" if k.endswith(".miss_block") else k
         if nk in out:
-            raise BoneCheckpointError(f"checkpoint holds both a bone_block and a miss_block for {nk[:-len('.bone_block')]!r}")
+            raise BoneCheckpointError(
+                f"checkpoint holds both a bone_block and a miss_block for {nk[: -len('.bone_block')]!r}"
+            )
         out[nk] = v
     return out
 
@@ -111,7 +114,9 @@ def check_tensors(model: nn.Module, config: BoneConfig, tensors: dict[str, torch
         e = required.get(k) or optional.get(k)
         if e is None:
             mod = k.removeprefix(PREFIX).rsplit(".", 1)[0]
-            problems.append(f"unexpected key {k!r}: module {mod!r} is not an adapter target of this config on this model")
+            problems.append(
+                f"unexpected key {k!r}: module {mod!r} is not an adapter target of this config on this model"
+            )
             continue
         if not torch.is_tensor(v) or not v.is_floating_point():
             problems.append(f"key {k!r} for module {e.module!r} is not a floating-point tensor")
@@ -155,7 +160,8 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[BoneConfig, dict[str
         if os.path.isfile(os.path.join(d, "adapter_model.bin")):
             raise BoneCheckpointError(
                 f"{d!r} holds only adapter_model.bin; pickled checkpoints are refused (never unpickled), "
-                "convert it to adapter_model.safetensors")
+                "convert it to adapter_model.safetensors"
+            )
         raise BoneCheckpointError(f"no {WEIGHTS_NAME} in {d!r}")
     try:
         tensors = load_file(path, device="cpu")
@@ -177,5 +183,8 @@ def write_adapter_dir(directory: str | os.PathLike, config_dict: dict, tensors: 
 
 def to_format(tensors: dict[str, torch.Tensor], format: str) -> dict[str, torch.Tensor]:
     if format == "miss":
-        return {(k[: -len(".bone_block")] + ".miss_block" if k.endswith(".bone_block") else k): v for k, v in tensors.items()}
+        return {
+            (k[: -len(".bone_block")] + ".miss_block" if k.endswith(".bone_block") else k): v
+            for k, v in tensors.items()
+        }
     return dict(tensors)

@@ -8,7 +8,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from .errors import BoneConfigError
 
@@ -31,7 +31,9 @@ def _check_names(value: Any, field_name: str, allow_regex: bool) -> Any:
         return None
     if isinstance(value, str):
         if not allow_regex:
-            raise BoneConfigError(f"`{field_name}` must be a list of module names, got the string {value!r}", field_name)
+            raise BoneConfigError(
+                f"`{field_name}` must be a list of module names, got the string {value!r}", field_name
+            )
         if value != "all-linear":
             try:
                 re.compile(value)
@@ -59,16 +61,16 @@ class BoneConfig:
     """
 
     r: int = 64
-    target_modules: Optional[Union[list[str], str]] = None
-    exclude_modules: Optional[Union[list[str], str]] = None
-    init_weights: Union[bool, Literal["bat", "mini"]] = True
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    layers_pattern: Optional[Union[list[str], str]] = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    init_weights: bool | Literal["bat", "mini"] = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     bias: str = "none"
-    modules_to_save: Optional[list[str]] = None
-    base_model_name_or_path: Optional[str] = None
-    task_type: Optional[str] = None
-    revision: Optional[str] = None
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    revision: str | None = None
     inference_mode: bool = False
     # MiSS-only fields (read from MISS configs, written only in the MISS format).
     mini_r: int = 1
@@ -101,7 +103,8 @@ class BoneConfig:
                 ltt = [ltt]
             if not isinstance(ltt, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ltt):
                 raise BoneConfigError(
-                    f"`layers_to_transform` must be a non-negative int or a list of them, got {self.layers_to_transform!r}",
+                    "`layers_to_transform` must be a non-negative int or a list of them, "
+                    f"got {self.layers_to_transform!r}",
                     "layers_to_transform",
                 )
             self.layers_to_transform = sorted(set(ltt))
@@ -110,13 +113,19 @@ class BoneConfig:
             if isinstance(lp, str):
                 lp = [lp] if lp else []
             if not isinstance(lp, (list, tuple)) or not all(isinstance(p, str) and p for p in lp):
-                raise BoneConfigError(f"`layers_pattern` must be a string or a list of strings, got {lp!r}", "layers_pattern")
+                raise BoneConfigError(
+                    f"`layers_pattern` must be a string or a list of strings, got {lp!r}", "layers_pattern"
+                )
             self.layers_pattern = lp[0] if len(lp) == 1 else (list(lp) or None)
         if isinstance(self.target_modules, str):
             if self.layers_to_transform is not None:
-                raise BoneConfigError("`layers_to_transform` cannot be used when `target_modules` is a str.", "layers_to_transform")
+                raise BoneConfigError(
+                    "`layers_to_transform` cannot be used when `target_modules` is a str.", "layers_to_transform"
+                )
             if self.layers_pattern is not None:
-                raise BoneConfigError("`layers_pattern` cannot be used when `target_modules` is a str.", "layers_pattern")
+                raise BoneConfigError(
+                    "`layers_pattern` cannot be used when `target_modules` is a str.", "layers_pattern"
+                )
 
         bias = self.bias
         if isinstance(bias, str) and bias.lower().endswith("_only"):
@@ -128,7 +137,9 @@ class BoneConfig:
         if self.task_type is not None:
             tt = getattr(self.task_type, "value", self.task_type)
             if tt not in TASK_TYPES:
-                raise BoneConfigError(f"`task_type` must be None or one of {TASK_TYPES}, got {self.task_type!r}", "task_type")
+                raise BoneConfigError(
+                    f"`task_type` must be None or one of {TASK_TYPES}, got {self.task_type!r}", "task_type"
+                )
             self.task_type = tt
         for name in ("base_model_name_or_path", "revision"):
             v = getattr(self, name)
@@ -138,8 +149,14 @@ class BoneConfig:
             raise BoneConfigError(f"`inference_mode` must be a bool, got {self.inference_mode!r}", "inference_mode")
         if not _is_int(self.mini_r) or self.mini_r <= 0:
             raise BoneConfigError(f"`mini_r` must be a positive integer, got {self.mini_r!r}", "mini_r")
-        if isinstance(self.miss_dropout, bool) or not isinstance(self.miss_dropout, (int, float)) or not 0.0 <= self.miss_dropout < 1.0:
-            raise BoneConfigError(f"`miss_dropout` must be a float in [0, 1), got {self.miss_dropout!r}", "miss_dropout")
+        if (
+            isinstance(self.miss_dropout, bool)
+            or not isinstance(self.miss_dropout, (int, float))
+            or not 0.0 <= self.miss_dropout < 1.0
+        ):
+            raise BoneConfigError(
+                f"`miss_dropout` must be a float in [0, 1), got {self.miss_dropout!r}", "miss_dropout"
+            )
         self.miss_dropout = float(self.miss_dropout)
         if self.peft_type not in PEFT_TYPES:
             raise BoneConfigError(f"`peft_type` must be 'BONE' or 'MISS', got {self.peft_type!r}", "peft_type")
@@ -154,7 +171,7 @@ class BoneConfig:
             return "mini"
         return "bone"
 
-    def replace(self, **changes: Any) -> "BoneConfig":
+    def replace(self, **changes: Any) -> BoneConfig:
         return dataclasses.replace(self, **changes)
 
     # -- adapter_config.json ----------------------------------------------------------------------
@@ -187,14 +204,18 @@ class BoneConfig:
         else:
             # PEFT's BONE has no mini variant and no dropout; writing them there would silently lose them.
             if self.init_weights == "mini":
-                raise BoneConfigError("init_weights='mini' exists only in MiSS; save with format='miss'", "init_weights")
+                raise BoneConfigError(
+                    "init_weights='mini' exists only in MiSS; save with format='miss'", "init_weights"
+                )
             if self.miss_dropout:
                 raise BoneConfigError("miss_dropout exists only in MiSS; save with format='miss'", "miss_dropout")
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BoneConfig":
-        """Build from a PEFT ``adapter_config.json`` dict (BONE or MISS); unknown keys (peft_version, ...) are ignored."""
+    def from_dict(cls, d: dict[str, Any]) -> BoneConfig:
+        """Build from a PEFT ``adapter_config.json`` dict (BONE or MISS).
+
+        Unknown keys (peft_version, ...) are ignored."""
         if not isinstance(d, dict):
             raise BoneConfigError(f"adapter config must be a JSON object, got {type(d).__name__}")
         peft_type = d.get("peft_type", "BONE")
@@ -211,13 +232,15 @@ class BoneConfig:
             d.update(extra)
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, directory: str | os.PathLike, format: str = "bone", extra: dict[str, Any] | None = None) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, format: str = "bone", extra: dict[str, Any] | None = None
+    ) -> None:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(self.to_json_string(format, extra))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "BoneConfig":
+    def from_pretrained(cls, directory: str | os.PathLike) -> BoneConfig:
         from .errors import BoneCheckpointError
 
         path = os.path.join(directory, CONFIG_NAME)

@@ -24,7 +24,6 @@ from .config import BoneConfig
 from .errors import BoneConfigError
 from .targets import find_targets
 
-
 # ‖ΔW − BA‖/‖ΔW‖ below this is float32 round-off of the reconstruction itself: the export is exact.
 EXACT_RELATIVE_ERROR = 1e-5
 # Bat without an explicit rank: the smallest rank whose relative error is at most this in every module
@@ -81,8 +80,14 @@ def _lora_config(config: BoneConfig, rank: int, target_names: list[str], fan_in_
     }
 
 
-def to_lora(model: nn.Module, config: BoneConfig, tensors: dict[str, torch.Tensor], *,
-            bat_rank: int | None = None, tolerance: float | None = None) -> LoraExport:
+def to_lora(
+    model: nn.Module,
+    config: BoneConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    bat_rank: int | None = None,
+    tolerance: float | None = None,
+) -> LoraExport:
     """LoRA factors for one adapter checkpoint (``tensors`` in PEFT's layout) on ``model`` (the plain HF
     base model; for Bone only its module shapes matter, so a meta-device model works; Bat needs weights).
 
@@ -94,14 +99,21 @@ def to_lora(model: nn.Module, config: BoneConfig, tensors: dict[str, torch.Tenso
     if tolerance is not None and not 0 < tolerance < 1:
         raise BoneConfigError(f"tolerance is a relative error in (0, 1), got {tolerance}", "tolerance")
     if config.bias != "none" or config.modules_to_save:
-        raise BoneConfigError("LoRA export covers adapter blocks only; this adapter also trains biases or "
-                              "modules_to_save, which a LoRA adapter cannot carry the same way", "bias")
+        raise BoneConfigError(
+            "LoRA export covers adapter blocks only; this adapter also trains biases or "
+            "modules_to_save, which a LoRA adapter cannot carry the same way",
+            "bias",
+        )
     tensors = check_tensors(model, config, tensors)
     targets = find_targets(model, config)
     variant = config.variant
     if variant == "bat":
-        deltas = {t.name: _bat_delta(model.get_submodule(t.name), tensors[f"{PREFIX}{t.name}.bone_block"].float(),
-                                     t.is_conv1d) for t in targets}
+        deltas = {
+            t.name: _bat_delta(
+                model.get_submodule(t.name), tensors[f"{PREFIX}{t.name}.bone_block"].float(), t.is_conv1d
+            )
+            for t in targets
+        }
         rank = bat_rank or _rank_for(deltas.values(), tolerance or DEFAULT_BAT_TOLERANCE)
     else:
         rank = config.r
@@ -123,11 +135,18 @@ def to_lora(model: nn.Module, config: BoneConfig, tensors: dict[str, torch.Tenso
         out[f"{key}.lora_B.weight"] = lora_b.contiguous()
     fan_in_fan_out = any(t.is_conv1d for t in targets)
     if fan_in_fan_out and not all(t.is_conv1d for t in targets):
-        raise BoneConfigError("LoRA's fan_in_fan_out is one flag per adapter: cannot export targets that mix "
-                              "Linear and Conv1D layers", "target_modules")
+        raise BoneConfigError(
+            "LoRA's fan_in_fan_out is one flag per adapter: cannot export targets that mix Linear and Conv1D layers",
+            "target_modules",
+        )
     exact = variant != "bat" or max(errors.values(), default=0.0) <= EXACT_RELATIVE_ERROR
-    return LoraExport(config=_lora_config(config, rank, [t.name for t in targets], fan_in_fan_out),
-                      tensors=out, rank=rank, exact=exact, relative_errors=errors)
+    return LoraExport(
+        config=_lora_config(config, rank, [t.name for t in targets], fan_in_fan_out),
+        tensors=out,
+        rank=rank,
+        exact=exact,
+        relative_errors=errors,
+    )
 
 
 def _bat_delta(module: nn.Module, block: torch.Tensor, conv1d: bool) -> tuple[torch.Tensor, ...]:
@@ -135,8 +154,10 @@ def _bat_delta(module: nn.Module, block: torch.Tensor, conv1d: bool) -> tuple[to
     base = getattr(module, "base_layer", module)
     weight = base.weight.detach().float()
     if weight.is_meta:
-        raise BoneConfigError("exporting a Bat adapter needs the base model's real weights (its update depends "
-                              "on them), not a meta-device model")
+        raise BoneConfigError(
+            "exporting a Bat adapter needs the base model's real weights (its update depends "
+            "on them), not a meta-device model"
+        )
     logical = weight.t() if conv1d else weight
     delta = BF.bat_weight(weight, block, conv1d) - logical  # (out, in)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)

@@ -21,7 +21,7 @@ def chunk_sum(x: torch.Tensor, r: int, dtype: torch.dtype | None = None) -> torc
         if nf > 1:
             return x.unflatten(-1, (nf, r)).sum(-2, dtype=dtype)
         return x if dtype is None or dtype == x.dtype else x.to(dtype)
-    tail = x[..., nf * r:]
+    tail = x[..., nf * r :]
     if dtype is not None:
         tail = tail.to(dtype)
     if nf == 0:
@@ -82,7 +82,7 @@ def bone_weight(weight: torch.Tensor, block: torch.Tensor, conv1d: bool, sign: f
         new = weight.clone()
         if nf:
             new[: nf * r].unflatten(0, (nf, r)).add_(b)
-        new[nf * r:].add_(b[:rem])
+        new[nf * r :].add_(b[:rem])
         return new
     fin = weight.shape[1]
     bt = b.t()
@@ -93,7 +93,7 @@ def bone_weight(weight: torch.Tensor, block: torch.Tensor, conv1d: bool, sign: f
     new = weight.clone()
     if nf:
         new[:, : nf * r].unflatten(1, (nf, r)).add_(bt.unsqueeze(1))
-    new[:, nf * r:].add_(bt[:, :rem])
+    new[:, nf * r :].add_(bt[:, :rem])
     return new
 
 

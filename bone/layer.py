@@ -10,7 +10,7 @@ Bone adapters add up; a Bat adapter acts on the weight as updated by the adapter
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +19,10 @@ from torch import nn
 from . import functional as BF
 from .errors import BoneConfigError, BoneError
 from .routing import _ROUTING, row_forward
-from .train_path import BatTrainFn, bone_train
 from .targets import Conv1D
+from .train_path import BatTrainFn, bone_train
 
 VARIANTS = ("bone", "bat", "mini")
-
-
 
 
 class BoneLinear(nn.Module):
@@ -91,8 +89,7 @@ class BoneLinear(nn.Module):
             return
         r = self.bone_r[n]
         nf, rem = divmod(self.in_features, r)
-        self._fast = (w, b, blk, r, nf, rem, self.out_features, self.in_features, self.is_conv1d,
-                      self.bone_dropout[n])
+        self._fast = (w, b, blk, r, nf, rem, self.out_features, self.in_features, self.is_conv1d, self.bone_dropout[n])
 
     # -- what the HF model sees --------------------------------------------------------------------
     @property
@@ -115,8 +112,17 @@ class BoneLinear(nn.Module):
             return (r, mini_r)
         return (r, self.out_features)
 
-    def add_adapter(self, name: str, variant: str, r: int, *, mini_r: int = 1, dropout: float = 0.0,
-                    random_init: bool = False, dtype: torch.dtype | None = None) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        variant: str,
+        r: int,
+        *,
+        mini_r: int = 1,
+        dropout: float = 0.0,
+        random_init: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         if variant not in VARIANTS:
             raise BoneConfigError(f"unknown Bone variant {variant!r}", "init_weights")
         if r <= 0:
@@ -124,7 +130,9 @@ class BoneLinear(nn.Module):
         if variant == "bat" and (self.in_features % r or self.out_features % r):
             raise BoneConfigError(
                 f"Bat needs in_features and out_features divisible by r={r}; this layer has "
-                f"in_features={self.in_features}, out_features={self.out_features}", "r")
+                f"in_features={self.in_features}, out_features={self.out_features}",
+                "r",
+            )
         w = self.base_layer.weight
         if dtype is None:
             dtype = w.dtype
@@ -227,7 +235,7 @@ class BoneLinear(nn.Module):
                 # decode hot path: base matmul, chunk sum (shared by sibling projections that read the same
                 # input, e.g. q/k/v), one fused gemm-accumulate into the base output; nothing else.
                 if conv1d:
-                    y = (x @ w if b is None else torch.addmm(b, x.view(-1, fin), w).view(*x.shape[:-1], out))
+                    y = x @ w if b is None else torch.addmm(b, x.view(-1, fin), w).view(*x.shape[:-1], out)
                 else:
                     y = F.linear(x, w, b)
                 s = BF.cached_chunk_sum(x, r)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,7 +81,8 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
         if not isinstance(name, str) or not _NAME_RE.match(name) or name == BASE_ADAPTER:
             raise BoneConfigError(
                 f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (no '.'), not {BASE_ADAPTER!r}",
-                "adapter_name")
+                "adapter_name",
+            )
         if name in self.adapter_configs:
             raise BoneConfigError(f"adapter {name!r} already exists; delete it first", "adapter_name")
         if not isinstance(config, BoneConfig):
@@ -90,14 +92,17 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
             if other:
                 raise BoneConfigError(
                     f"only one adapter may train biases (biases belong to the shared base); {other[0]!r} already "
-                    f"has bias={self.adapter_configs[other[0]].bias!r}", "bias")
+                    f"has bias={self.adapter_configs[other[0]].bias!r}",
+                    "bias",
+                )
 
     def add_adapter(self, adapter_name: str, config: BoneConfig) -> None:
         """Create a new adapter (not activated; ``set_adapter`` activates it). Blocks follow ``init_weights``."""
         self._add(adapter_name, config, None, trainable=True)
 
-    def add_adapter_from_state_dict(self, adapter_name: str, config: BoneConfig, tensors: dict[str, torch.Tensor],
-                                    is_trainable: bool = False) -> None:
+    def add_adapter_from_state_dict(
+        self, adapter_name: str, config: BoneConfig, tensors: dict[str, torch.Tensor], is_trainable: bool = False
+    ) -> None:
         """Add an adapter from tensors in PEFT's on-disk layout; every key and shape is checked first, so a
         failed load leaves the model unchanged."""
         self._check_new_name(adapter_name, config)
@@ -115,8 +120,15 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
                 module = BoneLinear(module)
                 _set_submodule(self.base_model, t.name, module)
             dtype = self._adapter_dtype(module.weight)
-            module.add_adapter(name, config.variant, config.r, mini_r=config.mini_r, dropout=config.miss_dropout,
-                               random_init=random_init and tensors is None, dtype=dtype)
+            module.add_adapter(
+                name,
+                config.variant,
+                config.r,
+                mini_r=config.mini_r,
+                dropout=config.miss_dropout,
+                random_init=random_init and tensors is None,
+                dtype=dtype,
+            )
             if tensors is not None:
                 with torch.no_grad():
                     module.bone_block[name].copy_(tensors[f"{ckpt.PREFIX}{t.name}.bone_block"])
@@ -128,8 +140,11 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
                 _set_submodule(self.base_model, path, module)
             module.add_adapter(name)
             if tensors is not None:
-                sd = {k[len(f"{ckpt.PREFIX}{path}."):]: v for k, v in tensors.items()
-                      if k.startswith(f"{ckpt.PREFIX}{path}.")}
+                sd = {
+                    k[len(f"{ckpt.PREFIX}{path}.") :]: v
+                    for k, v in tensors.items()
+                    if k.startswith(f"{ckpt.PREFIX}{path}.")
+                }
                 module.modules_to_save[name].load_state_dict(sd, strict=True)
             module.set_active(self.active_adapters)
         if tensors is not None and config.bias != "none":
@@ -153,8 +168,14 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
         self.add_adapter_from_state_dict(adapter_name, config, tensors, is_trainable=is_trainable)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, autocast_adapter_dtype: bool = True) -> "BoneModel":
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> BoneModel:
         config, tensors = ckpt.read_adapter_dir(path)
         bm = cls(model, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
@@ -265,8 +286,9 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
         print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / max(a, 1):.4f}")
 
 
-def get_bone_model(model: nn.Module, config: BoneConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True) -> BoneModel:
+def get_bone_model(
+    model: nn.Module, config: BoneConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+) -> BoneModel:
     """Wrap ``model`` in place with one active, trainable Bone adapter; everything else is frozen except
     ``modules_to_save`` copies and the biases ``config.bias`` selects."""
     if isinstance(model, BoneModel):

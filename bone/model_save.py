@@ -44,8 +44,9 @@ class AdapterSaveMixin:
             sd[f"{ckpt.PREFIX}{k}"] = p.detach().clone()
         return ckpt.to_format(sd, format.lower())
 
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
-                        format: str = "bone") -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None, format: str = "bone"
+    ) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (the active one by
         default). ``format="miss"`` writes the MiSS form that current PEFT loads."""
         name = self._resolve_one(adapter_name)

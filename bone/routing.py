@@ -35,10 +35,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 BASE_ADAPTER = "__base__"
 
-_ROUTING: contextvars.ContextVar["RowRouting | None"] = contextvars.ContextVar("bone_routing", default=None)
+_ROUTING: contextvars.ContextVar[RowRouting | None] = contextvars.ContextVar("bone_routing", default=None)
 
 
-def current_routing() -> "RowRouting | None":
+def current_routing() -> RowRouting | None:
     return _ROUTING.get()
 
 
@@ -47,7 +47,7 @@ class RowRouting:
 
     def __init__(self, names: list[str]):
         self.names = list(names)
-        self._plans: dict["BoneLinear", "_Plan"] = {}  # outside autograd: the plans built for this routing
+        self._plans: dict[BoneLinear, _Plan] = {}  # outside autograd: the plans built for this routing
         self._expanded: dict[int, list[str]] = {}
 
     def row_names(self, rows: int) -> list[str]:
@@ -68,7 +68,7 @@ class RowRouting:
         names = self._expanded[rows] = [name for name in self.names for _ in range(k)]
         return names
 
-    def plan(self, layer: "BoneLinear", rows: int, device: torch.device) -> "_Plan":
+    def plan(self, layer: BoneLinear, rows: int, device: torch.device) -> _Plan:
         if torch.is_grad_enabled():  # gathered blocks must carry the graph: never reused
             return _Plan.build(layer, self.row_names(rows), device)
         # The layer's slot holds the plan of the routing that ran last; this routing's own dict keeps its
@@ -164,7 +164,7 @@ class _Plan:
         self.epoch = -1
 
     @classmethod
-    def build(cls, layer: "BoneLinear", names: list[str], device: torch.device) -> "_Plan":
+    def build(cls, layer: BoneLinear, names: list[str], device: torch.device) -> _Plan:
         if layer.merged_adapters:
             raise BoneError(
                 f"per-row adapter selection needs unmerged adapters, but {layer.merged_adapters} are merged; "
@@ -198,7 +198,7 @@ class _Plan:
         return p
 
 
-def row_forward(layer: "BoneLinear", x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+def row_forward(layer: BoneLinear, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
     if x.dim() < 2:
         raise BoneError("per-row adapter selection needs inputs with a leading batch dimension")
     if layer._disabled:
@@ -216,8 +216,7 @@ def row_forward(layer: "BoneLinear", x: torch.Tensor, routing: RowRouting) -> to
     if kind != 3 and not grad:
         blk = plan.block
         w = base.weight
-        if x.dtype == w.dtype == blk.dtype and x.is_contiguous() and layer._plain \
-                and not layer.is_conv1d:
+        if x.dtype == w.dtype == blk.dtype and x.is_contiguous() and layer._plain and not layer.is_conv1d:
             # the serving hot path: base gemm, the (shared) chunk sum, one fused accumulate into y
             y = F.linear(x, w, base.bias)
             s = BF.cached_chunk_sum(x, plan.r)

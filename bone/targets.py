@@ -4,9 +4,9 @@ works on a model built on the meta device (only names and shapes are looked at).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
 
 from torch import nn
 
@@ -16,8 +16,10 @@ from .errors import BoneConfigError
 try:  # transformers' GPT-2 style linear: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency, but keep bone importable
+
     class Conv1D(nn.Module):  # type: ignore[no-redef]
         pass
+
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
 
@@ -41,22 +43,44 @@ def compile_target_regex(pattern: str):
             pass
     return re.compile(pattern)
 
+
 # Default targets per `config.model_type` (same choice as PEFT's LoRA/Bone mapping).
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "t5": ["q", "v"], "mt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "qwen2_moe": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"],
-    "bloom": ["query_key_value"], "gpt_neox": ["query_key_value"], "chatglm": ["query_key_value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "chatglm": ["query_key_value"],
     "falcon": ["query_key_value"],
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "layoutlm": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
-    "mpt": ["Wqkv"], "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "phi3": ["qkv_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "layoutlm": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "mpt": ["Wqkv"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
 }
 
 # Container names under which transformer blocks are numbered (PEFT's COMMON_LAYERS_PATTERN).
@@ -179,7 +203,11 @@ def find_targets(model: nn.Module, config: BoneConfig) -> list[Target]:
         raise BoneConfigError(
             f"target_modules={spec!r} matched no module of {type(model).__name__}"
             + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
-            + (f" (layers_to_transform={config.layers_to_transform!r})" if config.layers_to_transform is not None else "")
+            + (
+                f" (layers_to_transform={config.layers_to_transform!r})"
+                if config.layers_to_transform is not None
+                else ""
+            )
             + f". Its Linear/Conv1D modules are named: {', '.join(leaves) or '(none)'}"
             + (f"; e.g. {', '.join(names[:4])}" if names else ""),
             "target_modules",

@@ -139,7 +139,7 @@ def _add_tiled_(gx: torch.Tensor, gs: torch.Tensor) -> None:
     if nf:
         gx[:, : nf * r].unflatten(1, (nf, r)).add_(gs.unsqueeze(1))
     if rem:
-        gx[:, nf * r:].add_(gs[:, :rem])
+        gx[:, nf * r :].add_(gs[:, :rem])
 
 
 def _sum_for(x: torch.Tensor, x2: torch.Tensor, r: int, dtype) -> torch.Tensor:
@@ -218,8 +218,9 @@ def bone_train(x, weight, bias, conv1d: bool, blocks: list[torch.Tensor]) -> tor
     fout = weight.shape[1] if conv1d else weight.shape[0]
     fold_fwd, fold_bwd = False, False
     if all(b.dtype == x.dtype for b in blocks):
-        fold_fwd, fold_bwd = choose(fin, fout, tuple(b.shape[0] for b in blocks), x.numel() // max(fin, 1),
-                                    x.dtype, x.device, conv1d)
+        fold_fwd, fold_bwd = choose(
+            fin, fout, tuple(b.shape[0] for b in blocks), x.numel() // max(fin, 1), x.dtype, x.device, conv1d
+        )
     return BoneTrainFn.apply(x, weight, bias, conv1d, fold_fwd, fold_bwd, *blocks)
 
 
@@ -253,8 +254,9 @@ class BatTrainFn(torch.autograd.Function):
                 gblk = torch.baddbmm(gv.sum(2), wrows.transpose(1, 2), gv.reshape(no, r * ni, r))
             if ctx.needs_input_grad[1]:
                 # dW_ij = dW'_ij (I + B_i)ᵀ
-                gw = (gv.reshape(no, r * ni, r) + torch.bmm(gv.reshape(no, r * ni, r), block.transpose(1, 2))
-                      ).reshape(weight.shape)
+                gw = (gv.reshape(no, r * ni, r) + torch.bmm(gv.reshape(no, r * ni, r), block.transpose(1, 2))).reshape(
+                    weight.shape
+                )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, gblk

@@ -23,12 +23,13 @@ import ipaddress
 import json
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from core.errors import Conflict, NotFound
-from core.jobs import Job, JobStatus
+from core.jobs import Job
 from core.jobstore import JobStore, UnreadableRecord
 from core.local_key import LOCAL_OWNER, ensure_local_key, local_key_path
 from core.registry import AdapterInfo, AdapterRegistry
@@ -71,7 +72,9 @@ def parse_key_entry(raw: Any) -> KeyEntry:
     elif isinstance(raw, str):
         parts = raw.strip().split(":")
         if len(parts) != 3:
-            raise ValueError("each API key entry must be 'owner:role:sha256hex' (mint one with `bone-server keys create`)")
+            raise ValueError(
+                "each API key entry must be 'owner:role:sha256hex' (mint one with `bone-server keys create`)"
+            )
         owner, role, digest = parts
     else:
         raise ValueError(f"an API key entry must be a string or an object, got {type(raw).__name__}")
@@ -144,24 +147,31 @@ class KeyRing:
         self.local_key_file = local_key_file  # set when the only key is the data dir's local admin key
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "KeyRing":
+    def from_settings(cls, settings: Any) -> KeyRing:
         """Raises AuthConfigError (one line, naming the setting) when the settings would expose an open API."""
         entries = [parse_key_entry(line) for line in settings.api_keys]
         loopback = is_loopback(settings.host)
         if settings.auth_disabled:
             if not loopback:
-                raise AuthConfigError(f"BONE_AUTH_DISABLED=true is allowed only on a loopback host, and BONE_HOST is "
-                                      f"{settings.host!r}: set API keys (bone-server keys create) instead")
+                raise AuthConfigError(
+                    f"BONE_AUTH_DISABLED=true is allowed only on a loopback host, and BONE_HOST is "
+                    f"{settings.host!r}: set API keys (bone-server keys create) instead"
+                )
             return cls(entries, enabled=False)
         if not entries:
             if not loopback:
-                raise AuthConfigError(f"BONE_HOST={settings.host!r} is not loopback and BONE_API_KEYS is empty: refusing "
-                                      "to serve without authentication (mint a key with `bone-server keys create --owner NAME`)")
+                raise AuthConfigError(
+                    f"BONE_HOST={settings.host!r} is not loopback and BONE_API_KEYS is empty: refusing "
+                    "to serve without authentication (mint a key with `bone-server keys create --owner NAME`)"
+                )
             # Loopback, nothing configured: still not open (only BONE_AUTH_DISABLED says that), but usable at
             # once with the data dir's local admin key (core/local_key.py).
             key = ensure_local_key(settings.data_dir)
-            return cls([KeyEntry(LOCAL_OWNER, "admin", hash_key(key))], enabled=True,
-                       local_key_file=local_key_path(settings.data_dir))
+            return cls(
+                [KeyEntry(LOCAL_OWNER, "admin", hash_key(key))],
+                enabled=True,
+                local_key_file=local_key_path(settings.data_dir),
+            )
         return cls(entries, enabled=True)
 
     def __len__(self) -> int:
@@ -222,8 +232,18 @@ def _owner_checked(name: str):
 
 
 # Every other per-job method the API may call goes through the ownership check first.
-for _name in ("records", "update", "transition", "request_cancel", "cancel_requested", "events", "add_event",
-              "checkpoints", "add_checkpoint", "heartbeat"):
+for _name in (
+    "records",
+    "update",
+    "transition",
+    "request_cancel",
+    "cancel_requested",
+    "events",
+    "add_event",
+    "checkpoints",
+    "add_checkpoint",
+    "heartbeat",
+):
     if hasattr(JobStore, _name):
         setattr(OwnedJobStore, _name, _owner_checked(_name))
 
@@ -266,8 +286,13 @@ class OwnedRegistry(AdapterRegistry):
     def publish(self, name: str, source_dir: Any, metadata: dict[str, Any], *, overwrite: bool = False) -> AdapterInfo:
         check_name_free(self, name, self.principal)  # the common case, answered before any copying
         # ... and again atomically with the swap: another owner may take the name while we copy.
-        return super().publish(name, source_dir, {"owner": self.principal.owner, **metadata}, overwrite=overwrite,
-                               may_replace=lambda current: self.principal.can_see(current.owner))
+        return super().publish(
+            name,
+            source_dir,
+            {"owner": self.principal.owner, **metadata},
+            overwrite=overwrite,
+            may_replace=lambda current: self.principal.can_see(current.owner),
+        )
 
 
 def may_publish_over(job_owner: str | None, job_id: str, current: AdapterInfo) -> bool:
@@ -288,5 +313,6 @@ def check_name_free(registry: Any, name: str, principal: Principal, *, for_job: 
         return
     taken = info.owner != principal.owner if for_job else not principal.can_see(info.owner)
     if taken:
-        raise Conflict(f"adapter name {name!r} is already in use; choose another name", param="adapter_name",
-                       code="adapter_exists")
+        raise Conflict(
+            f"adapter name {name!r} is already in use; choose another name", param="adapter_name", code="adapter_exists"
+        )

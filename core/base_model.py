@@ -35,7 +35,9 @@ SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
 
 def _gpt2_byte_chars() -> dict[int, str]:
     """GPT-2's byte -> printable-character map, which the ByteLevel pre-tokenizer and decoder expect."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -59,7 +61,10 @@ def _byte_level_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
+        tokenizer_object=backend,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
         model_max_length=2048,
     )
     tokenizer.chat_template = EMBEDDED_CHAT_TEMPLATE
@@ -90,7 +95,9 @@ def build_embedded_model(target: Path) -> Path:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
@@ -168,8 +175,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_base_model(name: str, settings: Settings, device: torch.device | None = None,
-                    dtype: str = "auto") -> LoadedBaseModel:
+def load_base_model(
+    name: str, settings: Settings, device: torch.device | None = None, dtype: str = "auto"
+) -> LoadedBaseModel:
     """Weights are loaded directly in ``dtype`` (the server passes ``settings.dtype``; training keeps auto)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -178,8 +186,9 @@ def load_base_model(name: str, settings: Settings, device: torch.device | None =
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device),
-                                                 trust_remote_code=settings.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=resolve_dtype(dtype, device), trust_remote_code=settings.trust_remote_code
+    )
     model.to(device)
     model.eval()
     return LoadedBaseModel(name=name, source=source, model=model, tokenizer=tokenizer, device=device)

@@ -19,15 +19,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from core.errors import NotFound
 from core.jobs import DatasetSpec, JobStatus, PathStr, check_adapter_name
-from core.jobstore import (INLINE_RECORDS_TTL_S, PREFIX, index_new, non_final, page_newest_first, read_record,
-                           settle_ended, transition_record)
+from core.jobstore import (
+    INLINE_RECORDS_TTL_S,
+    PREFIX,
+    index_new,
+    non_final,
+    page_newest_first,
+    read_record,
+    settle_ended,
+    transition_record,
+)
 from core.requests import RequestModel
 
 EVAL_TASK = "worker.evals.run_eval_job"
@@ -41,10 +50,13 @@ class EvalCreate(RequestModel):  # finite floats, bounded strings (core.requests
     model_config = ConfigDict(extra="forbid")
 
     adapters: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
-        min_length=1, max_length=MAX_ADAPTERS, description="registry names to evaluate")
+        min_length=1, max_length=MAX_ADAPTERS, description="registry names to evaluate"
+    )
     include_base: bool = Field(True, description="also score the base model on the same rows")
     dataset: DatasetSpec
-    base_model: PathStr | None = Field(None, description="defaults to the server's base model; every adapter must be on it")
+    base_model: PathStr | None = Field(
+        None, description="defaults to the server's base model; every adapter must be on it"
+    )
     max_examples: int = Field(1000, ge=1, le=100_000, description="the first N rows of the dataset")
     batch_size: int = Field(8, ge=1, le=256, description="examples per forward; each runs once per adapter in it")
     max_seq_length: int = Field(512, ge=8, le=1 << 20)
@@ -126,8 +138,13 @@ class EvalStore:
     def __init__(self, conn: redis.Redis) -> None:
         self.conn = conn
 
-    def create(self, evaluation: Evaluation, records: list[dict[str, Any]] | None = None, *,
-               records_ttl_s: int = INLINE_RECORDS_TTL_S) -> None:
+    def create(
+        self,
+        evaluation: Evaluation,
+        records: list[dict[str, Any]] | None = None,
+        *,
+        records_ttl_s: int = INLINE_RECORDS_TTL_S,
+    ) -> None:
         pipe = self.conn.pipeline(transaction=True)
         pipe.set(_key(evaluation.id), evaluation.model_dump_json())
         if records is not None:  # deleted when the evaluation ends; the TTL covers one that never does
@@ -146,16 +163,27 @@ class EvalStore:
         raw = self.conn.get(_key(eval_id) + ":records")
         return None if raw is None else json.loads(raw)
 
-    def list(self, *, limit: int = 20, after: str | None = None, owner: str | None = None) -> tuple[list[Evaluation], bool]:
+    def list(
+        self, *, limit: int = 20, after: str | None = None, owner: str | None = None
+    ) -> tuple[list[Evaluation], bool]:
         """Newest first; ``owner`` keeps only that owner's. Returns (evaluations, has_more)."""
-        return page_newest_first(self.conn, PREFIX + "evals", _key, Evaluation, limit=limit, after=after, owner=owner,
-                                 what="evaluation")
+        return page_newest_first(
+            self.conn, PREFIX + "evals", _key, Evaluation, limit=limit, after=after, owner=owner, what="evaluation"
+        )
 
     def transition(self, eval_id: str, allowed_from: Iterable[JobStatus] | None = None, **fields: Any) -> Evaluation:
         """Atomically update (WATCH/MULTI), only from ``allowed_from`` (default: any non-final state)."""
-        return transition_record(self.conn, _key(eval_id), Evaluation, non_final(allowed_from), fields,
-                                 what="evaluation", record_id=eval_id, param="eval_id",
-                                 also=lambda pipe, before, after: settle_ended(pipe, _key(eval_id), before, after))
+        return transition_record(
+            self.conn,
+            _key(eval_id),
+            Evaluation,
+            non_final(allowed_from),
+            fields,
+            what="evaluation",
+            record_id=eval_id,
+            param="eval_id",
+            also=lambda pipe, before, after: settle_ended(pipe, _key(eval_id), before, after),
+        )
 
     # --- cancel ---------------------------------------------------------------------------------------
     def request_cancel(self, eval_id: str) -> None:

@@ -16,9 +16,10 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel
 
@@ -123,8 +124,9 @@ def read_rows(path: Path, label: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for line, row in iter_rows(path, label):
         if isinstance(row, RowError):
-            raise InvalidRequest(f"cannot read dataset {label or path.name!r}: line {line} is {row.message}",
-                                 param="dataset")
+            raise InvalidRequest(
+                f"cannot read dataset {label or path.name!r}: line {line} is {row.message}", param="dataset"
+            )
         rows.append(row)
     return rows
 
@@ -144,8 +146,9 @@ def validate_rows(path: Path, expected: str | None = None, label: str | None = N
         except BadRow as exc:
             bad += 1
             if len(errors) < MAX_REPORTED_ROWS:
-                errors.append({"row": index, "line": line,
-                               "message": exc.message.replace(f"dataset row {index}", where, 1)})
+                errors.append(
+                    {"row": index, "line": line, "message": exc.message.replace(f"dataset row {index}", where, 1)}
+                )
             continue
         formats[kind] = formats.get(kind, 0) + 1
     if index < 0:
@@ -197,8 +200,15 @@ class FileStore:
                 infos.append(info)
         return sorted(infos, key=lambda i: i.created_at, reverse=True)
 
-    def save(self, source: BinaryIO, filename: str, *, max_bytes: int, owner: str | None = None,
-             expected_format: str | None = None) -> FileInfo:
+    def save(
+        self,
+        source: BinaryIO,
+        filename: str,
+        *,
+        max_bytes: int,
+        owner: str | None = None,
+        expected_format: str | None = None,
+    ) -> FileInfo:
         """Copy an upload to disk (at most ``max_bytes``), validate every row, then make it visible."""
         suffix = Path(filename or "").suffix.lower()
         if suffix not in SUFFIXES:
@@ -211,9 +221,17 @@ class FileStore:
         try:
             size = _copy_limited(source, staging, max_bytes)
             formats = validate_rows(staging, expected_format, label=filename)
-            info = FileInfo(id=file_id, filename=Path(filename).name, bytes=size, rows=sum(formats.values()),
-                            format=next(iter(formats)) if len(formats) == 1 else "mixed", formats=formats,
-                            owner=owner, created_at=time.time(), suffix=suffix)
+            info = FileInfo(
+                id=file_id,
+                filename=Path(filename).name,
+                bytes=size,
+                rows=sum(formats.values()),
+                format=next(iter(formats)) if len(formats) == 1 else "mixed",
+                formats=formats,
+                owner=owner,
+                created_at=time.time(),
+                suffix=suffix,
+            )
             os.replace(staging, self.root / f"{file_id}{suffix}")
             tmp_meta = self.root / f".{file_id}.meta.tmp"
             tmp_meta.write_text(info.model_dump_json(indent=2))
@@ -238,5 +256,3 @@ def _copy_limited(source: BinaryIO, target: Path, max_bytes: int) -> int:
                 raise PayloadTooLarge(f"file exceeds {max_bytes} bytes (BONE_MAX_UPLOAD_BYTES)", param="file")
             out.write(chunk)
     return size
-
-

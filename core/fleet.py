@@ -42,9 +42,11 @@ def choose_queue(settings: Settings, requested: str | None, base_model: str) -> 
     """The queue of a new job; an unknown requested name is the client's error (400)."""
     if requested is not None:
         if requested not in known_queues(settings):
-            raise InvalidRequest(f"unknown queue {requested!r}; this server's queues: "
-                                 f"{', '.join(known_queues(settings))} (BONE_QUEUES)", param="queue",
-                                 code="unknown_queue")
+            raise InvalidRequest(
+                f"unknown queue {requested!r}; this server's queues: {', '.join(known_queues(settings))} (BONE_QUEUES)",
+                param="queue",
+                code="unknown_queue",
+            )
         return requested
     return settings.resource_queues.get(base_model, settings.queue_name)
 
@@ -65,8 +67,9 @@ def check_device(device: Any, setting: str) -> None:
     if count == 0:
         raise DeviceUnavailable(f"{setting}: this machine has no CUDA device (torch sees none); use cpu or auto")
     if device.index is not None and device.index >= count:
-        raise DeviceUnavailable(f"{setting}: no such GPU; this machine has {count} "
-                                f"(cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''})")
+        raise DeviceUnavailable(
+            f"{setting}: no such GPU; this machine has {count} (cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''})"
+        )
 
 
 # --- what a worker advertises ---------------------------------------------------------------------------------
@@ -100,8 +103,9 @@ def live_workers(conn: redis.Redis) -> list[dict[str, Any]]:
         info = {k.decode(): json.loads(v) for k, v in raw.items()}
         current = conn.hget(f"rq:worker:{name}", "current_job")
         state = conn.hget(f"rq:worker:{name}", "state")
-        info.update(name=name, current_job=current.decode() if current else None,
-                    state=state.decode() if state else None)
+        info.update(
+            name=name, current_job=current.decode() if current else None, state=state.decode() if state else None
+        )
         out.append(info)
     return out
 
@@ -115,12 +119,16 @@ def queue_summary(conn: redis.Redis, settings: Settings) -> list[dict[str, Any]]
     out = []
     for name in names:
         serving = [w for w in workers if name in w.get("queues", [])]
-        out.append({
-            "object": "queue", "name": name, "default": name == settings.queue_name,
-            "known": name in known_queues(settings),
-            "depth": conn.llen(f"rq:queue:{name}"),
-            "running": conn.zcard(f"rq:wip:{name}"),
-            "workers": len(serving),
-            "busy_workers": sum(1 for w in serving if w.get("current_job")),
-        })
+        out.append(
+            {
+                "object": "queue",
+                "name": name,
+                "default": name == settings.queue_name,
+                "known": name in known_queues(settings),
+                "depth": conn.llen(f"rq:queue:{name}"),
+                "running": conn.zcard(f"rq:wip:{name}"),
+                "workers": len(serving),
+                "busy_workers": sum(1 for w in serving if w.get("current_job")),
+            }
+        )
     return out

@@ -59,8 +59,11 @@ def detect_format(row: Any, index: int, expected: str | None = None, *, param_pr
         if not isinstance(messages, list) or not messages:
             raise bad("field 'messages' must be a non-empty list", ".messages")
         for turn, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
                 raise bad(f"messages[{turn}] needs string 'role' and 'content'", f".messages.{turn}")
         if not any(m["role"] == "assistant" for m in messages):
             raise bad("'messages' has no assistant turn: there is nothing to learn", ".messages")

@@ -35,15 +35,22 @@ TRAINING_TASK = "worker.tasks.run_training_job"
 LOCK_KEY = PREFIX + "janitor:lock"
 
 
-def enqueue_training(conn: redis.Redis, settings: Settings, job_id: str, *, at_front: bool = False,
-                     queue: str | None = None) -> None:
+def enqueue_training(
+    conn: redis.Redis, settings: Settings, job_id: str, *, at_front: bool = False, queue: str | None = None
+) -> None:
     """Put a job on the training queue by the task's dotted path; the RQ job has the job's id (cancel finds
     it by that id) and an explicit timeout (RQ's default of 180 s would kill training)."""
     from rq import Queue
 
     Queue(queue or settings.queue_name, connection=conn).enqueue(
-        TRAINING_TASK, job_id, job_id=job_id, job_timeout=settings.job_timeout_s, result_ttl=86400,
-        failure_ttl=7 * 86400, at_front=at_front)
+        TRAINING_TASK,
+        job_id,
+        job_id=job_id,
+        job_timeout=settings.job_timeout_s,
+        result_ttl=86400,
+        failure_ttl=7 * 86400,
+        at_front=at_front,
+    )
 
 
 def recover(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, reason: str) -> str | None:
@@ -54,8 +61,14 @@ def recover(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, re
         job = store.get(job_id)
         if job.attempts >= settings.max_attempts:
             error = f"{reason}; gave up after {job.attempts} attempts (BONE_MAX_ATTEMPTS)"
-            store.transition(job_id, [JobStatus.RUNNING], attempt=attempt, status=JobStatus.FAILED, error=error,
-                             finished_at=time.time())
+            store.transition(
+                job_id,
+                [JobStatus.RUNNING],
+                attempt=attempt,
+                status=JobStatus.FAILED,
+                error=error,
+                finished_at=time.time(),
+            )
             store.add_event(job_id, "error", error)
             store.add_event(job_id, "status", error, status="failed")
             log.error("job %s failed: %s", job_id, error)
@@ -65,8 +78,13 @@ def recover(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, re
         return None
     store.clear_heartbeat(job_id)
     _forget_rq_execution(conn, settings, job_id, job.queue)
-    store.add_event(job_id, "retry", f"{reason}; queued again (attempt {attempt + 1} of {settings.max_attempts}) "
-                    "to resume from its last checkpoint", attempt=attempt, reason=reason)
+    store.add_event(
+        job_id,
+        "retry",
+        f"{reason}; queued again (attempt {attempt + 1} of {settings.max_attempts}) to resume from its last checkpoint",
+        attempt=attempt,
+        reason=reason,
+    )
     enqueue_training(conn, settings, job_id, at_front=True, queue=job.queue)  # ahead of newer jobs: work done already
     log.warning("job %s: %s; re-queued (attempt %d of %d)", job_id, reason, attempt + 1, settings.max_attempts)
     return "queued"
@@ -101,7 +119,10 @@ def sweep(conn: redis.Redis, settings: Settings, *, now: float | None = None) ->
         if store.heartbeat(job_id) is not None:
             continue
         # A cause recorded by the worker that saw the process die (worker.main.record_death) beats a guess.
-        reason = job.error or f"the worker running attempt {job.attempts} stopped (no heartbeat for {settings.heartbeat_ttl_s:g} s)"
+        reason = (
+            job.error
+            or f"the worker running attempt {job.attempts} stopped (no heartbeat for {settings.heartbeat_ttl_s:g} s)"
+        )
         if recover(conn, settings, job_id, job.attempts, reason):
             acted.append(job_id)
     return acted
@@ -135,7 +156,7 @@ class Janitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bone-janitor", daemon=True)
 
-    def start(self) -> "Janitor":
+    def start(self) -> Janitor:
         self._thread.start()
         return self
 

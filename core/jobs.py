@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
@@ -29,7 +29,9 @@ STORED = {"stored": True}
 def check_adapter_name(name: str) -> str:
     # ".." would still match the pattern's character class; refuse anything that is not one plain path part.
     if not _ADAPTER_NAME.match(name) or ".." in name:
-        raise ValueError(f"adapter name {name!r} must match {ADAPTER_NAME_PATTERN} (lowercase letters, digits, '.', '_', '-')")
+        raise ValueError(
+            f"adapter name {name!r} must match {ADAPTER_NAME_PATTERN} (lowercase letters, digits, '.', '_', '-')"
+        )
     return name
 
 
@@ -72,7 +74,9 @@ class _Dataset(_Strict):
 
 
 class RecordsDataset(_Dataset):
-    records: list[dict[str, Any]] = Field(min_length=1, description="rows: {'text'} or {'prompt','completion'} or {'messages'}")
+    records: list[dict[str, Any]] = Field(
+        min_length=1, description="rows: {'text'} or {'prompt','completion'} or {'messages'}"
+    )
 
 
 class PathDataset(_Dataset):
@@ -84,26 +88,32 @@ class FileDataset(_Dataset):
 
 
 class HFDataset(_Dataset):
-    hf_dataset: ShortStr = Field(pattern=DATASET_NAME_PATTERN,
-                                 description="a dataset folder inside the datasets dir, named relative to it; a hub "
-                                 "id only where the operator allows it (BONE_ALLOW_HUB_DATASETS)")
+    hf_dataset: ShortStr = Field(
+        pattern=DATASET_NAME_PATTERN,
+        description="a dataset folder inside the datasets dir, named relative to it; a hub "
+        "id only where the operator allows it (BONE_ALLOW_HUB_DATASETS)",
+    )
     split: ShortStr = "train"
     revision: ShortStr | None = None
 
 
-DatasetSpec = Union[RecordsDataset, PathDataset, FileDataset, HFDataset]
+DatasetSpec = RecordsDataset | PathDataset | FileDataset | HFDataset
 
 
 class BoneSpec(_Strict):
     """Bone configuration, PEFT's field names. Defaults suit a small model; `r` is also bounded by settings."""
 
     r: int = Field(8, ge=1)
-    target_modules: ModuleNames | PatternStr | None = Field(None, description="module names, or one regex "
-                                                            "(RE2 syntax: no look-around or back-references)")
+    target_modules: ModuleNames | PatternStr | None = Field(
+        None, description="module names, or one regex (RE2 syntax: no look-around or back-references)"
+    )
     exclude_modules: ModuleNames | PatternStr | None = None
     init_weights: bool | Literal["bat"] = True
-    layers_to_transform: Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(max_length=MAX_MODULE_NAMES)] \
-        | Annotated[int, Field(ge=0, le=100_000)] | None = None
+    layers_to_transform: (
+        Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(max_length=MAX_MODULE_NAMES)]
+        | Annotated[int, Field(ge=0, le=100_000)]
+        | None
+    ) = None
     layers_pattern: ModuleNames | ShortStr | None = None
     bias: Literal["none", "all", "bone_only"] = "none"
 
@@ -125,24 +135,42 @@ class TrainingSpec(_Strict):
     warmup_steps: int = Field(0, ge=0, le=10**12)
     # -- one job on several devices (PyTorch distributed; bounded by BONE_MAX_NUM_PROCESSES). Declared before
     #    batch_size: its check reads them.
-    num_processes: int = Field(1, ge=1, le=64, description="training processes (one per GPU; gloo on CPU); each "
-                               "takes a disjoint shard of every global batch, so the loss curve matches one process")
-    per_device_batch_size: int | None = Field(None, ge=1, le=1024, description="examples per process per micro-batch; "
-                                              "sets batch_size = per_device_batch_size x num_processes")
-    batch_size: int = Field(4, ge=1, le=1024, validate_default=True,
-                            description="global micro-batch (all processes together); a multiple of num_processes; "
-                            "one optimizer step sees batch_size x gradient_accumulation_steps examples")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="training processes (one per GPU; gloo on CPU); each "
+        "takes a disjoint shard of every global batch, so the loss curve matches one process",
+    )
+    per_device_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="examples per process per micro-batch; sets batch_size = per_device_batch_size x num_processes",
+    )
+    batch_size: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        validate_default=True,
+        description="global micro-batch (all processes together); a multiple of num_processes; "
+        "one optimizer step sees batch_size x gradient_accumulation_steps examples",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_seq_length: int = Field(512, ge=8, le=1 << 20)
     packing: bool = Field(False, description="concatenate examples into max_seq_length blocks (no padding)")
     weight_decay: float = Field(0.0, ge=0, le=100.0)
     max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     seed: int = Field(42, ge=0, lt=SEED_LIMIT)
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~30% slower"
+    )
     # -- evaluation: on `validation_dataset` if the job has one, else on a seeded `eval_fraction` of the rows
     eval_fraction: float | None = Field(None, gt=0, lt=1)
     eval_every: int | None = Field(None, ge=1, le=10**12, description="steps between evaluations (and one at the end)")
-    early_stopping_patience: int | None = Field(None, ge=1, le=1_000_000, description="evaluations without a better eval loss")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=1_000_000, description="evaluations without a better eval loss"
+    )
     # -- checkpoints under the job's work dir; a retried job resumes from the newest
     save_every: int | None = Field(None, ge=1, le=10**12, description="steps between checkpoints")
     publish_checkpoints: bool = Field(False, description="also publish each checkpoint as adapter <name>-step-<n>")
@@ -156,23 +184,27 @@ class TrainingSpec(_Strict):
             return value
         n = info.data.get("num_processes", 1)
         if info.data.get("per_device_batch_size") is None and value % n:
-            raise ValueError(f"batch_size={value} is the global micro-batch and must be a multiple of "
-                             f"num_processes={n} (or set per_device_batch_size)")
+            raise ValueError(
+                f"batch_size={value} is the global micro-batch and must be a multiple of "
+                f"num_processes={n} (or set per_device_batch_size)"
+            )
         return value
 
     @model_validator(mode="after")
-    def _per_device_sets_batch_size(self) -> "TrainingSpec":
+    def _per_device_sets_batch_size(self) -> TrainingSpec:
         if self.per_device_batch_size is not None:
             derived = self.per_device_batch_size * self.num_processes
             if "batch_size" in self.model_fields_set and self.batch_size != derived:
-                raise ValueError(f"batch_size={self.batch_size} contradicts per_device_batch_size="
-                                 f"{self.per_device_batch_size} x num_processes={self.num_processes} = {derived}; "
-                                 "set one of them")
+                raise ValueError(
+                    f"batch_size={self.batch_size} contradicts per_device_batch_size="
+                    f"{self.per_device_batch_size} x num_processes={self.num_processes} = {derived}; "
+                    "set one of them"
+                )
             self.batch_size = derived
         return self
 
     @model_validator(mode="after")
-    def _early_stopping_needs_eval(self) -> "TrainingSpec":
+    def _early_stopping_needs_eval(self) -> TrainingSpec:
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("early_stopping_patience needs eval_every")
         if self.publish_checkpoints and self.save_every is None:
@@ -183,14 +215,20 @@ class TrainingSpec(_Strict):
 class JobCreate(_Strict):
     adapter_name: Annotated[str, StringConstraints(max_length=64)]
     dataset: DatasetSpec
-    base_model: PathStr | None = Field(None, description="defaults to the server's base model; else a Hugging Face "
-                                       "id or a directory inside the allowed model dirs (BONE_ALLOWED_MODEL_DIRS)")
+    base_model: PathStr | None = Field(
+        None,
+        description="defaults to the server's base model; else a Hugging Face "
+        "id or a directory inside the allowed model dirs (BONE_ALLOWED_MODEL_DIRS)",
+    )
     bone: BoneSpec = Field(default_factory=BoneSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     validation_dataset: DatasetSpec | None = Field(None, description="rows to evaluate on (instead of eval_fraction)")
     overwrite: bool = False
-    queue: ShortStr | None = Field(None, description="worker queue (e.g. gpu-24g, cpu); default: chosen from the base "
-                              "model (BONE_RESOURCE_QUEUES), else the server's default queue")
+    queue: ShortStr | None = Field(
+        None,
+        description="worker queue (e.g. gpu-24g, cpu); default: chosen from the base "
+        "model (BONE_RESOURCE_QUEUES), else the server's default queue",
+    )
 
     @field_validator("adapter_name")
     @classmethod
@@ -198,8 +236,12 @@ class JobCreate(_Strict):
         return check_adapter_name(value)
 
     @model_validator(mode="after")
-    def _eval_needs_rows(self) -> "JobCreate":
-        if self.training.eval_every is not None and self.validation_dataset is None and self.training.eval_fraction is None:
+    def _eval_needs_rows(self) -> JobCreate:
+        if (
+            self.training.eval_every is not None
+            and self.validation_dataset is None
+            and self.training.eval_fraction is None
+        ):
             raise ValueError("training.eval_every needs validation_dataset or training.eval_fraction")
         return self
 
@@ -248,29 +290,37 @@ def dataset_summary(dataset: DatasetSpec) -> dict[str, Any]:
     return dataset.model_dump(exclude_none=True)
 
 
-
-
-def check_job_size(training: TrainingSpec, settings: Any, *, steps: int | None = None,
-                   tokens_per_example: float | None = None) -> None:
+def check_job_size(
+    training: TrainingSpec, settings: Any, *, steps: int | None = None, tokens_per_example: float | None = None
+) -> None:
     """The server's bounds on one job (BONE_MAX_EPOCHS, BONE_MAX_TRAIN_STEPS, BONE_MAX_TRAIN_TOKENS). The API
     checks what the request says (``max_steps`` at the most every token of ``max_seq_length``); the worker,
     once the data is tokenized, checks again with the real ``steps`` and mean ``tokens_per_example``."""
     from core.errors import InvalidRequest
 
     if training.epochs > settings.max_epochs:
-        raise InvalidRequest(f"training.epochs={training.epochs:g} exceeds the server's limit of "
-                             f"{settings.max_epochs:g} (BONE_MAX_EPOCHS)", param="training.epochs")
+        raise InvalidRequest(
+            f"training.epochs={training.epochs:g} exceeds the server's limit of "
+            f"{settings.max_epochs:g} (BONE_MAX_EPOCHS)",
+            param="training.epochs",
+        )
     steps = training.max_steps if steps is None else steps
     if steps is None:
         return  # epochs over a dataset not read yet: the worker checks
     param = "training.max_steps" if training.max_steps is not None else "training.epochs"
     if steps > settings.max_train_steps:
-        raise InvalidRequest(f"the job would run {steps:,} optimizer steps; the server's limit is "
-                             f"{settings.max_train_steps:,} (BONE_MAX_TRAIN_STEPS)", param=param)
+        raise InvalidRequest(
+            f"the job would run {steps:,} optimizer steps; the server's limit is "
+            f"{settings.max_train_steps:,} (BONE_MAX_TRAIN_STEPS)",
+            param=param,
+        )
     per_example = training.max_seq_length if tokens_per_example is None else tokens_per_example
     tokens = steps * training.batch_size * training.gradient_accumulation_steps * per_example
     if tokens > settings.max_train_tokens:
-        raise InvalidRequest(f"the job would train on up to {tokens:,.0f} tokens ({steps:,} steps x batch_size "
-                             f"{training.batch_size} x gradient_accumulation_steps "
-                             f"{training.gradient_accumulation_steps} x {per_example:,.0f} tokens per example); the "
-                             f"server's limit is {settings.max_train_tokens:,} (BONE_MAX_TRAIN_TOKENS)", param=param)
+        raise InvalidRequest(
+            f"the job would train on up to {tokens:,.0f} tokens ({steps:,} steps x batch_size "
+            f"{training.batch_size} x gradient_accumulation_steps "
+            f"{training.gradient_accumulation_steps} x {per_example:,.0f} tokens per example); the "
+            f"server's limit is {settings.max_train_tokens:,} (BONE_MAX_TRAIN_TOKENS)",
+            param=param,
+        )

@@ -27,7 +27,8 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import redis
 from pydantic import BaseModel, ValidationError
@@ -56,8 +57,7 @@ def check_event_id(after: str | None, param: str = "after") -> None:
     anything else with an error that is not the client's to read."""
     # Each part below 2**64 too: a 20-digit part past it passes the pattern and Redis refuses it just the same.
     if after is not None and (not EVENT_ID.fullmatch(after) or any(int(part) >= 2**64 for part in after.split("-"))):
-        raise InvalidRequest(f"{param} must be an event id such as '1700000000000-0', not {after[:40]!r}",
-                             param=param)
+        raise InvalidRequest(f"{param} must be an event id such as '1700000000000-0', not {after[:40]!r}", param=param)
 
 
 class UnreadableRecord(ServiceError):
@@ -85,7 +85,7 @@ def ensure_owner_index(conn: redis.Redis, index: str, key_of: Callable[[str], st
         if not conn.exists(marker):
             entries = [(i.decode(), score) for i, score in conn.zrange(index, 0, -1, withscores=True)]
             for chunk in range(0, len(entries), 500):
-                part = entries[chunk:chunk + 500]
+                part = entries[chunk : chunk + 500]
                 pipe = conn.pipeline(transaction=False)
                 for (record_id, score), raw in zip(part, conn.mget([key_of(i) for i, _ in part])):
                     try:
@@ -99,8 +99,17 @@ def ensure_owner_index(conn: redis.Redis, index: str, key_of: Callable[[str], st
         _indexed.add(index)
 
 
-def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str], model: type[T], *, limit: int,
-                      after: str | None, owner: str | None, what: str) -> tuple[list[T], bool]:
+def page_newest_first(
+    conn: redis.Redis,
+    index: str,
+    key_of: Callable[[str], str],
+    model: type[T],
+    *,
+    limit: int,
+    after: str | None,
+    owner: str | None,
+    what: str,
+) -> tuple[list[T], bool]:
     """One page of records indexed by creation time in the sorted set ``index``, newest first, optionally only
     ``owner``'s (read from that owner's own index: another owner's records are never even fetched). ``after``
     is the last id of the previous page. A record that no longer validates (written by an older version, or
@@ -128,8 +137,13 @@ def page_newest_first(conn: redis.Redis, index: str, key_of: Callable[[str], str
             try:
                 record = model.model_validate_json(raw, context=STORED)
             except ValidationError as exc:
-                log.warning("skipping %s %s in a listing: its record no longer validates (%d errors, first: %s)",
-                            what, record_id.decode(), exc.error_count(), exc.errors()[0].get("msg"))
+                log.warning(
+                    "skipping %s %s in a listing: its record no longer validates (%d errors, first: %s)",
+                    what,
+                    record_id.decode(),
+                    exc.error_count(),
+                    exc.errors()[0].get("msg"),
+                )
                 continue
             if owner is None or record.owner == owner:
                 found.append(record)
@@ -162,10 +176,20 @@ def settle_ended(pipe: Pipeline, key: str, before: Any, after: Any) -> None:
             pipe.zrem(active_key(after.owner), after.id)
 
 
-def transition_record(conn: redis.Redis, key: str, model: type[S], allowed: set[JobStatus], fields: dict[str, Any], *,
-                      what: str, record_id: str, param: str, check: Callable[[S], None] | None = None,
-                      finish: Callable[[S], S] | None = None,
-                      also: Callable[[Pipeline, S, S], None] | None = None) -> S:
+def transition_record(
+    conn: redis.Redis,
+    key: str,
+    model: type[S],
+    allowed: set[JobStatus],
+    fields: dict[str, Any],
+    *,
+    what: str,
+    record_id: str,
+    param: str,
+    check: Callable[[S], None] | None = None,
+    finish: Callable[[S], S] | None = None,
+    also: Callable[[Pipeline, S, S], None] | None = None,
+) -> S:
     """Atomically move the record at ``key`` (a job or an evaluation) to ``fields``: WATCH it, refuse unless its
     status is in ``allowed`` (and ``check`` passes), MULTI-write the updated record together with whatever
     ``also(pipe, before, after)`` adds, and start over if someone else wrote it meanwhile."""
@@ -181,7 +205,9 @@ def transition_record(conn: redis.Redis, key: str, model: type[S], allowed: set[
                     raise Conflict(f"{what} {record_id} is {before.status.value}", param=param, code="invalid_state")
                 if check is not None:
                     check(before)
-                after = model.model_validate({**before.model_dump(), **fields}, context=STORED)  # validates the new fields too
+                after = model.model_validate(
+                    {**before.model_dump(), **fields}, context=STORED
+                )  # validates the new fields too
                 if finish is not None:
                     after = finish(after)
                 pipe.multi()
@@ -207,9 +233,15 @@ class JobStore:
         self.conn = conn
 
     # --- create / read ----------------------------------------------------------------------------------
-    def create(self, job: Job, records: list[dict[str, Any]] | None = None,
-               validation_records: list[dict[str, Any]] | None = None, *, pipeline: Pipeline | None = None,
-               records_ttl_s: int = INLINE_RECORDS_TTL_S) -> None:
+    def create(
+        self,
+        job: Job,
+        records: list[dict[str, Any]] | None = None,
+        validation_records: list[dict[str, Any]] | None = None,
+        *,
+        pipeline: Pipeline | None = None,
+        records_ttl_s: int = INLINE_RECORDS_TTL_S,
+    ) -> None:
         """Store a new job. With ``pipeline`` the writes join it and the caller executes it: the API queues the
         job for RQ in the same MULTI/EXEC, so a job is stored and queued, or neither, in one round trip.
         Inline rows expire after ``records_ttl_s`` even if the job never ends (they are deleted when it does)."""
@@ -246,22 +278,26 @@ class JobStore:
 
     def list(self, *, limit: int = 20, after: str | None = None, owner: str | None = None) -> tuple[list[Job], bool]:
         """Newest first. ``after`` is the id of the last job of the previous page. Returns (jobs, has_more)."""
-        return page_newest_first(self.conn, PREFIX + "jobs", _job_key, Job, limit=limit, after=after, owner=owner,
-                                 what="job")
+        return page_newest_first(
+            self.conn, PREFIX + "jobs", _job_key, Job, limit=limit, after=after, owner=owner, what="job"
+        )
 
     # --- updates --------------------------------------------------------------------------------------
     def update(self, job_id: str, **fields: Any) -> Job:
         """Set fields unless the job already reached a final state (a cancelled job stays cancelled)."""
         return self.transition(job_id, None, **fields)
 
-    def transition(self, job_id: str, allowed_from: Iterable[JobStatus] | None, *,
-                   attempt: int | None = None, **fields: Any) -> Job:
+    def transition(
+        self, job_id: str, allowed_from: Iterable[JobStatus] | None, *, attempt: int | None = None, **fields: Any
+    ) -> Job:
         """Atomically update a job (WATCH/MULTI), only from ``allowed_from`` states (default: any non-final)
         and, with ``attempt``, only while ``job.attempts`` is still that (a later attempt's record stands)."""
+
         def same_attempt(job: Job) -> None:
             if attempt is not None and job.attempts != attempt:
-                raise Conflict(f"job {job_id} is on attempt {job.attempts}, not {attempt}", param="job_id",
-                               code="invalid_state")
+                raise Conflict(
+                    f"job {job_id} is on attempt {job.attempts}, not {attempt}", param="job_id", code="invalid_state"
+                )
 
         def settle(job: Job) -> Job:
             if job.status.is_final:  # a finished job is in no phase and has nothing left to wait for
@@ -279,8 +315,19 @@ class JobStore:
             elif before.status is JobStatus.RUNNING:
                 pipe.srem(RUNNING, job_id)
 
-        return transition_record(self.conn, _job_key(job_id), Job, non_final(allowed_from), fields, what="job",
-                                 record_id=job_id, param="job_id", check=same_attempt, finish=settle, also=count)
+        return transition_record(
+            self.conn,
+            _job_key(job_id),
+            Job,
+            non_final(allowed_from),
+            fields,
+            what="job",
+            record_id=job_id,
+            param="job_id",
+            check=same_attempt,
+            finish=settle,
+            also=count,
+        )
 
     # --- cancel ---------------------------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:
@@ -298,12 +345,14 @@ class JobStore:
 
     def add_event(self, job_id: str, kind: str, message: str = "", **data: Any) -> str:
         entry = {"type": kind, "message": message, "created_at": time.time(), "data": data}
-        event_id = self.conn.xadd(_job_key(job_id) + ":events", {"event": json.dumps(entry)},
-                                  maxlen=EVENTS_MAXLEN, approximate=True)
+        event_id = self.conn.xadd(
+            _job_key(job_id) + ":events", {"event": json.dumps(entry)}, maxlen=EVENTS_MAXLEN, approximate=True
+        )
         return event_id.decode() if isinstance(event_id, bytes) else event_id
 
-    def events(self, job_id: str, *, after: str | None = None, limit: int = 100,
-               block_ms: int | None = None) -> list[dict[str, Any]]:
+    def events(
+        self, job_id: str, *, after: str | None = None, limit: int = 100, block_ms: int | None = None
+    ) -> list[dict[str, Any]]:
         key = _job_key(job_id) + ":events"
         check_event_id(after)
         if block_ms is not None:

@@ -36,15 +36,23 @@ def resolve_inside(root: Path, relative: str, *, param: str, what: str = "path")
     lead out of ``root`` (one message for all of them). Does not check that the target exists."""
     path = inside_or_none(root, relative)
     if path is None:
-        raise InvalidRequest(f"{what} {relative!r} must name something inside {_root_label(root)}, relative to it "
-                             "and without '..'", param=param)
+        raise InvalidRequest(
+            f"{what} {relative!r} must name something inside {_root_label(root)}, relative to it and without '..'",
+            param=param,
+        )
     return path
 
 
 def inside_or_none(root: Path, relative: str) -> Path | None:
     pure = PurePosixPath(relative)
-    if (not relative or pure.is_absolute() or relative.startswith("~") or ".." in pure.parts or "\\" in relative
-            or "\x00" in relative):
+    if (
+        not relative
+        or pure.is_absolute()
+        or relative.startswith("~")
+        or ".." in pure.parts
+        or "\\" in relative
+        or "\x00" in relative
+    ):
         return None
     base = Path(root).resolve()
     try:
@@ -73,16 +81,24 @@ def dataset_source(name: str, *, datasets_dir: Path, allow_hub: bool, param: str
     if allow_hub and is_hub_id(name):
         return name
     hub = " or a Hugging Face dataset id" if allow_hub else " (hub datasets are off: BONE_ALLOW_HUB_DATASETS)"
-    raise InvalidRequest(f"hf_dataset {name!r} is not available: name a dataset folder inside the data dir's "
-                         f"datasets folder, relative to it{hub}", param=param, code="dataset_not_allowed")
+    raise InvalidRequest(
+        f"hf_dataset {name!r} is not available: name a dataset folder inside the data dir's "
+        f"datasets folder, relative to it{hub}",
+        param=param,
+        code="dataset_not_allowed",
+    )
 
 
 def dataset_file(relative: str, *, datasets_dir: Path, suffixes: tuple[str, ...], param: str) -> Path:
     """The file a ``{"path": ...}`` dataset names: an existing JSONL/CSV/Parquet file inside the datasets dir."""
     path = inside_or_none(datasets_dir, relative)
     if path is None or not path.is_file():
-        raise InvalidRequest(f"dataset path {relative!r} is not available: name a file inside the data dir's datasets "
-                             "folder, relative to it", param=param, code="dataset_not_allowed")
+        raise InvalidRequest(
+            f"dataset path {relative!r} is not available: name a file inside the data dir's datasets "
+            "folder, relative to it",
+            param=param,
+            code="dataset_not_allowed",
+        )
     if path.suffix.lower() not in suffixes:
         raise InvalidRequest(f"dataset file {relative!r} must be one of {', '.join(suffixes)}", param=param)
     return path
@@ -105,10 +121,13 @@ def local_model_dir(name: str, allowed_roots: list[Path]) -> Path | None:
 def base_model_not_allowed(name: str, param: str) -> InvalidRequest:
     # The name is not echoed: the error handler redacts server paths in messages, which would make the echo
     # differ between names (and the reply must not differ with what exists on the server).
-    return InvalidRequest("this base model is not available: use the server's base model, a Hugging Face id, "
-                          "or the absolute path of a model folder (with config.json) inside the allowed model "
-                          "directories (the data dir and BONE_ALLOWED_MODEL_DIRS)", param=param,
-                          code="base_model_not_allowed")
+    return InvalidRequest(
+        "this base model is not available: use the server's base model, a Hugging Face id, "
+        "or the absolute path of a model folder (with config.json) inside the allowed model "
+        "directories (the data dir and BONE_ALLOWED_MODEL_DIRS)",
+        param=param,
+        code="base_model_not_allowed",
+    )
 
 
 def _root_label(root: Path) -> str:
@@ -135,8 +154,14 @@ def _server_roots(data_dir: str) -> tuple[re.Pattern, dict[str, str]]:
     """One pattern for every root (longest first, one pass, so nothing is replaced twice): a root followed by
     ``/`` or by the end of the path."""
     roots = {data_dir: "", str(Path(data_dir).resolve()): ""}
-    for other in (tempfile.gettempdir(), sys.prefix, sys.base_prefix, os.getcwd(), str(Path.home()),
-                  str(Path(__file__).resolve().parents[1])):
+    for other in (
+        tempfile.gettempdir(),
+        sys.prefix,
+        sys.base_prefix,
+        os.getcwd(),
+        str(Path.home()),
+        str(Path(__file__).resolve().parents[1]),
+    ):
         roots.setdefault(other, "<server>/")
         roots.setdefault(str(Path(other).resolve()), "<server>/")
     roots = {root.rstrip("/"): shown for root, shown in roots.items() if root.rstrip("/")}

@@ -21,7 +21,7 @@ _RE2_MAX_MEM = 8 << 20  # bytes of compiled program: far beyond any module-name 
 REGEX_FIELDS = ("target_modules", "exclude_modules")
 
 
-def _options() -> "re2.Options":
+def _options() -> re2.Options:
     options = re2.Options()
     options.log_errors = False  # a refused pattern is the caller's 422, not a line on the server's stderr
     options.max_mem = _RE2_MAX_MEM
@@ -42,8 +42,10 @@ def _check(pattern: str) -> None:
         re2.compile(pattern, _options())
     except re2.error as exc:
         detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise ValueError(f"module regex {pattern[:80]!r} is not supported: {detail} (RE2 syntax: matching in "
-                         "linear time, so no look-around and no back-references)") from None
+        raise ValueError(
+            f"module regex {pattern[:80]!r} is not supported: {detail} (RE2 syntax: matching in "
+            "linear time, so no look-around and no back-references)"
+        ) from None
 
 
 def check_config_patterns(config: dict[str, Any], *, param: str) -> None:
@@ -54,5 +56,6 @@ def check_config_patterns(config: dict[str, Any], *, param: str) -> None:
             try:
                 check_pattern(value)
             except ValueError as exc:
-                raise InvalidRequest(f"adapter_config.json {field}: {exc}", param=param,
-                                     code="invalid_bone_config") from None
+                raise InvalidRequest(
+                    f"adapter_config.json {field}: {exc}", param=param, code="invalid_bone_config"
+                ) from None

@@ -27,8 +27,9 @@ class QuotaExceeded(ServiceError):
     status, type, code = 429, "rate_limit_error", "quota_exceeded"
 
     def __init__(self, quota: str, setting: str, limit: int, what: str) -> None:
-        super().__init__(f"quota {quota} exceeded: {what}; the limit per owner is {limit:,} ({setting})",
-                         param=f"quota.{quota}")
+        super().__init__(
+            f"quota {quota} exceeded: {what}; the limit per owner is {limit:,} ({setting})", param=f"quota.{quota}"
+        )
         self.quota = quota
 
 
@@ -70,16 +71,23 @@ def reserve_active(conn: redis.Redis, principal: Any, record_id: str, limit: int
     now = time.time()
     entries = [(m.decode(), score) for m, score in conn.zrange(key, 0, -1, withscores=True)]
     raws = conn.mget([record_key(m) for m, _ in entries]) if entries else []
-    stale = [m for (m, score), raw in zip(entries, raws)
-             if (raw is None and now - score > RESERVATION_GRACE_S) or (raw is not None and _ended(raw))]
+    stale = [
+        m
+        for (m, score), raw in zip(entries, raws)
+        if (raw is None and now - score > RESERVATION_GRACE_S) or (raw is not None and _ended(raw))
+    ]
     if stale:
         conn.zrem(key, *stale)
     count = _add_and_count(conn, key, record_id)
     if count <= limit:
         return
     conn.zrem(key, record_id)
-    raise QuotaExceeded("active_jobs", "BONE_MAX_ACTIVE_JOBS_PER_OWNER", limit,
-                        f"{count - 1} jobs and evaluations are queued or running")
+    raise QuotaExceeded(
+        "active_jobs",
+        "BONE_MAX_ACTIVE_JOBS_PER_OWNER",
+        limit,
+        f"{count - 1} jobs and evaluations are queued or running",
+    )
 
 
 def _add_and_count(conn: redis.Redis, key: str, record_id: str) -> int:
@@ -98,8 +106,12 @@ def release_active(conn: redis.Redis, principal: Any, record_id: str) -> None:
 # --- uploaded files ---------------------------------------------------------------------------------------------
 def check_file_bytes(used: int, incoming: int, principal: Any, limit: int) -> None:
     if bound(principal, limit) and used + incoming > limit:
-        raise QuotaExceeded("file_bytes", "BONE_MAX_FILE_BYTES_PER_OWNER", limit,
-                            f"the owner's files hold {used:,} bytes and this upload has {incoming:,}")
+        raise QuotaExceeded(
+            "file_bytes",
+            "BONE_MAX_FILE_BYTES_PER_OWNER",
+            limit,
+            f"the owner's files hold {used:,} bytes and this upload has {incoming:,}",
+        )
 
 
 # --- adapters -----------------------------------------------------------------------------------------------------
@@ -112,5 +124,6 @@ def check_adapter_count(registry: Any, principal: Any, name: str, limit: int) ->
 
     owned = [info.name for info in AdapterRegistry.list(registry) if info.owner == principal.owner]
     if name not in owned and len(owned) >= limit:
-        raise QuotaExceeded("adapters", "BONE_MAX_ADAPTERS_PER_OWNER", limit,
-                            f"the owner holds {len(owned):,} adapters")
+        raise QuotaExceeded(
+            "adapters", "BONE_MAX_ADAPTERS_PER_OWNER", limit, f"the owner holds {len(owned):,} adapters"
+        )

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, PrivateAttr
 
@@ -83,8 +83,10 @@ def file_sha256(path: Path) -> str:
 def _check_bytes_sha256(name: str, expected: str, data: bytes, label: str) -> None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise CorruptAdapter(f"adapter {name!r}: {label} has sha256 {actual[:12]}…, metadata says {expected[:12]}…; "
-                             "refusing to load it", param="adapter")
+        raise CorruptAdapter(
+            f"adapter {name!r}: {label} has sha256 {actual[:12]}…, metadata says {expected[:12]}…; refusing to load it",
+            param="adapter",
+        )
 
 
 def _check_sha256(name: str, expected: str, path: Path, label: str) -> None:
@@ -95,11 +97,14 @@ def _check_sha256(name: str, expected: str, path: Path, label: str) -> None:
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise CorruptAdapter(f"adapter {name!r}: cannot read {label}: {exc.strerror or type(exc).__name__}",
-                             param="adapter") from None
+        raise CorruptAdapter(
+            f"adapter {name!r}: cannot read {label}: {exc.strerror or type(exc).__name__}", param="adapter"
+        ) from None
     if actual != expected:
-        raise CorruptAdapter(f"adapter {name!r}: {label} has sha256 {actual[:12]}…, metadata says {expected[:12]}…; "
-                             "refusing to load it", param="adapter")
+        raise CorruptAdapter(
+            f"adapter {name!r}: {label} has sha256 {actual[:12]}…, metadata says {expected[:12]}…; refusing to load it",
+            param="adapter",
+        )
 
 
 class _RemoteRoot(str):
@@ -109,20 +114,27 @@ class _RemoteRoot(str):
     storage: ObjectStorage
 
 
-def _open_storage(root: Path | str, cache_dir: Path | None, storage_options: dict[str, Any] | None,
-                  cache_bytes: int = 0):
+def _open_storage(
+    root: Path | str, cache_dir: Path | None, storage_options: dict[str, Any] | None, cache_bytes: int = 0
+):
     text = str(root)
     if "://" not in text:
         return LocalStorage(Path(text))
     if text.startswith("file://"):
-        return LocalStorage(Path(text[len("file://"):]))
+        return LocalStorage(Path(text[len("file://") :]))
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "bone-registry-cache"
     return ObjectStorage(text, cache, storage_options, cache_bytes=cache_bytes)
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path | str, *, cache_dir: Path | None = None,
-                 storage_options: dict[str, Any] | None = None, cache_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        cache_dir: Path | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_bytes: int = 0,
+    ) -> None:
         self.storage = _open_storage(root, cache_dir, storage_options, cache_bytes)
 
     @classmethod
@@ -132,8 +144,12 @@ class AdapterRegistry:
         options: dict[str, Any] = {}
         if settings.s3_endpoint_url and settings.registry_url.startswith(("s3://", "s3a://")):
             options["endpoint_url"] = settings.s3_endpoint_url
-        return cls(settings.registry_url, cache_dir=settings.registry_cache_dir, storage_options=options,
-                   cache_bytes=settings.registry_cache_bytes)
+        return cls(
+            settings.registry_url,
+            cache_dir=settings.registry_cache_dir,
+            storage_options=options,
+            cache_bytes=settings.registry_cache_bytes,
+        )
 
     @property
     def root(self) -> Path | str:
@@ -194,13 +210,16 @@ class AdapterRegistry:
         """A local path to the weights after checking their sha256 against the metadata; raises
         CorruptAdapter naming the file (or object) at fault. To load them, use ``verified_tensors``: a path
         may be re-read after the check."""
-        return self._read_verified(name, lambda info: self.storage.weights(
-            name, info.sha256, partial(_check_sha256, name, info.sha256)))
+        return self._read_verified(
+            name, lambda info: self.storage.weights(name, info.sha256, partial(_check_sha256, name, info.sha256))
+        )
 
     def verified_bytes(self, name: str) -> tuple[bytes, AdapterInfo]:
         """The weights file's bytes, read once and sha256-checked: what is loaded is what was hashed."""
-        return self._read_verified(name, lambda info: self.storage.read_weights(
-            name, info.sha256, partial(_check_bytes_sha256, name, info.sha256)))
+        return self._read_verified(
+            name,
+            lambda info: self.storage.read_weights(name, info.sha256, partial(_check_bytes_sha256, name, info.sha256)),
+        )
 
     def verified_tensors(self, name: str) -> tuple[dict[str, Any], AdapterInfo]:
         """The adapter's tensors (on the CPU), loaded from the very bytes whose sha256 was checked."""
@@ -211,8 +230,9 @@ class AdapterRegistry:
         try:
             return load(data), info
         except (SafetensorError, ValueError) as exc:
-            raise CorruptAdapter(f"adapter {name!r}: {name}/{WEIGHTS_FILE} is not a readable safetensors file: "
-                                 f"{exc}", param="adapter") from None
+            raise CorruptAdapter(
+                f"adapter {name!r}: {name}/{WEIGHTS_FILE} is not a readable safetensors file: {exc}", param="adapter"
+            ) from None
 
     def _read_verified(self, name: str, read: Callable[[AdapterInfo], Any]) -> tuple[Any, AdapterInfo]:
         info = self.get(name)
@@ -222,8 +242,9 @@ class AdapterRegistry:
             except FileNotFoundError:
                 latest = self.get(name)  # NotFound if it was deleted meanwhile
                 if latest == info or attempt == READ_ATTEMPTS - 1:
-                    raise CorruptAdapter(f"adapter {name!r}: cannot read its weights ({name}/{WEIGHTS_FILE} is "
-                                         "missing)", param="adapter") from None
+                    raise CorruptAdapter(
+                        f"adapter {name!r}: cannot read its weights ({name}/{WEIGHTS_FILE} is missing)", param="adapter"
+                    ) from None
                 info = latest  # replaced by a newer version while we read: serve that one
         raise AssertionError("unreachable")
 
@@ -235,23 +256,40 @@ class AdapterRegistry:
             raise NotFound(f"no adapter named {name!r}", param="adapter") from None
 
     # --- write -----------------------------------------------------------------------------------------
-    def publish(self, name: str, source_dir: Path, metadata: dict[str, Any], *, overwrite: bool = False,
-                may_replace: Callable[[AdapterInfo], bool] | None = None) -> AdapterInfo:
+    def publish(
+        self,
+        name: str,
+        source_dir: Path,
+        metadata: dict[str, Any],
+        *,
+        overwrite: bool = False,
+        may_replace: Callable[[AdapterInfo], bool] | None = None,
+    ) -> AdapterInfo:
         """Copy an adapter folder (PEFT layout) into the registry atomically and return its metadata.
         ``may_replace`` judges the adapter an overwrite would replace (e.g. same owner), atomically with the swap."""
         self.path(name)
         if not overwrite and self.storage.has(name):
-            raise Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="adapter_name",
-                           code="adapter_exists")
+            raise Conflict(
+                f"adapter {name!r} already exists; pass overwrite=true to replace it",
+                param="adapter_name",
+                code="adapter_exists",
+            )
         source_dir = Path(source_dir)
         weights = source_dir / WEIGHTS_FILE
-        info = AdapterInfo(name=name, sha256=file_sha256(weights), size_bytes=weights.stat().st_size,
-                           created_at=time.time(), **metadata)
+        info = AdapterInfo(
+            name=name,
+            sha256=file_sha256(weights),
+            size_bytes=weights.stat().st_size,
+            created_at=time.time(),
+            **metadata,
+        )
         judge = None
         if may_replace is not None:
+
             def judge(raw: bytes) -> bool:
                 current = _parse_metadata(raw)
                 return current is not None and may_replace(current)
+
         self.storage.commit(name, source_dir, info.model_dump_json(indent=2), overwrite, judge)
         return info
 

@@ -26,4 +26,6 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, str_max_length=MAX_STRING_CHARS)
 
 
-SEED_BOUND = 2**63  # seeds are 0 <= seed < 2**63 (torch takes 64-bit seeds; JSON clients lose precision above 2**53 anyway)
+SEED_BOUND = (
+    2**63
+)  # seeds are 0 <= seed < 2**63 (torch takes 64-bit seeds; JSON clients lose precision above 2**53 anyway)

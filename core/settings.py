@@ -26,13 +26,23 @@ class Settings(BaseSettings):
     # The adapter registry: None = <data_dir>/adapters; else an fsspec URL shared by every replica and worker,
     # e.g. s3://bucket/prefix (credentials from the usual AWS_* variables or fsspec's FSSPEC_S3_* config).
     registry_url: str | None = None
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (SeaweedFS, MinIO) for s3:// registry URLs")
-    registry_cache_bytes: int = Field(10 * 1024**3, ge=0, description="local copies of object-storage weights "
-                                      "(<data dir>/registry-cache) kept up to this size, least recently used "
-                                      "dropped first; 0 = no bound")
-    registry_sweep_grace_s: float = Field(3600.0, ge=0, description="leftovers of interrupted publishes "
-                                          "(staging/trash folders, unreferenced object versions) younger than this "
-                                          "are left alone by the sweep each API start runs")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (SeaweedFS, MinIO) for s3:// registry URLs"
+    )
+    registry_cache_bytes: int = Field(
+        10 * 1024**3,
+        ge=0,
+        description="local copies of object-storage weights "
+        "(<data dir>/registry-cache) kept up to this size, least recently used "
+        "dropped first; 0 = no bound",
+    )
+    registry_sweep_grace_s: float = Field(
+        3600.0,
+        ge=0,
+        description="leftovers of interrupted publishes "
+        "(staging/trash folders, unreferenced object versions) younger than this "
+        "are left alone by the sweep each API start runs",
+    )
     base_model: str = Field(
         EMBEDDED_BASE_MODEL,
         description="Hugging Face id or local directory of the shared base model; 'embedded' builds a tiny "
@@ -51,34 +61,50 @@ class Settings(BaseSettings):
     # off; idle keep-alive connections close after keep_alive; beyond max_connections new requests get 503.
     http_header_timeout_s: float = Field(10.0, gt=0, description="seconds to receive a request's head")
     http_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close after this")
-    http_max_connections: int = Field(1024, ge=1, description="open connections (and running requests) "
-                                      "beyond which new requests are answered 503")
+    http_max_connections: int = Field(
+        1024, ge=1, description="open connections (and running requests) beyond which new requests are answered 503"
+    )
     http_max_header_bytes: int = Field(64 * 1024, ge=4096, description="largest request head accepted")
     # Files the server writes (registry, uploads, checkpoints, keys) are not readable by other users.
-    umask: str = Field("027", pattern=r"^0?[0-7]{3}$", description="process umask (octal): 027 gives 0640 files, "
-                       "0750 folders")
+    umask: str = Field(
+        "027", pattern=r"^0?[0-7]{3}$", description="process umask (octal): 027 gives 0640 files, 0750 folders"
+    )
 
     # --- security (core/auth.py) -------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="'owner:role:sha256hex' entries, comma separated or a JSON list; `bone-server keys create` "
-        "mints a key and prints its entry. Only hashes are stored.")
+        "mints a key and prints its entry. Only hashes are stored.",
+    )
     auth_disabled: bool = Field(False, description="serve without keys; refused unless the host is loopback")
     rate_limit_window_s: int = Field(60, ge=1)
-    rate_limit_training: int = Field(60, ge=0, description="POST /jobs, /evals, /files, /adapters (import) and "
-                                     "/adapters/{name}/compose per key per window; 0 = off")
-    rate_limit_generation: int = Field(600, ge=0, description="POST /generate, /v1/*completions per key per window; 0 = off")
+    rate_limit_training: int = Field(
+        60,
+        ge=0,
+        description="POST /jobs, /evals, /files, /adapters (import) and "
+        "/adapters/{name}/compose per key per window; 0 = off",
+    )
+    rate_limit_generation: int = Field(
+        600, ge=0, description="POST /generate, /v1/*completions per key per window; 0 = off"
+    )
 
     # --- queue / worker ----------------------------------------------------------------------------
     queue_name: str = "bone-training"
-    job_timeout_s: int = Field(24 * 3600, ge=60, description="RQ job timeout (RQ's own default of 180 s kills training)")
+    job_timeout_s: int = Field(
+        24 * 3600, ge=60, description="RQ job timeout (RQ's own default of 180 s kills training)"
+    )
     worker_ttl_s: int = Field(30, ge=5, description="worker heartbeat TTL; a dead worker is noticed within ~3x this")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
-                        description="auto (CUDA when present), cpu, cuda, or cuda:N to pin this process to one GPU "
-                        "(`bone-server worker --device cuda:N`: one worker per GPU)")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="auto (CUDA when present), cpu, cuda, or cuda:N to pin this process to one GPU "
+        "(`bone-server worker --device cuda:N`: one worker per GPU)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the served base model (adapters are cast to it once, when they enter the "
-        "device pool): auto = bfloat16 on CUDA, float32 on CPU")
+        "auto",
+        description="dtype of the served base model (adapters are cast to it once, when they enter the "
+        "device pool): auto = bfloat16 on CUDA, float32 on CPU",
+    )
     # A job's trainer refreshes a heartbeat every heartbeat_ttl_s/5 s; a janitor (in every worker and API
     # process) checks every janitor_interval_s and re-queues a running job whose heartbeat expired, so a
     # killed worker's job resumes within ~ttl + interval (RQ alone notices after 90-810 s).
@@ -86,24 +112,33 @@ class Settings(BaseSettings):
     janitor_interval_s: float = Field(5.0, gt=0)
     # A worker whose Redis goes away waits and reconnects (1 s, doubling up to this) instead of exiting;
     # `bone-server up` restarts a worker that exits, with the same backoff.
-    reconnect_max_backoff_s: float = Field(30.0, ge=0.1, description="longest wait between Redis reconnects / "
-                                           "worker restarts")
+    reconnect_max_backoff_s: float = Field(
+        30.0, ge=0.1, description="longest wait between Redis reconnects / worker restarts"
+    )
     max_attempts: int = Field(3, ge=1, description="runs of one job (first + retries after its worker died)")
     checkpoints_kept: int = Field(2, ge=1, description="newest checkpoints kept in a job's work dir")
     # --- fleets (core/fleet.py): queues by resource; a worker serves the queues of `bone-server worker --queues`
     queues: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="resource queues jobs may name besides queue_name, comma separated "
-        "(e.g. cpu,gpu-24g,gpu-80g)")
+        default_factory=list,
+        description="resource queues jobs may name besides queue_name, comma separated (e.g. cpu,gpu-24g,gpu-80g)",
+    )
     resource_queues: dict[str, str] = Field(
-        default_factory=dict, description="JSON {base model: queue}: the queue of a job that names none")
+        default_factory=dict, description="JSON {base model: queue}: the queue of a job that names none"
+    )
     max_num_processes: int = Field(8, ge=1, description="bound on a job's training.num_processes")
     distributed_timeout_s: float = Field(600.0, gt=0, description="a distributed job's collectives give up after this")
-    distributed_max_restarts: int = Field(1, ge=0, description="times torch elastic restarts a distributed job's "
-                                          "processes after one failed; the group resumes from the last checkpoint")
+    distributed_max_restarts: int = Field(
+        1,
+        ge=0,
+        description="times torch elastic restarts a distributed job's "
+        "processes after one failed; the group resumes from the last checkpoint",
+    )
 
     # --- request bounds ----------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="multipart uploads: POST /files, POST /adapters (413 beyond)")
+    max_upload_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="multipart uploads: POST /files, POST /adapters (413 beyond)"
+    )
     max_inline_records: int = Field(10_000, ge=1)
     max_r: int = Field(512, ge=1)
     max_seq_length: int = Field(4096, ge=16)
@@ -115,11 +150,15 @@ class Settings(BaseSettings):
     # A job's size. The defaults admit any job that fits the 24 h job timeout on one fast GPU: ~20 optimizer
     # steps/s is the most a tiny model reaches (2M steps = 28 h at that rate), and ~1M tokens/s the most any
     # model trains at (1e11 tokens = 28 h). They refuse only what could never finish (max_steps=10**15).
-    max_train_steps: int = Field(2_000_000, ge=1, description="bound on a job's optimizer steps (max_steps, or "
-                                 "what epochs come to on its data)")
+    max_train_steps: int = Field(
+        2_000_000, ge=1, description="bound on a job's optimizer steps (max_steps, or what epochs come to on its data)"
+    )
     max_epochs: float = Field(1000.0, gt=0, description="bound on training.epochs")
-    max_train_tokens: int = Field(100_000_000_000, ge=1, description="bound on the tokens one job trains on "
-                                  "(steps x batch x accumulation x tokens per example)")
+    max_train_tokens: int = Field(
+        100_000_000_000,
+        ge=1,
+        description="bound on the tokens one job trains on (steps x batch x accumulation x tokens per example)",
+    )
     # Datasets named by a request are folders/files inside <data_dir>/datasets; a hub id only if this is on.
     allow_hub_datasets: bool = False
 
@@ -127,20 +166,31 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = Field(32, ge=0, description="queued + running jobs and evaluations")
     max_file_bytes_per_owner: int = Field(20 * 1024**3, ge=0, description="bytes of uploaded files")
     max_adapters_per_owner: int = Field(1000, ge=0, description="adapters in the registry")
-    inline_records_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="inline dataset rows of a job expire "
-                                      "after this even if it never ends (they are deleted when it does)")
+    inline_records_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="inline dataset rows of a job expire "
+        "after this even if it never ends (they are deleted when it does)",
+    )
 
     # --- inference engine --------------------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     max_queue: int = Field(256, ge=1)
-    max_queue_per_key: int | None = Field(None, ge=1, description="waiting generation requests one API key (or, "
-                                          "without keys, one client address) may hold; default max(1, max_queue // 4)")
+    max_queue_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="waiting generation requests one API key (or, "
+        "without keys, one client address) may hold; default max(1, max_queue // 4)",
+    )
     request_timeout_s: float = Field(300.0, gt=0)
     adapter_cache_size: int = Field(64, ge=1, description="adapters resident on the device, by count")
     adapter_cache_bytes: int = Field(2 * 1024**3, ge=1, description="... and by bytes")
-    adapter_cpu_cache_bytes: int = Field(4 * 1024**3, ge=0, description="adapters kept in host memory below the "
-                                         "device pool (evicted ones stay here; 0 = no CPU tier)")
+    adapter_cpu_cache_bytes: int = Field(
+        4 * 1024**3,
+        ge=0,
+        description="adapters kept in host memory below the device pool (evicted ones stay here; 0 = no CPU tier)",
+    )
     # Comma-separated or a JSON list: adapters loaded at start; pinned ones are never evicted.
     adapter_preload: Annotated[list[str], NoDecode] = Field(default_factory=list)
     adapter_pin: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -156,7 +206,11 @@ class Settings(BaseSettings):
     @classmethod
     def _name_list(cls, value: object) -> object:
         if isinstance(value, str):
-            value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+            value = (
+                json.loads(value)
+                if value.strip().startswith("[")
+                else [v.strip() for v in value.split(",") if v.strip()]
+            )
         return value
 
     @field_validator("api_keys", mode="before")

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -54,7 +55,9 @@ class TokenizedData:
 
 
 # --- where the rows come from ------------------------------------------------------------------------------
-def load_rows(job: Job, store: JobStore, settings: Settings, *, validation: bool = False) -> list[dict[str, Any]] | None:
+def load_rows(
+    job: Job, store: JobStore, settings: Settings, *, validation: bool = False
+) -> list[dict[str, Any]] | None:
     """The job's rows (or its validation rows; None when it has none) as plain dicts, whichever dataset
     form it was created with."""
     kind = job.validation_dataset if validation else job.dataset

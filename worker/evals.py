@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import redis
 import torch
@@ -108,7 +109,9 @@ def record_latest(store: EvalStore, evaluation: Evaluation) -> None:
 
 
 # --- the evaluation -----------------------------------------------------------------------------------------
-def evaluate_adapters(evaluation: Evaluation, store: EvalStore, settings) -> tuple[dict[str, EvalMetrics], dict[str, str]]:
+def evaluate_adapters(
+    evaluation: Evaluation, store: EvalStore, settings
+) -> tuple[dict[str, EvalMetrics], dict[str, str]]:
     """(results by name, sha256 by adapter name) for one evaluation record."""
     from bone import BoneModel
 

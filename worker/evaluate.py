@@ -6,8 +6,8 @@ Token-weighted like training (each target token counts once, whatever its exampl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -22,7 +22,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self.store.beat(self.job_id, self.attempt, self.ttl_s)  # at once: the janitor must never see a gap
         self._thread.start()
         return self

@@ -33,7 +33,8 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from core.settings import Settings
 
@@ -158,8 +159,9 @@ def describe_device(settings: Settings, device) -> dict[str, Any]:
         info.update(gpus)
         if device.index is not None and device.index < len(gpus.get("gpu_memory_bytes", [])):
             # a pinned worker (one per GPU): its own GPU's model and memory, free memory at start-up
-            info.update(gpu_name=gpus["gpu_names"][device.index], device_memory_bytes=gpus["gpu_memory_bytes"][device.index],
-                        device_free_bytes=gpus["gpu_free_bytes"][device.index])
+            index = device.index
+            info.update(gpu_name=gpus["gpu_names"][index], device_memory_bytes=gpus["gpu_memory_bytes"][index],
+                        device_free_bytes=gpus["gpu_free_bytes"][index])
     return info
 
 
@@ -197,7 +199,7 @@ class Advert:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bone-advert", daemon=True)
 
-    def start(self) -> "Advert":
+    def start(self) -> Advert:
         from core.fleet import advertise
 
         advertise(self.conn, self.name, self.info, self.ttl)  # at once: GET /workers shows it from the start

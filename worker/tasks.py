@@ -253,7 +253,8 @@ class CheckpointPublisher:
             ours = registry.exists(name) and registry.get(name).job_id == self.job.id  # an earlier attempt's
             registry.publish(name, path, overwrite=self.job.overwrite or ours, metadata={
                 "base_model": self.job.base_model, "bone": self.config.to_dict(), "job_id": self.job.id,
-                "owner": self.job.owner, "metrics": {k: v for k, v in data.items() if k.endswith("loss")} | {"steps": step},
+                "owner": self.job.owner,
+                "metrics": {k: v for k, v in data.items() if k.endswith("loss")} | {"steps": step},
             }, may_replace=partial(may_publish_over, self.job.owner, self.job.id))
         self.store.add_checkpoint(self.job.id, step, {"created_at": time.time(), "adapter": name,
                                                       "train_loss": data.get("train_loss"),

@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -155,7 +156,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def rank_batch(ranks: "Ranks", batch: list[Example], pad_id: int,
+def rank_batch(ranks: Ranks, batch: list[Example], pad_id: int,
                device: torch.device) -> tuple[dict[str, torch.Tensor], float, int]:
     """(this rank's collated rows of a global micro-batch, loss weight, real tokens). A rank whose shard is empty (an
     epoch's last short batch on many ranks) runs one row with weight 0: DDP needs every rank in every
@@ -175,7 +176,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
           device: torch.device, eval_examples: Sequence[Example] = (), on_step: StepCallback | None = None,
           on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
           checkpoint_dir: Path | None = None, checkpoints_kept: int = 2,
-          adapter_name: str = "default", ranks: "Ranks | None" = None) -> TrainResult:
+          adapter_name: str = "default", ranks: Ranks | None = None) -> TrainResult:
     if not examples:
         raise ValueError("no training examples")
     on_step = on_step or _noop

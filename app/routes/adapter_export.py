@@ -27,15 +27,15 @@ from app.auth import PrincipalDep
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.routes.generate import check_mix
 from bone import BoneConfig, BoneConfigError, combine_bone_adapters, to_lora
-from bone.export import DEFAULT_BAT_TOLERANCE
 from bone.checkpoint import NonFiniteTensorError, check_finite, to_format, write_adapter_dir
+from bone.export import DEFAULT_BAT_TOLERANCE
 from core.base_model import exported_base_model_name
 from core.errors import Conflict, InvalidRequest
 from core.jobs import check_adapter_name
 from core.quotas import check_adapter_count
-from core.settings import EMBEDDED_BASE_MODEL
 from core.registry import AdapterInfo, AdapterRegistry
 from core.requests import RequestModel
+from core.settings import EMBEDDED_BASE_MODEL
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 

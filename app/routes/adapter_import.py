@@ -21,9 +21,9 @@ from fastapi import APIRouter, File, Form, UploadFile
 from app.auth import PrincipalDep
 from app.deps import JobCheckerDep, RegistryDep, SettingsDep
 from core.errors import InvalidRequest
+from core.jobs import ADAPTER_NAME_PATTERN, check_adapter_name
 from core.patterns import check_config_patterns
 from core.quotas import check_adapter_count
-from core.jobs import ADAPTER_NAME_PATTERN, check_adapter_name
 from core.registry import CONFIG_FILE, WEIGHTS_FILE, AdapterInfo
 
 log = logging.getLogger(__name__)

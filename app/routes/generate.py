@@ -18,10 +18,10 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
+from app.adapter_cache import Mix
 from app.auth import caller_key
 from app.decoding import SamplingParams
 from app.deps import EngineDep, RegistryDep, SettingsDep
-from app.adapter_cache import Mix
 from app.engine import GenerationResult, InferenceEngine
 from app.errors import service_error_from
 from bone import BoneConfig, BoneConfigError

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -191,7 +192,7 @@ async def _follow(store: JobStore, job: Job, after: str | None):
     last, final = after, job.status.is_final
     while True:
         block = None if final else EVENT_POLL_MS
-        events = await anyio.to_thread.run_sync(lambda: store.events(job.id, after=last, limit=100, block_ms=block))
+        events = await anyio.to_thread.run_sync(partial(store.events, job.id, after=last, limit=100, block_ms=block))
         for event in events:
             last = event["id"]
             yield {"id": event["id"], "event": "event", "data": json.dumps(event)}

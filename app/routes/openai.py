@@ -30,14 +30,26 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
+from app.adapter_cache import Mix
 from app.auth import caller_key
 from app.decoding import SamplingParams, TokenLogprob
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.engine import GenerationResult, InferenceEngine
-from app.adapter_cache import Mix
-from app.routes.generate import (MAX_PROMPT_CHARS, SSE_RESPONSE, AdaptersField, SeedField, Usage, check_mix,
-                                 check_prompt, error_body, resolve_adapter, resolve_mix, results_or_disconnect,
-                                 stream_jobs, submit_all)
+from app.routes.generate import (
+    MAX_PROMPT_CHARS,
+    SSE_RESPONSE,
+    AdaptersField,
+    SeedField,
+    Usage,
+    check_mix,
+    check_prompt,
+    error_body,
+    resolve_adapter,
+    resolve_mix,
+    results_or_disconnect,
+    stream_jobs,
+    submit_all,
+)
 from core.errors import InvalidRequest, NotFound, ServiceError
 from core.registry import AdapterRegistry
 from core.requests import SEED_BOUND, RequestModel

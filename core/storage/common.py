@@ -4,8 +4,8 @@ the conflicts a publish can raise, and ``fsync_path``."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from core.errors import Conflict
 
@@ -39,13 +39,17 @@ def fsync_path(path: Path) -> None:
 
 
 def _taken(name: str) -> Conflict:
-    return Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="adapter_name",
-                    code="adapter_exists")
+    return Conflict(
+        f"adapter {name!r} already exists; pass overwrite=true to replace it",
+        param="adapter_name",
+        code="adapter_exists",
+    )
 
 
 def _in_use(name: str) -> Conflict:
-    return Conflict(f"adapter name {name!r} is already in use; choose another name", param="adapter_name",
-                    code="adapter_exists")
+    return Conflict(
+        f"adapter name {name!r} is already in use; choose another name", param="adapter_name", code="adapter_exists"
+    )
 
 
 def _raced(name: str) -> Conflict:

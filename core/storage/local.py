@@ -28,11 +28,24 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from core.storage.common import (CONFIG_FILE, FILE_MODE, FOLDER_MODE, METADATA_FILE, WEIGHTS_FILE, Check,
-                                 CheckBytes, MayReplace, _in_use, _raced, _taken, fsync_path)
+from core.storage.common import (
+    CONFIG_FILE,
+    FILE_MODE,
+    FOLDER_MODE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    Check,
+    CheckBytes,
+    MayReplace,
+    _in_use,
+    _raced,
+    _taken,
+    fsync_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +183,9 @@ class LocalStorage:
         return data
 
     # --- write ---------------------------------------------------------------------------------------
-    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,
-               may_replace: MayReplace | None = None) -> None:
+    def commit(
+        self, name: str, source_dir: Path, metadata_json: str, overwrite: bool, may_replace: MayReplace | None = None
+    ) -> None:
         with self._new_staging() as staging:
             for filename in (CONFIG_FILE, WEIGHTS_FILE):
                 shutil.copyfile(source_dir / filename, staging / filename)
@@ -295,7 +309,7 @@ class LocalStorage:
         fixed = []
         with self._publish_lock():
             for journal in sorted(self.root.glob(f"{JOURNAL_PREFIX}*.json")):
-                name = journal.name[len(JOURNAL_PREFIX):-len(".json")]
+                name = journal.name[len(JOURNAL_PREFIX) : -len(".json")]
                 if self._recover(name):
                     fixed.append(name)
         return fixed

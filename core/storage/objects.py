@@ -24,12 +24,12 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from core.errors import Conflict, CorruptAdapter, ServiceUnavailable
-from core.storage.common import (CONFIG_FILE, WEIGHTS_FILE, Check, CheckBytes, MayReplace, _in_use, _raced,
-                                 _taken)
+from core.storage.common import CONFIG_FILE, WEIGHTS_FILE, Check, CheckBytes, MayReplace, _in_use, _raced, _taken
 
 MANIFEST_FILE = "manifest.json"
 # Versions not named by a manifest are left alone this long: they may belong to a publish still uploading.
@@ -77,8 +77,9 @@ def _precondition_failed(exc: BaseException) -> bool:
 class ObjectStorage:
     """The registry on any fsspec filesystem, made atomic by writing the manifest last."""
 
-    def __init__(self, url: str, cache_dir: Path, storage_options: dict[str, Any] | None = None, *,
-                 cache_bytes: int = 0) -> None:
+    def __init__(
+        self, url: str, cache_dir: Path, storage_options: dict[str, Any] | None = None, *, cache_bytes: int = 0
+    ) -> None:
         self.root = url.rstrip("/")
         self.cache_dir = Path(cache_dir)
         self.cache_bytes = cache_bytes  # 0: the weights cache is not bounded
@@ -151,8 +152,11 @@ class ObjectStorage:
         with self._reachable():
             keys = self._all_keys()
             depth = self._base.count("/") + 2
-            manifests = sorted(k for k in keys if k.endswith("/" + MANIFEST_FILE) and k.count("/") == depth
-                               and not k.split("/")[-2].startswith("."))
+            manifests = sorted(
+                k
+                for k in keys
+                if k.endswith("/" + MANIFEST_FILE) and k.count("/") == depth and not k.split("/")[-2].startswith(".")
+            )
             if not manifests:
                 return []
             found = self.fs.cat(manifests, on_error="omit")  # one deleted meanwhile is simply not listed
@@ -213,8 +217,10 @@ class ObjectStorage:
         manifest = self._manifest(name)
         if manifest["sha256"] != sha256:
             raise FileNotFoundError(f"{name}: replaced while reading")  # the registry re-reads
-        return (self._key(name, manifest["version"], WEIGHTS_FILE),
-                f"{self.root}/{name}/{manifest['version']}/{WEIGHTS_FILE}")
+        return (
+            self._key(name, manifest["version"], WEIGHTS_FILE),
+            f"{self.root}/{name}/{manifest['version']}/{WEIGHTS_FILE}",
+        )
 
     def _part_file(self) -> str:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +258,8 @@ class ObjectStorage:
         if _version_tuple(getattr(s3fs, "__version__", "0")) < S3FS_MIN_VERSION:
             raise StorageCapabilityError(
                 f"s3fs {s3fs.__version__} cannot write conditionally (needs s3fs>=2024.12); "
-                "pip install -U 'bone-server[s3]'")
+                "pip install -U 'bone-server[s3]'"
+            )
         probe = self._key(f".bone-probe-{uuid.uuid4().hex}")
         with self._reachable():
             try:
@@ -265,7 +272,8 @@ class ObjectStorage:
                     raise
                 raise StorageCapabilityError(
                     f"the object store at {self.root} ignored a conditional write (If-None-Match); "
-                    "concurrent publishes could overwrite each other, so the registry refuses to start")
+                    "concurrent publishes could overwrite each other, so the registry refuses to start"
+                )
             finally:
                 with contextlib.suppress(Exception):
                     self.fs.rm_file(probe)
@@ -274,8 +282,9 @@ class ObjectStorage:
         return {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
 
     # --- write ---------------------------------------------------------------------------------------
-    def commit(self, name: str, source_dir: Path, metadata_json: str, overwrite: bool,
-               may_replace: MayReplace | None = None) -> None:
+    def commit(
+        self, name: str, source_dir: Path, metadata_json: str, overwrite: bool, may_replace: MayReplace | None = None
+    ) -> None:
         fs, version = self.fs, new_version()
         manifest_key = self._key(name, MANIFEST_FILE)
         with self._reachable():

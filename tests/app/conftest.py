@@ -17,9 +17,10 @@ import pytest
 import torch
 import uvicorn
 
+from app.engine import InferenceEngine
 from app.main import create_app
-from core.base_model import resolve_base_model
-from core.registry import AdapterRegistry, AdapterInfo
+from core.base_model import load_base_model, resolve_base_model
+from core.registry import AdapterInfo, AdapterRegistry
 from core.settings import Settings
 from tests.conftest import TEST_REDIS_URL
 
@@ -40,7 +41,7 @@ class LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 120
         while not self.server.started:
@@ -120,3 +121,24 @@ def publish_adapter(settings: Settings, name: str, *, seed: int, r: int = 4, ini
         registry = AdapterRegistry(settings.registry_dir)
         return registry.publish(name, Path(folder), {"base_model": base_model, "bone": config.to_dict()},
                                 overwrite=overwrite)
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path, shared_models_dir: Path):
+    engines = []
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
+
+    def build(**overrides) -> InferenceEngine:
+        settings = Settings(data_dir=data_dir, **{"batch_wait_ms": 20, **overrides})
+        base = load_base_model("embedded", settings, device=torch.device("cpu"), dtype=settings.dtype)
+        engine = InferenceEngine(base, AdapterRegistry(settings.registry_dir), settings)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    build.settings = Settings(data_dir=data_dir)
+    yield build
+    for engine in engines:
+        engine.stop()

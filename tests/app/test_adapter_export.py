@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from bone import BoneConfig, BoneModel
+from bone import BoneModel
 from core.base_model import resolve_base_model
 from tests.app.conftest import publish_adapter
 

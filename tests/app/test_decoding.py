@@ -66,7 +66,9 @@ def test_safe_end_holds_back_what_may_still_change(text, stops, end):
 
 def test_sampling_is_seeded_and_top_p_keeps_the_head():
     logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
-    draws = lambda seed, top_p=1.0: [row(temperature=1.0, seed=seed, top_p=top_p).choose(logits) for _ in range(1)]
+    def draws(seed, top_p=1.0):
+        return [row(temperature=1.0, seed=seed, top_p=top_p).choose(logits) for _ in range(1)]
+
     assert draws(1) == draws(1)
     seeded = row(temperature=1.0, seed=3, top_p=0.5)
     assert {seeded.choose(logits) for _ in range(50)} == {1}  # token 1 alone holds >= 50% of the mass

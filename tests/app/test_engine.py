@@ -6,42 +6,17 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
 import app.adapter_cache as adapter_cache
 from app.decoding import SamplingParams
 from app.engine import InferenceEngine
-from core.base_model import load_base_model
 from core.errors import RateLimited
 from core.registry import AdapterRegistry
-from core.settings import Settings
 from tests.app.conftest import publish_adapter
 
 PROMPTS = ["Once upon a time", "Hi", "A somewhat longer prompt than the others", "Bone adapters", "x"]
-
-
-@pytest.fixture
-def make_engine(tmp_path: Path, shared_models_dir: Path):
-    engines = []
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
-
-    def build(**overrides) -> InferenceEngine:
-        settings = Settings(data_dir=data_dir, **{"batch_wait_ms": 20, **overrides})
-        base = load_base_model("embedded", settings, device=torch.device("cpu"), dtype=settings.dtype)
-        engine = InferenceEngine(base, AdapterRegistry(settings.registry_dir), settings)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    build.settings = Settings(data_dir=data_dir)
-    yield build
-    for engine in engines:
-        engine.stop()
 
 
 def submit(engine: InferenceEngine, prompt: str, adapter: str | None = None, n: int = 12, **params):

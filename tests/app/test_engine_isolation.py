@@ -16,7 +16,6 @@ from app.engine_messages import Control
 from core.errors import GenerationFailed, InvalidRequest, ServiceUnavailable
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
-from tests.app.test_engine import make_engine  # noqa: F401 - fixture
 
 PROMPTS = ["Once upon a time", "Hi", "A somewhat longer prompt than the others", "Bone adapters", "x"]
 N = 12

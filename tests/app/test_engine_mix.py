@@ -11,7 +11,6 @@ from app.decoding import SamplingParams
 from bone import BoneConfig, combine_bone_adapters
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
-from tests.app.test_engine import make_engine  # noqa: F401 - fixture
 
 
 def _mix(registry: AdapterRegistry, weights: dict[str, float]):

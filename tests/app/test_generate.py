@@ -43,7 +43,7 @@ def reference(settings, prompt: str, adapter: str | None = None, n: int = 12) ->
 def test_base_model_greedy_matches_transformers(client, live):
     reply = greedy(client, "Once upon a time", n=16)
     assert reply["adapter"] is None and reply["finish_reason"] in ("length", "stop")
-    assert reply["usage"]["prompt_tokens"] == len("Once upon a time".encode())  # byte-level tokenizer
+    assert reply["usage"]["prompt_tokens"] == len(b"Once upon a time")  # byte-level tokenizer
     assert reply["usage"]["completion_tokens"] <= 16
     assert reply["text"] == reference(live.settings, "Once upon a time", n=16)
 

@@ -64,7 +64,7 @@ def test_a_client_that_hangs_up_frees_its_slot(client, live):
 
     # streamed: read a few events, then leave
     with client.stream("POST", "/generate", json={**LONG, "stream": True}) as response:
-        for _, line in zip(range(6), response.iter_lines()):
+        for _ in zip(range(6), response.iter_lines()):
             pass
     wait_until(lambda: engine.aborted == aborted + 2, timeout=10)
     reply = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "temperature": 0})

@@ -68,7 +68,7 @@ def slowloris(port: int, closed_after: list[float], seconds: float = 30) -> None
                 sock.sendall(b"X")  # a header name that never ends
                 if sock.recv(1024) == b"":
                     break
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:  # reset: closed as well
                 break
@@ -188,8 +188,8 @@ def test_a_corrupted_adapter_is_refused_by_name_not_by_path(api):
 
     source = data_dir.parent / "src"
     source.mkdir(exist_ok=True)
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, source / "adapter_model.safetensors")
     (source / "adapter_config.json").write_text(json.dumps({"peft_type": "BONE", "r": 4}))

@@ -26,7 +26,9 @@ def test_metrics_cover_http_queue_jobs_and_engine(live, client):
     cold = scrape(client)
     assert client.post("/generate", json=body).status_code == 200  # warm: a hit
     warm = scrape(client)
-    delta = lambda a, b, name: b.get(name, 0.0) - a.get(name, 0.0)
+    def delta(a, b, name):
+        return b.get(name, 0.0) - a.get(name, 0.0)
+
     assert delta(before, cold, "bone_adapter_cache_misses_total") == 1
     assert delta(before, cold, "bone_adapter_cache_hits_total") == 0
     assert delta(before, cold, "bone_adapter_load_seconds_count") == 1

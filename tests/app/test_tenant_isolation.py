@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from core.auth import KeyEntry, OwnedRegistry, Principal, generate_key, hash_key
 from core.registry import AdapterRegistry
@@ -137,7 +136,7 @@ def test_row1_nan_adapter_fails_only_its_row(live, alice, bob):
 @pytest.mark.parametrize("weight, says", [(1e308, "|w| <= 100"), (-101, "|w| <= 100"), ("1e309", "finite")])
 def test_row1_mix_weights_are_bounded(live, bob, weight, says):
     bob_owns(live, "bob-a", seed=4)
-    raw = '{"prompt": "Hello", "adapters": {"bob-a": %s}}' % weight
+    raw = f'{{"prompt": "Hello", "adapters": {{"bob-a": {weight}}}}}'
     reply = bob.post("/generate", content=raw, headers={"content-type": "application/json"})
     assert reply.status_code == 422, reply.text
     error = reply.json()["error"]
@@ -204,7 +203,7 @@ def healthz_latencies_while(live, action) -> tuple[list[float], object]:
 @pytest.mark.parametrize("chunked", [False, True])
 def test_row5_a_30mb_prompt_is_refused_without_stalling_the_loop(live, bob, chunked):
     prompt = "x" * (30 * 1024 * 1024)
-    body = ('{"prompt": "%s", "max_new_tokens": 4}' % prompt).encode()
+    body = f'{{"prompt": "{prompt}", "max_new_tokens": 4}}'.encode()
 
     def send():
         content = (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)) if chunked else body
@@ -304,7 +303,6 @@ def test_one_key_cannot_take_the_whole_generation_queue(live, client):
     alice = live.client(headers=as_(ALICE), timeout=300)  # two rounds of long rows on a busy machine
     bob = live.client(headers=as_(BOB), timeout=300)
     long = {"prompt": "Tell me everything", "max_new_tokens": 250, "temperature": 0}
-    replies: dict[str, list] = {"bob": [], "alice": []}
     with ThreadPoolExecutor(10) as pool:
         futures = [pool.submit(bob.post, "/generate", json=long) for _ in range(4)]
         deadline = time.monotonic() + 30

@@ -74,7 +74,7 @@ def test_row2_hf_dataset_cannot_name_a_folder_outside_the_datasets_dir(live, cli
 @pytest.mark.parametrize("field, raw", [("weight_decay", "1e309"), ("learning_rate", "NaN"),
                                         ("max_grad_norm", "Infinity"), ("epochs", "-Infinity")])
 def test_row3_infinite_numbers_are_refused_naming_the_field(client, field, raw):
-    body = '{"adapter_name": "x", "dataset": {"records": [{"text": "a"}]}, "training": {"%s": %s}}' % (field, raw)
+    body = f'{{"adapter_name": "x", "dataset": {{"records": [{{"text": "a"}}]}}, "training": {{"{field}": {raw}}}}}'
     reply = client.post("/jobs", headers={**bearer(BOB), "Content-Type": "application/json"}, content=body)
     assert reply.status_code == 422, reply.text
     assert error_of(reply)["param"] == f"training.{field}"
@@ -171,7 +171,7 @@ def test_row4_backtracking_target_modules_regex_answers_promptly(live, client, f
         bone = {"target_modules": pattern} if field == "target_modules" else {"target_modules": "all-linear",
                                                                               field: pattern}
         started = time.perf_counter()
-        slowest, reply = healthz_while(live, lambda: post_job(client, BOB, "evil", bone=bone))
+        slowest, reply = healthz_while(live, lambda: post_job(client, BOB, "evil", bone=bone))  # noqa: B023 - called now
         took = time.perf_counter() - started
         assert reply.status_code == status, reply.text
         if status == 422:

@@ -1,9 +1,19 @@
 import json
+
 import pytest
 import torch
 
-from bone import (BASE_ADAPTER, DEFAULT_TARGETS, BoneConfig, BoneConfigError, BoneError, BoneLinear, BoneModel,
-                  get_bone_model, validate_config_for_model)
+from bone import (
+    BASE_ADAPTER,
+    DEFAULT_TARGETS,
+    BoneConfig,
+    BoneConfigError,
+    BoneError,
+    BoneLinear,
+    BoneModel,
+    get_bone_model,
+    validate_config_for_model,
+)
 from tests.bone.tiny import MODELS, build, ids, randomize, targets
 
 

@@ -49,7 +49,7 @@ def test_the_last_attempt_fails_with_the_reason(redis_conn, settings, store):
     assert janitor.sweep(redis_conn, settings) == [job.id]
     done = store.get(job.id)
     assert done.status is JobStatus.FAILED and done.finished_at is not None
-    assert done.error == (f"the worker running attempt 3 stopped (no heartbeat for 15 s); gave up after 3 attempts "
+    assert done.error == ("the worker running attempt 3 stopped (no heartbeat for 15 s); gave up after 3 attempts "
                           "(BONE_MAX_ATTEMPTS)")
     assert Queue(settings.queue_name, connection=redis_conn).job_ids == []
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from core.logs import JsonFormatter, ContextFilter, job_id_var, redact, request_id_var
+from core.logs import ContextFilter, JsonFormatter, job_id_var, redact, request_id_var
 
 
 @pytest.mark.parametrize("text,secret", [

@@ -5,8 +5,16 @@ import os
 import pytest
 
 from core.errors import InvalidRequest
-from worker.data import (IGNORE_INDEX, Example, detect_format, load_rows, pack, resolve_dataset_path, split_eval,
-                         tokenize_rows)
+from worker.data import (
+    IGNORE_INDEX,
+    Example,
+    detect_format,
+    load_rows,
+    pack,
+    resolve_dataset_path,
+    split_eval,
+    tokenize_rows,
+)
 from worker.train import Cancelled
 
 

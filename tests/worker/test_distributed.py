@@ -15,9 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.fleet import choose_queue, known_queues, live_workers, queue_summary
 from core.errors import InvalidRequest
-from core.jobs import JobStatus
+from core.fleet import choose_queue, known_queues, live_workers, queue_summary
 from core.registry import WEIGHTS_FILE, AdapterRegistry
 from core.settings import Settings
 from worker.distributed import Ranks

@@ -5,7 +5,6 @@ import signal
 import time
 
 import pytest
-
 import torch
 from rq import Queue
 from rq.exceptions import AbandonedJobError

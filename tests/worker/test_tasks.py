@@ -225,9 +225,9 @@ class WorkerKilled(BaseException):
 
 def test_a_retried_job_resumes_from_its_checkpoint_and_ends_with_the_same_weights(task_settings, redis_conn, store,
                                                                                    make_job, monkeypatch):
-    from core import janitor
     from safetensors.torch import load_file
 
+    from core import janitor
     from worker import tasks
     from worker.progress import ProgressReporter
 
