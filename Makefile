@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 SERVER_STAMP = $(VENV)/.installed-server
 TEST_STAMP   = $(VENV)/.installed-test
 
-.PHONY: run test venv venv-test bench clean
+.PHONY: run test lint venv venv-test bench clean
 
 $(SERVER_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ run: venv
 # Starts a private redis-server for the run unless BONE_TEST_REDIS_URL names a database the suite may flush.
 test: venv-test
 	$(BIN)/python -m tests.with_redis $(PYTEST_ARGS)
+
+# ruff checks the whole tree; the formatter is held on the packages already formatted; mypy types bone/ and core/.
+FORMATTED = bone core
+lint: venv-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check $(FORMATTED)
+	$(BIN)/mypy bone core
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -108,8 +108,8 @@ def check_tensors(model: nn.Module, config: BoneConfig, tensors: dict[str, torch
     problems = []
     for k in required:
         if k not in tensors:
-            e = required[k]
-            problems.append(f"missing key {k!r} for module {e.module!r} (expected shape {tuple(e.shape)})")
+            missing = required[k]
+            problems.append(f"missing key {k!r} for module {missing.module!r} (expected shape {tuple(missing.shape)})")
     for k, v in tensors.items():
         e = required.get(k) or optional.get(k)
         if e is None:

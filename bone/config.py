@@ -8,7 +8,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .errors import BoneConfigError
 
@@ -86,7 +86,7 @@ class BoneConfig:
                 raise BoneConfigError(
                     f"`init_weights` must be True, False, 'bat' or 'mini', got {self.init_weights!r}", "init_weights"
                 )
-            self.init_weights = iw
+            self.init_weights = cast(Literal["bat", "mini"], iw)
         elif not isinstance(self.init_weights, bool):
             raise BoneConfigError(
                 f"`init_weights` must be True, False, 'bat' or 'mini', got {self.init_weights!r}", "init_weights"
@@ -99,15 +99,14 @@ class BoneConfig:
 
         ltt = self.layers_to_transform
         if ltt is not None:
-            if _is_int(ltt):
-                ltt = [ltt]
-            if not isinstance(ltt, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ltt):
+            layers: Any = [ltt] if _is_int(ltt) else ltt  # user input, checked next
+            if not isinstance(layers, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in layers):
                 raise BoneConfigError(
                     "`layers_to_transform` must be a non-negative int or a list of them, "
                     f"got {self.layers_to_transform!r}",
                     "layers_to_transform",
                 )
-            self.layers_to_transform = sorted(set(ltt))
+            self.layers_to_transform = sorted(set(layers))
         lp = self.layers_pattern
         if lp is not None:
             if isinstance(lp, str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,7 +152,7 @@ def to_lora(
 
 def _bat_delta(module: nn.Module, block: torch.Tensor, conv1d: bool) -> tuple[torch.Tensor, ...]:
     """A Bat module's dense update ΔW (out × in) and its SVD: (ΔW, u, s, vh)."""
-    base = getattr(module, "base_layer", module)
+    base: Any = getattr(module, "base_layer", module)
     weight = base.weight.detach().float()
     if weight.is_meta:
         raise BoneConfigError(

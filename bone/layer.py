@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +23,16 @@ from .routing import _ROUTING, row_forward
 from .targets import Conv1D
 from .train_path import BatTrainFn, bone_train
 
+if TYPE_CHECKING:
+    from .routing import _Plan
+
 VARIANTS = ("bone", "bat", "mini")
 
 
 class BoneLinear(nn.Module):
     """Wraps one Linear / Conv1D and holds every adapter's block for it (``bone_block[adapter_name]``)."""
+
+    _disabled_flag: bool  # set through __dict__: nn.Module would otherwise route it through __setattr__
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -39,7 +45,8 @@ class BoneLinear(nn.Module):
         if self.is_conv1d:
             self.in_features, self.out_features = (int(s) for s in base_layer.weight.shape)
         else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            linear = cast(nn.Linear, base_layer)
+            self.in_features, self.out_features = linear.in_features, linear.out_features
         # exact types only: a subclass (e.g. a quantized Linear) may not hold a plain float weight
         self._plain = type(base_layer) in (nn.Linear, Conv1D)
         self.bone_block = nn.ParameterDict()
@@ -55,7 +62,7 @@ class BoneLinear(nn.Module):
         # it depends on changes (adapters, activation, merge, disable, .to(), load_state_dict).
         self._fast: tuple | None = None
         # Per-row serving (bone.routing): the plan built for the current routing, dropped on any change above.
-        self._row_plan = None
+        self._row_plan: _Plan | None = None
         self._row_epoch = 0
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh())
 

@@ -8,10 +8,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from .errors import BoneError
 from .layer import BoneLinear
+
+if TYPE_CHECKING:
+    from .model_host import BoneModelHost
+else:
+    BoneModelHost = object
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -20,7 +27,7 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-class AdapterMergeMixin:
+class AdapterMergeMixin(BoneModelHost):
     """Merge / unmerge / unload for ``BoneModel``."""
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

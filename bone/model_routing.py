@@ -18,15 +18,20 @@ mechanics (gathering blocks, plans) are :mod:`bone.routing`'s; this checks the n
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import BoneError
 from .routing import BASE_ADAPTER, RoutedModel, RowRouting, routing_context
 
+if TYPE_CHECKING:
+    from .model_host import BoneModelHost
+else:
+    BoneModelHost = object
 
-class RowRoutingMixin:
+
+class RowRoutingMixin(BoneModelHost):
     """``forward`` / ``generate`` / ``routing`` with per-row ``adapter_names`` for ``BoneModel``."""
 
     def _row_names(self, adapter_names: Any, kwargs: dict) -> list[str]:

@@ -9,14 +9,20 @@ The file formats themselves are :mod:`bone.checkpoint`'s business; this is the m
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import checkpoint as ckpt
 from .errors import BoneError
 
+if TYPE_CHECKING:
+    from .model_host import BoneModelHost
+else:
+    BoneModelHost = object
 
-class AdapterSaveMixin:
+
+class AdapterSaveMixin(BoneModelHost):
     """Adapter state dicts and checkpoint directories for ``BoneModel``."""
 
     def _resolve_one(self, adapter_name: str | None) -> str:

@@ -51,9 +51,9 @@ class ModulesToSave(nn.Module):
         if len(groups) == 1:
             return self.module_for(next(iter(groups)))(x, *args, **kwargs)
         out = None
-        for n, rows in groups.items():
+        for group, rows in groups.items():
             idx = torch.tensor(rows, device=x.device)
-            yb = self.module_for(n)(x.index_select(0, idx), *args, **kwargs)
+            yb = self.module_for(group)(x.index_select(0, idx), *args, **kwargs)
             if out is None:
                 out = yb.new_empty((x.shape[0],) + tuple(yb.shape[1:]))
             out = out.index_copy(0, idx, yb)

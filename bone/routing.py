@@ -120,7 +120,8 @@ class RoutedModel:
     for the gather once per batch composition, not once per token. Only valid inside its ``with`` block."""
 
     def __init__(self, model: Any, routing: RowRouting):
-        self._model, self._routing = model, routing
+        self._model = model
+        self._routing: RowRouting | None = routing
         self.names = routing.names
 
     def __call__(self, *args, **kwargs):
@@ -156,7 +157,7 @@ class _Plan:
     def __init__(self):
         self.kind = 0
         self.r = 0
-        self.block: torch.Tensor | None = None
+        self.block: torch.Tensor = None  # type: ignore[assignment]  # set, and read, only for kinds 1 and 2
         self.bone: list[tuple[int, torch.Tensor]] = []  # (r, gathered (rows, r, out))
         self.bat: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row index, dense logical weight)
         self.routing: RowRouting | None = None

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, cast
 
 from torch import nn
 
@@ -97,7 +98,7 @@ class Target:
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in, out, is_conv1d) of a Linear, a Conv1D, or a BoneLinear wrapping one."""
-    base = getattr(module, "base_layer", module)
+    base: Any = getattr(module, "base_layer", module)
     if isinstance(base, Conv1D):
         fin, fout = base.weight.shape
         return int(fin), int(fout), True
@@ -148,7 +149,8 @@ def _layer_index_ok(config: BoneConfig, key: str) -> bool:
             m = re.match(rf".*\.{re.escape(p)}\.(\d+)\.", key)
             if m:
                 break
-    return m is not None and int(m.group(1)) in config.layers_to_transform
+    layers = cast(list[int], config.layers_to_transform)  # BoneConfig made it a list
+    return m is not None and int(m.group(1)) in layers
 
 
 def resolve_target_spec(model: nn.Module, config: BoneConfig):
@@ -169,10 +171,10 @@ def find_targets(model: nn.Module, config: BoneConfig) -> list[Target]:
     """Every module the config targets, in model order. Raises BoneConfigError when nothing matches,
     when a matched module is not a Linear/Conv1D, or when its shape does not fit the variant."""
     spec = resolve_target_spec(model, config)
-    output_layer = None
+    output_layer: Any = None
     if spec == "all-linear" and hasattr(model, "get_output_embeddings"):
         try:
-            output_layer = model.get_output_embeddings()
+            output_layer = cast(Any, model).get_output_embeddings()  # a transformers PreTrainedModel
         except (AttributeError, NotImplementedError):
             output_layer = None
     mts = config.modules_to_save or []

@@ -87,7 +87,7 @@ def parse_key_entry(raw: Any) -> KeyEntry:
         if isinstance(digest, str) and digest.startswith(KEY_PREFIX):
             raise ValueError("BONE_API_KEYS holds hashes, not keys: use the line `bone-server keys create` printed")
         raise ValueError("API key hash must be 64 hex characters (the sha256 of the key)")
-    return KeyEntry(owner=owner, role=role, sha256=digest)  # type: ignore[arg-type]
+    return KeyEntry(owner=owner, role=role, sha256=digest)
 
 
 def parse_key_entries(value: Any) -> list[str]:
@@ -283,7 +283,10 @@ class OwnedRegistry(AdapterRegistry):
             raise NotFound(f"no adapter named {name!r}", param="name") from None
         super().delete(name)
 
-    def publish(self, name: str, source_dir: Any, metadata: dict[str, Any], *, overwrite: bool = False) -> AdapterInfo:
+    # No may_replace: owner scoping decides what may be replaced, and a caller must not widen it.
+    def publish(  # type: ignore[override]
+        self, name: str, source_dir: Any, metadata: dict[str, Any], *, overwrite: bool = False
+    ) -> AdapterInfo:
         check_name_free(self, name, self.principal)  # the common case, answered before any copying
         # ... and again atomically with the swap: another owner may take the name while we copy.
         return super().publish(

@@ -189,6 +189,6 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=resolve_dtype(dtype, device), trust_remote_code=settings.trust_remote_code
     )
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorator types .to() for its own model only
     model.eval()
     return LoadedBaseModel(name=name, source=source, model=model, tokenizer=tokenizer, device=device)

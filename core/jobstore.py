@@ -22,23 +22,28 @@ Keys (all under ``bone:``):
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from redis.client import Pipeline
 
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from core.jobs import STORED, Job, JobStatus
 
-T = TypeVar("T")
-S = TypeVar("S", bound=BaseModel)  # a record with a ``status``: a Job, or core.evals' Evaluation
+if TYPE_CHECKING:
+    from core.evals import Evaluation
+
+# the two stored record kinds (both carry an owner and a status): a Job, or core.evals' Evaluation
+T = TypeVar("T", "Job", "Evaluation")
+S = TypeVar("S", "Job", "Evaluation")  # a record with a ``status``
 
 PREFIX = "bone:"
 STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step with every transition (metrics)
@@ -352,7 +357,7 @@ class JobStore:
 
     def events(
         self, job_id: str, *, after: str | None = None, limit: int = 100, block_ms: int | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[dict[str, Any]]:
         key = _job_key(job_id) + ":events"
         check_event_id(after)
         if block_ms is not None:
@@ -380,7 +385,7 @@ class JobStore:
     def clear_heartbeat(self, job_id: str) -> None:
         self.conn.delete(_job_key(job_id) + ":heartbeat")
 
-    def running_ids(self) -> list[str]:
+    def running_ids(self) -> builtins.list[str]:
         return sorted(i.decode() for i in self.conn.smembers(RUNNING))
 
     def forget_running(self, job_id: str) -> None:
@@ -390,6 +395,6 @@ class JobStore:
     def add_checkpoint(self, job_id: str, step: int, summary: dict[str, Any]) -> None:
         self.conn.hset(_job_key(job_id) + ":checkpoints", str(step), json.dumps({"step": step, **summary}))
 
-    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+    def checkpoints(self, job_id: str) -> builtins.list[dict[str, Any]]:
         raw = self.conn.hgetall(_job_key(job_id) + ":checkpoints")
         return sorted((json.loads(v) for v in raw.values()), key=lambda c: c["step"])

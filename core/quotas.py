@@ -48,6 +48,8 @@ def record_key(record_id: str) -> str:
 
 
 def _ended(raw: bytes | None) -> bool:
+    if raw is None:
+        return True
     try:
         return json.loads(raw).get("status") not in ("queued", "running")
     except (ValueError, AttributeError, TypeError):

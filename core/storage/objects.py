@@ -84,7 +84,8 @@ class ObjectStorage:
         self.cache_dir = Path(cache_dir)
         self.cache_bytes = cache_bytes  # 0: the weights cache is not bounded
         self._options = dict(storage_options or {})
-        self._fs, self._pid = None, None
+        self._fs: Any = None
+        self._pid: int | None = None
         self._base = self._filesystem()[1]
 
     # --- plumbing ------------------------------------------------------------------------------------
