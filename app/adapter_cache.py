@@ -6,8 +6,9 @@ Entries are keyed by (name, sha256). A per-request mix of adapters (``"adapters"
 virtual adapter, never written to the registry: its blocks are ``Σ wᵢ Bᵢ`` of the sources' (exact for Bone),
 built by the loader threads from the verified sources, and it is cached and evicted like any adapter under
 ``(mix_name(mix), mix_sha256(mix))``, both derived from the sorted (name, sha256, weight) tuples — so a
-re-published source makes a new key, and evicting a source (deleted, overwritten) evicts its mixes too. The sha comes from the registry metadata read for every request, so a
-re-published adapter is a new key and a deleted one is never found.
+re-published source makes a new key, and evicting a source (deleted, overwritten) evicts its mixes too. The
+sha comes from the registry metadata read for every request, so a re-published adapter is a new key and a
+deleted one is never found.
 
 Reading an adapter (registry, sha256, safetensors) is slow and runs on the ``AdapterLoader`` threads, never
 on the model thread; only ``install`` (copy the blocks into the model) runs there, between decode steps.
@@ -140,8 +141,12 @@ class AdapterLoader:
     """Fetches adapters on its own threads; ``on_done(name, fetched, error)`` is called from a loader thread
     (the engine turns it into a message for the model thread). One fetch per name at a time."""
 
-    def __init__(self, registry: AdapterRegistry, on_done: Callable[[str, FetchedAdapter | None, BaseException | None], None],
-                 workers: int = 2) -> None:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        on_done: Callable[[str, FetchedAdapter | None, BaseException | None], None],
+        workers: int = 2,
+    ) -> None:
         self.registry, self._on_done = registry, on_done
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="adapter-loader")
         self._inflight: set[str] = set()  # touched by the model thread only (fetch / finished)

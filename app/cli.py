@@ -100,11 +100,14 @@ def _how_to_call(settings: Settings, keyring) -> str:
                  f"keys)\n  export BONE_API_KEY=$(cat {keyring.local_key_file})")
     else:
         state = f"API keys on ({len(keyring)} configured)"
-    return (f"bone-server: API on {url} - {state}\n"
-            f"  curl {url}/generate{auth} -H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\", \"max_new_tokens\": 32}}'\n"
-            f"  docs: {url}/docs   dashboard: {url}/ui (paste the key in its API key field)\n"
-            f"  command line: bone-server --help (from a `make run` checkout: .venv/bin/bone-server, or "
-            f"`source .venv/bin/activate` first)")
+    return (
+        f"bone-server: API on {url} - {state}\n"
+        f"  curl {url}/generate{auth} -H 'Content-Type: application/json' "
+        '-d \'{"prompt": "Hello", "max_new_tokens": 32}\'\n'
+        f"  docs: {url}/docs   dashboard: {url}/ui (paste the key in its API key field)\n"
+        f"  command line: bone-server --help (from a `make run` checkout: .venv/bin/bone-server, or "
+        f"`source .venv/bin/activate` first)"
+    )
 
 
 def _serve_api(settings: Settings, worker_supervisor=None) -> None:
@@ -135,11 +138,19 @@ def api(host: str | None = typer.Option(None, help=HOST_HELP, show_default=False
 
 
 @cli.command()
-def worker(burst: bool = typer.Option(False, help="exit when the queue is empty"),
-           queues: str | None = typer.Option(None, show_default=False, help="queues to serve, comma separated, in priority order "
-                                                "(e.g. gpu-24g,cpu) (default: $BONE_QUEUE_NAME)"),
-           device: str | None = typer.Option(None, show_default=False, help="cpu, cuda or cuda:N: the device this "
-                                                "worker trains on (default: $BONE_DEVICE, else auto)")) -> None:
+def worker(
+    burst: bool = typer.Option(False, help="exit when the queue is empty"),
+    queues: str | None = typer.Option(
+        None,
+        show_default=False,
+        help="queues to serve, comma separated, in priority order (e.g. gpu-24g,cpu) (default: $BONE_QUEUE_NAME)",
+    ),
+    device: str | None = typer.Option(
+        None,
+        show_default=False,
+        help="cpu, cuda or cuda:N: the device this worker trains on (default: $BONE_DEVICE, else auto)",
+    ),
+) -> None:
     """Run one training worker (one per GPU with --device cuda:N, or one per machine for multi-GPU jobs)."""
     settings = _settings(device=device)
     _setup_logging(settings)

@@ -137,10 +137,14 @@ def _print_json(data: Any) -> None:
 # --- files --------------------------------------------------------------------------------------------------
 @files_cli.command("upload")
 @one_line_errors
-def files_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                             help="JSONL, JSON, CSV or Parquet: text, prompt/completion or messages rows"),
-                 quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the file id"),
-                 url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def files_upload(
+    file: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help="JSONL, JSON, CSV or Parquet: text, prompt/completion or messages rows"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the file id"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Upload a dataset; the server validates it row by row before keeping it, and prints its id."""
     info = _client(url, api_key).upload_file(file)
     console.print(info["id"] if quiet else f"{info['id']}  {info['rows']} rows  format={info['format']}  {file.name}",
@@ -171,20 +175,25 @@ def files_delete(file_id: str = typer.Argument(..., help="file-… id, as `files
 # --- jobs ---------------------------------------------------------------------------------------------------
 @jobs_cli.command("create")
 @one_line_errors
-def jobs_create(file: Path = typer.Option(..., "--file", exists=True, dir_okay=False,
-                                          help="training data: JSONL, JSON, CSV or Parquet (uploaded first)"),
-                name: str = typer.Option(..., "--name", help="adapter name: lowercase letters, digits, . _ - (at most 64)"),
-                r: int = typer.Option(8, help="Bone rank (block size)"),
-                bat: bool = typer.Option(False, help="train the Bat variant instead of Bone"),
-                target_modules: str | None = typer.Option(
-                    None, help="comma separated module names, or all-linear (default: the model type's usual ones)"),
-                max_steps: int | None = typer.Option(None, help="optimizer steps; overrides --epochs"),
-                epochs: float | None = typer.Option(None, help="passes over the data (server default: 3)"),
-                learning_rate: float | None = typer.Option(None, help="peak learning rate (server default: 2e-4)"),
-                batch_size: int | None = typer.Option(None, help="rows per micro-batch (server default: 4)"),
-                overwrite: bool = typer.Option(False, help="replace an adapter of the same name when done"),
-                quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the job id"),
-                url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def jobs_create(
+    file: Path = typer.Option(
+        ..., "--file", exists=True, dir_okay=False, help="training data: JSONL, JSON, CSV or Parquet (uploaded first)"
+    ),
+    name: str = typer.Option(..., "--name", help="adapter name: lowercase letters, digits, . _ - (at most 64)"),
+    r: int = typer.Option(8, help="Bone rank (block size)"),
+    bat: bool = typer.Option(False, help="train the Bat variant instead of Bone"),
+    target_modules: str | None = typer.Option(
+        None, help="comma separated module names, or all-linear (default: the model type's usual ones)"
+    ),
+    max_steps: int | None = typer.Option(None, help="optimizer steps; overrides --epochs"),
+    epochs: float | None = typer.Option(None, help="passes over the data (server default: 3)"),
+    learning_rate: float | None = typer.Option(None, help="peak learning rate (server default: 2e-4)"),
+    batch_size: int | None = typer.Option(None, help="rows per micro-batch (server default: 4)"),
+    overwrite: bool = typer.Option(False, help="replace an adapter of the same name when done"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the job id"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Upload FILE (validated row by row by the server), then start fine-tuning adapter NAME on it."""
     training = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
                                   "batch_size": batch_size}.items() if v is not None}
@@ -406,8 +415,11 @@ def evals_show(eval_id: str = typer.Argument(..., help="eval-… id"),
                url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Show an evaluation's status and its results, one row per adapter and the base model."""
     evaluation = _client(url, api_key).request("GET", f"/evals/{eval_id}")
-    console.print(f"{eval_id}: {evaluation['status']}" + (f" — {evaluation['error']}" if evaluation.get("error") else ""),
-                  markup=False, highlight=False)
+    console.print(
+        f"{eval_id}: {evaluation['status']}" + (f" — {evaluation['error']}" if evaluation.get("error") else ""),
+        markup=False,
+        highlight=False,
+    )
     if evaluation.get("results"):
         console.print(_eval_table(evaluation))
 
@@ -422,8 +434,11 @@ def evals_watch(eval_id: str = typer.Argument(..., help="eval-… id"),
     with console.status(f"{eval_id} …"):
         while (evaluation := client.request("GET", f"/evals/{eval_id}"))["status"] not in FINAL:
             time.sleep(interval)
-    console.print(f"{eval_id}: {evaluation['status']}" + (f" — {evaluation['error']}" if evaluation.get("error") else ""),
-                  markup=False, highlight=False)
+    console.print(
+        f"{eval_id}: {evaluation['status']}" + (f" — {evaluation['error']}" if evaluation.get("error") else ""),
+        markup=False,
+        highlight=False,
+    )
     if evaluation.get("results"):
         console.print(_eval_table(evaluation))
     if evaluation["status"] != "succeeded":

@@ -50,7 +50,9 @@ class BoneClient:
         """Yield ``(event name, JSON payload)`` per SSE event until the stream ends or sends [DONE]; an
         ``error`` event raises ApiError with the server's message."""
         try:
-            with self.http.stream(method, path, headers={"Accept": "text/event-stream"}, timeout=None, **kwargs) as response:
+            with self.http.stream(
+                method, path, headers={"Accept": "text/event-stream"}, timeout=None, **kwargs
+            ) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise_for_error(response)
@@ -117,4 +119,6 @@ class BoneClient:
         return self.request("POST", "/generate", json={"prompt": prompt, "adapter": adapter, **params})
 
     def generate_stream(self, prompt: str, adapter: str | None, **params) -> Iterator[tuple[str, dict[str, Any]]]:
-        return self.stream_sse("POST", "/generate", json={"prompt": prompt, "adapter": adapter, "stream": True, **params})
+        return self.stream_sse(
+            "POST", "/generate", json={"prompt": prompt, "adapter": adapter, "stream": True, **params}
+        )

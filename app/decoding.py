@@ -321,7 +321,9 @@ class RunningBatch:
         """A step's forward raised: cut the cache back to before it, set the second half of the rows aside
         (parked, resumed later by recomputation) and retry with the first; a row alone is failed."""
         _release_device_memory(exc)
-        log.warning("decode step of %d rows failed (%s: %s); retrying it split", len(self.rows), type(exc).__name__, exc)
+        log.warning(
+            "decode step of %d rows failed (%s: %s); retrying it split", len(self.rows), type(exc).__name__, exc
+        )
         self.split_retries["step"] += 1
         if len(self.rows) == 1:
             (row,) = self.clear()

@@ -55,7 +55,9 @@ class InferenceEngine(ModelThread):
         self._tokenizer_lock = threading.Lock()  # fast tokenizers refuse concurrent use ("Already borrowed")
         self._thread: threading.Thread | None = None
         self.eos_ids = _eos_ids(base)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        )
         self.max_positions = getattr(base.model.config, "max_position_embeddings", None)
         # out_features per module path: mixes of MiSS-mini adapters tile their blocks to (r, out)
         self._out_features = {path: int(getattr(m, "out_features", None) or m.weight.shape[-1])
@@ -126,8 +128,11 @@ class InferenceEngine(ModelThread):
             raise InvalidRequest(f"prompt holds token ids outside the model's vocabulary (0..{self.vocab_size - 1})",
                                  param="prompt")
         if self.max_positions and len(prompt_ids) + params.max_new_tokens > self.max_positions:
-            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                                 f"the model's context of {self.max_positions} tokens", param="max_new_tokens")
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's context of {self.max_positions} tokens",
+                param="max_new_tokens",
+            )
         if not self.ready:
             raise ServiceUnavailable("the inference engine is not running", code="engine_unavailable")
         share = self.settings.queue_share
@@ -138,9 +143,13 @@ class InferenceEngine(ModelThread):
                                   retry_after=1.0, code="engine_busy")
             mine = self._pending_by_key.get(key, 0) if key is not None else 0
             if key is not None and mine >= share:
-                raise RateLimited(f"this key has {mine} generation requests waiting for a batch slot; one key may hold "
-                                  f"at most {share} of the {self.settings.max_queue} queue places (BONE_MAX_QUEUE_PER_KEY); "
-                                  "retry when some have finished", retry_after=1.0, code="key_queue_full")
+                raise RateLimited(
+                    f"this key has {mine} generation requests waiting for a batch slot; one key may hold "
+                    f"at most {share} of the {self.settings.max_queue} queue places (BONE_MAX_QUEUE_PER_KEY); "
+                    "retry when some have finished",
+                    retry_after=1.0,
+                    code="key_queue_full",
+                )
             self._pending += 1
             if key is not None:
                 self._pending_by_key[key] = mine + 1

@@ -147,7 +147,11 @@ class ModelThread:
             if request.future.cancelled():  # the caller gave up (timeout, disconnect) while it waited
                 self._release(request)
                 continue
-            slot = self._resolve(request, in_use, must_progress=not self.batch.rows and not chosen) if len(chosen) < room else None
+            slot = (
+                self._resolve(request, in_use, must_progress=not self.batch.rows and not chosen)
+                if len(chosen) < room
+                else None
+            )
             if slot is False:
                 continue  # answered with an error
             if slot is None:

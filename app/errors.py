@@ -37,9 +37,11 @@ _HTTP_TYPES = {
 # --- the envelope in OpenAPI ------------------------------------------------------------------------------
 class ErrorDetail(BaseModel):
     message: str
-    type: str = Field(description="invalid_request_error, authentication_error, not_found, conflict, rate_limit_error, "
-                                  "service_unavailable or server_error; on /v1 OpenAI's: invalid_request_error (400, "
-                                  "404, 409, 413), authentication_error, permission_error, rate_limit_error, server_error")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, not_found, conflict, rate_limit_error, "
+        "service_unavailable or server_error; on /v1 OpenAI's: invalid_request_error (400, "
+        "404, 409, 413), authentication_error, permission_error, rate_limit_error, server_error"
+    )
     param: str | None = Field(description="the dotted path of the field at fault, when one is")
     code: str
 
@@ -137,7 +139,8 @@ _PRIMITIVE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "bytes
 
 
 def _is_union_tag(part: Any) -> bool:
-    """pydantic puts the union member's name into ``loc`` ('RecordsDataset', 'list[str]', 'str'); a field never looks like that."""
+    """pydantic puts the union member's name into ``loc`` ('RecordsDataset', 'list[str]', 'str'); a field never
+    looks like that."""
     return isinstance(part, str) and (part[:1].isupper() or "[" in part or part in _PRIMITIVE_TAGS)
 
 
@@ -224,8 +227,10 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 
 async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    type_, code = _HTTP_TYPES.get(exc.status_code, ("invalid_request_error" if exc.status_code < 500 else "server_error",
-                                                    f"http_{exc.status_code}"))
+    type_, code = _HTTP_TYPES.get(
+        exc.status_code,
+        ("invalid_request_error" if exc.status_code < 500 else "server_error", f"http_{exc.status_code}"),
+    )
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
@@ -268,8 +273,14 @@ class BodySizeLimit:
     """Refuse request bodies over ``max_bytes`` with 413, before they are read (Content-Length) or while
     they stream in (chunked uploads), so a huge body never lands in memory."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_paths: tuple[str, ...] = (),
-                 max_upload_bytes: int | None = None, path_limits: dict[str, tuple[int, str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        upload_paths: tuple[str, ...] = (),
+        max_upload_bytes: int | None = None,
+        path_limits: dict[str, tuple[int, str, str]] | None = None,
+    ) -> None:
         self.app, self.max_bytes = app, max_bytes
         # Multipart uploads (training files, adapter imports) get their own, larger bound.
         self.upload_paths, self.max_upload_bytes = frozenset(upload_paths), max_upload_bytes or max_bytes
@@ -282,7 +293,9 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         path = scope.get("path", "").rstrip("/")
         upload = scope.get("method") == "POST" and path in self.upload_paths
-        limit, setting = (self.max_upload_bytes, "BONE_MAX_UPLOAD_BYTES") if upload else (self.max_bytes, "BONE_MAX_BODY_BYTES")
+        limit, setting = (
+            (self.max_upload_bytes, "BONE_MAX_UPLOAD_BYTES") if upload else (self.max_bytes, "BONE_MAX_BODY_BYTES")
+        )
         param = None
         if scope.get("method") == "POST" and path in self.path_limits:
             limit, setting, param = self.path_limits[path]

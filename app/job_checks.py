@@ -41,7 +41,9 @@ class JobChecker:
         """Raise a ServiceError naming the field at fault; return the inline (records, validation records)."""
         s = self.settings
         if body.bone.r > s.max_r:
-            raise InvalidRequest(f"bone.r={body.bone.r} exceeds the server's limit of {s.max_r} (BONE_MAX_R)", param="bone.r")
+            raise InvalidRequest(
+                f"bone.r={body.bone.r} exceeds the server's limit of {s.max_r} (BONE_MAX_R)", param="bone.r"
+            )
         if body.training.max_seq_length > s.max_seq_length:
             raise InvalidRequest(
                 f"training.max_seq_length={body.training.max_seq_length} exceeds the server's limit of "
@@ -60,15 +62,20 @@ class JobChecker:
     # --- dataset ---------------------------------------------------------------------------------------
     def _check_dataset(self, body: JobCreate) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
         """(records, validation records) to store with the job; file references are checked to exist."""
-        return (self._check_one(body.dataset, "dataset"),
-                None if body.validation_dataset is None else self._check_one(body.validation_dataset, "validation_dataset"))
+        return (
+            self._check_one(body.dataset, "dataset"),
+            None if body.validation_dataset is None else self._check_one(body.validation_dataset, "validation_dataset"),
+        )
 
     def _check_one(self, dataset: DatasetSpec, param: str) -> list[dict[str, Any]] | None:
         if isinstance(dataset, RecordsDataset):
             if len(dataset.records) > self.settings.max_inline_records:
                 raise InvalidRequest(
-                    f"{param} has {len(dataset.records)} inline records; the limit is {self.settings.max_inline_records} "
-                    "(BONE_MAX_INLINE_RECORDS): upload a file instead", param=f"{param}.records")
+                    f"{param} has {len(dataset.records)} inline records; "
+                    f"the limit is {self.settings.max_inline_records} "
+                    "(BONE_MAX_INLINE_RECORDS): upload a file instead",
+                    param=f"{param}.records",
+                )
             for index, record in enumerate(dataset.records):
                 detect_format(record, index, dataset.format, param_prefix=f"{param}.records")
             return dataset.records
@@ -133,9 +140,13 @@ class JobChecker:
 
         try:
             with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=self.settings.trust_remote_code)
+                skeleton = AutoModelForCausalLM.from_config(
+                    model_config, trust_remote_code=self.settings.trust_remote_code
+                )
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidRequest(f"base model {name!r} is not a causal language model: {exc}", param="base_model") from None
+            raise InvalidRequest(
+                f"base model {name!r} is not a causal language model: {exc}", param="base_model"
+            ) from None
         with self._lock:
             self._skeletons[name] = skeleton
             while len(self._skeletons) > _SKELETONS_KEPT:

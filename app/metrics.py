@@ -26,7 +26,9 @@ HTTP_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 GENERATED_TOKENS = Counter("bone_generated_tokens_total", "tokens generated", ["adapter_kind"])
-GENERATION_TOKENS_PER_S = Gauge("bone_generation_tokens_per_second", "engine tokens/s over the last busy window (>= 0.5 s)")
+GENERATION_TOKENS_PER_S = Gauge(
+    "bone_generation_tokens_per_second", "engine tokens/s over the last busy window (>= 0.5 s)"
+)
 TIME_TO_FIRST_TOKEN = Histogram(
     "bone_time_to_first_token_seconds", "from request arrival to its first token",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
@@ -34,10 +36,14 @@ TIME_TO_FIRST_TOKEN = Histogram(
 # Continuous batching: rows join and leave between steps, so the batch size is observed once per decode step.
 BATCH_SIZE = Histogram("bone_engine_batch_size", "rows per engine decode step", buckets=(1, 2, 4, 8, 16, 32, 64))
 ADAPTER_CACHE_HITS = Counter("bone_adapter_cache_hits_total", "requests whose adapter was resident on the device")
-ADAPTER_CACHE_MISSES = Counter("bone_adapter_cache_misses_total", "requests whose adapter had to be loaded (from the CPU tier or the registry)")
+ADAPTER_CACHE_MISSES = Counter(
+    "bone_adapter_cache_misses_total", "requests whose adapter had to be loaded (from the CPU tier or the registry)"
+)
 ADAPTER_CACHE_EVICTIONS = Counter("bone_adapter_cache_evictions_total", "adapters evicted from the device pool")
 ADAPTER_LOAD_SECONDS = Histogram(
-    "bone_adapter_load_seconds", "registry → usable adapter (read on a loader thread + install between decode steps)", buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
+    "bone_adapter_load_seconds",
+    "registry → usable adapter (read on a loader thread + install between decode steps)",
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
 )
 ADAPTERS_RESIDENT = Gauge("bone_adapters_resident", "adapters resident on the device")
 ADAPTERS_RESIDENT_BYTES = Gauge("bone_adapters_resident_bytes", "bytes of adapters resident on the device")

@@ -1,6 +1,7 @@
-"""The OpenAPI schema with this server's own bounds and its event streams written in: the limits come from settings (BONE_MAX_R,
-BONE_MAX_NEW_TOKENS, ...), so the pydantic models cannot carry them; clients, generated SDKs and the fuzz
-test then see exactly what the server accepts. Validation itself stays in the routes (same numbers)."""
+"""The OpenAPI schema with this server's own bounds and its event streams written in: the limits come from
+settings (BONE_MAX_R, BONE_MAX_NEW_TOKENS, ...), so the pydantic models cannot carry them; clients, generated
+SDKs and the fuzz test then see exactly what the server accepts. Validation itself stays in the routes (same
+numbers)."""
 
 from __future__ import annotations
 

@@ -88,22 +88,30 @@ def main() -> None:
             largest = {"prompt": "ab" * (settings.max_prompt_tokens // 2 - 8), "max_new_tokens": 4}
             cases = {
                 f"{args.mb:g} MB prompt, Content-Length": lambda http: http.post(
-                    "/generate", content=huge, headers={"content-type": "application/json"}),
+                    "/generate", content=huge, headers={"content-type": "application/json"}
+                ),
                 f"{args.mb:g} MB prompt, chunked": lambda http: http.post(
-                    "/generate", content=(huge[i:i + (1 << 20)] for i in range(0, len(huge), 1 << 20)),
-                    headers={"content-type": "application/json"}),
-                f"{len(under_body) // 1024} KiB prompt (under the body bound, over the prompt's)": lambda http: http.post(
-                    "/generate", content=under_body, headers={"content-type": "application/json"}),
-                f"largest accepted prompt ({settings.max_prompt_tokens - 16} tokens), generated": lambda http: http.post(
-                    "/generate", json=largest),
+                    "/generate",
+                    content=(huge[i : i + (1 << 20)] for i in range(0, len(huge), 1 << 20)),
+                    headers={"content-type": "application/json"},
+                ),
+                f"{len(under_body) // 1024} KiB prompt (under the body bound, over the prompt's)": lambda http: (
+                    http.post("/generate", content=under_body, headers={"content-type": "application/json"})
+                ),
+                f"largest accepted prompt ({settings.max_prompt_tokens - 16} tokens), generated": lambda http: (
+                    http.post("/generate", json=largest)
+                ),
             }
             with httpx.Client(base_url=url, timeout=300) as http:
                 for name, send in cases.items():
                     latencies, reply = probe_while(url, partial(send, http))
                     answer = reply.status_code if isinstance(reply, httpx.Response) else type(reply).__name__
-                    print(f"{name}: answer {answer}; /healthz over {len(latencies)} probes: "
-                          f"p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms, "
-                          f"max {max(latencies) * 1000:.1f} ms")
+                    print(
+                        f"{name}: answer {answer}; /healthz over {len(latencies)} probes: "
+                        f"p50 {statistics.median(latencies) * 1000:.1f} ms, "
+                        f"p99 {percentile(latencies, 99) * 1000:.1f} ms, "
+                        f"max {max(latencies) * 1000:.1f} ms"
+                    )
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -145,7 +145,9 @@ def cold_loads(engine: InferenceEngine, names: list[str]) -> tuple[float, float]
         cache.acquire(name, registry.get(name).sha256)
         cold.append(time.perf_counter() - started)
     cache.evict(names[-1])
-    cache = AdapterCache(registry, engine.host, max_count=1, max_bytes=1 << 40, cpu_bytes=1 << 40, device=engine.base.device)
+    cache = AdapterCache(
+        registry, engine.host, max_count=1, max_bytes=1 << 40, cpu_bytes=1 << 40, device=engine.base.device
+    )
     for name in names + names:
         started = time.perf_counter()
         cache.acquire(name, registry.get(name).sha256)
@@ -186,7 +188,9 @@ def main() -> None:
     if args.mixes:
         scenarios["16 mixes (2 adapters each)"] = [{names[i]: 0.5, names[(i + 1) % N_REQUESTS]: 0.5}
                                                    for i in range(N_REQUESTS)]
-    runs = {label: (lambda a=adapters: engine_run(engine, a, ids, args.new_tokens)) for label, adapters in scenarios.items()}
+    runs = {
+        label: (lambda a=adapters: engine_run(engine, a, ids, args.new_tokens)) for label, adapters in scenarios.items()
+    }
     figures = round_robin(runs, args.repeats)
     params = {n: (p.data_ptr(), p._version) for n, p in engine.host.bone_model.named_parameters()}
     installs = engine.cache.installs

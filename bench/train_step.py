@@ -82,7 +82,11 @@ def make_variants(base, with_peft: bool):
 
         from peft import MissConfig, get_peft_model
 
-        for label, r, init in [("peft miss r=16", 16, True), ("peft miss r=64", 64, True), ("peft miss-bat r=16", 16, "bat")]:
+        for label, r, init in [
+            ("peft miss r=16", 16, True),
+            ("peft miss r=64", 64, True),
+            ("peft miss-bat r=16", 16, "bat"),
+        ]:
             hf = copy.deepcopy(base)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -146,7 +146,9 @@ def _compose(registry: AdapterRegistry, engine, name: str, request: ComposeReque
     try:
         check_finite(summed)  # finite sources, bounded weights: only a source near float32's edge gets here
     except NonFiniteTensorError as exc:
-        raise InvalidRequest(f"the weighted sum is not finite: {exc}", param="adapters", code="non_finite_weights") from None
+        raise InvalidRequest(
+            f"the weighted sum is not finite: {exc}", param="adapters", code="non_finite_weights"
+        ) from None
     with tempfile.TemporaryDirectory() as folder:
         write_adapter_dir(folder, config.to_dict("bone"), summed)
         info = registry.publish(name, Path(folder), {

@@ -57,7 +57,9 @@ def import_adapter(name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN, max_l
     try:
         config = BoneConfig.from_dict(config_dict)
     except BoneError as exc:
-        raise InvalidRequest(f"adapter_config.json: {exc}", param="adapter_config", code="invalid_bone_config") from None
+        raise InvalidRequest(
+            f"adapter_config.json: {exc}", param="adapter_config", code="invalid_bone_config"
+        ) from None
     if config.r > settings.max_r:
         raise InvalidRequest(f"adapter r={config.r} exceeds the server's limit of {settings.max_r} (BONE_MAX_R)",
                              param="adapter_config")
@@ -122,5 +124,7 @@ def _read_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise InvalidRequest(f"adapter_model is not a readable safetensors file (pickled checkpoints are refused): {exc}",
-                             param="adapter_model") from None
+        raise InvalidRequest(
+            f"adapter_model is not a readable safetensors file (pickled checkpoints are refused): {exc}",
+            param="adapter_model",
+        ) from None

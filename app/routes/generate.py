@@ -42,9 +42,13 @@ MAX_NAME_CHARS = 64  # adapter names (core.jobs.ADAPTER_NAME_PATTERN)
 # lifts the default string bound of request models, the body bound keeps it far lower.
 MAX_PROMPT_CHARS = 64 << 20
 SeedField = Field(None, ge=0, lt=SEED_BOUND, description="0 <= seed < 2**63; same seed, same text")
-AdaptersField = Field(None, min_length=1, max_length=MAX_MIX,
-                      description='a mix of Bone adapters served as their exact weighted sum, e.g. {"a": 0.7, "b": 0.3}; '
-                                  "replaces adapter (nothing is written to the registry)")
+AdaptersField = Field(
+    None,
+    min_length=1,
+    max_length=MAX_MIX,
+    description='a mix of Bone adapters served as their exact weighted sum, e.g. {"a": 0.7, "b": 0.3}; '
+    "replaces adapter (nothing is written to the registry)",
+)
 
 
 def check_mix(value: dict[str, float] | None) -> dict[str, float] | None:
@@ -60,9 +64,13 @@ def check_prompt(text: str, settings: Settings, param: str = "prompt") -> None:
     (BONE_MAX_PROMPT_TOKENS x BONE_PROMPT_BYTES_PER_TOKEN) and valid Unicode (no lone surrogates, which
     JSON can spell and no tokenizer can encode). Cheap: the length in characters is checked first."""
     limit = settings.max_prompt_bytes
-    too_long = InvalidRequest(f"{param} is longer than {limit} bytes of UTF-8, more than BONE_MAX_PROMPT_TOKENS="
-                              f"{settings.max_prompt_tokens} tokens can hold ({settings.prompt_bytes_per_token} bytes a "
-                              "token, BONE_PROMPT_BYTES_PER_TOKEN)", param=param, code="prompt_too_long")
+    too_long = InvalidRequest(
+        f"{param} is longer than {limit} bytes of UTF-8, more than BONE_MAX_PROMPT_TOKENS="
+        f"{settings.max_prompt_tokens} tokens can hold ({settings.prompt_bytes_per_token} bytes a "
+        "token, BONE_PROMPT_BYTES_PER_TOKEN)",
+        param=param,
+        code="prompt_too_long",
+    )
     if len(text) > limit:
         raise too_long
     try:
@@ -82,8 +90,11 @@ class GenerateRequest(RequestModel):
 
     adapter: str | None = Field(None, max_length=MAX_NAME_CHARS, description="adapter name; null = the base model")
     adapters: dict[str, float] | None = AdaptersField
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
-                        description="at most BONE_MAX_PROMPT_TOKENS tokens and that many x BONE_PROMPT_BYTES_PER_TOKEN bytes")
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="at most BONE_MAX_PROMPT_TOKENS tokens and that many x BONE_PROMPT_BYTES_PER_TOKEN bytes",
+    )
     max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS} (or the server's "
                                        "limit, if lower); bounded by BONE_MAX_NEW_TOKENS")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
@@ -190,7 +201,9 @@ async def _disconnected(http_request: Request) -> None:
         pass
 
 
-async def results_or_disconnect(engine: InferenceEngine, requests: list, http_request: Request) -> list[GenerationResult]:
+async def results_or_disconnect(
+    engine: InferenceEngine, requests: list, http_request: Request
+) -> list[GenerationResult]:
     """Await every request's result; a client that hangs up first frees its batch slots at the next step."""
     outcome = asyncio.ensure_future(asyncio.gather(*(engine.result(r) for r in requests)))
     watcher = asyncio.ensure_future(_disconnected(http_request))
@@ -268,7 +281,9 @@ def error_body(exc: BaseException) -> dict:
     error = service_error_from(exc)
     if error is not None:
         return error.to_dict()
-    return {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}}
+    return {
+        "error": {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}
+    }
 
 
 # ``stream: true`` answers with server-sent events: documented, so clients (and schema checks) expect both.

@@ -3,9 +3,10 @@
 ``model`` is an adapter name, or the base model's name for the base model itself. An extra body field
 ``adapters`` (``{"a": 0.7, "b": 0.3}``; the official client sends it with ``extra_body={"adapters": ...}``)
 serves the exact weighted sum of Bone adapters instead; ``model`` is then the base model's name (or any
-name that is not a published adapter: naming an adapter and a mix at once is refused, 400 on ``adapters``). The official ``openai``
-client works unchanged (``base_url=http://host:port/v1``); streams follow OpenAI's chunk format and end with
-``data: [DONE]``. Requests go through the same engine as ``/generate`` (batched with everything else).
+name that is not a published adapter: naming an adapter and a mix at once is refused, 400 on ``adapters``).
+The official ``openai`` client works unchanged (``base_url=http://host:port/v1``); streams follow OpenAI's
+chunk format and end with ``data: [DONE]``. Requests go through the same engine as ``/generate`` (batched
+with everything else).
 ``prompt`` may also be token ids (a list of ints, or a list of such lists), as lm-evaluation-harness sends.
 ``logprobs`` / ``echo`` (completions) and ``logprobs`` / ``top_logprobs`` (chat) report the model's own
 log-probabilities (before temperature and top_p, as vLLM does); ``echo`` with ``max_tokens: 0`` scores a
@@ -317,8 +318,14 @@ def _base_card(settings: Settings) -> dict:
 
 
 def _adapter_card(info, settings: Settings) -> dict:
-    return {"id": info.name, "object": "model", "created": int(info.created_at), "owned_by": info.owner or "bone-server",
-            "parent": settings.base_model, "root": settings.base_model}
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": int(info.created_at),
+        "owned_by": info.owner or "bone-server",
+        "parent": settings.base_model,
+        "root": settings.base_model,
+    }
 
 
 @router.get("/models", response_model=ModelList)

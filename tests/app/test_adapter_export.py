@@ -101,7 +101,10 @@ def test_downloads_name_a_base_model_that_resolves(live, client, tmp_path, monke
     files = _unzip(client.get(f"/adapters/resolves/download?format={fmt}"))
     config = json.loads(files["adapter_config.json"])
     assert config["base_model_name_or_path"] == "embedded-llama-v1"
-    assert json.loads(files["bone_export.json"])["base_model_how"] == "bone-server models export-embedded embedded-llama-v1"
+    assert (
+        json.loads(files["bone_export.json"])["base_model_how"]
+        == "bone-server models export-embedded embedded-llama-v1"
+    )
     adapter_dir = tmp_path / "adapter"
     adapter_dir.mkdir()
     for name, data in files.items():
@@ -119,7 +122,9 @@ def test_downloads_name_a_base_model_that_resolves(live, client, tmp_path, monke
     torch.testing.assert_close(_logits(loaded, ids), _logits(ours, ids), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name, expected", [("embedded", "embedded-llama-v1"), ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")])
+@pytest.mark.parametrize(
+    "name, expected", [("embedded", "embedded-llama-v1"), ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")]
+)
 def test_exported_base_model_names(live, name, expected):
     from core.base_model import exported_base_model_name
 

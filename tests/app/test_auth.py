@@ -139,13 +139,19 @@ def test_adapters_are_listed_and_read_by_their_owner_only(client, live):
 def test_another_owners_adapter_cannot_be_deleted_or_used(client, live):
     publish_as(live, "bob", "bob-only", seed=3)
     assert client.delete("/adapters/bob-only", headers=bearer(ALICE)).status_code == 404
-    gen = client.post("/generate", headers=bearer(ALICE), json={"adapter": "bob-only", "prompt": "hi", "max_new_tokens": 2})
+    gen = client.post(
+        "/generate", headers=bearer(ALICE), json={"adapter": "bob-only", "prompt": "hi", "max_new_tokens": 2}
+    )
     assert gen.status_code == 404 and gen.json()["error"]["param"] == "adapter", gen.text
-    oai = client.post("/v1/completions", headers=bearer(ALICE), json={"model": "bob-only", "prompt": "hi", "max_tokens": 2})
+    oai = client.post(
+        "/v1/completions", headers=bearer(ALICE), json={"model": "bob-only", "prompt": "hi", "max_tokens": 2}
+    )
     assert oai.status_code == 404, oai.text
     # Its owner (and an admin) can.
     for key in (BOB, ROOT):
-        ok = client.post("/generate", headers=bearer(key), json={"adapter": "bob-only", "prompt": "hi", "max_new_tokens": 2})
+        ok = client.post(
+            "/generate", headers=bearer(key), json={"adapter": "bob-only", "prompt": "hi", "max_new_tokens": 2}
+        )
         assert ok.status_code == 200, ok.text
     assert client.delete("/adapters/bob-only", headers=bearer(BOB)).status_code == 200
 
@@ -167,7 +173,9 @@ def test_a_name_another_owner_holds_cannot_be_trained_over(client, live):
 def test_rate_limit_is_per_key_and_answers_429_with_retry_after(client):
     for i in range(SERVER_SETTINGS["rate_limit_training"]):
         create_job(client, ALICE, f"burst-{i}")
-    over = client.post("/jobs", headers=bearer(ALICE), json={"adapter_name": "burst-x", "dataset": {"records": RECORDS}})
+    over = client.post(
+        "/jobs", headers=bearer(ALICE), json={"adapter_name": "burst-x", "dataset": {"records": RECORDS}}
+    )
     assert over.status_code == 429, over.text
     assert over.json()["error"]["type"] == "rate_limit_error"
     assert 1 <= int(over.headers["retry-after"]) <= 61

@@ -18,12 +18,24 @@ def job(**fields) -> dict:
 
 CASES = [
     # (id, method, path, json body, status, param)
-    ("records", "POST", "/jobs", job(dataset={"records": [ROW] * (TEST_LIMITS["max_inline_records"] + 1)}), 422,
-     "dataset.records"),
+    (
+        "records",
+        "POST",
+        "/jobs",
+        job(dataset={"records": [ROW] * (TEST_LIMITS["max_inline_records"] + 1)}),
+        422,
+        "dataset.records",
+    ),
     ("r", "POST", "/jobs", job(bone={"r": TEST_LIMITS["max_r"] + 1}), 422, "bone.r"),
     ("r-zero", "POST", "/jobs", job(bone={"r": 0}), 422, "bone.r"),
-    ("seq-len", "POST", "/jobs", job(training={"max_seq_length": TEST_LIMITS["max_seq_length"] + 1}), 422,
-     "training.max_seq_length"),
+    (
+        "seq-len",
+        "POST",
+        "/jobs",
+        job(training={"max_seq_length": TEST_LIMITS["max_seq_length"] + 1}),
+        422,
+        "training.max_seq_length",
+    ),
     ("name-traversal", "POST", "/jobs", job(adapter_name="../../etc"), 422, "adapter_name"),
     ("name-dotdot", "POST", "/jobs", job(adapter_name="a..b"), 422, "adapter_name"),
     ("name-absolute", "POST", "/jobs", job(adapter_name="/tmp/x"), 422, "adapter_name"),
@@ -38,10 +50,22 @@ CASES = [
     ("base-model-dotdot", "POST", "/jobs", job(base_model="../../../"), 422, "base_model"),
     ("trust-remote-code", "POST", "/jobs", job(trust_remote_code=True), 422, "trust_remote_code"),
     ("trust-remote-code-bone", "POST", "/jobs", job(bone={"trust_remote_code": True}), 422, "bone.trust_remote_code"),
-    ("max-new-tokens", "POST", "/generate", {"prompt": "hi", "max_new_tokens": TEST_LIMITS["max_new_tokens"] + 1},
-     422, "max_new_tokens"),
-    ("max-tokens-openai", "POST", "/v1/completions",
-     {"model": "embedded", "prompt": "hi", "max_tokens": TEST_LIMITS["max_new_tokens"] + 1}, 400, "max_tokens"),  # OpenAI: 400
+    (
+        "max-new-tokens",
+        "POST",
+        "/generate",
+        {"prompt": "hi", "max_new_tokens": TEST_LIMITS["max_new_tokens"] + 1},
+        422,
+        "max_new_tokens",
+    ),
+    (
+        "max-tokens-openai",
+        "POST",
+        "/v1/completions",
+        {"model": "embedded", "prompt": "hi", "max_tokens": TEST_LIMITS["max_new_tokens"] + 1},
+        400,
+        "max_tokens",
+    ),  # OpenAI: 400
     ("adapter-traversal", "POST", "/generate", {"prompt": "hi", "adapter": "../../etc/passwd"}, 404, "adapter"),
 ]
 
@@ -81,8 +105,14 @@ def test_body_over_the_limit_is_413_declared_or_streamed(client):
 def test_uploads_have_their_own_bound(client):
     """Multipart imports may exceed the JSON body bound, up to BONE_MAX_UPLOAD_BYTES."""
     just_over_body = b"\0" * (TEST_LIMITS["max_body_bytes"] + 1024)
-    reply = client.post("/adapters", data={"name": "up"}, files={
-        "adapter_config": ("adapter_config.json", b"{}"), "adapter_model": ("adapter_model.safetensors", just_over_body)})
+    reply = client.post(
+        "/adapters",
+        data={"name": "up"},
+        files={
+            "adapter_config": ("adapter_config.json", b"{}"),
+            "adapter_model": ("adapter_model.safetensors", just_over_body),
+        },
+    )
     assert reply.status_code == 422, reply.text  # read and judged (not a safetensors file), not refused for size
     too_big = b"\0" * (SERVER_SETTINGS["max_upload_bytes"] + 1)
     reply = client.post("/adapters", data={"name": "up"}, files={

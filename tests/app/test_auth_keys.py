@@ -75,8 +75,19 @@ def test_keys_authenticate_to_their_owner_and_role():
     assert ring.authenticate(hash_key(alice)) is None  # the stored hash is not a key
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.2", True),
-                                            ("0.0.0.0", False), ("10.0.0.5", False), ("::", False), ("example.com", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("127.0.0.2", True),
+        ("0.0.0.0", False),
+        ("10.0.0.5", False),
+        ("::", False),
+        ("example.com", False),
+    ],
+)
 def test_loopback(host, loopback):
     assert is_loopback(host) is loopback
 

@@ -21,7 +21,9 @@ PROMPTS = ["Once upon a time", "Hi", "A somewhat longer prompt than the others",
 
 def submit(engine: InferenceEngine, prompt: str, adapter: str | None = None, n: int = 12, **params):
     sha = None if adapter is None else AdapterRegistry(engine.settings.registry_dir).get(adapter).sha256
-    return engine.submit(engine.tokenize(prompt), adapter, sha, SamplingParams(max_new_tokens=n, temperature=0, **params))
+    return engine.submit(
+        engine.tokenize(prompt), adapter, sha, SamplingParams(max_new_tokens=n, temperature=0, **params)
+    )
 
 
 def run(engine, jobs) -> list[str]:

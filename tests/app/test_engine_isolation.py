@@ -98,7 +98,9 @@ def test_an_adapter_with_non_finite_weights_is_refused_at_load(make_engine):
 
     with tempfile.TemporaryDirectory() as folder:  # republished the old way: the registry takes any weights
         save_file(tensors, str(Path(folder) / "adapter_model.safetensors"))
-        (Path(folder) / "adapter_config.json").write_text(Path(registry.path("nan-published"), "adapter_config.json").read_text())
+        (Path(folder) / "adapter_config.json").write_text(
+            Path(registry.path("nan-published"), "adapter_config.json").read_text()
+        )
         info = registry.publish("nan-published", Path(folder), {"base_model": "embedded", "bone": info.bone},
                                 overwrite=True)
     bad = submit(engine, "Hello", adapter="nan-published", sha=info.sha256)

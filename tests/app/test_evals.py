@@ -132,7 +132,9 @@ def test_a_running_evaluation_whose_process_died_reads_as_failed(client, live, r
     created = create(client, ["alpha"])
     EvalStore(redis_conn).transition(created["id"], None, status=JobStatus.RUNNING)
     assert client.get(f"/evals/{created['id']}").json()["status"] == "running"
-    RQJob.fetch(created["id"], connection=redis_conn).set_status(RQStatus.FAILED)  # what RQ records for a killed work-horse
+    RQJob.fetch(created["id"], connection=redis_conn).set_status(
+        RQStatus.FAILED
+    )  # what RQ records for a killed work-horse
     done = client.get(f"/evals/{created['id']}").json()
     assert done["status"] == "failed" and "died" in done["error"]
 

@@ -151,8 +151,14 @@ def test_a_format_override_is_checked_against_the_uploaded_file(files, fmt, ok):
 
 def test_a_format_override_is_checked_against_a_mixed_file_and_a_path(files, live):
     mixed = upload(files, "mixed.jsonl", jsonl(ROWS)).json()
-    reply = files.post("/jobs", json={"adapter_name": "fmt-mixed", "dataset": {"file_id": mixed["id"], "format": "text"},
-                                      "validation_dataset": {"file_id": mixed["id"]}})
+    reply = files.post(
+        "/jobs",
+        json={
+            "adapter_name": "fmt-mixed",
+            "dataset": {"file_id": mixed["id"], "format": "text"},
+            "validation_dataset": {"file_id": mixed["id"]},
+        },
+    )
     assert reply.status_code == 422 and "row 0" in reply.json()["error"]["message"], reply.text
     live.settings.datasets_dir.mkdir(parents=True, exist_ok=True)
     (live.settings.datasets_dir / "fmt.jsonl").write_bytes(jsonl([ROWS[1]] * 2))

@@ -77,7 +77,9 @@ def test_mix_is_cached_and_refreshed_when_a_source_is_republished(live, client, 
     assert live.engine.cache.installs == installs  # served from the pool, not rebuilt
     publish_adapter(live.settings, "mx-b", seed=99, overwrite=True, target_modules=("q_proj", "k_proj", "up_proj"))
     client.post("/adapters/mx-ref/compose", json={"adapters": weights})
-    assert gen(client, "cache me", 12, adapters=weights)["text"] == gen(client, "cache me", 12, adapter="mx-ref")["text"]
+    assert (
+        gen(client, "cache me", 12, adapters=weights)["text"] == gen(client, "cache me", 12, adapter="mx-ref")["text"]
+    )
 
 
 @pytest.mark.parametrize("body, status, param", [

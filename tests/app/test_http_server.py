@@ -93,7 +93,10 @@ def test_row12_slowloris_connections_are_cut_off_while_others_are_served(api):
             time.sleep(0.2)
     for thread in attackers:
         thread.join(40)
-    print(f"closed after {min(closed_after or [0]):.2f}-{max(closed_after or [0]):.2f} s; healthz {min(served):.3f}-{max(served):.3f} s")
+    print(
+        f"closed after {min(closed_after or [0]):.2f}-{max(closed_after or [0]):.2f} s; "
+        f"healthz {min(served):.3f}-{max(served):.3f} s"
+    )
     assert len(closed_after) == 20, f"only {len(closed_after)} of 20 slow connections were closed"
     assert max(closed_after) < HEADER_TIMEOUT_S + 3, closed_after
     assert max(served) < 1.0, served

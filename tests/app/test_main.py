@@ -23,8 +23,23 @@ def test_uvicorn_factory_serves_with_settings_from_the_environment(tmp_path, red
     port = free_port()
     env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": redis_url, "BONE_MAX_NEW_TOKENS": "7"}
     with open(tmp_path / "api.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host",
-                                 "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "app.main:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

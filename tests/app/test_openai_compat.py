@@ -223,5 +223,8 @@ def test_async_client_gets_the_same_answers(oai, live):
             return completion.choices[0].text, chat.choices[0].message.content, "".join(pieces)
 
     completion, chat, streamed = asyncio.run(ask())
-    assert completion == oai.completions.create(model="embedded", prompt="Async", max_tokens=5, temperature=0).choices[0].text
+    assert (
+        completion
+        == oai.completions.create(model="embedded", prompt="Async", max_tokens=5, temperature=0).choices[0].text
+    )
     assert streamed == chat

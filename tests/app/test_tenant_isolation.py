@@ -141,7 +141,10 @@ def test_row1_mix_weights_are_bounded(live, bob, weight, says):
     assert reply.status_code == 422, reply.text
     error = reply.json()["error"]
     assert error["param"].startswith("adapters") and says in error["message"]
-    assert bob.post("/generate", json={"prompt": "Hello", "adapters": {"bob-a": 100}, "max_new_tokens": 2}).status_code == 200
+    assert (
+        bob.post("/generate", json={"prompt": "Hello", "adapters": {"bob-a": 100}, "max_new_tokens": 2}).status_code
+        == 200
+    )
 
 
 def test_row1_imported_weights_must_be_finite(live, bob):
@@ -237,7 +240,10 @@ def test_row5_a_prompt_over_its_byte_bound_is_refused_before_tokenizing(live, bo
     finally:
         engine.tokenize = original
     assert reply.status_code == 422 and reply.json()["error"]["param"] == "prompt"
-    assert reply.json()["error"]["code"] == "prompt_too_long" and "BONE_MAX_PROMPT_TOKENS" in reply.json()["error"]["message"]
+    assert (
+        reply.json()["error"]["code"] == "prompt_too_long"
+        and "BONE_MAX_PROMPT_TOKENS" in reply.json()["error"]["message"]
+    )
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"  # /v1: OpenAI's 400
     assert calls == []
 
@@ -315,7 +321,10 @@ def test_one_key_cannot_take_the_whole_generation_queue(live, client):
             time.sleep(0.005)
         refused = bob.post("/generate", json={"prompt": "one more", "max_new_tokens": 2})
         assert refused.status_code == 429, refused.text
-        assert refused.json()["error"]["code"] == "key_queue_full" and "BONE_MAX_QUEUE_PER_KEY" in refused.json()["error"]["message"]
+        assert (
+            refused.json()["error"]["code"] == "key_queue_full"
+            and "BONE_MAX_QUEUE_PER_KEY" in refused.json()["error"]["message"]
+        )
         assert int(refused.headers["retry-after"]) >= 1
         started = time.monotonic()
         mine = alice.post("/generate", json={"prompt": "Hi", "max_new_tokens": 4, "temperature": 0})

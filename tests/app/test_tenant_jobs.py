@@ -109,7 +109,9 @@ def test_row3_infinite_weight_decay_does_not_break_listing(client, redis_conn, c
 def test_row3_a_broken_evaluation_record_does_not_break_eval_listing(live, client, redis_conn):
     publish_as(live, "bob", "bob-scored", seed=3)
     publish_as(live, "alice", "alice-scored", seed=4)
-    bobs = client.post("/evals", headers=bearer(BOB), json={"adapters": ["bob-scored"], "dataset": {"records": RECORDS}})
+    bobs = client.post(
+        "/evals", headers=bearer(BOB), json={"adapters": ["bob-scored"], "dataset": {"records": RECORDS}}
+    )
     alices = client.post("/evals", headers=bearer(ALICE), json={"adapters": ["alice-scored"],
                                                                 "dataset": {"records": RECORDS}})
     assert bobs.status_code == alices.status_code == 202, (bobs.text, alices.text)
@@ -183,9 +185,18 @@ def test_row4_backtracking_target_modules_regex_answers_promptly(live, client, f
 def test_row4_backtracking_regex_in_an_imported_adapter_config_answers_promptly(live, client):
     config = json.dumps({"peft_type": "BONE", "r": 4, "target_modules": EVIL + "." * 200}).encode()
     started = time.perf_counter()
-    slowest, reply = healthz_while(live, lambda: client.post(
-        "/adapters", headers=bearer(BOB), data={"name": "evil-import"},
-        files={"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", b"x")}))
+    slowest, reply = healthz_while(
+        live,
+        lambda: client.post(
+            "/adapters",
+            headers=bearer(BOB),
+            data={"name": "evil-import"},
+            files={
+                "adapter_config": ("adapter_config.json", config),
+                "adapter_model": ("adapter_model.safetensors", b"x"),
+            },
+        ),
+    )
     assert reply.status_code == 422, reply.text
     assert error_of(reply)["param"] == "adapter_config" and "RE2" in error_of(reply)["message"]
     assert time.perf_counter() - started < 5 and slowest < 1.0
@@ -267,7 +278,9 @@ def test_row6_file_bytes_quota_is_429_and_keeps_nothing(live, client):
     assert big.status_code == 429, big.text
     assert error_of(big)["param"] == "quota.file_bytes"
     assert [f["id"] for f in client.get("/files", headers=bearer(BOB)).json()["data"]] == [small.json()["id"]]
-    assert client.post("/files", headers=bearer(ALICE), files={"file": ("c.jsonl", b'{"text": "c"}\n')}).status_code == 201
+    assert (
+        client.post("/files", headers=bearer(ALICE), files={"file": ("c.jsonl", b'{"text": "c"}\n')}).status_code == 201
+    )
 
 
 def test_row6_adapters_quota_is_429_for_jobs_and_compose(live, client):
@@ -332,7 +345,12 @@ def test_row10_workers_hide_other_owners_job_ids(client, redis_conn):
 # --- row 11: no file-existence oracle through base_model ----------------------------------------------------------
 def test_row11_base_model_paths_answer_the_same_whether_or_not_they_exist(live, client):
     existing = ["data/../../../etc/passwd", "/etc", "../" * 8 + "etc/hostname", str(live.settings.data_dir)]
-    missing = ["data/../../../no/such/file", "/no/such/dir", "../" * 8 + "no/such", str(live.settings.data_dir / "nope")]
+    missing = [
+        "data/../../../no/such/file",
+        "/no/such/dir",
+        "../" * 8 + "no/such",
+        str(live.settings.data_dir / "nope"),
+    ]
     messages = set()
     for name in existing + missing:
         reply = post_job(client, BOB, "bob-probe", base_model=name)

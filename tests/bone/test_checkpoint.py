@@ -42,7 +42,9 @@ def test_saved_keys_layout_and_no_leak(tmp_path):
     bm.save_pretrained(tmp_path / "b", adapter_name="b")
     ka = load_file(tmp_path / "a" / "adapter_model.safetensors")
     kb = load_file(tmp_path / "b" / "adapter_model.safetensors")
-    assert sorted(ka) == sorted(f"base_model.model.model.layers.{i}.self_attn.{p}.bone_block" for i in (0, 1) for p in ("q_proj", "v_proj"))
+    assert sorted(ka) == sorted(
+        f"base_model.model.model.layers.{i}.self_attn.{p}.bone_block" for i in (0, 1) for p in ("q_proj", "v_proj")
+    )
     assert ka["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].shape == (4, 32)
     assert sorted(kb) == [f"base_model.model.model.layers.{i}.self_attn.q_proj.bone_block" for i in (0, 1)]
     assert kb["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].shape == (4, 8, 8)
@@ -90,16 +92,28 @@ def _saved(tmp_path, **cfg):
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        (lambda t: t.pop("base_model.model.model.layers.1.self_attn.q_proj.bone_block"),
-         r"missing key .*layers\.1\.self_attn\.q_proj\.bone_block.*'model\.layers\.1\.self_attn\.q_proj'.*\(4, 32\)"),
-        (lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.bone_block", torch.zeros(4, 48)),
-         r"unexpected key .*'model\.layers\.0\.mlp\.up_proj'"),
-        (lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.bone_block", torch.zeros(8, 32)),
-         r"module 'model\.layers\.0\.self_attn\.q_proj'.*shape \(8, 32\), expected \(4, 32\)"),
-        (lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.miss_block", torch.zeros(4, 32)),
-         "both a bone_block and a miss_block"),
-        (lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.bone_block", torch.zeros(4, 32, dtype=torch.int32)),
-         "floating-point"),
+        (
+            lambda t: t.pop("base_model.model.model.layers.1.self_attn.q_proj.bone_block"),
+            r"missing key .*layers\.1\.self_attn\.q_proj\.bone_block.*'model\.layers\.1\.self_attn\.q_proj'.*\(4, 32\)",
+        ),
+        (
+            lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.bone_block", torch.zeros(4, 48)),
+            r"unexpected key .*'model\.layers\.0\.mlp\.up_proj'",
+        ),
+        (
+            lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.bone_block", torch.zeros(8, 32)),
+            r"module 'model\.layers\.0\.self_attn\.q_proj'.*shape \(8, 32\), expected \(4, 32\)",
+        ),
+        (
+            lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.miss_block", torch.zeros(4, 32)),
+            "both a bone_block and a miss_block",
+        ),
+        (
+            lambda t: t.__setitem__(
+                "base_model.model.model.layers.0.self_attn.q_proj.bone_block", torch.zeros(4, 32, dtype=torch.int32)
+            ),
+            "floating-point",
+        ),
     ],
 )
 def test_load_errors_name_module_and_shapes(mutate, match, tmp_path):

@@ -55,7 +55,9 @@ def test_invalid_values_name_the_field(kwargs, field):
     assert field in str(ei.value)
 
 
-@pytest.mark.parametrize("init, variant", [(True, "bone"), (False, "bone"), ("bat", "bat"), ("BAT", "bat"), ("mini", "mini")])
+@pytest.mark.parametrize(
+    "init, variant", [(True, "bone"), (False, "bone"), ("bat", "bat"), ("BAT", "bat"), ("mini", "mini")]
+)
 def test_variants(init, variant):
     assert BoneConfig(init_weights=init).variant == variant
 
@@ -78,7 +80,9 @@ def test_to_dict_is_peft_bone_layout():
     assert m["peft_type"] == "MISS" and m["mini_r"] == 1 and m["miss_dropout"] == 0.0 and m["bias"] == "MiSS_only"
 
 
-@pytest.mark.parametrize("kwargs, field", [({"init_weights": "mini"}, "init_weights"), ({"miss_dropout": 0.1}, "miss_dropout")])
+@pytest.mark.parametrize(
+    "kwargs, field", [({"init_weights": "mini"}, "init_weights"), ({"miss_dropout": 0.1}, "miss_dropout")]
+)
 def test_miss_only_fields_refuse_bone_format(kwargs, field):
     c = BoneConfig(**kwargs)
     with pytest.raises(BoneConfigError, match=field):

@@ -26,7 +26,9 @@ def test_selection_matrix_reproduces_the_tiled_delta(r, fin):
     assert torch.equal(block.t() @ selection_matrix(r, fin), bone_delta(block, fin))
 
 
-PEFT_WARNINGS = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")  # PEFT 0.18 on transformers 5
+PEFT_WARNINGS = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::UserWarning"
+)  # PEFT 0.18 on transformers 5
 
 
 @PEFT_WARNINGS

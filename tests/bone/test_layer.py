@@ -84,7 +84,10 @@ def test_training_path_gradients(fin, fout, r, conv1d, mode, train_path):
     y = layer(x)
     gy = torch.randn_like(y)
     y.backward(gy)
-    got = [t.grad.clone() for t in (x, layer.base_layer.weight, layer.base_layer.bias, layer.bone_block["a"], layer.bone_block["b"])]
+    got = [
+        t.grad.clone()
+        for t in (x, layer.base_layer.weight, layer.base_layer.bias, layer.bone_block["a"], layer.bone_block["b"])
+    ]
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, layer.base_layer.weight, layer.base_layer.bias,
                                                               layer.bone_block["a"], layer.bone_block["b"])]
     xl, wl, bl, al, bbl = leaves
@@ -196,7 +199,10 @@ def test_bat_divisibility_error_names_shape():
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
-@pytest.mark.parametrize("variants", [("bone",), ("bat",), ("mini",), ("bone", "bat"), ("bat", "bone"), ("bat", "bat"), ("bone", "mini", "bat")])
+@pytest.mark.parametrize(
+    "variants",
+    [("bone",), ("bat",), ("mini",), ("bone", "bat"), ("bat", "bone"), ("bat", "bat"), ("bone", "mini", "bat")],
+)
 def test_merge_unmerge_random_blocks(variants, conv1d):
     fin, fout, r = 16, 12, 4
     layer = make(fin, fout, conv1d)

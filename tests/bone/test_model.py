@@ -62,7 +62,9 @@ def test_gradients_reach_only_trainable(name, init):
             assert p.grad is None, n
 
 
-@pytest.mark.parametrize("name, targets_", [("llama", {"q_proj", "v_proj"}), ("opt", {"q_proj", "v_proj"}), ("gpt2", {"c_attn"})])
+@pytest.mark.parametrize(
+    "name, targets_", [("llama", {"q_proj", "v_proj"}), ("opt", {"q_proj", "v_proj"}), ("gpt2", {"c_attn"})]
+)
 def test_default_targets(name, targets_):
     bm = get_bone_model(build(name), BoneConfig(r=4))
     leaves = {n.split(".")[-1] for n, m in bm.base_model.named_modules() if isinstance(m, BoneLinear)}
@@ -78,13 +80,23 @@ def wrapped_names(bm):
 @pytest.mark.parametrize(
     "cfg, expected",
     [
-        (dict(target_modules=r".*\.0\.self_attn\.(q|k)_proj"), ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"]),
+        (
+            dict(target_modules=r".*\.0\.self_attn\.(q|k)_proj"),
+            ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"],
+        ),
         (dict(target_modules=["q_proj"], layers_to_transform=[1]), ["model.layers.1.self_attn.q_proj"]),
-        (dict(target_modules=["q_proj"], layers_to_transform=1, layers_pattern="layers"), ["model.layers.1.self_attn.q_proj"]),
-        (dict(target_modules=["self_attn.q_proj", "down_proj"], exclude_modules=["layers.0.mlp.down_proj"]),
-         ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]),
-        (dict(target_modules="all-linear", exclude_modules=r".*mlp.*"),
-         [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("k_proj", "o_proj", "q_proj", "v_proj")]),
+        (
+            dict(target_modules=["q_proj"], layers_to_transform=1, layers_pattern="layers"),
+            ["model.layers.1.self_attn.q_proj"],
+        ),
+        (
+            dict(target_modules=["self_attn.q_proj", "down_proj"], exclude_modules=["layers.0.mlp.down_proj"]),
+            ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"],
+        ),
+        (
+            dict(target_modules="all-linear", exclude_modules=r".*mlp.*"),
+            [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("k_proj", "o_proj", "q_proj", "v_proj")],
+        ),
     ],
 )
 def test_target_matching(cfg, expected):
@@ -129,7 +141,9 @@ def test_validate_config_for_model_on_meta_device():
         model = LlamaForCausalLM(build("llama-odd").config)
     before = [n for n, _ in model.named_modules()]
     validate_config_for_model(model, BoneConfig(r=8, target_modules=["q_proj"]))
-    with pytest.raises(BoneConfigError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*in_features=36, out_features=36"):
+    with pytest.raises(
+        BoneConfigError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*in_features=36, out_features=36"
+    ):
         validate_config_for_model(model, BoneConfig(r=8, target_modules=["q_proj"], init_weights="bat"))
     with pytest.raises(BoneConfigError, match="matched no module"):
         validate_config_for_model(model, BoneConfig(r=8, target_modules=["nope"]))

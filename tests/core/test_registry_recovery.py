@@ -92,8 +92,11 @@ def test_an_overwrite_interrupted_between_its_renames_is_finished_on_the_next_st
     root = tmp_path / "reg"
     registry = AdapterRegistry(root)
     registry.publish("alpha", adapter_dir(tmp_path / "v1", 1.0), META)
-    died = subprocess.run([sys.executable, "-c", DIE_BETWEEN_RENAMES, str(root), str(adapter_dir(tmp_path / "v2", 2.0))],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    died = subprocess.run(
+        [sys.executable, "-c", DIE_BETWEEN_RENAMES, str(root), str(adapter_dir(tmp_path / "v2", 2.0))],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert died.returncode == 9
     assert not (root / "alpha").exists()  # the window the journal covers
     assert (root / f"{JOURNAL_PREFIX}alpha.json").is_file()

@@ -30,7 +30,9 @@ def _adapter_dir(tmp_path: Path, payload: bytes = b"weights-v1", r: int = 8) -> 
 
 @pytest.fixture
 def registry(s3_server, s3_url, tmp_path) -> AdapterRegistry:  # noqa: F811
-    return AdapterRegistry(s3_url, cache_dir=tmp_path / "cache", storage_options={"endpoint_url": s3_server.endpoint_url})
+    return AdapterRegistry(
+        s3_url, cache_dir=tmp_path / "cache", storage_options={"endpoint_url": s3_server.endpoint_url}
+    )
 
 
 def replica(s3_server, s3_url, tmp_path, label: str) -> AdapterRegistry:  # noqa: F811

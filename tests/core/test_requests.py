@@ -50,7 +50,13 @@ def test_every_json_body_of_every_route_is_a_request_model():
     assert {path for path, _ in bodies} >= {"/generate", "/v1/completions", "/v1/chat/completions", "/jobs", "/evals",
                                             "/adapters/{name}/compose"}
     names = {inner.__name__ for _, model in bodies for inner in nested_models(model)}
-    assert {"ChatMessage", "RecordsDataset", "HFDataset", "TrainingSpec", "BoneSpec"} <= names  # the walk reaches inside
+    assert {
+        "ChatMessage",
+        "RecordsDataset",
+        "HFDataset",
+        "TrainingSpec",
+        "BoneSpec",
+    } <= names  # the walk reaches inside
     for path, model in bodies:
         for inner in nested_models(model):
             assert issubclass(inner, RequestModel), f"{path}: {inner.__name__} is not a core.requests.RequestModel"

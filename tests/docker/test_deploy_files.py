@@ -105,6 +105,10 @@ def test_each_gpu_worker_reserves_its_own_gpu():
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
     gpu_workers = {name: s for name, s in services.items() if name.startswith("worker-gpu")}
-    ids = [tuple(d["device_ids"]) for s in gpu_workers.values() for d in s["deploy"]["resources"]["reservations"]["devices"]]
+    ids = [
+        tuple(d["device_ids"])
+        for s in gpu_workers.values()
+        for d in s["deploy"]["resources"]["reservations"]["devices"]
+    ]
     assert len(ids) == len(gpu_workers) >= 2 and len(set(ids)) == len(ids)  # one distinct GPU each
     assert all(s["command"][:3] == ["worker", "--device", "cuda:0"] for s in gpu_workers.values())

@@ -50,7 +50,9 @@ def kill_worker(proc) -> None:
 def events(client: httpx.Client, job_id: str) -> list[dict]:
     out, after = [], None
     while True:
-        page = client.get(f"/jobs/{job_id}/events", params={"limit": 1000, **({"after": after} if after else {})}).json()
+        page = client.get(
+            f"/jobs/{job_id}/events", params={"limit": 1000, **({"after": after} if after else {})}
+        ).json()
         out += page["data"]
         if not page["has_more"]:
             return out

@@ -98,8 +98,13 @@ def test_up_restarts_its_worker_when_it_is_killed(tmp_path, shared_models_dir):
     env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": dead_redis, "OMP_NUM_THREADS": "1",
            "BONE_AUTH_DISABLED": "true", "BONE_RECONNECT_MAX_BACKOFF_S": "2"}
     log_path = tmp_path / "up.log"
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)], env=env,
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+        env=env,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     base = f"http://127.0.0.1:{port}"
 
     def ready_worker() -> dict | None:
@@ -127,8 +132,14 @@ def test_up_restarts_its_worker_when_it_is_killed(tmp_path, shared_models_dir):
         assert "killed by SIGKILL; restarting it in" in log_path.read_text()
 
         # the new worker takes jobs
-        job = httpx.post(f"{base}/jobs", json={"adapter_name": "after-restart", "dataset": {"records": [{"text": "hi"}]},
-                                               "training": {"max_steps": 2}}).json()
+        job = httpx.post(
+            f"{base}/jobs",
+            json={
+                "adapter_name": "after-restart",
+                "dataset": {"records": [{"text": "hi"}]},
+                "training": {"max_steps": 2},
+            },
+        ).json()
         wait(lambda: httpx.get(f"{base}/jobs/{job['id']}").json()["status"] == "succeeded", 120, "job not done")
     finally:
         proc.send_signal(signal.SIGTERM)

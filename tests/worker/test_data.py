@@ -264,7 +264,13 @@ def test_split_eval_is_seeded_and_disjoint():
 def test_packing_fills_blocks_with_whole_examples_that_keep_every_token_and_label():
     examples = examples_of(10)
     blocks = pack(examples, 8, seed=0)
-    assert [len(b.input_ids) for b in blocks] == [6, 6, 6, 6, 6]  # two 3-token examples per block: a third would not fit
+    assert [len(b.input_ids) for b in blocks] == [
+        6,
+        6,
+        6,
+        6,
+        6,
+    ]  # two 3-token examples per block: a third would not fit
     assert all(b.segments == [3, 3] for b in blocks)
     assert sorted(t for b in blocks for t in b.input_ids) == sorted(t for e in examples for t in e.input_ids)
     assert sum(t == IGNORE_INDEX for b in blocks for t in b.labels) == 10  # each example's masked first token

@@ -63,7 +63,9 @@ def test_every_packed_example_computes_what_it_computes_alone(attn):
         # what packing did before (positions running on, attention across examples) is far off: the test can fail
         naive = model(input_ids=batch["input_ids"]).logits
         first = blocks[0].segments[0]
-        assert (naive[0, first:first + blocks[0].segments[1]] - packed[0, first:first + blocks[0].segments[1]]).abs().max() > 1e-2
+        assert (
+            naive[0, first : first + blocks[0].segments[1]] - packed[0, first : first + blocks[0].segments[1]]
+        ).abs().max() > 1e-2
 
 
 def test_the_packed_training_loss_is_the_sum_of_the_examples_losses(base):

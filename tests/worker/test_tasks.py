@@ -45,7 +45,11 @@ def test_a_job_trains_and_publishes_its_adapter(task_settings, redis_conn, store
     assert (info.job_id, info.base_model, info.bone["r"]) == (job.id, "embedded", 8)
     assert info.metrics["train_loss"] == done.metrics["train_loss"]
     config = registry.adapter_config("letters")
-    assert (config["peft_type"], config["task_type"], config["base_model_name_or_path"]) == ("BONE", "CAUSAL_LM", "embedded")
+    assert (config["peft_type"], config["task_type"], config["base_model_name_or_path"]) == (
+        "BONE",
+        "CAUSAL_LM",
+        "embedded",
+    )
 
     steps = step_events(store, job.id)
     assert [e["data"]["step"] for e in steps] == list(range(1, 13))
@@ -161,7 +165,11 @@ def test_eval_metrics_and_truncation_reach_the_adapter_and_the_events(task_setti
     events = store.events(job.id, limit=1000)
     kinds = [e["type"] for e in events]
     # 10 training examples in batches of 4: an epoch every 3 steps; evals at 3 and at the end (6).
-    assert kinds == ["status", "message"] + ["step"] * 3 + ["epoch", "eval"] + ["step"] * 3 + ["epoch", "eval", "status"]
+    assert kinds == ["status", "message"] + ["step"] * 3 + ["epoch", "eval"] + ["step"] * 3 + [
+        "epoch",
+        "eval",
+        "status",
+    ]
     assert events[0]["message"] == "started (attempt 1)" and events[-1]["message"].startswith("finished: published")
     assert events[1]["data"]["truncated"] == 1 and "1 truncated to max_seq_length=24" in events[1]["message"]
     ids = [e["id"] for e in events]
@@ -275,7 +283,9 @@ def test_weights_with_nan_or_inf_are_never_published(tmp_path):
     config = {"peft_type": "BONE", "r": 2, "target_modules": ["q_proj"], "init_weights": True}
     write_adapter_dir(tmp_path / "ok", config, {"base_model.model.q_proj.bone_block": torch.ones(2, 4)})
     check_publishable(tmp_path / "ok")
-    write_adapter_dir(tmp_path / "bad", config, {"base_model.model.q_proj.bone_block": torch.tensor([[1.0, float("nan")]])})
+    write_adapter_dir(
+        tmp_path / "bad", config, {"base_model.model.q_proj.bone_block": torch.tensor([[1.0, float("nan")]])}
+    )
     with pytest.raises(ServiceError) as refused:
         check_publishable(tmp_path / "bad")
     assert refused.value.code == "non_finite_weights" and "q_proj.bone_block" in refused.value.message

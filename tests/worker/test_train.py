@@ -72,7 +72,9 @@ def test_loss_falls_and_only_the_adapter_changes(base, wrapped, examples):
     assert all(t.abs().sum() > 0 for t in adapter.values())  # zero-initialised blocks moved
     assert not any(name in frozen for name in adapter)
     # The base weights inside the wrapper are untouched (only bone_* tensors were optimised).
-    wrapped_base = {k.replace(".base_layer", ""): v for k, v in wrapped.base_model.state_dict().items() if "bone_" not in k}
+    wrapped_base = {
+        k.replace(".base_layer", ""): v for k, v in wrapped.base_model.state_dict().items() if "bone_" not in k
+    }
     assert all(torch.equal(wrapped_base[k], v) for k, v in frozen.items())
 
 
