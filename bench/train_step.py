@@ -114,7 +114,7 @@ PAIRS = [("bone r=16", "peft miss r=16"), ("bone r=64", "peft miss r=64"), ("bat
 
 def load_average() -> str:
     try:
-        return "load %.2f %.2f %.2f" % os.getloadavg()
+        return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:  # pragma: no cover - not on every platform
         return "load n/a"
 
@@ -164,7 +164,7 @@ def bench_training(variants, args, batch, seq):
             row["peft/floor"] = paired(times, peft, "floor")
             row["ours/peft"] = paired(times, ours, peft)
         res[ours] = row
-        fmt = lambda k: f"{row[k]:>12.3f}" if k in row else f"{'-':>12}"  # noqa: E731
+        fmt = lambda k, row=row: f"{row[k]:>12.3f}" if k in row else f"{'-':>12}"  # noqa: E731
         print(f"{ours:<12}{med * 1e3:>9.1f}{tokens / med:>10.0f}{fmt('ours/floor')}{fmt('peft/floor')}"
               f"{fmt('ours/peft')[1:]}")
     from bone import train_path
@@ -172,7 +172,9 @@ def bench_training(variants, args, batch, seq):
     picks = {}
     for key, (ff, fb) in train_path.choices().items():
         if key[3] == train_path.tokens_bucket(tokens):
-            picks[f"{key[0]}->{key[1]} r={'+'.join(map(str, key[2]))}"] = f"fwd {'fold' if ff else 'add'}/bwd {'fold' if fb else 'add'}"
+            picks[f"{key[0]}->{key[1]} r={'+'.join(map(str, key[2]))}"] = (
+                f"fwd {'fold' if ff else 'add'}/bwd {'fold' if fb else 'add'}"
+            )
     if picks:
         print("bone paths measured: " + "; ".join(f"{k}: {v}" for k, v in picks.items()))
     return res

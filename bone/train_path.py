@@ -13,10 +13,10 @@ ones), so on an accelerator it is timed once per (in, out, r, tokens bucket, dty
 cached (:func:`choose`). On the CPU the default is the additive form, always: the two forms round differently,
 and a timing-based pick could differ between the process that wrote a checkpoint and the one that resumes it,
 which would break the bit-identical CPU resume the service promises (and the measured pick showed no
-consistent win on CPU). :func:`force` pins a path or asks for measuring everywhere (tests, benchmarks). Either way the block gradient is one small
-gemm ``S_r(x)ᵀ @ dy`` with ``S_r(x)`` (tokens×r) saved from the forward, never x, and the chunk sum is shared
-between sibling projections that read the same input (q/k/v, gate/up) through
-:func:`bone.functional.cached_chunk_sum`, as in decoding.
+consistent win on CPU). :func:`force` pins a path or asks for measuring everywhere (tests, benchmarks).
+Either way the block gradient is one small gemm ``S_r(x)ᵀ @ dy`` with ``S_r(x)`` (tokens×r) saved from the
+forward, never x, and the chunk sum is shared between sibling projections that read the same input (q/k/v,
+gate/up) through :func:`bone.functional.cached_chunk_sum`, as in decoding.
 
 Bat: the dense ``W'`` is built once in the forward and kept for ``dx`` (autograd would keep it as well), the
 weight-shaped gradient ``dW' = dyᵀ x`` is the one weight-gradient matmul, and the block gradient comes from it
@@ -204,7 +204,7 @@ class BoneTrainFn(torch.autograd.Function):
             gw = x2.t() @ g2 if conv1d else g2.t() @ x2
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
-        gblocks = []
+        gblocks: list[torch.Tensor | None] = []
         for s in sums:
             if s is None:
                 gblocks.append(None)

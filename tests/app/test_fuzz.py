@@ -118,8 +118,16 @@ def test_stateful_links_reach_the_deep_routes(api_schema, live, redis_url):
             case.validate_response(response, checks=CHECKS[:-2], additional_checks=STATEFUL_CHECKS,
                                    transport_kwargs=kwargs or None, recorder=self.recorder)
 
-    Machine.run(settings=settings(max_examples=12, stateful_step_count=STATEFUL_STEPS, deadline=None,
-                                  derandomize=os.environ.get("FUZZ_RANDOM") is None, database=None, suppress_health_check=list(HealthCheck)))
+    Machine.run(
+        settings=settings(
+            max_examples=12,
+            stateful_step_count=STATEFUL_STEPS,
+            deadline=None,
+            derandomize=os.environ.get("FUZZ_RANDOM") is None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
     # What the links are for: operations on ids that exist were reached and answered with success.
     deep = sorted(op for op in reached if "{" in op[1])
     print("stateful phase reached:", deep)

@@ -141,7 +141,10 @@ def test_training_path_bf16_base_fp32_blocks(mode, train_path):
     blk = layer.bone_block["a"]
     assert blk.grad.dtype == torch.float32
     bl = blk.detach().clone().requires_grad_(True)
-    ref = x.detach().float() @ (layer.base_layer.weight.float() + BF.bone_delta(bl, 24)).t() + layer.base_layer.bias.float()
+    ref = (
+        x.detach().float() @ (layer.base_layer.weight.float() + BF.bone_delta(bl, 24)).t()
+        + layer.base_layer.bias.float()
+    )
     ref.backward(gy.float())
     torch.testing.assert_close(blk.grad, bl.grad, atol=0.05, rtol=0.02)
     torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
