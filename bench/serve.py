@@ -179,9 +179,11 @@ def main() -> None:
     engine = InferenceEngine(base, AdapterRegistry(settings.registry_dir), settings)
     engine.eos_ids = frozenset()
     engine.start()
-    print(f"model {args.model}, device {base.device}, {engine.host.dtype}, {N_REQUESTS} concurrent requests, prompts ~{args.prompt_tokens} "
-          f"tokens, {args.new_tokens} new tokens each, Bone r={args.r} on all 7 projections, "
-          f"median of {args.repeats} runs, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, device {base.device}, {engine.host.dtype}, {N_REQUESTS} concurrent requests, "
+        f"prompts ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
+        f"Bone r={args.r} on all 7 projections, median of {args.repeats} runs, torch threads {torch.get_num_threads()}"
+    )
 
     # Round-robin over the scenarios, so drift on a shared machine hits them alike; medians per scenario.
     scenarios = {"base": [None] * N_REQUESTS, "one adapter": [names[0]] * N_REQUESTS, "mixed (16 adapters)": names}

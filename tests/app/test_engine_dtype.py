@@ -12,7 +12,7 @@ import bone.layer
 from app.adapter_cache import fetch_adapter
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
-from tests.app.test_engine import PROMPTS, make_engine, run, submit  # noqa: F401 - fixture
+from tests.app.test_engine import PROMPTS, run, submit
 
 DTYPES = [("float32", torch.float32), ("bfloat16", torch.bfloat16)]
 
