@@ -1,5 +1,7 @@
 """The base is read straight into its compute dtype, and that changes nothing about what the model computes."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -39,13 +41,29 @@ def test_bf16_checkpoint_loads_as_bf16_with_the_same_logits_as_plain_from_pretra
         assert torch.equal(ours(ids).logits, plain(ids).logits)
 
 
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where this process has ``path`` memory-mapped (Linux /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and Path(fields[5]) == path.resolve():
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
 def test_worker_preloads_for_cuda_in_bf16_without_an_fp32_copy(settings, bf16_model_dir):
-    """The worker's parent keeps its copy on the CPU but already in the GPU's dtype, read so from disk."""
+    """The worker's parent keeps its copy on the CPU but already in the GPU's dtype, read so from disk: every
+    parameter is the memory-mapped file itself, not a cast copy of an fp32 load."""
     model_cache.clear()
     try:
         loaded = model_cache.preload(str(bf16_model_dir), settings, torch.device("cuda"))
         assert loaded.device.type == "cpu"
         assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+        ranges = mapped_ranges(bf16_model_dir / "model.safetensors")
+        assert ranges
+        for name, param in loaded.model.named_parameters():
+            assert any(start <= param.data_ptr() < end for start, end in ranges), name
     finally:
         model_cache.clear()
     on_cpu = load_base_model(str(bf16_model_dir), settings, device=torch.device("cpu"))
