@@ -14,6 +14,10 @@ CUDA and fork: the CUDA runtime cannot be used in a child forked after the paren
 parent keeps its copy on the CPU (in the dtype the device wants: bf16 for CUDA) and never touches CUDA;
 each work-horse moves its copy to the GPU itself. ``worker.main`` also makes ``torch.cuda.is_available``
 use NVML, which does not initialise CUDA, for the same reason.
+
+That CPU copy is read in that dtype straight from the memory-mapped safetensors (see
+``core.base_model.load_base_model``): page cache that work-horses, and other workers mapping the same file,
+share rather than each holding its own.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.base_model import LoadedBaseModel, load_base_model
+from core.base_model import LoadedBaseModel, load_base_model, resolve_dtype
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,10 +55,10 @@ def preload(name: str, settings: Settings, device: torch.device) -> LoadedBaseMo
         entry = _cache.get(name)
         if entry is None:
             started = time.perf_counter()
-            loaded = load_base_model(name, settings, device=torch.device("cpu"))
-            if device.type == "cuda":
-                loaded.model.to(torch.bfloat16)  # what load_base_model would pick on CUDA, without touching CUDA
-            loaded.device = torch.device("cpu")
+            # Read straight into the dtype ``device`` computes in (bf16 for CUDA, decided without touching
+            # CUDA): loading fp32 and casting afterwards would hold the fp32 copy on the host first.
+            compute_dtype = resolve_dtype("auto", device)
+            loaded = load_base_model(name, settings, device=torch.device("cpu"), dtype=compute_dtype)
             entry = _cache[name] = _Entry(loaded, os.getpid())
             loads += 1
             log.info("loaded base model %r from %s in %.1f s", name, loaded.source, time.perf_counter() - started)
