@@ -136,8 +136,8 @@ class Row:
             return
         if self._detokenizer is None:
             self._detokenizer = IncrementalDetokenizer(self.decode)
-        searched = len(self._detokenizer.committed)  # no stop lies wholly inside it: earlier steps looked
-        self._detokenizer.update(self.generated)
+        # no stop lies wholly inside text[:searched]: earlier steps looked there and it has not changed
+        searched = self._detokenizer.update(self.generated)
         self.text = self._detokenizer.text
         cut = _first_stop(self.text, self.params.stop, since=searched)
         if cut is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 5  # tokens of context a fresh window keeps after a resync (vLLM's initial prefix offset)
 
 
 class IncrementalDetokenizer:
@@ -31,16 +32,27 @@ class IncrementalDetokenizer:
     def text(self) -> str:
         return self.committed + self.pending
 
-    def update(self, ids: list[int]) -> None:
+    def update(self, ids: list[int]) -> int:
+        """Take in the token just appended to ``ids``. Returns where ``text`` may differ from what it was
+        before: the committed length, or 0 after a resync."""
+        changed_from = len(self.committed)
         window = self._decode(ids[self._prefix:])
+        if not window.startswith(self._prefix_text):
+            # The new token rewrote text before it (a tokenizer that cleans up spaces, " ." -> "."):
+            # decode everything once and start a fresh window, so ``text`` stays a full decode.
+            self.committed, self.pending = self._decode(ids), ""
+            self._prefix, self._read = max(0, len(ids) - CONTEXT_TOKENS), len(ids)
+            self._prefix_text = self._decode(ids[self._prefix:])
+            return 0
         if len(window) <= len(self._prefix_text):
             self.pending = ""  # e.g. a skipped special token: nothing new yet
-            return
+            return changed_from
         new = window[len(self._prefix_text):]
         if window.endswith(REPLACEMENT):
             self.pending = new
-            return
+            return changed_from
         self.committed += new
         self.pending = ""
         self._prefix, self._read = self._read, len(ids)
         self._prefix_text = self._decode(ids[self._prefix:self._read])
+        return changed_from

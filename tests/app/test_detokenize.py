@@ -58,7 +58,8 @@ def test_incremental_equals_full_decode_on_random_bytes_and_special_tokens(seed)
         assert detok.text == full_decode(ids[:n]), n
 
 
-def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int) -> tuple[str, str | None, list[str]]:
+def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
+              decode=full_decode) -> tuple[str, str | None, list[str]]:
     """Today's behaviour, restated: a full decode and a search of the whole text at every token."""
     from app.decoding import _safe_end
 
@@ -68,7 +69,7 @@ def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int) -> tu
         if token == EOS:
             reason = "stop"
             break
-        text = full_decode(generated)
+        text = decode(generated)
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
         if hits:
             text, reason = text[:min(hits)], "stop"
@@ -87,10 +88,11 @@ def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int) -> tu
     return text, reason, pieces
 
 
-def run_row(ids: list[int], stops: tuple[str, ...], max_new_tokens: int) -> tuple[str, str | None, list[str]]:
+def run_row(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
+            decode=full_decode) -> tuple[str, str | None, list[str]]:
     pieces: list[str] = []
     row = Row(prompt_ids=[1], adapter_slot="__base__", eos_ids=frozenset({EOS}),
-              params=SamplingParams(max_new_tokens=max_new_tokens, stop=stops), decode=full_decode,
+              params=SamplingParams(max_new_tokens=max_new_tokens, stop=stops), decode=decode,
               on_text=pieces.append)
     for token in ids:
         if row.finished:
@@ -136,3 +138,25 @@ def test_streaming_chunks_concatenate_to_the_final_text(text):
     got_text, reason, pieces = run_row(ids + [EOS], (), max_new_tokens=len(ids) + 5)
     assert reason == "stop" and got_text == text and "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text  # never half a character
+
+
+def cleaning_decode(ids: list[int]) -> str:
+    """A tokenizer that cleans up spaces (HF's clean_up_tokenization_spaces): a new token rewrites text
+    before it, which a window alone cannot see."""
+    return full_decode(ids).replace(" .", ".").replace(" ,", ",")
+
+
+@pytest.mark.parametrize("text", ["a . b , c .. d", "end .", " . , .", "中 .😀 ,"])
+def test_a_token_that_rewrites_earlier_text_resyncs(text):
+    ids = tokens(text)
+    detok = IncrementalDetokenizer(cleaning_decode)
+    for n in range(1, len(ids) + 1):
+        detok.update(ids[:n])
+        assert detok.text == cleaning_decode(ids[:n])
+
+
+@pytest.mark.parametrize("text, stops", [("a b . c", ("b.",)), ("x , y . z", ("y.", "zz")), ("a . b", ("q",))])
+def test_stop_found_after_a_resync(text, stops):
+    ids = tokens(text)
+    got = run_row(ids, stops, len(ids) + 1, decode=cleaning_decode)
+    assert got[:2] == reference(ids, stops, len(ids) + 1, decode=cleaning_decode)[:2]
