@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from app.detokenize import IncrementalDetokenizer
 from core.errors import GenerationFailed, InvalidRequest, ServiceError, ServiceUnavailable
 from core.requests import SEED_BOUND
 
@@ -89,6 +90,7 @@ class Row:
     error: BaseException | None = None
     _emitted: int = 0
     _generator: torch.Generator | None = None
+    _detokenizer: IncrementalDetokenizer | None = None
 
     @property
     def finished(self) -> bool:
@@ -132,8 +134,12 @@ class Row:
         if token in self.eos_ids:
             self._finish("stop")
             return
-        self.text = self.decode(self.generated)
-        cut = _first_stop(self.text, self.params.stop)
+        if self._detokenizer is None:
+            self._detokenizer = IncrementalDetokenizer(self.decode)
+        # no stop lies wholly inside text[:searched]: earlier steps looked there and it has not changed
+        searched = self._detokenizer.update(self.generated)
+        self.text = self._detokenizer.text
+        cut = _first_stop(self.text, self.params.stop, since=searched)
         if cut is not None:
             self.text = self.text[:cut]
             self._finish("stop")
@@ -157,8 +163,13 @@ class Row:
             self.on_text(piece)
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def _first_stop(text: str, stops: Sequence[str], since: int = 0) -> int | None:
+    """Where the earliest stop string starts in ``text``, given that none lies wholly inside ``text[:since]``:
+    only the new text and the longest stop's tail before it are searched."""
+    if not stops:
+        return None
+    start = max(0, since - max(len(s) for s in stops) + 1)
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
 
 
@@ -166,13 +177,15 @@ def _safe_end(text: str, stops: Sequence[str]) -> int:
     """How much of ``text`` can be streamed: not a tail that may still grow into a stop string, nor a
     half-decoded multi-byte character (shown as U+FFFD until its last byte arrives)."""
     end = len(text)
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                end = min(end, len(text) - k)
-                break
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
+    # after the partial character: "世" then half of "界" must not stream "世" when "世界" is a stop
+    shown = end
+    for stop in stops:
+        for k in range(min(len(stop) - 1, shown), 0, -1):
+            if text.startswith(stop[:k], shown - k):
+                end = min(end, shown - k)
+                break
     return end
 
 

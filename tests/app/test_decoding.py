@@ -59,6 +59,7 @@ def test_stream_pieces_add_up_and_never_show_a_stop():
     ("hello", ("world",), 5),
     ("ab\ufffd", (), 2),
     ("abc", ("c", "bcd"), 1),
+    ("hello 世\ufffd", ("世界",), 6),  # a partial character is held back, and so is the stop prefix before it
 ])
 def test_safe_end_holds_back_what_may_still_change(text, stops, end):
     assert _safe_end(text, stops) == end
