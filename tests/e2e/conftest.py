@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -66,12 +67,19 @@ class Service:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in self.log_dir.glob("*.log"))
 
 
-@pytest.fixture
-def service(tmp_path, redis_url, shared_models_dir):
-    data_dir = tmp_path / "data"
+def new_service(tmp_path: Path, redis_url: str, models_dir: Path, name: str = "data", **env: str) -> Service:
+    """A service (not started) on a fresh data dir that reuses the session's embedded model."""
+    data_dir = tmp_path / name
     data_dir.mkdir()
-    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
+    (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
     svc = Service(data_dir, redis_url, tmp_path)
+    svc.env.update(env)
+    return svc
+
+
+@contextmanager
+def running(svc: Service):
+    """The api and worker processes of ``svc``, ready, for the block; stopped afterwards whatever happens."""
     svc.start("api", "api")
     svc.start("worker", "worker")
     try:
@@ -79,47 +87,36 @@ def service(tmp_path, redis_url, shared_models_dir):
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture
+def service(tmp_path, redis_url, shared_models_dir):
+    with running(new_service(tmp_path, redis_url, shared_models_dir)) as svc:
+        yield svc
 
 
 @pytest.fixture
 def keyed_service(tmp_path, redis_url, shared_models_dir):
     """The service as `make run` starts it: no BONE_API_KEYS, so the API mints the local admin key into its data
     dir. Its API also accepts jobs on the queue `idle`, which no worker serves (jobs there stay queued)."""
-    data_dir = tmp_path / "bone-data"
-    data_dir.mkdir()
-    (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
-    svc = Service(data_dir, redis_url, tmp_path)
-    svc.env.update({"BONE_AUTH_DISABLED": "false", "BONE_QUEUES": "idle"})
-    svc.start("api", "api")
-    svc.start("worker", "worker")
-    try:
-        svc.wait_ready()
+    svc = new_service(tmp_path, redis_url, shared_models_dir, "bone-data", BONE_AUTH_DISABLED="false",
+                      BONE_QUEUES="idle")
+    with running(svc):
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture
 def service_factory(tmp_path, redis_url, shared_models_dir):
     """Like ``service``, with extra environment for both processes (e.g. ``BONE_API_KEYS``)."""
-    started: list[Service] = []
+    started = 0
+    with ExitStack() as stack:
 
-    def start(**env: str) -> Service:
-        data_dir = tmp_path / f"data{len(started)}"
-        data_dir.mkdir()
-        (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
-        svc = Service(data_dir, redis_url, tmp_path)
-        svc.env.update(env)
-        if "BONE_API_KEYS" in env:
-            svc.env.pop("BONE_AUTH_DISABLED", None)  # keys given: the suite's default of no auth does not apply
-        started.append(svc)
-        svc.start("api", "api")
-        svc.start("worker", "worker")
-        svc.wait_ready()
-        return svc
+        def start(**env: str) -> Service:
+            nonlocal started
+            started += 1
+            svc = new_service(tmp_path, redis_url, shared_models_dir, f"data{started}", **env)
+            if "BONE_API_KEYS" in env:
+                svc.env.pop("BONE_AUTH_DISABLED", None)  # keys given: the suite's default of no auth does not apply
+            return stack.enter_context(running(svc))
 
-    try:
         yield start
-    finally:
-        for svc in started:
-            svc.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import Service
+from tests.e2e.conftest import Service, running
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,13 +55,8 @@ def qwen2_service(tmp_path, redis_url):
     model_dir = build_tiny_qwen2(data_dir / "models" / "tiny-qwen2")  # inside the data dir: allowed
     svc = Service(data_dir, redis_url, tmp_path)
     svc.env["BONE_BASE_MODEL"] = str(model_dir)
-    svc.start("api", "api")
-    svc.start("worker", "worker")
-    try:
-        svc.wait_ready()
+    with running(svc):
         yield svc
-    finally:
-        svc.stop()
 
 
 def test_the_real_model_walkthrough_on_a_local_qwen2(qwen2_service):
