@@ -24,7 +24,7 @@ import uuid
 
 import redis
 
-from core.errors import Conflict, NotFound
+from core.errors import Conflict, NotFound, ServiceError
 from core.jobs import JobStatus
 from core.jobstore import PREFIX, JobStore
 from core.settings import Settings
@@ -146,6 +146,25 @@ def sweep_workdirs(store: JobStore, settings: Settings, *, min_age_s: float = 60
     return removed
 
 
+def sweep_shared_checkpoints(store: JobStore, settings: Settings, *, min_age_s: float = 60.0) -> int:
+    """Remove the checkpoints in the registry's store of jobs that are final (a job failed here after its
+    last attempt's worker died, or cancelled while queued for a retry, has no worker to remove them) or
+    unknown (after ``min_age_s``: a record is written before any worker starts the job)."""
+    from core.storage.resume_state import ResumeStore
+
+    shared = ResumeStore.from_settings(settings)
+    removed = 0
+    for job_id in shared.job_ids():
+        try:
+            final = store.get(job_id).status.is_final
+        except NotFound:
+            final = shared.age_s(job_id) >= min_age_s
+        if final:
+            shared.remove(job_id)
+            removed += 1
+    return removed
+
+
 class Janitor:
     """The sweep on a daemon thread; of all janitors sharing a Redis, one acts per interval."""
 
@@ -173,6 +192,10 @@ class Janitor:
                     # The lock lives a little less than one interval: one janitor per interval acts.
                     if conn.set(LOCK_KEY, self.name, nx=True, px=max(100, int(interval * 900))):
                         sweep(conn, self.settings)
+                        try:
+                            sweep_shared_checkpoints(JobStore(conn), self.settings)
+                        except ServiceError as exc:  # the registry's store unreachable: next time
+                            log.warning("janitor: could not sweep checkpoints in the registry's store: %s", exc)
                     if self.clean_workdirs:
                         sweep_workdirs(JobStore(conn), self.settings)
                 except redis.RedisError as exc:

@@ -116,7 +116,12 @@ class Settings(BaseSettings):
         30.0, ge=0.1, description="longest wait between Redis reconnects / worker restarts"
     )
     max_attempts: int = Field(3, ge=1, description="runs of one job (first + retries after its worker died)")
-    checkpoints_kept: int = Field(2, ge=1, description="newest checkpoints kept in a job's work dir")
+    checkpoints_kept: int = Field(
+        2,
+        ge=1,
+        description="newest resume checkpoints kept per job, in the registry's store (where a retry on any "
+        "worker finds them) and in the work dir's scratch copy",
+    )
     # --- fleets (core/fleet.py): queues by resource; a worker serves the queues of `bone-server worker --queues`
     queues: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -11,6 +11,10 @@ Written into a hidden temporary folder, fsynced, then renamed: a folder named ``
 so "the newest complete checkpoint" is simply the highest step. Only the newest ``keep`` are kept.
 The learning-rate schedule is a pure function of the step (``worker.train.get_lr``): restoring the step
 restores the scheduler.
+
+With a ``JobResume`` (``core.storage.resume_state``: the registry's store, which every worker reads) the
+work dir is only a scratch copy: ``save`` also puts each checkpoint there, and ``newest`` fetches the newest
+one from there, so a job re-queued onto another machine resumes where the dead one stopped.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import random
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from core.storage import fsync_path
+
+if TYPE_CHECKING:
+    from core.storage.resume_state import JobResume
 
 STATE_FILE = "state.json"
 _PREFIX = "step-"
@@ -36,8 +43,13 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{_PREFIX}{step:08d}"
 
 
-def newest(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+def newest(root: Path, shared: JobResume | None = None) -> Path | None:
+    """The complete checkpoint with the highest step, or None. With ``shared``: the newest one in the shared
+    store, fetched into ``root``; the work dir's own only when the store has none (written before there was one)."""
+    if shared is not None:
+        fetched = shared.fetch_newest(root)
+        if fetched is not None:
+            return fetched
     if not root.is_dir():
         return None
     done = sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file())
@@ -45,7 +57,7 @@ def newest(root: Path) -> Path | None:
 
 
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-         *, adapter_name: str, keep: int) -> Path:
+         *, adapter_name: str, keep: int, shared: JobResume | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
@@ -72,6 +84,8 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prune(root, keep)
+    if shared is not None:
+        shared.put(step, target, keep=keep)
     return target
 
 

@@ -3,7 +3,7 @@
 * **Launch**: ``torch.distributed.elastic`` (the launcher behind ``torchrun``) starts the N ranks from the RQ
   work-horse (``elastic_launch``: c10d rendezvous on a free loopback port, run id = job id, spawned processes,
   ``BONE_DISTRIBUTED_MAX_RESTARTS`` restarts of the whole group after a rank fails; a restarted group resumes
-  from the job's newest checkpoint, which ``worker.train.train`` finds by itself).
+  from the job's newest checkpoint in the registry's store, which every rank fetches for itself).
 * **Sync**: each rank wraps the Bone model in ``DistributedDataParallel`` (bucketed all-reduce of the trainable
   ``bone_*`` gradients, overlapped with backward; ``no_sync()`` on all but the last micro-batch of a step).
 
@@ -203,6 +203,7 @@ def _rank_train(ranks: Ranks, args: dict[str, Any]):
     from core.base_model import load_base_model
     from core.jobstore import JobStore
     from core.logs import job_id_var
+    from core.storage.resume_state import ResumeStore
     from worker.data import Cancelled
     from worker.train import train
 
@@ -226,7 +227,7 @@ def _rank_train(ranks: Ranks, args: dict[str, Any]):
         result = train(bone_model, loaded.tokenizer, args["examples"], job.training, device=ranks.device,
                        eval_examples=args["eval_examples"], checkpoint_dir=Path(args["checkpoint_dir"]),
                        checkpoints_kept=settings.checkpoints_kept, adapter_name=args["adapter_name"],
-                       ranks=ranks, **hooks)
+                       shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id), ranks=ranks, **hooks)
     except Cancelled:
         return CANCELLED
     if ranks.is_main:

@@ -27,6 +27,7 @@ from core.logs import job_id_var
 from core.paths import redact_server_paths
 from core.registry import AdapterInfo, AdapterRegistry
 from core.settings import Settings, get_settings
+from core.storage.resume_state import ResumeStore
 from worker import model_cache
 from worker.data import Cancelled, load_rows, pack, split_eval, tokenize_rows
 from worker.heartbeat import Heartbeat
@@ -91,10 +92,18 @@ def run_training_job(job_id: str) -> str:
         # Checkpoints stay while the job may still be retried; once it is final they are of no use.
         if _is_final(store, job_id):
             shutil.rmtree(workdir, ignore_errors=True)
+            _remove_shared_checkpoints(settings, job_id)
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # a non-forking worker keeps running: hand the job's GPU memory back
         job_id_var.reset(context)
         conn.close()
+
+
+def _remove_shared_checkpoints(settings: Settings, job_id: str) -> None:
+    try:
+        ResumeStore.from_settings(settings).remove(job_id)
+    except Exception as exc:  # noqa: BLE001 - the store unreachable: the janitor's sweep removes them later
+        log.warning("job %s: could not remove its checkpoints from the registry's store: %s", job_id, exc)
 
 
 def _is_final(store: JobStore, job_id: str) -> bool:
@@ -175,7 +184,8 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
                     rows=data.rows, examples=len(train_examples), eval_examples=len(eval_examples),
                     truncated=data.truncated, dropped=data.dropped, trainable_params=trainable, device=device.type)
 
-    # -- train (resuming from the newest checkpoint in the work dir, if an earlier attempt left one); with
+    # -- train (resuming from the newest checkpoint in the registry's store, if an earlier attempt on any
+    #    worker left one; the work dir holds a scratch copy); with
     #    num_processes > 1 torch elastic runs the ranks and rank 0 reports and saves the adapter
     #    (worker/distributed.py); this process waits for them
     adapter_dir = workdir / "adapter"
@@ -192,7 +202,9 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
         result = train(bone_model, tokenizer, train_examples, spec, device=device, eval_examples=eval_examples,
                        on_step=reporter.on_step, on_event=publisher.wrap(reporter.on_event),
                        should_stop=reporter.should_stop, checkpoint_dir=workdir / "checkpoints",
-                       checkpoints_kept=settings.checkpoints_kept, adapter_name=ADAPTER_NAME_IN_MODEL)
+                       checkpoints_kept=settings.checkpoints_kept,
+                       shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id),
+                       adapter_name=ADAPTER_NAME_IN_MODEL)
         bone_model.save_pretrained(adapter_dir, adapter_name=ADAPTER_NAME_IN_MODEL)
     if reporter.should_stop():  # a cancel that arrived during the last step still wins over publishing
         raise Cancelled()

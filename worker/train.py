@@ -6,7 +6,9 @@ Only parameters with ``requires_grad`` are optimised (the Bone blocks, after ``g
 is the mean over every trainable token of one optimizer step, however the step is split into micro-batches
 (gradient accumulation gives the same gradient as one big batch). With ``checkpoint_dir`` the loop saves
 every ``save_every`` steps and, if a checkpoint is already there (a retried job), resumes from the newest:
-the same seed then gives the same weights as a run that was never interrupted.
+the same seed then gives the same weights as a run that was never interrupted. With ``shared_checkpoints``
+(the registry's store) the checkpoints are also written there and read back from there, so the retry may
+run on another machine.
 
 The loss is computed by ``worker.loss.CausalLMLoss`` (hidden states, then the output head in checkpointed
 chunks: never the whole micro-batch's fp32 logits). On CUDA the forward runs under bf16 autocast, or fp16
@@ -38,6 +40,7 @@ from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
 
 if TYPE_CHECKING:
+    from core.storage.resume_state import JobResume
     from worker.distributed import Ranks
 from worker.evaluate import EvalResult, evaluate
 from worker.loss import CausalLMLoss, plain_cross_entropy
@@ -175,7 +178,7 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: TrainingSpec, *,
           device: torch.device, eval_examples: Sequence[Example] = (), on_step: StepCallback | None = None,
           on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
-          checkpoint_dir: Path | None = None, checkpoints_kept: int = 2,
+          checkpoint_dir: Path | None = None, checkpoints_kept: int = 2, shared_checkpoints: JobResume | None = None,
           adapter_name: str = "default", ranks: Ranks | None = None) -> TrainResult:
     if not examples:
         raise ValueError("no training examples")
@@ -217,7 +220,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
     result = TrainResult(steps=0, total_steps=total_steps, epochs=0.0)
     loop = {"micro_batches": 0, "seen": 0, "best_eval": None, "bad_evals": 0, "seconds": 0.0}
     start = 0
-    newest = checkpoint.newest(checkpoint_dir) if checkpoint_dir is not None else None
+    newest = checkpoint.newest(checkpoint_dir, shared_checkpoints) if checkpoint_dir is not None else None
     if newest is not None:
         saved = checkpoint.load(newest, model, optimizer)
         start = result.steps = result.resumed_from = saved["step"]
@@ -319,7 +322,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
             started = time.perf_counter()
             path = checkpoint.save(checkpoint_dir, done, model, optimizer,
                                    {**loop, "losses": result.losses, "tokens": result.tokens, "evals": result.evals},
-                                   adapter_name=adapter_name, keep=checkpoints_kept)
+                                   adapter_name=adapter_name, keep=checkpoints_kept, shared=shared_checkpoints)
             on_event("checkpoint", f"checkpoint at step {done}", step=done, path=str(path),
                      train_loss=step_loss, eval_loss=result.evals[-1]["eval_loss"] if result.evals else None)
             on_event("phase", "", phase="training")

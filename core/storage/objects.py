@@ -361,6 +361,8 @@ class ObjectStorage:
             prefix_len = len(self._base) + 1
             for key in keys:
                 parts = key[prefix_len:].split("/")
+                if parts[0].startswith("."):
+                    continue  # not an adapter: probes, resume checkpoints (core.storage.resume_state)
                 if len(parts) == 2 and parts[1] == MANIFEST_FILE:
                     live.setdefault(parts[0], None)
                 elif len(parts) == 3:

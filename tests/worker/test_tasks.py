@@ -1,5 +1,6 @@
 """The RQ task end to end: jobs enqueued by dotted path on the real Redis, run by RQ's SimpleWorker."""
 
+import shutil
 import threading
 import time
 
@@ -289,3 +290,62 @@ def test_weights_with_nan_or_inf_are_never_published(tmp_path):
     with pytest.raises(ServiceError) as refused:
         check_publishable(tmp_path / "bad")
     assert refused.value.code == "non_finite_weights" and "q_proj.bone_block" in refused.value.message
+
+
+@pytest.mark.parametrize("registry_kind", ["shared folder", "s3"])
+def test_a_retried_job_resumes_on_another_machine_from_the_registry_store(
+        task_settings, redis_conn, store, make_job, monkeypatch, tmp_path, shared_models_dir, request, registry_kind):
+    """Attempt 1 runs on "machine A", dies after its checkpoint of step 3, and its data dir is lost with it;
+    attempt 2 runs on "machine B" (its own data dir, the same registry: a folder or S3) and resumes from step 3
+    with the weights of an uninterrupted run, bit for bit."""
+    from core import janitor
+    from core.settings import Settings
+    from core.storage.resume_state import ResumeStore
+    from worker import tasks
+    from worker.progress import ProgressReporter
+
+    shared: dict = {"registry_url": str(task_settings.registry_dir)}
+    if registry_kind == "s3":
+        s3_server = request.getfixturevalue("s3_server")
+        shared = {"registry_url": request.getfixturevalue("s3_url"), "s3_endpoint_url": s3_server.endpoint_url}
+    machine_a = task_settings.model_copy(update=shared)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "models").symlink_to(shared_models_dir, target_is_directory=True)
+    machine_b = Settings(data_dir=tmp_path / "b", redis_url=task_settings.redis_url, **shared)
+    tasks.use_settings(machine_a)
+
+    recipe = dict(max_steps=8, save_every=3, batch_size=3, learning_rate=1e-2, seed=5)
+    straight = make_job(LEARNABLE, adapter_name="straight", **recipe)
+    run_queued(redis_conn, machine_a, straight.id)
+    job = make_job(LEARNABLE, adapter_name="resumed", **recipe)
+    original_on_step = ProgressReporter.on_step
+
+    def die_at_step_5(self, step, *rest):
+        original_on_step(self, step, *rest)
+        if step == 5:
+            raise WorkerKilled()
+
+    monkeypatch.setattr(ProgressReporter, "on_step", die_at_step_5)
+    with pytest.raises(WorkerKilled):
+        tasks.run_training_job(job.id)
+    monkeypatch.undo()
+    shutil.rmtree(machine_a.jobs_dir / job.id)  # machine A is gone, and its disk with it
+    assert ResumeStore.from_settings(machine_b).manifest(job.id)["checkpoints"][-1]["step"] == 3
+
+    assert janitor.sweep(redis_conn, machine_a, now=time.time() + machine_a.heartbeat_ttl_s) == [job.id]
+    tasks.use_settings(machine_b)
+    SimpleWorker([Queue(machine_b.queue_name, connection=redis_conn)], connection=redis_conn).work(burst=True)
+
+    done = store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED and done.attempts == 2, done.error
+    resumed = [e for e in store.events(job.id, limit=1000) if e["type"] == "resumed"]
+    assert [e["data"]["step"] for e in resumed] == [3]
+    assert [e["data"]["step"] for e in step_events(store, job.id)] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]
+    registry = AdapterRegistry.from_settings(machine_b)
+    a, b = registry.verified_tensors("straight")[0], registry.verified_tensors("resumed")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert done.metrics["train_loss"] == store.get(straight.id).metrics["train_loss"]
+    # Gone with the job: the store's checkpoints and machine B's scratch copy.
+    assert ResumeStore.from_settings(machine_b).manifest(job.id) is None
+    assert ResumeStore.from_settings(machine_b).job_ids() == []
+    assert not (machine_b.jobs_dir / job.id).exists()
