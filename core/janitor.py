@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -28,6 +29,9 @@ from core.errors import Conflict, NotFound, ServiceError
 from core.jobs import JobStatus
 from core.jobstore import PREFIX, JobStore
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from core.storage.resume_state import ResumeStore
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +150,15 @@ def sweep_workdirs(store: JobStore, settings: Settings, *, min_age_s: float = 60
     return removed
 
 
-def sweep_shared_checkpoints(store: JobStore, settings: Settings, *, min_age_s: float = 60.0) -> int:
+def sweep_shared_checkpoints(
+    store: JobStore, settings: Settings, *, min_age_s: float = 60.0, shared: ResumeStore | None = None
+) -> int:
     """Remove the checkpoints in the registry's store of jobs that are final (a job failed here after its
     last attempt's worker died, or cancelled while queued for a retry, has no worker to remove them) or
     unknown (after ``min_age_s``: a record is written before any worker starts the job)."""
     from core.storage.resume_state import ResumeStore
 
-    shared = ResumeStore.from_settings(settings)
+    shared = shared or ResumeStore.from_settings(settings)
     removed = 0
     for job_id in shared.job_ids():
         try:
@@ -171,6 +177,7 @@ class Janitor:
     def __init__(self, settings: Settings, *, clean_workdirs: bool = False) -> None:
         self.settings = settings
         self.clean_workdirs = clean_workdirs
+        self._shared: ResumeStore | None = None
         self.name = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bone-janitor", daemon=True)
@@ -193,7 +200,11 @@ class Janitor:
                     if conn.set(LOCK_KEY, self.name, nx=True, px=max(100, int(interval * 900))):
                         sweep(conn, self.settings)
                         try:
-                            sweep_shared_checkpoints(JobStore(conn), self.settings)
+                            if self._shared is None:  # one store client for the thread's life
+                                from core.storage.resume_state import ResumeStore
+
+                                self._shared = ResumeStore.from_settings(self.settings)
+                            sweep_shared_checkpoints(JobStore(conn), self.settings, shared=self._shared)
                         except ServiceError as exc:  # the registry's store unreachable: next time
                             log.warning("janitor: could not sweep checkpoints in the registry's store: %s", exc)
                     if self.clean_workdirs:

@@ -5,6 +5,7 @@ process's view of the store, hidden from the adapter listing and the registry's 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,23 @@ def test_the_janitor_removes_the_checkpoints_of_final_and_unknown_jobs(tmp_path,
     assert sorted(shared.job_ids()) == sorted([jobs[JobStatus.QUEUED], jobs[JobStatus.RUNNING]])
     assert (settings.registry_dir / RESUME_DIR).is_dir()
     assert 0 < shared.age_s(jobs[JobStatus.RUNNING]) < 60
+
+
+def test_the_janitor_thread_sweeps_the_store(tmp_path, redis_url, redis_conn):
+    from core.janitor import Janitor
+
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, janitor_interval_s=0.1)
+    store, shared = JobStore(redis_conn), ResumeStore.from_settings(settings)
+    job = Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={}, bone=BoneSpec(),
+              training=TrainingSpec())
+    store.create(job, records=None)
+    store.update(job.id, status=JobStatus.SUCCEEDED)
+    shared.put(job.id, 5, checkpoint_folder(tmp_path, 5), keep=2)
+    janitor = Janitor(settings).start()
+    try:
+        deadline = time.monotonic() + 10
+        while shared.job_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        janitor.stop()
+    assert shared.job_ids() == []
