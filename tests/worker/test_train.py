@@ -105,8 +105,10 @@ def test_gradient_accumulation_weights_every_token_the_same(base, examples):
         results.append((result.final_loss, model.get_adapter_state_dict("default")))
     (loss_a, sd_a), (loss_b, sd_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    # Adam's first step is ~lr·g/|g|: where |g| is near eps it magnifies float32 summation-order noise (one
+    # micro-batch of 4 vs two of 2) to ~1e-6; a token weighted wrongly moves the loss and most elements by ~1e-3.
     for key in sd_a:
-        torch.testing.assert_close(sd_a[key], sd_b[key], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(sd_a[key], sd_b[key], rtol=1e-4, atol=2e-6)
 
 
 @pytest.mark.parametrize("epochs, batch_size, accumulation, steps", [
