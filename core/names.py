@@ -3,7 +3,7 @@
 A name is checked once, where it enters (a request field typed ``AdapterName``, whose error names the field);
 past that point it is an ``AdapterName`` and nothing checks it again. Lookups of names that cannot exist (a
 generate request, ``GET /adapters/{name}``) are not errors of the request but adapters that are not there: the
-registry answers 404 for them through ``is_adapter_name``, which is also its guard against path traversal.
+registry answers 404 for them through the same type, which is also its guard against path traversal.
 
 Derived names:
   ``name.checkpoint(step)``  the registry name of a job's published checkpoint, ``<name>-step-<n>``

@@ -116,8 +116,8 @@ class ComposeRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     adapters: dict[AdapterName, float] = Field(min_length=1, max_length=MAX_COMPOSE,
-                                       description="source adapter name → weight, e.g. {\"a\": 0.7, \"b\": 0.3}; "
-                                                   "|weight| <= 100")
+                                               description="source adapter name → weight, e.g. "
+                                                           "{\"a\": 0.7, \"b\": 0.3}; |weight| <= 100")
     overwrite: bool = False
 
     @field_validator("adapters")
