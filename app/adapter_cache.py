@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app import metrics
+from core.names import AdapterName
 from core.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,18 @@ class FetchedAdapter:
 class CachedAdapter:
     name: str
     sha256: str
-    slot: str  # the adapter's name inside the model (module dict keys cannot hold '.')
+    slot: str  # the adapter's key inside the model (``slot_name``)
     size_bytes: int
     loaded_in_s: float
     sources: tuple[str, ...] = ()
 
 
 def slot_name(name: str, sha256: str) -> str:
-    return "a_" + re.sub(r"[^0-9a-zA-Z_]", "_", name) + "_" + sha256[:12]
+    """The key of a cache entry inside the served model: an adapter version's ``AdapterName.slot``; a mix's
+    name is no adapter name (``MIX_PREFIX``), so its slot has a prefix of its own and never meets one."""
+    if name.startswith(MIX_PREFIX):
+        return f"m_{name.removeprefix(MIX_PREFIX)}_{sha256[:12]}"
+    return AdapterName(name).slot(sha256)
 
 
 def fetch_adapter(registry: AdapterRegistry, name: str) -> FetchedAdapter:

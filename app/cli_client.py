@@ -28,6 +28,7 @@ from rich.table import Table
 from app.client import ApiError, BoneClient
 from core.auth import is_loopback
 from core.local_key import local_key_path, read_local_key
+from core.names import BASE_ADAPTER
 
 console = Console()
 err_console = Console(stderr=True)
@@ -382,7 +383,7 @@ def _eval_table(evaluation: dict[str, Any]) -> Table:
     table = Table("model", "loss", "perplexity", "token accuracy", "exact match", "examples")
     for model, m in (evaluation.get("results") or {}).items():
         exact = "" if m.get("exact_match") is None else f"{m['exact_match']:.2f} of {m['exact_match_examples']}"
-        table.add_row("base model" if model == "__base__" else model, _loss(m.get("loss")),
+        table.add_row("base model" if model == BASE_ADAPTER else model, _loss(m.get("loss")),
                       "" if m.get("perplexity") is None else f"{m['perplexity']:.2f}",
                       "" if m.get("token_accuracy") is None else f"{m['token_accuracy']:.3f}", exact,
                       str(m.get("examples", "")))

@@ -30,8 +30,9 @@ from app import metrics
 from app.adapter_cache import AdapterCache, AdapterLoader, fetch_mix
 from app.decoding import Row, RunningBatch, row_error
 from app.engine_messages import STOP, GenerationResult, Loaded, Request
-from app.model_host import BASE_SLOT, ModelHost
+from app.model_host import ModelHost
 from core.errors import ServiceError, ServiceUnavailable
+from core.names import BASE_ADAPTER
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class ModelThread:
         """The request's slot in the model, None if not ready yet (loading, or no room while others run),
         False if it failed (already answered)."""
         if request.adapter is None:
-            return BASE_SLOT
+            return BASE_ADAPTER
         key = (request.adapter, request.sha256 or "")
         slot = self.cache.resident(key)
         if not request.counted:

@@ -20,6 +20,7 @@ from core.errors import Conflict, InvalidRequest, NotFound
 from core.files import SUFFIXES, FileStore, InvalidFile, validate_rows
 from core.formats import detect_format
 from core.jobs import DatasetSpec, FileDataset, HFDataset, JobCreate, PathDataset, RecordsDataset, check_job_size
+from core.names import max_length_with_checkpoints
 from core.paths import dataset_file, dataset_source
 from core.registry import AdapterRegistry
 from core.settings import Settings
@@ -49,8 +50,9 @@ class JobChecker:
                 f"training.max_seq_length={body.training.max_seq_length} exceeds the server's limit of "
                 f"{s.max_seq_length} (BONE_MAX_SEQ_LENGTH)", param="training.max_seq_length")
         check_job_size(body.training, s)
-        if body.training.publish_checkpoints and len(body.adapter_name) > 64 - len("-step-") - 7:
-            raise InvalidRequest("adapter_name is too long for checkpoint names '<name>-step-<n>' (at most 51 "
+        room = max_length_with_checkpoints(s.max_train_steps)
+        if body.training.publish_checkpoints and len(body.adapter_name) > room:
+            raise InvalidRequest(f"adapter_name is too long for checkpoint names '<name>-step-<n>' (at most {room} "
                                  "characters with publish_checkpoints)", param="adapter_name")
         records = self._check_dataset(body)
         if not body.overwrite and self.registry.exists(body.adapter_name):

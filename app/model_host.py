@@ -10,10 +10,8 @@ from typing import Any
 
 import torch
 
-from bone import BASE_ADAPTER, BoneConfig, BoneModel
+from bone import BoneConfig, BoneModel
 from core.errors import Conflict
-
-BASE_SLOT = BASE_ADAPTER
 
 
 class ModelHost:

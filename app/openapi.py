@@ -10,7 +10,6 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from core.jobs import ADAPTER_NAME_PATTERN
 from core.settings import Settings
 
 
@@ -29,7 +28,6 @@ def _bounds(settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
         ("TrainingSpec", "epochs", {"maximum": settings.max_epochs}),
         ("TrainingSpec", "max_steps", {"maximum": settings.max_train_steps}),
         ("RecordsDataset", "records", {"maxItems": settings.max_inline_records}),
-        ("JobCreate", "adapter_name", {"pattern": ADAPTER_NAME_PATTERN}),
         # a prompt of more characters than its byte bound is refused whatever it holds (app.routes.generate)
         ("GenerateRequest", "prompt", {"maxLength": settings.max_prompt_bytes}),
     ]

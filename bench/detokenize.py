@@ -17,6 +17,7 @@ import time
 
 from app.decoding import Row, SamplingParams, _first_stop, _safe_end
 from core.base_model import _byte_level_tokenizer
+from core.names import BASE_ADAPTER
 
 STOPS = ("</answer>", "\n\nUser:")
 
@@ -44,7 +45,7 @@ def before(ids: list[int], decode, window: int) -> float:
 
 def after(ids: list[int], decode, window: int) -> float:
     pieces: list[str] = []
-    row = Row(prompt_ids=[1], adapter_slot="__base__", eos_ids=frozenset(), decode=decode, on_text=pieces.append,
+    row = Row(prompt_ids=[1], adapter_slot=BASE_ADAPTER, eos_ids=frozenset(), decode=decode, on_text=pieces.append,
               params=SamplingParams(max_new_tokens=len(ids) + 1, stop=STOPS))
     start = len(ids) - window
     t0 = 0.0

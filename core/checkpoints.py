@@ -1,5 +1,5 @@
-"""Checkpoint adapters (``training.publish_checkpoints``): how they are named, and their removal when the
-job is cancelled (a cancelled job publishes nothing). Shared by the worker and the API's cancel route."""
+"""Checkpoint adapters (``training.publish_checkpoints``, named by ``AdapterName.checkpoint``): their removal
+when the job is cancelled (a cancelled job publishes nothing). Shared by the worker and the API's cancel route."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ from core.errors import ServiceError
 from core.jobs import Job
 from core.jobstore import JobStore
 from core.registry import AdapterRegistry
-
-
-def checkpoint_adapter_name(adapter_name: str, step: int) -> str:
-    return f"{adapter_name}-step-{step}"
 
 
 def unpublish_checkpoints(store: JobStore, registry: AdapterRegistry, job: Job) -> list[str]:

@@ -20,13 +20,13 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import NotFound
-from core.jobs import DatasetSpec, JobStatus, PathStr, check_adapter_name
+from core.jobs import DatasetSpec, JobStatus, PathStr
 from core.jobstore import (
     INLINE_RECORDS_TTL_S,
     PREFIX,
@@ -37,10 +37,10 @@ from core.jobstore import (
     settle_ended,
     transition_record,
 )
+from core.names import BASE_ADAPTER, AdapterName
 from core.requests import RequestModel
 
 EVAL_TASK = "worker.evals.run_eval_job"
-BASE = "__base__"  # the results key of the base model (bone.BASE_ADAPTER; core imports no torch)
 MAX_ADAPTERS = 16
 
 EvalStatus = JobStatus  # one lifecycle for everything the workers run: queued, running, succeeded, failed, cancelled
@@ -49,9 +49,7 @@ EvalStatus = JobStatus  # one lifecycle for everything the workers run: queued, 
 class EvalCreate(RequestModel):  # finite floats, bounded strings (core.requests)
     model_config = ConfigDict(extra="forbid")
 
-    adapters: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
-        min_length=1, max_length=MAX_ADAPTERS, description="registry names to evaluate"
-    )
+    adapters: list[AdapterName] = Field(min_length=1, max_length=MAX_ADAPTERS, description="registry names to evaluate")
     include_base: bool = Field(True, description="also score the base model on the same rows")
     dataset: DatasetSpec
     base_model: PathStr | None = Field(
@@ -64,9 +62,7 @@ class EvalCreate(RequestModel):  # finite floats, bounded strings (core.requests
 
     @field_validator("adapters")
     @classmethod
-    def _names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            check_adapter_name(name)
+    def _names(cls, names: list[AdapterName]) -> list[AdapterName]:
         if len(set(names)) != len(names):
             raise ValueError("adapters must not repeat a name")
         return names
@@ -86,7 +82,7 @@ class Evaluation(BaseModel):
     id: str
     object: Literal["evaluation"] = "evaluation"
     status: JobStatus = JobStatus.QUEUED
-    adapters: list[str]
+    adapters: list[AdapterName]
     include_base: bool = True
     base_model: str
     dataset: dict[str, Any]  # summary; inline rows are stored apart
@@ -97,7 +93,7 @@ class Evaluation(BaseModel):
     owner: str | None = None
     queue: str | None = None
     adapter_sha256: dict[str, str] = Field(default_factory=dict)  # what was evaluated (filled by the worker)
-    results: dict[str, EvalMetrics] = Field(default_factory=dict)  # adapter name or "__base__" → metrics
+    results: dict[str, EvalMetrics] = Field(default_factory=dict)  # adapter name or BASE_ADAPTER → metrics
     progress: dict[str, Any] = Field(default_factory=dict)  # phase, examples_done, examples_total
     error: str | None = None
     created_at: float = Field(default_factory=time.time)
@@ -111,7 +107,7 @@ class Evaluation(BaseModel):
     @property
     def names(self) -> list[str]:
         """Result keys in row order: the adapters, then the base."""
-        return [*self.adapters, *([BASE] if self.include_base else [])]
+        return [*self.adapters, *([BASE_ADAPTER] if self.include_base else [])]
 
 
 class LatestEval(BaseModel):

@@ -6,7 +6,6 @@ updates status, progress and metrics.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from enum import Enum
@@ -15,24 +14,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from core.formats import FormatName
+from core.names import AdapterName
 from core.patterns import MAX_PATTERN_CHARS, check_pattern
 from core.requests import SEED_BOUND, RequestModel
-
-ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-_ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
 
 # Validation context for records read back from the store: rules that apply to new requests only (e.g. a
 # batch that splits evenly over the processes) are not re-judged on what was accepted under older rules.
 STORED = {"stored": True}
-
-
-def check_adapter_name(name: str) -> str:
-    # ".." would still match the pattern's character class; refuse anything that is not one plain path part.
-    if not _ADAPTER_NAME.match(name) or ".." in name:
-        raise ValueError(
-            f"adapter name {name!r} must match {ADAPTER_NAME_PATTERN} (lowercase letters, digits, '.', '_', '-')"
-        )
-    return name
 
 
 class JobStatus(str, Enum):
@@ -213,7 +201,7 @@ class TrainingSpec(_Strict):
 
 
 class JobCreate(_Strict):
-    adapter_name: Annotated[str, StringConstraints(max_length=64)]
+    adapter_name: AdapterName
     dataset: DatasetSpec
     base_model: PathStr | None = Field(
         None,
@@ -229,11 +217,6 @@ class JobCreate(_Strict):
         description="worker queue (e.g. gpu-24g, cpu); default: chosen from the base "
         "model (BONE_RESOURCE_QUEUES), else the server's default queue",
     )
-
-    @field_validator("adapter_name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return check_adapter_name(value)
 
     @model_validator(mode="after")
     def _eval_needs_rows(self) -> JobCreate:
@@ -260,7 +243,7 @@ class Job(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     status: JobStatus = JobStatus.QUEUED
-    adapter_name: str
+    adapter_name: AdapterName
     base_model: str
     dataset: dict[str, Any]  # summary; inline records are stored apart (see JobStore)
     bone: BoneSpec

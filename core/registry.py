@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field, PrivateAttr
 
 from core.errors import Conflict, CorruptAdapter, NotFound
-from core.jobs import check_adapter_name
+from core.names import AdapterName
 from core.storage import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, LocalStorage, ObjectStorage
 
 if TYPE_CHECKING:
@@ -170,9 +170,10 @@ class AdapterRegistry:
 
     # --- paths -----------------------------------------------------------------------------------------
     def path(self, name: str) -> Path | str:
-        """Where the adapter lives: its folder (local registry) or the URL of its prefix (object storage)."""
+        """Where the adapter lives: its folder (local registry) or the URL of its prefix (object storage).
+        A name that is not an adapter name is no adapter here, and never a path outside the registry."""
         try:
-            check_adapter_name(name)
+            AdapterName(name)
         except ValueError as exc:
             raise NotFound(str(exc), param="name") from None
         return self.storage.location(name)

@@ -2,7 +2,7 @@
 
 One evaluation scores several adapters (and the base model) on the same rows, sharing every batch through
 the mixed-adapter path: the base model is wrapped once in a ``BoneModel`` holding every adapter, and each
-batch of ``b`` examples becomes ``b × n`` rows (one copy per adapter, ``"__base__"`` for the base model) run
+batch of ``b`` examples becomes ``b × n`` rows (one copy per adapter, ``BASE_ADAPTER`` for the base model) run
 in ONE forward with ``adapter_names``. Row ``i`` then equals that example run on that adapter alone.
 
 * **Loss / perplexity / token accuracy**: rows are tokenized exactly as training tokenizes them
@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 from core.base_model import pick_device
 from core.errors import Conflict
-from core.evals import BASE, EvalMetrics, EvalStore, Evaluation, LatestEval
+from core.evals import EvalMetrics, EvalStore, Evaluation, LatestEval
 from core.formats import detect_format
 from core.jobs import JobStatus
 from core.logs import job_id_var
+from core.names import BASE_ADAPTER, AdapterName
 from core.registry import AdapterRegistry
 from worker import model_cache
 from worker.batches import collate
@@ -43,7 +44,6 @@ from worker.data import IGNORE_INDEX, Cancelled, Example, load_rows, tokenize_ro
 from worker.tasks import current_settings, describe_failure
 
 log = logging.getLogger(__name__)
-BASE_ADAPTER = BASE  # == bone.BASE_ADAPTER
 
 
 # --- the task -----------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def _finish(store: EvalStore, eval_id: str, status: JobStatus, **fields: Any) ->
 
 
 def record_latest(store: EvalStore, evaluation: Evaluation) -> None:
-    base = evaluation.results.get(BASE)
+    base = evaluation.results.get(BASE_ADAPTER)
     for name in evaluation.adapters:
         store.set_latest(name, LatestEval(
             eval_id=evaluation.id, sha256=evaluation.adapter_sha256[name], dataset=evaluation.dataset,
@@ -176,12 +176,12 @@ def _perplexity(loss: float | None) -> float | None:
 
 def load_adapters(bone_model, registry: AdapterRegistry, names: Sequence[str],
                   base_model: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
-    """Add each registry adapter to ``bone_model`` under a slot name of its own (module keys cannot hold
-    '.'); returns ({name: slot}, {name: sha256}). Weights are sha256-checked, keys and shapes strictly."""
+    """Add each registry adapter to ``bone_model`` under its slot (``AdapterName.slot``); returns
+    ({name: slot}, {name: sha256}). Weights are sha256-checked, keys and shapes strictly."""
     from bone import BoneConfig
 
     slots, shas = {}, {}
-    for i, name in enumerate(names):
+    for name in names:
         tensors, info = registry.verified_tensors(name)  # loaded from the very bytes that were hashed
         if base_model is not None and info.base_model != base_model:
             raise Conflict(f"adapter {name!r} was trained on base model {info.base_model!r}, not {base_model!r}",
@@ -191,7 +191,7 @@ def load_adapters(bone_model, registry: AdapterRegistry, names: Sequence[str],
             raise Conflict(f"adapter {name!r} trained biases (bias={config.bias!r}), which live in the shared base "
                            "model: it cannot share batches with other adapters", param="adapters",
                            code="unservable_adapter")
-        slot = f"eval_{i}"
+        slot = AdapterName(name).slot(info.sha256)
         bone_model.add_adapter_from_state_dict(slot, config, tensors)
         slots[name], shas[name] = slot, info.sha256
     return slots, shas
@@ -217,7 +217,7 @@ class RowScore:
 def score_rows(bone_model, examples: Sequence[Example], slots: Sequence[str], *, batch_size: int, pad_id: int,
                device: torch.device, autocast=None, should_stop: Callable[[], bool] | None = None,
                on_batch: Callable[[int], None] | None = None) -> list[RowScore]:
-    """One ``RowScore`` per entry of ``slots`` (an adapter slot or ``"__base__"``) over every example. Each
+    """One ``RowScore`` per entry of ``slots`` (an adapter slot or ``BASE_ADAPTER``) over every example. Each
     batch of ``b`` examples runs as ``len(slots) × b`` rows in one forward: rows ``[k*b, (k+1)*b)`` use
     ``slots[k]``."""
     autocast = autocast or nullcontext()

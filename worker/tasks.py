@@ -19,11 +19,12 @@ import torch
 
 from core.auth import may_publish_over
 from core.base_model import pick_device
-from core.checkpoints import checkpoint_adapter_name, unpublish_checkpoints
+from core.checkpoints import unpublish_checkpoints
 from core.errors import Conflict, ServiceError
 from core.jobs import Job, JobStatus, check_job_size
 from core.jobstore import JobStore
 from core.logs import job_id_var
+from core.names import TRAINING_SLOT
 from core.paths import redact_server_paths
 from core.registry import AdapterInfo, AdapterRegistry
 from core.settings import Settings, get_settings
@@ -35,7 +36,6 @@ from worker.progress import ProgressReporter
 from worker.train import count_steps, train
 
 log = logging.getLogger(__name__)
-ADAPTER_NAME_IN_MODEL = "default"  # the name inside the BoneModel; the registry name is the job's adapter_name
 MAX_ERROR_CHARS = 500
 
 _settings_override: Settings | None = None
@@ -157,7 +157,7 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
 
     # -- the adapter (the job's own copy of the base model is wrapped in place; see worker.model_cache)
     config = BoneConfig(**job.bone.model_dump(), task_type="CAUSAL_LM", base_model_name_or_path=job.base_model)
-    bone_model = get_bone_model(model, config, adapter_name=ADAPTER_NAME_IN_MODEL)
+    bone_model = get_bone_model(model, config, adapter_name=TRAINING_SLOT)
     trainable, total = bone_model.get_nb_trainable_parameters()
 
     # -- tokenize; hold out the eval rows; pack if asked
@@ -195,7 +195,7 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
         result = distributed.run(spec.num_processes, device=device, settings=settings, job=job, bone_config=config,
                                  examples=train_examples, eval_examples=eval_examples,
                                  checkpoint_dir=workdir / "checkpoints", adapter_dir=adapter_dir,
-                                 adapter_name=ADAPTER_NAME_IN_MODEL)
+                                 adapter_name=TRAINING_SLOT)
         reporter.progress = dict(store.get(job.id).progress.model_dump())  # rank 0 wrote it meanwhile
     else:
         publisher = CheckpointPublisher(store, settings, job, config)
@@ -204,8 +204,8 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
                        should_stop=reporter.should_stop, checkpoint_dir=workdir / "checkpoints",
                        checkpoints_kept=settings.checkpoints_kept,
                        shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id),
-                       adapter_name=ADAPTER_NAME_IN_MODEL)
-        bone_model.save_pretrained(adapter_dir, adapter_name=ADAPTER_NAME_IN_MODEL)
+                       adapter_name=TRAINING_SLOT)
+        bone_model.save_pretrained(adapter_dir, adapter_name=TRAINING_SLOT)
     if reporter.should_stop():  # a cancel that arrived during the last step still wins over publishing
         raise Cancelled()
     metrics = {
@@ -259,7 +259,7 @@ class CheckpointPublisher:
     def publish(self, step: int, path: Path, data: dict) -> str | None:
         name = None
         if self.job.training.publish_checkpoints:
-            name = checkpoint_adapter_name(self.job.adapter_name, step)
+            name = self.job.adapter_name.checkpoint(step)
             check_publishable(path)
             registry = AdapterRegistry.from_settings(self.settings)
             ours = registry.exists(name) and registry.get(name).job_id == self.job.id  # an earlier attempt's

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from core.jobs import TrainingSpec
+from core.names import TRAINING_SLOT
 from worker import checkpoint
 from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
@@ -179,7 +180,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
           device: torch.device, eval_examples: Sequence[Example] = (), on_step: StepCallback | None = None,
           on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
           checkpoint_dir: Path | None = None, checkpoints_kept: int = 2, shared_checkpoints: JobResume | None = None,
-          adapter_name: str = "default", ranks: Ranks | None = None) -> TrainResult:
+          adapter_name: str = TRAINING_SLOT, ranks: Ranks | None = None) -> TrainResult:
     if not examples:
         raise ValueError("no training examples")
     on_step = on_step or _noop

@@ -31,7 +31,7 @@ from bone.checkpoint import NonFiniteTensorError, check_finite, to_format, write
 from bone.export import DEFAULT_BAT_TOLERANCE
 from core.base_model import exported_base_model_name
 from core.errors import Conflict, InvalidRequest
-from core.jobs import check_adapter_name
+from core.names import AdapterName
 from core.quotas import check_adapter_count
 from core.registry import AdapterInfo, AdapterRegistry
 from core.requests import RequestModel
@@ -115,22 +115,18 @@ async def download_adapter(name: str, registry: RegistryDep, engine: EngineDep, 
 class ComposeRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapters: dict[str, float] = Field(min_length=1, max_length=MAX_COMPOSE,
-                                       description="source adapter name → weight, e.g. {\"a\": 0.7, \"b\": 0.3}; "
-                                                   "|weight| <= 100")
+    adapters: dict[AdapterName, float] = Field(min_length=1, max_length=MAX_COMPOSE,
+                                               description="source adapter name → weight, e.g. "
+                                                           "{\"a\": 0.7, \"b\": 0.3}; |weight| <= 100")
     overwrite: bool = False
 
     @field_validator("adapters")
     @classmethod
-    def _names(cls, value: dict[str, float]) -> dict[str, float]:
+    def _weights(cls, value: dict[AdapterName, float]) -> dict[AdapterName, float]:
         return check_mix(value)  # the same rules as a per-request mix
 
 
-def _compose(registry: AdapterRegistry, engine, name: str, request: ComposeRequest) -> AdapterInfo:
-    try:
-        check_adapter_name(name)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="name") from None
+def _compose(registry: AdapterRegistry, engine, name: AdapterName, request: ComposeRequest) -> AdapterInfo:
     if registry.exists(name) and not request.overwrite:
         raise Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="name",
                        code="adapter_exists")
@@ -161,7 +157,7 @@ def _compose(registry: AdapterRegistry, engine, name: str, request: ComposeReque
 
 
 @router.post("/{name}/compose", status_code=201, response_model=AdapterInfo)
-async def compose_adapter(name: str, body: ComposeRequest, registry: RegistryDep, engine: EngineDep,
+async def compose_adapter(name: AdapterName, body: ComposeRequest, registry: RegistryDep, engine: EngineDep,
                           settings: SettingsDep, principal: PrincipalDep) -> AdapterInfo:
     """Store the exact weighted sum of Bone adapters (same base model, same r) as adapter ``name``."""
     await run_in_threadpool(check_adapter_count, registry, principal, name, settings.max_adapters_per_owner)

@@ -21,7 +21,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from app.auth import PrincipalDep
 from app.deps import JobCheckerDep, RegistryDep, SettingsDep
 from core.errors import InvalidRequest
-from core.jobs import ADAPTER_NAME_PATTERN, check_adapter_name
+from core.names import AdapterName
 from core.patterns import check_config_patterns
 from core.quotas import check_adapter_count
 from core.registry import CONFIG_FILE, WEIGHTS_FILE, AdapterInfo
@@ -38,7 +38,7 @@ MAX_CONFIG_BYTES = 1 << 20
                          "`adapter_model` (adapter_model.safetensors), optional `overwrite`. The adapter is "
                          "checked key by key and shape by shape against the server's base model before it is "
                          "published; a mismatch is a 422 naming the module.")
-def import_adapter(name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN, max_length=64)],
+def import_adapter(name: Annotated[AdapterName, Form()],
                    adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
                    adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
                    registry: RegistryDep, settings: SettingsDep, checker: JobCheckerDep, principal: PrincipalDep,
@@ -47,10 +47,6 @@ def import_adapter(name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN, max_l
     from bone.checkpoint import NonFiniteTensorError, check_finite, check_tensors
     from bone.errors import BoneError
 
-    try:
-        check_adapter_name(name)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="name") from None
     check_adapter_count(registry, principal, name, settings.max_adapters_per_owner)
     config_dict = _read_config(adapter_config)
     check_config_patterns(config_dict, param="adapter_config")  # before any regex runs (RE2, bounded)

@@ -27,7 +27,7 @@ from app.errors import service_error_from
 from bone import BoneConfig, BoneConfigError
 from bone.arithmetic import check_combinable
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
-from core.jobs import check_adapter_name
+from core.names import AdapterName
 from core.registry import AdapterRegistry
 from core.requests import SEED_BOUND, RequestModel
 from core.settings import Settings
@@ -37,7 +37,6 @@ router = APIRouter(tags=["generate"])
 MAX_MIX = 16  # sources in one per-request mix (as for POST /adapters/{name}/compose)
 MAX_MIX_WEIGHT = 100.0  # |w| per source: far beyond any useful blend, and a sum of float32 blocks stays finite
 MAX_STOPS, MAX_STOP_CHARS = 4, 512
-MAX_NAME_CHARS = 64  # adapter names (core.jobs.ADAPTER_NAME_PATTERN)
 # A prompt's own bound is the server's (Settings.max_prompt_bytes, checked before tokenizing); this one only
 # lifts the default string bound of request models, the body bound keeps it far lower.
 MAX_PROMPT_CHARS = 64 << 20
@@ -51,9 +50,9 @@ AdaptersField = Field(
 )
 
 
-def check_mix(value: dict[str, float] | None) -> dict[str, float] | None:
+def check_mix(value: dict[AdapterName, float] | None) -> dict[AdapterName, float] | None:
+    """The weights of a mix (its names are checked by their type, ``AdapterName``)."""
     for name, weight in (value or {}).items():
-        check_adapter_name(name)
         if not math.isfinite(weight) or abs(weight) > MAX_MIX_WEIGHT:
             raise ValueError(f"the weight of {name!r} must be a finite number with |w| <= {MAX_MIX_WEIGHT:g}")
     return value
@@ -88,8 +87,10 @@ DEFAULT_MAX_NEW_TOKENS = 64
 class GenerateRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter: str | None = Field(None, max_length=MAX_NAME_CHARS, description="adapter name; null = the base model")
-    adapters: dict[str, float] | None = AdaptersField
+    # A name that cannot exist is an adapter that is not there (404 from the registry), as for every lookup.
+    adapter: str | None = Field(None, max_length=AdapterName.MAX_LENGTH,
+                                description="adapter name; null = the base model")
+    adapters: dict[AdapterName, float] | None = AdaptersField
     prompt: str = Field(
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
@@ -106,7 +107,7 @@ class GenerateRequest(RequestModel):
 
     @field_validator("adapters")
     @classmethod
-    def _mix(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+    def _mix(cls, value: dict[AdapterName, float] | None) -> dict[AdapterName, float] | None:
         return check_mix(value)
 
     @field_validator("stop")

@@ -52,6 +52,7 @@ from app.routes.generate import (
     submit_all,
 )
 from core.errors import InvalidRequest, NotFound, ServiceError
+from core.names import AdapterName
 from core.registry import AdapterRegistry
 from core.requests import SEED_BOUND, RequestModel
 from core.settings import Settings
@@ -84,7 +85,7 @@ class _Common(RequestModel):
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    adapters: dict[str, float] | None = AdaptersField
+    adapters: dict[AdapterName, float] | None = AdaptersField
     # Defined by OpenAI, not honoured here: accepted only at their neutral value (see ``_refuse_unsupported``).
     response_format: dict[str, Any] | None = None
     logit_bias: dict[str, float] | None = None
@@ -95,7 +96,7 @@ class _Common(RequestModel):
 
     @field_validator("adapters")
     @classmethod
-    def _mix(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+    def _mix(cls, value: dict[AdapterName, float] | None) -> dict[AdapterName, float] | None:
         return check_mix(value)
 
 

@@ -8,8 +8,9 @@ import threading
 import pytest
 
 import app.adapter_cache as adapter_cache
-from app.adapter_cache import AdapterCache, AdapterLoader, fetch_adapter, slot_name
+from app.adapter_cache import AdapterCache, AdapterLoader, fetch_adapter, mix_name, slot_name
 from core.errors import CorruptAdapter, NotFound
+from core.names import AdapterName
 from core.registry import WEIGHTS_FILE, AdapterRegistry
 from tests.app.conftest import publish_adapter
 
@@ -147,5 +148,9 @@ def test_loader_reads_off_the_calling_thread_once_per_name(settings, registry, m
     assert readers == ["adapter-loader_0"]  # read on a loader thread, never the caller's (the model thread)
 
 
-def test_slot_names_are_valid_module_keys():
-    assert slot_name("my.adapter-v1", "ab" * 32) == "a_my_adapter_v1_" + "ab" * 6
+def test_slot_names_are_distinct_module_keys():
+    sha = "ab" * 32
+    assert slot_name("my.adapter-v1", sha) == AdapterName("my.adapter-v1").slot(sha)
+    mix = mix_name((("a", sha, 0.5), ("b", sha, 0.5)))
+    slots = {slot_name(name, sha) for name in ("a.b", "a_b", "a-b", mix)}
+    assert len(slots) == 4 and not any("." in slot or "~" in slot for slot in slots)

@@ -42,6 +42,10 @@ CASES = [
     ("name-slash", "POST", "/jobs", job(adapter_name="a/b"), 422, "adapter_name"),
     ("name-upper", "POST", "/jobs", job(adapter_name="A"), 422, "adapter_name"),
     ("name-long", "POST", "/jobs", job(adapter_name="a" * 65), 422, "adapter_name"),
+    ("name-newline", "POST", "/jobs", job(adapter_name="abc\n"), 422, "adapter_name"),
+    ("eval-name", "POST", "/evals", {"adapters": ["A"], "dataset": {"records": [ROW]}}, 422, "adapters.0"),
+    ("compose-name", "POST", "/adapters/Bad/compose", {"adapters": {"a": 1.0}}, 422, "name"),
+    ("mix-name", "POST", "/generate", {"prompt": "hi", "adapters": {"a/b": 1.0}}, 422, "adapters.a/b"),
     ("path-traversal", "POST", "/jobs", job(dataset={"path": "../../etc/passwd"}), 422, "dataset.path"),
     ("path-absolute", "POST", "/jobs", job(dataset={"path": "/etc/passwd"}), 422, "dataset.path"),
     ("path-home", "POST", "/jobs", job(dataset={"path": "~/x.jsonl"}), 422, "dataset.path"),
@@ -118,3 +122,11 @@ def test_uploads_have_their_own_bound(client):
     reply = client.post("/adapters", data={"name": "up"}, files={
         "adapter_config": ("adapter_config.json", b"{}"), "adapter_model": ("adapter_model.safetensors", too_big)})
     assert reply.status_code == 413 and "BONE_MAX_UPLOAD_BYTES" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("name", ["Bad", "../x", "a" * 65])
+def test_import_names_follow_the_adapter_name_rule(client, name):
+    reply = client.post("/adapters", data={"name": name}, files={
+        "adapter_config": ("adapter_config.json", b"{}"), "adapter_model": ("adapter_model.safetensors", b"\0")})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["param"] == "name"

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from app.decoding import Row, SamplingParams, _safe_end
+from core.names import BASE_ADAPTER
 
 EOS = 0
 
 
 def row(stop=(), max_new_tokens=10, on_text=None, temperature=0.0, top_p=1.0, seed=None) -> Row:
     # token t decodes to chr(t): ids 97.. are letters
-    return Row(prompt_ids=[1], adapter_slot="__base__", eos_ids=frozenset({EOS}),
+    return Row(prompt_ids=[1], adapter_slot=BASE_ADAPTER, eos_ids=frozenset({EOS}),
                params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                      stop=tuple(stop)),
                decode=lambda ids: "".join(chr(t) for t in ids if t != EOS), on_text=on_text)

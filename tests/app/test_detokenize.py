@@ -11,6 +11,7 @@ import pytest
 from app.decoding import Row, SamplingParams
 from app.detokenize import IncrementalDetokenizer
 from core.base_model import _byte_level_tokenizer
+from core.names import BASE_ADAPTER
 
 TOKENIZER = _byte_level_tokenizer()
 EOS = TOKENIZER.eos_token_id
@@ -91,7 +92,7 @@ def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
 def run_row(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
             decode=full_decode) -> tuple[str, str | None, list[str]]:
     pieces: list[str] = []
-    row = Row(prompt_ids=[1], adapter_slot="__base__", eos_ids=frozenset({EOS}),
+    row = Row(prompt_ids=[1], adapter_slot=BASE_ADAPTER, eos_ids=frozenset({EOS}),
               params=SamplingParams(max_new_tokens=max_new_tokens, stop=stops), decode=decode,
               on_text=pieces.append)
     for token in ids:

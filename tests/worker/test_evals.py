@@ -10,8 +10,9 @@ import torch
 from rq import Queue, SimpleWorker
 
 from bone import BoneConfig, BoneModel, get_bone_model
-from core.evals import BASE, EVAL_TASK, EvalStore, Evaluation
+from core.evals import EVAL_TASK, EvalStore, Evaluation
 from core.jobs import JobStatus, RecordsDataset, dataset_summary
+from core.names import BASE_ADAPTER
 from core.registry import AdapterRegistry
 from tests.worker.recipes import MEMORIZE_RECIPE, MEMORIZE_RECORDS
 from worker.data import tokenize_rows
@@ -57,8 +58,8 @@ def test_a_mixed_batch_scores_each_adapter_as_it_scores_alone(base, registry):
     examples = tokenize_rows(ROWS, base.tokenizer, 64).examples
     pad = base.tokenizer.pad_token_id
     # 5 examples in batches of 2: the batches are ragged (padding) and the last one is short
-    mixed = score_rows(bone_model, examples, [*(slots[n] for n in names), BASE], batch_size=2, pad_id=pad,
-                       device=torch.device("cpu"))
+    row_slots = [*(slots[n] for n in names), BASE_ADAPTER]
+    mixed = score_rows(bone_model, examples, row_slots, batch_size=2, pad_id=pad, device=torch.device("cpu"))
 
     alone_models = [BoneModel.from_pretrained(copy.deepcopy(base.model), registry.path(n)) for n in names]
     for model, got in zip([*alone_models, base.model], mixed):
@@ -78,8 +79,9 @@ def test_batched_greedy_completions_equal_each_adapter_alone(base, registry):
     prompts = completion_prompts(ROWS, base.tokenizer, 64)
     assert [p.reference for p in prompts] == ["four", "hi!", ROWS[3]["completion"]]  # text rows have none
     tok = base.tokenizer
-    mixed = generate_rows(bone_model, tok, prompts, [*(slots[n] for n in names), BASE], max_new_tokens=8,
-                          pad_id=tok.pad_token_id, device=torch.device("cpu"))
+    row_slots = [*(slots[n] for n in names), BASE_ADAPTER]
+    mixed = generate_rows(bone_model, tok, prompts, row_slots, max_new_tokens=8, pad_id=tok.pad_token_id,
+                          device=torch.device("cpu"))
     alone_models = [BoneModel.from_pretrained(copy.deepcopy(base.model), registry.path(n)) for n in names]
     for model, texts in zip([*alone_models, base.model], mixed):
         for prompt, text in zip(prompts, texts):
@@ -117,7 +119,7 @@ def test_a_memorizing_adapter_scores_exact_match_and_beats_the_base(task_setting
 
     done = evals.get(evaluation.id)
     assert done.status is JobStatus.SUCCEEDED, done.error
-    tuned, plain = done.results["memorized"], done.results[BASE]
+    tuned, plain = done.results["memorized"], done.results[BASE_ADAPTER]
     assert (tuned.examples, tuned.exact_match_examples) == (6, 6)
     assert tuned.exact_match == 1.0 and plain.exact_match == 0.0
     assert tuned.loss < plain.loss and tuned.perplexity < plain.perplexity
