@@ -2,7 +2,7 @@
 
 ``create_app`` attaches ``guard`` to every router except the health probes; it authenticates the caller and,
 on the expensive routes, spends one unit of the caller's rate limit (``app.ratelimit``). Routes never check
-ownership themselves: ``app.deps`` hands them a job store and a registry already scoped to the principal.
+ownership themselves: ``app.deps`` hands them views scoped to the principal (``core.access``).
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ cli.add_typer(keys_cli, name="keys")
 def keys_create(owner: str = typer.Option(..., help="who the key belongs to (jobs, files and adapters are theirs)"),
                 role: str = typer.Option("user", help="user (own resources only) or admin (everything)")) -> None:
     """Mint an API key: prints the key once (it is never stored) and the BONE_API_KEYS entry to add."""
-    from core.auth import KeyEntry, generate_key, hash_key, parse_key_entry
+    from core.keys import KeyEntry, generate_key, hash_key, parse_key_entry
 
     key = generate_key()
     try:

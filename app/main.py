@@ -28,6 +28,7 @@ from app.routes import adapter_export, adapter_import, adapters, evals, files, f
 from app.security_headers import SecurityHeaders
 from core.auth import KeyRing
 from core.base_model import load_base_model
+from core.evals import EvalStore
 from core.janitor import Janitor
 from core.jobstore import JobStore
 from core.registry import AdapterRegistry
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = conn
         app.state.queue = Queue(settings.queue_name, connection=conn)
         app.state.jobstore = JobStore(conn)
+        app.state.evalstore = EvalStore(conn)
         app.state.registry = registry
         app.state.engine = engine
         app.state.job_checker = JobChecker(settings, registry, server_model_config=base.model.config)

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from core.auth import KeyEntry, generate_key, hash_key
+from core.keys import KeyEntry, generate_key, hash_key
 from core.registry import AdapterRegistry
 from core.settings import Settings
 

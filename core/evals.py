@@ -3,44 +3,27 @@ where both live (``EvalStore``, in Redis next to the jobs).
 
 An evaluation scores one or more adapters (and, by default, the base model) on the same held-out rows:
 mean token loss and perplexity, token accuracy and, for rows with a completion, exact match of a greedy
-completion. The worker task is ``worker.evals.run_eval_job``; the API enqueues it by that dotted path.
+completion. The worker task is ``worker.evals.run_eval_job`` (``core.queueing.EVAL_TASK``).
 
-Keys (all under ``bone:``):
-  eval:{id}             the Evaluation as JSON
-  evals                 sorted set of ids by creation time (listing, cursor pagination)
-  eval:{id}:records     inline dataset rows (kept apart so listings stay small; deleted at the end, TTL)
-  eval:{id}:cancel      cooperative-cancel flag the task polls between batches
+Keys (all under ``bone:``) besides those of every record (core/records.py):
   adapter_eval:{name}   the adapter's latest finished evaluation (``LatestEval``), shown by
                         ``GET /adapters/{name}`` while the adapter's sha256 is still the one evaluated
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.errors import NotFound
 from core.jobs import DatasetSpec, JobStatus, PathStr
-from core.jobstore import (
-    INLINE_RECORDS_TTL_S,
-    PREFIX,
-    index_new,
-    non_final,
-    page_newest_first,
-    read_record,
-    settle_ended,
-    transition_record,
-)
 from core.names import BASE_ADAPTER, AdapterName
+from core.records import PREFIX, RecordStore
 from core.requests import RequestModel
 
-EVAL_TASK = "worker.evals.run_eval_job"
 MAX_ADAPTERS = 16
 
 EvalStatus = JobStatus  # one lifecycle for everything the workers run: queued, running, succeeded, failed, cancelled
@@ -122,71 +105,13 @@ class LatestEval(BaseModel):
     finished_at: float | None = None
 
 
-def _key(eval_id: str) -> str:
-    return f"{PREFIX}eval:{eval_id}"
-
-
 def _latest_key(name: str) -> str:
     return f"{PREFIX}adapter_eval:{name}"
 
 
-class EvalStore:
+class EvalStore(RecordStore[Evaluation]):
     def __init__(self, conn: redis.Redis) -> None:
-        self.conn = conn
-
-    def create(
-        self,
-        evaluation: Evaluation,
-        records: list[dict[str, Any]] | None = None,
-        *,
-        records_ttl_s: int = INLINE_RECORDS_TTL_S,
-    ) -> None:
-        pipe = self.conn.pipeline(transaction=True)
-        pipe.set(_key(evaluation.id), evaluation.model_dump_json())
-        if records is not None:  # deleted when the evaluation ends; the TTL covers one that never does
-            pipe.set(_key(evaluation.id) + ":records", json.dumps(records), ex=records_ttl_s)
-        index_new(pipe, PREFIX + "evals", evaluation.id, evaluation.created_at, evaluation.owner)
-        pipe.execute()
-
-    def get(self, eval_id: str) -> Evaluation:
-        raw = self.conn.get(_key(eval_id))
-        if raw is None:
-            raise NotFound(f"no evaluation with id {eval_id!r}", param="eval_id")
-        return read_record(Evaluation, raw, "evaluation", eval_id)
-
-    def records(self, eval_id: str, which: str = "records") -> list[dict[str, Any]] | None:
-        """Inline rows (``which`` is accepted for ``worker.data.load_rows``, which reads jobs the same way)."""
-        raw = self.conn.get(_key(eval_id) + ":records")
-        return None if raw is None else json.loads(raw)
-
-    def list(
-        self, *, limit: int = 20, after: str | None = None, owner: str | None = None
-    ) -> tuple[list[Evaluation], bool]:
-        """Newest first; ``owner`` keeps only that owner's. Returns (evaluations, has_more)."""
-        return page_newest_first(
-            self.conn, PREFIX + "evals", _key, Evaluation, limit=limit, after=after, owner=owner, what="evaluation"
-        )
-
-    def transition(self, eval_id: str, allowed_from: Iterable[JobStatus] | None = None, **fields: Any) -> Evaluation:
-        """Atomically update (WATCH/MULTI), only from ``allowed_from`` (default: any non-final state)."""
-        return transition_record(
-            self.conn,
-            _key(eval_id),
-            Evaluation,
-            non_final(allowed_from),
-            fields,
-            what="evaluation",
-            record_id=eval_id,
-            param="eval_id",
-            also=lambda pipe, before, after: settle_ended(pipe, _key(eval_id), before, after),
-        )
-
-    # --- cancel ---------------------------------------------------------------------------------------
-    def request_cancel(self, eval_id: str) -> None:
-        self.conn.set(_key(eval_id) + ":cancel", "1", ex=7 * 24 * 3600)
-
-    def cancel_requested(self, eval_id: str) -> bool:
-        return bool(self.conn.exists(_key(eval_id) + ":cancel"))
+        super().__init__(conn, Evaluation, kind="eval", what="evaluation", param="eval_id")
 
     # --- per adapter ----------------------------------------------------------------------------------
     def set_latest(self, name: str, latest: LatestEval) -> None:

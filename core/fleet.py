@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from core.errors import InvalidRequest
-from core.jobstore import PREFIX
+from core.records import PREFIX
 from core.settings import Settings
 
 WORKERS = PREFIX + "workers"  # set of advertised worker names (members whose hash expired are pruned on read)

@@ -27,7 +27,9 @@ import redis
 
 from core.errors import Conflict, NotFound, ServiceError
 from core.jobs import JobStatus
-from core.jobstore import PREFIX, JobStore
+from core.jobstore import JobStore
+from core.queueing import TRAINING_TASK, enqueue
+from core.records import PREFIX
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -35,26 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRAINING_TASK = "worker.tasks.run_training_job"
 LOCK_KEY = PREFIX + "janitor:lock"
-
-
-def enqueue_training(
-    conn: redis.Redis, settings: Settings, job_id: str, *, at_front: bool = False, queue: str | None = None
-) -> None:
-    """Put a job on the training queue by the task's dotted path; the RQ job has the job's id (cancel finds
-    it by that id) and an explicit timeout (RQ's default of 180 s would kill training)."""
-    from rq import Queue
-
-    Queue(queue or settings.queue_name, connection=conn).enqueue(
-        TRAINING_TASK,
-        job_id,
-        job_id=job_id,
-        job_timeout=settings.job_timeout_s,
-        result_ttl=86400,
-        failure_ttl=7 * 86400,
-        at_front=at_front,
-    )
 
 
 def recover(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, reason: str) -> str | None:
@@ -89,7 +72,8 @@ def recover(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, re
         attempt=attempt,
         reason=reason,
     )
-    enqueue_training(conn, settings, job_id, at_front=True, queue=job.queue)  # ahead of newer jobs: work done already
+    # At the front, ahead of newer jobs: this one has work done already.
+    enqueue(conn, settings, TRAINING_TASK, job_id, queue=job.queue, at_front=True)
     log.warning("job %s: %s; re-queued (attempt %d of %d)", job_id, reason, attempt + 1, settings.max_attempts)
     return "queued"
 

@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from core.keys import generate_key
+
 LOCAL_KEY_FILE = "local-admin.key"
 LOCAL_OWNER = "local"
 
@@ -33,8 +35,6 @@ def ensure_local_key(data_dir: Path) -> str:
     """The data dir's local admin key, minted on first use. Several processes starting at once on one data dir
     agree: the key is written whole to a private temporary file, then linked into place, which fails if another
     process linked theirs first (then theirs is the key). No reader ever sees a half-written file."""
-    from core.auth import generate_key
-
     path = local_key_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".local-admin-", dir=path.parent)  # mode 0600

@@ -2,7 +2,7 @@
 the registry for the others.
 
 - ``active_jobs``: queued + running jobs and evaluations (``BONE_MAX_ACTIVE_JOBS_PER_OWNER``), counted in a Redis
-  set per owner that creation adds to and the final transition removes from (core/jobstore.py);
+  set per owner that creation adds to and the final transition removes from (core/records.py);
 - ``file_bytes``: bytes of uploaded files (``BONE_MAX_FILE_BYTES_PER_OWNER``);
 - ``adapters``: adapters in the registry (``BONE_MAX_ADAPTERS_PER_OWNER``).
 
@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from core.errors import ServiceError
-from core.jobstore import PREFIX, active_key
+from core.records import PREFIX, active_key
 
 
 class QuotaExceeded(ServiceError):
@@ -119,12 +119,10 @@ def check_file_bytes(used: int, incoming: int, principal: Any, limit: int) -> No
 # --- adapters -----------------------------------------------------------------------------------------------------
 def check_adapter_count(registry: Any, principal: Any, name: str, limit: int) -> None:
     """Refuse a new adapter ``name`` when the owner already holds ``limit`` adapters (replacing one of their own
-    adds nothing)."""
+    adds nothing). ``registry`` may be the whole registry or the owner's view of it (core.access)."""
     if not bound(principal, limit):
         return
-    from core.registry import AdapterRegistry
-
-    owned = [info.name for info in AdapterRegistry.list(registry) if info.owner == principal.owner]
+    owned = [info.name for info in registry.list() if info.owner == principal.owner]
     if name not in owned and len(owned) >= limit:
         raise QuotaExceeded(
             "adapters", "BONE_MAX_ADAPTERS_PER_OWNER", limit, f"the owner holds {len(owned):,} adapters"

@@ -107,13 +107,6 @@ def _check_sha256(name: str, expected: str, path: Path, label: str) -> None:
         )
 
 
-class _RemoteRoot(str):
-    """``registry.root`` of an object-storage registry: its URL, carrying the storage along, because
-    ``core.auth.OwnedRegistry`` shares a registry by copying ``root`` (see the setter below)."""
-
-    storage: ObjectStorage
-
-
 def _open_storage(
     root: Path | str, cache_dir: Path | None, storage_options: dict[str, Any] | None, cache_bytes: int = 0
 ):
@@ -154,16 +147,7 @@ class AdapterRegistry:
     @property
     def root(self) -> Path | str:
         """The directory (Path) or the URL (str) of the registry."""
-        if isinstance(self.storage, LocalStorage):
-            return self.storage.root
-        root = _RemoteRoot(self.storage.root)
-        root.storage = self.storage
-        return root
-
-    @root.setter
-    def root(self, value: Path | str) -> None:
-        # `OwnedRegistry.__init__` does `self.root = registry.root` instead of calling ours: share the storage.
-        self.storage = value.storage if isinstance(value, _RemoteRoot) else LocalStorage(Path(value), create=False)
+        return self.storage.root
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.keys import parse_key_entries
+
 EMBEDDED_BASE_MODEL = "embedded"
 
 
@@ -221,8 +223,6 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys(cls, value: object) -> list[str]:
-        from core.auth import parse_key_entries
-
         return parse_key_entries(value)
 
     @field_validator("registry_url", "s3_endpoint_url", mode="before")

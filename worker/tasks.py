@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 import torch
 
-from core.auth import may_publish_over
+from core.access import may_publish_over
 from core.base_model import pick_device
 from core.checkpoints import unpublish_checkpoints
 from core.errors import Conflict, ServiceError

@@ -1,7 +1,7 @@
 """Adapter evaluations: create (validate + enqueue), list, read, cancel.
 
 ``POST /evals`` scores adapters (and the base model) on held-out rows on a worker; the task is enqueued by
-its dotted path (``core.evals.EVAL_TASK``), so this process never imports ``worker``. An evaluation is
+its dotted path (``core.queueing.EVAL_TASK``), so this process never imports ``worker``. An evaluation is
 visible to its owner (and admins) only, like a job; each adapter named must be visible to the caller too.
 """
 
@@ -11,21 +11,21 @@ import logging
 import time
 from typing import Annotated
 
+import redis
 from fastapi import APIRouter, Query
-from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQStatus
 
 from app.auth import PrincipalDep
-from app.deps import JobCheckerDep, QueueDep, RedisDep, RegistryDep, SettingsDep
-from app.routes.jobs import check_file_visible
+from app.deps import EvalStoreDep, FilesDep, JobCheckerDep, RedisDep, RegistryDep, SettingsDep
 from app.schemas import Page
-from core.auth import Principal
+from core.access import OwnedRecords
 from core.errors import Conflict, InvalidRequest, NotFound
-from core.evals import EVAL_TASK, EvalCreate, EvalStore, Evaluation
+from core.evals import EvalCreate, Evaluation
 from core.fleet import choose_queue
 from core.jobs import FileDataset, JobStatus, dataset_summary
+from core.queueing import EVAL_TASK, enqueue
 from core.quotas import release_active, reserve_active
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ class EvaluationList(Page[Evaluation]):
 
 
 @router.post("", status_code=202, response_model=Evaluation)
-def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, queue: QueueDep, registry: RegistryDep,
-                checker: JobCheckerDep, principal: PrincipalDep) -> Evaluation:
+def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, store: EvalStoreDep, registry: RegistryDep,
+                files: FilesDep, checker: JobCheckerDep, principal: PrincipalDep) -> Evaluation:
     # Defaults the caller did not set follow a server capped below them instead of being refused.
     for field, cap in (("max_seq_length", settings.max_seq_length), ("max_new_tokens", settings.max_new_tokens)):
         if field not in body.model_fields_set:
@@ -65,25 +65,21 @@ def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, queue: 
                            code="unservable_adapter")
     records = checker._check_one(body.dataset, "dataset")  # the same dataset checks as POST /jobs
     if isinstance(body.dataset, FileDataset):
-        check_file_visible(settings, body.dataset.file_id, principal)
+        files.check_usable(body.dataset.file_id, "dataset.file_id")
     queue_name = choose_queue(settings, None, base_model)  # where this base model's training jobs go
     evaluation = Evaluation(id=Evaluation.new_id(), adapters=body.adapters, include_base=body.include_base,
                             base_model=base_model, dataset=dataset_summary(body.dataset),
                             max_examples=body.max_examples, batch_size=body.batch_size,
                             max_seq_length=body.max_seq_length, max_new_tokens=body.max_new_tokens,
-                            owner=principal.owner, queue=queue_name)
-    store = EvalStore(conn)
+                            queue=queue_name)
     reserve_active(conn, principal, evaluation.id, settings.max_active_jobs_per_owner)
     try:
         store.create(evaluation, records=records, records_ttl_s=settings.inline_records_ttl_s)
     except Exception:
         release_active(conn, principal, evaluation.id)
         raise
-    if queue_name != queue.name:
-        queue = Queue(queue_name, connection=queue.connection)
     try:
-        queue.enqueue(EVAL_TASK, evaluation.id, job_id=evaluation.id, job_timeout=settings.job_timeout_s,
-                      result_ttl=86400, failure_ttl=7 * 86400)
+        enqueue(conn, settings, EVAL_TASK, evaluation.id, queue=queue_name)
     except Exception:
         try:  # never leave a record that claims to be queued when nothing will run it
             store.transition(evaluation.id, None, status=JobStatus.FAILED, error="could not be queued",
@@ -96,28 +92,23 @@ def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, queue: 
 
 
 @router.get("", response_model=EvaluationList)
-def list_evals(conn: RedisDep, principal: PrincipalDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def list_evals(store: EvalStoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                after: Annotated[str | None, Query(max_length=256,
                                                   description="id of the last evaluation of the previous page")] = None
                ) -> EvaluationList:
-    store = EvalStore(conn)
-    if after is not None:
-        _visible(store, after, principal, param="after")
-    found, has_more = store.list(limit=limit, after=after, owner=None if principal.is_admin else principal.owner)
+    found, has_more = store.list(limit=limit, after=after)
     return EvaluationList(data=found, has_more=has_more)
 
 
 @router.get("/{eval_id}", response_model=Evaluation)
-def get_eval(eval_id: str, conn: RedisDep, principal: PrincipalDep) -> Evaluation:
-    store = EvalStore(conn)
-    return _reconcile(store, _visible(store, eval_id, principal))
+def get_eval(eval_id: str, store: EvalStoreDep, conn: RedisDep) -> Evaluation:
+    return _reconcile(store, conn, store.get(eval_id))
 
 
 @router.post("/{eval_id}/cancel", response_model=Evaluation)
-def cancel_eval(eval_id: str, conn: RedisDep, principal: PrincipalDep) -> Evaluation:
+def cancel_eval(eval_id: str, store: EvalStoreDep, conn: RedisDep) -> Evaluation:
     """Queued: cancelled at once. Running: the worker stops before its next batch. Already final: 409."""
-    store = EvalStore(conn)
-    evaluation = _visible(store, eval_id, principal)
+    evaluation = store.get(eval_id)
     if evaluation.status.is_final:
         raise Conflict(f"evaluation {eval_id} is already {evaluation.status.value}", param="eval_id",
                        code="invalid_state")
@@ -134,22 +125,12 @@ def cancel_eval(eval_id: str, conn: RedisDep, principal: PrincipalDep) -> Evalua
     return store.get(eval_id)
 
 
-def _visible(store: EvalStore, eval_id: str, principal: Principal, *, param: str = "eval_id") -> Evaluation:
-    try:
-        evaluation = store.get(eval_id)
-    except NotFound:
-        evaluation = None
-    if evaluation is None or not principal.can_see(evaluation.owner):
-        raise NotFound(f"no evaluation with id {eval_id!r}", param=param)  # the same words either way
-    return evaluation
-
-
-def _reconcile(store: EvalStore, evaluation: Evaluation) -> Evaluation:
+def _reconcile(store: OwnedRecords[Evaluation], conn: redis.Redis, evaluation: Evaluation) -> Evaluation:
     """A running evaluation whose RQ job failed outside the task (its process was killed) is failed."""
     if evaluation.status is not JobStatus.RUNNING:
         return evaluation
     try:
-        status = RQJob.fetch(evaluation.id, connection=store.conn).get_status(refresh=False)
+        status = RQJob.fetch(evaluation.id, connection=conn).get_status(refresh=False)
     except NoSuchJobError:
         return evaluation
     if status not in (RQStatus.FAILED, RQStatus.STOPPED):

@@ -16,22 +16,20 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
-from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from sse_starlette.sse import EventSourceResponse
 
 from app.auth import PrincipalDep
-from app.deps import JobCheckerDep, JobStoreDep, QueueDep, RegistryDep, SettingsDep
+from app.deps import FilesDep, JobCheckerDep, JobStoreDep, QueueDep, RegistryDep, SettingsDep
 from app.schemas import Listing, Page
-from core.auth import Principal
+from core.access import OwnedJobs
 from core.checkpoints import unpublish_checkpoints
-from core.errors import Conflict, InvalidRequest, NotFound
-from core.files import FileStore
+from core.errors import Conflict, InvalidRequest
 from core.fleet import choose_queue
-from core.janitor import TRAINING_TASK
 from core.jobs import FileDataset, Job, JobCreate, JobStatus, dataset_summary
-from core.jobstore import JobStore, check_event_id
+from core.jobstore import check_event_id
+from core.queueing import TRAINING_TASK, enqueue
 from core.quotas import check_adapter_count, release_active, reserve_active
 
 log = logging.getLogger(__name__)
@@ -75,12 +73,13 @@ class JobEventList(Page[JobEvent]):
 
 
 @router.post("", status_code=202, response_model=Job)
-def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue: QueueDep,
-               checker: JobCheckerDep, principal: PrincipalDep) -> Job:
+def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue: QueueDep, registry: RegistryDep,
+               files: FilesDep, checker: JobCheckerDep, principal: PrincipalDep) -> Job:
+    registry.check_name_free(body.adapter_name, for_job=True)
+    for param, spec in (("dataset", body.dataset), ("validation_dataset", body.validation_dataset)):
+        if isinstance(spec, FileDataset):  # a job may train only on its owner's uploaded files
+            files.check_usable(spec.file_id, f"{param}.file_id")
     records, validation_records = checker.check(body)
-    for spec in (body.dataset, body.validation_dataset):
-        if isinstance(spec, FileDataset):  # another owner's file answers as a missing one
-            check_file_visible(settings, spec.file_id, principal)
     base_model = body.base_model or settings.base_model
     queue_name = choose_queue(settings, body.queue, base_model)  # 400 for an unknown queue
     if body.training.num_processes > settings.max_num_processes:
@@ -90,23 +89,21 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
               dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite,
               validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset),
               queue=queue_name)
-    if queue_name != queue.name:
-        queue = Queue(queue_name, connection=queue.connection)
-    check_adapter_count(checker.registry, principal, body.adapter_name, settings.max_adapters_per_owner)
-    reserve_active(queue.connection, principal, job.id, settings.max_active_jobs_per_owner)
+    conn = queue.connection
+    check_adapter_count(registry, principal, body.adapter_name, settings.max_adapters_per_owner)
+    reserve_active(conn, principal, job.id, settings.max_active_jobs_per_owner)
     # The record and RQ's queue entry in one MULTI/EXEC: a job is stored and queued, or (Redis gone) neither,
     # and the client gets a 503 for a job that does not exist. One round trip.
     try:
-        with queue.connection.pipeline(transaction=True) as pipe:
+        with conn.pipeline(transaction=True) as pipe:
             pipe.multi()  # explicit MULTI first: RQ, handed a pipeline, starts one itself unless it is already open
             store.create(job, records=records, validation_records=validation_records, pipeline=pipe,
                          records_ttl_s=settings.inline_records_ttl_s)
-            queue.enqueue(TRAINING_TASK, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=86400,
-                          failure_ttl=7 * 86400, pipeline=pipe)
+            enqueue(conn, settings, TRAINING_TASK, job.id, queue=queue_name, pipeline=pipe)
             pipe.execute()
     except Exception:
         try:
-            release_active(queue.connection, principal, job.id)
+            release_active(conn, principal, job.id)
         except Exception:  # noqa: BLE001 - Redis is likely gone; the quota check drops the stale entry later
             pass
         raise
@@ -126,15 +123,6 @@ def list_jobs(store: JobStoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 2
 @router.get("/{job_id}", response_model=Job)
 def get_job(job_id: str, store: JobStoreDep) -> Job:
     return store.get(job_id)
-
-
-def check_file_visible(settings, file_id: str, principal: Principal) -> None:
-    try:
-        owner = FileStore(settings.files_dir).get(file_id).owner
-    except NotFound:
-        owner = None  # the checker already said whether it exists
-    if owner is not None and not principal.can_see(owner):
-        raise InvalidRequest(f"no file with id {file_id!r}", param="dataset.file_id", code="not_found")
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
@@ -187,7 +175,7 @@ async def job_events(job_id: str, request: Request, store: JobStoreDep,
     return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
 
 
-async def _follow(store: JobStore, job: Job, after: str | None):
+async def _follow(store: OwnedJobs, job: Job, after: str | None):
     """Every event after ``after``, then live ones until the job is final; the last message is the job."""
     last, final = after, job.status.is_final
     while True:

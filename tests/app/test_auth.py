@@ -10,7 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.auth import KeyEntry, OwnedRegistry, Principal, generate_key, hash_key
+from core.access import OwnedAdapters
+from core.auth import Principal
+from core.keys import KeyEntry, generate_key, hash_key
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
 
@@ -45,7 +47,7 @@ def publish_as(live, owner: str, name: str, seed: int = 0):
             (Path(folder) / file).write_bytes((registry.path(name) / file).read_bytes())
         info = registry.get(name)
         registry.delete(name)
-        return OwnedRegistry(registry, Principal(owner, "user", "k")).publish(
+        return OwnedAdapters(registry, Principal(owner, "user", "k")).publish(
             name, Path(folder), {"base_model": info.base_model, "bone": info.bone})
 
 

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.main import create_app
-from core.auth import AuthConfigError, KeyRing, generate_key, hash_key, is_loopback
+from core.auth import AuthConfigError, KeyRing, is_loopback
+from core.keys import generate_key, hash_key
 from core.settings import Settings
 
 HASH = "ab" * 32

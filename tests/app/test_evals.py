@@ -12,8 +12,10 @@ import pytest
 from rq import Queue, SimpleWorker
 from rq.job import Job as RQJob
 
-from core.auth import KeyEntry, OwnedRegistry, Principal, generate_key, hash_key
-from core.evals import EVAL_TASK
+from core.access import OwnedAdapters
+from core.auth import Principal
+from core.keys import KeyEntry, generate_key, hash_key
+from core.queueing import EVAL_TASK
 from core.registry import AdapterRegistry
 from tests.app.conftest import TEST_LIMITS, LiveServer, make_settings, publish_adapter
 from worker import tasks
@@ -152,7 +154,7 @@ def publish_as(live: LiveServer, owner: str, name: str) -> None:
         for file in ("adapter_config.json", "adapter_model.safetensors"):
             (Path(folder) / file).write_bytes((registry.path(name) / file).read_bytes())
         registry.delete(name)
-        OwnedRegistry(registry, Principal(owner, "user", "k")).publish(
+        OwnedAdapters(registry, Principal(owner, "user", "k")).publish(
             name, Path(folder), {"base_model": info.base_model, "bone": info.bone})
 
 

@@ -17,7 +17,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode, checks
 
 from app.main import create_app
-from core.auth import KeyEntry, generate_key, hash_key
+from core.keys import KeyEntry, generate_key, hash_key
 from core.settings import Settings
 
 ADMIN = generate_key()

@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.auth import KeyEntry, OwnedRegistry, Principal, generate_key, hash_key
+from core.access import OwnedAdapters
+from core.auth import Principal
+from core.keys import KeyEntry, generate_key, hash_key
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
 
@@ -101,7 +103,7 @@ def bob_owns(live, name: str, seed: int, transform=None) -> None:
         save_file(tensors, str(Path(folder) / "adapter_model.safetensors"))
         info = registry.get(name)
         registry.delete(name)
-        OwnedRegistry(registry, Principal("bob", "user", "k")).publish(
+        OwnedAdapters(registry, Principal("bob", "user", "k")).publish(
             name, Path(folder), {"base_model": info.base_model, "bone": info.bone})
 
 

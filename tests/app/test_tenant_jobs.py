@@ -13,9 +13,9 @@ import time
 import httpx
 import pytest
 
-from core.auth import KeyEntry, generate_key, hash_key
 from core.files import FileStore
 from core.fleet import advertise
+from core.keys import KeyEntry, generate_key, hash_key
 from tests.app.test_auth import publish_as
 
 ALICE, BOB, ROOT = generate_key(), generate_key(), generate_key()

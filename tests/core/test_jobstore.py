@@ -82,13 +82,13 @@ def test_status_counts_follow_transitions(redis_conn):
 
 
 def test_owner_listing_reads_the_owners_index_and_backfills_older_records(redis_conn):
-    import core.jobstore as jobstore
+    import core.records as records
 
     store = JobStore(redis_conn)
     old = _job(owner="me", created_at=1.0)
     redis_conn.set(f"bone:job:{old.id}", old.model_dump_json())  # stored before per-owner indexes existed
     redis_conn.zadd("bone:jobs", {old.id: old.created_at})
-    jobstore._indexed.discard("bone:jobs")
+    records._indexed.discard("bone:jobs")
     new = _job(owner="me", created_at=2.0)
     store.create(new)
     store.create(_job(owner="other", created_at=3.0))

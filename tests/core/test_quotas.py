@@ -9,8 +9,9 @@ import pytest
 
 from core.auth import Principal
 from core.jobs import BoneSpec, Job, JobStatus, TrainingSpec
-from core.jobstore import JobStore, active_key
+from core.jobstore import JobStore
 from core.quotas import RESERVATION_GRACE_S, QuotaExceeded, reserve_active
+from core.records import active_key
 
 BOB = Principal("bob", "user", "k")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core.auth import OwnedRegistry, Principal
+from core.access import OwnedAdapters
+from core.auth import Principal
 from core.errors import Conflict, CorruptAdapter, NotFound, ServiceUnavailable
 from core.registry import AdapterRegistry, file_sha256
 from core.settings import Settings
@@ -202,7 +203,7 @@ def test_damaged_manifest_does_not_hide_the_others(registry, tmp_path, s3_server
 
 
 def test_owner_scoped_view_shares_the_object_store(registry, tmp_path):
-    owned = OwnedRegistry(registry, Principal("ann", "user", "k"))
+    owned = OwnedAdapters(registry, Principal("ann", "user", "k"))
     owned.publish("anns", _adapter_dir(tmp_path), META)
     registry.publish("bobs", _adapter_dir(tmp_path), {**META, "owner": "bob"})
     assert registry.get("anns").owner == "ann"

@@ -14,7 +14,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from core.auth import KeyEntry, generate_key, hash_key
+from core.keys import KeyEntry, generate_key, hash_key
 
 pytestmark = pytest.mark.slow
 

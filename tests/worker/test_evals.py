@@ -10,9 +10,10 @@ import torch
 from rq import Queue, SimpleWorker
 
 from bone import BoneConfig, BoneModel, get_bone_model
-from core.evals import EVAL_TASK, EvalStore, Evaluation
+from core.evals import EvalStore, Evaluation
 from core.jobs import JobStatus, RecordsDataset, dataset_summary
 from core.names import BASE_ADAPTER
+from core.queueing import EVAL_TASK
 from core.registry import AdapterRegistry
 from tests.worker.recipes import MEMORIZE_RECIPE, MEMORIZE_RECORDS
 from worker.data import tokenize_rows
