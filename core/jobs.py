@@ -11,10 +11,22 @@ import uuid
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from core.formats import FormatName
 from core.names import AdapterName
+from core.paths import DATASET_NAME_PATTERN, check_dataset_name
 from core.patterns import MAX_PATTERN_CHARS, check_pattern
 from core.requests import SEED_BOUND, RequestModel
 
@@ -40,9 +52,6 @@ MAX_NAME_CHARS = 256  # ids, hub names, splits, revisions, queue names
 MAX_PATH_CHARS = 1024  # paths inside the data dir, base-model directories
 MAX_MODULE_NAMES = 1024  # entries of a target/exclude list
 SEED_LIMIT = SEED_BOUND  # seeds are 0 <= seed < 2**63: what torch.manual_seed and numpy take without overflow
-
-# hf_dataset: "name" or "namespace/name", as on the hub (a folder under the datasets dir, or a hub id); never "..".
-DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 PathStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH_CHARS)]
@@ -77,15 +86,35 @@ class FileDataset(_Dataset):
 
 class HFDataset(_Dataset):
     hf_dataset: ShortStr = Field(
-        pattern=DATASET_NAME_PATTERN,
         description="a dataset folder inside the datasets dir, named relative to it; a hub "
         "id only where the operator allows it (BONE_ALLOW_HUB_DATASETS)",
+        json_schema_extra={"pattern": DATASET_NAME_PATTERN},
     )
     split: ShortStr = "train"
     revision: ShortStr | None = None
 
+    @field_validator("hf_dataset")
+    @classmethod
+    def _name_shape(cls, value: str, info: ValidationInfo) -> str:
+        # A stored record keeps the name it was accepted with: the worker meets it with the same rule
+        # (core.paths.dataset_source), as a one-line job error rather than an unreadable record.
+        if info.context and info.context.get("stored"):
+            return value
+        return check_dataset_name(value)
+
 
 DatasetSpec = RecordsDataset | PathDataset | FileDataset | HFDataset
+
+
+class InlineRecords(_Dataset):
+    """What a job record keeps of inline rows: how many (the rows themselves are stored apart, see JobStore)."""
+
+    records: int = Field(ge=0)
+
+
+# What a job record holds: the request's dataset, with inline rows replaced by their count. Typed all the way
+# to the worker, which dispatches on the class (each form has its own required key, so exactly one fits).
+DatasetRef = InlineRecords | PathDataset | FileDataset | HFDataset
 
 
 class BoneSpec(_Strict):
@@ -147,6 +176,11 @@ class TrainingSpec(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_seq_length: int = Field(512, ge=8, le=1 << 20)
     packing: bool = Field(False, description="concatenate examples into max_seq_length blocks (no padding)")
+    group_by_length: bool = Field(
+        False,
+        description="batch examples of similar length together (less padding; transformers' megabatch "
+        "grouping, seeded); off by default, as in transformers, since it changes the batches",
+    )
     weight_decay: float = Field(0.0, ge=0, le=100.0)
     max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     seed: int = Field(42, ge=0, lt=SEED_LIMIT)
@@ -245,10 +279,10 @@ class Job(BaseModel):
     status: JobStatus = JobStatus.QUEUED
     adapter_name: AdapterName
     base_model: str
-    dataset: dict[str, Any]  # summary; inline records are stored apart (see JobStore)
+    dataset: DatasetRef  # inline records are stored apart (see JobStore)
     bone: BoneSpec
     training: TrainingSpec
-    validation_dataset: dict[str, Any] | None = None  # summary, as `dataset`
+    validation_dataset: DatasetRef | None = None
     overwrite: bool = False
     owner: str | None = None
     progress: Progress = Field(default_factory=Progress)
@@ -265,12 +299,31 @@ class Job(BaseModel):
     def new_id() -> str:
         return "job-" + uuid.uuid4().hex[:20]
 
+    @field_serializer("dataset", "validation_dataset")
+    def _dataset_summary(self, dataset: DatasetRef | None) -> dict[str, Any] | None:
+        return None if dataset is None else dataset.model_dump(exclude_none=True)
+
 
 def dataset_summary(dataset: DatasetSpec) -> dict[str, Any]:
     """What a job record shows of its dataset: the reference, never the inline rows themselves."""
     if isinstance(dataset, RecordsDataset):
         return {"records": len(dataset.records), **({"format": dataset.format} if dataset.format else {})}
     return dataset.model_dump(exclude_none=True)
+
+
+_DATASET_REF: TypeAdapter[DatasetRef] = TypeAdapter(DatasetRef)
+
+
+def dataset_ref(value: DatasetRef | dict[str, Any]) -> DatasetRef:
+    """A stored dataset summary (a dict in records that keep it untyped, e.g. evaluations) as its typed form."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return _DATASET_REF.validate_python(value, context=STORED)
+    except ValidationError:
+        from core.errors import InvalidRequest
+
+        raise InvalidRequest(f"unknown dataset form {sorted(value)}", param="dataset") from None
 
 
 def check_job_size(

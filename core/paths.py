@@ -11,8 +11,8 @@ Nothing is ever resolved against a process's working directory. ``datasets.load_
 under the working directory is refused. Every refusal of a name says the same words whether or not anything
 exists there, and never shows a server path: the answer is no oracle for the server's file system.
 
-The API checks before queueing (app/job_checks.py); the worker checks again (worker/data.py,
-core/base_model.py), because the file system may have changed since.
+The API checks before queueing (app/job_checks.py); the worker checks again with the same functions
+(worker/data.py, core/base_model.py), because the file system may have changed since.
 """
 
 from __future__ import annotations
@@ -26,9 +26,23 @@ from pathlib import Path, PurePosixPath
 
 from core.errors import InvalidRequest
 
-# A Hugging Face repo id: "name" or "namespace/name" (the hub's own characters; no "..", no third part).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+# A Hugging Face repo id: "name" or "namespace/name" (the hub's own characters; no "..", no third part). An
+# ``hf_dataset`` name has this shape whether it names a hub dataset or a folder in the datasets dir.
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+_HUB_ID = re.compile(DATASET_NAME_PATTERN)
 MAX_HUB_ID_CHARS = 256
+
+
+def check_dataset_name(name: str) -> str:
+    """The shape of an ``hf_dataset`` name, "name" or "namespace/name": the request model's check. The worker
+    applies the same shape in ``dataset_source`` (a record stored under an older rule meets it there, refused
+    with the one message every unavailable name gets)."""
+    if not _HUB_ID.match(name):
+        raise ValueError(
+            f"hf_dataset {name!r} must be 'name' or 'namespace/name' (letters, digits, '.', '_', '-'): "
+            "a dataset folder named relative to the data dir's datasets folder, or a hub id"
+        )
+    return name
 
 
 def resolve_inside(root: Path, relative: str, *, param: str, what: str = "path") -> Path:
@@ -75,11 +89,12 @@ def is_hub_id(name: str) -> bool:
 def dataset_source(name: str, *, datasets_dir: Path, allow_hub: bool, param: str) -> str:
     """What ``datasets.load_dataset`` gets for ``hf_dataset``: a folder inside the datasets dir,
     else, where the operator allows hub datasets, the hub id."""
-    local = inside_or_none(datasets_dir, name)
-    if local is not None and local.is_dir():
-        return str(local)
-    if allow_hub and is_hub_id(name):
-        return name
+    if _HUB_ID.match(name):  # the shape the request model requires (check_dataset_name), here for older records
+        local = inside_or_none(datasets_dir, name)
+        if local is not None and local.is_dir():
+            return str(local)
+        if allow_hub and is_hub_id(name):
+            return name
     hub = " or a Hugging Face dataset id" if allow_hub else " (hub datasets are off: BONE_ALLOW_HUB_DATASETS)"
     raise InvalidRequest(
         f"hf_dataset {name!r} is not available: name a dataset folder inside the data dir's "

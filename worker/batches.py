@@ -4,19 +4,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from worker.data import IGNORE_INDEX, Example
+
+MEGABATCH_MULT = 50  # batches per megabatch in length grouping (transformers' LengthGroupedSampler)
+
+
+def length_grouped_order(order: list[int], lengths: Sequence[int], batch_size: int) -> list[int]:
+    """A shuffled ``order`` regrouped so that each batch holds examples of similar length, as transformers'
+    ``LengthGroupedSampler`` does: cut into megabatches of up to 50 batches, sort each by length (longest
+    first), and move the longest example of all to the front, so a batch that does not fit in memory fails
+    at the first step rather than hours in. The shuffle keeps the epochs different; sorting only within a
+    megabatch keeps each batch a random draw of the data in all but its length."""
+    mult = max(1, min(len(order) // (batch_size * 4), MEGABATCH_MULT))
+    size = mult * batch_size
+    megabatches = [sorted(order[i:i + size], key=lambda k: -int(lengths[k])) for i in range(0, len(order), size)]
+    longest = max(range(len(megabatches)), key=lambda m: int(lengths[megabatches[m][0]]))
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [i for megabatch in megabatches for i in megabatch]
 
 
 class BatchStream:
     """An endless stream of micro-batches: each epoch a fresh permutation from one seeded generator, so the
     order depends on the seed alone (not on global RNG use elsewhere). The last short batch of an epoch is
     kept: small datasets would otherwise lose rows. ``position`` (micro-batches handed out) is all a
-    checkpoint needs: ``skip(position)`` replays the permutations to the same place."""
+    checkpoint needs: ``skip(position)`` replays the permutations to the same place. With ``lengths`` (the
+    examples' token counts) each permutation is length-grouped (``length_grouped_order``): less padding."""
 
-    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int) -> None:
-        self.examples, self.batch_size = examples, batch_size
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,
+                 lengths: Sequence[int] | None = None) -> None:
+        self.examples, self.batch_size, self.lengths = examples, batch_size, lengths
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0
         self.epochs_done = 0  # full passes handed out
@@ -33,6 +52,8 @@ class BatchStream:
     def _take(self) -> list[int]:
         if not self._order:
             self._order = torch.randperm(len(self.examples), generator=self.generator).tolist()
+            if self.lengths is not None:
+                self._order = length_grouped_order(self._order, self.lengths, self.batch_size)
             self._next = 0
         chunk = self._order[self._next:self._next + self.batch_size]
         self._next += self.batch_size
@@ -53,8 +74,8 @@ def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ex in enumerate(batch):
         n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
+        input_ids[row, :n] = as_tensor(ex.input_ids)
+        labels[row, :n] = as_tensor(ex.labels)
         attention_mask[row, :n] = 1
     return {k: to_device(v, device) for k, v in
             (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask))}
@@ -72,16 +93,21 @@ def collate_packed(batch: list[Example], pad_id: int, device: torch.device) -> d
     position_ids = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ex in enumerate(batch):
         n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
+        input_ids[row, :n] = as_tensor(ex.input_ids)
+        labels[row, :n] = as_tensor(ex.labels)
         start = 0
-        for length in [*(ex.segments or [n]), width - n]:
+        for length in [*(ex.segments if ex.segments is not None else [n]), width - n]:
             if length:
                 position_ids[row, start:start + length] = torch.arange(length)
                 labels[row, start] = IGNORE_INDEX
             start += length
     return {"input_ids": to_device(input_ids, device), "labels": to_device(labels, device),
             "position_ids": to_device(position_ids, device), "attention_mask": None}
+
+
+def as_tensor(values: Sequence[int]) -> torch.Tensor:
+    """A row's tokens as int64, from a list or from a (read-only, memory-mapped) int32 numpy view."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

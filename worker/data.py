@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from core.errors import InvalidRequest, NotFound
 from core.files import SUFFIXES, FileStore, read_rows
 from core.formats import detect_format
-from core.jobs import FileDataset, HFDataset, Job, PathDataset
+from core.jobs import FileDataset, InlineRecords, Job, PathDataset, dataset_ref
 from core.jobstore import JobStore
 from core.paths import dataset_file, dataset_source
 from core.settings import Settings
@@ -38,16 +38,27 @@ class Cancelled(Exception):
 
 @dataclass
 class Example:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where no loss is taken
+    # Lists while built; read-only numpy int32 views when read back from disk (worker.tokenized).
+    input_ids: Sequence[int]
+    labels: Sequence[int]  # IGNORE_INDEX where no loss is taken
     # A packed block: the lengths of the whole examples it holds, in order (None: one plain example). Each
     # restarts its positions at 0 and attends only within itself (worker.batches.collate).
-    segments: list[int] | None = None
+    segments: Sequence[int] | None = None
+
+
+class ExampleSink(Protocol):
+    """Where examples go as they are made instead of a list (``worker.tokenized.ExampleWriter``: an Arrow file)."""
+
+    def add(self, example: Example) -> None: ...
+
+    def finish(self) -> Sequence[Example]: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass
 class TokenizedData:
-    examples: list[Example]
+    examples: Sequence[Example]
     rows: int
     truncated: int = 0  # rows cut to max_seq_length
     dropped: int = 0  # rows left with no trainable token after cutting
@@ -56,36 +67,33 @@ class TokenizedData:
 
 # --- where the rows come from ------------------------------------------------------------------------------
 def load_rows(
-    job: Job, store: JobStore, settings: Settings, *, validation: bool = False
+    job: Job | Any, store: JobStore, settings: Settings, *, validation: bool = False
 ) -> list[dict[str, Any]] | None:
     """The job's rows (or its validation rows; None when it has none) as plain dicts, whichever dataset
-    form it was created with."""
-    kind = job.validation_dataset if validation else job.dataset
+    form it was created with. ``job`` is a ``Job`` or an evaluation (whose record keeps the summary as a dict)."""
+    stored = job.validation_dataset if validation else job.dataset
     param = "validation_dataset" if validation else "dataset"
-    if kind is None:
+    if stored is None:
         return None
-    if "records" in kind:
+    dataset = dataset_ref(stored)
+    if isinstance(dataset, InlineRecords):
         which = "validation_records" if validation else "records"
         rows = store.records(job.id, which)
         if rows is None:
             raise InvalidRequest(f"job {job.id} has no stored records (expired or deleted)", param=f"{param}.records")
         return rows
-    if "path" in kind:
-        return read_rows(resolve_dataset_path(PathDataset(**kind).path, settings, param=f"{param}.path"))
-    if "file_id" in kind:
-        file_id = FileDataset(**kind).file_id
+    if isinstance(dataset, PathDataset):
+        return read_rows(resolve_dataset_path(dataset.path, settings, param=f"{param}.path"))
+    if isinstance(dataset, FileDataset):
         try:
-            path = FileStore(settings.files_dir).path(file_id)
+            path = FileStore(settings.files_dir).path(dataset.file_id)
         except NotFound as exc:
-            raise InvalidRequest(f"{param}.file_id {file_id!r}: {exc.message}", param=f"{param}.file_id") from None
-        return read_rows(path, label=file_id)
-    if "hf_dataset" in kind:
-        # Built without re-validating: the name goes through the path rule (one message) even in a record
-        # that an older server accepted with a name of another shape.
-        spec = HFDataset.model_construct(**{"split": "train", "revision": None, **kind})
-        source = hf_dataset_source(str(spec.hf_dataset), settings, param=f"{param}.hf_dataset")
-        return _load_with_datasets(source, settings, label=spec.hf_dataset, split=spec.split, revision=spec.revision)
-    raise InvalidRequest(f"job {job.id} has an unknown dataset form {sorted(kind)}", param=param)
+            raise InvalidRequest(f"{param}.file_id {dataset.file_id!r}: {exc.message}",
+                                 param=f"{param}.file_id") from None
+        return read_rows(path, label=dataset.file_id)
+    source = hf_dataset_source(dataset.hf_dataset, settings, param=f"{param}.hf_dataset")
+    return _load_with_datasets(source, settings, label=dataset.hf_dataset, split=dataset.split,
+                               revision=dataset.revision)
 
 
 def resolve_dataset_path(relative: str, settings: Settings, *, param: str = "dataset.path") -> Path:
@@ -193,65 +201,90 @@ ENCODERS: dict[str, Callable[[Any, dict[str, Any]], Example]] = {
 
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_length: int, *, format: str | None = None,
                   should_stop: Callable[[], bool] | None = None, poll_every: int = 64,
-                  param_prefix: str = "dataset.records") -> TokenizedData:
+                  param_prefix: str = "dataset.records", into: ExampleSink | None = None) -> TokenizedData:
     """Every row, validated (as ``format`` when given) and encoded. ``should_stop`` is polled every
-    ``poll_every`` rows so a cancel lands during a long tokenization too (it raises ``worker.train.Cancelled``)."""
+    ``poll_every`` rows so a cancel lands during a long tokenization too (it raises ``worker.train.Cancelled``).
+    With ``into`` the examples are streamed there (and ``examples`` is what it finishes as), else kept in a list."""
     if tokenizer.eos_token_id is None:
         raise InvalidRequest("the base model's tokenizer has no EOS token; cannot mark where examples end",
                              param="base_model")
     data = TokenizedData(examples=[], rows=len(rows))
-    for index, row in enumerate(rows):
-        if should_stop is not None and index % poll_every == 0 and should_stop():
-            raise Cancelled()
-        kind = detect_format(row, index, format, param_prefix=param_prefix)
-        data.formats[kind] = data.formats.get(kind, 0) + 1
-        example = ENCODERS[kind](tokenizer, row)
-        if len(example.input_ids) > max_seq_length:
-            data.truncated += 1
-            example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length])
-        if all(label == IGNORE_INDEX for label in example.labels[1:]):  # label 0 is never predicted
-            data.dropped += 1
-            continue
-        data.examples.append(example)
-    if not data.examples:
-        raise InvalidRequest(
-            f"no row has a token to learn from within max_seq_length={max_seq_length} "
-            f"({data.rows} rows, {data.dropped} without trainable tokens)", param="training.max_seq_length")
+    kept: list[Example] = []
+    add = into.add if into is not None else kept.append
+    count = 0
+    try:
+        for index, row in enumerate(rows):
+            if should_stop is not None and index % poll_every == 0 and should_stop():
+                raise Cancelled()
+            kind = detect_format(row, index, format, param_prefix=param_prefix)
+            data.formats[kind] = data.formats.get(kind, 0) + 1
+            example = ENCODERS[kind](tokenizer, row)
+            if len(example.input_ids) > max_seq_length:
+                data.truncated += 1
+                example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length])
+            if all(label == IGNORE_INDEX for label in example.labels[1:]):  # label 0 is never predicted
+                data.dropped += 1
+                continue
+            add(example)
+            count += 1
+        if not count:
+            raise InvalidRequest(
+                f"no row has a token to learn from within max_seq_length={max_seq_length} "
+                f"({data.rows} rows, {data.dropped} without trainable tokens)", param="training.max_seq_length")
+    except BaseException:
+        if into is not None:
+            into.abort()
+        raise
+    data.examples = into.finish() if into is not None else kept
     return data
 
 
 # --- after tokenizing ---------------------------------------------------------------------------------------
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, eval): a seeded random ``fraction`` held out (at least one example, never all of them)."""
+def split_eval(examples: Sequence[Example], fraction: float,
+               seed: int) -> tuple[Sequence[Example], Sequence[Example]]:
+    """(train, eval): a seeded random ``fraction`` held out (at least one example, never all of them). On-disk
+    examples stay on disk: both parts are views of the same file."""
     n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     if n_eval < 1:
         raise InvalidRequest("eval_fraction needs at least 2 training examples", param="training.eval_fraction")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     held = set(order[:n_eval])
-    return ([ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
+    train_rows = [i for i in range(len(examples)) if i not in held]
+    select = getattr(examples, "select", None)  # worker.tokenized.ArrowExamples: a view, no copy
+    if select is not None:
+        return select(train_rows), select(sorted(held))
+    return [examples[i] for i in train_rows], [examples[i] for i in sorted(held)]
 
 
-def pack(examples: list[Example], max_seq_length: int, seed: int) -> list[Example]:
+def pack(examples: Sequence[Example], max_seq_length: int, seed: int,
+         *, into: ExampleSink | None = None) -> Sequence[Example]:
     """Whole examples (seeded order) placed one after another into blocks of at most ``max_seq_length``
     tokens; a block is closed when the next example does not fit, so no example is ever cut in two. Each block
     records its examples' lengths (``segments``): collation restarts the positions at 0 for each and lets no
     token attend across examples, so a packed example computes exactly what it computes alone. The first
     token of every example but the block's first is no target (the previous example's last token must not
-    learn to predict the next example); the block's own first token never is one anyway."""
+    learn to predict the next example); the block's own first token never is one anyway. With ``into`` the
+    blocks are streamed there instead of kept in a list."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 2)).tolist()
     blocks: list[Example] = []
+    add = into.add if into is not None else blocks.append
     current = Example([], [], [])
-    for i in order:
-        example = examples[i]
-        if current.segments and len(current.input_ids) + len(example.input_ids) > max_seq_length:
-            blocks.append(current)
-            current = Example([], [], [])
-        labels = list(example.labels)
+    try:
+        for i in order:
+            example = examples[i]
+            if current.segments and len(current.input_ids) + len(example.input_ids) > max_seq_length:
+                add(current)
+                current = Example([], [], [])
+            labels = [int(label) for label in example.labels]
+            if current.segments:
+                labels[0] = IGNORE_INDEX
+            current.input_ids.extend(int(token) for token in example.input_ids)  # type: ignore[attr-defined]
+            current.labels.extend(labels)  # type: ignore[attr-defined]
+            current.segments.append(len(example.input_ids))  # type: ignore[union-attr]
         if current.segments:
-            labels[0] = IGNORE_INDEX
-        current.input_ids.extend(example.input_ids)
-        current.labels.extend(labels)
-        current.segments.append(len(example.input_ids))
-    if current.segments:
-        blocks.append(current)
-    return blocks
+            add(current)
+    except BaseException:
+        if into is not None:
+            into.abort()
+        raise
+    return into.finish() if into is not None else blocks

@@ -132,7 +132,8 @@ def _own_signal_handlers() -> Iterator[None]:
 def run(n: int, *, device: torch.device, settings, job, bone_config, examples, eval_examples,
         checkpoint_dir: Path, adapter_dir: Path, adapter_name: str):
     """Train the job on ``n`` processes started by torch elastic; returns rank 0's ``TrainResult`` after rank 0
-    saved the adapter into ``adapter_dir``. Raises ``Cancelled`` when the job was cancelled."""
+    saved the adapter into ``adapter_dir``. Raises ``Cancelled`` when the job was cancelled. ``examples`` on
+    disk (``worker.tokenized.ArrowExamples``) reach the ranks as their path: each memory-maps the same file."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -150,7 +151,7 @@ def run(n: int, *, device: torch.device, settings, job, bone_config, examples, e
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     args = {"device_type": device.type, "timeout_s": settings.distributed_timeout_s, "threads": threads,
             "parent": os.getpid(), "settings": settings, "job": job, "bone_config": bone_config,
-            "examples": list(examples), "eval_examples": list(eval_examples),
+            "examples": examples, "eval_examples": eval_examples,
             "checkpoint_dir": str(checkpoint_dir), "adapter_dir": str(adapter_dir), "adapter_name": adapter_name}
     log.info("distributed training: %d processes, backend %s, up to %d restarts", n, backend_for(device),
              settings.distributed_max_restarts)

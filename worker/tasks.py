@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -30,9 +31,10 @@ from core.registry import AdapterInfo, AdapterRegistry
 from core.settings import Settings, get_settings
 from core.storage.resume_state import ResumeStore
 from worker import model_cache
-from worker.data import Cancelled, load_rows, pack, split_eval, tokenize_rows
+from worker.data import Cancelled, Example, load_rows, pack, split_eval, tokenize_rows
 from worker.heartbeat import Heartbeat
 from worker.progress import ProgressReporter
+from worker.tokenized import ExampleWriter, example_lengths
 from worker.train import count_steps, train
 
 log = logging.getLogger(__name__)
@@ -160,21 +162,27 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
     bone_model = get_bone_model(model, config, adapter_name=TRAINING_SLOT)
     trainable, total = bone_model.get_nb_trainable_parameters()
 
-    # -- tokenize; hold out the eval rows; pack if asked
+    # -- tokenize; hold out the eval rows; pack if asked. Streamed (with the loss masks, as int32)
+    #    into int32 Arrow files in the work dir that every rank memory-maps (worker/tokenized.py)
     reporter.phase("tokenizing")
-    data = tokenize_rows(rows, tokenizer, spec.max_seq_length, format=job.dataset.get("format"),
-                         should_stop=reporter.should_stop)
-    train_examples, eval_examples = data.examples, []
+    tokens_dir = workdir / "tokens"
+    data = tokenize_rows(rows, tokenizer, spec.max_seq_length, format=job.dataset.format,
+                         should_stop=reporter.should_stop, into=ExampleWriter(tokens_dir / "train.arrow"))
+    del rows  # the tokens are on disk now; the raw rows are not needed again
+    train_examples: Sequence[Example] = data.examples
+    eval_examples: Sequence[Example] = []
     if validation_rows is not None:
         eval_examples = tokenize_rows(validation_rows, tokenizer, spec.max_seq_length,
-                                      format=job.validation_dataset.get("format"), should_stop=reporter.should_stop,
-                                      param_prefix="validation_dataset.records").examples
+                                      format=job.validation_dataset.format, should_stop=reporter.should_stop,
+                                      param_prefix="validation_dataset.records",
+                                      into=ExampleWriter(tokens_dir / "eval.arrow")).examples
     elif spec.eval_fraction is not None:
         train_examples, eval_examples = split_eval(train_examples, spec.eval_fraction, spec.seed)
     if spec.packing:
-        train_examples = pack(train_examples, spec.max_seq_length, spec.seed)
+        train_examples = pack(train_examples, spec.max_seq_length, spec.seed,
+                              into=ExampleWriter(tokens_dir / "train-packed.arrow", packed=True))
     if train_examples:  # the server's bounds on the job's real size (epochs only become steps here)
-        mean_tokens = sum(len(e.input_ids) for e in train_examples) / len(train_examples)
+        mean_tokens = float(sum(example_lengths(train_examples))) / len(train_examples)
         check_job_size(spec, settings, steps=count_steps(len(train_examples), spec), tokens_per_example=mean_tokens)
     formats = ", ".join(f"{n} {kind}" for kind, n in sorted(data.formats.items()))
     store.add_event(job.id, "message", f"{data.rows} rows ({formats}): {data.truncated} truncated to "

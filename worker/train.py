@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from core.jobs import TrainingSpec
@@ -39,6 +40,7 @@ from core.names import TRAINING_SLOT
 from worker import checkpoint
 from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
+from worker.tokenized import example_lengths
 
 if TYPE_CHECKING:
     from core.storage.resume_state import JobResume
@@ -141,7 +143,7 @@ def make_optimizer(params: list[torch.Tensor], spec: TrainingSpec, device: torch
 
 def example_targets(example: Example) -> int:
     """Trainable tokens of one example as ``trainable_tokens`` counts them in a collated batch."""
-    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+    return int(np.count_nonzero(np.asarray(example.labels[1:]) != IGNORE_INDEX))
 
 
 def due(step: int, every: int | None, total: int) -> bool:
@@ -190,7 +192,8 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
 
     # -- reproducibility: same seed, same data order, same initial state, same bytes (on CPU)
     seed_everything(spec.seed)
-    batches = BatchStream(examples, spec.batch_size, spec.seed)
+    lengths = example_lengths(examples) if spec.group_by_length else None
+    batches = BatchStream(examples, spec.batch_size, spec.seed, lengths=lengths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # -- optimizer: trainable parameters only (the frozen base never enters the optimizer state)

@@ -98,3 +98,34 @@ def test_a_hub_id_shadowed_by_the_working_directory_is_refused(settings, tmp_pat
     with pytest.raises(InvalidRequest, match="is not available"):
         resolve_base_model("org/model", settings)
     assert resolve_base_model("org/other", settings) == "org/other"
+
+
+# --- one hf_dataset rule for the API's request model and the worker ---------------------------------------------
+@pytest.mark.parametrize("name", ["../x", "a/../b", "a/b/c", "/etc", "a\\b", "~/x", "./x", "a\x00b", "-x", "./x/."])
+def test_a_dataset_name_of_another_shape_is_refused_alike_by_the_request_and_the_worker(datasets, name):
+    from pydantic import ValidationError
+
+    from core.jobs import HFDataset
+
+    with pytest.raises(ValidationError) as request:
+        HFDataset(hf_dataset=name)
+    assert "must be 'name' or 'namespace/name'" in str(request.value)
+    (datasets / "x").mkdir()  # even where the name would lead to a folder inside the datasets dir
+    with pytest.raises(InvalidRequest) as worker:
+        dataset_source(name, datasets_dir=datasets, allow_hub=True, param="dataset.hf_dataset")
+    assert worker.value.code == "dataset_not_allowed"
+
+
+def test_a_stored_record_keeps_its_dataset_name_and_its_type():
+    from core.jobs import STORED, BoneSpec, HFDataset, InlineRecords, Job, PathDataset, TrainingSpec
+
+    fields = {"id": "job-1", "adapter_name": "a", "base_model": "b", "bone": BoneSpec(), "training": TrainingSpec()}
+    old = Job.model_validate({**fields, "dataset": {"hf_dataset": "a/b/c", "split": "train"}}, context=STORED)
+    assert isinstance(old.dataset, HFDataset) and old.dataset.hf_dataset == "a/b/c"
+    job = Job.model_validate({**fields, "dataset": {"path": "rows.jsonl"},
+                              "validation_dataset": {"records": 3, "format": "text"}})
+    assert isinstance(job.dataset, PathDataset) and isinstance(job.validation_dataset, InlineRecords)
+    shown = job.model_dump(mode="json")  # the summary the API shows: no null keys
+    assert (shown["dataset"], shown["validation_dataset"]) == ({"path": "rows.jsonl"}, {"records": 3, "format": "text"})
+    again = Job.model_validate_json(job.model_dump_json(), context=STORED)
+    assert again.dataset == job.dataset and again.validation_dataset == job.validation_dataset

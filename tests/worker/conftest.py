@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.base_model import LoadedBaseModel, load_base_model
-from core.jobs import BoneSpec, Job, RecordsDataset, TrainingSpec, dataset_summary
+from core.jobs import STORED, BoneSpec, Job, RecordsDataset, TrainingSpec, dataset_summary
 from core.jobstore import JobStore
 from core.settings import Settings
 from worker import tasks
@@ -54,8 +54,11 @@ def make_job(store: JobStore) -> Callable[..., Job]:
              dataset: dict[str, Any] | None = None, bone: dict[str, Any] | None = None, overwrite: bool = False,
              **training: Any) -> Job:
         summary = dataset if dataset is not None else dataset_summary(RecordsDataset(records=records))
-        job = Job(id=Job.new_id(), adapter_name=adapter_name, base_model="embedded", dataset=summary,
-                  bone=BoneSpec(**(bone or {})), training=TrainingSpec(**training), overwrite=overwrite)
+        # As a record read back from the store: a dataset name of a shape the API refuses still gets to the
+        # worker, which must refuse it by the same rule.
+        job = Job.model_validate({"id": Job.new_id(), "adapter_name": adapter_name, "base_model": "embedded",
+                                  "dataset": summary, "bone": BoneSpec(**(bone or {})),
+                                  "training": TrainingSpec(**training), "overwrite": overwrite}, context=STORED)
         store.create(job, records=records)
         return job
     return make
