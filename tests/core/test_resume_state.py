@@ -108,7 +108,7 @@ def test_the_janitor_removes_the_checkpoints_of_final_and_unknown_jobs(tmp_path,
     store, shared = JobStore(redis_conn), ResumeStore.from_settings(settings)
     jobs = {}
     for status in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.FAILED):
-        job = Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={},
+        job = Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={"records": 1},
                   bone=BoneSpec(), training=TrainingSpec())
         store.create(job, records=None)
         store.update(job.id, status=status)
@@ -130,7 +130,7 @@ def test_the_janitor_thread_sweeps_the_store(tmp_path, redis_url, redis_conn):
 
     settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, janitor_interval_s=0.1)
     store, shared = JobStore(redis_conn), ResumeStore.from_settings(settings)
-    job = Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={}, bone=BoneSpec(),
+    job = Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={"records": 1}, bone=BoneSpec(),
               training=TrainingSpec())
     store.create(job, records=None)
     store.update(job.id, status=JobStatus.SUCCEEDED)
