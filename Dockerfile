@@ -20,12 +20,14 @@ WORKDIR /src
 # BONE_REGISTRY_URL point at object storage (docker compose --profile s3).
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
-RUN mkdir -p bone core app worker && touch bone/__init__.py core/__init__.py app/__init__.py worker/__init__.py \
+RUN mkdir -p bone core app worker cli \
+    && touch bone/__init__.py core/__init__.py app/__init__.py worker/__init__.py cli/__init__.py \
     && pip install . ".[s3]" && pip uninstall -y bone-server
 COPY bone ./bone
 COPY core ./core
 COPY app ./app
 COPY worker ./worker
+COPY cli ./cli
 RUN pip install --no-deps .
 
 FROM ${BASE_IMAGE} AS runtime

@@ -77,9 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.job_checker = JobChecker(settings, registry, server_model_config=base.model.config)
         janitor = Janitor(settings).start()  # re-queues jobs whose worker died, even with no worker left alive
-        # What start-up built (model, tokenizer, imported modules) lives as long as the process: moved out of
-        # the collector's sight, a full collection no longer walks it, which showed as 100-250 ms request
-        # stalls under load.
+        # What start-up built (model, tokenizer, imported modules) lives as long as the process: frozen, it is
+        # out of the collector's sight, so a full collection never walks it while requests wait.
         gc.collect()
         gc.freeze()
         try:

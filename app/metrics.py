@@ -2,7 +2,8 @@
 
 - HTTP: latency histogram by route template, method and status (middleware below).
 - Inference engine: generated tokens, time to first token, batch sizes, adapter cache hits / misses /
-  evictions / load time, resident adapters — ``app.engine_loop`` and ``app.adapter_cache`` update these objects.
+  evictions / load time, resident adapters — ``app.engine.scheduler`` and ``app.engine.adapter_pool`` update
+  these objects.
 - Queue and jobs: read from Redis at scrape time (queue depth, jobs by status).
 - Workers: the training loop pushes its latest figures through Redis (hash ``bone:metrics:training``:
   tokens/s, step time, steps) and this process exports them at scrape time, so one scrape target

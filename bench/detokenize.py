@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-from app.decoding import Row, SamplingParams, _first_stop, _safe_end
+from app.engine.batch import Row, SamplingParams, _first_stop, _safe_end
 from core.base_model import _byte_level_tokenizer
 from core.names import BASE_ADAPTER
 

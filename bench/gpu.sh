@@ -46,7 +46,7 @@ echo "bench/gpu.sh: $MODE, $NPROC processes, results in $OUT" >&2
 export BONE_DATA_DIR=$DATA BONE_PORT=$PORT BONE_DEVICE=$DEVICE BONE_AUTH_DISABLED=true BONE_HOST=127.0.0.1
 export BONE_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0  # nothing there: `up` starts a private redis-server
 export BONE_MAX_NUM_PROCESSES=$NPROC BONE_BASE_MODEL=${BONE_BASE_MODEL:-embedded}
-"$PY" -m app.cli up > "$OUT/service.log" 2>&1 &
+"$PY" -m cli up > "$OUT/service.log" 2>&1 &
 UP_PID=$!
 cleanup() { kill "$UP_PID" 2>/dev/null || true; wait "$UP_PID" 2>/dev/null || true; rm -rf "$DATA"; }
 trap cleanup EXIT

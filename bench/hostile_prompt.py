@@ -66,7 +66,7 @@ def main() -> None:
         env = {**os.environ, "BONE_DATA_DIR": str(Path(folder) / "data"), "BONE_REDIS_URL": args.redis,
                "BONE_AUTH_DISABLED": "true", "BONE_PORT": str(port), "BONE_LOG_LEVEL": "warning",
                "OMP_NUM_THREADS": "1"}
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], env=env)
+        server = subprocess.Popen([sys.executable, "-m", "cli", "api"], env=env)
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120

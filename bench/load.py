@@ -179,7 +179,7 @@ def main() -> None:
                "OMP_NUM_THREADS": "1"}
         register_adapters(Settings(_env_file=None, data_dir=env["BONE_DATA_DIR"], redis_url=args.redis), args.adapters)
         # The API in its own process, as deployed: the load generator must not share its interpreter.
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], env=env)
+        server = subprocess.Popen([sys.executable, "-m", "cli", "api"], env=env)
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120

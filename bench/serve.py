@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from app.adapter_cache import AdapterCache  # noqa: E402
-from app.decoding import SamplingParams  # noqa: E402
-from app.engine import InferenceEngine  # noqa: E402
+from app.engine import GenerationRequest, InferenceEngine, Target  # noqa: E402
+from app.engine.adapter_pool import AdapterCache  # noqa: E402
+from app.engine.batch import SamplingParams  # noqa: E402
 from bench.models import LLAMA_PROJECTIONS, build_model  # noqa: E402
 from bone import BoneConfig, get_bone_model  # noqa: E402
 from core.base_model import _byte_level_tokenizer, load_base_model  # noqa: E402
@@ -74,15 +74,15 @@ def engine_run(engine: InferenceEngine, adapters: list, ids: list[list[int]], ne
     None for the base model, or a dict name -> weight for a mix)."""
     registry = engine.cache.registry
 
-    def selector(a):
+    def target(a) -> Target:
         if isinstance(a, dict):
-            return None, None, tuple(sorted((n, registry.get(n).sha256, w) for n, w in a.items()))
-        return a, None if a is None else registry.get(a).sha256, None
+            return Target(mix=tuple(sorted((n, registry.get(n).sha256, w) for n, w in a.items())))
+        return Target(a, None if a is None else registry.get(a).sha256)
 
-    selectors = [selector(a) for a in adapters]
+    targets = [target(a) for a in adapters]
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     started = time.perf_counter()
-    requests = [engine.submit(p, a, s, params, mix=m) for p, (a, s, m) in zip(ids, selectors)]
+    requests = [engine.submit(GenerationRequest(t, p, params)) for p, t in zip(ids, targets)]
     tokens = sum(r.future.result(600).completion_tokens for r in requests)
     return tokens / (time.perf_counter() - started)
 
@@ -177,7 +177,7 @@ def main() -> None:
     ids = prompts(N_REQUESTS, args.prompt_tokens)
     base = load_base_model(settings.base_model, settings, dtype=settings.dtype)
     engine = InferenceEngine(base, AdapterRegistry(settings.registry_dir), settings)
-    engine.eos_ids = frozenset()
+    engine.scheduler.eos_ids = frozenset()
     engine.start()
     print(
         f"model {args.model}, device {base.device}, {engine.host.dtype}, {N_REQUESTS} concurrent requests, "
@@ -242,7 +242,7 @@ def run_http(settings: Settings, names: list[str], ids, args, engine_base_tps: f
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    app.state.engine.eos_ids = frozenset()
+    app.state.engine.scheduler.eos_ids = frozenset()
     url = f"http://127.0.0.1:{port}"
     try:
         figures = round_robin({"base": lambda: http_run(url, [None] * N_REQUESTS, ids, args.new_tokens),

@@ -13,6 +13,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -204,3 +205,16 @@ def load_base_model(
     model.to(device)  # type: ignore[arg-type]  # transformers' decorator types .to() for its own model only
     model.eval()
     return LoadedBaseModel(name=name, source=source, model=model, tokenizer=tokenizer, device=device)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The token ids that end a generation: the model's generation config's and the tokenizer's (either may
+    name one id, a list of them, or none)."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value if v is not None)
+    return frozenset(ids)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from app.redis_launcher import redis_answers, start_private_redis
+from cli.redis_launcher import redis_answers, start_private_redis
 
 
 def say(message: str) -> None:

@@ -30,7 +30,8 @@ import redis
 import torch
 import torch.nn.functional as F
 
-from core.base_model import pick_device
+from core.adapter_loading import read_adapter
+from core.base_model import eos_token_ids, pick_device
 from core.errors import Conflict
 from core.evals import EvalMetrics, EvalStore, Evaluation, LatestEval
 from core.formats import detect_format
@@ -178,19 +179,12 @@ def load_adapters(bone_model, registry: AdapterRegistry, names: Sequence[str],
                   base_model: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Add each registry adapter to ``bone_model`` under its slot (``AdapterName.slot``); returns
     ({name: slot}, {name: sha256}). Weights are sha256-checked, keys and shapes strictly."""
-    from bone import BoneConfig
-
     slots, shas = {}, {}
     for name in names:
-        tensors, info = registry.verified_tensors(name)  # loaded from the very bytes that were hashed
+        config, tensors, info = read_adapter(registry, name, param="adapters")
         if base_model is not None and info.base_model != base_model:
             raise Conflict(f"adapter {name!r} was trained on base model {info.base_model!r}, not {base_model!r}",
                            param="adapters", code="base_model_mismatch")
-        config = BoneConfig.from_dict(registry.adapter_config(name))
-        if config.bias != "none":
-            raise Conflict(f"adapter {name!r} trained biases (bias={config.bias!r}), which live in the shared base "
-                           "model: it cannot share batches with other adapters", param="adapters",
-                           code="unservable_adapter")
         slot = AdapterName(name).slot(info.sha256)
         bone_model.add_adapter_from_state_dict(slot, config, tensors)
         slots[name], shas[name] = slot, info.sha256
@@ -277,13 +271,6 @@ def completion_prompts(rows: Sequence[dict[str, Any]], tokenizer, max_seq_length
     return prompts
 
 
-def _eos_ids(bone_model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(bone_model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
 @torch.no_grad()
 def generate_rows(bone_model, tokenizer, prompts: Sequence[Prompt], slots: Sequence[str], *, max_new_tokens: int,
                   pad_id: int, device: torch.device, autocast=None) -> list[list[str]]:
@@ -298,7 +285,7 @@ def generate_rows(bone_model, tokenizer, prompts: Sequence[Prompt], slots: Seque
             row, length = k * b + j, len(prompt.input_ids)
             input_ids[row, width - length:] = torch.tensor(prompt.input_ids)
             attention_mask[row, width - length:] = 1
-    eos = _eos_ids(bone_model, tokenizer)
+    eos = sorted(eos_token_ids(bone_model, tokenizer))
     with autocast:
         out = bone_model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                   adapter_names=[slot for slot in slots for _ in range(b)],

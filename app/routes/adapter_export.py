@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from app.auth import PrincipalDep
 from app.deps import EngineDep, RegistryDep, SettingsDep
-from app.routes.generate import check_mix
+from app.generation import check_mix
 from bone import BoneConfig, BoneConfigError, combine_bone_adapters, to_lora
 from bone.checkpoint import NonFiniteTensorError, check_finite, to_format, write_adapter_dir
 from bone.export import DEFAULT_BAT_TOLERANCE

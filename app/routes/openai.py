@@ -31,12 +31,11 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
-from app.adapter_cache import Mix
 from app.auth import caller_key
-from app.decoding import SamplingParams, TokenLogprob
 from app.deps import EngineDep, RegistryDep, SettingsDep
-from app.engine import GenerationResult, InferenceEngine
-from app.routes.generate import (
+from app.engine import BASE_MODEL, GenerationRequest, GenerationResult, InferenceEngine, Target
+from app.engine.batch import SamplingParams, TokenLogprob
+from app.generation import (
     MAX_PROMPT_CHARS,
     SSE_RESPONSE,
     AdaptersField,
@@ -268,19 +267,18 @@ def _top_logprobs(body: _Common) -> int | None:
     return body.logprobs
 
 
-def _adapter_for(model: str, registry: AdapterRegistry, settings: Settings,
-                 adapters: dict[str, float] | None = None) -> tuple[str | None, str | None, Mix | None]:
-    """(adapter name, sha256, mix) for ``model`` (and the ``adapters`` extra field); (None, None, None) is
-    the base model."""
+def _target(model: str, registry: AdapterRegistry, settings: Settings,
+            adapters: dict[str, float] | None = None) -> Target:
+    """What ``model`` (and the ``adapters`` extra field) runs on."""
     if adapters is not None:
         if model != settings.base_model and _is_adapter(model, registry):
             raise InvalidRequest(f"model {model!r} is an adapter and adapters is given: a request uses one or the "
                                  f"other (set model to the base model, {settings.base_model!r})", param="adapters")
-        return None, None, resolve_mix(adapters, registry, settings)
+        return resolve_mix(adapters, registry, settings)
     if model == settings.base_model:
-        return None, None, None
+        return BASE_MODEL
     try:
-        return model, resolve_adapter(model, registry, settings), None
+        return resolve_adapter(model, registry, settings)
     except ServiceError as exc:
         exc.param = "model"
         if isinstance(exc, NotFound):
@@ -357,10 +355,10 @@ async def retrieve_model(model: str, registry: RegistryDep, settings: SettingsDe
 async def completions(body: CompletionRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
                       settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=16)  # OpenAI's default for completions
-    adapter, sha256, mix = await run_in_threadpool(_adapter_for, body.model, registry, settings, body.adapters)
+    target = await run_in_threadpool(_target, body.model, registry, settings, body.adapters)
     ids = await run_in_threadpool(_prompt_ids, engine, body.prompt, settings)  # tokenizing: off the event loop
     key = caller_key(http_request)
-    jobs = [(ids[i], adapter, sha256, _seeded(params, k), mix) for i in range(len(ids)) for k in range(body.n)]
+    jobs = [GenerationRequest(target, ids[i], _seeded(params, k)) for i in range(len(ids)) for k in range(body.n)]
     prompt_tokens = sum(len(x) for x in ids)
     scoring_only = (body.max_completion_tokens or body.max_tokens) == 0
     texts = None
@@ -466,10 +464,10 @@ def _chat_logprobs(engine: InferenceEngine, result: GenerationResult) -> dict:
 async def chat_completions(body: ChatRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
                            settings: SettingsDep) -> Any:
     params = _params(body, settings, default_max=settings.max_new_tokens)
-    adapter, sha256, mix = await run_in_threadpool(_adapter_for, body.model, registry, settings, body.adapters)
+    target = await run_in_threadpool(_target, body.model, registry, settings, body.adapters)
     ids = await run_in_threadpool(_chat_ids, engine, body.messages, settings)
     key = caller_key(http_request)
-    jobs = [(ids, adapter, sha256, _seeded(params, k), mix) for k in range(body.n)]
+    jobs = [GenerationRequest(target, ids, _seeded(params, k)) for k in range(body.n)]
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
         def chunk(i: int, text: str | None, finish: str | None) -> dict:
@@ -511,8 +509,8 @@ def _render_chat(engine: InferenceEngine, messages: list[ChatMessage]) -> str:
         raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
 
 
-def _sse(engine, jobs, body: _Common, prompt_tokens: int, meta: dict, object_: str, chunk, first,
-         role_first: bool = True, key: str | None = None) -> EventSourceResponse:
+def _sse(engine: InferenceEngine, jobs: list[GenerationRequest], body: _Common, prompt_tokens: int, meta: dict,
+         object_: str, chunk, first, role_first: bool = True, key: str | None = None) -> EventSourceResponse:
     """``first``: events sent before any text (chat: each choice's role; completions with echo: the prompt).
     ``role_first``: the chat stream's shape (a choice's last chunk has an empty delta)."""
     follow = stream_jobs(engine, jobs, key)  # submitted now: a refused request still gets a plain error response

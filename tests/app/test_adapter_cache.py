@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-import app.adapter_cache as adapter_cache
-from app.adapter_cache import AdapterCache, AdapterLoader, fetch_adapter, mix_name, slot_name
+import app.engine.adapter_pool as adapter_cache
+from app.engine.adapter_pool import AdapterCache, AdapterLoader, fetch_adapter, mix_name, slot_name
 from core.errors import CorruptAdapter, NotFound
 from core.names import AdapterName
 from core.registry import WEIGHTS_FILE, AdapterRegistry

@@ -109,10 +109,10 @@ def test_downloads_name_a_base_model_that_resolves(live, client, tmp_path, monke
     adapter_dir.mkdir()
     for name, data in files.items():
         (adapter_dir / name).write_bytes(data)
-    done = subprocess.run([sys.executable, "-m", "app.cli", "models", "export-embedded", "embedded-llama-v1"],
+    done = subprocess.run([sys.executable, "-m", "cli", "models", "export-embedded", "embedded-llama-v1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    again = subprocess.run([sys.executable, "-m", "app.cli", "models", "export-embedded", "adapter"],
+    again = subprocess.run([sys.executable, "-m", "cli", "models", "export-embedded", "adapter"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "not empty" in again.stderr  # never writes into a folder with other files
     monkeypatch.chdir(tmp_path)

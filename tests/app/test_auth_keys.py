@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from app.cli import cli
 from app.main import create_app
+from cli.main import cli
 from core.auth import AuthConfigError, KeyRing, is_loopback
 from core.keys import generate_key, hash_key
 from core.settings import Settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.decoding import Row, SamplingParams, _safe_end
+from app.engine.batch import Row, SamplingParams, _safe_end
 from core.names import BASE_ADAPTER
 
 EOS = 0

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from app.decoding import Row, SamplingParams
-from app.detokenize import IncrementalDetokenizer
+from app.engine.batch import Row, SamplingParams
+from app.engine.detokenize import IncrementalDetokenizer
 from core.base_model import _byte_level_tokenizer
 from core.names import BASE_ADAPTER
 
@@ -62,7 +62,7 @@ def test_incremental_equals_full_decode_on_random_bytes_and_special_tokens(seed)
 def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
               decode=full_decode) -> tuple[str, str | None, list[str]]:
     """Today's behaviour, restated: a full decode and a search of the whole text at every token."""
-    from app.decoding import _safe_end
+    from app.engine.batch import _safe_end
 
     text, emitted, pieces, generated = "", 0, [], []
     for token in ids:

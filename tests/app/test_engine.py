@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import app.adapter_cache as adapter_cache
-from app.decoding import SamplingParams
-from app.engine import InferenceEngine
+import app.engine.adapter_pool as adapter_cache
+from app.engine import GenerationRequest, InferenceEngine, Target
+from app.engine.batch import SamplingParams
 from core.errors import RateLimited
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
@@ -21,9 +21,8 @@ PROMPTS = ["Once upon a time", "Hi", "A somewhat longer prompt than the others",
 
 def submit(engine: InferenceEngine, prompt: str, adapter: str | None = None, n: int = 12, **params):
     sha = None if adapter is None else AdapterRegistry(engine.settings.registry_dir).get(adapter).sha256
-    return engine.submit(
-        engine.tokenize(prompt), adapter, sha, SamplingParams(max_new_tokens=n, temperature=0, **params)
-    )
+    params = SamplingParams(max_new_tokens=n, temperature=0, **params)
+    return engine.submit(GenerationRequest(Target(adapter, sha), engine.tokenize(prompt), params))
 
 
 def run(engine, jobs) -> list[str]:
@@ -37,7 +36,7 @@ def test_rows_join_a_running_batch_and_match_each_request_alone(make_engine):
         publish_adapter(engine.settings, f"cb-{i}", seed=40 + i, r=4 + 4 * (i % 2))
     jobs = [(PROMPTS[0], None, 200), (PROMPTS[1], "cb-0", 10), (PROMPTS[2], "cb-1", 30), (PROMPTS[3], "cb-2", 20)]
     alone = [run(engine, [job])[0] for job in jobs]
-    joins = engine.joins
+    joins = engine.scheduler.joins
     long = submit(engine, *jobs[0])
     while not engine.batch.rows:  # the long row is decoding
         time.sleep(0.005)
@@ -45,7 +44,7 @@ def test_rows_join_a_running_batch_and_match_each_request_alone(make_engine):
     late_texts = [r.future.result(120).text for r in late]
     assert not long.future.done()  # the newcomers finished while the long row was still running
     assert [long.future.result(120).text, *late_texts] == alone
-    assert engine.joins > joins
+    assert engine.scheduler.joins > joins
 
 
 def test_many_concurrent_requests_on_different_adapters(make_engine):
@@ -82,7 +81,7 @@ def test_a_cold_load_blocks_no_other_request(make_engine, monkeypatch):
 
     def slow_fetch(registry, name):
         if name == "slow":
-            assert threading.current_thread() is not engine._thread  # never on the model thread
+            assert threading.current_thread() is not engine.scheduler.thread  # never on the model thread
             release.wait(30)
         return real_fetch(registry, name)
 
@@ -103,12 +102,12 @@ def test_switching_resident_adapters_copies_no_weights(make_engine):
     run(engine, [("load", f"sw-{i}", 2) for i in range(3)])
     model = engine.host.bone_model
     before = {name: (p.data_ptr(), p._version) for name, p in model.named_parameters()}
-    installs, misses = engine.cache.installs, engine.misses
+    installs, misses = engine.cache.installs, engine.scheduler.misses
     for order in ([0, 1, 2], [2, 0], [1], [1, 2, 0, 0]):
         run(engine, [(PROMPTS[k], f"sw-{k}", 3) for k in order])
     after = {name: (p.data_ptr(), p._version) for name, p in model.named_parameters()}
     assert after == before  # no parameter (base weight or adapter block) was moved or written
-    assert (engine.cache.installs, engine.misses) == (installs, misses)
+    assert (engine.cache.installs, engine.scheduler.misses) == (installs, misses)
 
 
 def test_preload_and_pin(make_engine):
@@ -122,7 +121,7 @@ def test_preload_and_pin(make_engine):
     assert set(engine.cache.slots()) == {("pre", a.sha256), ("pinned", b.sha256)}
     run(engine, [("churn", info.name, 2) for info in others])
     assert ("pinned", b.sha256) in engine.cache.slots()
-    assert engine.hits == 0 and run(engine, [("pinned", "pinned", 2)]) and engine.hits == 1
+    assert engine.scheduler.hits == 0 and run(engine, [("pinned", "pinned", 2)]) and engine.scheduler.hits == 1
 
 
 def test_queue_cap_refuses_with_retry_after(make_engine):
@@ -137,4 +136,4 @@ def test_queue_cap_refuses_with_retry_after(make_engine):
     running.abandoned.set()  # the client went away: its slot frees at the next step
     assert running.future.result(60).finish_reason == "abort"
     assert all(r.future.result(60).completion_tokens == 2 for r in queued)
-    assert engine.aborted == 1 and engine.pending == 0
+    assert engine.scheduler.aborted == 1 and engine.pending == 0

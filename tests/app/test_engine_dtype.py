@@ -9,7 +9,7 @@ import torch
 
 import bone.functional as BF
 import bone.layer
-from app.adapter_cache import fetch_adapter
+from app.engine.adapter_pool import fetch_adapter
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
 from tests.app.test_engine import PROMPTS, run, submit
@@ -47,11 +47,11 @@ def test_mixed_batch_rows_equal_each_row_alone_on_the_fast_path(make_engine, lay
     assert {blk.dtype for layer in layers.values() for blk in layer.bone_block.values()} == {dtype}
 
     layer_calls.update(row_forward=0, cached_chunk_sum=0)
-    steps = engine.steps
+    steps = engine.scheduler.steps
     requests = [submit(engine, *job) for job in jobs]
     mixed = [r.future.result(120).text for r in requests]
     assert mixed == alone
-    assert engine.steps - steps < sum(n for _, _, n in jobs)  # the rows decoded together, not one by one
+    assert engine.scheduler.steps - steps < sum(n for _, _, n in jobs)  # the rows decoded together, not one by one
     # Rows on adapters only, one r: the same-dtype path sums x's chunks once per layer call; the slow path
     # (blocks in another dtype than x) never calls cached_chunk_sum.
     assert layer_calls["row_forward"] > 0
@@ -69,7 +69,7 @@ def test_the_pool_counts_adapters_at_the_base_dtype(make_engine, setting, dtype)
 
 
 def test_float16_refuses_an_adapter_beyond_its_range(make_engine):
-    from app.model_host import ModelHost
+    from app.engine.model_host import ModelHost
     from core.base_model import load_base_model
     from core.errors import Conflict
 

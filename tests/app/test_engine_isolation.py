@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from app.adapter_cache import FetchedAdapter
-from app.decoding import SamplingParams
-from app.engine_messages import Control
+from app.engine import BASE_MODEL, GenerationRequest, Target
+from app.engine.adapter_pool import FetchedAdapter
+from app.engine.batch import SamplingParams
 from core.errors import GenerationFailed, InvalidRequest, ServiceUnavailable
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
@@ -27,7 +27,7 @@ def greedy(n: int = N, **extra) -> SamplingParams:
 
 def submit(engine, prompt: str, params: SamplingParams | None = None, adapter: str | None = None,
            sha: str | None = None, **kwargs):
-    return engine.submit(engine.tokenize(prompt), adapter, sha, params or greedy(), **kwargs)
+    return engine.submit(GenerationRequest(Target(adapter, sha), engine.tokenize(prompt), params or greedy()), **kwargs)
 
 
 def alone(engine, prompts: list[str], n: int = N) -> list[str]:
@@ -44,7 +44,7 @@ def wait_until(predicate, timeout: float = 60.0) -> None:
 def test_a_row_whose_streaming_callback_raises_fails_alone(make_engine):
     engine = make_engine(batch_wait_ms=100)
     expected = alone(engine, PROMPTS)
-    prefills = engine.prefills
+    prefills = engine.scheduler.prefills
     pieces = []
 
     def broken_client(piece: str) -> None:  # e.g. a stream whose event loop is gone
@@ -57,7 +57,7 @@ def test_a_row_whose_streaming_callback_raises_fails_alone(make_engine):
     assert [r.future.result(120).text for r in good] == expected
     error = bad.future.exception(120)
     assert isinstance(error, GenerationFailed) and "Event loop is closed" in error.message
-    assert engine.failed_rows == 1 and engine.prefills - prefills <= 2  # they really shared a batch
+    assert engine.scheduler.failed_rows == 1 and engine.scheduler.prefills - prefills <= 2  # they really shared a batch
 
 
 def test_non_finite_logits_fail_only_their_row(make_engine):
@@ -66,12 +66,12 @@ def test_non_finite_logits_fail_only_their_row(make_engine):
     engine = make_engine(batch_wait_ms=100)
     publish_adapter(engine.settings, "nan-src", seed=7)
     registry = AdapterRegistry(engine.settings.registry_dir)
-    from app.adapter_cache import fetch_adapter
+    from app.engine.adapter_pool import fetch_adapter
 
     source = fetch_adapter(registry, "nan-src")
     tensors = {k: torch.full_like(v, float("nan")) for k, v in source.tensors.items()}
     poisoned = FetchedAdapter("poisoned", "0" * 64, source.config, tensors, source.size_bytes, 0.0)
-    engine._inbox.put(Control(lambda: engine.cache.install(poisoned)))
+    engine.scheduler.run_between_steps(lambda: engine.cache.install(poisoned))
     wait_until(lambda: engine.cache.resident(("poisoned", "0" * 64)) is not None)
     expected = alone(engine, PROMPTS)
 
@@ -129,7 +129,7 @@ def test_sampling_parameters_are_checked_before_a_row_joins(make_engine, field, 
 def test_token_ids_outside_the_vocabulary_never_reach_the_model(make_engine, ids):
     engine = make_engine()
     with pytest.raises(InvalidRequest) as refused:
-        engine.submit(ids, None, None, greedy())
+        engine.submit(GenerationRequest(BASE_MODEL, ids, greedy()))
     assert refused.value.param == "prompt" and "vocabulary" in refused.value.message
 
 
@@ -155,7 +155,7 @@ def test_an_oom_step_is_retried_with_the_batch_split(make_engine):
         assert [r.future.result(120).text for r in requests] == expected
     finally:
         handle.remove()
-    assert engine.failed_rows == 0 and not engine.batch.parked
+    assert engine.scheduler.failed_rows == 0 and not engine.batch.parked
     assert engine.batch.split_retries["prefill"] > 0 and engine.batch.split_retries["step"] > 0
 
 
@@ -175,14 +175,14 @@ def test_only_the_row_that_fails_alone_is_failed(make_engine):
     finally:
         handle.remove()
     assert isinstance(error, ServiceUnavailable) and error.code == "device_out_of_memory"
-    assert engine.failed_rows == 1 and engine.batch.split_retries["step"] >= 2
+    assert engine.scheduler.failed_rows == 1 and engine.batch.split_retries["step"] >= 2
     assert alone(engine, short) == expected  # and the engine serves on
 
 
 def test_a_join_that_runs_out_of_memory_half_merged_leaves_the_batch_whole(make_engine, monkeypatch):
     """The KV merge of a newcomer fails after the first layer was merged: that layer goes back to the running
     rows, the newcomer waits (parked) until they leave, and both end with the text they get alone."""
-    import app.decoding as decoding
+    import app.engine.batch as decoding
 
     engine = make_engine()
     long_job, late_job = ("Once upon a time", greedy(60)), ("Hi", greedy(N))
@@ -200,4 +200,4 @@ def test_a_join_that_runs_out_of_memory_half_merged_leaves_the_batch_whole(make_
     wait_until(lambda: len(engine.batch.rows) == 1)
     late = submit(engine, *late_job)
     assert [long.future.result(120).text, late.future.result(120).text] == expected
-    assert len(calls) >= 5 and engine.batch.split_retries["prefill"] == 1 and engine.failed_rows == 0
+    assert len(calls) >= 5 and engine.batch.split_retries["prefill"] == 1 and engine.scheduler.failed_rows == 0

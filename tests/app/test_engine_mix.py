@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from app.adapter_cache import mix_name, mix_sha256
-from app.decoding import SamplingParams
+from app.engine import BASE_MODEL, GenerationRequest, Target
+from app.engine.adapter_pool import mix_name, mix_sha256
+from app.engine.batch import SamplingParams
 from bone import BoneConfig, combine_bone_adapters
 from core.registry import AdapterRegistry
 from tests.app.conftest import publish_adapter
@@ -26,7 +27,7 @@ def test_mix_blocks_equal_the_offline_sum_and_are_evicted_with_a_source(make_eng
     weights = {"eb": 0.25, "ea": -1.5}
     mix = _mix(registry, weights)
     params = SamplingParams(max_new_tokens=4, temperature=0)
-    result = engine.submit(engine.tokenize("hello"), None, None, params, mix=mix).future.result(120)
+    result = engine.submit(GenerationRequest(Target(mix=mix), engine.tokenize("hello"), params)).future.result(120)
     assert result.adapter is None and result.adapters == {"ea": -1.5, "eb": 0.25}
 
     key = (mix_name(mix), mix_sha256(mix))
@@ -41,6 +42,7 @@ def test_mix_blocks_equal_the_offline_sum_and_are_evicted_with_a_source(make_eng
         assert torch.equal(layers[path].bone_block[slot].detach(), block), path
 
     engine.evict_adapter("eb")  # deleted / overwritten source: its mixes go too
-    engine.submit(engine.tokenize("x"), None, None, params).future.result(120)  # a step: the control ran
+    # a step: the control ran
+    engine.submit(GenerationRequest(BASE_MODEL, engine.tokenize("x"), params)).future.result(120)
     assert key not in engine.cache.slots()
     assert mix_name(mix).startswith("~") and not registry.exists("ea-eb")

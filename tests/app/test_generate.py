@@ -66,10 +66,10 @@ def test_mixed_batch_equals_each_request_alone(client, live):
     outputs = {a: r["text"] for (p, a, _), r in zip(requests[:4], alone[:4])}
     assert len({greedy(client, "Same prompt", a, 12)["text"] for a in (None, "ad-a", "ad-b", "ad-bat")}) == 4, outputs
 
-    before = live.engine.prefills
+    before = live.engine.scheduler.prefills
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: greedy(client, *r), requests))
-    assert live.engine.prefills - before == 1  # one prefill, five rows, four different adapters (and the base)
+    assert live.engine.scheduler.prefills - before == 1  # one prefill: five rows, four adapters and the base
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     assert [r["usage"] for r in together] == [r["usage"] for r in alone]
     assert alone[3]["text"] == reference(live.settings, "Tell me about Bat", "ad-bat", 16)

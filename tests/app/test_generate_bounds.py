@@ -51,7 +51,7 @@ def test_full_queue_is_429_with_retry_after_and_timeout_frees_the_slot(client, l
 
 def test_a_client_that_hangs_up_frees_its_slot(client, live):
     engine = live.engine
-    aborted = engine.aborted
+    aborted = engine.scheduler.aborted
     # non-streamed: a raw socket that sends the request and closes
     body = httpx.Request("POST", f"{live.url}/generate", json=LONG)
     raw = (f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -59,14 +59,14 @@ def test_a_client_that_hangs_up_frees_its_slot(client, live):
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         sock.sendall(raw)
         wait_until(lambda: len(engine.batch.rows) == 1)
-    wait_until(lambda: engine.aborted == aborted + 1, timeout=10)
+    wait_until(lambda: engine.scheduler.aborted == aborted + 1, timeout=10)
     wait_until(lambda: not engine.batch.rows)
 
     # streamed: read a few events, then leave
     with client.stream("POST", "/generate", json={**LONG, "stream": True}) as response:
         for _ in zip(range(6), response.iter_lines()):
             pass
-    wait_until(lambda: engine.aborted == aborted + 2, timeout=10)
+    wait_until(lambda: engine.scheduler.aborted == aborted + 2, timeout=10)
     reply = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "temperature": 0})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
 

@@ -61,10 +61,10 @@ def test_batch_of_plain_adapters_mixes_and_base_rows_answers_each_as_alone(live,
                 ("Tell me more", {"adapter": "mx-c"}, 9),
                 ("The quick brown fox", {"adapters": {"mx-a": -0.4, "mx-b": 1.2}}, 11)]
     alone = [gen(client, p, n, **sel) for p, sel, n in requests]
-    before = live.engine.prefills
+    before = live.engine.scheduler.prefills
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: gen(client, r[0], r[2], **r[1]), requests))
-    assert live.engine.prefills - before == 1  # one prefill: base, two adapters and two mixes in one batch
+    assert live.engine.scheduler.prefills - before == 1  # one prefill: base, two adapters and two mixes in one batch
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     assert [r["usage"] for r in together] == [r["usage"] for r in alone]
 

@@ -37,7 +37,7 @@ def api(tmp_path_factory, shared_models_dir):
     env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": TEST_REDIS_URL, "BONE_PORT": str(port),
            "BONE_AUTH_DISABLED": "true", "BONE_HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "OMP_NUM_THREADS": "1"}
     log = folder / "api.log"
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], env=env, cwd=ROOT, stdout=open(log, "wb"),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "api"], env=env, cwd=ROOT, stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -35,7 +35,7 @@ class Service:
     def start(self, role: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{role}.log", "ab")
         # A session of its own: a test can kill the whole process group, as a lost machine would.
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], env=self.env, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
                                 start_new_session=True)
         self.procs[role] = proc

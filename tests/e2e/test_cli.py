@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli(service, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "BONE_URL": service.url, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=timeout)
 
 
@@ -61,7 +61,7 @@ def test_cli_errors_are_one_line_with_nonzero_exit(service):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bone-server: ") and "404" in lines[0]
-    unreachable = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "list", "--url", "http://127.0.0.1:9"],
+    unreachable = subprocess.run([sys.executable, "-m", "cli", "jobs", "list", "--url", "http://127.0.0.1:9"],
                                  capture_output=True, text=True, cwd=ROOT)
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
 
@@ -77,7 +77,7 @@ def walk(command, path=()):
 def test_every_command_and_option_has_help():
     import typer.main
 
-    from app.cli import cli as app_cli
+    from cli.main import cli as app_cli
 
     undocumented = []
     for path, command in walk(typer.main.get_command(app_cli)):
@@ -90,9 +90,9 @@ def test_every_command_and_option_has_help():
 
 
 def test_version_and_completion():
-    version = subprocess.run([sys.executable, "-m", "app.cli", "--version"], capture_output=True, text=True, cwd=ROOT)
+    version = subprocess.run([sys.executable, "-m", "cli", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert version.returncode == 0 and version.stdout.startswith("bone-server ")
-    shown = subprocess.run([sys.executable, "-m", "app.cli", "--help"], capture_output=True, text=True, cwd=ROOT,
+    shown = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, cwd=ROOT,
                            env={**os.environ, "COLUMNS": "200"})
     assert "--install-completion" in shown.stdout
 
@@ -100,7 +100,7 @@ def test_version_and_completion():
 def plain_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: the server found through BONE_PORT/BONE_DATA_DIR, no BONE_URL/BONE_API_KEY."""
     base = {k: v for k, v in os.environ.items() if k not in ("BONE_URL", "BONE_API_KEY", "BONE_DATA_DIR")}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=cwd,
                           env={**base, "COLUMNS": "200", "PYTHONPATH": str(ROOT), **env}, timeout=timeout)
 
 

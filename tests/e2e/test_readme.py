@@ -70,7 +70,7 @@ def test_the_readme_walkthrough_runs_as_written(keyed_service, tmp_path):
     steps = walkthrough_steps(README.read_text())
     script = ["set -euo pipefail",
               # `bone-server` is this checkout's CLI, run by the suite's interpreter
-              f'bone-server() {{ "{sys.executable}" -m app.cli "$@"; }}']
+              f'bone-server() {{ "{sys.executable}" -m cli "$@"; }}']
     for index, (bash, _) in enumerate(steps):
         bash = bash.replace("http://127.0.0.1:8000", svc.url).replace("bone-data/", f"{svc.data_dir}/")
         script += [f"echo; echo '@@step {index}@@'", bash]

@@ -44,7 +44,7 @@ def test_up_starts_its_own_redis_and_stops_everything_on_sigterm(tmp_path, share
     env.pop("BONE_AUTH_DISABLED", None)  # as a user runs it: no keys configured, auth not switched off
     env.pop("BONE_API_KEYS", None)
     log = open(tmp_path / "up.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)], env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", str(port)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 120
@@ -77,7 +77,7 @@ def test_up_starts_its_own_redis_and_stops_everything_on_sigterm(tmp_path, share
             time.sleep(0.3)
 
         # The CLI client on the same machine finds the local key by itself.
-        listed = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "list", "--url", f"http://127.0.0.1:{port}"],
+        listed = subprocess.run([sys.executable, "-m", "cli", "jobs", "list", "--url", f"http://127.0.0.1:{port}"],
                                 env=env, capture_output=True, text=True, timeout=60)
         assert listed.returncode == 0 and job["id"] in listed.stdout, listed.stdout + listed.stderr
     finally:
@@ -99,7 +99,7 @@ def test_up_restarts_its_worker_when_it_is_killed(tmp_path, shared_models_dir):
            "BONE_AUTH_DISABLED": "true", "BONE_RECONNECT_MAX_BACKOFF_S": "2"}
     log_path = tmp_path / "up.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "cli", "up", "--port", str(port)],
         env=env,
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,

@@ -32,7 +32,7 @@ def test_a_device_that_does_not_exist_is_a_one_line_start_up_error(tmp_path, red
     child_env = {**os.environ, "BONE_DATA_DIR": str(tmp_path), "BONE_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT),
                  **env}
     child_env.pop("BONE_DEVICE", None) if not env else None
-    result = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--burst", *args], env=child_env,
+    result = subprocess.run([sys.executable, "-m", "cli", "worker", "--burst", *args], env=child_env,
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]

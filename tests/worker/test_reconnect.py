@@ -65,7 +65,7 @@ def test_the_worker_waits_for_redis_and_reconnects_after_an_outage(tmp_path, sha
     env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": private.url, "OMP_NUM_THREADS": "1",
            "BONE_RECONNECT_MAX_BACKOFF_S": "2", "BONE_WORKER_TTL_S": "15", "BONE_LOG_LEVEL": "info"}
     log = tmp_path / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, cwd=ROOT,
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,
                               stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
         # 1. no Redis yet: the worker waits instead of exiting

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app import metrics
+from core.adapter_loading import read_adapter
 from core.names import AdapterName
 from core.registry import AdapterRegistry
 
@@ -78,15 +79,14 @@ def slot_name(name: str, sha256: str) -> str:
 
 def fetch_adapter(registry: AdapterRegistry, name: str) -> FetchedAdapter:
     """Registry → host memory: sha256-verified, finite weights and the Bone config (raises NotFound /
-    CorruptAdapter). Non-finite weights (published before imports and jobs were checked) are refused here,
-    so such an adapter fails its own requests at admission and never a batch."""
-    from bone import BoneConfig
+    CorruptAdapter, or Conflict for an adapter that trained biases). Non-finite weights (published before
+    imports and jobs were checked) are refused here, so such an adapter fails its own requests at admission
+    and never a batch."""
     from bone.checkpoint import NonFiniteTensorError, check_finite
     from core.errors import CorruptAdapter
 
     started = time.perf_counter()
-    tensors, info = registry.verified_tensors(name)  # loaded from the very bytes that were hashed
-    config = BoneConfig.from_dict(registry.adapter_config(name))
+    config, tensors, info = read_adapter(registry, name)
     try:
         check_finite(tensors)
     except NonFiniteTensorError as exc:

@@ -1,6 +1,6 @@
-"""What passes between the request handlers, the adapter loader and the engine's model thread: the items
-of the engine's inbox (a request, an adapter the loader has read, work to do between steps, the stop
-marker) and the ``GenerationResult`` a request's future resolves to."""
+"""What passes between the request handlers, the adapter loader and the engine's model thread: the
+``GenerationRequest`` a handler submits, the items of the engine's inbox (a request, an adapter the loader has
+read, work to do between steps, the stop marker) and the ``GenerationResult`` a request's future resolves to."""
 
 from __future__ import annotations
 
@@ -11,8 +11,35 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.adapter_cache import FetchedAdapter, Mix
-from app.decoding import SamplingParams, TokenLogprob
+from app.engine.adapter_pool import FetchedAdapter, Mix
+from app.engine.batch import SamplingParams, TokenLogprob
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a generation runs on: the base model (nothing set), one version of a published adapter
+    (``adapter`` and its ``sha256``), or a mix of adapters (``mix`` alone)."""
+
+    adapter: str | None = None
+    sha256: str | None = None
+    mix: Mix | None = None
+
+    def __post_init__(self) -> None:
+        if self.mix is not None and self.adapter is not None:
+            raise ValueError("a generation runs on one adapter or on a mix, not both")
+
+
+BASE_MODEL = Target()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, as a route builds it once its request is checked: what it runs on, the prompt's token
+    ids and how to sample."""
+
+    target: Target
+    prompt_ids: list[int]
+    params: SamplingParams
 
 
 @dataclass

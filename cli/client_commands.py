@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.client import ApiError, BoneClient
+from cli.http_client import ApiError, BoneClient
 from core.auth import is_loopback
 from core.local_key import local_key_path, read_local_key
 from core.names import BASE_ADAPTER

@@ -1,4 +1,4 @@
-"""The model thread's side of the inference engine (``app.engine``): its scheduler loop.
+"""The model thread's side of the inference engine (``app.engine.engine``): its scheduler loop.
 
 The model thread runs a scheduler loop: take what arrived, admit what is ready into the running batch
 (``RunningBatch``: prefill the newcomers, merge their KV cache into the running one), run one decode step,
@@ -9,14 +9,15 @@ engine is idle, the first request waits up to ``batch_wait_ms`` for company, so 
 A request whose adapter is not resident waits without holding anyone up: the ``AdapterLoader`` threads read
 and verify it, and only the final copy into the model (``AdapterCache.install``) runs here, between steps.
 
-One request never fails another: a row's error is answered to its caller alone (``app.decoding``), and rows
-a failed step set aside (``RunningBatch.parked``) resume before any newcomer is admitted. Admission takes
+One request never fails another: a row's error is answered to its caller alone (``app.engine.batch``), and
+rows a failed step set aside (``RunningBatch.parked``) resume before any newcomer is admitted. Admission takes
 the waiting requests of keys with the fewest running rows first, so one key's backlog does not hold the
 batch slots while another key waits.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -27,44 +28,100 @@ from collections.abc import Callable
 import torch
 
 from app import metrics
-from app.adapter_cache import AdapterCache, AdapterLoader, fetch_mix
-from app.decoding import Row, RunningBatch, row_error
-from app.engine_messages import STOP, GenerationResult, Loaded, Request
-from app.model_host import ModelHost
-from core.errors import ServiceError, ServiceUnavailable
+from app.engine.adapter_pool import AdapterCache, AdapterLoader, fetch_mix
+from app.engine.batch import Row, RunningBatch, row_error
+from app.engine.messages import STOP, Control, GenerationResult, Loaded, Request
+from app.engine.model_host import ModelHost
+from core.errors import RateLimited, ServiceError, ServiceUnavailable
 from core.names import BASE_ADAPTER
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class ModelThread:
-    """The loop ``InferenceEngine`` runs on its model thread, and its steps: everything here runs on that
-    thread. The state it works on is set up by ``InferenceEngine.__init__``:"""
+class NotReady(enum.Enum):
+    """Why a waiting request cannot join the batch now."""
 
-    settings: Settings
-    host: ModelHost
-    cache: AdapterCache
-    loader: AdapterLoader
-    batch: RunningBatch
-    eos_ids: frozenset[int]
-    _inbox: queue.Queue
-    _waiting: deque[Request]
-    _pending: int
-    _pending_by_key: dict[str, int]
-    _pending_lock: threading.Lock
-    _preload: list[str]
-    _out_features: dict[str, int]
-    _tps_window: list
-    _detokenize: Callable[[list[int]], str]
-    prefills: int
-    joins: int
-    steps: int
-    aborted: int
-    failed_rows: int
-    hits: int
-    misses: int
+    WAIT = "wait"  # its adapter is loading, or there is no room for it while other rows run
+    FAILED = "failed"  # its adapter cannot be installed: the request has been answered with the error
 
+
+class Scheduler:
+    """The model thread and everything it owns: the inbox, the waiting requests and their queue bounds, the
+    adapter loader, the counters. It works on the running batch, the adapter pool and the model host that
+    ``InferenceEngine`` sets up; only ``enqueue``, ``run_between_steps``, ``start`` and ``stop`` are called
+    from other threads."""
+
+    def __init__(self, settings: Settings, host: ModelHost, cache: AdapterCache, batch: RunningBatch, *,
+                 eos_ids: frozenset[int], decode: Callable[[list[int]], str], out_features: dict[str, int]) -> None:
+        self.settings, self.host, self.cache, self.batch = settings, host, cache, batch
+        self.eos_ids = eos_ids
+        self._decode = decode  # token ids -> text, for the streamed pieces of each row
+        self._out_features = out_features
+        self._inbox: queue.Queue = queue.Queue()
+        self.loader = AdapterLoader(cache.registry, lambda name, f, e: self._inbox.put(Loaded(name, f, e)))
+        self._waiting: deque[Request] = deque()  # model thread only
+        self._pending = 0  # submitted, not yet admitted or answered: what max_queue bounds
+        self._pending_by_key: dict[str, int] = {}  # ... per key: what max_queue_per_key bounds
+        self._pending_lock = threading.Lock()
+        self._preload = list(dict.fromkeys([*settings.adapter_preload, *settings.adapter_pin]))
+        self.thread: threading.Thread | None = None
+        # Counters for tests and benchmarks (Prometheus has the same figures, process-wide).
+        self.prefills = self.joins = self.steps = self.aborted = self.hits = self.misses = self.failed_rows = 0
+        self._tps_window = [time.perf_counter(), 0]
+
+    # --- called from other threads --------------------------------------------------------------------
+    def start(self) -> None:
+        for name in self._preload:
+            self.loader.fetch(name)  # installed by the model thread when read (see _on_loaded)
+        self.thread = threading.Thread(target=self._serve_forever, name="inference-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            self._inbox.put(STOP)
+            self.thread.join(timeout)
+        self.loader.close()
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def enqueue(self, request: Request) -> None:
+        """Queue a request whose bounds the engine has checked, if the queue (and the key's share of it) has room."""
+        key, share = request.key, self.settings.queue_share
+        with self._pending_lock:
+            if self._pending >= self.settings.max_queue:
+                raise RateLimited(f"{self._pending} generation requests are waiting for a batch slot "
+                                  f"(BONE_MAX_QUEUE={self.settings.max_queue}); retry shortly",
+                                  retry_after=1.0, code="engine_busy")
+            mine = self._pending_by_key.get(key, 0) if key is not None else 0
+            if key is not None and mine >= share:
+                raise RateLimited(
+                    f"this key has {mine} generation requests waiting for a batch slot; one key may hold "
+                    f"at most {share} of the {self.settings.max_queue} queue places (BONE_MAX_QUEUE_PER_KEY); "
+                    "retry when some have finished",
+                    retry_after=1.0,
+                    code="key_queue_full",
+                )
+            self._pending += 1
+            if key is not None:
+                self._pending_by_key[key] = mine + 1
+        self._inbox.put(request)
+
+    def run_between_steps(self, action: Callable[[], object]) -> None:
+        """Run ``action`` on the model thread between two steps (e.g. evicting a deleted adapter)."""
+        self._inbox.put(Control(action))
+
+    def in_use(self) -> set[str]:
+        """The slots of running and parked rows (parked rows resume on theirs): never evicted."""
+        return {row.adapter_slot for row in self.batch.rows + self.batch.parked}
+
+    # --- the model thread -----------------------------------------------------------------------------
     def _serve_forever(self) -> None:
         torch.set_grad_enabled(False)
         while True:
@@ -128,12 +185,11 @@ class ModelThread:
                 request.fetched = fetched
         if item.name in self._preload and not users:
             try:
-                self.cache.install(fetched, self._in_use())
+                self.cache.install(fetched, self.in_use())
             except Exception:  # noqa: BLE001 - a broken preload must not stop serving
                 log.exception("preloading adapter %r failed", item.name)
 
-    def _in_use(self) -> set[str]:
-        return {row.adapter_slot for row in self.batch.rows + self.batch.parked}  # parked rows resume on theirs
+
     def _admit(self) -> None:
         if self.batch.parked:
             for row in self.batch.resume():
@@ -143,7 +199,7 @@ class ModelThread:
         if not self._waiting or not self.batch.accepts_joins:
             return
         room = self.settings.max_batch_size - len(self.batch.rows)
-        in_use, chosen, still = self._in_use(), [], deque()
+        in_use, chosen, still = self.in_use(), [], deque()
         for request in self._fair_order():
             if request.future.cancelled():  # the caller gave up (timeout, disconnect) while it waited
                 self._release(request)
@@ -151,11 +207,11 @@ class ModelThread:
             slot = (
                 self._resolve(request, in_use, must_progress=not self.batch.rows and not chosen)
                 if len(chosen) < room
-                else None
+                else NotReady.WAIT
             )
-            if slot is False:
-                continue  # answered with an error
-            if slot is None:
+            if slot is NotReady.FAILED:
+                continue
+            if slot is NotReady.WAIT:
                 still.append(request)
                 continue
             if not request.future.set_running_or_notify_cancel():
@@ -163,7 +219,7 @@ class ModelThread:
                 continue
             in_use.add(slot)
             chosen.append(Row(prompt_ids=request.prompt_ids, adapter_slot=slot, params=request.params,
-                              eos_ids=self.eos_ids, decode=self._detokenize, on_text=request.on_text,
+                              eos_ids=self.eos_ids, decode=self._decode, on_text=request.on_text,
                               should_stop=request.abandoned.is_set, tag=request))
         self._waiting = still
         if not chosen:
@@ -194,9 +250,8 @@ class ModelThread:
             running[row.tag.key] = running.get(row.tag.key, 0) + 1
         return sorted(self._waiting, key=lambda request: running.get(request.key, 0))
 
-    def _resolve(self, request: Request, in_use: set[str], must_progress: bool) -> str | None | bool:
-        """The request's slot in the model, None if not ready yet (loading, or no room while others run),
-        False if it failed (already answered)."""
+    def _resolve(self, request: Request, in_use: set[str], must_progress: bool) -> str | NotReady:
+        """The request's slot in the model, or why it cannot join the batch now."""
         if request.adapter is None:
             return BASE_ADAPTER
         key = (request.adapter, request.sha256 or "")
@@ -215,16 +270,16 @@ class ModelThread:
             else:
                 mix, registry = request.mix, self.cache.registry
                 self.loader.fetch(request.adapter, lambda: fetch_mix(registry, mix, self._out_features))
-            return None
+            return NotReady.WAIT
         if not must_progress and not self.cache.has_room(self.cache.device_bytes(fetched), in_use):
-            return None  # joins when running rows free their adapters
+            return NotReady.WAIT  # joins when running rows free their adapters
         try:
             return self.cache.install(fetched, in_use)
         except Exception as exc:  # noqa: BLE001 - a bad checkpoint, an unservable adapter
             if not isinstance(exc, ServiceError):
                 log.exception("installing adapter %r failed", request.adapter)
             self._fail(request, exc)
-            return False
+            return NotReady.FAILED
 
     def _step(self) -> None:
         rows = len(self.batch.rows)
@@ -242,7 +297,7 @@ class ModelThread:
         for row in done:
             self._answer(row)
         if done:
-            self.cache.shrink(self._in_use())
+            self.cache.shrink(self.in_use())
         if not self.batch.rows:
             self.host.end_batch()
 

@@ -170,8 +170,8 @@ def worker(
 def up(host: str | None = typer.Option(None, help=HOST_HELP, show_default=False),
        port: int | None = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
     """API + one worker, on the Redis at BONE_REDIS_URL, or on a private redis-server started here."""
-    from app.redis_launcher import ensure_redis
-    from app.worker_supervisor import WorkerSupervisor
+    from cli.redis_launcher import ensure_redis
+    from cli.worker_supervisor import WorkerSupervisor
 
     settings = _settings(host=host, port=port)
     keyring = _keyring(settings)
@@ -186,7 +186,7 @@ def up(host: str | None = typer.Option(None, help=HOST_HELP, show_default=False)
     settings = settings.model_copy(update={"redis_url": redis_handle.url})
     child_env = {**os.environ, "BONE_REDIS_URL": redis_handle.url, "BONE_DATA_DIR": str(settings.data_dir)}
     # Restarted with backoff whenever it exits (crash, OOM kill, kill -9); /readyz reports it.
-    supervisor = WorkerSupervisor([sys.executable, "-m", "app.cli", "worker"], child_env,
+    supervisor = WorkerSupervisor([sys.executable, "-m", "cli", "worker"], child_env,
                                   max_backoff_s=settings.reconnect_max_backoff_s).start()
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that kills this
     # process on the spot and orphans the worker. Turn it into SystemExit so the cleanup below runs.
@@ -251,7 +251,7 @@ def models_export_embedded(directory: str = typer.Argument(..., help="folder to 
     typer.echo(str(target.resolve()))
 
 
-from app.cli_client import register as _register_client_commands  # noqa: E402 - after the server commands
+from cli.client_commands import register as _register_client_commands  # noqa: E402 - after the server commands
 
 _register_client_commands(cli)
 
@@ -263,6 +263,3 @@ def _exit_on_signal(signum, _frame) -> None:
 def main() -> None:
     cli()
 
-
-if __name__ == "__main__":
-    main()

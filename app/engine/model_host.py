@@ -31,11 +31,7 @@ class ModelHost:
         return list(self.bone_model.adapter_configs)
 
     def add_adapter(self, slot: str, config: BoneConfig, tensors: dict[str, Any]) -> None:
-        if config.bias != "none":
-            # Trained biases are written into the shared base layers: serving them would change every
-            # other adapter's (and the base model's) answers.
-            raise Conflict(f"this adapter trained biases (bias={config.bias!r}), which live in the shared base model; "
-                           "it cannot be served next to other adapters", param="adapter", code="unservable_adapter")
+        """Add an adapter read by ``core.adapter_loading.read_adapter`` (which refuses trained biases)."""
         if self.dtype == torch.float16:  # the one cast that can overflow: refuse it here, not as a NaN batch
             limit = torch.finfo(torch.float16).max
             if any(t.is_floating_point() and t.abs().max() > limit for t in tensors.values() if t.numel()):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.detokenize import IncrementalDetokenizer
+from app.engine.detokenize import IncrementalDetokenizer
 from core.errors import GenerationFailed, InvalidRequest, ServiceError, ServiceUnavailable
 from core.requests import SEED_BOUND
 
