@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 
 import redis
 from fastapi import Depends, FastAPI
@@ -25,7 +26,9 @@ from app.job_checks import JobChecker
 from app.observability import install_observability
 from app.openapi import install_openapi
 from app.routes import adapter_export, adapter_import, adapters, evals, files, fleet, generate, health, jobs, openai
+from app.routes.adapter_export import export_adapter
 from app.security_headers import SecurityHeaders
+from app.vllm_sync import VllmFolderSync
 from core.auth import KeyRing
 from core.base_model import load_base_model
 from core.evals import EvalStore
@@ -49,6 +52,10 @@ def connect_redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
                                 socket_timeout=REDIS_SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
                                 health_check_interval=30)
+
+
+def _lora_zip(registry, engine, settings, name: str) -> bytes:
+    return export_adapter(registry, engine, settings, name, "lora", None)[0]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -77,6 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.job_checker = JobChecker(settings, registry, server_model_config=base.model.config)
         janitor = Janitor(settings).start()  # re-queues jobs whose worker died, even with no worker left alive
+        vllm_sync = None
+        if settings.vllm_export_dir is not None:
+            vllm_sync = VllmFolderSync(registry, partial(_lora_zip, registry, engine, settings), settings).start()
         # What start-up built (model, tokenizer, imported modules) lives as long as the process: frozen, it is
         # out of the collector's sight, so a full collection never walks it while requests wait.
         gc.collect()
@@ -85,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             janitor.stop()
+            if vllm_sync is not None:
+                vllm_sync.stop()
             await run_in_threadpool(engine.stop)
             conn.close()
 

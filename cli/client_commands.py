@@ -29,6 +29,7 @@ from cli.http_client import ApiError, BoneClient
 from core.auth import is_loopback
 from core.local_key import local_key_path, read_local_key
 from core.names import BASE_ADAPTER
+from core.vllm_export import serve_command, sync_folder
 
 console = Console()
 err_console = Console(stderr=True)
@@ -364,6 +365,48 @@ def adapters_export(name: str = typer.Argument(..., help="adapter name"),
                     url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
     """Export adapter NAME for other servers: an exact LoRA by default (Bone's update has rank r)."""
     _write_adapter(name, directory, format, url, api_key)
+
+
+@adapters_cli.command("export-vllm")
+@one_line_errors
+def adapters_export_vllm(directory: Path = typer.Argument(..., help="folder to write: one sub-folder per adapter"),
+                         base_model: str | None = typer.Option(
+                             None, help="the name vLLM serves the base model under (written as "
+                                        "base_model_name_or_path; default: what a LoRA download writes)"),
+                         prune: bool = typer.Option(True, help="remove folders of adapters no longer listed "
+                                                               "(only folders this command wrote)"),
+                         watch: float = typer.Option(0, help="keep syncing every this many seconds (0: once)"),
+                         url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+    """Write every adapter you can see as its exact LoRA adapter in the layout vLLM reads, and print the
+    `vllm serve` line for them. Unchanged adapters are not downloaded again."""
+    client = _client(url, api_key)
+
+    def fetch(name: str) -> dict[str, bytes]:
+        with zipfile.ZipFile(io.BytesIO(client.download_adapter(name, "lora"))) as archive:
+            return {member: archive.read(member) for member in archive.namelist()}
+
+    first = True
+    while True:
+        listing = {a["name"]: a["sha256"] for a in client.list_adapters()}
+        result = sync_folder(directory, listing, fetch, base_model=base_model, prune=prune)
+        for name, why in result.failed.items():
+            err_console.print(f"skipped {name}: {why}", markup=False, highlight=False)
+        console.print(f"{directory}: {len(result.written)} written, {len(result.unchanged)} unchanged, "
+                      f"{len(result.removed)} removed, {len(result.failed)} skipped", markup=False, highlight=False)
+        if first or result.written or result.removed:
+            served = base_model or _exported_base(directory, result.adapters) or "BASE_MODEL"
+            console.print(f"serve them with vLLM:\n  {serve_command(served, result)}", markup=False,
+                          highlight=False, soft_wrap=True)
+        if not watch:
+            break
+        first = False
+        time.sleep(watch)
+
+
+def _exported_base(directory: Path, names: list[str]) -> str | None:
+    for name in names:
+        return json.loads((directory / name / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return None
 
 
 @adapters_cli.command("import")

@@ -45,6 +45,19 @@ class Settings(BaseSettings):
         "(staging/trash folders, unreferenced object versions) younger than this "
         "are left alone by the sweep each API start runs",
     )
+    # The way out to vLLM (core/vllm_export.py): the API keeps this folder in sync with the registry.
+    vllm_export_dir: Path | None = Field(
+        None,
+        description="keep this folder in sync with the registry: every adapter as its exact LoRA adapter in "
+        "the layout vLLM reads (--lora-modules NAME=DIR/NAME, or VLLM_LORA_RESOLVER_CACHE_DIR=DIR)",
+    )
+    vllm_export_interval_s: float = Field(30.0, gt=0, description="seconds between two syncs of vllm_export_dir")
+    vllm_export_base_model: str | None = Field(
+        None,
+        max_length=4096,
+        description="base_model_name_or_path written into vllm_export_dir: the name vLLM serves the base under "
+        "(its resolver compares the two); default: what a LoRA download writes",
+    )
     base_model: str = Field(
         EMBEDDED_BASE_MODEL,
         description="Hugging Face id or local directory of the shared base model; 'embedded' builds a tiny "

@@ -62,7 +62,7 @@ def _folder_bytes(write) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
 
 
-def _export(registry: AdapterRegistry, engine, settings, name: str, fmt: str, lora_rank: int | None,
+def export_adapter(registry: AdapterRegistry, engine, settings, name: str, fmt: str, lora_rank: int | None,
             tolerance: float | None = None) -> tuple[bytes, dict]:
     info, config, tensors = _read(registry, name)
     if info.base_model != engine.base.name:
@@ -104,7 +104,8 @@ async def download_adapter(name: str, registry: RegistryDep, engine: EngineDep, 
                                "Bat → LoRA only: the smallest rank whose relative error ‖ΔW − BA‖/‖ΔW‖ is at most "
                                f"this in every module (default {DEFAULT_BAT_TOLERANCE:g} when lora_rank is not given)"))
                            ) -> Response:
-    data, report = await run_in_threadpool(_export, registry, engine, settings, name, format, lora_rank, tolerance)
+    data, report = await run_in_threadpool(export_adapter, registry, engine, settings, name, format, lora_rank,
+                                           tolerance)
     headers = {"Content-Disposition": f'attachment; filename="{name}-{format}.zip"'}
     if format == "lora":
         headers["X-Bone-Lora-Exact"] = "true" if report["exact"] else "false"
