@@ -2,6 +2,7 @@
 naive baseline that serves them one at a time switching adapters — one process, side by side.
 
     python bench/serve.py --model small --new-tokens 64 --repeats 5 [--dtype bfloat16] [--http] [--mixes]
+    python bench/serve.py --adapters 1000 --zipf 1.0      # many adapters in rotation: bench/rotation.py
 
 In-process: requests go straight to ``InferenceEngine`` (the real scheduler, per-row adapters, continuous
 batching). ``--http`` repeats mixed and base through the real app (uvicorn on loopback, ``POST /generate``,
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from app.engine import GenerationRequest, InferenceEngine, Target  # noqa: E402
 from app.engine.adapter_pool import AdapterCache  # noqa: E402
 from app.engine.batch import SamplingParams  # noqa: E402
+from bench import rotation  # noqa: E402
 from bench.models import LLAMA_PROJECTIONS, build_model  # noqa: E402
 from bone import BoneConfig, get_bone_model  # noqa: E402
 from core.base_model import _byte_level_tokenizer, load_base_model  # noqa: E402
@@ -169,8 +171,12 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="also measure over HTTP (needs Redis)")
     parser.add_argument("--mixes", action="store_true", help="also 16 per-request mixes of two adapters each")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    rotation.add_arguments(parser)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.adapters:  # many adapters in rotation (bench/rotation.py)
+        rotation.run(args)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     settings, names = build_world(args, root)
