@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from app.cli import cli as cli_app
 from bone import BoneModel
+from cli.main import cli as cli_app
 from core.base_model import resolve_base_model
 from core.vllm_export import STAMP_FILE, VLLM_LORA_RANKS, serve_command, sync_folder, vllm_max_lora_rank
 from tests.app.conftest import publish_adapter
