@@ -40,13 +40,13 @@ from core.names import TRAINING_SLOT
 from worker import checkpoint
 from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
+from worker.evaluate import EvalResult, evaluate
+from worker.loss import CausalLMLoss, plain_cross_entropy
+from worker.ranks import Ranks
 from worker.tokenized import example_lengths
 
 if TYPE_CHECKING:
     from core.storage.resume_state import JobResume
-    from worker.distributed import Ranks
-from worker.evaluate import EvalResult, evaluate
-from worker.loss import CausalLMLoss, plain_cross_entropy
 
 __all__ = ["Cancelled", "TrainResult", "collate", "count_steps", "get_lr", "train"]
 
