@@ -20,8 +20,10 @@ from torch import nn
 
 from .config import CONFIG_NAME, BoneConfig
 from .errors import BoneCheckpointError
+from .layer import BoneLinear
 from .modules_to_save import ModulesToSave
-from .targets import find_modules_to_save, find_targets, iter_modules
+from .targets import find_modules_to_save, find_targets
+from .tree import iter_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -35,22 +37,12 @@ class Expected:
     kind: str  # "block" | "module" | "bias"
 
 
-def block_shape(variant: str, r: int, mini_r: int, out_features: int) -> tuple[int, ...]:
-    if variant == "bat":
-        return (out_features // r, r, r)
-    if variant == "mini":
-        return (r, mini_r)
-    return (r, out_features)
-
-
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.original_module if isinstance(module, ModulesToSave) else module
 
 
 def bias_parameters(model: nn.Module, config: BoneConfig, target_names: set[str]) -> dict[str, nn.Parameter]:
     """The biases ``config.bias`` trains, keyed by their path relative to the (wrapped) model."""
-    from .layer import BoneLinear
-
     if config.bias == "none":
         return {}
     out: dict[str, nn.Parameter] = {}
@@ -75,9 +67,7 @@ def expected_entries(model: nn.Module, config: BoneConfig) -> tuple[dict[str, Ex
     optional: dict[str, Expected] = {}
     targets = find_targets(model, config)
     for t in targets:
-        required[f"{PREFIX}{t.name}.bone_block"] = Expected(
-            t.name, block_shape(config.variant, config.r, config.mini_r, t.out_features), "block"
-        )
+        required[f"{PREFIX}{t.name}.bone_block"] = Expected(t.name, config.block_shape(t.out_features), "block")
     for path in find_modules_to_save(model, config):
         for k, v in _unwrap(model.get_submodule(path)).state_dict().items():
             required[f"{PREFIX}{path}.{k}"] = Expected(path, tuple(v.shape), "module")

@@ -1,5 +1,9 @@
 """``BoneConfig``: PEFT's Bone fields and defaults, validated at construction, read/written as
-``adapter_config.json`` in PEFT's BONE layout, and able to read PEFT's MISS configs."""
+``adapter_config.json`` in PEFT's BONE layout, and able to read PEFT's MISS configs.
+
+The one schema of a Bone adapter: the service's request model (``core.jobs.BoneSpec``) is built from it and
+validates through it, and the layers receive the config object itself. Imports no torch, so the API can use it
+without loading the tensor stack."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from .errors import BoneConfigError
+from .errors import BoneCheckpointError, BoneConfigError
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -19,10 +23,28 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 INIT_WEIGHTS = (True, False, "bat", "mini")
 BIAS_VALUES = ("none", "all", "bone_only")
 PEFT_TYPES = ("BONE", "MISS")
+DEFAULT_R = 64  # PEFT's default
+MIN_R = 1
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_r(r: Any) -> int:
+    """The one rule for ``r``: a positive int (bool is not one). Raises ``BoneConfigError`` naming ``r``."""
+    if not _is_int(r) or r < MIN_R:
+        raise BoneConfigError(f"`r` must be a positive integer, got {r!r}", "r")
+    return r
+
+
+def check_init_weights(value: Any) -> bool | Literal["bat", "mini"]:
+    """``True`` / ``False`` / ``"bat"`` / ``"mini"`` (strings in any case); raises naming ``init_weights``."""
+    if isinstance(value, str) and value.lower() in ("bat", "mini"):
+        return cast(Literal["bat", "mini"], value.lower())
+    if isinstance(value, bool):
+        return value
+    raise BoneConfigError(f"`init_weights` must be True, False, 'bat' or 'mini', got {value!r}", "init_weights")
 
 
 def _check_names(value: Any, field_name: str, allow_regex: bool) -> Any:
@@ -60,7 +82,7 @@ class BoneConfig:
     MiSS-mini (``(r, mini_r)`` block tiled along the output), only storable in the MiSS format.
     """
 
-    r: int = 64
+    r: int = DEFAULT_R
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     init_weights: bool | Literal["bat", "mini"] = True
@@ -78,19 +100,8 @@ class BoneConfig:
     peft_type: str = field(default="BONE")
 
     def __post_init__(self) -> None:
-        if not _is_int(self.r) or self.r <= 0:
-            raise BoneConfigError(f"`r` must be a positive integer, got {self.r!r}", "r")
-        if isinstance(self.init_weights, str):
-            iw = self.init_weights.lower()
-            if iw not in ("bat", "mini"):
-                raise BoneConfigError(
-                    f"`init_weights` must be True, False, 'bat' or 'mini', got {self.init_weights!r}", "init_weights"
-                )
-            self.init_weights = cast(Literal["bat", "mini"], iw)
-        elif not isinstance(self.init_weights, bool):
-            raise BoneConfigError(
-                f"`init_weights` must be True, False, 'bat' or 'mini', got {self.init_weights!r}", "init_weights"
-            )
+        check_r(self.r)
+        self.init_weights = check_init_weights(self.init_weights)
         self.target_modules = _check_names(self.target_modules, "target_modules", allow_regex=True)
         self.exclude_modules = _check_names(self.exclude_modules, "exclude_modules", allow_regex=True)
         if self.exclude_modules == "all-linear":
@@ -173,6 +184,31 @@ class BoneConfig:
     def replace(self, **changes: Any) -> BoneConfig:
         return dataclasses.replace(self, **changes)
 
+    # -- shapes -----------------------------------------------------------------------------------
+    def block_shape(self, out_features: int) -> tuple[int, ...]:
+        """Shape of this adapter's block on a layer with ``out_features`` outputs (as stored on disk)."""
+        if self.variant == "bat":
+            return (out_features // self.r, self.r, self.r)
+        if self.variant == "mini":
+            return (self.r, self.mini_r)
+        return (self.r, out_features)
+
+    def check_layer_shape(self, in_features: int, out_features: int, where: str) -> None:
+        """Raise ``BoneConfigError`` if the variant cannot tile a layer of this shape (``where`` names it)."""
+        r = check_r(self.r)
+        if self.variant == "bat" and (in_features % r or out_features % r):
+            raise BoneConfigError(
+                f"Bat (init_weights='bat') needs in_features and out_features divisible by r={r}, but {where} "
+                f"has in_features={in_features}, out_features={out_features}",
+                "r",
+            )
+        if self.variant == "mini" and out_features % self.mini_r:
+            raise BoneConfigError(
+                f"MiSS-mini needs out_features divisible by mini_r={self.mini_r}, but {where} has "
+                f"out_features={out_features}",
+                "mini_r",
+            )
+
     # -- adapter_config.json ----------------------------------------------------------------------
     def to_dict(self, format: str = "bone") -> dict[str, Any]:
         """The config as PEFT writes it (PEFT's field names). ``format`` is ``"bone"`` or ``"miss"``."""
@@ -240,8 +276,6 @@ class BoneConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> BoneConfig:
-        from .errors import BoneCheckpointError
-
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise BoneCheckpointError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")

@@ -11,28 +11,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import functional as BF
+from .config import BoneConfig
 from .errors import BoneConfigError, BoneError
-from .routing import _ROUTING, row_forward
-from .targets import Conv1D
+from .linear_types import Conv1D
+from .routing import current_routing, row_forward
 from .train_path import BatTrainFn, bone_train
-
-if TYPE_CHECKING:
-    from .routing import _Plan
-
-VARIANTS = ("bone", "bat", "mini")
 
 
 class BoneLinear(nn.Module):
-    """Wraps one Linear / Conv1D and holds every adapter's block for it (``bone_block[adapter_name]``)."""
-
-    _disabled_flag: bool  # set through __dict__: nn.Module would otherwise route it through __setattr__
+    """Wraps one Linear / Conv1D and holds every adapter's block for it (``bone_block[adapter_name]``) and its
+    config (``adapter_config[adapter_name]``)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -50,29 +45,38 @@ class BoneLinear(nn.Module):
         # exact types only: a subclass (e.g. a quantized Linear) may not hold a plain float weight
         self._plain = type(base_layer) in (nn.Linear, Conv1D)
         self.bone_block = nn.ParameterDict()
-        self.bone_variant: dict[str, str] = {}
-        self.bone_r: dict[str, int] = {}
-        self.bone_dropout: dict[str, float] = {}
+        self.adapter_config: dict[str, BoneConfig] = {}
         self.merged_adapters: list[str] = []
         self._active: tuple[str, ...] = ()
         self._dense = False  # some active adapter is Bat -> dense weight path
-        self.__dict__["_disabled_flag"] = False
+        self._disabled = False
         # Inference fast path (one active plain Bone adapter): the tensors and ints the forward needs, kept
         # in a tuple so a decode step pays no module/dict lookups. Rebuilt by _refresh() whenever anything
         # it depends on changes (adapters, activation, merge, disable, .to(), load_state_dict).
         self._fast: tuple | None = None
-        # Per-row serving (bone.routing): the plan built for the current routing, dropped on any change above.
-        self._row_plan: _Plan | None = None
-        self._row_epoch = 0
+        self._version = 0
+        # Slot for bone.routing's per-row plan of this layer (its type is routing's business). Emptied on any
+        # change above, so a plan never outlives the state it was built from.
+        self.row_plan: Any = None
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh())
 
+    # -- what per-row routing (bone.routing) asks of the layer ---------------------------------------
     @property
-    def _disabled(self) -> bool:
-        return self._disabled_flag
+    def version(self) -> int:
+        """Changes whenever adapters, activation, merges, disabling, device or dtype change."""
+        return self._version
 
-    @_disabled.setter
-    def _disabled(self, flag: bool) -> None:
-        self.__dict__["_disabled_flag"] = bool(flag)
+    @property
+    def disabled(self) -> bool:
+        return self._disabled
+
+    @property
+    def plain_linear(self) -> bool:
+        """The base is exactly ``nn.Linear``: its weight is a plain float (out, in) tensor for ``F.linear``."""
+        return self._plain and not self.is_conv1d
+
+    def set_disabled(self, flag: bool) -> None:
+        self._disabled = bool(flag)
         self._refresh()
 
     def _apply(self, fn, *args, **kwargs):
@@ -82,21 +86,22 @@ class BoneLinear(nn.Module):
 
     def _refresh(self) -> None:
         self._fast = None
-        self._row_plan = None
-        self._row_epoch = getattr(self, "_row_epoch", 0) + 1
-        if self._disabled_flag or self.merged_adapters or len(self._active) != 1:
+        self.row_plan = None
+        self._version += 1
+        if self._disabled or self.merged_adapters or len(self._active) != 1:
             return
         n = self._active[0]
-        if self.bone_variant.get(n) != "bone" or not self._plain:
+        config = self.adapter_config[n]
+        if config.variant != "bone" or not self._plain:
             return
         w = self.base_layer.weight
         b = self.base_layer.bias
         blk = self.bone_block[n]
         if blk.dtype != w.dtype or blk.device != w.device:
             return
-        r = self.bone_r[n]
+        r = config.r
         nf, rem = divmod(self.in_features, r)
-        self._fast = (w, b, blk, r, nf, rem, self.out_features, self.in_features, self.is_conv1d, self.bone_dropout[n])
+        self._fast = (w, b, blk, r, nf, rem, self.out_features, self.in_features, self.is_conv1d, config.miss_dropout)
 
     # -- what the HF model sees --------------------------------------------------------------------
     @property
@@ -108,48 +113,25 @@ class BoneLinear(nn.Module):
         return self.base_layer.bias
 
     def extra_repr(self) -> str:
-        ad = ", ".join(f"{n}:{self.bone_variant[n]}(r={self.bone_r[n]})" for n in self.bone_block)
+        ad = ", ".join(f"{n}:{c.variant}(r={c.r})" for n, c in self.adapter_config.items())
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ad}]"
 
     # -- adapters ----------------------------------------------------------------------------------
-    def block_shape(self, variant: str, r: int, mini_r: int = 1) -> tuple[int, ...]:
-        if variant == "bat":
-            return (self.out_features // r, r, r)
-        if variant == "mini":
-            return (r, mini_r)
-        return (r, self.out_features)
-
     def add_adapter(
-        self,
-        name: str,
-        variant: str,
-        r: int,
-        *,
-        mini_r: int = 1,
-        dropout: float = 0.0,
-        random_init: bool = False,
-        dtype: torch.dtype | None = None,
+        self, name: str, config: BoneConfig, *, dtype: torch.dtype | None = None, initialize: bool = True
     ) -> None:
-        if variant not in VARIANTS:
-            raise BoneConfigError(f"unknown Bone variant {variant!r}", "init_weights")
-        if r <= 0:
-            raise BoneConfigError(f"`r` should be a positive integer value but the value passed is {r}", "r")
-        if variant == "bat" and (self.in_features % r or self.out_features % r):
-            raise BoneConfigError(
-                f"Bat needs in_features and out_features divisible by r={r}; this layer has "
-                f"in_features={self.in_features}, out_features={self.out_features}",
-                "r",
-            )
+        """Add adapter ``name`` with ``config``'s variant and rank. Its block starts as ``init_weights`` says
+        (zeros, or kaiming-uniform for ``init_weights=False``); ``initialize=False`` leaves zeros for a caller
+        that copies trained blocks in (and so draws nothing from the random generator)."""
+        config.check_layer_shape(self.in_features, self.out_features, "this layer")
         w = self.base_layer.weight
         if dtype is None:
             dtype = w.dtype
-        blk = torch.zeros(self.block_shape(variant, r, mini_r), dtype=dtype, device=w.device)
-        if random_init:  # PEFT's init_weights=False: kaiming-uniform on the (r, out) tensor
+        blk = torch.zeros(config.block_shape(self.out_features), dtype=dtype, device=w.device)
+        if initialize and config.init_weights is False:  # PEFT's init_weights=False: kaiming-uniform
             nn.init.kaiming_uniform_(blk, a=math.sqrt(5))
         self.bone_block[name] = nn.Parameter(blk)
-        self.bone_variant[name] = variant
-        self.bone_r[name] = r
-        self.bone_dropout[name] = dropout
+        self.adapter_config[name] = config
         self._refresh()
 
     def delete_adapter(self, name: str) -> None:
@@ -157,19 +139,21 @@ class BoneLinear(nn.Module):
             raise BoneError(f"adapter {name!r} is merged into this layer; unmerge before deleting it")
         if name in self.bone_block:
             del self.bone_block[name]
-            for d in (self.bone_variant, self.bone_r, self.bone_dropout):
-                d.pop(name, None)
+            self.adapter_config.pop(name, None)
         self.set_active([n for n in self._active if n != name])
 
     def set_active(self, names: Iterable[str]) -> None:
         self._active = tuple(n for n in names if n in self.bone_block)
-        self._dense = any(self.bone_variant[n] == "bat" for n in self._active)
+        self._dense = any(self.adapter_config[n].variant == "bat" for n in self._active)
         self._refresh()
+
+    def variant(self, name: str) -> str:
+        return self.adapter_config[name].variant
 
     def full_block(self, name: str) -> torch.Tensor:
         """The block in its Bone form (r, out) for bone/mini; the raw (out/r, r, r) block for Bat."""
         blk = self.bone_block[name]
-        if self.bone_variant[name] == "mini":
+        if self.variant(name) == "mini":
             return BF.expand_mini(blk, self.out_features)
         return blk
 
@@ -181,7 +165,7 @@ class BoneLinear(nn.Module):
         for n in names:
             blk = self.full_block(n)
             w = w.to(torch.promote_types(w.dtype, blk.dtype))
-            if self.bone_variant[n] == "bat":
+            if self.variant(n) == "bat":
                 w = BF.bat_weight(w, blk, conv1d=False)
             else:
                 w = BF.bone_weight(w, blk, conv1d=False)
@@ -192,7 +176,7 @@ class BoneLinear(nn.Module):
         """New stored-layout weight with adapter ``name`` merged (or unmerged); never writes to ``w``."""
         blk = self.full_block(name)
         calc = torch.promote_types(w.dtype, blk.dtype)
-        if self.bone_variant[name] == "bat":
+        if self.variant(name) == "bat":
             if reverse:
                 new = BF.bat_unweight(w.to(calc), blk.to(calc), self.is_conv1d)
             else:
@@ -232,7 +216,7 @@ class BoneLinear(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        routing = _ROUTING.get()
+        routing = current_routing()
         if routing is not None:
             return row_forward(self, x, routing)
         fast = self._fast
@@ -263,14 +247,14 @@ class BoneLinear(nn.Module):
 
     def _forward_bone(self, x, active, *args, **kwargs):
         blocks = [self.full_block(n) for n in active]
-        training_dropout = self.training and any(self.bone_dropout[n] for n in active)
+        training_dropout = self.training and any(self.adapter_config[n].miss_dropout for n in active)
         if torch.is_grad_enabled() and self._plain and not training_dropout and self._trainable(x, blocks):
             return bone_train(x, self.base_layer.weight, self.base_layer.bias, self.is_conv1d, blocks)
         y = self.base_layer(x, *args, **kwargs)
         grad = torch.is_grad_enabled()
         for n, blk in zip(active, blocks):
             xin = x
-            p = self.bone_dropout[n]
+            p = self.adapter_config[n].miss_dropout
             if p and self.training:
                 xin = F.dropout(x, p, training=True)
             s = BF.chunk_sum(xin.to(blk.dtype), blk.shape[0])

@@ -1,16 +1,26 @@
 """``BoneModel`` / ``get_bone_model``: wrap the targeted layers of a Hugging Face model in place and manage
-its adapters (add, load, activate, delete, disable), PEFT-style.
+its adapters (add, load, activate, delete, disable, merge, save), PEFT-style, and run it with one adapter per
+row of a batch.
 
-The rest of ``BoneModel`` lives in its mixins: merging and unloading in :mod:`bone.model_merge`, saving an
-adapter in :mod:`bone.model_save`, per-row adapters (``adapter_names=``, ``routing``) in
-:mod:`bone.model_routing`.
+Per-row adapters (row i uses adapter ``names[i]`` or ``"__base__"``):
+
+- ``model(input_ids, adapter_names=[...])`` / ``model.generate(..., adapter_names=[...])``: one call; each
+  layer gathers its per-row blocks on the first forward of the call (generate reuses them for every token).
+- ``with model.routing(names) as routed: routed(...); routed(...)``: a serving loop that calls the model
+  step by step itself (a KV cache, continuous batching). ``routed`` forwards to the wrapped model (also
+  ``routed.generate``) with the rows' adapters, and every call reuses the per-layer plans of the first one —
+  the gather happens once per batch composition, not once per token. Open a new ``routing`` when rows join
+  or leave. The plans are dropped when the block ends, and automatically whenever an adapter is added to,
+  deleted from, merged into or moved with a layer (the next call rebuilds them), so they never go stale.
+
+Adapter names are any strings the model can hold as keys: PEFT's own ``"default"``, a service's slot names.
+Which names a service accepts is the service's rule, checked where its requests arrive.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -19,20 +29,18 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import merge as merging
+from . import save as saving
 from .config import BoneConfig
 from .errors import BoneCheckpointError, BoneConfigError, BoneError
 from .layer import BoneLinear
-from .model_merge import AdapterMergeMixin, _set_submodule
-from .model_routing import RowRoutingMixin
-from .model_save import AdapterSaveMixin
 from .modules_to_save import ModulesToSave
-from .routing import BASE_ADAPTER
-from .targets import find_modules_to_save, find_targets, iter_modules, resolve_target_spec
+from .routing import BASE_ADAPTER, RoutedModel, RowRouting, routing_context
+from .targets import find_modules_to_save, find_targets, resolve_target_spec
+from .tree import bone_layers, saved_modules, set_submodule
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
-
-class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module):
+class BoneModel(nn.Module):
     """A Hugging Face model with Bone adapters. ``base_model`` is the wrapped model (changed in place)."""
 
     def __init__(self, model: nn.Module, autocast_adapter_dtype: bool = True):
@@ -65,10 +73,10 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
 
     # -- layers ------------------------------------------------------------------------------------------
     def bone_layers(self) -> list[tuple[str, BoneLinear]]:
-        return [(n, m) for n, m in iter_modules(self.base_model) if isinstance(m, BoneLinear)]
+        return bone_layers(self.base_model)
 
     def _mts_wrappers(self) -> list[tuple[str, ModulesToSave]]:
-        return [(n, m) for n, m in iter_modules(self.base_model) if isinstance(m, ModulesToSave)]
+        return saved_modules(self.base_model)
 
     def _adapter_dtype(self, weight: torch.Tensor) -> torch.dtype:
         # like PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters
@@ -78,9 +86,11 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
 
     # -- adding adapters ---------------------------------------------------------------------------------
     def _check_new_name(self, name: str, config: BoneConfig) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name) or name == BASE_ADAPTER:
+        # Not a naming policy: what torch can hold as a parameter key, and the one name routing reserves.
+        if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
             raise BoneConfigError(
-                f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (no '.'), not {BASE_ADAPTER!r}",
+                f"adapter name {name!r} cannot be used: it must be a non-empty string without '.' (torch's "
+                f"rule for parameter keys), other than {BASE_ADAPTER!r} (per-row routing's name for the base)",
                 "adapter_name",
             )
         if name in self.adapter_configs:
@@ -113,22 +123,12 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
         self._check_new_name(name, config)
         targets = find_targets(self.base_model, config)  # raises before anything is changed
         mts_paths = find_modules_to_save(self.base_model, config)
-        random_init = config.init_weights is False
         for t in targets:
             module = self.base_model.get_submodule(t.name)
             if not isinstance(module, BoneLinear):
                 module = BoneLinear(module)
-                _set_submodule(self.base_model, t.name, module)
-            dtype = self._adapter_dtype(module.weight)
-            module.add_adapter(
-                name,
-                config.variant,
-                config.r,
-                mini_r=config.mini_r,
-                dropout=config.miss_dropout,
-                random_init=random_init and tensors is None,
-                dtype=dtype,
-            )
+                set_submodule(self.base_model, t.name, module)
+            module.add_adapter(name, config, dtype=self._adapter_dtype(module.weight), initialize=tensors is None)
             if tensors is not None:
                 with torch.no_grad():
                     module.bone_block[name].copy_(tensors[f"{ckpt.PREFIX}{t.name}.bone_block"])
@@ -137,7 +137,7 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
             module = self.base_model.get_submodule(path)
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module)
-                _set_submodule(self.base_model, path, module)
+                set_submodule(self.base_model, path, module)
             module.add_adapter(name)
             if tensors is not None:
                 sd = {
@@ -181,7 +181,7 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
         try:
             bm.add_adapter_from_state_dict(adapter_name, config, tensors, is_trainable=is_trainable)
         except BoneCheckpointError:
-            bm._unwrap_all()
+            merging.unwrap(model)
             raise
         bm.set_adapter(adapter_name)
         if not is_trainable:
@@ -227,7 +227,7 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
     @contextmanager
     def disable_adapter(self):
         """Run the base model: adapters off (merged ones are unmerged first), nothing trainable inside."""
-        if any(layer.merged_adapters for _, layer in self.bone_layers()):
+        if merging.is_merged(self.base_model):
             self.unmerge_adapter()
         prev = self._disabled
         self._set_disabled(True)
@@ -239,9 +239,9 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
     def _set_disabled(self, flag: bool) -> None:
         self._disabled = flag
         for _, layer in self.bone_layers():
-            layer._disabled = flag
+            layer.set_disabled(flag)
         for _, w in self._mts_wrappers():
-            w._disabled = flag
+            w.set_disabled(flag)
         self._update_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -252,11 +252,11 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
         for path, layer in self.bone_layers():
             layer.delete_adapter(adapter_name)
             if not layer.bone_block and not layer.merged_adapters:
-                _set_submodule(self.base_model, path, layer.base_layer)  # unwrap: no cost for unused layers
+                set_submodule(self.base_model, path, layer.base_layer)  # unwrap: no cost for unused layers
         for path, w in self._mts_wrappers():
             w.delete_adapter(adapter_name)
             if not len(w.modules_to_save):
-                _set_submodule(self.base_model, path, w.original_module)
+                set_submodule(self.base_model, path, w.original_module)
         del self.adapter_configs[adapter_name]
         self._trainable.pop(adapter_name, None)
         active = [n for n in self.active_adapters if n != adapter_name]
@@ -271,6 +271,106 @@ class BoneModel(AdapterMergeMixin, AdapterSaveMixin, RowRoutingMixin, nn.Module)
         for _, w in self._mts_wrappers():
             w.set_active([])
         self._update_requires_grad()
+
+    # -- merging and unloading (bone.merge) ---------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters (the active ones by default) into the base weights, in order; ``safe_merge``
+        checks every new weight for NaN/inf first and rolls back on failure."""
+        names = self._check_names(self.active_adapters if adapter_names is None else adapter_names)
+        merging.merge(self.base_model, names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        merging.unmerge(self.base_model)
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the (active) adapters and return the plain HF model (no Bone modules left)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._forget_all(merging.unwrap(self.base_model, keep=adapter_names or self.active_adapters))
+
+    def unload(self) -> nn.Module:
+        """Drop every adapter without merging; returns the plain HF model."""
+        merging.unmerge(self.base_model)
+        return self._forget_all(merging.unwrap(self.base_model))
+
+    def _forget_all(self, model: nn.Module) -> nn.Module:
+        self.adapter_configs.clear()
+        self.active_adapters = []
+        return model
+
+    # -- saving (bone.save) --------------------------------------------------------------------------------
+    def _resolve_one(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            if len(self.active_adapters) != 1:
+                raise BoneError(f"active adapters are {self.active_adapters}; pass adapter_name to choose one")
+            return self.active_adapters[0]
+        return self._check_names([adapter_name])[0]
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None, format: str = "bone") -> dict[str, torch.Tensor]:
+        """This adapter's tensors in PEFT's on-disk layout (never another adapter's)."""
+        name = self._resolve_one(adapter_name)
+        return saving.adapter_state_dict(self.base_model, name, self.adapter_configs[name], format)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, adapter_name: str | None = None, format: str = "bone"
+    ) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (the active one by
+        default). ``format="miss"`` writes the MiSS form that current PEFT loads."""
+        name = self._resolve_one(adapter_name)
+        saving.save_adapter(self.base_model, save_directory, name, self.adapter_configs[name], format)
+
+    def export_miss(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        self.save_pretrained(save_directory, adapter_name, format="miss")
+
+    # -- per-row adapters (bone.routing) ---------------------------------------------------------------------
+    def _row_names(self, adapter_names: Any, kwargs: dict) -> list[str]:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise BoneError("adapter_names must be a list with one adapter name (or '__base__') per row")
+        names = list(adapter_names)
+        for n in names:
+            if n != BASE_ADAPTER and n not in self.adapter_configs:
+                raise BoneError(f"unknown adapter {n!r} in adapter_names; adapters: {sorted(self.adapter_configs)}")
+        ref = kwargs.get("input_ids")
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if torch.is_tensor(ref) and ref.dim() >= 1 and ref.shape[0] != len(names):
+            raise BoneError(f"adapter_names has {len(names)} entries for a batch of {ref.shape[0]} rows")
+        if self._disabled:
+            raise BoneError("adapter_names cannot be used inside disable_adapter()")
+        if merging.is_merged(self.base_model):
+            raise BoneError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        return names
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        if args and "input_ids" not in kwargs and torch.is_tensor(args[0]):
+            kwargs["input_ids"], args = args[0], args[1:]
+        names = self._row_names(adapter_names, kwargs)
+        with routing_context(names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        if args and "input_ids" not in kwargs and torch.is_tensor(args[0]):
+            kwargs["input_ids"], args = args[0], args[1:]
+        names = self._row_names(adapter_names, kwargs)
+        with routing_context(names):  # per-layer gathered blocks are built on the first step, then reused
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextmanager
+    def routing(self, adapter_names: list[str]):
+        """Per-row adapter selection reusable across calls: yields a :class:`~bone.routing.RoutedModel`;
+        ``routed(**kwargs)`` runs the wrapped model with row i on ``adapter_names[i]`` (``"__base__"``: the
+        base model), reusing the per-layer plans (gathered blocks) built by its first call. Names are
+        checked once, here; the batch of every call must have ``len(adapter_names)`` rows (or a multiple:
+        rows expanded in place, e.g. beams)."""
+        names = self._row_names(adapter_names, {})
+        routed = RoutedModel(self.base_model, RowRouting(names))
+        try:
+            yield routed
+        finally:
+            routed.close()
 
     # -- parameters --------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

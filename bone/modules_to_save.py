@@ -31,6 +31,9 @@ class ModulesToSave(nn.Module):
         if self._active == name:
             self._active = None
 
+    def set_disabled(self, flag: bool) -> None:
+        self._disabled = bool(flag)
+
     def set_active(self, names: list[str]) -> None:
         self._active = next((n for n in names if n in self.modules_to_save), None)
 

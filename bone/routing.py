@@ -21,25 +21,50 @@ context, so it cannot be combined with per-row selection.
 from __future__ import annotations
 
 import contextvars
+import enum
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import functional as BF
+from .config import BoneConfig
 from .errors import BoneError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .layer import BoneLinear
 
 BASE_ADAPTER = "__base__"
 
 _ROUTING: contextvars.ContextVar[RowRouting | None] = contextvars.ContextVar("bone_routing", default=None)
 
+# The routing active around the current forward, or None. The bound ``get`` itself: every layer asks on
+# every forward, so no wrapper call is added to the decode path.
+current_routing = _ROUTING.get
 
-def current_routing() -> RowRouting | None:
-    return _ROUTING.get()
+
+class RoutedLayer(Protocol):
+    """What routing asks of a layer (``bone.layer.BoneLinear`` provides it); declared here so routing never
+    imports the layer, which imports routing."""
+
+    base_layer: nn.Module
+    out_features: int
+    merged_adapters: list[str]
+    adapter_config: dict[str, BoneConfig]
+    row_plan: Any  # routing's slot on the layer; the layer empties it whenever it changes
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def disabled(self) -> bool: ...
+
+    @property
+    def plain_linear(self) -> bool: ...
+
+    def full_block(self, name: str) -> torch.Tensor: ...
+
+    def effective_weight(self, names: Iterable[str], weight: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class RowRouting:
@@ -47,7 +72,7 @@ class RowRouting:
 
     def __init__(self, names: list[str]):
         self.names = list(names)
-        self._plans: dict[BoneLinear, _Plan] = {}  # outside autograd: the plans built for this routing
+        self._plans: dict[RoutedLayer, RowPlan] = {}  # outside autograd: the plans built for this routing
         self._expanded: dict[int, list[str]] = {}
 
     def row_names(self, rows: int) -> list[str]:
@@ -68,25 +93,25 @@ class RowRouting:
         names = self._expanded[rows] = [name for name in self.names for _ in range(k)]
         return names
 
-    def plan(self, layer: BoneLinear, rows: int, device: torch.device) -> _Plan:
+    def plan(self, layer: RoutedLayer, rows: int, device: torch.device) -> RowPlan:
         if torch.is_grad_enabled():  # gathered blocks must carry the graph: never reused
-            return _Plan.build(layer, self.row_names(rows), device)
+            return RowPlan.build(layer, self.row_names(rows), device)
         # The layer's slot holds the plan of the routing that ran last; this routing's own dict keeps its
         # plans too, so alternating routings (e.g. prefill of newcomers between decode steps) never rebuild.
-        # ``layer._row_epoch`` changes whenever the layer does (adapters added/deleted, merge, .to()).
+        # ``layer.version`` changes whenever the layer does (adapters added/deleted, merge, .to()).
         p = self._plans.get(layer)
-        if p is None or p.rows != rows or p.epoch != layer._row_epoch:
-            p = _Plan.build(layer, self.row_names(rows), device)
-            p.routing, p.rows, p.epoch = self, rows, layer._row_epoch
+        if p is None or p.rows != rows or p.version != layer.version:
+            p = RowPlan.build(layer, self.row_names(rows), device)
+            p.routing, p.rows, p.version = self, rows, layer.version
             self._plans[layer] = p
-        layer._row_plan = p
+        layer.row_plan = p
         return p
 
     def close(self) -> None:
         """Drop the cached plans (and the gathered blocks they hold)."""
         for layer in self._plans:
-            if layer._row_plan is not None and layer._row_plan.routing is self:
-                layer._row_plan = None
+            if layer.row_plan is not None and layer.row_plan.routing is self:
+                layer.row_plan = None
         self._plans.clear()
 
 
@@ -100,16 +125,6 @@ def routing_context(names: list[str]):
     finally:
         _ROUTING.reset(token)
         routing.close()
-
-
-@contextmanager
-def no_routing():
-    """Run the enclosed code without per-row selection (e.g. a nested forward of another model)."""
-    token = _ROUTING.set(None)
-    try:
-        yield
-    finally:
-        _ROUTING.reset(token)
 
 
 class RoutedModel:
@@ -147,41 +162,49 @@ class RoutedModel:
             self._routing = None
 
 
-class _Plan:
-    """What one layer does for one routing. ``kind``: 0 base only, 1 every row uses one Bone block
-    (``block`` (r, out)), 2 one r-group of Bone rows (``block`` gathered (rows, r, out)), 3 anything else
-    (several r groups and/or Bat rows: ``bone`` and ``bat`` lists)."""
+class PlanKind(enum.Enum):
+    """How one layer serves one routing, from the cheapest case to the general one."""
 
-    __slots__ = ("kind", "r", "block", "bone", "bat", "routing", "rows", "epoch")
+    BASE = "base"  # no row uses an adapter of this layer
+    ONE_BONE = "one_bone"  # every row uses the same Bone block: ``block`` (r, out)
+    BONE_GROUP = "bone_group"  # Bone rows of one r: ``block`` gathered per row (rows, r, out), zeros elsewhere
+    MIXED = "mixed"  # several r groups and/or Bat rows: the ``bone`` and ``bat`` lists
 
-    def __init__(self):
-        self.kind = 0
+
+class RowPlan:
+    """What one layer does for one routing (see :class:`PlanKind`)."""
+
+    __slots__ = ("kind", "r", "block", "bone", "bat", "routing", "rows", "version")
+
+    def __init__(self) -> None:
+        self.kind = PlanKind.BASE
         self.r = 0
-        self.block: torch.Tensor = None  # type: ignore[assignment]  # set, and read, only for kinds 1 and 2
+        self.block: torch.Tensor = None  # type: ignore[assignment]  # set, and read, only for ONE_BONE / BONE_GROUP
         self.bone: list[tuple[int, torch.Tensor]] = []  # (r, gathered (rows, r, out))
         self.bat: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row index, dense logical weight)
         self.routing: RowRouting | None = None
         self.rows = 0
-        self.epoch = -1
+        self.version = -1
 
     @classmethod
-    def build(cls, layer: BoneLinear, names: list[str], device: torch.device) -> _Plan:
+    def build(cls, layer: RoutedLayer, names: list[str], device: torch.device) -> RowPlan:
         if layer.merged_adapters:
             raise BoneError(
                 f"per-row adapter selection needs unmerged adapters, but {layer.merged_adapters} are merged; "
                 "call unmerge_adapter() first"
             )
         p = cls()
-        present = [n for n in dict.fromkeys(names) if n in layer.bone_block]
+        configs = layer.adapter_config
+        present = [n for n in dict.fromkeys(names) if n in configs]
         if not present:
             return p
-        bone = [n for n in present if layer.bone_variant[n] != "bat"]
+        bone = [n for n in present if configs[n].variant != "bat"]
         if len(bone) == 1 and len(present) == 1 and all(n == bone[0] for n in names):
-            p.kind, p.r, p.block = 1, layer.bone_r[bone[0]], layer.full_block(bone[0])
+            p.kind, p.r, p.block = PlanKind.ONE_BONE, configs[bone[0]].r, layer.full_block(bone[0])
             return p
         by_r: dict[int, list[str]] = {}
         for n in bone:
-            by_r.setdefault(layer.bone_r[n], []).append(n)
+            by_r.setdefault(configs[n].r, []).append(n)
         for r, group in by_r.items():
             blocks = [layer.full_block(n) for n in group]
             stacked = torch.stack(blocks + [torch.zeros_like(blocks[0])])  # last slot: rows outside the group
@@ -189,45 +212,45 @@ class _Plan:
             idx = torch.tensor([slot.get(n, len(group)) for n in names], device=device)
             p.bone.append((r, stacked.index_select(0, idx)))
         for n in present:
-            if layer.bone_variant[n] == "bat":
+            if configs[n].variant == "bat":
                 rows = torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
                 p.bat.append((rows, layer.effective_weight([n])))
         if len(p.bone) == 1 and not p.bat:
-            p.kind, (p.r, p.block) = 2, p.bone[0]
+            p.kind, (p.r, p.block) = PlanKind.BONE_GROUP, p.bone[0]
         else:
-            p.kind = 3
+            p.kind = PlanKind.MIXED
         return p
 
 
-def row_forward(layer: BoneLinear, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
     if x.dim() < 2:
         raise BoneError("per-row adapter selection needs inputs with a leading batch dimension")
-    if layer._disabled:
+    if layer.disabled:
         raise BoneError("adapter_names cannot be used inside disable_adapter()")
     rows = x.shape[0]
-    plan = layer._row_plan
+    plan = layer.row_plan
     if plan is None or plan.routing is not routing or plan.rows != rows or torch.is_grad_enabled():
         plan = routing.plan(layer, rows, x.device)
     kind = plan.kind
     base = layer.base_layer
-    if kind == 0:
+    if kind is PlanKind.BASE:
         return base(x)
     grad = torch.is_grad_enabled()
     out = layer.out_features
-    if kind != 3 and not grad:
+    if kind is not PlanKind.MIXED and not grad:
         blk = plan.block
         w = base.weight
-        if x.dtype == w.dtype == blk.dtype and x.is_contiguous() and layer._plain and not layer.is_conv1d:
+        if x.dtype == w.dtype == blk.dtype and x.is_contiguous() and layer.plain_linear:
             # the serving hot path: base gemm, the (shared) chunk sum, one fused accumulate into y
             y = F.linear(x, w, base.bias)
             s = BF.cached_chunk_sum(x, plan.r)
-            if kind == 1:
+            if kind is PlanKind.ONE_BONE:
                 y.view(-1, out).addmm_(s, blk)
             else:
                 y.view(rows, -1, out).baddbmm_(s.view(rows, -1, plan.r), blk)
             return y
     y = base(x)
-    bone = plan.bone if kind != 1 else [(plan.r, plan.block)]
+    bone = plan.bone if kind is not PlanKind.ONE_BONE else [(plan.r, plan.block)]
     for r, g in bone:
         uniform = g.dim() == 2
         if not grad and y.dtype == g.dtype == x.dtype and y.is_contiguous() and x.is_contiguous():

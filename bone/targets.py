@@ -4,25 +4,17 @@ works on a model built on the meta device (only names and shapes are looked at).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
 
 from torch import nn
 
-from .config import BoneConfig
+from .config import BoneConfig, check_r
 from .errors import BoneConfigError
-
-try:  # transformers' GPT-2 style linear: weight stored (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency, but keep bone importable
-
-    class Conv1D(nn.Module):  # type: ignore[no-redef]
-        pass
-
-
-SUPPORTED_TYPES = (nn.Linear, Conv1D)
+from .layer import BoneLinear
+from .linear_types import SUPPORTED_TYPES, Conv1D
+from .tree import iter_modules
 
 # Regex targets match with RE2 when it is installed (the service always has it, and accepts only patterns RE2
 # compiles: core/patterns.py): linear time, so no pattern can freeze the caller. Without it, or for a construct
@@ -105,25 +97,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     return int(base.in_features), int(base.out_features), False
 
 
-def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules() that sees a BoneLinear as the layer it wraps and skips adapter internals."""
-    from .layer import BoneLinear
-    from .modules_to_save import ModulesToSave
-
-    def walk(prefix: str, module: nn.Module):
-        for child_name, child in module.named_children():
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            yield name, child
-            if isinstance(child, (BoneLinear, ModulesToSave)):
-                continue
-            yield from walk(name, child)
-
-    yield from walk("", model)
-
-
 def _is_linear(module: nn.Module) -> bool:
-    from .layer import BoneLinear
-
     return isinstance(module, SUPPORTED_TYPES) or isinstance(module, BoneLinear)
 
 
@@ -219,20 +193,8 @@ def find_targets(model: nn.Module, config: BoneConfig) -> list[Target]:
 
 
 def check_shapes(targets: list[Target], config: BoneConfig) -> None:
-    r = config.r
     for t in targets:
-        if config.variant == "bat" and (t.in_features % r or t.out_features % r):
-            raise BoneConfigError(
-                f"Bat (init_weights='bat') needs in_features and out_features divisible by r={r}, but module "
-                f"{t.name!r} has in_features={t.in_features}, out_features={t.out_features}",
-                "r",
-            )
-        if config.variant == "mini" and t.out_features % config.mini_r:
-            raise BoneConfigError(
-                f"MiSS-mini needs out_features divisible by mini_r={config.mini_r}, but module {t.name!r} has "
-                f"out_features={t.out_features}",
-                "mini_r",
-            )
+        config.check_layer_shape(t.in_features, t.out_features, f"module {t.name!r}")
 
 
 def find_modules_to_save(model: nn.Module, config: BoneConfig) -> list[str]:
@@ -251,7 +213,6 @@ def validate_config_for_model(model: nn.Module, config: BoneConfig) -> None:
     """Raise BoneConfigError if ``config`` cannot be applied to ``model``; never modifies the model."""
     if not isinstance(config, BoneConfig):
         raise BoneConfigError(f"expected a BoneConfig, got {type(config).__name__}")
-    if not isinstance(config.r, int) or isinstance(config.r, bool) or config.r <= 0:
-        raise BoneConfigError(f"`r` must be a positive integer, got {config.r!r}", "r")
+    check_r(config.r)  # a dataclass field can be reassigned after construction
     find_targets(model, config)
     find_modules_to_save(model, config)

@@ -3,11 +3,17 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from bone import BoneConfigError, BoneError, BoneLinear
+from bone import BoneConfig, BoneConfigError, BoneError, BoneLinear
 from bone import functional as BF
 from bone import train_path as TP
 
 SHAPES = [(16, 12, 4), (10, 20, 2), (10, 20, 4), (12, 8, 3), (5, 6, 8), (3, 7, 16)]  # (in, out, r); r > in last two
+
+
+def config(variant, r, random_init=False, mini_r=1):
+    """The BoneConfig of one adapter of ``variant`` ("bone" / "bat" / "mini") with rank ``r``."""
+    init = {"bone": not random_init, "bat": "bat", "mini": "mini"}[variant]
+    return BoneConfig(r=r, init_weights=init, mini_r=mini_r)
 
 
 def make(fin, fout, conv1d=False, bias=True, seed=0):
@@ -50,7 +56,7 @@ def test_chunk_sum_and_dense_delta(fin, fout, r):
 @pytest.mark.parametrize("grad", [False, True])
 def test_bone_forward_equals_dense(fin, fout, r, conv1d, grad):
     layer = make(fin, fout, conv1d)
-    layer.add_adapter("a", "bone", r, random_init=True)
+    layer.add_adapter("a", config("bone", r, random_init=True))
     layer.set_active(["a"])
     x = torch.randn(4, 5, fin, requires_grad=grad)
     W = logical_w(layer) + BF.bone_delta(layer.bone_block["a"], fin)
@@ -75,8 +81,8 @@ def test_training_path_gradients(fin, fout, r, conv1d, mode, train_path):
     with two adapters of different r (one with in % r != 0)."""
     train_path(mode)
     layer = make(fin, fout, conv1d)
-    layer.add_adapter("a", "bone", r, random_init=True)
-    layer.add_adapter("b", "bone", r + 1, random_init=True)
+    layer.add_adapter("a", config("bone", r, random_init=True))
+    layer.add_adapter("b", config("bone", r + 1, random_init=True))
     layer.set_active(["a", "b"])
     layer.base_layer.weight.requires_grad_(True)
     x = torch.randn(2, 32, fin, requires_grad=True)
@@ -105,7 +111,7 @@ def test_sibling_projections_share_the_chunk_sum_in_training(mode, train_path):
     train_path(mode)
     layers = [make(18, 8, seed=i) for i in range(3)]  # 18 % 4 != 0: every miss goes through chunk_sum
     for layer in layers:
-        layer.add_adapter("a", "bone", 4, random_init=True)
+        layer.add_adapter("a", config("bone", 4, random_init=True))
         layer.set_active(["a"])
     x = torch.randn(24, 18, requires_grad=True)
     calls = []
@@ -131,7 +137,7 @@ def test_training_path_bf16_base_fp32_blocks(mode, train_path):
     train_path(mode)
     torch.manual_seed(0)
     layer = BoneLinear(nn.Linear(24, 16)).to(torch.bfloat16)
-    layer.add_adapter("a", "bone", 5, random_init=True, dtype=torch.float32)
+    layer.add_adapter("a", config("bone", 5, random_init=True), dtype=torch.float32)
     layer.set_active(["a"])
     x = torch.randn(40, 24, dtype=torch.bfloat16, requires_grad=True)
     y = layer(x)
@@ -154,7 +160,7 @@ def test_training_path_bf16_base_fp32_blocks(mode, train_path):
 def test_bat_training_gradients(fin, fout, r):
     """Bat's training Function: output and gradients (x, W, bias, block) equal autograd on the dense W'."""
     layer = make(fin, fout)
-    layer.add_adapter("a", "bat", r)
+    layer.add_adapter("a", config("bat", r))
     layer.set_active(["a"])
     rand_(layer.bone_block["a"], 0.1)
     layer.base_layer.weight.requires_grad_(True)
@@ -180,7 +186,7 @@ def test_bat_training_gradients(fin, fout, r):
 def test_bat_forward_formula(conv1d):
     fin, fout, r = 12, 8, 4
     layer = make(fin, fout, conv1d)
-    layer.add_adapter("a", "bat", r)
+    layer.add_adapter("a", config("bat", r))
     rand_(layer.bone_block["a"], 0.1)
     layer.set_active(["a"])
     W = logical_w(layer).detach()
@@ -198,7 +204,7 @@ def test_bat_forward_formula(conv1d):
 def test_bat_divisibility_error_names_shape():
     layer = make(10, 20)
     with pytest.raises(BoneConfigError, match=r"in_features=10, out_features=20"):
-        layer.add_adapter("a", "bat", 4)
+        layer.add_adapter("a", config("bat", 4))
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
@@ -211,7 +217,7 @@ def test_merge_unmerge_random_blocks(variants, conv1d):
     layer = make(fin, fout, conv1d)
     names = [f"a{i}" for i in range(len(variants))]
     for i, (n, v) in enumerate(zip(names, variants)):
-        layer.add_adapter(n, v, r, mini_r=3)
+        layer.add_adapter(n, config(v, r, mini_r=3))
         rand_(layer.bone_block[n], 0.1, seed=i + 1)
     layer.set_active(names)
     x = torch.randn(5, fin)
@@ -233,7 +239,7 @@ def test_merge_unmerge_random_blocks(variants, conv1d):
 def test_half_precision_merge_keeps_shapes(dtype, variant):
     layer = make(16, 12)
     layer.to(dtype)
-    layer.add_adapter("a", variant, 4, mini_r=3, dtype=dtype)
+    layer.add_adapter("a", config(variant, 4, mini_r=3), dtype=dtype)
     rand_(layer.bone_block["a"], 0.05)
     layer.set_active(["a"])
     shape = tuple(layer.bone_block["a"].shape)
@@ -245,8 +251,8 @@ def test_half_precision_merge_keeps_shapes(dtype, variant):
 
 def test_output_in_input_dtype_adapter_in_fp32():
     layer = make(16, 12).to(torch.bfloat16)
-    layer.add_adapter("a", "bone", 4, random_init=True, dtype=torch.float32)
-    layer.add_adapter("b", "bat", 4, dtype=torch.float32)
+    layer.add_adapter("a", config("bone", 4, random_init=True), dtype=torch.float32)
+    layer.add_adapter("b", config("bat", 4), dtype=torch.float32)
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     for active in (["a"], ["b"], ["a", "b"]):
         layer.set_active(active)
@@ -256,7 +262,7 @@ def test_output_in_input_dtype_adapter_in_fp32():
 @pytest.mark.parametrize("fin", [5, 10])  # 5: r > in; 10: in % r != 0
 def test_safe_merge_never_touches_base_on_failure(fin):
     layer = make(fin, 6)
-    layer.add_adapter("a", "bone", 8)
+    layer.add_adapter("a", config("bone", 8))
     with torch.no_grad():
         layer.bone_block["a"][0, 0] = float("nan")
     layer.set_active(["a"])
@@ -268,7 +274,7 @@ def test_safe_merge_never_touches_base_on_failure(fin):
 
 def test_r_greater_than_in_merges():
     layer = make(5, 6)
-    layer.add_adapter("a", "bone", 8, random_init=True)
+    layer.add_adapter("a", config("bone", 8, random_init=True))
     layer.set_active(["a"])
     x = torch.randn(3, 5)
     with torch.no_grad():
@@ -280,13 +286,13 @@ def test_r_greater_than_in_merges():
 def test_zero_init_is_identity_and_disabled():
     layer = make(16, 12)
     for n, v in (("a", "bone"), ("b", "bat"), ("c", "mini")):
-        layer.add_adapter(n, v, 4)
+        layer.add_adapter(n, config(v, 4))
     x = torch.randn(3, 16)
     base = layer.base_layer(x)
     for act in (["a"], ["b"], ["c"], ["a", "b", "c"]):
         layer.set_active(act)
         assert torch.equal(layer(x), base) if act == ["a"] else torch.allclose(layer(x), base, atol=1e-6)
-    layer._disabled = True
+    layer.set_disabled(True)
     assert torch.equal(layer(x), base)
 
 
@@ -297,7 +303,7 @@ def test_wraps_only_linear_and_conv1d():
 
 def test_fast_path_refreshes_after_to_and_load_state_dict():
     layer = make(16, 12)
-    layer.add_adapter("a", "bone", 4, random_init=True)
+    layer.add_adapter("a", config("bone", 4, random_init=True))
     layer.set_active(["a"])
     x = torch.randn(1, 1, 16)
     with torch.no_grad():
@@ -316,7 +322,7 @@ def test_cpu_training_takes_one_path_by_default(train_path):
     checkpoint and the one that resumes it) computes with the same rounding, so resumes stay bit-identical."""
     train_path(None)
     layer = make(16, 12, False)
-    layer.add_adapter("a", "bone", 4, random_init=True)
+    layer.add_adapter("a", config("bone", 4, random_init=True))
     layer.set_active(["a"])
     x = torch.randn(2, 3, 16, requires_grad=True)
     layer(x).sum().backward()

@@ -346,8 +346,8 @@ def test_generate_builds_row_plans_once(monkeypatch):
     bm = get_bone_model(build("llama"), BoneConfig(r=4, target_modules=targets("llama"), init_weights=False), "a")
     bm.add_adapter("b", BoneConfig(r=4, target_modules=targets("llama"), init_weights=False))
     calls = []
-    orig = routing._Plan.build.__func__
-    monkeypatch.setattr(routing._Plan, "build", classmethod(lambda cls, *a: calls.append(1) or orig(cls, *a)))
+    orig = routing.RowPlan.build.__func__
+    monkeypatch.setattr(routing.RowPlan, "build", classmethod(lambda cls, *a: calls.append(1) or orig(cls, *a)))
     x = ids(batch=2, seq=4)
     bm.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=["a", "b"], max_new_tokens=5,
                 min_new_tokens=5, do_sample=False, pad_token_id=0)

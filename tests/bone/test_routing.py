@@ -23,8 +23,8 @@ def two_adapters(name="llama"):
 @pytest.fixture
 def builds(monkeypatch):
     calls = []
-    orig = R._Plan.build.__func__
-    monkeypatch.setattr(R._Plan, "build", classmethod(lambda cls, *a: calls.append(a[0]) or orig(cls, *a)))
+    orig = R.RowPlan.build.__func__
+    monkeypatch.setattr(R.RowPlan, "build", classmethod(lambda cls, *a: calls.append(a[0]) or orig(cls, *a)))
     return calls
 
 
@@ -41,7 +41,7 @@ def test_routed_calls_equal_per_call_selection_and_reuse_the_plans(name, names, 
             for _ in range(3):
                 torch.testing.assert_close(routed(input_ids=x).logits, want, atol=0, rtol=0)
         assert len(builds) == n_layers  # once per layer for the whole block, not per call
-        assert all(layer._row_plan is None for _, layer in bm.bone_layers())  # released on exit
+        assert all(layer.row_plan is None for _, layer in bm.bone_layers())  # released on exit
 
 
 def test_routed_decode_loop_equals_generate():
