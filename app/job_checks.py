@@ -117,13 +117,13 @@ class JobChecker:
 
     # --- bone config vs the base model ---------------------------------------------------------------
     def check_bone_config(self, body: JobCreate) -> None:
-        from bone import BoneConfig, validate_config_for_model
+        from bone import validate_config_for_model
 
         fields = body.bone.model_dump(exclude_none=True)
         key = (body.base_model or self.settings.base_model, json.dumps(fields, sort_keys=True))
         if key in self._fits:
             return  # walking the model's modules is most of POST /jobs' own work: do it once per config
-        config = BoneConfig.from_dict(fields)  # BoneConfigError → 422 bone.<field>
+        config = body.bone.to_config()  # BoneConfigError → 422 bone.<field>
         validate_config_for_model(self._skeleton(key[0]), config)
         with self._lock:
             if len(self._fits) >= _FITS_KEPT:

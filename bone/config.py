@@ -12,7 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 from .errors import BoneCheckpointError, BoneConfigError
 
@@ -21,7 +21,8 @@ CONFIG_NAME = "adapter_config.json"
 # PEFT's TaskType values; PEFT rejects anything else for `task_type`, so do we.
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 INIT_WEIGHTS = (True, False, "bat", "mini")
-BIAS_VALUES = ("none", "all", "bone_only")
+Bias = Literal["none", "all", "bone_only"]
+BIAS_VALUES: tuple[str, ...] = get_args(Bias)
 PEFT_TYPES = ("BONE", "MISS")
 DEFAULT_R = 64  # PEFT's default
 MIN_R = 1
@@ -88,7 +89,7 @@ class BoneConfig:
     init_weights: bool | Literal["bat", "mini"] = True
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-    bias: str = "none"
+    bias: Bias = "none"
     modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None

@@ -57,10 +57,6 @@ def cached_chunk_sum(x: torch.Tensor, r: int, dtype: torch.dtype | None = None) 
     return s
 
 
-def clear_cache() -> None:
-    _LAST_SUM[0] = None
-
-
 def expand_mini(block: torch.Tensor, out_features: int) -> torch.Tensor:
     """MiSS-mini: tile a (r, mini_r) block along the output axis to (r, out)."""
     return block.repeat(1, out_features // block.shape[1])

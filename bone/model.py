@@ -45,7 +45,7 @@ class BoneModel(nn.Module):
 
     def __init__(self, model: nn.Module, autocast_adapter_dtype: bool = True):
         super().__init__()
-        self.base_model = model
+        self.base_model: Any = model  # a transformers model: generate, name_or_path, get_submodule, ...
         self.adapter_configs: dict[str, BoneConfig] = {}
         self.active_adapters: list[str] = []
         self._trainable: dict[str, bool] = {}

@@ -33,6 +33,7 @@ from torch import nn
 from . import functional as BF
 from .config import BoneConfig
 from .errors import BoneError
+from .linear_types import Conv1D
 
 BASE_ADAPTER = "__base__"
 
@@ -47,7 +48,7 @@ class RoutedLayer(Protocol):
     """What routing asks of a layer (``bone.layer.BoneLinear`` provides it); declared here so routing never
     imports the layer, which imports routing."""
 
-    base_layer: nn.Module
+    base_layer: nn.Linear | Conv1D
     out_features: int
     merged_adapters: list[str]
     adapter_config: dict[str, BoneConfig]

@@ -141,7 +141,7 @@ def _start(store: JobStore, job_id: str) -> Job | None:
 
 
 def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: Path) -> AdapterInfo:
-    from bone import BoneConfig, get_bone_model  # heavy; only the work-horse needs it
+    from bone import get_bone_model  # heavy; only the work-horse needs it
 
     reporter = ProgressReporter(store, job.id)
     device = pick_device(settings)
@@ -158,7 +158,7 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
     model, tokenizer = model_cache.model_for_job(job.base_model, settings, device)
 
     # -- the adapter (the job's own copy of the base model is wrapped in place; see worker.model_cache)
-    config = BoneConfig(**job.bone.model_dump(), task_type="CAUSAL_LM", base_model_name_or_path=job.base_model)
+    config = job.bone.to_config(task_type="CAUSAL_LM", base_model_name_or_path=job.base_model)
     bone_model = get_bone_model(model, config, adapter_name=TRAINING_SLOT)
     trainable, total = bone_model.get_nb_trainable_parameters()
 
