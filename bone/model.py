@@ -75,9 +75,6 @@ class BoneModel(nn.Module):
     def bone_layers(self) -> list[tuple[str, BoneLinear]]:
         return bone_layers(self.base_model)
 
-    def _mts_wrappers(self) -> list[tuple[str, ModulesToSave]]:
-        return saved_modules(self.base_model)
-
     def _adapter_dtype(self, weight: torch.Tensor) -> torch.dtype:
         # like PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters
         if self._autocast_adapter_dtype and weight.dtype in (torch.float16, torch.bfloat16):
@@ -202,7 +199,7 @@ class BoneModel(nn.Module):
         self.active_adapters = names
         for _, layer in self.bone_layers():
             layer.set_active(names)
-        for _, w in self._mts_wrappers():
+        for _, w in saved_modules(self.base_model):
             w.set_active(names)
         self._update_requires_grad()
 
@@ -212,7 +209,7 @@ class BoneModel(nn.Module):
         for _, layer in self.bone_layers():
             for n, p in layer.bone_block.items():
                 p.requires_grad_(n in live)
-        for _, w in self._mts_wrappers():
+        for _, w in saved_modules(self.base_model):
             for n, m in w.modules_to_save.items():
                 m.requires_grad_(n in live)
         bias_cfg = next((self.adapter_configs[n] for n in live if self.adapter_configs[n].bias != "none"), None)
@@ -240,7 +237,7 @@ class BoneModel(nn.Module):
         self._disabled = flag
         for _, layer in self.bone_layers():
             layer.set_disabled(flag)
-        for _, w in self._mts_wrappers():
+        for _, w in saved_modules(self.base_model):
             w.set_disabled(flag)
         self._update_requires_grad()
 
@@ -253,7 +250,7 @@ class BoneModel(nn.Module):
             layer.delete_adapter(adapter_name)
             if not layer.bone_block and not layer.merged_adapters:
                 set_submodule(self.base_model, path, layer.base_layer)  # unwrap: no cost for unused layers
-        for path, w in self._mts_wrappers():
+        for path, w in saved_modules(self.base_model):
             w.delete_adapter(adapter_name)
             if not len(w.modules_to_save):
                 set_submodule(self.base_model, path, w.original_module)
@@ -268,7 +265,7 @@ class BoneModel(nn.Module):
         self.active_adapters = []
         for _, layer in self.bone_layers():
             layer.set_active([])
-        for _, w in self._mts_wrappers():
+        for _, w in saved_modules(self.base_model):
             w.set_active([])
         self._update_requires_grad()
 
