@@ -44,6 +44,8 @@ class BoneLinear(nn.Module):
             self.in_features, self.out_features = linear.in_features, linear.out_features
         # exact types only: a subclass (e.g. a quantized Linear) may not hold a plain float weight
         self._plain = type(base_layer) in (nn.Linear, Conv1D)
+        # the base is exactly nn.Linear: its weight is a plain float (out, in) tensor for F.linear
+        self.plain_linear = self._plain and not self.is_conv1d
         self.bone_block = nn.ParameterDict()
         self.adapter_config: dict[str, BoneConfig] = {}
         self.merged_adapters: list[str] = []
@@ -69,11 +71,6 @@ class BoneLinear(nn.Module):
     @property
     def disabled(self) -> bool:
         return self._disabled
-
-    @property
-    def plain_linear(self) -> bool:
-        """The base is exactly ``nn.Linear``: its weight is a plain float (out, in) tensor for ``F.linear``."""
-        return self._plain and not self.is_conv1d
 
     def set_disabled(self, flag: bool) -> None:
         self._disabled = bool(flag)

@@ -53,15 +53,13 @@ class RoutedLayer(Protocol):
     merged_adapters: list[str]
     adapter_config: dict[str, BoneConfig]
     row_plan: Any  # routing's slot on the layer; the layer empties it whenever it changes
+    plain_linear: bool  # exactly nn.Linear: the fused serving path may call F.linear on its weight
 
     @property
     def version(self) -> int: ...
 
     @property
     def disabled(self) -> bool: ...
-
-    @property
-    def plain_linear(self) -> bool: ...
 
     def full_block(self, name: str) -> torch.Tensor: ...
 
@@ -226,11 +224,12 @@ class RowPlan:
 def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
     if x.dim() < 2:
         raise BoneError("per-row adapter selection needs inputs with a leading batch dimension")
-    if layer.disabled:
-        raise BoneError("adapter_names cannot be used inside disable_adapter()")
     rows = x.shape[0]
     plan = layer.row_plan
     if plan is None or plan.routing is not routing or plan.rows != rows or torch.is_grad_enabled():
+        # checked here only: disabling empties the layer's plan slot, so a cached plan implies enabled
+        if layer.disabled:
+            raise BoneError("adapter_names cannot be used inside disable_adapter()")
         plan = routing.plan(layer, rows, x.device)
     kind = plan.kind
     base = layer.base_layer
