@@ -26,18 +26,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-SHARDINGS = ("none", "full")
-
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder's repeated blocks (``model.layers`` in Llama/Qwen/Mistral, ``h`` in GPT-2 style models)."""
-    causal_lm = getattr(model, "base_model", model)
-    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm
-    for name in ("layers", "h", "blocks", "block"):
-        layers = getattr(decoder, name, None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers):
-            return list(layers)
-    raise ValueError(f"training.sharding='full' cannot find the decoder layers of {type(causal_lm).__name__}")
+    """The decoder's repeated blocks, each one FSDP unit (the same ones POST /jobs' memory estimate counts)."""
+    from core.memory_estimate import decoder_layers as find
+
+    layers = find(model)
+    if not layers:
+        raise ValueError(f"training.sharding='full' cannot find the decoder layers of {type(model).__name__}")
+    return layers
 
 
 def shard(root: torch.nn.Module, model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
@@ -58,7 +55,7 @@ def shard(root: torch.nn.Module, model: torch.nn.Module, device: torch.device, w
     # them (shards now, whole ones only while a unit runs), so the kept ones would be stale: take the plain path.
     for module in model.modules():
         if getattr(module, "_fast", None) is not None:
-            module._fast = None
+            setattr(module, "_fast", None)  # noqa: B010 - a private attribute of bone.layer.BoneLinear
     return root
 
 
