@@ -45,7 +45,9 @@ def _assert_close_adapters(a, b, atol):
 
 def test_a_sharded_job_matches_one_process_and_publishes_the_whole_blocks(task_settings, store, make_job):
     single = make_job(ROWS, adapter_name="single", **RECIPE)
-    sharded = make_job(ROWS, adapter_name="sharded", num_processes=2, sharding="full", **RECIPE)
+    # with activation checkpointing too (recomputing a layer in backward gathers it again): same numbers
+    sharded = make_job(ROWS, adapter_name="sharded", num_processes=2, sharding="full", gradient_checkpointing=True,
+                       **RECIPE)
     assert run_training_job(single.id) == "succeeded", store.get(single.id).error
     assert run_training_job(sharded.id) == "succeeded", store.get(sharded.id).error
 
