@@ -2,12 +2,15 @@
 field named instead of minutes later in a worker.
 
 The Bone config is checked against the base model's module shapes on a *meta-device skeleton* built from
-the model's config: no weights, no memory, and no reading of the live model the inference thread owns.
+the model's config: no weights, no memory, and no reading of the live model the inference thread owns. The
+same skeleton gives the estimate of one training process's device memory (core/memory_estimate.py), which
+must fit the largest device a live worker of the job's queue advertises.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -18,8 +21,10 @@ import torch
 from core.base_model import resolve_base_model
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.files import SUFFIXES, FileStore, InvalidFile, validate_rows
+from core.fleet import live_workers
 from core.formats import detect_format
 from core.jobs import DatasetSpec, FileDataset, HFDataset, JobCreate, PathDataset, RecordsDataset, check_job_size
+from core.memory_estimate import DeviceMemoryEstimate, ModelShape, device_memory, estimate_device_memory, model_shape
 from core.names import max_length_with_checkpoints
 from core.paths import dataset_file, dataset_source
 from core.registry import AdapterRegistry
@@ -37,6 +42,7 @@ class JobChecker:
         self._skeletons: OrderedDict[str, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()
         self._fits: set[tuple[str, str]] = set()
+        self._shapes: dict[tuple[str, str], tuple[ModelShape, int]] = {}  # same key: (shape, trainable params)
 
     def check(self, body: JobCreate) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
         """Raise a ServiceError naming the field at fault; return the inline (records, validation records)."""
@@ -129,6 +135,50 @@ class JobChecker:
             if len(self._fits) >= _FITS_KEPT:
                 self._fits.clear()
             self._fits.add(key)
+
+    # --- device memory vs the fleet ----------------------------------------------------------------------
+    def check_device_memory(self, body: JobCreate, conn: Any, queue: str) -> DeviceMemoryEstimate:
+        """The job's estimated bytes per device; refused (422) when the live workers of ``queue`` advertise
+        device memory and none has enough. Workers without a device limit (CPU) or no live worker: accepted."""
+        estimate = self.estimate_device_memory(body)
+        devices: list[tuple[int, dict[str, Any]]] = []
+        for worker in live_workers(conn):
+            size = device_memory(worker)
+            if size is not None and queue in worker.get("queues", []):
+                devices.append((size, worker))
+        if not devices or any(size >= estimate.total for size, _ in devices):
+            return estimate
+        size, largest = max(devices, key=lambda d: d[0])
+        label = largest.get("gpu_name") or (largest.get("gpu_names") or ["GPU"])[0]
+        raise InvalidRequest(
+            f"the job needs {estimate.describe()}; the largest device advertised on queue {queue!r} is "
+            f"{size / 1024**3:.2f} GiB ({label} of worker {largest['name']}). Shard the base over more processes "
+            "(training.sharding='full', training.num_processes), turn on training.gradient_checkpointing, or lower "
+            "training.per_device_batch_size / training.max_seq_length",
+            param="training",
+            code="insufficient_device_memory",
+        )
+
+    def estimate_device_memory(self, body: JobCreate) -> DeviceMemoryEstimate:
+        from bone import BoneConfig
+        from bone.checkpoint import expected_entries
+
+        fields = body.bone.model_dump(exclude_none=True)
+        key = (body.base_model or self.settings.base_model, json.dumps(fields, sort_keys=True))
+        known = self._shapes.get(key)
+        if known is None:
+            skeleton = self._skeleton(key[0])
+            config = BoneConfig.from_dict(fields)
+            required, optional = expected_entries(skeleton, config)
+            entries = [*required.values(), *(optional.values() if config.bias != "none" else [])]
+            known = (model_shape(skeleton), sum(math.prod(e.shape) for e in entries))
+            with self._lock:
+                if len(self._shapes) >= _FITS_KEPT:
+                    self._shapes.clear()
+                self._shapes[key] = known
+        shape, trainable = known
+        # the worker trains in bf16 on CUDA (core.base_model.resolve_dtype "auto"): 2 bytes per base parameter
+        return estimate_device_memory(shape, trainable, body.training, base_bytes_per_param=2)
 
     def _skeleton(self, name: str) -> torch.nn.Module:
         with self._lock:

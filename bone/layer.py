@@ -81,6 +81,11 @@ class BoneLinear(nn.Module):
         self._refresh()
         return out
 
+    def forget_fast_path(self) -> None:
+        """Drop the tensors kept for the no-grad fast path, for a caller that replaced the parameters behind
+        the layer's back (FSDP sharding swaps them for shards): the plain path reads the parameters anew."""
+        self._fast = None
+
     def _refresh(self) -> None:
         self._fast = None
         self.row_plan = None

@@ -187,6 +187,13 @@ class TrainingSpec(_Strict):
         le=1024,
         description="examples per process per micro-batch; sets batch_size = per_device_batch_size x num_processes",
     )
+    sharding: Literal["none", "full"] = Field(
+        "none",
+        description="none: every process holds the whole base (DistributedDataParallel); full: FSDP2 "
+        "fully_shard over the processes, each holding 1/num_processes of the base and of the Bone blocks, so a "
+        "base bigger than one device trains (checkpoints and the adapter gather only the blocks). With "
+        "num_processes=1 there is nothing to shard over and full trains like none",
+    )
     batch_size: int = Field(
         4,
         ge=1,
@@ -316,6 +323,9 @@ class Job(BaseModel):
     attempts: int = 0
     queue: str | None = None  # the RQ queue it was (last) put on; None = the server's default queue
     worker: str | None = None  # the worker that ran its latest attempt
+    # POST /jobs' estimate of one training process's device memory (core/memory_estimate.py): base / shards,
+    # Bone blocks with gradients and AdamW moments, activations at the batch and sequence length asked for
+    estimated_device_bytes: int | None = None
 
     @staticmethod
     def new_id() -> str:

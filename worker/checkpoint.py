@@ -15,6 +15,11 @@ restores the scheduler.
 With a ``JobResume`` (``core.storage.resume_state``: the registry's store, which every worker reads) the
 work dir is only a scratch copy: ``save`` also puts each checkpoint there, and ``newest`` fetches the newest
 one from there, so a job re-queued onto another machine resumes where the dead one stopped.
+
+A sharded job (``training.sharding = "full"``, worker/sharding.py) writes the same files: every rank gathers
+the whole trainable parameters and AdamW's state first (``Gathered``), rank 0 writes them; its ``optimizer.pt``
+is keyed by parameter name (``torch.distributed.checkpoint``'s full state dict). On resume every rank reads
+the whole tensors and keeps its shards.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import random
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,16 +62,33 @@ def newest(root: Path, shared: JobResume | None = None) -> Path | None:
     return done[-1] if done else None
 
 
+@dataclass
+class Gathered:
+    """A sharded model's whole trainable parameters and optimizer state (worker/sharding.py), gathered by
+    every rank for rank 0 to write."""
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-         *, adapter_name: str, keep: int, shared: JobResume | None = None) -> Path:
+         *, adapter_name: str, keep: int, shared: JobResume | None = None, gathered: Gathered | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp, adapter_name=adapter_name)
-        trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        if gathered is None:
+            model.save_pretrained(tmp, adapter_name=adapter_name)
+            trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            optimizer_state = optimizer.state_dict()
+        else:
+            from worker.sharding import whole_trainable
+
+            with whole_trainable(model, gathered.trainable):
+                model.save_pretrained(tmp, adapter_name=adapter_name)
+            trainable, optimizer_state = gathered.trainable, gathered.optimizer
         save_file(trainable, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -89,17 +112,26 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     return target
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore parameters, optimizer and RNG states in place; returns the loop state saved with them."""
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool = False
+         ) -> dict[str, Any]:
+    """Restore parameters, optimizer and RNG states in place; returns the loop state saved with them. With
+    ``sharded`` the model is FSDP-sharded and the checkpoint was written by a sharded run."""
     saved = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) ^ set(saved))
     if missing:
         raise ValueError(f"checkpoint {path.name} does not match the model's trainable parameters: {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if sharded:
+        from worker.sharding import load_optimizer_state, load_trainable_state
+
+        load_trainable_state(model, saved)
+        load_optimizer_state(model, optimizer, optimizer_state)
+    else:
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

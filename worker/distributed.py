@@ -5,7 +5,10 @@
   ``BONE_DISTRIBUTED_MAX_RESTARTS`` restarts of the whole group after a rank fails; a restarted group resumes
   from the job's newest checkpoint in the registry's store, which every rank fetches for itself).
 * **Sync**: each rank wraps the Bone model in ``DistributedDataParallel`` (bucketed all-reduce of the trainable
-  ``bone_*`` gradients, overlapped with backward; ``no_sync()`` on all but the last micro-batch of a step).
+  ``bone_*`` gradients, overlapped with backward; ``no_sync()`` on all but the last micro-batch of a step), or
+  with ``training.sharding = "full"`` shards it with FSDP2 (worker/sharding.py: each rank holds 1/N of the base
+  and of the blocks; gradients reduce-scattered). Sharded, every rank evaluates and gathers the blocks for
+  checkpoints and the adapter (collectives); rank 0 still alone reports and writes.
 
 How the ranks stay equal to one process:
 * every rank draws the same global batches from the same seeded stream (global batch = batch_size x
@@ -152,7 +155,7 @@ def _rank_main(args: dict[str, Any]):
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), timeout=timedelta(seconds=args["timeout_s"]))
     try:
-        return _rank_train(Ranks(rank, world_size, device), args)
+        return _rank_train(Ranks(rank, world_size, device, sharding=args["job"].training.sharding), args)
     finally:
         dist.destroy_process_group()
 
@@ -189,6 +192,15 @@ def _rank_train(ranks: Ranks, args: dict[str, Any]):
                        shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id), ranks=ranks, **hooks)
     except Cancelled:
         return CANCELLED
+    if ranks.sharded:  # every rank gathers the blocks (a collective); rank 0 writes them
+        from worker.sharding import trainable_state, whole_trainable
+
+        whole = trainable_state(bone_model)
+        if ranks.is_main:
+            with whole_trainable(bone_model, whole):
+                bone_model.save_pretrained(args["adapter_dir"], adapter_name=args["adapter_name"])
+            return result
+        return None
     if ranks.is_main:
         bone_model.save_pretrained(args["adapter_dir"], adapter_name=args["adapter_name"])
         return result

@@ -14,12 +14,18 @@ class Ranks:
     """One rank's view of the job's default process group: its rows of each batch and the small collectives
     the loop needs besides DDP's gradient sync (stop verdicts, the step's loss and token count)."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(self, rank: int, world_size: int, device: torch.device, sharding: str = "none") -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.sharding = sharding
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over the ranks (``training.sharding = "full"``) instead of DDP."""
+        return self.sharding == "full" and self.world_size > 1
 
     def shard(self, batch: Sequence[Any]) -> list[Any]:
         """This rank's rows of a global micro-batch: contiguous, sizes differing by at most one, disjoint

@@ -19,6 +19,9 @@ the same global batches from the same seeded stream, runs only its disjoint shar
 ``DistributedDataParallel`` averages the trainable (``bone_*``) gradients (each rank's loss is scaled by the
 world size, so the average is the single-process gradient; ``no_sync`` on all but a step's last micro-batch).
 Rank 0 alone reports, evaluates and checkpoints; it polls the stop flag and the verdict is shared.
+With ``training.sharding = "full"`` the model is sharded by FSDP2 instead (worker/sharding.py) before the
+optimizer is built (it steps on each rank's shards); every rank then evaluates and gathers the trainable
+parameters for a checkpoint, since both are collectives, and rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 
 from core.jobs import TrainingSpec
 from core.names import TRAINING_SLOT
-from worker import checkpoint
+from worker import checkpoint, sharding
 from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
 from worker.evaluate import EvalResult, evaluate
@@ -173,6 +176,13 @@ def rank_batch(ranks: Ranks, batch: list[Example], pad_id: int,
     return collate([batch[0]], pad_id, device), 0.0, 0
 
 
+def _gradient_sync(forward: torch.nn.Module, sync: bool, sharded: bool):
+    """Reduce gradients on this backward (``sync``) or let them accumulate: DDP's ``no_sync`` or FSDP2's switch."""
+    if sharded:
+        return sharding.gradient_sync(forward, sync)
+    return nullcontext() if sync else forward.no_sync()  # type: ignore[operator]
+
+
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -196,6 +206,12 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
     batches = BatchStream(examples, spec.batch_size, spec.seed, lengths=lengths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    # -- sharded (FSDP2): the parameters become shards, so shard before the optimizer takes them
+    sharded = ranks is not None and ranks.sharded
+    forward: torch.nn.Module = CausalLMLoss(model)
+    if sharded:
+        sharding.shard(forward, model, device, ranks.world_size)  # type: ignore[union-attr]
+
     # -- optimizer: trainable parameters only (the frozen base never enters the optimizer state)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -212,8 +228,10 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
 
     def run_eval(step: int) -> EvalResult:
         on_event("phase", "", phase="evaluating")
-        got = evaluate(model, eval_examples, batch_size=spec.batch_size, pad_id=pad_id, device=device,
-                       autocast=autocast, should_stop=stop)
+        # sharded: every rank evaluates (each layer's gather is a collective), so none may stop half-way
+        with sharding.root_gathered(forward) if sharded else nullcontext():
+            got = evaluate(model, eval_examples, batch_size=spec.batch_size, pad_id=pad_id, device=device,
+                           autocast=autocast, should_stop=None if sharded else stop)
         result.evals.append({"step": step, "eval_loss": got.loss, "eval_token_accuracy": got.token_accuracy})
         on_event("eval", f"step {step}: eval loss {got.loss:.4f}, token accuracy {got.token_accuracy:.3f}",
                  step=step, eval_loss=got.loss, eval_token_accuracy=got.token_accuracy, eval_tokens=got.tokens)
@@ -226,15 +244,14 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
     start = 0
     newest = checkpoint.newest(checkpoint_dir, shared_checkpoints) if checkpoint_dir is not None else None
     if newest is not None:
-        saved = checkpoint.load(newest, model, optimizer)
+        saved = checkpoint.load(newest, model, optimizer, sharded=sharded)
         start = result.steps = result.resumed_from = saved["step"]
         result.losses, result.tokens, result.evals = saved["losses"], saved["tokens"], saved["evals"]
         loop.update({k: saved[k] for k in loop})
         batches.skip(loop["micro_batches"])
         on_event("resumed", f"resumed from the checkpoint of step {start}", step=start)
     # DDP broadcasts rank 0's trainable weights as it wraps: every rank starts from them, whatever its own init
-    forward = CausalLMLoss(model)
-    if ranks is not None:
+    if ranks is not None and not sharded:
         forward = ranks.wrap(forward)
     world = ranks.world_size if ranks is not None else 1
 
@@ -268,7 +285,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         for i, (batch, weight, tokens) in enumerate(step_batches):
             # gradients are reduced across ranks once per step: on its last micro-batch's backward
             sync = ranks is None or i == len(step_batches) - 1
-            with (nullcontext() if sync else forward.no_sync()):
+            with _gradient_sync(forward, sync, sharded):
                 with autocast:
                     loss = forward(**batch) * (weight / n_targets)
                 (scaler.scale(loss * world) if scaler is not None else loss * world).backward()
@@ -280,7 +297,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         # -- clip, step, clear (clip_grad_norm_ with inf measures the norm without clipping)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
+        grad_norm = sharding.whole_float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
         if scaler is not None:
             scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
             scaler.update()
@@ -303,7 +320,7 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         # -- evaluate; stop early when the eval loss has not improved for `patience` evaluations
         if eval_examples and due(done, spec.eval_every, total_steps):
             patience_out = False
-            if main:  # rank 0 evaluates; the others wait for its early-stopping verdict
+            if main or sharded:  # rank 0 evaluates (sharded: all do); the others wait for its verdict
                 got = run_eval(done)
                 if loop["best_eval"] is None or got.loss < loop["best_eval"]:
                     loop["best_eval"], loop["bad_evals"] = got.loss, 0
@@ -320,19 +337,24 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
                 break
 
         # -- checkpoint: everything the next attempt needs to carry on exactly here
+        if checkpoint_dir is not None and due(done, spec.save_every, total_steps) and sharded:
+            gathered = checkpoint.Gathered(sharding.trainable_state(model), sharding.optimizer_state(model, optimizer))
+        else:
+            gathered = None
         if main and checkpoint_dir is not None and due(done, spec.save_every, total_steps):
             on_event("phase", "", phase="checkpointing")
             loop["seconds"] += time.perf_counter() - started
             started = time.perf_counter()
             path = checkpoint.save(checkpoint_dir, done, model, optimizer,
                                    {**loop, "losses": result.losses, "tokens": result.tokens, "evals": result.evals},
-                                   adapter_name=adapter_name, keep=checkpoints_kept, shared=shared_checkpoints)
+                                   adapter_name=adapter_name, keep=checkpoints_kept, shared=shared_checkpoints,
+                                   gathered=gathered)
             on_event("checkpoint", f"checkpoint at step {done}", step=done, path=str(path),
                      train_loss=step_loss, eval_loss=result.evals[-1]["eval_loss"] if result.evals else None)
             on_event("phase", "", phase="training")
 
     # -- a last evaluation on the final weights (unless the loop just did one)
-    if main and eval_examples and (not result.evals or result.evals[-1]["step"] != result.steps):
+    if (main or sharded) and eval_examples and (not result.evals or result.evals[-1]["step"] != result.steps):
         run_eval(result.steps)
     model.eval()
     result.epochs = loop["seen"] / len(examples)

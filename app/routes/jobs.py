@@ -85,10 +85,11 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
     if body.training.num_processes > settings.max_num_processes:
         raise InvalidRequest(f"training.num_processes={body.training.num_processes} exceeds the server's limit of "
                              f"{settings.max_num_processes} (BONE_MAX_NUM_PROCESSES)", param="training.num_processes")
+    estimate = checker.check_device_memory(body, queue.connection, queue_name)  # 422 when no device fits
     job = Job(id=Job.new_id(), adapter_name=body.adapter_name, base_model=base_model,
               dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite,
               validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset),
-              queue=queue_name)
+              queue=queue_name, estimated_device_bytes=estimate.total)
     conn = queue.connection
     check_adapter_count(registry, principal, body.adapter_name, settings.max_adapters_per_owner)
     reserve_active(conn, principal, job.id, settings.max_active_jobs_per_owner)
