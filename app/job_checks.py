@@ -161,7 +161,7 @@ class JobChecker:
 
     def estimate_device_memory(self, body: JobCreate) -> DeviceMemoryEstimate:
         from bone import BoneConfig
-        from bone.checkpoint import expected_entries
+        from bone.adapter_files import expected_entries
 
         fields = body.bone.model_dump(exclude_none=True)
         key = (body.base_model or self.settings.base_model, json.dumps(fields, sort_keys=True))

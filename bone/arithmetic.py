@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from . import functional as BF
-from .checkpoint import PREFIX
+from .adapter_files import PREFIX
 from .config import BoneConfig
 from .errors import BoneConfigError
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import functional as BF
-from .checkpoint import PREFIX, check_tensors, write_adapter_dir
+from .adapter_files import PREFIX, check_tensors, write_adapter_dir
 from .config import BoneConfig
 from .errors import BoneConfigError
 from .targets import find_targets

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
+from . import adapter_files
 from . import merge as merging
 from . import save as saving
 from .config import BoneConfig
@@ -113,7 +113,7 @@ class BoneModel(nn.Module):
         """Add an adapter from tensors in PEFT's on-disk layout; every key and shape is checked first, so a
         failed load leaves the model unchanged."""
         self._check_new_name(adapter_name, config)
-        checked = ckpt.check_tensors(self.base_model, config, tensors)
+        checked = adapter_files.check_tensors(self.base_model, config, tensors)
         self._add(adapter_name, config, checked, trainable=is_trainable)
 
     def _add(self, name: str, config: BoneConfig, tensors: dict[str, torch.Tensor] | None, trainable: bool) -> None:
@@ -128,7 +128,7 @@ class BoneModel(nn.Module):
             module.add_adapter(name, config, dtype=self._adapter_dtype(module.weight), initialize=tensors is None)
             if tensors is not None:
                 with torch.no_grad():
-                    module.bone_block[name].copy_(tensors[f"{ckpt.PREFIX}{t.name}.bone_block"])
+                    module.bone_block[name].copy_(tensors[f"{adapter_files.PREFIX}{t.name}.bone_block"])
             module.set_active(self.active_adapters)
         for path in mts_paths:
             module = self.base_model.get_submodule(path)
@@ -138,17 +138,17 @@ class BoneModel(nn.Module):
             module.add_adapter(name)
             if tensors is not None:
                 sd = {
-                    k[len(f"{ckpt.PREFIX}{path}.") :]: v
+                    k[len(f"{adapter_files.PREFIX}{path}.") :]: v
                     for k, v in tensors.items()
-                    if k.startswith(f"{ckpt.PREFIX}{path}.")
+                    if k.startswith(f"{adapter_files.PREFIX}{path}.")
                 }
                 module.modules_to_save[name].load_state_dict(sd, strict=True)
             module.set_active(self.active_adapters)
         if tensors is not None and config.bias != "none":
-            params = ckpt.bias_parameters(self.base_model, config, {t.name for t in targets})
+            params = adapter_files.bias_parameters(self.base_model, config, {t.name for t in targets})
             with torch.no_grad():
                 for k, p in params.items():
-                    v = tensors.get(f"{ckpt.PREFIX}{k}")
+                    v = tensors.get(f"{adapter_files.PREFIX}{k}")
                     if v is not None:
                         p.copy_(v)
         if config.target_modules is None:
@@ -161,7 +161,7 @@ class BoneModel(nn.Module):
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Load a Bone / Bat / MiSS checkpoint (ours or PEFT's) as a new, inactive adapter."""
-        config, tensors = ckpt.read_adapter_dir(path)
+        config, tensors = adapter_files.read_adapter_dir(path)
         self.add_adapter_from_state_dict(adapter_name, config, tensors, is_trainable=is_trainable)
 
     @classmethod
@@ -173,7 +173,7 @@ class BoneModel(nn.Module):
         is_trainable: bool = False,
         autocast_adapter_dtype: bool = True,
     ) -> BoneModel:
-        config, tensors = ckpt.read_adapter_dir(path)
+        config, tensors = adapter_files.read_adapter_dir(path)
         bm = cls(model, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             bm.add_adapter_from_state_dict(adapter_name, config, tensors, is_trainable=is_trainable)
@@ -215,10 +215,10 @@ class BoneModel(nn.Module):
         bias_cfg = next((self.adapter_configs[n] for n in live if self.adapter_configs[n].bias != "none"), None)
         if any(c.bias != "none" for c in self.adapter_configs.values()):
             all_bias = BoneConfig(r=1, target_modules=["__none__"], bias="all")
-            for p in ckpt.bias_parameters(self.base_model, all_bias, set()).values():
+            for p in adapter_files.bias_parameters(self.base_model, all_bias, set()).values():
                 p.requires_grad_(False)
             if bias_cfg is not None:
-                for p in ckpt.bias_parameters(self.base_model, bias_cfg, set()).values():
+                for p in adapter_files.bias_parameters(self.base_model, bias_cfg, set()).values():
                     p.requires_grad_(True)
 
     @contextmanager

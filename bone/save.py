@@ -1,6 +1,6 @@
 """Writing one adapter of a wrapped model out: its tensors in PEFT's on-disk layout and its checkpoint directory
 (``adapter_config.json`` + ``adapter_model.safetensors``). The file formats themselves are
-:mod:`bone.checkpoint`'s business; these are plain functions over the wrapped Hugging Face model, which
+:mod:`bone.adapter_files`'s business; these are plain functions over the wrapped Hugging Face model, which
 ``BoneModel.get_adapter_state_dict`` / ``save_pretrained`` call with the adapter's checked name and config."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
+from . import adapter_files
 from .config import BoneConfig
 from .tree import bone_layers, saved_modules
 
@@ -24,15 +24,15 @@ def adapter_state_dict(
     targets: set[str] = set()
     for path, layer in bone_layers(model):
         if name in layer.bone_block:
-            sd[f"{ckpt.PREFIX}{path}.bone_block"] = layer.bone_block[name].detach().clone()
+            sd[f"{adapter_files.PREFIX}{path}.bone_block"] = layer.bone_block[name].detach().clone()
             targets.add(path)
     for path, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             for k, v in wrapper.modules_to_save[name].state_dict().items():
-                sd[f"{ckpt.PREFIX}{path}.{k}"] = v.detach().clone()
-    for k, p in ckpt.bias_parameters(model, config, targets).items():
-        sd[f"{ckpt.PREFIX}{k}"] = p.detach().clone()
-    return ckpt.to_format(sd, format.lower())
+                sd[f"{adapter_files.PREFIX}{path}.{k}"] = v.detach().clone()
+    for k, p in adapter_files.bias_parameters(model, config, targets).items():
+        sd[f"{adapter_files.PREFIX}{k}"] = p.detach().clone()
+    return adapter_files.to_format(sd, format.lower())
 
 
 def saved_config(model: nn.Module, config: BoneConfig, format: str = "bone") -> dict[str, Any]:
@@ -52,4 +52,6 @@ def save_adapter(
 ) -> None:
     """Write adapter ``name`` as a checkpoint directory; ``format="miss"`` writes the MiSS form current PEFT loads."""
     fmt = format.lower()
-    ckpt.write_adapter_dir(directory, saved_config(model, config, fmt), adapter_state_dict(model, name, config, fmt))
+    adapter_files.write_adapter_dir(
+        directory, saved_config(model, config, fmt), adapter_state_dict(model, name, config, fmt)
+    )

@@ -20,13 +20,13 @@ import torch
 
 from core.access import may_publish_over
 from core.base_model import pick_device
-from core.checkpoints import unpublish_checkpoints
 from core.errors import Conflict, ServiceError
 from core.jobs import Job, JobStatus, check_job_size
 from core.jobstore import JobStore
 from core.logs import job_id_var
 from core.names import TRAINING_SLOT
 from core.paths import redact_server_paths
+from core.published_checkpoints import unpublish_checkpoints
 from core.registry import AdapterInfo, AdapterRegistry
 from core.settings import Settings, get_settings
 from core.storage.resume_state import ResumeStore
@@ -295,7 +295,7 @@ def _finish(store: JobStore, job_id: str, status: JobStatus, message: str, **fie
 
 def check_publishable(adapter_dir: Path) -> None:
     """Never publish weights holding NaN or infinity (a diverged run): the job fails naming the tensor."""
-    from bone.checkpoint import NonFiniteTensorError, check_finite, read_adapter_dir
+    from bone.adapter_files import NonFiniteTensorError, check_finite, read_adapter_dir
 
     _, tensors = read_adapter_dir(adapter_dir)
     try:

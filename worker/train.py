@@ -40,10 +40,10 @@ import torch
 
 from core.jobs import TrainingSpec
 from core.names import TRAINING_SLOT
-from worker import checkpoint, sharding
+from worker import resume, sharding
 from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
-from worker.evaluate import EvalResult, evaluate
+from worker.eval_metrics import EvalResult, evaluate
 from worker.loss import CausalLMLoss, plain_cross_entropy
 from worker.ranks import Ranks
 from worker.tokenized import example_lengths
@@ -242,9 +242,9 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
     result = TrainResult(steps=0, total_steps=total_steps, epochs=0.0)
     loop = {"micro_batches": 0, "seen": 0, "best_eval": None, "bad_evals": 0, "seconds": 0.0}
     start = 0
-    newest = checkpoint.newest(checkpoint_dir, shared_checkpoints) if checkpoint_dir is not None else None
+    newest = resume.newest(checkpoint_dir, shared_checkpoints) if checkpoint_dir is not None else None
     if newest is not None:
-        saved = checkpoint.load(newest, model, optimizer, sharded=sharded)
+        saved = resume.load(newest, model, optimizer, sharded=sharded)
         start = result.steps = result.resumed_from = saved["step"]
         result.losses, result.tokens, result.evals = saved["losses"], saved["tokens"], saved["evals"]
         loop.update({k: saved[k] for k in loop})
@@ -338,14 +338,14 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
 
         # -- checkpoint: everything the next attempt needs to carry on exactly here
         if checkpoint_dir is not None and due(done, spec.save_every, total_steps) and sharded:
-            gathered = checkpoint.Gathered(sharding.trainable_state(model), sharding.optimizer_state(model, optimizer))
+            gathered = resume.Gathered(sharding.trainable_state(model), sharding.optimizer_state(model, optimizer))
         else:
             gathered = None
         if main and checkpoint_dir is not None and due(done, spec.save_every, total_steps):
             on_event("phase", "", phase="checkpointing")
             loop["seconds"] += time.perf_counter() - started
             started = time.perf_counter()
-            path = checkpoint.save(checkpoint_dir, done, model, optimizer,
+            path = resume.save(checkpoint_dir, done, model, optimizer,
                                    {**loop, "losses": result.losses, "tokens": result.tokens, "evals": result.evals},
                                    adapter_name=adapter_name, keep=checkpoints_kept, shared=shared_checkpoints,
                                    gathered=gathered)

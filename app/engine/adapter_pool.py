@@ -82,7 +82,7 @@ def fetch_adapter(registry: AdapterRegistry, name: str) -> FetchedAdapter:
     CorruptAdapter, or Conflict for an adapter that trained biases). Non-finite weights (published before
     imports and jobs were checked) are refused here, so such an adapter fails its own requests at admission
     and never a batch."""
-    from bone.checkpoint import NonFiniteTensorError, check_finite
+    from bone.adapter_files import NonFiniteTensorError, check_finite
     from core.errors import CorruptAdapter
 
     started = time.perf_counter()
@@ -117,7 +117,7 @@ def fetch_mix(registry: AdapterRegistry, mix: Mix, out_features: dict[str, int] 
     sorted order of the sources (the same bits for the same mix). Versions are those read now: if a source
     was re-published since the request resolved it, the mix is built from (and keyed by) the new one."""
     from bone import BoneConfigError, combine_bone_adapters
-    from bone.checkpoint import NonFiniteTensorError, check_finite
+    from bone.adapter_files import NonFiniteTensorError, check_finite
     from core.errors import InvalidRequest
 
     started = time.perf_counter()

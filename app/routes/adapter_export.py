@@ -27,7 +27,7 @@ from app.auth import PrincipalDep
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.generation import check_mix
 from bone import BoneConfig, BoneConfigError, combine_bone_adapters, to_lora
-from bone.checkpoint import NonFiniteTensorError, check_finite, to_format, write_adapter_dir
+from bone.adapter_files import NonFiniteTensorError, check_finite, to_format, write_adapter_dir
 from bone.export import DEFAULT_BAT_TOLERANCE
 from core.base_model import exported_base_model_name
 from core.errors import Conflict, InvalidRequest

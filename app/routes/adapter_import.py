@@ -44,7 +44,7 @@ def import_adapter(name: Annotated[AdapterName, Form()],
                    registry: RegistryDep, settings: SettingsDep, checker: JobCheckerDep, principal: PrincipalDep,
                    overwrite: Annotated[bool, Form()] = False) -> AdapterInfo:
     from bone import BoneConfig, validate_config_for_model
-    from bone.checkpoint import NonFiniteTensorError, check_finite, check_tensors
+    from bone.adapter_files import NonFiniteTensorError, check_finite, check_tensors
     from bone.errors import BoneError
 
     check_adapter_count(registry, principal, name, settings.max_adapters_per_owner)

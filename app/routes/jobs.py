@@ -24,11 +24,11 @@ from app.auth import PrincipalDep
 from app.deps import FilesDep, JobCheckerDep, JobStoreDep, QueueDep, RegistryDep, SettingsDep
 from app.schemas import Listing, Page
 from core.access import OwnedJobs
-from core.checkpoints import unpublish_checkpoints
 from core.errors import Conflict, InvalidRequest
 from core.fleet import choose_queue
 from core.jobs import FileDataset, Job, JobCreate, JobStatus, dataset_summary
 from core.jobstore import check_event_id
+from core.published_checkpoints import unpublish_checkpoints
 from core.queueing import TRAINING_TASK, enqueue
 from core.quotas import check_adapter_count, release_active, reserve_active
 

@@ -1,6 +1,6 @@
 """Resume state of unfinished jobs, kept in the registry's store so that a job re-queued onto any worker resumes.
 
-A worker writes each checkpoint folder (``worker.checkpoint``: Bone blocks, optimizer, RNG states, loop
+A worker writes each checkpoint folder (``worker.resume``: Bone blocks, optimizer, RNG states, loop
 position) into its own data dir first, then copies it here; a worker that picks the job up later, on any
 machine that sees the registry, fetches the newest one back into its own data dir. Hidden under the
 registry's root, so the adapter listing and the registry's sweep never see it:
@@ -226,7 +226,7 @@ class ResumeStore:
 
     def fetch_newest(self, job_id: str, into: Path) -> tuple[int, Path] | None:
         """The newest whole checkpoint of the job as a local folder under ``into`` (``step-<8 digits>``, as
-        ``worker.checkpoint`` names them), files sha256-checked; None when the job has none. Files already
+        ``worker.resume`` names them), files sha256-checked; None when the job has none. Files already
         there with the right sha256 (this machine wrote them) are not fetched again. Several processes may
         fetch the same checkpoint at once (the ranks of one machine): each file lands by an atomic rename."""
         manifest = self.manifest(job_id)
@@ -265,7 +265,7 @@ class ResumeStore:
 
 
 class JobResume:
-    """One job's view of the store: what ``worker.checkpoint`` and ``worker.train`` are handed."""
+    """One job's view of the store: what ``worker.resume`` and ``worker.train`` are handed."""
 
     def __init__(self, store: ResumeStore, job_id: str) -> None:
         self.store, self.job_id = store, job_id

@@ -17,8 +17,8 @@ from core.queueing import EVAL_TASK
 from core.registry import AdapterRegistry
 from tests.worker.recipes import MEMORIZE_RECIPE, MEMORIZE_RECORDS
 from worker.data import tokenize_rows
+from worker.eval_metrics import evaluate
 from worker.evals import completion_prompts, generate_rows, load_adapters, score_rows
-from worker.evaluate import evaluate
 
 ROWS = [
     {"text": "a plain line of text to score"},

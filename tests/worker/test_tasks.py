@@ -206,13 +206,13 @@ def request_cancel_on_entry(monkeypatch, store, module, name):
 
 @pytest.mark.parametrize("phase", ["tokenizing", "training", "evaluating", "checkpointing"])
 def test_cancel_lands_in_every_phase(task_settings, redis_conn, store, make_job, monkeypatch, phase):
-    import worker.checkpoint
-    import worker.evaluate
+    import worker.eval_metrics
+    import worker.resume
     import worker.tasks
     import worker.train
 
     target = {"tokenizing": (worker.tasks, "tokenize_rows"), "training": (worker.tasks, "train"),
-              "evaluating": (worker.train, "evaluate"), "checkpointing": (worker.checkpoint, "save")}[phase]
+              "evaluating": (worker.train, "evaluate"), "checkpointing": (worker.resume, "save")}[phase]
     holder = request_cancel_on_entry(monkeypatch, store, *target)
     job = make_job(LEARNABLE * 50, adapter_name="phases", max_steps=500, eval_every=3, eval_fraction=0.1,
                    save_every=2, publish_checkpoints=True)
@@ -277,7 +277,7 @@ def test_a_retried_job_resumes_from_its_checkpoint_and_ends_with_the_same_weight
 
 def test_weights_with_nan_or_inf_are_never_published(tmp_path):
     """A diverged run (NaN/inf in a block) fails its job naming the tensor instead of publishing poison."""
-    from bone.checkpoint import write_adapter_dir
+    from bone.adapter_files import write_adapter_dir
     from core.errors import ServiceError
     from worker.tasks import check_publishable
 

@@ -161,7 +161,7 @@ def test_events_come_in_order_with_evals_epochs_and_checkpoints(base, examples, 
 
 def test_early_stopping_stops_after_patience_evaluations_without_progress(base, examples, monkeypatch):
     import worker.train
-    from worker.evaluate import EvalResult
+    from worker.eval_metrics import EvalResult
 
     scripted = iter([3.0, 2.0, 2.5, 2.0, 1.0, 9.0])  # best at the 2nd; the 3rd and 4th are no better: stop
     monkeypatch.setattr(worker.train, "evaluate", lambda *a, **k: EvalResult(next(scripted), 0.5, 10))
@@ -200,13 +200,13 @@ def test_resume_from_a_checkpoint_gives_the_same_weights_as_an_uninterrupted_run
 
 
 def test_a_checkpoint_is_a_publishable_adapter_and_old_ones_are_pruned(base, examples, tmp_path):
-    from worker import checkpoint
+    from worker import resume
 
     model = fresh(base)
     train(model, base.tokenizer, examples, TrainingSpec(max_steps=7, save_every=2), device=CPU,
           checkpoint_dir=tmp_path, checkpoints_kept=2)
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["step-00000004", "step-00000006"]
-    newest = checkpoint.newest(tmp_path)
+    newest = resume.newest(tmp_path)
     assert newest.name == "step-00000006"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in newest.iterdir()}
     reloaded = BoneModel.from_pretrained(copy.deepcopy(base.model), newest)

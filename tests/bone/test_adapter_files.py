@@ -217,7 +217,7 @@ def test_we_load_peft_miss_checkpoints(init, tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_check_finite_names_the_tensor(bad):
-    from bone.checkpoint import NonFiniteTensorError, check_finite
+    from bone.adapter_files import NonFiniteTensorError, check_finite
 
     tensors = {"a.bone_block": torch.zeros(2, 3), "b.bone_block": torch.ones(2, 3), "steps": torch.tensor([1, 2])}
     check_finite(tensors)
