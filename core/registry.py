@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +25,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from core.errors import Conflict, CorruptAdapter, NotFound
 from core.names import AdapterName
 from core.storage import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, LocalStorage, ObjectStorage
+from core.storage.opening import open_storage, storage_from_settings
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -107,42 +107,24 @@ def _check_sha256(name: str, expected: str, path: Path, label: str) -> None:
         )
 
 
-def _open_storage(
-    root: Path | str, cache_dir: Path | None, storage_options: dict[str, Any] | None, cache_bytes: int = 0
-):
-    text = str(root)
-    if "://" not in text:
-        return LocalStorage(Path(text))
-    if text.startswith("file://"):
-        return LocalStorage(Path(text[len("file://") :]))
-    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "bone-registry-cache"
-    return ObjectStorage(text, cache, storage_options, cache_bytes=cache_bytes)
-
-
 class AdapterRegistry:
     def __init__(
         self,
-        root: Path | str,
+        root: Path | str | LocalStorage | ObjectStorage,
         *,
         cache_dir: Path | None = None,
         storage_options: dict[str, Any] | None = None,
         cache_bytes: int = 0,
     ) -> None:
-        self.storage = _open_storage(root, cache_dir, storage_options, cache_bytes)
+        """``root``: a folder or an fsspec URL (opened here), or a storage already opened."""
+        if isinstance(root, (LocalStorage, ObjectStorage)):
+            self.storage = root
+        else:
+            self.storage = open_storage(root, cache_dir, storage_options, cache_bytes)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdapterRegistry:
-        if not settings.registry_url:
-            return cls(settings.registry_dir)
-        options: dict[str, Any] = {}
-        if settings.s3_endpoint_url and settings.registry_url.startswith(("s3://", "s3a://")):
-            options["endpoint_url"] = settings.s3_endpoint_url
-        return cls(
-            settings.registry_url,
-            cache_dir=settings.registry_cache_dir,
-            storage_options=options,
-            cache_bytes=settings.registry_cache_bytes,
-        )
+        return cls(storage_from_settings(settings))
 
     @property
     def root(self) -> Path | str:

@@ -193,9 +193,9 @@ class ResumeStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResumeStore:
-        from core.registry import AdapterRegistry
+        from core.storage.opening import storage_from_settings
 
-        return cls(AdapterRegistry.from_settings(settings).storage)
+        return cls(storage_from_settings(settings))
 
     def for_job(self, job_id: str) -> JobResume:
         return JobResume(self, job_id)
