@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from core.errors import Conflict, CorruptAdapter, NotFound
 from core.names import AdapterName
 from core.storage import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, LocalStorage, ObjectStorage
+from core.storage.common import file_sha256
 from core.storage.opening import open_storage, storage_from_settings
 
 if TYPE_CHECKING:
@@ -70,14 +71,6 @@ def _parse_metadata(raw: bytes) -> AdapterInfo | None:
         return AdapterInfo.model_validate_json(raw)
     except ValueError:
         return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_bytes_sha256(name: str, expected: str, data: bytes, label: str) -> None:

@@ -3,6 +3,7 @@ the conflicts a publish can raise, and ``fsync_path``."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -54,3 +55,11 @@ def _in_use(name: str) -> Conflict:
 
 def _raced(name: str) -> Conflict:
     return Conflict(f"adapter {name!r} was published concurrently", param="adapter_name", code="adapter_exists")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

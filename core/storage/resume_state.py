@@ -18,7 +18,6 @@ heartbeat keeps a second attempt out, and only rank 0 of a distributed job write
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.storage.common import fsync_path
+from core.storage.common import file_sha256, fsync_path
 from core.storage.local import LocalStorage
 from core.storage.objects import ObjectStorage
 
@@ -40,14 +39,6 @@ log = logging.getLogger(__name__)
 
 RESUME_DIR = ".resume"  # hidden: a registry lists and sweeps only names that do not start with "."
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(folder: Path) -> Iterator[tuple[str, Path]]:
@@ -210,7 +201,7 @@ class ResumeStore:
     def put(self, job_id: str, step: int, folder: Path, *, keep: int) -> None:
         """Copy a whole local checkpoint folder in, then name it in the manifest; keep the newest ``keep``."""
         name = f"step-{step:08d}-{uuid.uuid4().hex[:8]}"
-        files = {rel: {"sha256": _sha256(path), "size": path.stat().st_size} for rel, path in _files(folder)}
+        files = {rel: {"sha256": file_sha256(path), "size": path.stat().st_size} for rel, path in _files(folder)}
         self.files.put_folder(folder, f"{job_id}/{name}")
         before = (self.manifest(job_id) or {}).get("checkpoints", [])
         # A step done again (an attempt that resumed from an earlier one) replaces what the dead attempt saved.
@@ -235,10 +226,10 @@ class ResumeStore:
             try:
                 for rel, want in entry["files"].items():
                     local = target / rel
-                    if local.is_file() and _sha256(local) == want["sha256"]:
+                    if local.is_file() and file_sha256(local) == want["sha256"]:
                         continue
                     self.files.get_file(f"{job_id}/{entry['folder']}/{rel}", local)
-                    if _sha256(local) != want["sha256"]:
+                    if file_sha256(local) != want["sha256"]:
                         local.unlink(missing_ok=True)
                         raise ValueError(f"{rel} does not match its sha256 in the manifest")
             except (FileNotFoundError, ValueError) as exc:
