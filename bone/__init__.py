@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import BoneConfig
+from .config import BASE_ADAPTER, BoneConfig
 from .errors import BoneCheckpointError, BoneConfigError, BoneError
 
 if TYPE_CHECKING:
@@ -17,12 +17,10 @@ if TYPE_CHECKING:
     from .export import LoraExport, to_lora
     from .layer import BoneLinear
     from .model import BoneModel, get_bone_model
-    from .routing import BASE_ADAPTER
     from .targets import DEFAULT_TARGETS, validate_config_for_model
 
 # public name -> (module, attribute) for the names that need torch
 _LAZY = {
-    "BASE_ADAPTER": ("routing", "BASE_ADAPTER"),
     "BoneLinear": ("layer", "BoneLinear"),
     "BoneModel": ("model", "BoneModel"),
     "DEFAULT_TARGETS": ("targets", "DEFAULT_TARGETS"),

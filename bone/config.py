@@ -16,6 +16,9 @@ from typing import Any, Literal, cast, get_args
 
 from .errors import BoneCheckpointError, BoneConfigError
 
+# The adapter name that stands for "no adapter": per-row routing's key for the base model; no adapter takes it.
+BASE_ADAPTER = "__base__"
+
 CONFIG_NAME = "adapter_config.json"
 
 # PEFT's TaskType values; PEFT rejects anything else for `task_type`, so do we.

@@ -31,11 +31,11 @@ from torch import nn
 from . import adapter_files
 from . import merge as merging
 from . import save as saving
-from .config import BoneConfig
+from .config import BASE_ADAPTER, BoneConfig
 from .errors import BoneCheckpointError, BoneConfigError, BoneError
 from .layer import BoneLinear
 from .modules_to_save import ModulesToSave
-from .routing import BASE_ADAPTER, RoutedModel, RowRouting, routing_context
+from .routing import RoutedModel, RowRouting, routing_context
 from .targets import find_modules_to_save, find_targets, resolve_target_spec
 from .tree import bone_layers, saved_modules, set_submodule
 

@@ -35,8 +35,6 @@ from .config import BoneConfig
 from .errors import BoneError
 from .linear_types import Conv1D
 
-BASE_ADAPTER = "__base__"
-
 _ROUTING: contextvars.ContextVar[RowRouting | None] = contextvars.ContextVar("bone_routing", default=None)
 
 # The routing active around the current forward, or None. The bound ``get`` itself: every layer asks on

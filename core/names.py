@@ -21,13 +21,15 @@ from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
+from bone import config as bone_config
+
 MAX_LENGTH = 64
 # A name is one folder (or object-store prefix) of the registry: '.' and '-' may not lead (no hidden folders).
 PATTERN = rf"^[a-z0-9][a-z0-9._-]{{0,{MAX_LENGTH - 1}}}$"
 _NAME = re.compile(PATTERN)
 
-# Equal to bone.BASE_ADAPTER (core imports no torch). It cannot be an adapter name: '_' may not lead.
-BASE_ADAPTER = "__base__"
+# bone's name for the base model in a mixed batch; it cannot be an adapter name here: '_' may not lead.
+BASE_ADAPTER = bone_config.BASE_ADAPTER
 # PEFT's default adapter name. A training model holds exactly one adapter, and checkpoints are written without
 # adapter names in their keys, so this key never leaves the worker.
 TRAINING_SLOT = "default"
