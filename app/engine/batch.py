@@ -2,7 +2,7 @@
 and budget) join a running batch and leave it between decode steps.
 
 A hand-written loop over the model with a KV cache instead of ``generate()`` because every row differs:
-its temperature / top_p / seed, its stop strings, its token budget, and its arrival time. Newcomers are
+its temperature / top_p / top_k / seed, its stop strings, its token budget, and its arrival time. Newcomers are
 prefilled together in one forward, then their KV cache is merged into the running one (the shorter side is
 left-padded with masked columns). Finished rows leave the batch and the cache at once, and columns that
 became padding for every remaining row are trimmed, so a short answer never pays for a long neighbour.
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.detokenize import IncrementalDetokenizer
+from app.engine.sampling import MAX_TOP_K, make_generator
+from app.engine.sampling import choose as choose_tokens
 from core.errors import GenerationFailed, InvalidRequest, ServiceError, ServiceUnavailable
 from core.requests import SEED_BOUND
 
@@ -48,6 +50,7 @@ class SamplingParams:
     max_new_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = -1  # -1 or 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # Log-probabilities (of the model's distribution, before temperature and top_p, as OpenAI and vLLM report
@@ -64,6 +67,8 @@ class SamplingParams:
             raise InvalidRequest("temperature must be a finite number >= 0", param="temperature")
         if not math.isfinite(self.top_p) or not 0 <= self.top_p <= 1:
             raise InvalidRequest("top_p must be in [0, 1]", param="top_p")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise InvalidRequest(f"top_k must be an integer in [-1, {MAX_TOP_K}] (-1 or 0: off)", param="top_k")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < SEED_BOUND):
             raise InvalidRequest("seed must be an integer with 0 <= seed < 2**63", param="seed")
         if any(not isinstance(stop, str) or not stop for stop in self.stop):
@@ -96,27 +101,11 @@ class Row:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def choose(self, logits: torch.Tensor) -> int:
-        p = self.params
-        if p.temperature < 1e-6:  # 0 = greedy; so is its limit (a float32 scale that small is 0 or inf anyway)
-            return int(torch.argmax(logits))
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """This row's seeded random stream (made on first use, then carried across steps), or None."""
         if self._generator is None:
-            self._generator = torch.Generator(device=logits.device)
-            if p.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(p.seed)
-        logits = logits.float()
-        # Shift so the top logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan.
-        probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
-            outside[0] = False  # a top_p that rounds to 0 in float32 would otherwise drop every token
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self._generator))
+            self._generator = make_generator(self.params, device)
+        return self._generator
 
     def fail(self, exc: BaseException) -> None:
         """Finish this row with an error (reported to its caller only)."""
@@ -309,17 +298,19 @@ class RunningBatch:
             self._merge([rows[j] for j in keep], cache, mask, positions[:, -1:], [tokens[j] for j in keep])
 
     def _push(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        """Each row's next token, pushed to it. One device→host copy for the batch (a sync per row per step
-        would dominate on a GPU): the greedy tokens and whether each row's logits are finite (a NaN or +inf
-        anywhere makes the row's max non-finite). An error here is its row's alone."""
-        greedy, finite = torch.stack([logits.argmax(dim=-1), torch.isfinite(logits.amax(dim=-1)).long()]).tolist()
+        """Each row's next token, pushed to it. The tokens of the whole batch are chosen together and come to
+        the host in one transfer (``app.engine.sampling``; a sync per row per step would dominate on a GPU),
+        with whether each row's logits are finite. An error here is its row's alone."""
+        choices = choose_tokens(logits, [r.params for r in rows], [r.generator(logits.device) for r in rows])
         tokens = []
         for j, row in enumerate(rows):
             try:
-                if not finite[j]:
+                if not choices.finite[j]:
                     raise GenerationFailed("the model produced non-finite logits (NaN or infinity) for this request; "
                                            "its adapter's weights may be corrupt", code="non_finite_logits")
-                token = greedy[j] if row.params.temperature == 0 else row.choose(logits[j])
+                if choices.errors[j] is not None:
+                    raise choices.errors[j]
+                token = choices.tokens[j]
                 if row.params.logprobs is not None:
                     row.token_logprobs.append(_token_logprob(torch.log_softmax(logits[j].float(), dim=-1), token,
                                                              row.params.logprobs))

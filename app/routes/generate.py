@@ -19,6 +19,7 @@ from app.auth import caller_key
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.engine import BASE_MODEL, GenerationRequest, GenerationResult, InferenceEngine
 from app.engine.batch import SamplingParams
+from app.engine.sampling import MAX_TOP_K
 from app.generation import (
     MAX_PROMPT_CHARS,
     SSE_RESPONSE,
@@ -62,6 +63,7 @@ class GenerateRequest(RequestModel):
                                        "limit, if lower); bounded by BONE_MAX_NEW_TOKENS")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, le=MAX_TOP_K, description="sample among the k most likely tokens; -1 or 0: off")
     seed: int | None = SeedField
     stop: Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | \
         Annotated[str, Field(max_length=MAX_STOP_CHARS)] | None = None
@@ -98,7 +100,7 @@ def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams
                              f"{settings.max_new_tokens} (BONE_MAX_NEW_TOKENS)", param="max_new_tokens")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
-                          seed=body.seed, stop=tuple(stops))
+                          top_k=body.top_k, seed=body.seed, stop=tuple(stops))
 
 
 def to_response(result: GenerationResult) -> GenerateResponse:

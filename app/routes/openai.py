@@ -35,6 +35,7 @@ from app.auth import caller_key
 from app.deps import EngineDep, RegistryDep, SettingsDep
 from app.engine import BASE_MODEL, GenerationRequest, GenerationResult, InferenceEngine, Target
 from app.engine.batch import SamplingParams, TokenLogprob
+from app.engine.sampling import MAX_TOP_K
 from app.generation import (
     MAX_PROMPT_CHARS,
     SSE_RESPONSE,
@@ -77,6 +78,8 @@ class _Common(RequestModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1, description="0 keeps only the most likely token (greedy)")
+    # Not OpenAI's; vLLM's extra field (the SDKs pass it with extra_body). None, -1 or 0: off.
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K, description="sample among the k most likely tokens")
     n: int = Field(1, ge=1, le=8)
     seed: int | None = SeedField
     stop: str | list[str] | None = None
@@ -254,8 +257,8 @@ def _params(body: _Common, settings: Settings, default_max: int) -> SamplingPara
     echo = getattr(body, "echo", False)
     # max_tokens=0: one token is generated (the prefill makes it anyway) and dropped from the answer.
     return SamplingParams(max_new_tokens=max(limit, 1), temperature=body.temperature, top_p=body.top_p,
-                          seed=body.seed, stop=tuple(stops), logprobs=top,
-                          prompt_logprobs=top if echo else None)
+                          top_k=-1 if body.top_k is None else body.top_k, seed=body.seed, stop=tuple(stops),
+                          logprobs=top, prompt_logprobs=top if echo else None)
 
 
 def _top_logprobs(body: _Common) -> int | None:
@@ -362,8 +365,8 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
     prompt_tokens = sum(len(x) for x in ids)
     scoring_only = (body.max_completion_tokens or body.max_tokens) == 0
     texts = None
-    if body.echo:  # text prompts come back as given; token ids as they decode
-        texts = [p if isinstance(p, str) else engine.detokenize(x) for p, x in zip(_prompt_list(body.prompt), ids)]
+    if body.echo:  # text prompts come back as given; token ids as they decode (off the event loop)
+        texts = await run_in_threadpool(_echoed_texts, engine, body.prompt, ids)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
         def chunk(i: int, text: str, finish: str | None) -> dict:
@@ -381,11 +384,16 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
     for j, result in enumerate(results):
         prompt_text = texts[j // body.n] if body.echo else ""
         logprobs = None
-        if body.logprobs is not None:
-            logprobs = _completion_logprobs(engine, ids[j // body.n] if body.echo else None, result)
+        if body.logprobs is not None:  # naming tokens is detokenizing: off the event loop
+            logprobs = await run_in_threadpool(_completion_logprobs, engine, ids[j // body.n] if body.echo else None,
+                                               result)
         choices.append({"index": j, "text": prompt_text + result.text, "logprobs": logprobs,
                         "finish_reason": _finish(result)})
     return {**meta, "object": "text_completion", "usage": _usage(results, prompt_tokens), "choices": choices}
+
+
+def _echoed_texts(engine: InferenceEngine, prompt: str | list, ids: list[list[int]]) -> list[str]:
+    return [p if isinstance(p, str) else engine.detokenize(x) for p, x in zip(_prompt_list(prompt), ids)]
 
 
 def _prompt_ids(engine: InferenceEngine, prompt: str | list, settings: Settings) -> list[list[int]]:
@@ -479,9 +487,11 @@ async def chat_completions(body: ChatRequest, http_request: Request, engine: Eng
                                "finish_reason": None}]} for k in range(body.n)]
         return _sse(engine, jobs, body, len(ids), meta, "chat.completion.chunk", chunk, first=first, key=key)
     results = await results_or_disconnect(engine, submit_all(engine, jobs, key=key), http_request)
+    logprobs = [None] * len(results)
+    if body.logprobs:  # naming tokens is detokenizing: off the event loop
+        logprobs = await run_in_threadpool(lambda: [_chat_logprobs(engine, r) for r in results])
     return {**meta, "object": "chat.completion", "usage": _usage(results, len(ids)),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                         "logprobs": _chat_logprobs(engine, r) if body.logprobs else None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs[i],
                          "finish_reason": _finish(r)} for i, r in enumerate(results)]}
 
 

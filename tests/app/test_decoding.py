@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.engine.batch import Row, SamplingParams, _safe_end
+from app.engine.sampling import choose
 from core.names import BASE_ADAPTER
 
 EOS = 0
@@ -68,12 +69,11 @@ def test_safe_end_holds_back_what_may_still_change(text, stops, end):
 
 def test_sampling_is_seeded_and_top_p_keeps_the_head():
     logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
-    def draws(seed, top_p=1.0):
-        return [row(temperature=1.0, seed=seed, top_p=top_p).choose(logits) for _ in range(1)]
 
-    assert draws(1) == draws(1)
-    seeded = row(temperature=1.0, seed=3, top_p=0.5)
-    assert {seeded.choose(logits) for _ in range(50)} == {1}  # token 1 alone holds >= 50% of the mass
-    wide = row(temperature=1.0, seed=3, top_p=0.99)
-    assert {wide.choose(logits) for _ in range(200)} == {1, 2}
-    assert row(temperature=0).choose(logits) == 1
+    def draws(r: Row, n: int) -> list[int]:  # a row's tokens over n steps, its generator carried across them
+        return [choose(logits[None], [r.params], [r.generator(logits.device)]).tokens[0] for _ in range(n)]
+
+    assert draws(row(temperature=1.0, seed=1), 20) == draws(row(temperature=1.0, seed=1), 20)
+    assert set(draws(row(temperature=1.0, seed=3, top_p=0.5), 50)) == {1}  # token 1 alone holds >= 50% of the mass
+    assert set(draws(row(temperature=1.0, seed=3, top_p=0.99), 200)) == {1, 2}
+    assert draws(row(temperature=0), 1) == [1]
