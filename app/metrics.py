@@ -1,9 +1,9 @@
 """Prometheus metrics (prometheus-client), served at ``/metrics``.
 
 - HTTP: latency histogram by route template, method and status (middleware below).
-- Inference engine: generated tokens, time to first token, batch sizes, adapter cache hits / misses /
-  evictions / load time, resident adapters — ``app.engine.scheduler`` and ``app.engine.adapter_pool`` update
-  these objects.
+- Inference engine: generated tokens, time to first token, batch sizes, decode step time by batch size, the
+  batch bound, adapter cache hits / misses / evictions / load time, resident adapters — ``app.engine.engine``,
+  ``app.engine.scheduler`` and ``app.engine.adapter_pool`` update these objects.
 - Queue and jobs: read from Redis at scrape time (queue depth, jobs by status).
 - Workers: the training loop pushes its latest figures through Redis (hash ``bone:metrics:training``:
   tokens/s, step time, steps) and this process exports them at scrape time, so one scrape target
@@ -36,6 +36,15 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 # Continuous batching: rows join and leave between steps, so the batch size is observed once per decode step.
 BATCH_SIZE = Histogram("bone_engine_batch_size", "rows per engine decode step", buckets=(1, 2, 4, 8, 16, 32, 64))
+# Labelled by the batch size rounded down to a power of two, so the labels stay few whatever the batch bound.
+ENGINE_STEP_SECONDS = Histogram(
+    "bone_engine_step_seconds", "one decode step (forward, sampling, stops) by rows in the batch: 4 = 4-7 rows, "
+    "64+ = 64 or more", ["rows"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+STEP_ROWS_LABELS = ("1", "2", "4", "8", "16", "32", "64+")
+ENGINE_MAX_BATCH_SIZE = Gauge(
+    "bone_engine_max_batch_size", "rows that may decode together (BONE_MAX_BATCH_SIZE, or the device's default)"
+)
 ADAPTER_CACHE_HITS = Counter("bone_adapter_cache_hits_total", "requests whose adapter was resident on the device")
 ADAPTER_CACHE_MISSES = Counter(
     "bone_adapter_cache_misses_total", "requests whose adapter had to be loaded (from the CPU tier or the registry)"
@@ -48,6 +57,15 @@ ADAPTER_LOAD_SECONDS = Histogram(
 )
 ADAPTERS_RESIDENT = Gauge("bone_adapters_resident", "adapters resident on the device")
 ADAPTERS_RESIDENT_BYTES = Gauge("bone_adapters_resident_bytes", "bytes of adapters resident on the device")
+
+
+def step_rows_label(rows: int) -> str:
+    """The ``rows`` label of ``bone_engine_step_seconds``: ``rows`` rounded down to a power of two, 64 and up as one."""
+    return STEP_ROWS_LABELS[min(max(rows, 1).bit_length() - 1, len(STEP_ROWS_LABELS) - 1)]
+
+
+def observe_step(rows: int, seconds: float) -> None:
+    ENGINE_STEP_SECONDS.labels(step_rows_label(rows)).observe(seconds)
 
 
 class RedisCollector:

@@ -194,7 +194,9 @@ class Settings(BaseSettings):
     )
 
     # --- inference engine --------------------------------------------------------------------------
-    max_batch_size: int = Field(16, ge=1)
+    max_batch_size: int | None = Field(
+        None, ge=1, description="rows decoding together; default from the device: 64 on CUDA, 16 on CPU"
+    )
     batch_wait_ms: float = Field(5.0, ge=0)
     max_queue: int = Field(256, ge=1)
     max_queue_per_key: int | None = Field(

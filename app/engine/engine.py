@@ -16,6 +16,7 @@ else.
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from collections.abc import Callable
 import anyio
 import torch
 
+from app import metrics
 from app.engine.adapter_pool import AdapterCache, mix_name, mix_sha256
 from app.engine.batch import RunningBatch
 from app.engine.messages import GenerationRequest, GenerationResult, Request
@@ -36,15 +38,29 @@ from core.settings import Settings
 __all__ = ["GenerationResult", "InferenceEngine"]
 
 
+def default_max_batch_size(device: torch.device) -> int:
+    """``BONE_MAX_BATCH_SIZE`` when unset: a GPU's step time barely grows with rows up to dozens (the weights
+    are read once per step whatever the batch), a CPU's grows with every row."""
+    return 64 if device.type == "cuda" else 16
+
+
 class InferenceEngine:
     def __init__(self, base: LoadedBaseModel, registry: AdapterRegistry, settings: Settings) -> None:
+        self.max_batch_size = settings.max_batch_size or default_max_batch_size(base.device)
+        settings = settings.model_copy(update={"max_batch_size": self.max_batch_size})  # resolved once, for all
+        metrics.ENGINE_MAX_BATCH_SIZE.set(self.max_batch_size)
         self.base, self.settings = base, settings
         self.tokenizer = base.tokenizer
+        # The model thread detokenizes every row at every step with a tokenizer of its own: sharing one (fast
+        # tokenizers refuse concurrent use) would make it wait on the request handlers' tokenizing, and them
+        # on it. Only the model thread uses this copy, so it needs no lock.
+        self._model_tokenizer = copy.deepcopy(base.tokenizer)
         self.host = ModelHost(base.model)
         self.cache = AdapterCache(registry, self.host, max_count=settings.adapter_cache_size,
                                   max_bytes=settings.adapter_cache_bytes, cpu_bytes=settings.adapter_cpu_cache_bytes,
                                   device=base.device, dtype=self.host.dtype, pinned=settings.adapter_pin)
-        self._tokenizer_lock = threading.Lock()  # fast tokenizers refuse concurrent use ("Already borrowed")
+        # the request handlers' threads share ``tokenizer``: fast tokenizers refuse concurrent use ("Already borrowed")
+        self._tokenizer_lock = threading.Lock()
         self.eos_ids = eos_token_ids(base.model, base.tokenizer)
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
@@ -87,8 +103,8 @@ class InferenceEngine:
         return await anyio.to_thread.run_sync(self.tokenize, text, add_special_tokens)
 
     def _detokenize(self, ids: list[int]) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """The model thread's decode (each row's text, every step): its own tokenizer, no lock to wait on."""
+        return self._model_tokenizer.decode(ids, skip_special_tokens=True)
 
     def submit(self, job: GenerationRequest, on_text: Callable[[str], None] | None = None,
                key: str | None = None) -> Request:

@@ -283,6 +283,7 @@ class Scheduler:
 
     def _step(self) -> None:
         rows = len(self.batch.rows)
+        started = time.perf_counter()
         try:
             done = self.batch.step()
         except Exception as exc:  # noqa: BLE001 - reported to every row of the batch, the thread lives on
@@ -293,6 +294,7 @@ class Scheduler:
             return
         self.steps += 1
         metrics.BATCH_SIZE.observe(rows)
+        metrics.observe_step(rows, time.perf_counter() - started)  # the step ends on a host copy: a device sync
         self._count_tokens(rows)
         for row in done:
             self._answer(row)
