@@ -1,13 +1,15 @@
 """Per-step sampling time of a batch: the per-row loop vs the batched sampler (issue 15, point 4).
 
     python -m bench.sampling [--rows 64] [--vocab 32000] [--steps 20] [--repeats 7] [--device cpu|cuda]
+                             [--mix mixed|plain|top_p]
 
 "per-row": what a step did until now (one batched argmax and finiteness check brought to the host, then for
 each sampled row its own softmax, top-p sort and ``torch.multinomial``, read back with ``int(...)``: a device
 sync per row). "batched": ``app.engine.sampling.choose`` (one argmax, one sort for the rows with a top-k or
 top-p, the exponential race against per-row seeded noise, one transfer to the host). Both run in the same
-process on the same logits, with a realistic mix of rows: an eighth greedy, the rest sampled at temperatures
-0.7-1.3, half with a top_p, a quarter with a top_k, most seeded. Prints the median and range over repeats of
+process on the same logits. ``--mix mixed``: an eighth of the rows greedy, the rest sampled at temperatures
+0.7-1.3, half with a top_p, a quarter with a top_k, most seeded; ``plain``: all sampled, no cut; ``top_p``:
+all with top_p 0.9. Prints the median and range over repeats of
 the mean time per step.
 """
 
@@ -29,6 +31,14 @@ class Params:
     top_p: float
     top_k: int
     seed: int | None
+
+
+def rows_of(mix: str, n: int) -> list[Params]:
+    if mix == "plain":  # every row sampled at temperature 0.8, no cut, seeded
+        return [Params(0.8, 1.0, -1, i) for i in range(n)]
+    if mix == "top_p":  # every row sampled with a top_p, seeded
+        return [Params(0.8, 0.9, -1, i) for i in range(n)]
+    return mixed_rows(n)
 
 
 def mixed_rows(n: int) -> list[Params]:
@@ -84,12 +94,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mix", choices=("mixed", "plain", "top_p"), default="mixed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = mixed_rows(args.rows)
+    rows = rows_of(args.mix, args.rows)
     g = torch.Generator().manual_seed(0)
     logits_steps = [(torch.randn(args.rows, args.vocab, generator=g) * 3).to(device) for _ in range(args.steps)]
     old_generators = []
@@ -105,7 +116,7 @@ def main() -> None:
         old.append(timed(per_row_step, logits_steps, rows, old_generators, device))
         new.append(timed(batched_step, logits_steps, rows, new_generators, device))
     sampled = sum(p.temperature > 0 for p in rows)
-    print(f"sampling per step, {args.rows} rows ({sampled} sampled) x {args.vocab} vocab on {device} "
+    print(f"sampling per step, {args.mix} mix, {args.rows} rows ({sampled} sampled) x {args.vocab} vocab on {device} "
           f"({torch.get_num_threads()} CPU threads), mean of {args.steps} steps, median [min-max] of {args.repeats}:")
     for name, figures in (("per-row (before)", old), ("batched (after) ", new)):
         print(f"  {name}: {statistics.median(figures) * 1e3:8.2f} ms  "
