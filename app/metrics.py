@@ -35,6 +35,11 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 # Continuous batching: rows join and leave between steps, so the batch size is observed once per decode step.
+CONTINUOUS_BATCHING = Gauge(
+    "bone_engine_continuous_batching",
+    "1 for the mode the engine runs in: joins (rows join a running batch) or drain (newcomers wait for it to empty)",
+    ["mode"],
+)
 BATCH_SIZE = Histogram("bone_engine_batch_size", "rows per engine decode step", buckets=(1, 2, 4, 8, 16, 32, 64))
 # Labelled by the batch size rounded down to a power of two, so the labels stay few whatever the batch bound.
 ENGINE_STEP_SECONDS = Histogram(

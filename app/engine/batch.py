@@ -4,7 +4,8 @@ and budget) join a running batch and leave it between decode steps.
 A hand-written loop over the model with a KV cache instead of ``generate()`` because every row differs:
 its temperature / top_p / top_k / seed, its stop strings, its token budget, and its arrival time. Newcomers are
 prefilled together in one forward, then their KV cache is merged into the running one (the shorter side is
-left-padded with masked columns). Finished rows leave the batch and the cache at once, and columns that
+left-padded with masked columns; ``app.engine.kv_cache`` does it for each kind of layer: full attention and
+sliding windows). Finished rows leave the batch and the cache at once, and columns that
 became padding for every remaining row are trimmed, so a short answer never pays for a long neighbour.
 
 Positions are counted from each row's first real token, so a padded row computes what it would alone.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from app.engine import kv_cache
 from app.engine.detokenize import IncrementalDetokenizer
 from app.engine.sampling import MAX_TOP_K, make_generator
 from app.engine.sampling import choose as choose_tokens
@@ -188,22 +190,12 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def _kv_layers(cache: Any) -> list | None:
-    """The cache's per-layer key/value holders if rows can be merged into it (plain dynamic layers:
-    full attention, no sliding window or quantization), else None."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return None
-    return list(layers)
-
-
 class RunningBatch:
     """Rows decoding together over one KV cache. Only the engine's model thread uses it."""
 
-    def __init__(self, forward: Forward, pad_id: int, device: torch.device) -> None:
+    def __init__(self, forward: Forward, pad_id: int, device: torch.device, joins: bool = True) -> None:
         self.forward, self.pad_id, self.device = forward, pad_id, device
+        self.joins = joins  # False: the model's cache cannot take rows in mid-flight (``kv_cache.join_mode``)
         self.rows: list[Row] = []
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # (rows, cached columns): 1 where the column is a real token
@@ -219,7 +211,13 @@ class RunningBatch:
     @property
     def accepts_joins(self) -> bool:
         """Newcomers can merge into the running cache (else they wait until the batch drains)."""
-        return not self.rows or _kv_layers(self._cache) is not None
+        if not self.rows:
+            return True
+        if self.joins and kv_cache.layers(self._cache) is None:  # a cache unlike what the model's config said
+            self.joins = False
+            kinds = sorted({type(layer).__name__ for layer in getattr(self._cache, "layers", ())})
+            kv_cache.announce(kv_cache.DRAIN, f"its cache is made of {', '.join(kinds) or type(self._cache).__name__}")
+        return self.joins
 
     def add(self, rows: list[Row]) -> list[Row]:
         """Prefill ``rows`` in one forward (each row's next token comes from it) and merge them into the
@@ -254,6 +252,7 @@ class RunningBatch:
         except Exception as exc:  # noqa: BLE001 - retried split (see _step_failed)
             return self._step_failed(exc)
         self._mask, self._last_pos = mask, positions
+        kv_cache.settle(self._cache, mask.shape[1])
         self._next = self._push(self.rows, logits)
         return self._drop_finished()
 
@@ -348,39 +347,20 @@ class RunningBatch:
 
     def _roll_back(self) -> bool:
         """Drop the column a failed step appended to the layers it reached. False if the cache is not made
-        of plain layers (then it cannot be trusted)."""
-        layers = _kv_layers(self._cache)
-        if layers is None:
-            return False
-        width = self._mask.shape[1]
-        for layer in layers:
-            if layer.keys.shape[-2] > width:
-                layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
-        return True
+        of layers ``kv_cache`` knows (then it cannot be trusted)."""
+        return kv_cache.roll_back(self._cache, self._mask.shape[1])
 
     def _merge(self, rows: list[Row], cache: Any, mask: torch.Tensor, last_pos: torch.Tensor,
                tokens: list[int]) -> None:
         if not self.rows:
+            kv_cache.adopt(cache)
             self.rows, self._cache, self._mask, self._last_pos, self._next = rows, cache, mask, last_pos, tokens
             return
-        old, new = _kv_layers(self._cache), _kv_layers(cache)
-        count, old_width = len(self.rows), self._mask.shape[1]
-        width = max(old_width, mask.shape[1])
-        merged = 0
-        try:
-            for a, b in zip(old, new):  # left-pad the shorter side with masked columns, stack the rows
-                keys = torch.cat([_pad_cols(a.keys, width), _pad_cols(b.keys, width)], dim=0)
-                values = torch.cat([_pad_cols(a.values, width), _pad_cols(b.values, width)], dim=0)
-                a.keys, a.values = keys, values
-                merged += 1
-            merged_mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(mask, width)], dim=0)
-            merged_last = torch.cat([self._last_pos, last_pos], dim=0)
-        except Exception:
-            # Out of memory half-way: the layers already merged go back to the running rows (views, no copy).
-            for a in old[:merged]:
-                a.keys = a.keys[:count, :, width - old_width:, :]
-                a.values = a.values[:count, :, width - old_width:, :]
-            raise
+        width = max(self._mask.shape[1], mask.shape[1])
+        merged_mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(mask, width)], dim=0)
+        merged_last = torch.cat([self._last_pos, last_pos], dim=0)
+        # left-pad the narrower side with masked columns and stack the rows (undone on an exception)
+        kv_cache.merge(self._cache, cache, len(self.rows), width)
         self._mask, self._last_pos = merged_mask, merged_last
         self.rows, self._next = self.rows + rows, self._next + tokens
 
@@ -405,14 +385,12 @@ class RunningBatch:
 
     def _trim(self) -> None:
         """Cut leading columns that are padding for every remaining row (left by a long row that left)."""
-        layers = _kv_layers(self._cache)
-        if layers is None:
+        if kv_cache.layers(self._cache) is None:
             return
         first = int(self._mask.any(dim=0).int().argmax())
         if first > 0:
-            for layer in layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
             self._mask = self._mask[:, first:]
+            kv_cache.trim(self._cache, self._mask.shape[1])
 
 
 def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -450,10 +428,6 @@ def _release_device_memory(exc: BaseException) -> None:
     """After a device OOM, hand cached blocks back so the split retry gets the memory the failed call freed."""
     if _out_of_memory(exc) and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _pad_cols(kv: torch.Tensor, width: int) -> torch.Tensor:
-    return kv if kv.shape[-2] == width else F.pad(kv, (0, 0, width - kv.shape[-2], 0))
 
 
 def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:

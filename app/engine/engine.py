@@ -25,6 +25,7 @@ import anyio
 import torch
 
 from app import metrics
+from app.engine import kv_cache
 from app.engine.adapter_pool import AdapterCache, mix_name, mix_sha256
 from app.engine.batch import RunningBatch
 from app.engine.messages import GenerationRequest, GenerationResult, Request
@@ -70,7 +71,11 @@ class InferenceEngine:
         self._keep_last_logits = "logits_to_keep" in accepted
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40).
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
-        self.batch = RunningBatch(self._forward, self.pad_id, base.device)
+        # Rows join a running batch mid-flight for full-attention and sliding-window caches; any other kind
+        # of cache drains first. Said once here, in the log and in /metrics.
+        self.join_mode, reason = kv_cache.join_mode(base.model)
+        kv_cache.announce(self.join_mode, reason)
+        self.batch = RunningBatch(self._forward, self.pad_id, base.device, joins=self.join_mode == kv_cache.JOINS)
         # out_features per module path: mixes of MiSS-mini adapters tile their blocks to (r, out)
         out_features = {path: int(getattr(m, "out_features", None) or m.weight.shape[-1])
                         for path, m in base.model.named_modules()

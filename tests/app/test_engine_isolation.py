@@ -182,7 +182,7 @@ def test_only_the_row_that_fails_alone_is_failed(make_engine):
 def test_a_join_that_runs_out_of_memory_half_merged_leaves_the_batch_whole(make_engine, monkeypatch):
     """The KV merge of a newcomer fails after the first layer was merged: that layer goes back to the running
     rows, the newcomer waits (parked) until they leave, and both end with the text they get alone."""
-    import app.engine.batch as decoding
+    import app.engine.kv_cache as decoding
 
     engine = make_engine()
     long_job, late_job = ("Once upon a time", greedy(60)), ("Hi", greedy(N))
