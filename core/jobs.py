@@ -243,11 +243,12 @@ class TrainingSpec(_Strict):
         new jobs only: a record stored before it still loads (the trainer copes with uneven shards)."""
         if info.context and info.context.get("stored"):
             return value
-        n = info.data.get("num_processes", 1) * info.data.get("num_nodes", 1)
-        if info.data.get("per_device_batch_size") is None and value % n:
+        nodes, per_node = info.data.get("num_nodes", 1), info.data.get("num_processes", 1)
+        if info.data.get("per_device_batch_size") is None and value % (nodes * per_node):
+            ranks = f"num_processes={per_node}" if nodes == 1 else f"num_nodes x num_processes={nodes * per_node}"
             raise ValueError(
-                f"batch_size={value} is the global micro-batch and must be a multiple of the world size "
-                f"num_nodes x num_processes={n} (or set per_device_batch_size)"
+                f"batch_size={value} is the global micro-batch and must be a multiple of {ranks} "
+                "(or set per_device_batch_size)"
             )
         return value
 

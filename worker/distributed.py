@@ -98,7 +98,7 @@ def run(n: int, *, device: torch.device, settings, job, bone_config, examples, e
     ``GangNotAssembled`` when the nodes did not all meet. ``examples`` on disk (``worker.tokenized.ArrowExamples``)
     reach the ranks as their path: each memory-maps the same file."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
 
     from worker.data import Cancelled
     from worker.nodes import GangNotAssembled
@@ -124,9 +124,9 @@ def run(n: int, *, device: torch.device, settings, job, bone_config, examples, e
         raise RuntimeError(f"training process rank {rank} of {config.nproc_per_node * config.max_nodes} failed: "
                            f"{_one_line(failure.message)}") from None
     except RendezvousError as exc:  # only a multi-node gang waits for others
+        detail = "" if isinstance(exc, RendezvousTimeoutError) else f" ({type(exc).__name__}: {_one_line(str(exc))})"
         raise GangNotAssembled(f"the job's {config.max_nodes} nodes did not all join its rendezvous within "
-                               f"{settings.rendezvous_timeout_s:g} s (BONE_RENDEZVOUS_TIMEOUT_S): "
-                               f"{_one_line(str(exc)) if str(exc) else type(exc).__name__}") from None
+                               f"{settings.rendezvous_timeout_s:g} s (BONE_RENDEZVOUS_TIMEOUT_S){detail}") from None
     if CANCELLED in outcomes.values():  # every rank returns it; this node's ranks may not include rank 0
         raise Cancelled()
     return outcomes.get(0)

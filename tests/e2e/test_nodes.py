@@ -103,3 +103,18 @@ def test_a_node_killed_mid_job_is_replaced_and_the_job_resumes_from_its_checkpoi
         steps = [e["data"]["step"] for e in history if e["type"] == "step"]
         assert steps[-1] == total and len(steps) < 2 * total  # not from scratch
         print(f"killed node 1 at step {killed_at_step}; resumed from step {resumed['data']['step']}")
+
+
+def test_a_gang_that_does_not_assemble_goes_back_to_the_queue_then_fails_naming_the_timeout(
+        tmp_path, redis_url, shared_models_dir):
+    # One worker for a two-node job: the second node never comes.
+    lonely = new_service(tmp_path, redis_url, shared_models_dir, "machine-1",
+                         **{**NODE_ENV, "BONE_RENDEZVOUS_TIMEOUT_S": "5", "BONE_MAX_ATTEMPTS": "2"})
+    with running(lonely), httpx.Client(base_url=lonely.url, timeout=60) as client:
+        job_id = submit(client, "alone", max_steps=2, num_nodes=2, processes_per_node=1)
+        done = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+        history = events(client, job_id)
+    assert done["status"] == "failed" and done["attempts"] == 2, (done, lonely.logs())
+    assert "BONE_RENDEZVOUS_TIMEOUT_S" in done["error"] and "BONE_MAX_ATTEMPTS" in done["error"], done["error"]
+    assert [e["data"]["attempt"] for e in history if e["type"] == "retry"] == [1]
+    assert not redis.Redis.from_url(redis_url).exists(f"bone:job:{job_id}:gang")
