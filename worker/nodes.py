@@ -24,7 +24,8 @@ once, as one torch elastic job (worker/distributed.py runs each node's processes
   the attempt, keeps its heartbeat until the job is final, and records failures and cancellation.
 
 Tested on one machine (tests/e2e/test_nodes.py): two ``bone-server worker`` processes with their own data dirs and
-a shared registry, two gloo processes each over 127.0.0.1; and the same with one node's worker SIGKILLed mid-job.
+a shared registry, two gloo processes each over 127.0.0.1; the same with one node's worker SIGKILLed mid-job; and
+a two-node job with one worker, which goes back to the queue and then fails naming the timeout.
 """
 
 from __future__ import annotations
