@@ -35,6 +35,7 @@ from core.storage.resume_state import ResumeStore
 from worker import model_cache
 from worker.data import Cancelled, Example, load_rows, pack, split_eval, tokenize_rows
 from worker.heartbeat import Heartbeat
+from worker.nodes import GangNotAssembled, Node
 from worker.progress import ProgressReporter
 from worker.tokenized import ExampleWriter, example_lengths
 from worker.train import TrainResult, count_steps, train
@@ -99,20 +100,24 @@ def run_training_job(job_id: str) -> str:
 
 
 def _record_outcome(store: JobStore, settings: Settings, job: Job, work) -> None:
-    """Run ``work`` (it publishes the adapter) and record how it ended in the job."""
+    """Run ``work`` (it trains and publishes the adapter) and record how it ended in the job. ``work`` returning
+    None: rank 0 ran on another node, which records the outcome."""
     try:
         info = work()
     except Cancelled:
         unpublish_checkpoints(store, AdapterRegistry.from_settings(settings), job)
         _finish(store, job.id, JobStatus.CANCELLED, "cancelled; nothing was published")
+    except GangNotAssembled:
+        raise  # not the job's failure: it goes back to the queue
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's `error`
         log.exception("job %s failed", job.id)  # the traceback goes to the log, one line to the job
         reason = redact_server_paths(describe_failure(exc), settings.data_dir)  # users see it
         store.add_event(job.id, "error", reason)
         _finish(store, job.id, JobStatus.FAILED, reason, error=reason)
     else:
-        _finish(store, job.id, JobStatus.SUCCEEDED, f"finished: published adapter {info.name!r} "
-                f"(sha256 {info.sha256[:12]})", metrics=info.metrics)
+        if info is not None:
+            _finish(store, job.id, JobStatus.SUCCEEDED, f"finished: published adapter {info.name!r} "
+                    f"(sha256 {info.sha256[:12]})", metrics=info.metrics)
 
 
 # --- a job on several machines (worker/nodes.py) ------------------------------------------------------------
@@ -127,29 +132,19 @@ def _run_as_first_node(store: JobStore, settings: Settings, job: Job, workdir: P
     try:
         with nodes.GangKeeper(settings, job.id, job.attempts, count, job.queue) as keeper:
             try:
-                trained = _train(job, store, settings, workdir, node=node)
-            except nodes.GangNotAssembled as exc:
-                reason = str(exc)
-                log.warning("job %s: %s", job.id, reason)
-                store.transition(job.id, [JobStatus.RUNNING], attempt=job.attempts, error=reason)
-                store.add_event(job.id, "message", reason + "; the job goes back to the queue")
+                _record_outcome(store, settings, job, lambda: _train_and_publish(job, store, settings, workdir, node))
+            except GangNotAssembled as exc:
+                log.warning("job %s: %s", job.id, exc)
+                store.transition(job.id, [JobStatus.RUNNING], attempt=job.attempts, error=str(exc))
+                store.add_event(job.id, "message", f"{exc}; the job goes back to the queue")
                 return
-            except Exception as exc:  # noqa: BLE001 - recorded like any failure
-                _record_outcome(store, settings, job, partial(_raise, exc))
-                return
-            if trained is not None:
-                _record_outcome(store, settings, job, lambda: _publish(job, store, settings, trained))
-            elif not nodes.wait_until_final(store, keeper, job.id):
+            if not nodes.wait_until_final(store, keeper, job.id):
                 log.warning("job %s: the node holding rank 0 left before publishing", job.id)
     finally:
         nodes.close_gang(store.conn, job.id, count)
 
 
-def _raise(exc: BaseException):
-    raise exc
-
-
-def run_as_node(store: JobStore, settings: Settings, job: Job, node) -> str:
+def run_as_node(store: JobStore, settings: Settings, job: Job, node: Node) -> str:
     """Nodes 1..M-1 (``worker.nodes.run_node``): train with the gang; publish and finish the job only when this
     node held rank 0. Failures of the gang are node 0's to record."""
     # Inside the job's own work dir: the janitor's sweep keeps it while the job runs, and two nodes sharing a
@@ -221,13 +216,14 @@ class _Trained:
     reporter: ProgressReporter
 
 
-def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: Path) -> AdapterInfo:
-    trained = _train(job, store, settings, workdir)
-    assert trained is not None  # one node: rank 0 is here
-    return _publish(job, store, settings, trained)
+def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: Path,
+                       node: Node | None = None) -> AdapterInfo | None:
+    """None when the job runs on several nodes and another one held rank 0 (that node publishes)."""
+    trained = _train(job, store, settings, workdir, node=node)
+    return None if trained is None else _publish(job, store, settings, trained)
 
 
-def _train(job: Job, store: JobStore, settings: Settings, workdir: Path, node=None) -> _Trained | None:
+def _train(job: Job, store: JobStore, settings: Settings, workdir: Path, node: Node | None = None) -> _Trained | None:
     """Load, tokenize and train; None when the job runs on several nodes and rank 0 was on another one."""
     from bone import get_bone_model  # heavy; only the work-horse needs it
 
