@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -174,12 +175,21 @@ class TrainingSpec(_Strict):
     warmup_steps: int = Field(0, ge=0, le=10**12)
     # -- one job on several devices (PyTorch distributed; bounded by BONE_MAX_NUM_PROCESSES). Declared before
     #    batch_size: its check reads them.
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="machines (fleet workers) that run the job together, each with num_processes processes "
+        "(worker/nodes.py); bounded by BONE_MAX_NUM_NODES",
+    )
     num_processes: int = Field(
         1,
         ge=1,
         le=64,
-        description="training processes (one per GPU; gloo on CPU); each "
-        "takes a disjoint shard of every global batch, so the loss curve matches one process",
+        validation_alias=AliasChoices("num_processes", "processes_per_node"),
+        description="training processes per node (alias processes_per_node; one per GPU; gloo on CPU); each of "
+        "the num_nodes x num_processes ranks takes a disjoint shard of every global batch, so the loss curve "
+        "matches one process",
     )
     per_device_batch_size: int | None = Field(
         None,
@@ -233,26 +243,32 @@ class TrainingSpec(_Strict):
         new jobs only: a record stored before it still loads (the trainer copes with uneven shards)."""
         if info.context and info.context.get("stored"):
             return value
-        n = info.data.get("num_processes", 1)
-        if info.data.get("per_device_batch_size") is None and value % n:
+        nodes, per_node = info.data.get("num_nodes", 1), info.data.get("num_processes", 1)
+        if info.data.get("per_device_batch_size") is None and value % (nodes * per_node):
+            ranks = f"num_processes={per_node}" if nodes == 1 else f"num_nodes x num_processes={nodes * per_node}"
             raise ValueError(
-                f"batch_size={value} is the global micro-batch and must be a multiple of "
-                f"num_processes={n} (or set per_device_batch_size)"
+                f"batch_size={value} is the global micro-batch and must be a multiple of {ranks} "
+                "(or set per_device_batch_size)"
             )
         return value
 
     @model_validator(mode="after")
     def _per_device_sets_batch_size(self) -> TrainingSpec:
         if self.per_device_batch_size is not None:
-            derived = self.per_device_batch_size * self.num_processes
+            derived = self.per_device_batch_size * self.world_size
             if "batch_size" in self.model_fields_set and self.batch_size != derived:
                 raise ValueError(
                     f"batch_size={self.batch_size} contradicts per_device_batch_size="
-                    f"{self.per_device_batch_size} x num_processes={self.num_processes} = {derived}; "
-                    "set one of them"
+                    f"{self.per_device_batch_size} x world size {self.world_size} (num_nodes x num_processes) "
+                    f"= {derived}; set one of them"
                 )
             self.batch_size = derived
         return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: num_nodes x num_processes (processes_per_node)."""
+        return self.num_nodes * self.num_processes
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> TrainingSpec:

@@ -6,6 +6,8 @@ Keys (all under ``bone:``) besides those of every record (core/records.py):
   job:{id}:heartbeat    refreshed every few seconds by the process training the job (short TTL): when it is
                         gone while the job is ``running``, that process is dead (see core/janitor.py)
   job:{id}:checkpoints  hash step → checkpoint summary (GET /jobs/{id}/checkpoints)
+  job:{id}:gang         a multi-node job's rendezvous endpoint and attempt, and job:{id}:node:{k} the heartbeat
+                        of its node k (worker/nodes.py)
   jobs:running          set of ids whose status is ``running`` (what the janitor scans)
   jobs:status_counts    a hash status → number of jobs (for /metrics without scanning every job)
 """

@@ -19,7 +19,7 @@ module turns it and the job's training settings into bytes per device:
                   (worker/loss.py), so at most one chunk of logits exists: bf16 head output, its fp32 copy and
                   that copy's gradient = 10 bytes per (token, vocabulary entry)
 
-b is the per-device micro-batch (batch_size / num_processes), s is max_seq_length, h the hidden size.
+b is the per-device micro-batch (batch_size / (num_nodes x num_processes)), s is max_seq_length, h the hidden size.
 It leaves out the CUDA context, the allocator's fragmentation and kernels' workspaces, so a job it admits can
 still run out of memory; a job it refuses would.
 """
@@ -123,7 +123,7 @@ def estimate_device_memory(
     shape: ModelShape, trainable_params: int, training: TrainingSpec, *, base_bytes_per_param: int = 2
 ) -> DeviceMemoryEstimate:
     """Bytes one training process of the job holds at its peak (see the module docstring for each term)."""
-    processes = training.num_processes
+    processes = training.world_size  # every rank of every node: FSDP's mesh spans them all
     shards = processes if training.sharding == "full" else 1
     micro_batch = math.ceil(training.batch_size / processes)
     s, h = training.max_seq_length, shape.hidden_size

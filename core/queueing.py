@@ -29,13 +29,17 @@ def enqueue(
     queue: str | None = None,
     at_front: bool = False,
     pipeline: Any = None,
+    args: tuple[Any, ...] = (),
+    rq_id: str | None = None,
 ) -> None:
-    """Queue ``task(record_id)`` on ``queue`` (default: the training queue). With ``pipeline`` the entry joins
-    the caller's MULTI/EXEC."""
+    """Queue ``task(record_id, *args)`` on ``queue`` (default: the training queue). With ``pipeline`` the entry
+    joins the caller's MULTI/EXEC. ``rq_id``: the RQ job's id when it is not the record's (a record's second task,
+    e.g. a multi-node job's node tasks)."""
     Queue(queue or settings.queue_name, connection=conn).enqueue(
         task,
         record_id,
-        job_id=record_id,
+        *args,
+        job_id=rq_id or record_id,
         job_timeout=settings.job_timeout_s,
         result_ttl=RESULT_TTL_S,
         failure_ttl=FAILURE_TTL_S,

@@ -147,6 +147,25 @@ class Settings(BaseSettings):
     )
     max_num_processes: int = Field(8, ge=1, description="bound on a job's training.num_processes")
     distributed_timeout_s: float = Field(600.0, gt=0, description="a distributed job's collectives give up after this")
+    max_num_nodes: int = Field(8, ge=1, description="bound on a job's training.num_nodes")
+    rendezvous_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="a multi-node job whose nodes have not all joined its rendezvous after this goes back to "
+        "the queue (worker/nodes.py)",
+    )
+    node_address: str | None = Field(
+        None,
+        description="the address other machines reach this worker at, published as a multi-node job's "
+        "rendezvous endpoint when this worker is its first node; default: this host's address",
+    )
+    rendezvous_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="the port node 0 of a multi-node job hosts its rendezvous on (default: a "
+        "free one); for machines behind a firewall",
+    )
     distributed_max_restarts: int = Field(
         1,
         ge=0,

@@ -91,20 +91,20 @@ def _own_signal_handlers() -> Iterator[None]:
 
 
 def run(n: int, *, device: torch.device, settings, job, bone_config, examples, eval_examples,
-        checkpoint_dir: Path, adapter_dir: Path, adapter_name: str):
-    """Train the job on ``n`` processes started by torch elastic; returns rank 0's ``TrainResult`` after rank 0
-    saved the adapter into ``adapter_dir``. Raises ``Cancelled`` when the job was cancelled. ``examples`` on
-    disk (``worker.tokenized.ArrowExamples``) reach the ranks as their path: each memory-maps the same file."""
+        checkpoint_dir: Path, adapter_dir: Path, adapter_name: str, node=None):
+    """Train the job on ``n`` processes started by torch elastic (on each of ``node.count`` machines when ``node``,
+    a ``worker.nodes.Node``, is given); returns rank 0's ``TrainResult`` after rank 0 saved the adapter into
+    ``adapter_dir``, or None when rank 0 ran on another node. Raises ``Cancelled`` when the job was cancelled,
+    ``GangNotAssembled`` when the nodes did not all meet. ``examples`` on disk (``worker.tokenized.ArrowExamples``)
+    reach the ranks as their path: each memory-maps the same file."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
 
     from worker.data import Cancelled
+    from worker.nodes import GangNotAssembled
 
     check_processes(n, device, settings.max_num_processes)
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=job.id, rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={"join_timeout": int(settings.distributed_timeout_s)},
-        max_restarts=settings.distributed_max_restarts, monitor_interval=0.1, start_method="spawn")
+    config = launch_config(n, job.id, settings, node)
     threads = int(os.environ.get("OMP_NUM_THREADS") or 1)  # N ranks share this machine's cores
     # Each (re)started group's rank 0 hosts a fresh store for init_process_group. The default (the agent's
     # rendezvous store, shared by every restart round) keeps the dead group's keys: a restarted rank could
@@ -118,14 +118,40 @@ def run(n: int, *, device: torch.device, settings, job, bone_config, examples, e
              settings.distributed_max_restarts)
     try:
         with _own_signal_handlers():
-            outcomes = elastic_launch(config, _rank_main)(args)
+            outcomes = launch(config, args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        raise RuntimeError(f"training process rank {rank} of {n} failed: {_one_line(failure.message)}") from None
-    outcome = outcomes[0]
-    if outcome == CANCELLED:
+        raise RuntimeError(f"training process rank {rank} of {config.nproc_per_node * config.max_nodes} failed: "
+                           f"{_one_line(failure.message)}") from None
+    except RendezvousError as exc:  # only a multi-node gang waits for others
+        detail = "" if isinstance(exc, RendezvousTimeoutError) else f" ({type(exc).__name__}: {_one_line(str(exc))})"
+        raise GangNotAssembled(f"the job's {config.max_nodes} nodes did not all join its rendezvous within "
+                               f"{settings.rendezvous_timeout_s:g} s (BONE_RENDEZVOUS_TIMEOUT_S){detail}") from None
+    if CANCELLED in outcomes.values():  # every rank returns it; this node's ranks may not include rank 0
         raise Cancelled()
-    return outcome
+    return outcomes.get(0)
+
+
+def launch(config, args: dict[str, Any]) -> dict[int, Any]:
+    """This node's ranks' return values by global rank."""
+    from torch.distributed.launcher.api import elastic_launch
+
+    return elastic_launch(config, _rank_main)(args)
+
+
+def launch_config(n: int, run_id: str, settings, node=None):
+    """One machine: a c10d rendezvous on a free loopback port. Several (``node``): every node's agent meets at the
+    endpoint node 0 published, which node 0's agent hosts; all ``node.count`` must join (worker/nodes.py)."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    common = {"nproc_per_node": n, "run_id": run_id, "rdzv_backend": "c10d", "monitor_interval": 0.1,
+              "max_restarts": settings.distributed_max_restarts, "start_method": "spawn"}
+    if node is None:
+        return LaunchConfig(min_nodes=1, max_nodes=1, rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+                            rdzv_configs={"join_timeout": int(settings.distributed_timeout_s)}, **common)
+    return LaunchConfig(min_nodes=node.count, max_nodes=node.count, rdzv_endpoint=node.endpoint,
+                        rdzv_configs={"join_timeout": int(settings.rendezvous_timeout_s), "is_host": node.is_host},
+                        local_addr=node.address, **common)
 
 
 def _one_line(message: Any) -> str:

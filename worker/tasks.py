@@ -12,8 +12,10 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import redis
 import torch
@@ -33,9 +35,10 @@ from core.storage.resume_state import ResumeStore
 from worker import model_cache
 from worker.data import Cancelled, Example, load_rows, pack, split_eval, tokenize_rows
 from worker.heartbeat import Heartbeat
+from worker.nodes import GangNotAssembled, Node
 from worker.progress import ProgressReporter
 from worker.tokenized import ExampleWriter, example_lengths
-from worker.train import count_steps, train
+from worker.train import TrainResult, count_steps, train
 
 log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 500
@@ -59,6 +62,10 @@ def use_worker_name(name: str | None) -> None:
     _worker_name = name
 
 
+def worker_name() -> str | None:
+    return _worker_name
+
+
 def current_settings() -> Settings:
     return _settings_override or get_settings()
 
@@ -76,19 +83,10 @@ def run_training_job(job_id: str) -> str:
         if job is None:
             return store.get(job_id).status.value
         with Heartbeat(settings.redis_url, job_id, job.attempts, settings.heartbeat_ttl_s):
-            try:
-                info = _train_and_publish(job, store, settings, workdir)
-            except Cancelled:
-                unpublish_checkpoints(store, AdapterRegistry.from_settings(settings), job)
-                _finish(store, job_id, JobStatus.CANCELLED, "cancelled; nothing was published")
-            except Exception as exc:  # noqa: BLE001 - every failure becomes the job's `error`
-                log.exception("job %s failed", job_id)  # the traceback goes to the log, one line to the job
-                reason = redact_server_paths(describe_failure(exc), settings.data_dir)  # users see it
-                store.add_event(job_id, "error", reason)
-                _finish(store, job_id, JobStatus.FAILED, reason, error=reason)
+            if job.training.num_nodes > 1:
+                _run_as_first_node(store, settings, job, workdir)
             else:
-                _finish(store, job_id, JobStatus.SUCCEEDED, f"finished: published adapter {info.name!r} "
-                        f"(sha256 {info.sha256[:12]})", metrics=info.metrics)
+                _record_outcome(store, settings, job, lambda: _train_and_publish(job, store, settings, workdir))
         return store.get(job_id).status.value
     finally:
         # Checkpoints stay while the job may still be retried; once it is final they are of no use.
@@ -99,6 +97,71 @@ def run_training_job(job_id: str) -> str:
             torch.cuda.empty_cache()  # a non-forking worker keeps running: hand the job's GPU memory back
         job_id_var.reset(context)
         conn.close()
+
+
+def _record_outcome(store: JobStore, settings: Settings, job: Job, work) -> None:
+    """Run ``work`` (it trains and publishes the adapter) and record how it ended in the job. ``work`` returning
+    None: rank 0 ran on another node, which records the outcome."""
+    try:
+        info = work()
+    except Cancelled:
+        unpublish_checkpoints(store, AdapterRegistry.from_settings(settings), job)
+        _finish(store, job.id, JobStatus.CANCELLED, "cancelled; nothing was published")
+    except GangNotAssembled:
+        raise  # not the job's failure: it goes back to the queue
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the job's `error`
+        log.exception("job %s failed", job.id)  # the traceback goes to the log, one line to the job
+        reason = redact_server_paths(describe_failure(exc), settings.data_dir)  # users see it
+        store.add_event(job.id, "error", reason)
+        _finish(store, job.id, JobStatus.FAILED, reason, error=reason)
+    else:
+        if info is not None:
+            _finish(store, job.id, JobStatus.SUCCEEDED, f"finished: published adapter {info.name!r} "
+                    f"(sha256 {info.sha256[:12]})", metrics=info.metrics)
+
+
+# --- a job on several machines (worker/nodes.py) ------------------------------------------------------------
+def _run_as_first_node(store: JobStore, settings: Settings, job: Job, workdir: Path) -> None:
+    """Node 0: open the gang, train, and record the outcome; when another node holds rank 0 it publishes and
+    node 0 waits for it with the job's heartbeat on. A gang that did not assemble: the reason goes on the job
+    and the janitor re-queues it once this task's heartbeat stops."""
+    from worker import nodes
+
+    count = job.training.num_nodes
+    node = nodes.open_gang(store.conn, settings, job.id, job.attempts, count, job.queue)
+    try:
+        with nodes.GangKeeper(settings, job.id, job.attempts, count, job.queue) as keeper:
+            try:
+                _record_outcome(store, settings, job, lambda: _train_and_publish(job, store, settings, workdir, node))
+            except GangNotAssembled as exc:
+                log.warning("job %s: %s", job.id, exc)
+                store.transition(job.id, [JobStatus.RUNNING], attempt=job.attempts, error=str(exc))
+                store.add_event(job.id, "message", f"{exc}; the job goes back to the queue")
+                return
+            if not nodes.wait_until_final(store, keeper, job.id):
+                log.warning("job %s: the node holding rank 0 left before publishing", job.id)
+    finally:
+        nodes.close_gang(store.conn, job.id, count)
+
+
+def run_as_node(store: JobStore, settings: Settings, job: Job, node: Node) -> str:
+    """Nodes 1..M-1 (``worker.nodes.run_node``): train with the gang; publish and finish the job only when this
+    node held rank 0. Failures of the gang are node 0's to record."""
+    # Inside the job's own work dir: the janitor's sweep keeps it while the job runs, and two nodes sharing a
+    # data dir (two workers of one machine) do not collide.
+    workdir = settings.jobs_dir / job.id / f"node-{node.index}"
+    try:
+        try:
+            trained = _train(job, store, settings, workdir, node=node)
+        except Exception as exc:  # noqa: BLE001 - node 0 sees the same failure and records it
+            log.warning("job %s: node %d leaves the gang: %s", job.id, node.index, describe_failure(exc))
+            return "left"
+        if trained is None:
+            return "joined"
+        _record_outcome(store, settings, job, lambda: _publish(job, store, settings, trained))
+        return store.get(job.id).status.value
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # a node resumes from the registry's store, never from here
 
 
 def _remove_shared_checkpoints(settings: Settings, job_id: str) -> None:
@@ -140,17 +203,46 @@ def _start(store: JobStore, job_id: str) -> Job | None:
     return job
 
 
-def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: Path) -> AdapterInfo:
+@dataclass
+class _Trained:
+    """What training leaves for publishing."""
+
+    result: TrainResult
+    config: Any  # BoneConfig
+    adapter_dir: Path
+    train_examples: int
+    eval_examples: int
+    truncated: int
+    reporter: ProgressReporter
+
+
+def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: Path,
+                       node: Node | None = None) -> AdapterInfo | None:
+    """None when the job runs on several nodes and another one held rank 0 (that node publishes)."""
+    trained = _train(job, store, settings, workdir, node=node)
+    return None if trained is None else _publish(job, store, settings, trained)
+
+
+def _train(job: Job, store: JobStore, settings: Settings, workdir: Path, node: Node | None = None) -> _Trained | None:
+    """Load, tokenize and train; None when the job runs on several nodes and rank 0 was on another one."""
     from bone import get_bone_model  # heavy; only the work-horse needs it
 
     reporter = ProgressReporter(store, job.id)
+    # Nodes 1..M-1 of a multi-node job (a replacement may join mid-job) leave the job's phase and messages to
+    # node 0 and rank 0
+    speaks = node is None or node.is_host
+
+    def phase(name: str) -> None:
+        if speaks:
+            reporter.phase(name)
+
     device = pick_device(settings)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # a worker pinned to cuda:N: anything that says just "cuda" means N too
     spec = job.training
 
     # -- data first: a bad file fails before any model work
-    reporter.phase("loading")
+    phase("loading")
     rows = load_rows(job, store, settings)
     validation_rows = load_rows(job, store, settings, validation=True)
     if reporter.should_stop():
@@ -164,7 +256,7 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
 
     # -- tokenize; hold out the eval rows; pack if asked. Streamed (with the loss masks, as int32)
     #    into int32 Arrow files in the work dir that every rank memory-maps (worker/tokenized.py)
-    reporter.phase("tokenizing")
+    phase("tokenizing")
     tokens_dir = workdir / "tokens"
     data = tokenize_rows(rows, tokenizer, spec.max_seq_length, format=job.dataset.format,
                          should_stop=reporter.should_stop, into=ExampleWriter(tokens_dir / "train.arrow"))
@@ -185,25 +277,28 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
         mean_tokens = float(sum(example_lengths(train_examples))) / len(train_examples)
         check_job_size(spec, settings, steps=count_steps(len(train_examples), spec), tokens_per_example=mean_tokens)
     formats = ", ".join(f"{n} {kind}" for kind, n in sorted(data.formats.items()))
-    store.add_event(job.id, "message", f"{data.rows} rows ({formats}): {data.truncated} truncated to "
-                    f"max_seq_length={spec.max_seq_length}, {data.dropped} without trainable tokens; "
-                    f"{len(train_examples)} training{' (packed)' if spec.packing else ''} and {len(eval_examples)} "
-                    f"eval examples; training {trainable:,} of {total:,} parameters on {device.type}",
-                    rows=data.rows, examples=len(train_examples), eval_examples=len(eval_examples),
-                    truncated=data.truncated, dropped=data.dropped, trainable_params=trainable, device=device.type)
+    if speaks:
+        store.add_event(job.id, "message", f"{data.rows} rows ({formats}): {data.truncated} truncated to "
+                        f"max_seq_length={spec.max_seq_length}, {data.dropped} without trainable tokens; "
+                        f"{len(train_examples)} training{' (packed)' if spec.packing else ''} and {len(eval_examples)} "
+                        f"eval examples; training {trainable:,} of {total:,} parameters on {device.type}",
+                        rows=data.rows, examples=len(train_examples), eval_examples=len(eval_examples),
+                        truncated=data.truncated, dropped=data.dropped, trainable_params=trainable, device=device.type)
 
     # -- train (resuming from the newest checkpoint in the registry's store, if an earlier attempt on any
     #    worker left one; the work dir holds a scratch copy); with
     #    num_processes > 1 torch elastic runs the ranks and rank 0 reports and saves the adapter
     #    (worker/distributed.py); this process waits for them
     adapter_dir = workdir / "adapter"
-    if spec.num_processes > 1:
+    if spec.world_size > 1:
         from worker import distributed
 
         result = distributed.run(spec.num_processes, device=device, settings=settings, job=job, bone_config=config,
                                  examples=train_examples, eval_examples=eval_examples,
                                  checkpoint_dir=workdir / "checkpoints", adapter_dir=adapter_dir,
-                                 adapter_name=TRAINING_SLOT)
+                                 adapter_name=TRAINING_SLOT, node=node)
+        if result is None:
+            return None
         reporter.progress = dict(store.get(job.id).progress.model_dump())  # rank 0 wrote it meanwhile
     else:
         publisher = CheckpointPublisher(store, settings, job, config)
@@ -214,6 +309,12 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
                        shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id),
                        adapter_name=TRAINING_SLOT)
         bone_model.save_pretrained(adapter_dir, adapter_name=TRAINING_SLOT)
+    return _Trained(result, config, adapter_dir, len(train_examples), len(eval_examples), data.truncated, reporter)
+
+
+def _publish(job: Job, store: JobStore, settings: Settings, trained: _Trained) -> AdapterInfo:
+    reporter = trained.reporter
+    result, config, adapter_dir, spec = trained.result, trained.config, trained.adapter_dir, job.training
     if reporter.should_stop():  # a cancel that arrived during the last step still wins over publishing
         raise Cancelled()
     metrics = {
@@ -222,19 +323,22 @@ def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: P
         "train_loss_first": result.losses[0],
         "steps": result.steps,
         "epochs": round(result.epochs, 4),
-        "train_examples": len(train_examples),
-        "truncated_examples": data.truncated,
+        "train_examples": trained.train_examples,
+        "truncated_examples": trained.truncated,
         "train_tokens": result.tokens,
         "train_runtime_s": round(result.seconds, 3),
     }
     if result.evals:
         metrics.update(eval_loss=result.evals[-1]["eval_loss"],
                        eval_token_accuracy=result.evals[-1]["eval_token_accuracy"],
-                       best_eval_loss=min(e["eval_loss"] for e in result.evals), eval_examples=len(eval_examples))
+                       best_eval_loss=min(e["eval_loss"] for e in result.evals),
+                       eval_examples=trained.eval_examples)
     if result.stopped_early:
         metrics["stopped_early"] = 1
     if spec.num_processes > 1:
         metrics["num_processes"] = spec.num_processes
+    if spec.num_nodes > 1:
+        metrics["num_nodes"] = spec.num_nodes
     log.info("job %s trained %d steps in %.1f s, loss %.4f -> %.4f", job.id, result.steps, result.seconds,
              result.losses[0], result.final_loss)
 

@@ -85,6 +85,9 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
     if body.training.num_processes > settings.max_num_processes:
         raise InvalidRequest(f"training.num_processes={body.training.num_processes} exceeds the server's limit of "
                              f"{settings.max_num_processes} (BONE_MAX_NUM_PROCESSES)", param="training.num_processes")
+    if body.training.num_nodes > settings.max_num_nodes:
+        raise InvalidRequest(f"training.num_nodes={body.training.num_nodes} exceeds the server's limit of "
+                             f"{settings.max_num_nodes} (BONE_MAX_NUM_NODES)", param="training.num_nodes")
     estimate = checker.check_device_memory(body, queue.connection, queue_name)  # 422 when no device fits
     job = Job(id=Job.new_id(), adapter_name=body.adapter_name, base_model=base_model,
               dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite,
