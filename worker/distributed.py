@@ -203,7 +203,7 @@ def _rank_train(ranks: Ranks, args: dict[str, Any]):
         import redis
 
         from worker.progress import ProgressReporter
-        from worker.tasks import CheckpointPublisher
+        from worker.publish import CheckpointPublisher
 
         job_id_var.set(job.id)
         store = JobStore(redis.Redis.from_url(settings.redis_url))

@@ -41,8 +41,9 @@ from core.names import BASE_ADAPTER, AdapterName
 from core.registry import AdapterRegistry
 from worker import model_cache
 from worker.batches import collate
+from worker.context import current_settings
 from worker.data import IGNORE_INDEX, Cancelled, Example, load_rows, tokenize_rows
-from worker.tasks import current_settings, describe_failure
+from worker.tasks import describe_failure
 
 log = logging.getLogger(__name__)
 

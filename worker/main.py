@@ -69,11 +69,11 @@ def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str]
     from core.base_model import pick_device
     from core.fleet import check_device
     from core.janitor import Janitor
-    from worker import model_cache, tasks
+    from worker import context, model_cache
 
     device = pick_device(settings)
     check_device(device, f"device {settings.device} (--device / BONE_DEVICE)")  # DeviceUnavailable: one line
-    tasks.use_settings(settings)  # forked work-horses inherit it, so API flags and tests reach the task
+    context.use_settings(settings)  # forked work-horses inherit it, so API flags and tests reach the task
     log.info("preloading base model %r (jobs will train on %s)", settings.base_model, device.type)
     model_cache.preload(settings.base_model, settings, device)
 
@@ -98,7 +98,7 @@ def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str]
                          worker.name, ",".join(names), settings.redis_url, settings.worker_ttl_s,
                          maintenance_interval(settings))
                 worker.log.addFilter(MaintenanceAtDebug())
-                tasks.use_worker_name(worker.name)  # recorded on each job it starts
+                context.use_worker_name(worker.name)  # recorded on each job it starts
                 advert = Advert(settings, worker.name, described).start()
                 # Started before the first fork; work-horses inherit no threads, so it only ever runs in this parent.
                 if janitor is None and not burst:

@@ -4,7 +4,7 @@ once, as one torch elastic job (worker/distributed.py runs each node's processes
 * **Forming the gang.** The job's own task (``worker.tasks.run_training_job``) is node 0. The worker that takes it
   picks a port (``BONE_RENDEZVOUS_PORT``, else a free one), publishes ``host:port`` (host: ``BONE_NODE_ADDRESS``,
   else this machine's address) and the attempt under ``bone:job:{id}:gang``, enqueues M-1 node tasks
-  (``worker.nodes.run_node(job_id, attempt, slot)``) on the job's queue, and starts its elastic agent as the host of
+  (``worker.tasks.run_node(job_id, attempt, slot)``) on the job's queue, and starts its elastic agent as the host of
   the c10d rendezvous store (rendezvous id = job id). Each worker that takes a node task reads the endpoint and
   starts its agent there. The rendezvous completes when all M agents have joined (``min_nodes = max_nodes = M``);
   torch then numbers the ranks (global rank 0 may be on any node).
@@ -47,7 +47,7 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-NODE_TASK = "worker.nodes.run_node"
+NODE_TASK = "worker.tasks.run_node"
 
 
 def gang_key(job_id: str) -> str:
@@ -220,30 +220,3 @@ def joinable(conn: redis.Redis, store: JobStore, job_id: str, attempt: int) -> d
     raw = conn.get(gang_key(job_id))
     gang = json.loads(raw) if raw else None
     return gang if gang and gang["attempt"] == attempt else None
-
-
-def run_node(job_id: str, attempt: int, slot: int) -> str:
-    """The RQ task of nodes 1..M-1: join attempt ``attempt`` of the job as node ``slot``."""
-    from core.logs import job_id_var
-    from worker import tasks
-
-    settings = tasks.current_settings()
-    context = job_id_var.set(job_id)
-    conn = redis.Redis.from_url(settings.redis_url)
-    store = JobStore(conn)
-    try:
-        gang = joinable(conn, store, job_id, attempt)
-        if gang is None:
-            log.info("job %s: attempt %d is over; node task %d has nothing to join", job_id, attempt, slot)
-            return "skipped"
-        name = tasks.worker_name() or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-        beat = MemberBeat(settings, job_id, slot, name)
-        if not beat.claim():
-            log.info("job %s: node %d is already taken by a live worker", job_id, slot)
-            return "skipped"
-        with beat:
-            node = Node(slot, gang["nodes"], gang["endpoint"], node_address(settings))
-            return tasks.run_as_node(store, settings, store.get(job_id), node)
-    finally:
-        job_id_var.reset(context)
-        conn.close()

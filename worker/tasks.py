@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -30,45 +32,20 @@ from core.names import TRAINING_SLOT
 from core.paths import redact_server_paths
 from core.published_checkpoints import unpublish_checkpoints
 from core.registry import AdapterInfo, AdapterRegistry
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from core.storage.resume_state import ResumeStore
 from worker import model_cache
+from worker.context import current_settings, worker_name
 from worker.data import Cancelled, Example, load_rows, pack, split_eval, tokenize_rows
 from worker.heartbeat import Heartbeat
-from worker.nodes import GangNotAssembled, Node
+from worker.nodes import GangNotAssembled, MemberBeat, Node, joinable, node_address
 from worker.progress import ProgressReporter
+from worker.publish import CheckpointPublisher, check_publishable
 from worker.tokenized import ExampleWriter, example_lengths
 from worker.train import TrainResult, count_steps, train
 
 log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 500
-
-_settings_override: Settings | None = None
-
-
-def use_settings(settings: Settings | None) -> None:
-    """Make tasks in this process (and work-horses forked from it) use ``settings`` instead of the
-    environment's: ``run_worker(settings)`` and tests call this."""
-    global _settings_override
-    _settings_override = settings
-
-
-_worker_name: str | None = None
-
-
-def use_worker_name(name: str | None) -> None:
-    """The RQ worker name recorded on the jobs this process (and its work-horses) start (``job.worker``)."""
-    global _worker_name
-    _worker_name = name
-
-
-def worker_name() -> str | None:
-    return _worker_name
-
-
-def current_settings() -> Settings:
-    return _settings_override or get_settings()
-
 
 # --- the task ---------------------------------------------------------------------------------------------
 def run_training_job(job_id: str) -> str:
@@ -145,7 +122,7 @@ def _run_as_first_node(store: JobStore, settings: Settings, job: Job, workdir: P
 
 
 def run_as_node(store: JobStore, settings: Settings, job: Job, node: Node) -> str:
-    """Nodes 1..M-1 (``worker.nodes.run_node``): train with the gang; publish and finish the job only when this
+    """Nodes 1..M-1 (``worker.tasks.run_node``): train with the gang; publish and finish the job only when this
     node held rank 0. Failures of the gang are node 0's to record."""
     # Inside the job's own work dir: the janitor's sweep keeps it while the job runs, and two nodes sharing a
     # data dir (two workers of one machine) do not collide.
@@ -193,12 +170,12 @@ def _start(store: JobStore, job_id: str) -> Job | None:
     try:
         # RUNNING too: RQ may hand out a job again whose process died before the janitor saw it.
         job = store.transition(job_id, [JobStatus.QUEUED, JobStatus.RUNNING], status=JobStatus.RUNNING,
-                               started_at=time.time(), attempts=job.attempts + 1, error=None, worker=_worker_name)
+                               started_at=time.time(), attempts=job.attempts + 1, error=None, worker=worker_name())
     except Conflict:
         log.info("job %s changed state before it started; not running it", job_id)
         return None
     store.add_event(job_id, "status", f"started (attempt {job.attempts})", status="running", attempt=job.attempts,
-                    worker=_worker_name)
+                    worker=worker_name())
     log.info("job %s started (attempt %d): adapter %r on %r", job_id, job.attempts, job.adapter_name, job.base_model)
     return job
 
@@ -354,38 +331,6 @@ def _publish(job: Job, store: JobStore, settings: Settings, trained: _Trained) -
     }, may_replace=partial(may_publish_over, job.owner, job.id))
 
 
-class CheckpointPublisher:
-    """Records each checkpoint for ``GET /jobs/{id}/checkpoints`` and, with ``publish_checkpoints``, publishes
-    it as adapter ``<adapter_name>-step-<n>`` (a checkpoint folder holds a PEFT-layout adapter)."""
-
-    def __init__(self, store: JobStore, settings: Settings, job: Job, config) -> None:
-        self.store, self.settings, self.job, self.config = store, settings, job, config
-
-    def wrap(self, on_event):
-        def handle(kind: str, message: str = "", **data):
-            if kind == "checkpoint":
-                data["adapter"] = self.publish(data["step"], Path(data.pop("path")), data)
-            on_event(kind, message, **data)
-        return handle
-
-    def publish(self, step: int, path: Path, data: dict) -> str | None:
-        name = None
-        if self.job.training.publish_checkpoints:
-            name = self.job.adapter_name.checkpoint(step)
-            check_publishable(path)
-            registry = AdapterRegistry.from_settings(self.settings)
-            ours = registry.exists(name) and registry.get(name).job_id == self.job.id  # an earlier attempt's
-            registry.publish(name, path, overwrite=self.job.overwrite or ours, metadata={
-                "base_model": self.job.base_model, "bone": self.config.to_dict(), "job_id": self.job.id,
-                "owner": self.job.owner,
-                "metrics": {k: v for k, v in data.items() if k.endswith("loss")} | {"steps": step},
-            }, may_replace=partial(may_publish_over, self.job.owner, self.job.id))
-        self.store.add_checkpoint(self.job.id, step, {"created_at": time.time(), "adapter": name,
-                                                      "train_loss": data.get("train_loss"),
-                                                      "eval_loss": data.get("eval_loss")})
-        return name
-
-
 def _finish(store: JobStore, job_id: str, status: JobStatus, message: str, **fields) -> None:
     """Record the final state, unless someone already made the job final (then theirs stands)."""
     try:
@@ -395,18 +340,6 @@ def _finish(store: JobStore, job_id: str, status: JobStatus, message: str, **fie
         return
     store.add_event(job_id, "status", message, status=status.value)
     log.info("job %s %s: %s", job_id, status.value, message)
-
-
-def check_publishable(adapter_dir: Path) -> None:
-    """Never publish weights holding NaN or infinity (a diverged run): the job fails naming the tensor."""
-    from bone.adapter_files import NonFiniteTensorError, check_finite, read_adapter_dir
-
-    _, tensors = read_adapter_dir(adapter_dir)
-    try:
-        check_finite(tensors)
-    except NonFiniteTensorError as exc:
-        raise ServiceError(f"training diverged, nothing was published: {exc} (try a lower training.learning_rate)",
-                           code="non_finite_weights") from None
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -429,3 +362,28 @@ def mark_failed(conn: redis.Redis, job_id: str, reason: str) -> None:
         _finish(JobStore(conn), job_id, JobStatus.FAILED, reason, error=reason)
     except ServiceError as exc:  # e.g. NotFound: an RQ job that is not one of ours
         log.warning("could not mark job %s failed: %s", job_id, exc)
+
+
+# --- nodes 1..M-1 of a multi-node job ----------------------------------------------------------------------
+def run_node(job_id: str, attempt: int, slot: int) -> str:
+    """The RQ task of nodes 1..M-1: join attempt ``attempt`` of the job as node ``slot``."""
+    settings = current_settings()
+    context = job_id_var.set(job_id)
+    conn = redis.Redis.from_url(settings.redis_url)
+    store = JobStore(conn)
+    try:
+        gang = joinable(conn, store, job_id, attempt)
+        if gang is None:
+            log.info("job %s: attempt %d is over; node task %d has nothing to join", job_id, attempt, slot)
+            return "skipped"
+        name = worker_name() or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        beat = MemberBeat(settings, job_id, slot, name)
+        if not beat.claim():
+            log.info("job %s: node %d is already taken by a live worker", job_id, slot)
+            return "skipped"
+        with beat:
+            node = Node(slot, gang["nodes"], gang["endpoint"], node_address(settings))
+            return run_as_node(store, settings, store.get(job_id), node)
+    finally:
+        job_id_var.reset(context)
+        conn.close()

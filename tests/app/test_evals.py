@@ -18,7 +18,7 @@ from core.keys import KeyEntry, generate_key, hash_key
 from core.queueing import EVAL_TASK
 from core.registry import AdapterRegistry
 from tests.app.conftest import TEST_LIMITS, LiveServer, make_settings, publish_adapter
-from worker import tasks
+from worker import context
 
 ROWS = [{"prompt": "2+2=", "completion": "4"}, {"text": "plain text row"},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
@@ -42,11 +42,11 @@ def create(client: httpx.Client, adapters, headers=None, **fields) -> dict:
 
 
 def work(live: LiveServer, redis_conn) -> None:
-    tasks.use_settings(live.settings)
+    context.use_settings(live.settings)
     try:
         SimpleWorker([Queue(live.settings.queue_name, connection=redis_conn)], connection=redis_conn).work(burst=True)
     finally:
-        tasks.use_settings(None)
+        context.use_settings(None)
 
 
 def test_an_evaluation_runs_on_a_worker_and_shows_on_each_adapter(client, live, redis_conn):

@@ -13,7 +13,7 @@ from core.base_model import LoadedBaseModel, load_base_model
 from core.jobs import STORED, BoneSpec, Job, RecordsDataset, TrainingSpec, dataset_summary
 from core.jobstore import JobStore
 from core.settings import Settings
-from worker import tasks
+from worker import context
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,9 +43,9 @@ def store(redis_conn) -> JobStore:
 @pytest.fixture
 def task_settings(settings: Settings):
     """Settings the task reads (instead of the environment's), reset afterwards."""
-    tasks.use_settings(settings)
+    context.use_settings(settings)
     yield settings
-    tasks.use_settings(None)
+    context.use_settings(None)
 
 
 @pytest.fixture

@@ -145,18 +145,18 @@ def test_a_lost_rank_restarts_the_group_which_resumes_from_the_checkpoint(task_s
 
 def test_too_many_processes_fail_the_job_with_a_clear_message(tmp_path, redis_url, shared_models_dir, store,
                                                               make_job):
-    from worker import tasks
+    from worker import context
 
     data_dir = tmp_path / "d"
     data_dir.mkdir()
     (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
-    tasks.use_settings(Settings(data_dir=data_dir, redis_url=redis_url, max_num_processes=2))
+    context.use_settings(Settings(data_dir=data_dir, redis_url=redis_url, max_num_processes=2))
     try:
         job = make_job(ROWS, adapter_name="toomany", num_processes=3, batch_size=3, max_steps=2)
         assert run_training_job(job.id) == "failed"
         assert "BONE_MAX_NUM_PROCESSES" in store.get(job.id).error
     finally:
-        tasks.use_settings(None)
+        context.use_settings(None)
 
 
 @pytest.mark.parametrize("fields, batch_size", [

@@ -279,7 +279,7 @@ def test_weights_with_nan_or_inf_are_never_published(tmp_path):
     """A diverged run (NaN/inf in a block) fails its job naming the tensor instead of publishing poison."""
     from bone.adapter_files import write_adapter_dir
     from core.errors import ServiceError
-    from worker.tasks import check_publishable
+    from worker.publish import check_publishable
 
     config = {"peft_type": "BONE", "r": 2, "target_modules": ["q_proj"], "init_weights": True}
     write_adapter_dir(tmp_path / "ok", config, {"base_model.model.q_proj.bone_block": torch.ones(2, 4)})
@@ -301,7 +301,7 @@ def test_a_retried_job_resumes_on_another_machine_from_the_registry_store(
     from core import janitor
     from core.settings import Settings
     from core.storage.resume_state import ResumeStore
-    from worker import tasks
+    from worker import context, tasks
     from worker.progress import ProgressReporter
 
     shared: dict = {"registry_url": str(task_settings.registry_dir)}
@@ -312,7 +312,7 @@ def test_a_retried_job_resumes_on_another_machine_from_the_registry_store(
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "models").symlink_to(shared_models_dir, target_is_directory=True)
     machine_b = Settings(data_dir=tmp_path / "b", redis_url=task_settings.redis_url, **shared)
-    tasks.use_settings(machine_a)
+    context.use_settings(machine_a)
 
     recipe = dict(max_steps=8, save_every=3, batch_size=3, learning_rate=1e-2, seed=5)
     straight = make_job(LEARNABLE, adapter_name="straight", **recipe)
@@ -333,7 +333,7 @@ def test_a_retried_job_resumes_on_another_machine_from_the_registry_store(
     assert ResumeStore.from_settings(machine_b).manifest(job.id)["checkpoints"][-1]["step"] == 3
 
     assert janitor.sweep(redis_conn, machine_a, now=time.time() + machine_a.heartbeat_ttl_s) == [job.id]
-    tasks.use_settings(machine_b)
+    context.use_settings(machine_b)
     SimpleWorker([Queue(machine_b.queue_name, connection=redis_conn)], connection=redis_conn).work(burst=True)
 
     done = store.get(job.id)

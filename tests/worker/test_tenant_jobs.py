@@ -12,16 +12,16 @@ from core.files import FileStore
 from core.jobs import JobStatus
 from core.registry import AdapterRegistry
 from tests.worker.test_tasks import LEARNABLE, run_queued
-from worker import tasks
+from worker import context
 
 
 @pytest.fixture
 def bounded(settings):
     """Task settings with a small step bound, so an epochs-only job can exceed it on a few rows."""
     small = settings.model_copy(update={"max_train_steps": 5})
-    tasks.use_settings(small)
+    context.use_settings(small)
     yield small
-    tasks.use_settings(None)
+    context.use_settings(None)
 
 
 @pytest.mark.parametrize("name", ["files", "data/files"])
