@@ -71,18 +71,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-class LoadTimes:
-    """The engine's adapter-load observations (the histogram behind /metrics), kept as raw values here."""
+class Observations:
+    """What the engine observes into one of its /metrics histograms (adapter load seconds, time to first
+    token), kept as raw values here."""
 
-    def __init__(self) -> None:
+    def __init__(self, histogram) -> None:
         self.values: list[float] = []
-        self._observe = metrics.ADAPTER_LOAD_SECONDS.observe
+        self._observe = histogram.observe
 
         def observe(value: float, *a, **k) -> None:
             self.values.append(value)
             self._observe(value, *a, **k)
 
-        metrics.ADAPTER_LOAD_SECONDS.observe = observe  # type: ignore[method-assign]
+        self._histogram = histogram
+        histogram.observe = observe  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        self._histogram.observe = self._observe  # type: ignore[method-assign]
 
     def take(self) -> list[float]:
         values, self.values = self.values, []
@@ -96,7 +101,7 @@ def closed_loop(engine: InferenceEngine, adapters: list[str | None], ids: list[l
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     next_index = iter(range(len(adapters)))
     lock = threading.Lock()
-    ttfts: list[float] = []
+    first_tokens = Observations(metrics.TIME_TO_FIRST_TOKEN)  # arrival → first token sampled (in the prefill)
     tokens = [0]
     peak = {"device": 0, "host": 0}
 
@@ -106,15 +111,10 @@ def closed_loop(engine: InferenceEngine, adapters: list[str | None], ids: list[l
                 i = next(next_index, None)
             if i is None:
                 return
-            first: list[float] = []
-            submitted = time.perf_counter()
-            request = engine.submit(GenerationRequest(Target(adapters[i], shas.get(adapters[i])), ids[i], params),
-                                    on_text=lambda _t, first=first: first or first.append(time.perf_counter()))
+            request = engine.submit(GenerationRequest(Target(adapters[i], shas.get(adapters[i])), ids[i], params))
             done = request.future.result(600)
             with lock:
                 tokens[0] += done.completion_tokens
-                if first:
-                    ttfts.append(first[0] - submitted)
                 peak["device"] = max(peak["device"], engine.cache.resident_bytes)
                 peak["host"] = max(peak["host"], engine.cache._cpu_used)
 
@@ -125,6 +125,8 @@ def closed_loop(engine: InferenceEngine, adapters: list[str | None], ids: list[l
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    first_tokens.close()
+    ttfts = first_tokens.take()
     return {"tps": tokens[0] / elapsed, "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99),
             **peak}
 
@@ -136,7 +138,7 @@ def run(args) -> None:
                                  AdapterRegistry(settings.registry_dir), settings)
         engine.scheduler.eos_ids = frozenset()
         engine.start()
-        loads = LoadTimes()
+        loads = Observations(metrics.ADAPTER_LOAD_SECONDS)
         g = torch.Generator().manual_seed(1)
         ids = [torch.randint(3, 256, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.requests)]
         cache = engine.cache
