@@ -8,7 +8,9 @@ to ``InferenceEngine`` (the real scheduler, adapter pool, loader thread and CPU 
 drawn with probability ∝ 1/(i+1)^s, so a few adapters are hot and most are cold: the device pool
 (``BONE_ADAPTER_CACHE_SIZE`` / ``_BYTES``) and the host tier (``BONE_ADAPTER_CPU_CACHE_BYTES``) run at the
 settings' defaults unless given. Printed per round and as median [min–max] over ``--repeats`` rounds: tokens/s
-of both streams and their ratio, time to first token p50/p99, adapter loads (registry or host tier → device)
+of both streams and their ratio, the ratio of tokens per CPU-second of the process (``cpu_ratio``: the work each
+stream costs, which a machine shared with other jobs distorts far less than wall-clock tokens/s), time to first
+token p50/p99 (arrival to first sampled token), adapter loads (registry or host tier → device)
 p50/p99 and how many, and the most device/host adapter memory seen against its bound.
 """
 
@@ -119,16 +121,16 @@ def closed_loop(engine: InferenceEngine, adapters: list[str | None], ids: list[l
                 peak["host"] = max(peak["host"], engine.cache._cpu_used)
 
     threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     first_tokens.close()
     ttfts = first_tokens.take()
-    return {"tps": tokens[0] / elapsed, "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99),
-            **peak}
+    return {"tps": tokens[0] / elapsed, "tokens_per_cpu_s": tokens[0] / cpu, "ttft_p50": percentile(ttfts, 0.5),
+            "ttft_p99": percentile(ttfts, 0.99), **peak}
 
 
 def run(args) -> None:
@@ -156,6 +158,7 @@ def run(args) -> None:
                 rotation = closed_loop(engine, [names[c] for c in choices], ids, args)
                 took = loads.take()
                 row = {"base_tps": base["tps"], "tps": rotation["tps"], "ratio": rotation["tps"] / base["tps"],
+                       "cpu_ratio": rotation["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
                        "ttft_p50_ms": rotation["ttft_p50"] * 1e3, "ttft_p99_ms": rotation["ttft_p99"] * 1e3,
                        "base_ttft_p50_ms": base["ttft_p50"] * 1e3, "loads": len(took),
                        "load_p50_ms": percentile(took, 0.5) * 1e3, "load_p99_ms": percentile(took, 0.99) * 1e3,
