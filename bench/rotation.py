@@ -8,7 +8,9 @@ to ``InferenceEngine`` (the real scheduler, adapter pool, loader thread and CPU 
 drawn with probability ∝ 1/(i+1)^s, so a few adapters are hot and most are cold: the device pool
 (``BONE_ADAPTER_CACHE_SIZE`` / ``_BYTES``) and the host tier (``BONE_ADAPTER_CPU_CACHE_BYTES``) run at the
 settings' defaults unless given. Printed per round and as median [min–max] over ``--repeats`` rounds: tokens/s
-of both streams and their ratio, time to first token p50/p99, adapter loads (registry or host tier → device)
+of both streams and their ratio, the ratio of tokens per CPU-second of the process (``cpu_ratio``: the work each
+stream costs, which a machine shared with other jobs distorts far less than wall-clock tokens/s), time to first
+token p50/p99 (arrival to first sampled token), adapter loads (registry or host tier → device)
 p50/p99 and how many, and the most device/host adapter memory seen against its bound.
 """
 
@@ -71,18 +73,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-class LoadTimes:
-    """The engine's adapter-load observations (the histogram behind /metrics), kept as raw values here."""
+class Observations:
+    """What the engine observes into one of its /metrics histograms (adapter load seconds, time to first
+    token), kept as raw values here."""
 
-    def __init__(self) -> None:
+    def __init__(self, histogram) -> None:
         self.values: list[float] = []
-        self._observe = metrics.ADAPTER_LOAD_SECONDS.observe
+        self._observe = histogram.observe
 
         def observe(value: float, *a, **k) -> None:
             self.values.append(value)
             self._observe(value, *a, **k)
 
-        metrics.ADAPTER_LOAD_SECONDS.observe = observe  # type: ignore[method-assign]
+        self._histogram = histogram
+        histogram.observe = observe  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        self._histogram.observe = self._observe  # type: ignore[method-assign]
 
     def take(self) -> list[float]:
         values, self.values = self.values, []
@@ -96,7 +103,7 @@ def closed_loop(engine: InferenceEngine, adapters: list[str | None], ids: list[l
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     next_index = iter(range(len(adapters)))
     lock = threading.Lock()
-    ttfts: list[float] = []
+    first_tokens = Observations(metrics.TIME_TO_FIRST_TOKEN)  # arrival → first token sampled (in the prefill)
     tokens = [0]
     peak = {"device": 0, "host": 0}
 
@@ -106,27 +113,24 @@ def closed_loop(engine: InferenceEngine, adapters: list[str | None], ids: list[l
                 i = next(next_index, None)
             if i is None:
                 return
-            first: list[float] = []
-            submitted = time.perf_counter()
-            request = engine.submit(GenerationRequest(Target(adapters[i], shas.get(adapters[i])), ids[i], params),
-                                    on_text=lambda _t, first=first: first or first.append(time.perf_counter()))
+            request = engine.submit(GenerationRequest(Target(adapters[i], shas.get(adapters[i])), ids[i], params))
             done = request.future.result(600)
             with lock:
                 tokens[0] += done.completion_tokens
-                if first:
-                    ttfts.append(first[0] - submitted)
                 peak["device"] = max(peak["device"], engine.cache.resident_bytes)
                 peak["host"] = max(peak["host"], engine.cache._cpu_used)
 
     threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
-    return {"tps": tokens[0] / elapsed, "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99),
-            **peak}
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    first_tokens.close()
+    ttfts = first_tokens.take()
+    return {"tps": tokens[0] / elapsed, "tokens_per_cpu_s": tokens[0] / cpu, "ttft_p50": percentile(ttfts, 0.5),
+            "ttft_p99": percentile(ttfts, 0.99), **peak}
 
 
 def run(args) -> None:
@@ -136,7 +140,7 @@ def run(args) -> None:
                                  AdapterRegistry(settings.registry_dir), settings)
         engine.scheduler.eos_ids = frozenset()
         engine.start()
-        loads = LoadTimes()
+        loads = Observations(metrics.ADAPTER_LOAD_SECONDS)
         g = torch.Generator().manual_seed(1)
         ids = [torch.randint(3, 256, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.requests)]
         cache = engine.cache
@@ -154,6 +158,7 @@ def run(args) -> None:
                 rotation = closed_loop(engine, [names[c] for c in choices], ids, args)
                 took = loads.take()
                 row = {"base_tps": base["tps"], "tps": rotation["tps"], "ratio": rotation["tps"] / base["tps"],
+                       "cpu_ratio": rotation["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
                        "ttft_p50_ms": rotation["ttft_p50"] * 1e3, "ttft_p99_ms": rotation["ttft_p99"] * 1e3,
                        "base_ttft_p50_ms": base["ttft_p50"] * 1e3, "loads": len(took),
                        "load_p50_ms": percentile(took, 0.5) * 1e3, "load_p99_ms": percentile(took, 0.99) * 1e3,

@@ -157,7 +157,15 @@ class BoneModel(nn.Module):
             config = dataclasses.replace(config, target_modules=sorted(resolve_target_spec(self.base_model, config)))
         self.adapter_configs[name] = config
         self._trainable[name] = trainable
-        self._update_requires_grad()
+        if config.bias == "none":
+            # a new adapter is inactive, so it trains nothing and every other flag stays as it was: freezing
+            # its own tensors is enough (a server adding adapters one by one must not pay for all of them)
+            for t in targets:
+                self.base_model.get_submodule(t.name).bone_block[name].requires_grad_(False)
+            for path in mts_paths:
+                self.base_model.get_submodule(path).modules_to_save[name].requires_grad_(False)
+        else:
+            self._update_requires_grad()
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Load a Bone / Bat / MiSS checkpoint (ours or PEFT's) as a new, inactive adapter."""
@@ -254,8 +262,10 @@ class BoneModel(nn.Module):
             w.delete_adapter(adapter_name)
             if not len(w.modules_to_save):
                 set_submodule(self.base_model, path, w.original_module)
-        del self.adapter_configs[adapter_name]
+        bias = self.adapter_configs.pop(adapter_name).bias
         self._trainable.pop(adapter_name, None)
+        if adapter_name not in self.active_adapters and bias == "none":
+            return  # activation and every requires_grad flag are as they were (the layers dropped it above)
         active = [n for n in self.active_adapters if n != adapter_name]
         if not active and self.adapter_configs and adapter_name in self.active_adapters:
             active = [next(iter(self.adapter_configs))]  # PEFT: the first remaining adapter becomes active

@@ -203,11 +203,9 @@ class RowPlan:
         for n in bone:
             by_r.setdefault(configs[n].r, []).append(n)
         for r, group in by_r.items():
-            blocks = [layer.full_block(n) for n in group]
-            stacked = torch.stack(blocks + [torch.zeros_like(blocks[0])])  # last slot: rows outside the group
-            slot = {n: i for i, n in enumerate(group)}
-            idx = torch.tensor([slot.get(n, len(group)) for n in names], device=device)
-            p.bone.append((r, stacked.index_select(0, idx)))
+            blocks = {n: layer.full_block(n) for n in group}
+            zero = torch.zeros_like(blocks[group[0]])  # rows outside the group
+            p.bone.append((r, torch.stack([blocks.get(n, zero) for n in names])))  # one copy per row's block
         for n in present:
             if configs[n].variant == "bat":
                 rows = torch.tensor([i for i, m in enumerate(names) if m == n], device=device)

@@ -207,6 +207,10 @@ class AdapterCache:
         self._entries.move_to_end(key)
         return entry.slot
 
+    def holds(self, key: Key) -> bool:
+        """Whether ``key`` is resident or in the host tier (LRU order untouched: a look, not a use)."""
+        return (key in self._entries and key not in self._doomed) or key in self._cpu
+
     def cpu_get(self, key: Key) -> FetchedAdapter | None:
         fetched = self._cpu.get(key)
         if fetched is not None:

@@ -154,6 +154,7 @@ class Scheduler:
                 return False
             if isinstance(item, Request):
                 self._waiting.append(item)
+                self._prefetch(item)
                 if idle and deadline is None:
                     deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
                 if len(self._waiting) >= self.settings.max_batch_size:
@@ -265,11 +266,7 @@ class Scheduler:
             return slot
         fetched = request.fetched or self.cache.cpu_get(key)
         if fetched is None:
-            if request.mix is None:
-                self.loader.fetch(request.adapter)
-            else:
-                mix, registry = request.mix, self.cache.registry
-                self.loader.fetch(request.adapter, lambda: fetch_mix(registry, mix, self._out_features))
+            self._fetch(request)
             return NotReady.WAIT
         if not must_progress and not self.cache.has_room(self.cache.device_bytes(fetched), in_use):
             return NotReady.WAIT  # joins when running rows free their adapters
@@ -280,6 +277,20 @@ class Scheduler:
                 log.exception("installing adapter %r failed", request.adapter)
             self._fail(request, exc)
             return NotReady.FAILED
+
+    def _prefetch(self, request: Request) -> None:
+        """Start reading a cold adapter as soon as its request arrives, not when it reaches the head of the
+        queue: the read (registry, sha256, parsing) overlaps the request's wait for a batch slot."""
+        if request.adapter is not None and not self.cache.holds((request.adapter, request.sha256 or "")):
+            self._fetch(request)
+
+    def _fetch(self, request: Request) -> None:
+        assert request.adapter is not None
+        if request.mix is None:
+            self.loader.fetch(request.adapter)
+        else:
+            mix, registry = request.mix, self.cache.registry
+            self.loader.fetch(request.adapter, lambda: fetch_mix(registry, mix, self._out_features))
 
     def _step(self) -> None:
         rows = len(self.batch.rows)

@@ -95,6 +95,27 @@ def test_a_cold_load_blocks_no_other_request(make_engine, monkeypatch):
     assert cold.future.result(60).completion_tokens > 0
 
 
+def test_a_cold_adapter_is_read_while_its_request_waits_for_a_slot(make_engine):
+    engine = make_engine(max_batch_size=1)
+    publish_adapter(engine.settings, "queued", seed=3)
+    key = ("queued", AdapterRegistry(engine.settings.registry_dir).get("queued").sha256)
+    release = threading.Event()
+    long = submit(engine, "hold the only slot", n=2000, stop=())
+    long_row = None
+    while long_row is None:  # the long row holds the batch's one slot
+        long_row = next((row for row in engine.batch.rows if row.tag is long), None)
+        time.sleep(0.005)
+    long_row.should_stop = release.is_set  # it ends only when this test says so
+    waiting = submit(engine, "after it", "queued", 4)
+    deadline = time.monotonic() + 60
+    while not engine.cache.holds(key) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.cache.holds(key) and not long.future.done()  # read before any slot opened
+    release.set()
+    assert long.future.result(60).finish_reason == "abort"
+    assert waiting.future.result(60).completion_tokens == 4
+
+
 def test_switching_resident_adapters_copies_no_weights(make_engine):
     engine = make_engine()
     for i in range(3):

@@ -167,6 +167,21 @@ def _multi(name="llama"):
     return bm
 
 
+def test_adding_and_deleting_inactive_adapters_keeps_every_requires_grad_flag():
+    bm = _multi()  # "a" active and trainable; "b" and "c" inactive
+
+    def flags():
+        return {n: p.requires_grad for n, p in bm.named_parameters()}
+
+    config = BoneConfig(r=8, target_modules=targets("llama"), init_weights=False)
+    bm.add_adapter_from_state_dict("d", config, {k: v.clone() for k, v in bm.get_adapter_state_dict("a").items()})
+    bm.delete_adapter("c")
+    now = flags()
+    bm._update_requires_grad()  # the full recomputation must find nothing to change
+    assert now == flags() and any(now.values())
+    assert not any(flag for n, flag in now.items() if n.endswith(".d"))
+
+
 def test_multi_adapter_management():
     bm = _multi()
     x = ids()
