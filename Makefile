@@ -34,9 +34,9 @@ run: venv
 test: venv-test
 	$(BIN)/python -m tests.with_redis $(PYTEST_ARGS)
 
-# ruff checks the whole tree; the formatter is held on the packages already formatted; mypy types bone/ and core/;
+# ruff checks and formats the whole tree; mypy types bone/ and core/;
 # lint-imports keeps the arrows between the packages and no cycles inside one (docs/ARCHITECTURE.md).
-FORMATTED = bone core
+FORMATTED = .
 lint: venv-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check $(FORMATTED)

@@ -20,17 +20,21 @@ from core.errors import Unauthorized
 
 log = logging.getLogger(__name__)
 
-bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
-                    description="An API key minted by `bone-server keys create` (not needed on a loopback server "
-                                "that runs without keys).")
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key minted by `bone-server keys create` (not needed on a loopback server "
+    "that runs without keys).",
+)
 
 
 def get_keyring(request: Request) -> KeyRing:
     return request.app.state.keyring
 
 
-async def get_principal(request: Request,
-                        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Principal:
+async def get_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+) -> Principal:
     keyring = get_keyring(request)
     if not keyring.enabled:
         principal = ANONYMOUS

@@ -65,8 +65,10 @@ _ERROR_DESCRIPTIONS = {
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:
     """``responses=`` for a router or route: each status documented with the error envelope."""
-    return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
-            for status in (statuses or tuple(_ERROR_DESCRIPTIONS))}
+    return {
+        status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
+        for status in (statuses or tuple(_ERROR_DESCRIPTIONS))
+    }
 
 
 # --- the OpenAI-compatible routes speak OpenAI's table ----------------------------------------------------
@@ -98,8 +100,15 @@ def openai_status_and_type(status: int, type_: str) -> tuple[int, str]:
     return status, _OPENAI_TYPES.get(status, type_)
 
 
-def envelope(status: int, message: str, type_: str, code: str, param: str | None = None,
-             headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+def envelope(
+    status: int,
+    message: str,
+    type_: str,
+    code: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    path: str = "",
+) -> JSONResponse:
     if is_openai_path(path):
         status, type_ = openai_status_and_type(status, type_)
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -184,7 +193,8 @@ def summarize_validation_errors(errors: list[dict]) -> tuple[str | None, str, st
 
 def _code(err: dict) -> str:
     return {"missing": "missing_field", "extra_forbidden": "unknown_field", "json_invalid": "invalid_json"}.get(
-        err.get("type"), "invalid_value")
+        err.get("type"), "invalid_value"
+    )
 
 
 def _describe_model_tag(tag: str, errs: list[dict]) -> str:
@@ -236,8 +246,15 @@ async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> J
         message = f"no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} not allowed on {request.url.path}"
-    return envelope(exc.status_code, message, type_, code, param=getattr(exc, "param", None),
-                    headers=getattr(exc, "headers", None), path=request.url.path)
+    return envelope(
+        exc.status_code,
+        message,
+        type_,
+        code,
+        param=getattr(exc, "param", None),
+        headers=getattr(exc, "headers", None),
+        path=request.url.path,
+    )
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -247,8 +264,13 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, translated.status, translated.message)
         return error_response(_without_server_paths(request, translated), request.url.path)
     log.exception("unhandled error in %s %s", request.method, request.url.path)
-    return envelope(500, "internal server error; the server log has the details", "server_error", "internal_error",
-                    path=request.url.path)
+    return envelope(
+        500,
+        "internal server error; the server log has the details",
+        "server_error",
+        "internal_error",
+        path=request.url.path,
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

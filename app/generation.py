@@ -61,8 +61,9 @@ def check_prompt(text: str, settings: Settings, param: str = "prompt") -> None:
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise InvalidRequest(f"{param} is not valid Unicode: a lone surrogate at character {exc.start}",
-                             param=param) from None
+        raise InvalidRequest(
+            f"{param} is not valid Unicode: a lone surrogate at character {exc.start}", param=param
+        ) from None
     if size > limit:
         raise too_long
 
@@ -81,8 +82,12 @@ def _served_info(name: str, registry: AdapterRegistry, settings: Settings, param
     except NotFound as exc:
         raise NotFound(exc.message, param=param) from None
     if info.base_model != settings.base_model:
-        raise Conflict(f"adapter {name!r} was trained on base model {info.base_model!r}, but this server serves "
-                       f"{settings.base_model!r}", param=param, code="base_model_mismatch")
+        raise Conflict(
+            f"adapter {name!r} was trained on base model {info.base_model!r}, but this server serves "
+            f"{settings.base_model!r}",
+            param=param,
+            code="base_model_mismatch",
+        )
     return info
 
 
@@ -147,8 +152,12 @@ def submit_all(engine: InferenceEngine, jobs: list[GenerationRequest], on_text=N
     (queue full, bounds), the ones already queued are withdrawn."""
     share = engine.settings.queue_share
     if key is not None and len(jobs) > share:  # would be refused whole every time: say so, not 429
-        raise InvalidRequest(f"this request asks for {len(jobs)} generations (prompts x n); one key may queue at most "
-                             f"{share} at once (BONE_MAX_QUEUE_PER_KEY)", param="n", code="too_many_generations")
+        raise InvalidRequest(
+            f"this request asks for {len(jobs)} generations (prompts x n); one key may queue at most "
+            f"{share} at once (BONE_MAX_QUEUE_PER_KEY)",
+            param="n",
+            code="too_many_generations",
+        )
     requests = []
     try:
         for i, job in enumerate(jobs):

@@ -85,8 +85,9 @@ def with_head_deadline(base: type, timeout_s: float, max_head_bytes: int) -> typ
         def _head_deadline(self) -> None:
             self._head_timer = None
             if self.cycle is self._cycle_then and not self.transport.is_closing():
-                log.info("closing a connection from %s: no complete request head within %.0f s", self._peer(),
-                         timeout_s)
+                log.info(
+                    "closing a connection from %s: no complete request head within %.0f s", self._peer(), timeout_s
+                )
                 self.transport.close()
 
         def _peer(self) -> str:
@@ -98,12 +99,15 @@ def with_head_deadline(base: type, timeout_s: float, max_head_bytes: int) -> typ
 
 def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
     """How ``bone-server api``/``up`` serve ``app`` (tests build their live servers with it too)."""
-    options = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                   log_config=None,  # uvicorn keeps our logging (JSON lines, request ids)
-                   http=with_head_deadline(_uvicorn_protocol(), settings.http_header_timeout_s,
-                                            settings.http_max_header_bytes),
-                   timeout_keep_alive=settings.http_keep_alive_s,
-                   limit_concurrency=settings.http_max_connections,
-                   h11_max_incomplete_event_size=settings.http_max_header_bytes)
+    options = dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # uvicorn keeps our logging (JSON lines, request ids)
+        http=with_head_deadline(_uvicorn_protocol(), settings.http_header_timeout_s, settings.http_max_header_bytes),
+        timeout_keep_alive=settings.http_keep_alive_s,
+        limit_concurrency=settings.http_max_connections,
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+    )
     options.update(overrides)
     return uvicorn.Config(app, **options)

@@ -54,16 +54,24 @@ class JobChecker:
         if body.training.max_seq_length > s.max_seq_length:
             raise InvalidRequest(
                 f"training.max_seq_length={body.training.max_seq_length} exceeds the server's limit of "
-                f"{s.max_seq_length} (BONE_MAX_SEQ_LENGTH)", param="training.max_seq_length")
+                f"{s.max_seq_length} (BONE_MAX_SEQ_LENGTH)",
+                param="training.max_seq_length",
+            )
         check_job_size(body.training, s)
         room = max_length_with_checkpoints(s.max_train_steps)
         if body.training.publish_checkpoints and len(body.adapter_name) > room:
-            raise InvalidRequest(f"adapter_name is too long for checkpoint names '<name>-step-<n>' (at most {room} "
-                                 "characters with publish_checkpoints)", param="adapter_name")
+            raise InvalidRequest(
+                f"adapter_name is too long for checkpoint names '<name>-step-<n>' (at most {room} "
+                "characters with publish_checkpoints)",
+                param="adapter_name",
+            )
         records = self._check_dataset(body)
         if not body.overwrite and self.registry.exists(body.adapter_name):
-            raise Conflict(f"adapter {body.adapter_name!r} already exists; pass overwrite=true to replace it",
-                           param="adapter_name", code="adapter_exists")
+            raise Conflict(
+                f"adapter {body.adapter_name!r} already exists; pass overwrite=true to replace it",
+                param="adapter_name",
+                code="adapter_exists",
+            )
         self.check_bone_config(body)
         return records
 
@@ -98,11 +106,16 @@ class JobChecker:
             except NotFound as exc:
                 raise InvalidRequest(exc.message, param=f"{param}.file_id", code="not_found") from None
             if dataset.format is not None:
-                self._check_format(path, dataset.format, param, label=dataset.file_id,
-                                   detected=store.get(dataset.file_id).formats)
+                self._check_format(
+                    path, dataset.format, param, label=dataset.file_id, detected=store.get(dataset.file_id).formats
+                )
         if isinstance(dataset, HFDataset):
-            dataset_source(dataset.hf_dataset, datasets_dir=self.settings.datasets_dir,
-                           allow_hub=self.settings.allow_hub_datasets, param=f"{param}.hf_dataset")
+            dataset_source(
+                dataset.hf_dataset,
+                datasets_dir=self.settings.datasets_dir,
+                allow_hub=self.settings.allow_hub_datasets,
+                param=f"{param}.hf_dataset",
+            )
         return None
 
     @staticmethod
@@ -114,8 +127,11 @@ class JobChecker:
         try:
             validate_rows(path, fmt, label=label)
         except InvalidFile as exc:
-            raise InvalidRequest(f"{param}.format={fmt!r} does not fit {label!r}: {exc.message}",
-                                 param=f"{param}.format", code="format_mismatch") from None
+            raise InvalidRequest(
+                f"{param}.format={fmt!r} does not fit {label!r}: {exc.message}",
+                param=f"{param}.format",
+                code="format_mismatch",
+            ) from None
 
     def dataset_path(self, relative: str, *, param: str = "dataset.path") -> Path:
         """The file a ``{"path": ...}`` dataset names, which must lie inside the datasets dir."""

@@ -49,9 +49,13 @@ REDIS_SOCKET_TIMEOUT_S = 5.0  # above the longest blocking read (job events foll
 def connect_redis(url: str) -> redis.Redis:
     # One quick retry rides over a dropped idle connection; more (redis-py's default backs off for
     # seconds) would only delay the 503 a client gets while Redis is down.
-    return redis.Redis.from_url(url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-                                socket_timeout=REDIS_SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
-                                health_check_interval=30)
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
 
 
 def _lora_zip(registry, engine, settings, name: str) -> bytes:
@@ -71,8 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         log.info("loading base model %r", settings.base_model)
         base = await run_in_threadpool(load_base_model, settings.base_model, settings, None, settings.dtype)
-        log.info("base model %r loaded on %s in %s", settings.base_model, base.device,
-                 next(base.model.parameters()).dtype)
+        log.info(
+            "base model %r loaded on %s in %s", settings.base_model, base.device, next(base.model.parameters()).dtype
+        )
         engine = InferenceEngine(base, registry, settings)
         engine.start()
         app.state.settings = settings
@@ -100,17 +105,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(engine.stop)
             conn.close()
 
-    app = FastAPI(title="bone-server", version="0.1.0", lifespan=lifespan,
-                  description="Fine-tune Bone adapters on one shared base model and serve them all, batched.")
+    app = FastAPI(
+        title="bone-server",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Fine-tune Bone adapters on one shared base model and serve them all, batched.",
+    )
     app.state.settings = settings
     app.state.keyring = KeyRing.from_settings(settings)  # AuthConfigError: an open API on a public address
     install_error_handlers(app)
-    why = ("BONE_MAX_BODY_BYTES" if settings.max_generation_body_bytes == settings.max_body_bytes
-           else "a prompt's worth: BONE_MAX_PROMPT_TOKENS x BONE_PROMPT_BYTES_PER_TOKEN, JSON-escaped")
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, upload_paths=UPLOAD_PATHS,
-                       max_upload_bytes=settings.max_upload_bytes,
-                       path_limits={path: (settings.max_generation_body_bytes, why, param)
-                                    for path, param in GENERATION_PATHS.items()})
+    why = (
+        "BONE_MAX_BODY_BYTES"
+        if settings.max_generation_body_bytes == settings.max_body_bytes
+        else "a prompt's worth: BONE_MAX_PROMPT_TOKENS x BONE_PROMPT_BYTES_PER_TOKEN, JSON-escaped"
+    )
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        upload_paths=UPLOAD_PATHS,
+        max_upload_bytes=settings.max_upload_bytes,
+        path_limits={
+            path: (settings.max_generation_body_bytes, why, param) for path, param in GENERATION_PATHS.items()
+        },
+    )
     install_observability(app)
     app.add_middleware(SecurityHeaders)  # outermost: error and 503 answers get the headers too
     install_openapi(app, settings)

@@ -23,7 +23,9 @@ from core.jobstore import STATUS_COUNTS
 from core.jobstore import TRAINING_METRICS as TRAINING_METRICS_KEY
 
 HTTP_LATENCY = Histogram(
-    "bone_http_request_duration_seconds", "HTTP request latency", ["route", "method", "status"],
+    "bone_http_request_duration_seconds",
+    "HTTP request latency",
+    ["route", "method", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 GENERATED_TOKENS = Counter("bone_generated_tokens_total", "tokens generated", ["adapter_kind"])
@@ -31,7 +33,8 @@ GENERATION_TOKENS_PER_S = Gauge(
     "bone_generation_tokens_per_second", "engine tokens/s over the last busy window (>= 0.5 s)"
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "bone_time_to_first_token_seconds", "from request arrival to its first token",
+    "bone_time_to_first_token_seconds",
+    "from request arrival to its first token",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 # Continuous batching: rows join and leave between steps, so the batch size is observed once per decode step.
@@ -43,8 +46,10 @@ CONTINUOUS_BATCHING = Gauge(
 BATCH_SIZE = Histogram("bone_engine_batch_size", "rows per engine decode step", buckets=(1, 2, 4, 8, 16, 32, 64))
 # Labelled by the batch size rounded down to a power of two, so the labels stay few whatever the batch bound.
 ENGINE_STEP_SECONDS = Histogram(
-    "bone_engine_step_seconds", "one decode step (forward, sampling, stops) by rows in the batch: 4 = 4-7 rows, "
-    "64+ = 64 or more", ["rows"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    "bone_engine_step_seconds",
+    "one decode step (forward, sampling, stops) by rows in the batch: 4 = 4-7 rows, 64+ = 64 or more",
+    ["rows"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 STEP_ROWS_LABELS = ("1", "2", "4", "8", "16", "32", "64+")
 ENGINE_MAX_BATCH_SIZE = Gauge(
@@ -95,9 +100,11 @@ class RedisCollector:
         for status, count in sorted(counts.items()):
             jobs.add_metric([status.decode()], int(count))
         yield jobs
-        for field, help_text in (("tokens_per_s", "training tokens/s (latest step, any worker)"),
-                                 ("step_time_s", "training step time in seconds (latest step)"),
-                                 ("steps_total", "training optimizer steps since the deployment started")):
+        for field, help_text in (
+            ("tokens_per_s", "training tokens/s (latest step, any worker)"),
+            ("step_time_s", "training step time in seconds (latest step)"),
+            ("steps_total", "training optimizer steps since the deployment started"),
+        ):
             if field.encode() in training:
                 yield GaugeMetricFamily(f"bone_training_{field}", help_text, value=float(training[field.encode()]))
 

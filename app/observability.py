@@ -45,8 +45,7 @@ class RequestIdMiddleware:
 def install_observability(app: FastAPI) -> None:
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)  # added last = outermost: ids cover everything inside
-    install_redis_collector(lambda: getattr(app.state, "redis", None),
-                            lambda: app.state.settings.queue_name)
+    install_redis_collector(lambda: getattr(app.state, "redis", None), lambda: app.state.settings.queue_name)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():

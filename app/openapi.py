@@ -34,8 +34,12 @@ def _bounds(settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 # Operations that answer server-sent events when asked (``stream: true`` / ``?stream=true``).
-STREAMING = (("post", "/generate"), ("post", "/v1/completions"), ("post", "/v1/chat/completions"),
-             ("get", "/jobs/{job_id}/events"))
+STREAMING = (
+    ("post", "/generate"),
+    ("post", "/v1/completions"),
+    ("post", "/v1/chat/completions"),
+    ("get", "/jobs/{job_id}/events"),
+)
 # OpenAPI links: which later operations take a value from an earlier answer (the created job's id, the
 # uploaded file's id, ...). Clients and generated SDKs read them as "what to call next"; schemathesis'
 # stateful phase (tests/app/test_fuzz.py) follows them, so the deep routes are fuzzed with ids that exist.
@@ -82,12 +86,20 @@ def _add_links(schema: dict[str, Any]) -> None:
             continue  # a link from a route that is gone: left out, so the schema stays valid (tests/app/test_fuzz.py)
         for name, to_method, to_path, parameters in links:
             if to_method in paths.get(to_path, {}):
-                response.setdefault("links", {})[name] = {"operationRef": _operation_ref(to_method, to_path),
-                                                          "parameters": parameters}
+                response.setdefault("links", {})[name] = {
+                    "operationRef": _operation_ref(to_method, to_path),
+                    "parameters": parameters,
+                }
 
 
-SSE_CONTENT = {"text/event-stream": {"schema": {"description": "server-sent events, each `data:` a JSON object "
-                                                 "(the error envelope on failure); `data: [DONE]` ends a generation"}}}
+SSE_CONTENT = {
+    "text/event-stream": {
+        "schema": {
+            "description": "server-sent events, each `data:` a JSON object "
+            "(the error envelope on failure); `data: [DONE]` ends a generation"
+        }
+    }
+}
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:

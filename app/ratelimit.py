@@ -69,8 +69,11 @@ class RateLimiter:
             return
         if count > limit:
             retry_after = max(1, math.ceil((window + 1) * self.window_s - now))
-            raise RateLimited(f"rate limit exceeded: {limit} {bucket} requests per {self.window_s} s for this key; "
-                              f"retry in {retry_after} s", retry_after=retry_after)
+            raise RateLimited(
+                f"rate limit exceeded: {limit} {bucket} requests per {self.window_s} s for this key; "
+                f"retry in {retry_after} s",
+                retry_after=retry_after,
+            )
 
 
 def get_rate_limiter(request: Request) -> RateLimiter:

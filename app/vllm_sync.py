@@ -42,16 +42,21 @@ class VllmFolderSync:
                 raise RuntimeError("export failed before for this version")
             return unzip(self.export(name))
 
-        result = sync_folder(self.settings.vllm_export_dir, listing, fetch,
-                             base_model=self.settings.vllm_export_base_model, prune=True)
+        result = sync_folder(
+            self.settings.vllm_export_dir, listing, fetch, base_model=self.settings.vllm_export_base_model, prune=True
+        )
         for name, why in result.failed.items():
             if (name, listing[name]) not in self._reported:
                 self._reported.add((name, listing[name]))
                 log.warning("vLLM export of adapter %r skipped: %s", name, why)
         if result.written or result.removed:
-            log.info("vLLM folder %s: wrote %s, removed %s; serve with: %s", result.directory,
-                     ", ".join(result.written) or "none", ", ".join(result.removed) or "none",
-                     serve_command(self.settings.vllm_export_base_model or "BASE_MODEL", result))
+            log.info(
+                "vLLM folder %s: wrote %s, removed %s; serve with: %s",
+                result.directory,
+                ", ".join(result.written) or "none",
+                ", ".join(result.removed) or "none",
+                serve_command(self.settings.vllm_export_base_model or "BASE_MODEL", result),
+            )
         return result
 
     def _run(self) -> None:

@@ -74,7 +74,7 @@ def rank(payload_file: str, results, index: int) -> None:
     examples = pickle.loads(payload)
     del payload
     for start in range(0, len(examples), 8):
-        collate(list(examples[start:start + 8]), 0, torch.device("cpu"))
+        collate(list(examples[start : start + 8]), 0, torch.device("cpu"))
     after = status_kib(*fields)
     results.put((index, {k: (after[k] - before[k]) * 1024 for k in fields}, len(examples)))
 
@@ -114,17 +114,23 @@ def main() -> None:
         arrow = write_examples(examples, workdir / "train.arrow")
         written = time.perf_counter() - started
         token_bytes = tokens * 4 * 2  # input_ids + labels, int32
-        print(f"{args.rows:,} rows, {tokens:,} tokens; token bytes (int32 input_ids + labels) "
-              f"{token_bytes / MIB:.1f} MiB; Arrow file {arrow.path.stat().st_size / MIB:.1f} MiB "
-              f"(written in {written:.1f} s); {args.ranks} ranks per path")
-        print(f"{'path':<22} {'pickle':>10} {'RSS +/rank':>11} {'anon':>9} {'file':>9} {'peak +':>9} "
-              f"{'x token bytes':>14} {'bytes/token':>12}")
+        print(
+            f"{args.rows:,} rows, {tokens:,} tokens; token bytes (int32 input_ids + labels) "
+            f"{token_bytes / MIB:.1f} MiB; Arrow file {arrow.path.stat().st_size / MIB:.1f} MiB "
+            f"(written in {written:.1f} s); {args.ranks} ranks per path"
+        )
+        print(
+            f"{'path':<22} {'pickle':>10} {'RSS +/rank':>11} {'anon':>9} {'file':>9} {'peak +':>9} "
+            f"{'x token bytes':>14} {'bytes/token':>12}"
+        )
         for label, obj in (("old: lists pickled", examples), ("new: Arrow mmap", arrow)):
             per_rank, pickled, seconds = measure(obj, args.ranks, workdir)
             for i, r in enumerate(per_rank):
-                print(f"{label + f' r{i}':<22} {pickled / MIB:>8.1f}Mi {r['VmRSS'] / MIB:>9.1f}Mi "
-                      f"{r['RssAnon'] / MIB:>7.1f}Mi {r['RssFile'] / MIB:>7.1f}Mi {r['VmHWM'] / MIB:>7.1f}Mi "
-                      f"{r['VmRSS'] / token_bytes:>14.2f} {r['VmRSS'] / tokens:>12.1f}")
+                print(
+                    f"{label + f' r{i}':<22} {pickled / MIB:>8.1f}Mi {r['VmRSS'] / MIB:>9.1f}Mi "
+                    f"{r['RssAnon'] / MIB:>7.1f}Mi {r['RssFile'] / MIB:>7.1f}Mi {r['VmHWM'] / MIB:>7.1f}Mi "
+                    f"{r['VmRSS'] / token_bytes:>14.2f} {r['VmRSS'] / tokens:>12.1f}"
+                )
             print(f"  ({seconds:.1f} s for the hand-over and one pass on every rank)")
 
 

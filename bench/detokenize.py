@@ -45,8 +45,14 @@ def before(ids: list[int], decode, window: int) -> float:
 
 def after(ids: list[int], decode, window: int) -> float:
     pieces: list[str] = []
-    row = Row(prompt_ids=[1], adapter_slot=BASE_ADAPTER, eos_ids=frozenset(), decode=decode, on_text=pieces.append,
-              params=SamplingParams(max_new_tokens=len(ids) + 1, stop=STOPS))
+    row = Row(
+        prompt_ids=[1],
+        adapter_slot=BASE_ADAPTER,
+        eos_ids=frozenset(),
+        decode=decode,
+        on_text=pieces.append,
+        params=SamplingParams(max_new_tokens=len(ids) + 1, stop=STOPS),
+    )
     start = len(ids) - window
     t0 = 0.0
     for n, token in enumerate(ids, 1):

@@ -63,9 +63,15 @@ def main() -> None:
     redis.Redis.from_url(args.redis).flushdb()
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
-        env = {**os.environ, "BONE_DATA_DIR": str(Path(folder) / "data"), "BONE_REDIS_URL": args.redis,
-               "BONE_AUTH_DISABLED": "true", "BONE_PORT": str(port), "BONE_LOG_LEVEL": "warning",
-               "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "BONE_DATA_DIR": str(Path(folder) / "data"),
+            "BONE_REDIS_URL": args.redis,
+            "BONE_AUTH_DISABLED": "true",
+            "BONE_PORT": str(port),
+            "BONE_LOG_LEVEL": "warning",
+            "OMP_NUM_THREADS": "1",
+        }
         server = subprocess.Popen([sys.executable, "-m", "cli", "api"], env=env)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -83,8 +89,9 @@ def main() -> None:
 
             settings = Settings(_env_file=None)
             huge = ('{"prompt": "%s", "max_new_tokens": 4}' % ("x" * int(args.mb * 1024 * 1024))).encode()
-            under_body = ('{"prompt": "%s", "max_new_tokens": 4}'
-                          % ("x" * (settings.max_generation_body_bytes - 1024))).encode()
+            under_body = (
+                '{"prompt": "%s", "max_new_tokens": 4}' % ("x" * (settings.max_generation_body_bytes - 1024))
+            ).encode()
             largest = {"prompt": "ab" * (settings.max_prompt_tokens // 2 - 8), "max_new_tokens": 4}
             cases = {
                 f"{args.mb:g} MB prompt, Content-Length": lambda http: http.post(

@@ -40,11 +40,27 @@ def publish_adapters(args, root: Path) -> tuple[Settings, list[str]]:
     model.generation_config.eos_token_id = None  # every request generates exactly --new-tokens
     model.save_pretrained(model_dir)
     _byte_level_tokenizer().save_pretrained(model_dir)
-    overrides = {k: v for k, v in (("adapter_cache_size", args.cache_size), ("adapter_cache_bytes", args.cache_bytes),
-                                   ("adapter_cpu_cache_bytes", args.cpu_cache_bytes)) if v is not None}
-    settings = Settings(data_dir=root, base_model=str(model_dir), max_batch_size=args.concurrency, batch_wait_ms=5,
-                        redis_url=args.redis_url, device=args.device, dtype=args.dtype,
-                        max_new_tokens=max(512, args.new_tokens), max_adapters_per_owner=args.adapters, **overrides)
+    overrides = {
+        k: v
+        for k, v in (
+            ("adapter_cache_size", args.cache_size),
+            ("adapter_cache_bytes", args.cache_bytes),
+            ("adapter_cpu_cache_bytes", args.cpu_cache_bytes),
+        )
+        if v is not None
+    }
+    settings = Settings(
+        data_dir=root,
+        base_model=str(model_dir),
+        max_batch_size=args.concurrency,
+        batch_wait_ms=5,
+        redis_url=args.redis_url,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=max(512, args.new_tokens),
+        max_adapters_per_owner=args.adapters,
+        **overrides,
+    )
     registry = AdapterRegistry(settings.registry_dir)
     config = BoneConfig(r=args.r, target_modules=LLAMA_PROJECTIONS, init_weights=False)
     bone = get_bone_model(build_model(args.model, seed=0), config, adapter_name="rot")
@@ -129,25 +145,35 @@ def closed_loop(engine: InferenceEngine, adapters: list[str | None], ids: list[l
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     first_tokens.close()
     ttfts = first_tokens.take()
-    return {"tps": tokens[0] / elapsed, "tokens_per_cpu_s": tokens[0] / cpu, "ttft_p50": percentile(ttfts, 0.5),
-            "ttft_p99": percentile(ttfts, 0.99), **peak}
+    return {
+        "tps": tokens[0] / elapsed,
+        "tokens_per_cpu_s": tokens[0] / cpu,
+        "ttft_p50": percentile(ttfts, 0.5),
+        "ttft_p99": percentile(ttfts, 0.99),
+        **peak,
+    }
 
 
 def run(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings, names = publish_adapters(args, Path(tmp))
-        engine = InferenceEngine(load_base_model(settings.base_model, settings, None, settings.dtype),
-                                 AdapterRegistry(settings.registry_dir), settings)
+        engine = InferenceEngine(
+            load_base_model(settings.base_model, settings, None, settings.dtype),
+            AdapterRegistry(settings.registry_dir),
+            settings,
+        )
         engine.scheduler.eos_ids = frozenset()
         engine.start()
         loads = Observations(metrics.ADAPTER_LOAD_SECONDS)
         g = torch.Generator().manual_seed(1)
         ids = [torch.randint(3, 256, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.requests)]
         cache = engine.cache
-        print(f"model={args.model} dtype={args.dtype} adapters={args.adapters} zipf={args.zipf} "
-              f"requests={args.requests} concurrency={args.concurrency} new_tokens={args.new_tokens} | device pool: "
-              f"{cache.max_count} adapters / {cache.max_bytes / 2**20:.0f} MiB, host tier "
-              f"{cache.cpu_bytes / 2**20:.0f} MiB")
+        print(
+            f"model={args.model} dtype={args.dtype} adapters={args.adapters} zipf={args.zipf} "
+            f"requests={args.requests} concurrency={args.concurrency} new_tokens={args.new_tokens} | device pool: "
+            f"{cache.max_count} adapters / {cache.max_bytes / 2**20:.0f} MiB, host tier "
+            f"{cache.cpu_bytes / 2**20:.0f} MiB"
+        )
         try:
             closed_loop(engine, [None] * args.concurrency, ids[: args.concurrency], args)  # warm-up
             rounds: list[dict] = []
@@ -157,13 +183,21 @@ def run(args) -> None:
                 loads.take()
                 rotation = closed_loop(engine, [names[c] for c in choices], ids, args)
                 took = loads.take()
-                row = {"base_tps": base["tps"], "tps": rotation["tps"], "ratio": rotation["tps"] / base["tps"],
-                       "cpu_ratio": rotation["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
-                       "ttft_p50_ms": rotation["ttft_p50"] * 1e3, "ttft_p99_ms": rotation["ttft_p99"] * 1e3,
-                       "base_ttft_p50_ms": base["ttft_p50"] * 1e3, "loads": len(took),
-                       "load_p50_ms": percentile(took, 0.5) * 1e3, "load_p99_ms": percentile(took, 0.99) * 1e3,
-                       "distinct": len(set(choices)), "device_peak_mib": rotation["device"] / 2**20,
-                       "host_peak_mib": rotation["host"] / 2**20}
+                row = {
+                    "base_tps": base["tps"],
+                    "tps": rotation["tps"],
+                    "ratio": rotation["tps"] / base["tps"],
+                    "cpu_ratio": rotation["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
+                    "ttft_p50_ms": rotation["ttft_p50"] * 1e3,
+                    "ttft_p99_ms": rotation["ttft_p99"] * 1e3,
+                    "base_ttft_p50_ms": base["ttft_p50"] * 1e3,
+                    "loads": len(took),
+                    "load_p50_ms": percentile(took, 0.5) * 1e3,
+                    "load_p99_ms": percentile(took, 0.99) * 1e3,
+                    "distinct": len(set(choices)),
+                    "device_peak_mib": rotation["device"] / 2**20,
+                    "host_peak_mib": rotation["host"] / 2**20,
+                }
                 rounds.append(row)
                 print(f"round {round_index + 1}: " + "  ".join(f"{k}={v:.3g}" for k, v in row.items()), flush=True)
         finally:
@@ -172,10 +206,14 @@ def run(args) -> None:
     for key in rounds[0]:
         values = [r[key] for r in rounds]
         print(f"  {key:18s} {statistics.median(values):10.3g}  [{min(values):.3g}–{max(values):.3g}]")
-    within = all(r["device_peak_mib"] * 2**20 <= cache.max_bytes and r["host_peak_mib"] * 2**20 <= cache.cpu_bytes
-                 for r in rounds)
-    print(f"rotation tokens/s vs base: {statistics.median(r['ratio'] for r in rounds):.2f}× (target ≥ 0.70×); "
-          f"adapter memory within its bounds: {within}")
+    within = all(
+        r["device_peak_mib"] * 2**20 <= cache.max_bytes and r["host_peak_mib"] * 2**20 <= cache.cpu_bytes
+        for r in rounds
+    )
+    print(
+        f"rotation tokens/s vs base: {statistics.median(r['ratio'] for r in rounds):.2f}× (target ≥ 0.70×); "
+        f"adapter memory within its bounds: {within}"
+    )
 
 
 def add_arguments(parser) -> None:

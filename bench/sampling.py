@@ -47,8 +47,9 @@ def mixed_rows(n: int) -> list[Params]:
         if i % 8 == 0:
             rows.append(Params(0.0, 1.0, -1, None))
             continue
-        rows.append(Params(0.7 + 0.6 * (i % 5) / 4, 0.9 if i % 2 else 1.0, 50 if i % 4 == 3 else -1,
-                           None if i % 3 == 0 else i))
+        rows.append(
+            Params(0.7 + 0.6 * (i % 5) / 4, 0.9 if i % 2 else 1.0, 50 if i % 4 == 3 else -1, None if i % 3 == 0 else i)
+        )
     return rows
 
 
@@ -60,7 +61,7 @@ def per_row_choice(logits: torch.Tensor, p: Params, generator: torch.Generator) 
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
         if p.top_k > 0:
-            outside[p.top_k:] = True
+            outside[p.top_k :] = True
         outside[0] = False
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
@@ -69,8 +70,9 @@ def per_row_choice(logits: torch.Tensor, p: Params, generator: torch.Generator) 
 
 def per_row_step(logits: torch.Tensor, rows: list[Params], generators: list[torch.Generator]) -> list[int]:
     greedy, finite = torch.stack([logits.argmax(dim=-1), torch.isfinite(logits.amax(dim=-1)).long()]).tolist()
-    return [greedy[j] if p.temperature == 0 else per_row_choice(logits[j], p, generators[j])
-            for j, p in enumerate(rows)]
+    return [
+        greedy[j] if p.temperature == 0 else per_row_choice(logits[j], p, generators[j]) for j, p in enumerate(rows)
+    ]
 
 
 def batched_step(logits: torch.Tensor, rows: list[Params], generators: list[torch.Generator | None]) -> list[int]:
@@ -116,11 +118,14 @@ def main() -> None:
         old.append(timed(per_row_step, logits_steps, rows, old_generators, device))
         new.append(timed(batched_step, logits_steps, rows, new_generators, device))
     sampled = sum(p.temperature > 0 for p in rows)
-    print(f"sampling per step, {args.mix} mix, {args.rows} rows ({sampled} sampled) x {args.vocab} vocab on {device} "
-          f"({torch.get_num_threads()} CPU threads), mean of {args.steps} steps, median [min-max] of {args.repeats}:")
+    print(
+        f"sampling per step, {args.mix} mix, {args.rows} rows ({sampled} sampled) x {args.vocab} vocab on {device} "
+        f"({torch.get_num_threads()} CPU threads), mean of {args.steps} steps, median [min-max] of {args.repeats}:"
+    )
     for name, figures in (("per-row (before)", old), ("batched (after) ", new)):
-        print(f"  {name}: {statistics.median(figures) * 1e3:8.2f} ms  "
-              f"[{min(figures) * 1e3:.2f}-{max(figures) * 1e3:.2f}]")
+        print(
+            f"  {name}: {statistics.median(figures) * 1e3:8.2f} ms  [{min(figures) * 1e3:.2f}-{max(figures) * 1e3:.2f}]"
+        )
     print(f"  speed-up: {statistics.median(old) / statistics.median(new):.1f}x (median over median)")
 
 

@@ -27,12 +27,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {
-    "tiny": ("llama", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=512)),
-    "0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                           num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
-    "7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)),
+    "tiny": (
+        "llama",
+        dict(
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=512,
+        ),
+    ),
+    "0.5b": (
+        "qwen2",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "7b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        ),
+    ),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -85,8 +113,11 @@ def _rank(args: dict) -> dict:
             if step >= args["warmup"]:
                 times.append(time.perf_counter() - started)
         step_s = statistics.median(times)
-        return {"step_s": step_s, "tokens_s": ids.numel() / step_s,
-                "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else 0}
+        return {
+            "step_s": step_s,
+            "tokens_s": ids.numel() / step_s,
+            "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else 0,
+        }
     finally:
         dist.destroy_process_group()
 
@@ -97,15 +128,33 @@ def launch(world: int, mode: str, args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",
-                          rdzv_endpoint=f"127.0.0.1:{port}", run_id=f"bench-{mode}-{world}", max_restarts=0,
-                          start_method="spawn")
-    results = elastic_launch(config, _rank)({"model": args.model, "device": args.device, "mode": mode,
-                                             "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
-                                             "steps": args.steps})
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        run_id=f"bench-{mode}-{world}",
+        max_restarts=0,
+        start_method="spawn",
+    )
+    results = elastic_launch(config, _rank)(
+        {
+            "model": args.model,
+            "device": args.device,
+            "mode": mode,
+            "batch": args.batch,
+            "seq": args.seq,
+            "warmup": args.warmup,
+            "steps": args.steps,
+        }
+    )
     per_rank = list(results.values())
-    return {"tokens_s": sum(r["tokens_s"] for r in per_rank), "step_s": max(r["step_s"] for r in per_rank),
-            "peak_gib": max(r["peak_bytes"] for r in per_rank) / 2**30}
+    return {
+        "tokens_s": sum(r["tokens_s"] for r in per_rank),
+        "step_s": max(r["step_s"] for r in per_rank),
+        "peak_gib": max(r["peak_bytes"] for r in per_rank) / 2**30,
+    }
 
 
 def main() -> None:
@@ -126,14 +175,18 @@ def main() -> None:
         ddp = launch(world, "ddp", args)
         one = one or ddp
         efficiency = ddp["tokens_s"] / (world * one["tokens_s"])
-        line = (f"DDP  x{world}: {ddp['tokens_s']:10.0f} tokens/s  step {ddp['step_s'] * 1e3:8.1f} ms  "
-                f"scaling efficiency {efficiency:.2f}  peak {ddp['peak_gib']:.2f} GiB/device")
+        line = (
+            f"DDP  x{world}: {ddp['tokens_s']:10.0f} tokens/s  step {ddp['step_s'] * 1e3:8.1f} ms  "
+            f"scaling efficiency {efficiency:.2f}  peak {ddp['peak_gib']:.2f} GiB/device"
+        )
         print(line, flush=True)
         if world > 1:
             fsdp = launch(world, "fsdp", args)
-            print(f"FSDP x{world}: {fsdp['tokens_s']:10.0f} tokens/s  step {fsdp['step_s'] * 1e3:8.1f} ms  "
-                  f"peak {fsdp['peak_gib']:.2f} GiB/device ({fsdp['peak_gib'] / max(ddp['peak_gib'], 1e-9):.2f}x DDP)",
-                  flush=True)
+            print(
+                f"FSDP x{world}: {fsdp['tokens_s']:10.0f} tokens/s  step {fsdp['step_s'] * 1e3:8.1f} ms  "
+                f"peak {fsdp['peak_gib']:.2f} GiB/device ({fsdp['peak_gib'] / max(ddp['peak_gib'], 1e-9):.2f}x DDP)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,16 @@ def build_world(args, root: Path) -> tuple[Settings, list[str]]:
     model.generation_config.eos_token_id = None
     model.save_pretrained(model_dir)
     _byte_level_tokenizer().save_pretrained(model_dir)
-    settings = Settings(data_dir=root, base_model=str(model_dir), max_batch_size=N_REQUESTS, batch_wait_ms=5,
-                        redis_url=args.redis_url, device=args.device, max_new_tokens=max(512, args.new_tokens),
-                        dtype=args.dtype)
+    settings = Settings(
+        data_dir=root,
+        base_model=str(model_dir),
+        max_batch_size=N_REQUESTS,
+        batch_wait_ms=5,
+        redis_url=args.redis_url,
+        device=args.device,
+        max_new_tokens=max(512, args.new_tokens),
+        dtype=args.dtype,
+    )
     registry = AdapterRegistry(settings.registry_dir)
     config = BoneConfig(r=args.r, target_modules=LLAMA_PROJECTIONS, init_weights=False)
     names = [f"bench-{i:02d}" for i in range(N_REQUESTS)]
@@ -96,8 +103,14 @@ def naive_run(model, adapters: list[str], ids: list[list[int]], new_tokens: int)
     for name, prompt in zip(adapters, ids):
         model.set_adapter(name)
         x = torch.tensor([prompt], device=model.device)
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         tokens += out.shape[1] - x.shape[1]
     return tokens / (time.perf_counter() - started)
 
@@ -108,8 +121,10 @@ def http_run(url: str, adapters: list[str | None], ids: list[list[int]], new_tok
     texts = [bytes(p).decode("latin-1") for p in ids]  # byte-level tokenizer: ≈ the same prompt lengths
 
     def one(i: int) -> int:
-        reply = client.post("/generate", json={"prompt": texts[i], "adapter": adapters[i],
-                                               "max_new_tokens": new_tokens, "temperature": 0})
+        reply = client.post(
+            "/generate",
+            json={"prompt": texts[i], "adapter": adapters[i], "max_new_tokens": new_tokens, "temperature": 0},
+        )
         reply.raise_for_status()
         return reply.json()["usage"]["completion_tokens"]
 
@@ -155,7 +170,7 @@ def cold_loads(engine: InferenceEngine, names: list[str]) -> tuple[float, float]
         cache.acquire(name, registry.get(name).sha256)
         warm.append(time.perf_counter() - started)
     cache.evict(names[-1])
-    return statistics.median(cold) * 1000, statistics.median(warm[len(names):]) * 1000
+    return statistics.median(cold) * 1000, statistics.median(warm[len(names) :]) * 1000
 
 
 def main() -> None:
@@ -166,8 +181,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="BONE_DTYPE of the served base (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="BONE_DTYPE of the served base (auto: bf16 on CUDA, fp32 on CPU)",
+    )
     parser.add_argument("--http", action="store_true", help="also measure over HTTP (needs Redis)")
     parser.add_argument("--mixes", action="store_true", help="also 16 per-request mixes of two adapters each")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
@@ -194,8 +213,9 @@ def main() -> None:
     # Round-robin over the scenarios, so drift on a shared machine hits them alike; medians per scenario.
     scenarios = {"base": [None] * N_REQUESTS, "one adapter": [names[0]] * N_REQUESTS, "mixed (16 adapters)": names}
     if args.mixes:
-        scenarios["16 mixes (2 adapters each)"] = [{names[i]: 0.5, names[(i + 1) % N_REQUESTS]: 0.5}
-                                                   for i in range(N_REQUESTS)]
+        scenarios["16 mixes (2 adapters each)"] = [
+            {names[i]: 0.5, names[(i + 1) % N_REQUESTS]: 0.5} for i in range(N_REQUESTS)
+        ]
     runs = {
         label: (lambda a=adapters: engine_run(engine, a, ids, args.new_tokens)) for label, adapters in scenarios.items()
     }
@@ -225,10 +245,14 @@ def main() -> None:
         print(f"{label:<28}{tps:>10.1f}{tps / base_tps:>8.2f}x")
     print(f"{'naive (one by one, switch)':<28}{naive_tps:>10.1f}{naive_tps / base_tps:>8.2f}x")
     mixed = figures["mixed (16 adapters)"]
-    print(f"\nmixed / base = {mixed / base_tps:.2f}x (target >= 0.85); mixed / naive = {mixed / naive_tps:.1f}x "
-          f"(target >= 4)")
-    print(f"adapter cold load (registry -> usable) p50 {cold_ms:.1f} ms (target <= 20); CPU tier -> device p50 "
-          f"{promote_ms:.1f} ms")
+    print(
+        f"\nmixed / base = {mixed / base_tps:.2f}x (target >= 0.85); mixed / naive = {mixed / naive_tps:.1f}x "
+        f"(target >= 4)"
+    )
+    print(
+        f"adapter cold load (registry -> usable) p50 {cold_ms:.1f} ms (target <= 20); CPU tier -> device p50 "
+        f"{promote_ms:.1f} ms"
+    )
     print(f"warm switching (a mixed run after warm-up): {switch_note}")
 
     if args.http:
@@ -251,14 +275,21 @@ def run_http(settings: Settings, names: list[str], ids, args, engine_base_tps: f
     app.state.engine.scheduler.eos_ids = frozenset()
     url = f"http://127.0.0.1:{port}"
     try:
-        figures = round_robin({"base": lambda: http_run(url, [None] * N_REQUESTS, ids, args.new_tokens),
-                               "mixed": lambda: http_run(url, names, ids, args.new_tokens)}, args.repeats)
+        figures = round_robin(
+            {
+                "base": lambda: http_run(url, [None] * N_REQUESTS, ids, args.new_tokens),
+                "mixed": lambda: http_run(url, names, ids, args.new_tokens),
+            },
+            args.repeats,
+        )
         base, mixed = figures["base"], figures["mixed"]
     finally:
         server.should_exit = True
         thread.join(30)
-    print(f"\nover HTTP: base {base:.1f} tokens/s ({base / engine_base_tps:.2f}x in-process), mixed {mixed:.1f} "
-          f"tokens/s, mixed / base = {mixed / base:.2f}x")
+    print(
+        f"\nover HTTP: base {base:.1f} tokens/s ({base / engine_base_tps:.2f}x in-process), mixed {mixed:.1f} "
+        f"tokens/s, mixed / base = {mixed / base:.2f}x"
+    )
 
 
 if __name__ == "__main__":

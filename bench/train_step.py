@@ -124,7 +124,7 @@ def time_rounds(variants, opts, ids, args):
     names = list(variants)
     times = {n: [] for n in names}
     for k in range(args.rounds):
-        order = names[k % len(names):] + names[: k % len(names)]
+        order = names[k % len(names) :] + names[: k % len(names)]
         for name in order:
             _sync(args.device)
             t0 = time.perf_counter()
@@ -151,11 +151,15 @@ def bench_training(variants, args, batch, seq):
             train_step(mod, opts[name], ids)
     times = time_rounds(variants, opts, ids, args)
     tokens = batch * seq
-    print(f"\ntraining step: model={args.model} batch={batch} seq={seq} rounds={args.rounds} warmup={args.warmup} "
-          f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} {load_average()}")
+    print(
+        f"\ntraining step: model={args.model} batch={batch} seq={seq} rounds={args.rounds} warmup={args.warmup} "
+        f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} {load_average()}"
+    )
     print(f"{'variant':<12}{'ours ms':>9}{'tokens/s':>10}{'ours/floor':>12}{'PEFT/floor':>12}{'ours/PEFT':>11}")
-    print(f"{'floor':<12}{statistics.median(times['floor']) * 1e3:>9.1f}"
-          f"{tokens / statistics.median(times['floor']):>10.0f}")
+    print(
+        f"{'floor':<12}{statistics.median(times['floor']) * 1e3:>9.1f}"
+        f"{tokens / statistics.median(times['floor']):>10.0f}"
+    )
     res = {}
     for ours, peft in PAIRS:
         med = statistics.median(times[ours])
@@ -165,8 +169,10 @@ def bench_training(variants, args, batch, seq):
             row["ours/peft"] = paired(times, ours, peft)
         res[ours] = row
         fmt = lambda k, row=row: f"{row[k]:>12.3f}" if k in row else f"{'-':>12}"  # noqa: E731
-        print(f"{ours:<12}{med * 1e3:>9.1f}{tokens / med:>10.0f}{fmt('ours/floor')}{fmt('peft/floor')}"
-              f"{fmt('ours/peft')[1:]}")
+        print(
+            f"{ours:<12}{med * 1e3:>9.1f}{tokens / med:>10.0f}{fmt('ours/floor')}{fmt('peft/floor')}"
+            f"{fmt('ours/peft')[1:]}"
+        )
     from bone import train_path
 
     picks = {}
@@ -190,8 +196,9 @@ def bench_sweep(variants, args):
     for col in ("ours/floor", "ours/peft"):
         print(f"\n{col:<12}{head}")
         for ours, _ in PAIRS:
-            cells = "".join(f"{table[sh][ours][col]:>10.3f}" if col in table[sh][ours] else f"{'-':>10}"
-                            for sh in args.shapes)
+            cells = "".join(
+                f"{table[sh][ours][col]:>10.3f}" if col in table[sh][ours] else f"{'-':>10}" for sh in args.shapes
+            )
             print(f"{ours:<12}{cells}")
     return table
 
@@ -207,6 +214,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 @torch.no_grad()
 def per_token_ms(gen, ids, n_new, reps):
     """Median per-token decode time: (time for n_new tokens - time for 1 token) / (n_new - 1)."""
+
     def run(n):
         _sync(ids.device)
         t0 = time.perf_counter()
@@ -236,7 +244,8 @@ def bench_generation(base, args, with_peft):
     randomize_blocks(bm)
     rows["bone r=16 unmerged"] = lambda x, n: bm.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, **kw)
     rows["bone r=16 per-row"] = lambda x, n: bm.generate(
-        input_ids=x, adapter_names=["default"], max_new_tokens=n, min_new_tokens=n, **kw)
+        input_ids=x, adapter_names=["default"], max_new_tokens=n, min_new_tokens=n, **kw
+    )
     if with_peft:
         import warnings
 
@@ -267,19 +276,31 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--sweep", action="store_true", help="time every shape of --shapes (no generation)")
-    ap.add_argument("--shapes", type=parse_shapes, default=parse_shapes("1x128,2x256,4x512,8x1024"),
-                    help="batch x sequence shapes of --sweep, e.g. 1x128,2x256")
-    ap.add_argument("--train-path", choices=["auto", "measure", "fold", "add"], default="auto",
-                    help="Bone training path: the library default (auto: additive on CPU, timed per shape on "
-                         "GPU), timed per shape everywhere (measure), or pinned")
+    ap.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=parse_shapes("1x128,2x256,4x512,8x1024"),
+        help="batch x sequence shapes of --sweep, e.g. 1x128,2x256",
+    )
+    ap.add_argument(
+        "--train-path",
+        choices=["auto", "measure", "fold", "add"],
+        default="auto",
+        help="Bone training path: the library default (auto: additive on CPU, timed per shape on "
+        "GPU), timed per shape everywhere (measure), or pinned",
+    )
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--gen-reps", type=int, default=3)
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's MiSS even if installed")
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="base weights (default: bfloat16 on CUDA, float32 on CPU; adapters stay float32 as in PEFT)")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="base weights (default: bfloat16 on CUDA, float32 on CPU; adapters stay float32 as in PEFT)",
+    )
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -295,6 +316,7 @@ def main(argv=None):
     if not args.no_peft:
         try:
             from peft import MissConfig  # noqa: F401
+
             with_peft = True
         except ImportError:
             print("peft with MiSS not installed: PEFT rows skipped", file=sys.stderr)

@@ -71,7 +71,7 @@ def ours(base_dir: Path, adapter: Path, tokens: int, dtype: torch.dtype, device:
         for prompt in PROMPTS:
             ids = torch.tensor([prompt], device=device)
             generated = model.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
-            outputs.append(generated[0, len(prompt):].tolist())
+            outputs.append(generated[0, len(prompt) :].tolist())
     return outputs
 
 
@@ -79,8 +79,16 @@ def theirs(base_dir: Path, folder: Path, names: list[str], max_rank: int, tokens
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=str(base_dir), enable_lora=True, max_lora_rank=max_rank, max_loras=len(names), dtype=dtype,
-              enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=256)
+    llm = LLM(
+        model=str(base_dir),
+        enable_lora=True,
+        max_lora_rank=max_rank,
+        max_loras=len(names),
+        dtype=dtype,
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+        max_model_len=256,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     results = {}
     for i, name in enumerate(names):

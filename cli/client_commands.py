@@ -35,10 +35,20 @@ console = Console()
 err_console = Console(stderr=True)
 FINAL = ("succeeded", "failed", "cancelled")
 
-UrlOption = typer.Option(None, "--url", envvar="BONE_URL", show_default=False,
-                         help="API base URL (default: http://$BONE_HOST:$BONE_PORT, i.e. http://127.0.0.1:8000)")
-KeyOption = typer.Option(None, "--api-key", envvar="BONE_API_KEY", show_default=False,
-                         help="API key (Bearer) (default: $BONE_DATA_DIR/local-admin.key on a loopback URL)")
+UrlOption = typer.Option(
+    None,
+    "--url",
+    envvar="BONE_URL",
+    show_default=False,
+    help="API base URL (default: http://$BONE_HOST:$BONE_PORT, i.e. http://127.0.0.1:8000)",
+)
+KeyOption = typer.Option(
+    None,
+    "--api-key",
+    envvar="BONE_API_KEY",
+    show_default=False,
+    help="API key (Bearer) (default: $BONE_DATA_DIR/local-admin.key on a loopback URL)",
+)
 
 files_cli = typer.Typer(help="Training and evaluation datasets uploaded to the server.", no_args_is_help=True)
 jobs_cli = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
@@ -78,15 +88,22 @@ def resolve_target(url: str | None, api_key: str | None) -> Target:
     if api_key:
         return Target(url, api_key, "--api-key / BONE_API_KEY")
     if not is_loopback(urlsplit(url).hostname or ""):
-        return Target(url, None, f"--api-key and BONE_API_KEY (not set; {url} is not loopback, so the local "
-                                 "admin key is not used)")
+        return Target(
+            url,
+            None,
+            f"--api-key and BONE_API_KEY (not set; {url} is not loopback, so the local admin key is not used)",
+        )
     data_dir = Path(_server_setting("data_dir", "bone-data"))
     key_file = local_key_path(data_dir).resolve()
     key = read_local_key(data_dir)
     if key:
         return Target(url, key, str(key_file))
-    return Target(url, None, f"--api-key, BONE_API_KEY (not set) and {key_file} (not found; BONE_DATA_DIR is the "
-                             "folder the server uses, ./bone-data from where you ran `make run`)")
+    return Target(
+        url,
+        None,
+        f"--api-key, BONE_API_KEY (not set) and {key_file} (not found; BONE_DATA_DIR is the "
+        "folder the server uses, ./bone-data from where you ran `make run`)",
+    )
 
 
 class Session:
@@ -106,6 +123,7 @@ def _client(url: str | None, api_key: str | None) -> Session:
 
 def one_line_errors(func):
     """ApiError → one line on stderr and exit 1; a 401 also says where the key was looked for."""
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
@@ -115,12 +133,15 @@ def one_line_errors(func):
             if exc.status == 401:
                 target = resolve_target(kwargs.get("url"), kwargs.get("api_key"))
                 if target.api_key is None:
-                    message = (f"bone-server: missing API key: looked in {target.looked}. Pass one with --api-key KEY "
-                               "or export BONE_API_KEY=KEY (or set BONE_DATA_DIR to the server's data folder)")
+                    message = (
+                        f"bone-server: missing API key: looked in {target.looked}. Pass one with --api-key KEY "
+                        "or export BONE_API_KEY=KEY (or set BONE_DATA_DIR to the server's data folder)"
+                    )
                 else:
                     message += f" - the key from {target.looked} was refused"
             err_console.print(message, markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(code=1) from None
+
     return wrapper
 
 
@@ -149,26 +170,41 @@ def files_upload(
 ) -> None:
     """Upload a dataset; the server validates it row by row before keeping it, and prints its id."""
     info = _client(url, api_key).upload_file(file)
-    console.print(info["id"] if quiet else f"{info['id']}  {info['rows']} rows  format={info['format']}  {file.name}",
-                  markup=False, highlight=False)
+    console.print(
+        info["id"] if quiet else f"{info['id']}  {info['rows']} rows  format={info['format']}  {file.name}",
+        markup=False,
+        highlight=False,
+    )
 
 
 @files_cli.command("list")
 @one_line_errors
-def files_list(limit: int = typer.Option(20, help="newest first, at most this many"),
-               url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def files_list(
+    limit: int = typer.Option(20, help="newest first, at most this many"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """List uploaded files, newest first."""
     table = Table("id", "filename", "rows", "format", "size", "created")
     for info in _client(url, api_key).request("GET", "/files", params={"limit": limit})["data"]:
-        table.add_row(info["id"], info["filename"], str(info["rows"]), info["format"],
-                      f"{info['bytes'] / 1024:.1f} KiB", _when(info.get("created_at")))
+        table.add_row(
+            info["id"],
+            info["filename"],
+            str(info["rows"]),
+            info["format"],
+            f"{info['bytes'] / 1024:.1f} KiB",
+            _when(info.get("created_at")),
+        )
     console.print(table)
 
 
 @files_cli.command("delete")
 @one_line_errors
-def files_delete(file_id: str = typer.Argument(..., help="file-… id, as `files list` shows"),
-                 url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def files_delete(
+    file_id: str = typer.Argument(..., help="file-… id, as `files list` shows"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Delete an uploaded file (jobs that already read it keep their results)."""
     _client(url, api_key).request("DELETE", f"/files/{file_id}")
     console.print(f"deleted {file_id}", markup=False, highlight=False)
@@ -197,75 +233,127 @@ def jobs_create(
     api_key: str | None = KeyOption,
 ) -> None:
     """Upload FILE (validated row by row by the server), then start fine-tuning adapter NAME on it."""
-    training = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
-                                  "batch_size": batch_size}.items() if v is not None}
+    training = {
+        k: v
+        for k, v in {
+            "max_steps": max_steps,
+            "epochs": epochs,
+            "learning_rate": learning_rate,
+            "batch_size": batch_size,
+        }.items()
+        if v is not None
+    }
     bone: dict[str, Any] = {"r": r, "init_weights": "bat" if bat else True}
     if target_modules:
         bone["target_modules"] = target_modules if target_modules == "all-linear" else target_modules.split(",")
     client = _client(url, api_key)
     uploaded = client.upload_file(file)
-    job = client.create_job({"adapter_name": name, "dataset": {"file_id": uploaded["id"]}, "bone": bone,
-                             "training": training, "overwrite": overwrite})
-    console.print(job["id"] if quiet else f"{job['id']}  {job['status']}  adapter={job['adapter_name']}  "
-                  f"file={uploaded['id']}\n  follow it: bone-server jobs watch {job['id']}",
-                  markup=False, highlight=False)
+    job = client.create_job(
+        {
+            "adapter_name": name,
+            "dataset": {"file_id": uploaded["id"]},
+            "bone": bone,
+            "training": training,
+            "overwrite": overwrite,
+        }
+    )
+    console.print(
+        job["id"]
+        if quiet
+        else f"{job['id']}  {job['status']}  adapter={job['adapter_name']}  "
+        f"file={uploaded['id']}\n  follow it: bone-server jobs watch {job['id']}",
+        markup=False,
+        highlight=False,
+    )
 
 
 @jobs_cli.command("list")
 @one_line_errors
-def jobs_list(limit: int = typer.Option(20, help="newest first, at most this many"),
-              url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def jobs_list(
+    limit: int = typer.Option(20, help="newest first, at most this many"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """List jobs, newest first: status, progress, last loss, error."""
     table = Table("id", "adapter", "status", "step", "loss", "error")
     for job in _client(url, api_key).list_jobs(limit):
         progress = job.get("progress") or {}
-        table.add_row(job["id"], job["adapter_name"], job["status"],
-                      f"{progress.get('step', 0)}/{progress.get('total_steps') or '?'}",
-                      _loss((job.get("metrics") or {}).get("train_loss")), (job.get("error") or "")[:60])
+        table.add_row(
+            job["id"],
+            job["adapter_name"],
+            job["status"],
+            f"{progress.get('step', 0)}/{progress.get('total_steps') or '?'}",
+            _loss((job.get("metrics") or {}).get("train_loss")),
+            (job.get("error") or "")[:60],
+        )
     console.print(table)
 
 
 @jobs_cli.command("show")
 @one_line_errors
-def jobs_show(job_id: str = typer.Argument(..., help="job-… id"),
-              url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def jobs_show(
+    job_id: str = typer.Argument(..., help="job-… id"), url: str | None = UrlOption, api_key: str | None = KeyOption
+) -> None:
     """Print one job as JSON: settings, status, progress, metrics, error."""
     _print_json(_client(url, api_key).get_job(job_id))
 
 
 @jobs_cli.command("watch")
 @one_line_errors
-def jobs_watch(job_id: str = typer.Argument(..., help="job-… id"),
-               interval: float = typer.Option(0.5, help="seconds between polls"),
-               url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def jobs_watch(
+    job_id: str = typer.Argument(..., help="job-… id"),
+    interval: float = typer.Option(0.5, help="seconds between polls"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Follow a job with a live progress bar (step, loss, ETA) until it ends; exit 1 unless it succeeded."""
     client = _client(url, api_key)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(job_id, total=None, loss="-")
         while True:
             job = client.get_job(job_id)
             progress = job.get("progress") or {}
             loss = (job.get("metrics") or {}).get("train_loss")
-            bar.update(task, total=progress.get("total_steps"), completed=progress.get("step", 0),
-                       description=f"{job_id} {job['status']}", loss=_loss(loss) or "-")
+            bar.update(
+                task,
+                total=progress.get("total_steps"),
+                completed=progress.get("step", 0),
+                description=f"{job_id} {job['status']}",
+                loss=_loss(loss) or "-",
+            )
             if job["status"] in FINAL:
                 break
             time.sleep(interval)
     metrics = job.get("metrics") or {}
-    summary = (f" — loss {_loss(metrics.get('train_loss_first'))} → {_loss(metrics.get('train_loss'))}, "
-               f"adapter {job['adapter_name']} published") if job["status"] == "succeeded" else ""
-    console.print(f"{job_id}: {job['status']}{summary}" + (f" — {job['error']}" if job.get("error") else ""),
-                  markup=False, highlight=False)
+    summary = (
+        (
+            f" — loss {_loss(metrics.get('train_loss_first'))} → {_loss(metrics.get('train_loss'))}, "
+            f"adapter {job['adapter_name']} published"
+        )
+        if job["status"] == "succeeded"
+        else ""
+    )
+    console.print(
+        f"{job_id}: {job['status']}{summary}" + (f" — {job['error']}" if job.get("error") else ""),
+        markup=False,
+        highlight=False,
+    )
     if job["status"] != "succeeded":
         raise typer.Exit(code=1)
 
 
 @jobs_cli.command("cancel")
 @one_line_errors
-def jobs_cancel(job_id: str = typer.Argument(..., help="job-… id"),
-                url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def jobs_cancel(
+    job_id: str = typer.Argument(..., help="job-… id"), url: str | None = UrlOption, api_key: str | None = KeyOption
+) -> None:
     """Cancel a job and say what happened: a queued job never runs; a running one stops at its next step
     and publishes nothing; a finished one is left as it is."""
     client = _client(url, api_key)
@@ -280,8 +368,12 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="job-… id"),
         if job["status"] == "cancelled":
             console.print(f"{job_id}: cancelled before it ran; nothing was published", markup=False, highlight=False)
         else:
-            console.print(f"{job_id}: cancel requested; the worker stops it at its next step and publishes nothing "
-                          f"(bone-server jobs watch {job_id})", markup=False, highlight=False)
+            console.print(
+                f"{job_id}: cancel requested; the worker stops it at its next step and publishes nothing "
+                f"(bone-server jobs watch {job_id})",
+                markup=False,
+                highlight=False,
+            )
         return
     console.print(f"{job_id}: job already {job['status']}; nothing to cancel", markup=False, highlight=False)
 
@@ -294,25 +386,32 @@ def adapters_list(url: str | None = UrlOption, api_key: str | None = KeyOption) 
     table = Table("name", "base model", "r", "variant", "train loss", "size", "created")
     for info in _client(url, api_key).list_adapters():
         bone = info.get("bone") or {}
-        table.add_row(info["name"], info["base_model"], str(bone.get("r")),
-                      "bat" if bone.get("init_weights") == "bat" else "bone",
-                      _loss((info.get("metrics") or {}).get("train_loss")), f"{info['size_bytes'] / 1024:.0f} KiB",
-                      _when(info.get("created_at")))
+        table.add_row(
+            info["name"],
+            info["base_model"],
+            str(bone.get("r")),
+            "bat" if bone.get("init_weights") == "bat" else "bone",
+            _loss((info.get("metrics") or {}).get("train_loss")),
+            f"{info['size_bytes'] / 1024:.0f} KiB",
+            _when(info.get("created_at")),
+        )
     console.print(table)
 
 
 @adapters_cli.command("show")
 @one_line_errors
-def adapters_show(name: str = typer.Argument(..., help="adapter name"),
-                  url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def adapters_show(
+    name: str = typer.Argument(..., help="adapter name"), url: str | None = UrlOption, api_key: str | None = KeyOption
+) -> None:
     """Print one adapter's metadata as JSON (config, metrics, lineage, latest evaluation)."""
     _print_json(_client(url, api_key).request("GET", f"/adapters/{name}"))
 
 
 @adapters_cli.command("delete")
 @one_line_errors
-def adapters_delete(name: str = typer.Argument(..., help="adapter name"),
-                    url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def adapters_delete(
+    name: str = typer.Argument(..., help="adapter name"), url: str | None = UrlOption, api_key: str | None = KeyOption
+) -> None:
     """Delete an adapter from the registry; the server stops serving it at once."""
     _client(url, api_key).request("DELETE", f"/adapters/{name}")
     console.print(f"deleted {name}", markup=False, highlight=False)
@@ -320,11 +419,13 @@ def adapters_delete(name: str = typer.Argument(..., help="adapter name"),
 
 @adapters_cli.command("compose")
 @one_line_errors
-def adapters_compose(name: str = typer.Argument(..., help="name of the new adapter"),
-                     parts: list[str] = typer.Argument(..., metavar="ADAPTER=WEIGHT...",
-                                                       help="e.g. greeter=0.7 other=0.3"),
-                     overwrite: bool = typer.Option(False, help="replace an adapter of the same name"),
-                     url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def adapters_compose(
+    name: str = typer.Argument(..., help="name of the new adapter"),
+    parts: list[str] = typer.Argument(..., metavar="ADAPTER=WEIGHT...", help="e.g. greeter=0.7 other=0.3"),
+    overwrite: bool = typer.Option(False, help="replace an adapter of the same name"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Store the exact weighted sum of Bone adapters (same base model, same r) as adapter NAME."""
     weights: dict[str, float] = {}
     for part in parts:
@@ -333,10 +434,14 @@ def adapters_compose(name: str = typer.Argument(..., help="name of the new adapt
             weights[source] = float(weight) if sep else 1.0
         except ValueError:
             raise typer.BadParameter(f"{part!r}: expected ADAPTER=WEIGHT, e.g. greeter=0.5") from None
-    info = _client(url, api_key).request("POST", f"/adapters/{name}/compose",
-                                         json={"adapters": weights, "overwrite": overwrite})
-    console.print(f"composed {info['name']} = " + " + ".join(f"{w:g}·{a}" for a, w in weights.items()),
-                  markup=False, highlight=False)
+    info = _client(url, api_key).request(
+        "POST", f"/adapters/{name}/compose", json={"adapters": weights, "overwrite": overwrite}
+    )
+    console.print(
+        f"composed {info['name']} = " + " + ".join(f"{w:g}·{a}" for a, w in weights.items()),
+        markup=False,
+        highlight=False,
+    )
 
 
 def _write_adapter(name: str, directory: Path, fmt: str, url: str | None, api_key: str | None) -> None:
@@ -349,34 +454,46 @@ def _write_adapter(name: str, directory: Path, fmt: str, url: str | None, api_ke
 
 @adapters_cli.command("download")
 @one_line_errors
-def adapters_download(name: str = typer.Argument(..., help="adapter name"),
-                      directory: Path = typer.Argument(..., help="folder to write into (created if missing)"),
-                      format: str = typer.Option("bone", help="bone (as trained) | miss (current PEFT) | lora"),
-                      url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def adapters_download(
+    name: str = typer.Argument(..., help="adapter name"),
+    directory: Path = typer.Argument(..., help="folder to write into (created if missing)"),
+    format: str = typer.Option("bone", help="bone (as trained) | miss (current PEFT) | lora"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Write adapter NAME into DIRECTORY in PEFT's layout (as trained, as MiSS, or as a LoRA adapter)."""
     _write_adapter(name, directory, format, url, api_key)
 
 
 @adapters_cli.command("export")
 @one_line_errors
-def adapters_export(name: str = typer.Argument(..., help="adapter name"),
-                    directory: Path = typer.Argument(..., help="folder to write into (created if missing)"),
-                    format: str = typer.Option("lora", help="lora (vLLM, LoRAX, PEFT) | miss | bone"),
-                    url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def adapters_export(
+    name: str = typer.Argument(..., help="adapter name"),
+    directory: Path = typer.Argument(..., help="folder to write into (created if missing)"),
+    format: str = typer.Option("lora", help="lora (vLLM, LoRAX, PEFT) | miss | bone"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Export adapter NAME for other servers: an exact LoRA by default (Bone's update has rank r)."""
     _write_adapter(name, directory, format, url, api_key)
 
 
 @adapters_cli.command("export-vllm")
 @one_line_errors
-def adapters_export_vllm(directory: Path = typer.Argument(..., help="folder to write: one sub-folder per adapter"),
-                         base_model: str | None = typer.Option(
-                             None, help="the name vLLM serves the base model under (written as "
-                                        "base_model_name_or_path; default: what a LoRA download writes)"),
-                         prune: bool = typer.Option(True, help="remove folders of adapters no longer listed "
-                                                               "(only folders this command wrote)"),
-                         watch: float = typer.Option(0, help="keep syncing every this many seconds (0: once)"),
-                         url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def adapters_export_vllm(
+    directory: Path = typer.Argument(..., help="folder to write: one sub-folder per adapter"),
+    base_model: str | None = typer.Option(
+        None,
+        help="the name vLLM serves the base model under (written as "
+        "base_model_name_or_path; default: what a LoRA download writes)",
+    ),
+    prune: bool = typer.Option(
+        True, help="remove folders of adapters no longer listed (only folders this command wrote)"
+    ),
+    watch: float = typer.Option(0, help="keep syncing every this many seconds (0: once)"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Write every adapter you can see as its exact LoRA adapter in the layout vLLM reads, and print the
     `vllm serve` line for them. Unchanged adapters are not downloaded again."""
     client = _client(url, api_key)
@@ -391,12 +508,20 @@ def adapters_export_vllm(directory: Path = typer.Argument(..., help="folder to w
         result = sync_folder(directory, listing, fetch, base_model=base_model, prune=prune)
         for name, why in result.failed.items():
             err_console.print(f"skipped {name}: {why}", markup=False, highlight=False)
-        console.print(f"{directory}: {len(result.written)} written, {len(result.unchanged)} unchanged, "
-                      f"{len(result.removed)} removed, {len(result.failed)} skipped", markup=False, highlight=False)
+        console.print(
+            f"{directory}: {len(result.written)} written, {len(result.unchanged)} unchanged, "
+            f"{len(result.removed)} removed, {len(result.failed)} skipped",
+            markup=False,
+            highlight=False,
+        )
         if first or result.written or result.removed:
             served = base_model or _exported_base(directory, result.adapters) or "BASE_MODEL"
-            console.print(f"serve them with vLLM:\n  {serve_command(served, result)}", markup=False,
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"serve them with vLLM:\n  {serve_command(served, result)}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
         if not watch:
             break
         first = False
@@ -411,11 +536,13 @@ def _exported_base(directory: Path, names: list[str]) -> str | None:
 
 @adapters_cli.command("import")
 @one_line_errors
-def adapters_import(directory: Path = typer.Argument(..., exists=True, file_okay=False,
-                                                     help="a PEFT Bone / MiSS adapter folder"),
-                    name: str | None = typer.Option(None, help="registry name (default: the folder's name)"),
-                    overwrite: bool = typer.Option(False, help="replace an adapter of the same name"),
-                    url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def adapters_import(
+    directory: Path = typer.Argument(..., exists=True, file_okay=False, help="a PEFT Bone / MiSS adapter folder"),
+    name: str | None = typer.Option(None, help="registry name (default: the folder's name)"),
+    overwrite: bool = typer.Option(False, help="replace an adapter of the same name"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Import a PEFT Bone / MiSS adapter folder; the server checks it against its base model first."""
     info = _client(url, api_key).import_adapter(name or directory.name, directory, overwrite)
     console.print(f"imported {info['name']} (sha256 {info['sha256'][:12]}…)", markup=False, highlight=False)
@@ -426,37 +553,58 @@ def _eval_table(evaluation: dict[str, Any]) -> Table:
     table = Table("model", "loss", "perplexity", "token accuracy", "exact match", "examples")
     for model, m in (evaluation.get("results") or {}).items():
         exact = "" if m.get("exact_match") is None else f"{m['exact_match']:.2f} of {m['exact_match_examples']}"
-        table.add_row("base model" if model == BASE_ADAPTER else model, _loss(m.get("loss")),
-                      "" if m.get("perplexity") is None else f"{m['perplexity']:.2f}",
-                      "" if m.get("token_accuracy") is None else f"{m['token_accuracy']:.3f}", exact,
-                      str(m.get("examples", "")))
+        table.add_row(
+            "base model" if model == BASE_ADAPTER else model,
+            _loss(m.get("loss")),
+            "" if m.get("perplexity") is None else f"{m['perplexity']:.2f}",
+            "" if m.get("token_accuracy") is None else f"{m['token_accuracy']:.3f}",
+            exact,
+            str(m.get("examples", "")),
+        )
     return table
 
 
 @evals_cli.command("create")
 @one_line_errors
-def evals_create(adapters: list[str] = typer.Argument(..., help="adapter names to score together"),
-                 file: Path = typer.Option(..., "--file", exists=True, dir_okay=False,
-                                           help="held-out rows (uploaded first), same formats as training"),
-                 include_base: bool = typer.Option(True, help="also score the base model on the same rows"),
-                 max_new_tokens: int = typer.Option(64, help="greedy tokens for exact match; 0 skips it"),
-                 quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the evaluation id"),
-                 url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def evals_create(
+    adapters: list[str] = typer.Argument(..., help="adapter names to score together"),
+    file: Path = typer.Option(
+        ..., "--file", exists=True, dir_okay=False, help="held-out rows (uploaded first), same formats as training"
+    ),
+    include_base: bool = typer.Option(True, help="also score the base model on the same rows"),
+    max_new_tokens: int = typer.Option(64, help="greedy tokens for exact match; 0 skips it"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the evaluation id"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Score ADAPTERS (and the base model) on FILE on a worker: loss, perplexity, token accuracy, exact match."""
     client = _client(url, api_key)
     uploaded = client.upload_file(file)
-    evaluation = client.request("POST", "/evals", json={
-        "adapters": adapters, "include_base": include_base, "dataset": {"file_id": uploaded["id"]},
-        "max_new_tokens": max_new_tokens})
-    console.print(evaluation["id"] if quiet else f"{evaluation['id']}  {evaluation['status']}  "
-                  f"file={uploaded['id']}\n  follow it: bone-server evals watch {evaluation['id']}",
-                  markup=False, highlight=False)
+    evaluation = client.request(
+        "POST",
+        "/evals",
+        json={
+            "adapters": adapters,
+            "include_base": include_base,
+            "dataset": {"file_id": uploaded["id"]},
+            "max_new_tokens": max_new_tokens,
+        },
+    )
+    console.print(
+        evaluation["id"]
+        if quiet
+        else f"{evaluation['id']}  {evaluation['status']}  "
+        f"file={uploaded['id']}\n  follow it: bone-server evals watch {evaluation['id']}",
+        markup=False,
+        highlight=False,
+    )
 
 
 @evals_cli.command("show")
 @one_line_errors
-def evals_show(eval_id: str = typer.Argument(..., help="eval-… id"),
-               url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def evals_show(
+    eval_id: str = typer.Argument(..., help="eval-… id"), url: str | None = UrlOption, api_key: str | None = KeyOption
+) -> None:
     """Show an evaluation's status and its results, one row per adapter and the base model."""
     evaluation = _client(url, api_key).request("GET", f"/evals/{eval_id}")
     console.print(
@@ -470,9 +618,12 @@ def evals_show(eval_id: str = typer.Argument(..., help="eval-… id"),
 
 @evals_cli.command("watch")
 @one_line_errors
-def evals_watch(eval_id: str = typer.Argument(..., help="eval-… id"),
-                interval: float = typer.Option(0.5, help="seconds between polls"),
-                url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def evals_watch(
+    eval_id: str = typer.Argument(..., help="eval-… id"),
+    interval: float = typer.Option(0.5, help="seconds between polls"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Wait for an evaluation to end, then show its results; exit 1 unless it succeeded."""
     client = _client(url, api_key)
     with console.status(f"{eval_id} …"):
@@ -491,12 +642,15 @@ def evals_watch(eval_id: str = typer.Argument(..., help="eval-… id"),
 
 # --- generation ---------------------------------------------------------------------------------------------
 @one_line_errors
-def generate(prompt: str = typer.Argument(..., help="the text to continue; in bash write newlines as $'Q: …?\\nA:'"),
-             adapter: str | None = typer.Option(None, help="adapter name (default: the base model)"),
-             max_new_tokens: int = typer.Option(64, help="at most this many new tokens"),
-             temperature: float = typer.Option(0.0, help="0 = greedy (the same answer every time)"),
-             stream: bool = typer.Option(True, help="print tokens as they come"),
-             url: str | None = UrlOption, api_key: str | None = KeyOption) -> None:
+def generate(
+    prompt: str = typer.Argument(..., help="the text to continue; in bash write newlines as $'Q: …?\\nA:'"),
+    adapter: str | None = typer.Option(None, help="adapter name (default: the base model)"),
+    max_new_tokens: int = typer.Option(64, help="at most this many new tokens"),
+    temperature: float = typer.Option(0.0, help="0 = greedy (the same answer every time)"),
+    stream: bool = typer.Option(True, help="print tokens as they come"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+) -> None:
     """Generate from the base model or an adapter, streaming to the terminal."""
     client = _client(url, api_key)
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature}

@@ -109,11 +109,19 @@ class BoneClient:
         return response.content
 
     def import_adapter(self, name: str, directory, overwrite: bool = False) -> dict[str, Any]:
-        with open(directory / "adapter_config.json", "rb") as config, \
-                open(directory / "adapter_model.safetensors", "rb") as weights:
-            return self.request("POST", "/adapters", data={"name": name, "overwrite": str(overwrite).lower()},
-                                files={"adapter_config": ("adapter_config.json", config),
-                                       "adapter_model": ("adapter_model.safetensors", weights)})
+        with (
+            open(directory / "adapter_config.json", "rb") as config,
+            open(directory / "adapter_model.safetensors", "rb") as weights,
+        ):
+            return self.request(
+                "POST",
+                "/adapters",
+                data={"name": name, "overwrite": str(overwrite).lower()},
+                files={
+                    "adapter_config": ("adapter_config.json", config),
+                    "adapter_model": ("adapter_model.safetensors", weights),
+                },
+            )
 
     def generate(self, prompt: str, adapter: str | None, **params) -> dict[str, Any]:
         return self.request("POST", "/generate", json={"prompt": prompt, "adapter": adapter, **params})

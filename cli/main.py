@@ -17,10 +17,14 @@ from pydantic import ValidationError
 from core.logs import setup_logging
 from core.settings import Settings, describe_validation_error
 
-cli = typer.Typer(no_args_is_help=True, help=(
-    "Fine-tune and serve Bone adapters. `bone-server up` runs the service (API + worker + Redis if none answers); "
-    "the other commands are clients of a running API (http://$BONE_HOST:$BONE_PORT, key from --api-key, "
-    "BONE_API_KEY or the local admin key in $BONE_DATA_DIR)."))
+cli = typer.Typer(
+    no_args_is_help=True,
+    help=(
+        "Fine-tune and serve Bone adapters. `bone-server up` runs the service (API + worker + Redis if none answers); "
+        "the other commands are clients of a running API (http://$BONE_HOST:$BONE_PORT, key from --api-key, "
+        "BONE_API_KEY or the local admin key in $BONE_DATA_DIR)."
+    ),
+)
 log = logging.getLogger("bone_server")
 
 
@@ -40,8 +44,11 @@ def _print_version(value: bool) -> None:
 
 
 @cli.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="print the version and exit")) -> None:
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
     """Fine-tune and serve Bone adapters."""
 
 
@@ -96,8 +103,10 @@ def _how_to_call(settings: Settings, keyring) -> str:
     if not keyring.enabled:
         state = "auth OFF (BONE_AUTH_DISABLED=true; allowed on loopback only)"
     elif keyring.local_key_file is not None:
-        state = (f"API keys on: the local admin key is in {keyring.local_key_file} (set BONE_API_KEYS for your own "
-                 f"keys)\n  export BONE_API_KEY=$(cat {keyring.local_key_file})")
+        state = (
+            f"API keys on: the local admin key is in {keyring.local_key_file} (set BONE_API_KEYS for your own "
+            f"keys)\n  export BONE_API_KEY=$(cat {keyring.local_key_file})"
+        )
     else:
         state = f"API keys on ({len(keyring)} configured)"
     return (
@@ -126,8 +135,10 @@ PORT_HELP = "port (default: $BONE_PORT, else 8000)"
 
 
 @cli.command()
-def api(host: str | None = typer.Option(None, help=HOST_HELP, show_default=False),
-        port: int | None = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
+def api(
+    host: str | None = typer.Option(None, help=HOST_HELP, show_default=False),
+    port: int | None = typer.Option(None, help=PORT_HELP, show_default=False),
+) -> None:
     """Run the HTTP API (needs a Redis at BONE_REDIS_URL)."""
     settings = _settings(host=host, port=port)
     keyring = _keyring(settings)
@@ -167,8 +178,10 @@ def worker(
 
 
 @cli.command()
-def up(host: str | None = typer.Option(None, help=HOST_HELP, show_default=False),
-       port: int | None = typer.Option(None, help=PORT_HELP, show_default=False)) -> None:
+def up(
+    host: str | None = typer.Option(None, help=HOST_HELP, show_default=False),
+    port: int | None = typer.Option(None, help=PORT_HELP, show_default=False),
+) -> None:
     """API + one worker, on the Redis at BONE_REDIS_URL, or on a private redis-server started here."""
     from cli.redis_launcher import ensure_redis
     from cli.worker_supervisor import WorkerSupervisor
@@ -186,8 +199,9 @@ def up(host: str | None = typer.Option(None, help=HOST_HELP, show_default=False)
     settings = settings.model_copy(update={"redis_url": redis_handle.url})
     child_env = {**os.environ, "BONE_REDIS_URL": redis_handle.url, "BONE_DATA_DIR": str(settings.data_dir)}
     # Restarted with backoff whenever it exits (crash, OOM kill, kill -9); /readyz reports it.
-    supervisor = WorkerSupervisor([sys.executable, "-m", "cli", "worker"], child_env,
-                                  max_backoff_s=settings.reconnect_max_backoff_s).start()
+    supervisor = WorkerSupervisor(
+        [sys.executable, "-m", "cli", "worker"], child_env, max_backoff_s=settings.reconnect_max_backoff_s
+    ).start()
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that kills this
     # process on the spot and orphans the worker. Turn it into SystemExit so the cleanup below runs.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -205,8 +219,10 @@ cli.add_typer(keys_cli, name="keys")
 
 
 @keys_cli.command("create")
-def keys_create(owner: str = typer.Option(..., help="who the key belongs to (jobs, files and adapters are theirs)"),
-                role: str = typer.Option("user", help="user (own resources only) or admin (everything)")) -> None:
+def keys_create(
+    owner: str = typer.Option(..., help="who the key belongs to (jobs, files and adapters are theirs)"),
+    role: str = typer.Option("user", help="user (own resources only) or admin (everything)"),
+) -> None:
     """Mint an API key: prints the key once (it is never stored) and the BONE_API_KEYS entry to add."""
     from core.keys import KeyEntry, generate_key, hash_key, parse_key_entry
 
@@ -217,8 +233,11 @@ def keys_create(owner: str = typer.Option(..., help="who the key belongs to (job
         typer.echo(f"bone-server: {exc}", err=True)
         raise typer.Exit(code=2) from None
     typer.echo(key)
-    typer.echo(f"# Shown once, never stored. Add this entry to BONE_API_KEYS (comma separated) and restart the API:\n"
-               f"# BONE_API_KEYS={entry.line()}", err=True)
+    typer.echo(
+        f"# Shown once, never stored. Add this entry to BONE_API_KEYS (comma separated) and restart the API:\n"
+        f"# BONE_API_KEYS={entry.line()}",
+        err=True,
+    )
 
 
 models_cli = typer.Typer(help="Base models.", no_args_is_help=True)
@@ -262,4 +281,3 @@ def _exit_on_signal(signum, _frame) -> None:
 
 def main() -> None:
     cli()
-

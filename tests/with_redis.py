@@ -36,14 +36,17 @@ def main(pytest_args: list[str]) -> int:
         try:
             handle = start_private_redis(directory, persistent=False)
         except RuntimeError as exc:
-            say(f"cannot start a private Redis for the tests: {exc}.\n"
-                "  Or point the suite at a database it may FLUSH: BONE_TEST_REDIS_URL=redis://HOST:PORT/DB make test")
+            say(
+                f"cannot start a private Redis for the tests: {exc}.\n"
+                "  Or point the suite at a database it may FLUSH: BONE_TEST_REDIS_URL=redis://HOST:PORT/DB make test"
+            )
             return 2
         url = handle.url.rsplit("/", 1)[0] + "/15"
         say(f"started a private redis-server for this run on {url} (no persistence; stopped at the end)")
         try:
-            return subprocess.call([sys.executable, "-m", "pytest", *pytest_args],
-                                   env={**os.environ, "BONE_TEST_REDIS_URL": url})
+            return subprocess.call(
+                [sys.executable, "-m", "pytest", *pytest_args], env={**os.environ, "BONE_TEST_REDIS_URL": url}
+            )
         finally:
             handle.stop()
     finally:

@@ -20,7 +20,7 @@ def length_grouped_order(order: list[int], lengths: Sequence[int], batch_size: i
     megabatch keeps each batch a random draw of the data in all but its length."""
     mult = max(1, min(len(order) // (batch_size * 4), MEGABATCH_MULT))
     size = mult * batch_size
-    megabatches = [sorted(order[i:i + size], key=lambda k: -int(lengths[k])) for i in range(0, len(order), size)]
+    megabatches = [sorted(order[i : i + size], key=lambda k: -int(lengths[k])) for i in range(0, len(order), size)]
     longest = max(range(len(megabatches)), key=lambda m: int(lengths[megabatches[m][0]]))
     megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
     return [i for megabatch in megabatches for i in megabatch]
@@ -33,8 +33,9 @@ class BatchStream:
     checkpoint needs: ``skip(position)`` replays the permutations to the same place. With ``lengths`` (the
     examples' token counts) each permutation is length-grouped (``length_grouped_order``): less padding."""
 
-    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int,
-                 lengths: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, examples: Sequence[Example], batch_size: int, seed: int, lengths: Sequence[int] | None = None
+    ) -> None:
         self.examples, self.batch_size, self.lengths = examples, batch_size, lengths
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0
@@ -55,7 +56,7 @@ class BatchStream:
             if self.lengths is not None:
                 self._order = length_grouped_order(self._order, self.lengths, self.batch_size)
             self._next = 0
-        chunk = self._order[self._next:self._next + self.batch_size]
+        chunk = self._order[self._next : self._next + self.batch_size]
         self._next += self.batch_size
         self.position += 1
         if self._next >= len(self._order):  # this batch ends the pass: count it now, not on the next take
@@ -77,8 +78,10 @@ def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str
         input_ids[row, :n] = as_tensor(ex.input_ids)
         labels[row, :n] = as_tensor(ex.labels)
         attention_mask[row, :n] = 1
-    return {k: to_device(v, device) for k, v in
-            (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask))}
+    return {
+        k: to_device(v, device)
+        for k, v in (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask))
+    }
 
 
 def collate_packed(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -98,11 +101,15 @@ def collate_packed(batch: list[Example], pad_id: int, device: torch.device) -> d
         start = 0
         for length in [*(ex.segments if ex.segments is not None else [n]), width - n]:
             if length:
-                position_ids[row, start:start + length] = torch.arange(length)
+                position_ids[row, start : start + length] = torch.arange(length)
                 labels[row, start] = IGNORE_INDEX
             start += length
-    return {"input_ids": to_device(input_ids, device), "labels": to_device(labels, device),
-            "position_ids": to_device(position_ids, device), "attention_mask": None}
+    return {
+        "input_ids": to_device(input_ids, device),
+        "labels": to_device(labels, device),
+        "position_ids": to_device(position_ids, device),
+        "attention_mask": None,
+    }
 
 
 def as_tensor(values: Sequence[int]) -> torch.Tensor:

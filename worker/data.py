@@ -88,12 +88,14 @@ def load_rows(
         try:
             path = FileStore(settings.files_dir).path(dataset.file_id)
         except NotFound as exc:
-            raise InvalidRequest(f"{param}.file_id {dataset.file_id!r}: {exc.message}",
-                                 param=f"{param}.file_id") from None
+            raise InvalidRequest(
+                f"{param}.file_id {dataset.file_id!r}: {exc.message}", param=f"{param}.file_id"
+            ) from None
         return read_rows(path, label=dataset.file_id)
     source = hf_dataset_source(dataset.hf_dataset, settings, param=f"{param}.hf_dataset")
-    return _load_with_datasets(source, settings, label=dataset.hf_dataset, split=dataset.split,
-                               revision=dataset.revision)
+    return _load_with_datasets(
+        source, settings, label=dataset.hf_dataset, split=dataset.split, revision=dataset.revision
+    )
 
 
 def resolve_dataset_path(relative: str, settings: Settings, *, param: str = "dataset.path") -> Path:
@@ -104,8 +106,7 @@ def resolve_dataset_path(relative: str, settings: Settings, *, param: str = "dat
 def hf_dataset_source(name: str, settings: Settings, *, param: str = "dataset.hf_dataset") -> str:
     """What ``datasets.load_dataset`` gets: a folder inside the datasets dir, or a hub id where the operator
     allows them. Never anything else: ``load_dataset`` would read any local folder (core.paths holds the rule)."""
-    return dataset_source(name, datasets_dir=settings.datasets_dir, allow_hub=settings.allow_hub_datasets,
-                          param=param)
+    return dataset_source(name, datasets_dir=settings.datasets_dir, allow_hub=settings.allow_hub_datasets, param=param)
 
 
 def _load_with_datasets(name: str, settings: Settings, *, label: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -172,8 +173,9 @@ def encode_messages(tokenizer, messages: list[dict[str, str]]) -> Example:
     # The template already writes any special tokens (BOS, EOS) as text.
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX
-              for tok, (a, _) in zip(ids, enc["offset_mapping"])]
+    labels = [
+        tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX for tok, (a, _) in zip(ids, enc["offset_mapping"])
+    ]
     # Templates that end each turn with EOS already teach the model to stop; the others get one appended.
     if eos not in full:
         ids.append(tokenizer.eos_token_id)
@@ -199,15 +201,24 @@ ENCODERS: dict[str, Callable[[Any, dict[str, Any]], Example]] = {
 }
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_length: int, *, format: str | None = None,
-                  should_stop: Callable[[], bool] | None = None, poll_every: int = 64,
-                  param_prefix: str = "dataset.records", into: ExampleSink | None = None) -> TokenizedData:
+def tokenize_rows(
+    rows: list[dict[str, Any]],
+    tokenizer,
+    max_seq_length: int,
+    *,
+    format: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_every: int = 64,
+    param_prefix: str = "dataset.records",
+    into: ExampleSink | None = None,
+) -> TokenizedData:
     """Every row, validated (as ``format`` when given) and encoded. ``should_stop`` is polled every
     ``poll_every`` rows so a cancel lands during a long tokenization too (it raises ``worker.train.Cancelled``).
     With ``into`` the examples are streamed there (and ``examples`` is what it finishes as), else kept in a list."""
     if tokenizer.eos_token_id is None:
-        raise InvalidRequest("the base model's tokenizer has no EOS token; cannot mark where examples end",
-                             param="base_model")
+        raise InvalidRequest(
+            "the base model's tokenizer has no EOS token; cannot mark where examples end", param="base_model"
+        )
     data = TokenizedData(examples=[], rows=len(rows))
     kept: list[Example] = []
     add = into.add if into is not None else kept.append
@@ -230,7 +241,9 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_length: int, *,
         if not count:
             raise InvalidRequest(
                 f"no row has a token to learn from within max_seq_length={max_seq_length} "
-                f"({data.rows} rows, {data.dropped} without trainable tokens)", param="training.max_seq_length")
+                f"({data.rows} rows, {data.dropped} without trainable tokens)",
+                param="training.max_seq_length",
+            )
     except BaseException:
         if into is not None:
             into.abort()
@@ -240,8 +253,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_length: int, *,
 
 
 # --- after tokenizing ---------------------------------------------------------------------------------------
-def split_eval(examples: Sequence[Example], fraction: float,
-               seed: int) -> tuple[Sequence[Example], Sequence[Example]]:
+def split_eval(examples: Sequence[Example], fraction: float, seed: int) -> tuple[Sequence[Example], Sequence[Example]]:
     """(train, eval): a seeded random ``fraction`` held out (at least one example, never all of them). On-disk
     examples stay on disk: both parts are views of the same file."""
     n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
@@ -256,8 +268,9 @@ def split_eval(examples: Sequence[Example], fraction: float,
     return [examples[i] for i in train_rows], [examples[i] for i in sorted(held)]
 
 
-def pack(examples: Sequence[Example], max_seq_length: int, seed: int,
-         *, into: ExampleSink | None = None) -> Sequence[Example]:
+def pack(
+    examples: Sequence[Example], max_seq_length: int, seed: int, *, into: ExampleSink | None = None
+) -> Sequence[Example]:
     """Whole examples (seeded order) placed one after another into blocks of at most ``max_seq_length``
     tokens; a block is closed when the next example does not fit, so no example is ever cut in two. Each block
     records its examples' lengths (``segments``): collation restarts the positions at 0 for each and lets no

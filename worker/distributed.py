@@ -59,14 +59,19 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
 
 def check_processes(n: int, device: torch.device, max_processes: int) -> None:
     if n > max_processes:
-        raise ValueError(f"training.num_processes={n} exceeds this worker's limit of {max_processes} "
-                         "(BONE_MAX_NUM_PROCESSES)")
+        raise ValueError(
+            f"training.num_processes={n} exceeds this worker's limit of {max_processes} (BONE_MAX_NUM_PROCESSES)"
+        )
     if device.index is not None and n > 1:
-        raise ValueError(f"training.num_processes={n} needs a worker that owns its machine's GPUs; this worker is "
-                         f"pinned to {device} (--device); send the job to a queue served by an unpinned worker")
+        raise ValueError(
+            f"training.num_processes={n} needs a worker that owns its machine's GPUs; this worker is "
+            f"pinned to {device} (--device); send the job to a queue served by an unpinned worker"
+        )
     if device.type == "cuda" and n > torch.cuda.device_count():
-        raise ValueError(f"training.num_processes={n} needs {n} GPUs; this worker has {torch.cuda.device_count()}; "
-                         "send the job to a queue whose workers have enough GPUs")
+        raise ValueError(
+            f"training.num_processes={n} needs {n} GPUs; this worker has {torch.cuda.device_count()}; "
+            "send the job to a queue whose workers have enough GPUs"
+        )
 
 
 def _free_port() -> int:
@@ -90,8 +95,20 @@ def _own_signal_handlers() -> Iterator[None]:
                 signal.signal(getattr(signal, name), handler)
 
 
-def run(n: int, *, device: torch.device, settings, job, bone_config, examples, eval_examples,
-        checkpoint_dir: Path, adapter_dir: Path, adapter_name: str, node=None):
+def run(
+    n: int,
+    *,
+    device: torch.device,
+    settings,
+    job,
+    bone_config,
+    examples,
+    eval_examples,
+    checkpoint_dir: Path,
+    adapter_dir: Path,
+    adapter_name: str,
+    node=None,
+):
     """Train the job on ``n`` processes started by torch elastic (on each of ``node.count`` machines when ``node``,
     a ``worker.nodes.Node``, is given); returns rank 0's ``TrainResult`` after rank 0 saved the adapter into
     ``adapter_dir``, or None when rank 0 ran on another node. Raises ``Cancelled`` when the job was cancelled,
@@ -110,23 +127,41 @@ def run(n: int, *, device: torch.device, settings, job, bone_config, examples, e
     # rendezvous store, shared by every restart round) keeps the dead group's keys: a restarted rank could
     # read the old rank 0's gloo address and fail with "connection refused" (seen in ~1 of 2 restarts here).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    args = {"device_type": device.type, "timeout_s": settings.distributed_timeout_s, "threads": threads,
-            "parent": os.getpid(), "settings": settings, "job": job, "bone_config": bone_config,
-            "examples": examples, "eval_examples": eval_examples,
-            "checkpoint_dir": str(checkpoint_dir), "adapter_dir": str(adapter_dir), "adapter_name": adapter_name}
-    log.info("distributed training: %d processes, backend %s, up to %d restarts", n, backend_for(device),
-             settings.distributed_max_restarts)
+    args = {
+        "device_type": device.type,
+        "timeout_s": settings.distributed_timeout_s,
+        "threads": threads,
+        "parent": os.getpid(),
+        "settings": settings,
+        "job": job,
+        "bone_config": bone_config,
+        "examples": examples,
+        "eval_examples": eval_examples,
+        "checkpoint_dir": str(checkpoint_dir),
+        "adapter_dir": str(adapter_dir),
+        "adapter_name": adapter_name,
+    }
+    log.info(
+        "distributed training: %d processes, backend %s, up to %d restarts",
+        n,
+        backend_for(device),
+        settings.distributed_max_restarts,
+    )
     try:
         with _own_signal_handlers():
             outcomes = launch(config, args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        raise RuntimeError(f"training process rank {rank} of {config.nproc_per_node * config.max_nodes} failed: "
-                           f"{_one_line(failure.message)}") from None
+        raise RuntimeError(
+            f"training process rank {rank} of {config.nproc_per_node * config.max_nodes} failed: "
+            f"{_one_line(failure.message)}"
+        ) from None
     except RendezvousError as exc:  # only a multi-node gang waits for others
         detail = "" if isinstance(exc, RendezvousTimeoutError) else f" ({type(exc).__name__}: {_one_line(str(exc))})"
-        raise GangNotAssembled(f"the job's {config.max_nodes} nodes did not all join its rendezvous within "
-                               f"{settings.rendezvous_timeout_s:g} s (BONE_RENDEZVOUS_TIMEOUT_S){detail}") from None
+        raise GangNotAssembled(
+            f"the job's {config.max_nodes} nodes did not all join its rendezvous within "
+            f"{settings.rendezvous_timeout_s:g} s (BONE_RENDEZVOUS_TIMEOUT_S){detail}"
+        ) from None
     if CANCELLED in outcomes.values():  # every rank returns it; this node's ranks may not include rank 0
         raise Cancelled()
     return outcomes.get(0)
@@ -144,14 +179,30 @@ def launch_config(n: int, run_id: str, settings, node=None):
     endpoint node 0 published, which node 0's agent hosts; all ``node.count`` must join (worker/nodes.py)."""
     from torch.distributed.launcher.api import LaunchConfig
 
-    common = {"nproc_per_node": n, "run_id": run_id, "rdzv_backend": "c10d", "monitor_interval": 0.1,
-              "max_restarts": settings.distributed_max_restarts, "start_method": "spawn"}
+    common = {
+        "nproc_per_node": n,
+        "run_id": run_id,
+        "rdzv_backend": "c10d",
+        "monitor_interval": 0.1,
+        "max_restarts": settings.distributed_max_restarts,
+        "start_method": "spawn",
+    }
     if node is None:
-        return LaunchConfig(min_nodes=1, max_nodes=1, rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-                            rdzv_configs={"join_timeout": int(settings.distributed_timeout_s)}, **common)
-    return LaunchConfig(min_nodes=node.count, max_nodes=node.count, rdzv_endpoint=node.endpoint,
-                        rdzv_configs={"join_timeout": int(settings.rendezvous_timeout_s), "is_host": node.is_host},
-                        local_addr=node.address, **common)
+        return LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+            rdzv_configs={"join_timeout": int(settings.distributed_timeout_s)},
+            **common,
+        )
+    return LaunchConfig(
+        min_nodes=node.count,
+        max_nodes=node.count,
+        rdzv_endpoint=node.endpoint,
+        rdzv_configs={"join_timeout": int(settings.rendezvous_timeout_s), "is_host": node.is_host},
+        local_addr=node.address,
+        **common,
+    )
 
 
 def _one_line(message: Any) -> str:
@@ -208,14 +259,27 @@ def _rank_train(ranks: Ranks, args: dict[str, Any]):
         job_id_var.set(job.id)
         store = JobStore(redis.Redis.from_url(settings.redis_url))
         reporter = ProgressReporter(store, job.id)
-        hooks = {"on_step": reporter.on_step, "should_stop": reporter.should_stop,
-                 "on_event": CheckpointPublisher(store, settings, job, args["bone_config"]).wrap(reporter.on_event)}
+        hooks = {
+            "on_step": reporter.on_step,
+            "should_stop": reporter.should_stop,
+            "on_event": CheckpointPublisher(store, settings, job, args["bone_config"]).wrap(reporter.on_event),
+        }
     try:
         # eval rows too: rank 0 alone evaluates, but every rank must reach the same collectives around it
-        result = train(bone_model, loaded.tokenizer, args["examples"], job.training, device=ranks.device,
-                       eval_examples=args["eval_examples"], checkpoint_dir=Path(args["checkpoint_dir"]),
-                       checkpoints_kept=settings.checkpoints_kept, adapter_name=args["adapter_name"],
-                       shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id), ranks=ranks, **hooks)
+        result = train(
+            bone_model,
+            loaded.tokenizer,
+            args["examples"],
+            job.training,
+            device=ranks.device,
+            eval_examples=args["eval_examples"],
+            checkpoint_dir=Path(args["checkpoint_dir"]),
+            checkpoints_kept=settings.checkpoints_kept,
+            adapter_name=args["adapter_name"],
+            shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id),
+            ranks=ranks,
+            **hooks,
+        )
     except Cancelled:
         return CANCELLED
     if ranks.sharded:  # every rank gathers the blocks (a collective); rank 0 writes them

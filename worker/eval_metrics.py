@@ -24,8 +24,16 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: Sequence[Example], *, batch_size: int, pad_id: int,
-             device: torch.device, autocast, should_stop: Callable[[], bool] | None = None) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast,
+    should_stop: Callable[[], bool] | None = None,
+) -> EvalResult:
     was_training = model.training
     model.eval()
     loss_sum, correct, tokens = 0.0, 0, 0
@@ -33,15 +41,19 @@ def evaluate(model: torch.nn.Module, examples: Sequence[Example], *, batch_size:
         for start in range(0, len(examples), batch_size):
             if should_stop is not None and should_stop():  # a cancel lands within one eval batch
                 raise Cancelled()
-            batch = collate(list(examples[start:start + batch_size]), pad_id, device)
+            batch = collate(list(examples[start : start + batch_size]), pad_id, device)
             with autocast:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
             logits = logits[:, :-1].float()
             targets = batch["labels"][:, 1:]
             mask = targets != IGNORE_INDEX
-            loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                              ignore_index=IGNORE_INDEX, reduction="sum"))
+            loss_sum += float(
+                F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+            )
             correct += int(((logits.argmax(-1) == targets) & mask).sum())
             tokens += int(mask.sum())
     finally:

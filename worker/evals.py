@@ -104,10 +104,18 @@ def _finish(store: EvalStore, eval_id: str, status: JobStatus, **fields: Any) ->
 def record_latest(store: EvalStore, evaluation: Evaluation) -> None:
     base = evaluation.results.get(BASE_ADAPTER)
     for name in evaluation.adapters:
-        store.set_latest(name, LatestEval(
-            eval_id=evaluation.id, sha256=evaluation.adapter_sha256[name], dataset=evaluation.dataset,
-            metrics=evaluation.results[name], base=base, created_at=evaluation.created_at,
-            finished_at=evaluation.finished_at))
+        store.set_latest(
+            name,
+            LatestEval(
+                eval_id=evaluation.id,
+                sha256=evaluation.adapter_sha256[name],
+                dataset=evaluation.dataset,
+                metrics=evaluation.results[name],
+                base=base,
+                created_at=evaluation.created_at,
+                finished_at=evaluation.finished_at,
+            ),
+        )
 
 
 # --- the evaluation -----------------------------------------------------------------------------------------
@@ -147,22 +155,43 @@ def evaluate_adapters(
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     total = len(data.examples)
-    scores = score_rows(bone_model, data.examples, row_slots, batch_size=evaluation.batch_size, pad_id=pad_id,
-                        device=device, autocast=autocast, should_stop=stop,
-                        on_batch=lambda done: progress(phase="scoring", examples_done=done, examples_total=total))
+    scores = score_rows(
+        bone_model,
+        data.examples,
+        row_slots,
+        batch_size=evaluation.batch_size,
+        pad_id=pad_id,
+        device=device,
+        autocast=autocast,
+        should_stop=stop,
+        on_batch=lambda done: progress(phase="scoring", examples_done=done, examples_total=total),
+    )
     matches: list[tuple[int, int]] | None = None
     if evaluation.max_new_tokens > 0 and prompts:
-        matches = exact_matches(bone_model, tokenizer, prompts, row_slots, batch_size=evaluation.batch_size,
-                                max_new_tokens=evaluation.max_new_tokens, pad_id=pad_id, device=device,
-                                autocast=autocast, should_stop=stop,
-                                on_batch=lambda done: progress(phase="generating", examples_done=done,
-                                                               examples_total=len(prompts)))
+        matches = exact_matches(
+            bone_model,
+            tokenizer,
+            prompts,
+            row_slots,
+            batch_size=evaluation.batch_size,
+            max_new_tokens=evaluation.max_new_tokens,
+            pad_id=pad_id,
+            device=device,
+            autocast=autocast,
+            should_stop=stop,
+            on_batch=lambda done: progress(phase="generating", examples_done=done, examples_total=len(prompts)),
+        )
     results = {}
     for i, name in enumerate(names):
         s = scores[i]
         loss = s.loss_sum / s.tokens if s.tokens else None
-        metrics = EvalMetrics(loss=loss, perplexity=_perplexity(loss), tokens=s.tokens, examples=total,
-                              token_accuracy=s.correct / s.tokens if s.tokens else None)
+        metrics = EvalMetrics(
+            loss=loss,
+            perplexity=_perplexity(loss),
+            tokens=s.tokens,
+            examples=total,
+            token_accuracy=s.correct / s.tokens if s.tokens else None,
+        )
         if matches is not None:
             hits, n = matches[i]
             metrics.exact_match, metrics.exact_match_examples = (hits / n if n else None), n
@@ -176,16 +205,20 @@ def _perplexity(loss: float | None) -> float | None:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def load_adapters(bone_model, registry: AdapterRegistry, names: Sequence[str],
-                  base_model: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
+def load_adapters(
+    bone_model, registry: AdapterRegistry, names: Sequence[str], base_model: str | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
     """Add each registry adapter to ``bone_model`` under its slot (``AdapterName.slot``); returns
     ({name: slot}, {name: sha256}). Weights are sha256-checked, keys and shapes strictly."""
     slots, shas = {}, {}
     for name in names:
         config, tensors, info = read_adapter(registry, name, param="adapters")
         if base_model is not None and info.base_model != base_model:
-            raise Conflict(f"adapter {name!r} was trained on base model {info.base_model!r}, not {base_model!r}",
-                           param="adapters", code="base_model_mismatch")
+            raise Conflict(
+                f"adapter {name!r} was trained on base model {info.base_model!r}, not {base_model!r}",
+                param="adapters",
+                code="base_model_mismatch",
+            )
         slot = AdapterName(name).slot(info.sha256)
         bone_model.add_adapter_from_state_dict(slot, config, tensors)
         slots[name], shas[name] = slot, info.sha256
@@ -209,9 +242,18 @@ class RowScore:
 
 
 @torch.no_grad()
-def score_rows(bone_model, examples: Sequence[Example], slots: Sequence[str], *, batch_size: int, pad_id: int,
-               device: torch.device, autocast=None, should_stop: Callable[[], bool] | None = None,
-               on_batch: Callable[[int], None] | None = None) -> list[RowScore]:
+def score_rows(
+    bone_model,
+    examples: Sequence[Example],
+    slots: Sequence[str],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast=None,
+    should_stop: Callable[[], bool] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[RowScore]:
     """One ``RowScore`` per entry of ``slots`` (an adapter slot or ``BASE_ADAPTER``) over every example. Each
     batch of ``b`` examples runs as ``len(slots) × b`` rows in one forward: rows ``[k*b, (k+1)*b)`` use
     ``slots[k]``."""
@@ -221,13 +263,17 @@ def score_rows(bone_model, examples: Sequence[Example], slots: Sequence[str], *,
     for start in range(0, len(examples), batch_size):
         if should_stop is not None and should_stop():
             raise Cancelled()
-        batch = list(examples[start:start + batch_size])
+        batch = list(examples[start : start + batch_size])
         b = len(batch)
         tensors = collate(batch * n, pad_id, device)
         names = [slot for slot in slots for _ in range(b)]
         with autocast:
-            logits = bone_model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                                adapter_names=names, use_cache=False).logits
+            logits = bone_model(
+                input_ids=tensors["input_ids"],
+                attention_mask=tensors["attention_mask"],
+                adapter_names=names,
+                use_cache=False,
+            ).logits
         logits = logits[:, :-1].float()
         targets = tensors["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
@@ -251,8 +297,9 @@ class Prompt:
     reference: str
 
 
-def completion_prompts(rows: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, *,
-                       format: str | None = None) -> list[Prompt]:
+def completion_prompts(
+    rows: Sequence[dict[str, Any]], tokenizer, max_seq_length: int, *, format: str | None = None
+) -> list[Prompt]:
     """The rows that have a reference completion, as (prompt tokens, reference), tokenized as training does
     (``worker.data``): prompt/completion rows, and messages rows whose last turn is the assistant's. Rows
     whose prompt alone exceeds ``max_seq_length`` are left out."""
@@ -273,8 +320,17 @@ def completion_prompts(rows: Sequence[dict[str, Any]], tokenizer, max_seq_length
 
 
 @torch.no_grad()
-def generate_rows(bone_model, tokenizer, prompts: Sequence[Prompt], slots: Sequence[str], *, max_new_tokens: int,
-                  pad_id: int, device: torch.device, autocast=None) -> list[list[str]]:
+def generate_rows(
+    bone_model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    slots: Sequence[str],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    device: torch.device,
+    autocast=None,
+) -> list[list[str]]:
     """Greedy completions: ``out[k][j]`` is prompt ``j`` under ``slots[k]``, all in one left-padded generate."""
     autocast = autocast or nullcontext()
     n, b = len(slots), len(prompts)
@@ -284,33 +340,57 @@ def generate_rows(bone_model, tokenizer, prompts: Sequence[Prompt], slots: Seque
     for k in range(n):
         for j, prompt in enumerate(prompts):
             row, length = k * b + j, len(prompt.input_ids)
-            input_ids[row, width - length:] = torch.tensor(prompt.input_ids)
-            attention_mask[row, width - length:] = 1
+            input_ids[row, width - length :] = torch.tensor(prompt.input_ids)
+            attention_mask[row, width - length :] = 1
     eos = sorted(eos_token_ids(bone_model, tokenizer))
     with autocast:
-        out = bone_model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  adapter_names=[slot for slot in slots for _ in range(b)],
-                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  eos_token_id=eos, pad_token_id=pad_id)
+        out = bone_model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            adapter_names=[slot for slot in slots for _ in range(b)],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=pad_id,
+        )
     texts = []
     for row in out[:, width:].tolist():
         cut = next((i for i, tok in enumerate(row) if tok in eos), len(row))
         texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return [texts[k * b:(k + 1) * b] for k in range(n)]
+    return [texts[k * b : (k + 1) * b] for k in range(n)]
 
 
-def exact_matches(bone_model, tokenizer, prompts: Sequence[Prompt], slots: Sequence[str], *, batch_size: int,
-                  max_new_tokens: int, pad_id: int, device: torch.device, autocast=None,
-                  should_stop: Callable[[], bool] | None = None,
-                  on_batch: Callable[[int], None] | None = None) -> list[tuple[int, int]]:
+def exact_matches(
+    bone_model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    slots: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    pad_id: int,
+    device: torch.device,
+    autocast=None,
+    should_stop: Callable[[], bool] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[int, int]]:
     """(hits, prompts) per entry of ``slots``."""
     hits = [0] * len(slots)
     for start in range(0, len(prompts), batch_size):
         if should_stop is not None and should_stop():
             raise Cancelled()
-        batch = list(prompts[start:start + batch_size])
-        outputs = generate_rows(bone_model, tokenizer, batch, slots, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                                device=device, autocast=autocast)
+        batch = list(prompts[start : start + batch_size])
+        outputs = generate_rows(
+            bone_model,
+            tokenizer,
+            batch,
+            slots,
+            max_new_tokens=max_new_tokens,
+            pad_id=pad_id,
+            device=device,
+            autocast=autocast,
+        )
         for k, texts in enumerate(outputs):
             hits[k] += sum(text.strip() == p.reference.strip() for text, p in zip(texts, batch))
         if on_batch is not None:

@@ -27,8 +27,9 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, *,
-                          chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, *, chunk_tokens: int = CHUNK_TOKENS
+) -> torch.Tensor:
     """Sum of cross-entropy of ``head(hidden)`` against ``targets`` (IGNORE_INDEX skipped), chunk by chunk.
     ``hidden``: (..., d) aligned with ``targets`` (...)."""
     keep = targets.reshape(-1) != IGNORE_INDEX
@@ -47,8 +48,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: tor
 def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -60,17 +62,28 @@ class CausalLMLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         causal_lm = getattr(model, "base_model", model)
         config = getattr(causal_lm, "config", None)
-        self.chunked = (chunk_tokens > 0 and hasattr(causal_lm, "get_decoder") and causal_lm.get_output_embeddings()
-                        is not None and not any(getattr(config, name, None) for name in _LOGIT_TRANSFORMS))
+        self.chunked = (
+            chunk_tokens > 0
+            and hasattr(causal_lm, "get_decoder")
+            and causal_lm.get_output_embeddings() is not None
+            and not any(getattr(config, name, None) for name in _LOGIT_TRANSFORMS)
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         extra = {} if position_ids is None else {"position_ids": position_ids}
         if not self.chunked:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
             return plain_cross_entropy(out.logits, labels)
         causal_lm = getattr(self.model, "base_model", self.model)
-        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                         **extra).last_hidden_state
-        return chunked_cross_entropy(hidden[:, :-1], labels[:, 1:], causal_lm.get_output_embeddings(),
-                                     chunk_tokens=self.chunk_tokens)
+        hidden = causal_lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+        ).last_hidden_state
+        return chunked_cross_entropy(
+            hidden[:, :-1], labels[:, 1:], causal_lm.get_output_embeddings(), chunk_tokens=self.chunk_tokens
+        )

@@ -88,15 +88,21 @@ def run_worker(settings: Settings, *, burst: bool = False, queues: Sequence[str]
                 conn = redis.Redis.from_url(settings.redis_url)
                 conn.ping()
                 worker = Worker(
-                    [Queue(name, connection=conn) for name in names], connection=conn,
+                    [Queue(name, connection=conn) for name in names],
+                    connection=conn,
                     worker_ttl=settings.worker_ttl_s,
                     maintenance_interval=maintenance_interval(settings),
                     exception_handlers=[_abandoned_job_handler],
                     work_horse_killed_handler=_work_horse_killed,
                 )
-                log.info("worker %s listening on queues %s at %s (worker TTL %d s, maintenance every %d s)",
-                         worker.name, ",".join(names), settings.redis_url, settings.worker_ttl_s,
-                         maintenance_interval(settings))
+                log.info(
+                    "worker %s listening on queues %s at %s (worker TTL %d s, maintenance every %d s)",
+                    worker.name,
+                    ",".join(names),
+                    settings.redis_url,
+                    settings.worker_ttl_s,
+                    maintenance_interval(settings),
+                )
                 worker.log.addFilter(MaintenanceAtDebug())
                 context.use_worker_name(worker.name)  # recorded on each job it starts
                 advert = Advert(settings, worker.name, described).start()
@@ -150,9 +156,15 @@ def describe_device(settings: Settings, device) -> dict[str, Any]:
     """Device, device count and memory, found without initialising CUDA in this (forking) parent process."""
     import torch
 
-    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
-                            "cpus": os.cpu_count(), "memory_bytes": _host_memory(),
-                            "max_num_processes": settings.max_num_processes, "started_at": time.time()}
+    info: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(device),
+        "cpus": os.cpu_count(),
+        "memory_bytes": _host_memory(),
+        "max_num_processes": settings.max_num_processes,
+        "started_at": time.time(),
+    }
     if device.type == "cuda":
         info["gpus"] = torch.cuda.device_count()  # NVML-based (see run_worker): no CUDA context here
         gpus = _gpu_memory()
@@ -160,8 +172,11 @@ def describe_device(settings: Settings, device) -> dict[str, Any]:
         if device.index is not None and device.index < len(gpus.get("gpu_memory_bytes", [])):
             # a pinned worker (one per GPU): its own GPU's model and memory, free memory at start-up
             index = device.index
-            info.update(gpu_name=gpus["gpu_names"][index], device_memory_bytes=gpus["gpu_memory_bytes"][index],
-                        device_free_bytes=gpus["gpu_free_bytes"][index])
+            info.update(
+                gpu_name=gpus["gpu_names"][index],
+                device_memory_bytes=gpus["gpu_memory_bytes"][index],
+                device_free_bytes=gpus["gpu_free_bytes"][index],
+            )
     return info
 
 
@@ -178,14 +193,21 @@ def _gpu_memory() -> dict[str, Any]:
     if smi is None:
         return {}
     try:
-        out = subprocess.run([smi, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     rows = [line.split(",") for line in out.strip().splitlines() if line.count(",") >= 2]
-    return {"gpu_names": [r[0].strip() for r in rows],
-            "gpu_memory_bytes": [int(float(r[1])) * 1024 * 1024 for r in rows],
-            "gpu_free_bytes": [int(float(r[2])) * 1024 * 1024 for r in rows]}
+    return {
+        "gpu_names": [r[0].strip() for r in rows],
+        "gpu_memory_bytes": [int(float(r[1])) * 1024 * 1024 for r in rows],
+        "gpu_free_bytes": [int(float(r[2])) * 1024 * 1024 for r in rows],
+    }
 
 
 class Advert:
@@ -230,8 +252,11 @@ class Advert:
 def _work_horse_killed(job, pid: int, status: int, rusage) -> None:
     """RQ's hook for a work-horse that exited without finishing its job (killed by a signal, usually OOM)."""
     signal_no = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    cause = f"killed by signal {signal_no}" + (" (out of memory?)" if signal_no == 9 else "") if signal_no else \
-        f"exited with status {os.WEXITSTATUS(status) if os.WIFEXITED(status) else status}"
+    cause = (
+        f"killed by signal {signal_no}" + (" (out of memory?)" if signal_no == 9 else "")
+        if signal_no
+        else f"exited with status {os.WEXITSTATUS(status) if os.WIFEXITED(status) else status}"
+    )
     log.error("work-horse %d of job %s %s", pid, job.id, cause)
     record_death(job.connection, job.id, f"the training process died: {cause}")
 

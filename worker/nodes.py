@@ -92,13 +92,15 @@ def _free_port() -> int:
 
 
 # --- node 0 ---------------------------------------------------------------------------------------------------
-def open_gang(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, count: int,
-              queue: str | None) -> Node:
+def open_gang(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, count: int, queue: str | None) -> Node:
     """Publish this worker's rendezvous endpoint for the attempt and queue the other nodes' tasks."""
     address = node_address(settings)
     endpoint = f"{address}:{settings.rendezvous_port or _free_port()}"
-    conn.set(gang_key(job_id), json.dumps({"endpoint": endpoint, "attempt": attempt, "nodes": count}),
-             px=int(_gang_ttl_s(settings) * 1000))
+    conn.set(
+        gang_key(job_id),
+        json.dumps({"endpoint": endpoint, "attempt": attempt, "nodes": count}),
+        px=int(_gang_ttl_s(settings) * 1000),
+    )
     for slot in range(1, count):
         conn.delete(member_key(job_id, slot))
         enqueue_node(conn, settings, job_id, attempt, slot, queue)
@@ -110,10 +112,26 @@ def _gang_ttl_s(settings: Settings) -> float:
     return settings.rendezvous_timeout_s + settings.heartbeat_ttl_s
 
 
-def enqueue_node(conn: redis.Redis, settings: Settings, job_id: str, attempt: int, slot: int, queue: str | None,
-                 *, at_front: bool = False) -> None:
-    enqueue(conn, settings, NODE_TASK, job_id, queue=queue, at_front=at_front, args=(attempt, slot),
-            rq_id=f"{job_id}-a{attempt}-node{slot}-{uuid.uuid4().hex[:8]}")
+def enqueue_node(
+    conn: redis.Redis,
+    settings: Settings,
+    job_id: str,
+    attempt: int,
+    slot: int,
+    queue: str | None,
+    *,
+    at_front: bool = False,
+) -> None:
+    enqueue(
+        conn,
+        settings,
+        NODE_TASK,
+        job_id,
+        queue=queue,
+        at_front=at_front,
+        args=(attempt, slot),
+        rq_id=f"{job_id}-a{attempt}-node{slot}-{uuid.uuid4().hex[:8]}",
+    )
 
 
 def close_gang(conn: redis.Redis, job_id: str, count: int) -> None:
@@ -155,10 +173,15 @@ class GangKeeper:
                         seen.discard(slot)
                         self.replaced += 1
                         log.warning("job %s: node %d stopped; queueing a replacement", self.job_id, slot)
-                        JobStore(self.conn).add_event(self.job_id, "message", f"node {slot} of {self.count} was "
-                                                      "lost; waiting for a replacement worker", node=slot)
-                        enqueue_node(self.conn, self.settings, self.job_id, self.attempt, slot, self.queue,
-                                     at_front=True)
+                        JobStore(self.conn).add_event(
+                            self.job_id,
+                            "message",
+                            f"node {slot} of {self.count} was lost; waiting for a replacement worker",
+                            node=slot,
+                        )
+                        enqueue_node(
+                            self.conn, self.settings, self.job_id, self.attempt, slot, self.queue, at_front=True
+                        )
             except redis.RedisError as exc:
                 log.warning("job %s: gang keeper: %s", self.job_id, exc)
 

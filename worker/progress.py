@@ -26,8 +26,17 @@ class ProgressReporter:
 
     # --- what the training loop calls --------------------------------------------------------------------
     def on_step(self, step: int, total: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
-        self.store.add_event(self.job_id, "step", "", step=step, total_steps=total, loss=loss, lr=lr,
-                             grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+        self.store.add_event(
+            self.job_id,
+            "step",
+            "",
+            step=step,
+            total_steps=total,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=tokens_per_s,
+        )
         now = time.monotonic()
         if self._last_step_at is not None:
             self.store.record_training_step(tokens_per_s, now - self._last_step_at)

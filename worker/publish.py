@@ -27,6 +27,7 @@ class CheckpointPublisher:
             if kind == "checkpoint":
                 data["adapter"] = self.publish(data["step"], Path(data.pop("path")), data)
             on_event(kind, message, **data)
+
         return handle
 
     def publish(self, step: int, path: Path, data: dict) -> str | None:
@@ -36,14 +37,29 @@ class CheckpointPublisher:
             check_publishable(path)
             registry = AdapterRegistry.from_settings(self.settings)
             ours = registry.exists(name) and registry.get(name).job_id == self.job.id  # an earlier attempt's
-            registry.publish(name, path, overwrite=self.job.overwrite or ours, metadata={
-                "base_model": self.job.base_model, "bone": self.config.to_dict(), "job_id": self.job.id,
-                "owner": self.job.owner,
-                "metrics": {k: v for k, v in data.items() if k.endswith("loss")} | {"steps": step},
-            }, may_replace=partial(may_publish_over, self.job.owner, self.job.id))
-        self.store.add_checkpoint(self.job.id, step, {"created_at": time.time(), "adapter": name,
-                                                      "train_loss": data.get("train_loss"),
-                                                      "eval_loss": data.get("eval_loss")})
+            registry.publish(
+                name,
+                path,
+                overwrite=self.job.overwrite or ours,
+                metadata={
+                    "base_model": self.job.base_model,
+                    "bone": self.config.to_dict(),
+                    "job_id": self.job.id,
+                    "owner": self.job.owner,
+                    "metrics": {k: v for k, v in data.items() if k.endswith("loss")} | {"steps": step},
+                },
+                may_replace=partial(may_publish_over, self.job.owner, self.job.id),
+            )
+        self.store.add_checkpoint(
+            self.job.id,
+            step,
+            {
+                "created_at": time.time(),
+                "adapter": name,
+                "train_loss": data.get("train_loss"),
+                "eval_loss": data.get("eval_loss"),
+            },
+        )
         return name
 
 
@@ -55,5 +71,7 @@ def check_publishable(adapter_dir: Path) -> None:
     try:
         check_finite(tensors)
     except NonFiniteTensorError as exc:
-        raise ServiceError(f"training diverged, nothing was published: {exc} (try a lower training.learning_rate)",
-                           code="non_finite_weights") from None
+        raise ServiceError(
+            f"training diverged, nothing was published: {exc} (try a lower training.learning_rate)",
+            code="non_finite_weights",
+        ) from None

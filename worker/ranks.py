@@ -32,7 +32,7 @@ class Ranks:
         across ranks and together all of it (a batch smaller than the world leaves some shards empty)."""
         base, extra = divmod(len(batch), self.world_size)
         start = self.rank * base + min(self.rank, extra)
-        return list(batch[start:start + base + (1 if self.rank < extra else 0)])
+        return list(batch[start : start + base + (1 if self.rank < extra else 0)])
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """``DistributedDataParallel`` over the trainable parameters only: every rank loads the same frozen

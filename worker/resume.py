@@ -71,8 +71,18 @@ class Gathered:
     optimizer: dict[str, Any]
 
 
-def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-         *, adapter_name: str, keep: int, shared: JobResume | None = None, gathered: Gathered | None = None) -> Path:
+def save(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    *,
+    adapter_name: str,
+    keep: int,
+    shared: JobResume | None = None,
+    gathered: Gathered | None = None,
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
@@ -94,8 +104,9 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         py_version, py_state, py_gauss = random.getstate()
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step,
-                                                  "python_rng": [py_version, list(py_state), py_gauss]}))
+        (tmp / STATE_FILE).write_text(
+            json.dumps({**state, "step": step, "python_rng": [py_version, list(py_state), py_gauss]})
+        )
         for child in tmp.iterdir():
             fsync_path(child)
         fsync_path(tmp)
@@ -112,8 +123,9 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     return target
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool = False
-         ) -> dict[str, Any]:
+def load(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool = False
+) -> dict[str, Any]:
     """Restore parameters, optimizer and RNG states in place; returns the loop state saved with them. With
     ``sharded`` the model is FSDP-sharded and the checkpoint was written by a sharded run."""
     saved = load_file(path / "trainable.safetensors")

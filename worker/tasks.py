@@ -47,6 +47,7 @@ from worker.train import TrainResult, count_steps, train
 log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 500
 
+
 # --- the task ---------------------------------------------------------------------------------------------
 def run_training_job(job_id: str) -> str:
     """Run one fine-tuning job; returns its final status (also written to the job record)."""
@@ -93,8 +94,13 @@ def _record_outcome(store: JobStore, settings: Settings, job: Job, work) -> None
         _finish(store, job.id, JobStatus.FAILED, reason, error=reason)
     else:
         if info is not None:
-            _finish(store, job.id, JobStatus.SUCCEEDED, f"finished: published adapter {info.name!r} "
-                    f"(sha256 {info.sha256[:12]})", metrics=info.metrics)
+            _finish(
+                store,
+                job.id,
+                JobStatus.SUCCEEDED,
+                f"finished: published adapter {info.name!r} (sha256 {info.sha256[:12]})",
+                metrics=info.metrics,
+            )
 
 
 # --- a job on several machines (worker/nodes.py) ------------------------------------------------------------
@@ -169,13 +175,26 @@ def _start(store: JobStore, job_id: str) -> Job | None:
         return None
     try:
         # RUNNING too: RQ may hand out a job again whose process died before the janitor saw it.
-        job = store.transition(job_id, [JobStatus.QUEUED, JobStatus.RUNNING], status=JobStatus.RUNNING,
-                               started_at=time.time(), attempts=job.attempts + 1, error=None, worker=worker_name())
+        job = store.transition(
+            job_id,
+            [JobStatus.QUEUED, JobStatus.RUNNING],
+            status=JobStatus.RUNNING,
+            started_at=time.time(),
+            attempts=job.attempts + 1,
+            error=None,
+            worker=worker_name(),
+        )
     except Conflict:
         log.info("job %s changed state before it started; not running it", job_id)
         return None
-    store.add_event(job_id, "status", f"started (attempt {job.attempts})", status="running", attempt=job.attempts,
-                    worker=worker_name())
+    store.add_event(
+        job_id,
+        "status",
+        f"started (attempt {job.attempts})",
+        status="running",
+        attempt=job.attempts,
+        worker=worker_name(),
+    )
     log.info("job %s started (attempt %d): adapter %r on %r", job_id, job.attempts, job.adapter_name, job.base_model)
     return job
 
@@ -193,8 +212,9 @@ class _Trained:
     reporter: ProgressReporter
 
 
-def _train_and_publish(job: Job, store: JobStore, settings: Settings, workdir: Path,
-                       node: Node | None = None) -> AdapterInfo | None:
+def _train_and_publish(
+    job: Job, store: JobStore, settings: Settings, workdir: Path, node: Node | None = None
+) -> AdapterInfo | None:
     """None when the job runs on several nodes and another one held rank 0 (that node publishes)."""
     trained = _train(job, store, settings, workdir, node=node)
     return None if trained is None else _publish(job, store, settings, trained)
@@ -235,32 +255,56 @@ def _train(job: Job, store: JobStore, settings: Settings, workdir: Path, node: N
     #    into int32 Arrow files in the work dir that every rank memory-maps (worker/tokenized.py)
     phase("tokenizing")
     tokens_dir = workdir / "tokens"
-    data = tokenize_rows(rows, tokenizer, spec.max_seq_length, format=job.dataset.format,
-                         should_stop=reporter.should_stop, into=ExampleWriter(tokens_dir / "train.arrow"))
+    data = tokenize_rows(
+        rows,
+        tokenizer,
+        spec.max_seq_length,
+        format=job.dataset.format,
+        should_stop=reporter.should_stop,
+        into=ExampleWriter(tokens_dir / "train.arrow"),
+    )
     del rows  # the tokens are on disk now; the raw rows are not needed again
     train_examples: Sequence[Example] = data.examples
     eval_examples: Sequence[Example] = []
     if validation_rows is not None:
-        eval_examples = tokenize_rows(validation_rows, tokenizer, spec.max_seq_length,
-                                      format=job.validation_dataset.format, should_stop=reporter.should_stop,
-                                      param_prefix="validation_dataset.records",
-                                      into=ExampleWriter(tokens_dir / "eval.arrow")).examples
+        eval_examples = tokenize_rows(
+            validation_rows,
+            tokenizer,
+            spec.max_seq_length,
+            format=job.validation_dataset.format,
+            should_stop=reporter.should_stop,
+            param_prefix="validation_dataset.records",
+            into=ExampleWriter(tokens_dir / "eval.arrow"),
+        ).examples
     elif spec.eval_fraction is not None:
         train_examples, eval_examples = split_eval(train_examples, spec.eval_fraction, spec.seed)
     if spec.packing:
-        train_examples = pack(train_examples, spec.max_seq_length, spec.seed,
-                              into=ExampleWriter(tokens_dir / "train-packed.arrow", packed=True))
+        train_examples = pack(
+            train_examples,
+            spec.max_seq_length,
+            spec.seed,
+            into=ExampleWriter(tokens_dir / "train-packed.arrow", packed=True),
+        )
     if train_examples:  # the server's bounds on the job's real size (epochs only become steps here)
         mean_tokens = float(sum(example_lengths(train_examples))) / len(train_examples)
         check_job_size(spec, settings, steps=count_steps(len(train_examples), spec), tokens_per_example=mean_tokens)
     formats = ", ".join(f"{n} {kind}" for kind, n in sorted(data.formats.items()))
     if speaks:
-        store.add_event(job.id, "message", f"{data.rows} rows ({formats}): {data.truncated} truncated to "
-                        f"max_seq_length={spec.max_seq_length}, {data.dropped} without trainable tokens; "
-                        f"{len(train_examples)} training{' (packed)' if spec.packing else ''} and {len(eval_examples)} "
-                        f"eval examples; training {trainable:,} of {total:,} parameters on {device.type}",
-                        rows=data.rows, examples=len(train_examples), eval_examples=len(eval_examples),
-                        truncated=data.truncated, dropped=data.dropped, trainable_params=trainable, device=device.type)
+        store.add_event(
+            job.id,
+            "message",
+            f"{data.rows} rows ({formats}): {data.truncated} truncated to "
+            f"max_seq_length={spec.max_seq_length}, {data.dropped} without trainable tokens; "
+            f"{len(train_examples)} training{' (packed)' if spec.packing else ''} and {len(eval_examples)} "
+            f"eval examples; training {trainable:,} of {total:,} parameters on {device.type}",
+            rows=data.rows,
+            examples=len(train_examples),
+            eval_examples=len(eval_examples),
+            truncated=data.truncated,
+            dropped=data.dropped,
+            trainable_params=trainable,
+            device=device.type,
+        )
 
     # -- train (resuming from the newest checkpoint in the registry's store, if an earlier attempt on any
     #    worker left one; the work dir holds a scratch copy); with
@@ -270,21 +314,39 @@ def _train(job: Job, store: JobStore, settings: Settings, workdir: Path, node: N
     if spec.world_size > 1:
         from worker import distributed
 
-        result = distributed.run(spec.num_processes, device=device, settings=settings, job=job, bone_config=config,
-                                 examples=train_examples, eval_examples=eval_examples,
-                                 checkpoint_dir=workdir / "checkpoints", adapter_dir=adapter_dir,
-                                 adapter_name=TRAINING_SLOT, node=node)
+        result = distributed.run(
+            spec.num_processes,
+            device=device,
+            settings=settings,
+            job=job,
+            bone_config=config,
+            examples=train_examples,
+            eval_examples=eval_examples,
+            checkpoint_dir=workdir / "checkpoints",
+            adapter_dir=adapter_dir,
+            adapter_name=TRAINING_SLOT,
+            node=node,
+        )
         if result is None:
             return None
         reporter.progress = dict(store.get(job.id).progress.model_dump())  # rank 0 wrote it meanwhile
     else:
         publisher = CheckpointPublisher(store, settings, job, config)
-        result = train(bone_model, tokenizer, train_examples, spec, device=device, eval_examples=eval_examples,
-                       on_step=reporter.on_step, on_event=publisher.wrap(reporter.on_event),
-                       should_stop=reporter.should_stop, checkpoint_dir=workdir / "checkpoints",
-                       checkpoints_kept=settings.checkpoints_kept,
-                       shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id),
-                       adapter_name=TRAINING_SLOT)
+        result = train(
+            bone_model,
+            tokenizer,
+            train_examples,
+            spec,
+            device=device,
+            eval_examples=eval_examples,
+            on_step=reporter.on_step,
+            on_event=publisher.wrap(reporter.on_event),
+            should_stop=reporter.should_stop,
+            checkpoint_dir=workdir / "checkpoints",
+            checkpoints_kept=settings.checkpoints_kept,
+            shared_checkpoints=ResumeStore.from_settings(settings).for_job(job.id),
+            adapter_name=TRAINING_SLOT,
+        )
         bone_model.save_pretrained(adapter_dir, adapter_name=TRAINING_SLOT)
     return _Trained(result, config, adapter_dir, len(train_examples), len(eval_examples), data.truncated, reporter)
 
@@ -306,18 +368,26 @@ def _publish(job: Job, store: JobStore, settings: Settings, trained: _Trained) -
         "train_runtime_s": round(result.seconds, 3),
     }
     if result.evals:
-        metrics.update(eval_loss=result.evals[-1]["eval_loss"],
-                       eval_token_accuracy=result.evals[-1]["eval_token_accuracy"],
-                       best_eval_loss=min(e["eval_loss"] for e in result.evals),
-                       eval_examples=trained.eval_examples)
+        metrics.update(
+            eval_loss=result.evals[-1]["eval_loss"],
+            eval_token_accuracy=result.evals[-1]["eval_token_accuracy"],
+            best_eval_loss=min(e["eval_loss"] for e in result.evals),
+            eval_examples=trained.eval_examples,
+        )
     if result.stopped_early:
         metrics["stopped_early"] = 1
     if spec.num_processes > 1:
         metrics["num_processes"] = spec.num_processes
     if spec.num_nodes > 1:
         metrics["num_nodes"] = spec.num_nodes
-    log.info("job %s trained %d steps in %.1f s, loss %.4f -> %.4f", job.id, result.steps, result.seconds,
-             result.losses[0], result.final_loss)
+    log.info(
+        "job %s trained %d steps in %.1f s, loss %.4f -> %.4f",
+        job.id,
+        result.steps,
+        result.seconds,
+        result.losses[0],
+        result.final_loss,
+    )
 
     # -- save, then publish atomically (the registry copies from the temp folder, then renames into place)
     reporter.phase("publishing")
@@ -325,10 +395,19 @@ def _publish(job: Job, store: JobStore, settings: Settings, trained: _Trained) -
     registry = AdapterRegistry.from_settings(settings)
     # The API checked the name when it accepted the job, but training takes a while: another owner may have
     # taken it since. The registry judges what an overwrite would replace atomically with the swap.
-    return registry.publish(job.adapter_name, adapter_dir, overwrite=job.overwrite, metadata={
-        "base_model": job.base_model, "bone": config.to_dict(), "job_id": job.id, "owner": job.owner,
-        "metrics": metrics,
-    }, may_replace=partial(may_publish_over, job.owner, job.id))
+    return registry.publish(
+        job.adapter_name,
+        adapter_dir,
+        overwrite=job.overwrite,
+        metadata={
+            "base_model": job.base_model,
+            "bone": config.to_dict(),
+            "job_id": job.id,
+            "owner": job.owner,
+            "metrics": metrics,
+        },
+        may_replace=partial(may_publish_over, job.owner, job.id),
+    )
 
 
 def _finish(store: JobStore, job_id: str, status: JobStatus, message: str, **fields) -> None:

@@ -97,9 +97,10 @@ class ArrowExamples(Sequence[Example]):
         self.packed = "segments" in table.column_names
         # Per record batch: its first row, and zero-copy numpy views of each column's offsets and values.
         self._starts = np.cumsum([0] + [len(chunk) for chunk in table.column("input_ids").chunks])
-        self._columns = {name: [(chunk.offsets.to_numpy(), chunk.values.to_numpy()) for chunk in
-                                table.column(name).chunks]
-                         for name in ("input_ids", "labels", *(("segments",) if self.packed else ()))}
+        self._columns = {
+            name: [(chunk.offsets.to_numpy(), chunk.values.to_numpy()) for chunk in table.column(name).chunks]
+            for name in ("input_ids", "labels", *(("segments",) if self.packed else ()))
+        }
 
     def __reduce__(self):  # what crosses a process boundary: the path, never the tokens
         return (ArrowExamples, (str(self.path), self.indices))
@@ -132,7 +133,7 @@ class ArrowExamples(Sequence[Example]):
 
     def _row(self, name: str, chunk: int, local: int) -> np.ndarray:
         offsets, values = self._columns[name][chunk]
-        return values[offsets[local]:offsets[local + 1]]
+        return values[offsets[local] : offsets[local + 1]]
 
     def lengths(self) -> np.ndarray:
         """Tokens of every example (from the offsets alone: no token is read)."""
@@ -153,4 +154,3 @@ def example_lengths(examples: Sequence[Example]) -> Sequence[int]:
     if isinstance(examples, ArrowExamples):
         return examples.lengths()
     return [len(ex.input_ids) for ex in examples]
-

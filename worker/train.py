@@ -122,8 +122,9 @@ def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     (the reference ``CausalLMLoss`` is tested against); the loop divides by the step's token count so every
     token weighs the same across micro-batches of different lengths."""
     extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   **extra).logits
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **extra
+    ).logits
     return plain_cross_entropy(logits, batch["labels"])
 
 
@@ -140,8 +141,9 @@ def precision(device: torch.device):
 def make_optimizer(params: list[torch.Tensor], spec: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; the fused kernel on CUDA (one launch per step, not per tensor)."""
     fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
-                             **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(
+        params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **({"fused": True} if fused else {})
+    )
 
 
 def example_targets(example: Example) -> int:
@@ -165,8 +167,9 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def rank_batch(ranks: Ranks, batch: list[Example], pad_id: int,
-               device: torch.device) -> tuple[dict[str, torch.Tensor], float, int]:
+def rank_batch(
+    ranks: Ranks, batch: list[Example], pad_id: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], float, int]:
     """(this rank's collated rows of a global micro-batch, loss weight, real tokens). A rank whose shard is empty (an
     epoch's last short batch on many ranks) runs one row with weight 0: DDP needs every rank in every
     backward, and a zero-weighted row adds nothing to the gradient."""
@@ -188,11 +191,23 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
-def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: TrainingSpec, *,
-          device: torch.device, eval_examples: Sequence[Example] = (), on_step: StepCallback | None = None,
-          on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None,
-          checkpoint_dir: Path | None = None, checkpoints_kept: int = 2, shared_checkpoints: JobResume | None = None,
-          adapter_name: str = TRAINING_SLOT, ranks: Ranks | None = None) -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    spec: TrainingSpec,
+    *,
+    device: torch.device,
+    eval_examples: Sequence[Example] = (),
+    on_step: StepCallback | None = None,
+    on_event: EventCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoints_kept: int = 2,
+    shared_checkpoints: JobResume | None = None,
+    adapter_name: str = TRAINING_SLOT,
+    ranks: Ranks | None = None,
+) -> TrainResult:
     if not examples:
         raise ValueError("no training examples")
     on_step = on_step or _noop
@@ -230,11 +245,24 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         on_event("phase", "", phase="evaluating")
         # sharded: every rank evaluates (each layer's gather is a collective), so none may stop half-way
         with sharding.root_gathered(forward) if sharded else nullcontext():
-            got = evaluate(model, eval_examples, batch_size=spec.batch_size, pad_id=pad_id, device=device,
-                           autocast=autocast, should_stop=None if sharded else stop)
+            got = evaluate(
+                model,
+                eval_examples,
+                batch_size=spec.batch_size,
+                pad_id=pad_id,
+                device=device,
+                autocast=autocast,
+                should_stop=None if sharded else stop,
+            )
         result.evals.append({"step": step, "eval_loss": got.loss, "eval_token_accuracy": got.token_accuracy})
-        on_event("eval", f"step {step}: eval loss {got.loss:.4f}, token accuracy {got.token_accuracy:.3f}",
-                 step=step, eval_loss=got.loss, eval_token_accuracy=got.token_accuracy, eval_tokens=got.tokens)
+        on_event(
+            "eval",
+            f"step {step}: eval loss {got.loss:.4f}, token accuracy {got.token_accuracy:.3f}",
+            step=step,
+            eval_loss=got.loss,
+            eval_token_accuracy=got.token_accuracy,
+            eval_tokens=got.tokens,
+        )
         on_event("phase", "", phase="training")
         return got
 
@@ -262,8 +290,13 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
         if ranks.any(stop()) if ranks is not None else stop():  # rank 0 polls; every rank stops together
             raise Cancelled()
         step_started = time.perf_counter()
-        lr = get_lr(step, base_lr=spec.learning_rate, schedule=spec.lr_scheduler,
-                    warmup_steps=spec.warmup_steps, total_steps=total_steps)
+        lr = get_lr(
+            step,
+            base_lr=spec.learning_rate,
+            schedule=spec.lr_scheduler,
+            warmup_steps=spec.warmup_steps,
+            total_steps=total_steps,
+        )
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
 
@@ -326,14 +359,18 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
                     loop["best_eval"], loop["bad_evals"] = got.loss, 0
                 else:
                     loop["bad_evals"] += 1
-                patience_out = (spec.early_stopping_patience is not None
-                                and loop["bad_evals"] >= spec.early_stopping_patience)
+                patience_out = (
+                    spec.early_stopping_patience is not None and loop["bad_evals"] >= spec.early_stopping_patience
+                )
             if ranks is not None:
                 patience_out = ranks.from_main(patience_out)
             if patience_out:
                 result.stopped_early = True
-                on_event("message", f"stopped early at step {done}: no better eval loss in "
-                         f"{loop['bad_evals']} evaluations", step=done)
+                on_event(
+                    "message",
+                    f"stopped early at step {done}: no better eval loss in {loop['bad_evals']} evaluations",
+                    step=done,
+                )
                 break
 
         # -- checkpoint: everything the next attempt needs to carry on exactly here
@@ -345,12 +382,25 @@ def train(model: torch.nn.Module, tokenizer, examples: Sequence[Example], spec: 
             on_event("phase", "", phase="checkpointing")
             loop["seconds"] += time.perf_counter() - started
             started = time.perf_counter()
-            path = resume.save(checkpoint_dir, done, model, optimizer,
-                                   {**loop, "losses": result.losses, "tokens": result.tokens, "evals": result.evals},
-                                   adapter_name=adapter_name, keep=checkpoints_kept, shared=shared_checkpoints,
-                                   gathered=gathered)
-            on_event("checkpoint", f"checkpoint at step {done}", step=done, path=str(path),
-                     train_loss=step_loss, eval_loss=result.evals[-1]["eval_loss"] if result.evals else None)
+            path = resume.save(
+                checkpoint_dir,
+                done,
+                model,
+                optimizer,
+                {**loop, "losses": result.losses, "tokens": result.tokens, "evals": result.evals},
+                adapter_name=adapter_name,
+                keep=checkpoints_kept,
+                shared=shared_checkpoints,
+                gathered=gathered,
+            )
+            on_event(
+                "checkpoint",
+                f"checkpoint at step {done}",
+                step=done,
+                path=str(path),
+                train_loss=step_loss,
+                eval_loss=result.evals[-1]["eval_loss"] if result.evals else None,
+            )
             on_event("phase", "", phase="training")
 
     # -- a last evaluation on the final weights (unless the loop just did one)

@@ -90,8 +90,9 @@ def fetch_adapter(registry: AdapterRegistry, name: str) -> FetchedAdapter:
     try:
         check_finite(tensors)
     except NonFiniteTensorError as exc:
-        raise CorruptAdapter(f"adapter {name!r} cannot be served: {exc}", param="adapter",
-                             code="non_finite_adapter") from None
+        raise CorruptAdapter(
+            f"adapter {name!r} cannot be served: {exc}", param="adapter", code="non_finite_adapter"
+        ) from None
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     return FetchedAdapter(name, info.sha256, config, tensors, size, time.perf_counter() - started)
 
@@ -133,12 +134,20 @@ def fetch_mix(registry: AdapterRegistry, mix: Mix, out_features: dict[str, int] 
     try:
         check_finite(tensors)  # finite sources, |w| <= 100: only sources near float32's edge overflow
     except NonFiniteTensorError as exc:
-        raise InvalidRequest(f"the weighted sum of these adapters is not finite: {exc}", param="adapters",
-                             code="non_finite_weights") from None
+        raise InvalidRequest(
+            f"the weighted sum of these adapters is not finite: {exc}", param="adapters", code="non_finite_weights"
+        ) from None
     read_mix = tuple(read)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return FetchedAdapter(mix_name(read_mix), mix_sha256(read_mix), config, tensors, size,
-                          time.perf_counter() - started, sources=tuple(name for name, _, _ in read_mix))
+    return FetchedAdapter(
+        mix_name(read_mix),
+        mix_sha256(read_mix),
+        config,
+        tensors,
+        size,
+        time.perf_counter() - started,
+        sources=tuple(name for name, _, _ in read_mix),
+    )
 
 
 class AdapterLoader:
@@ -175,8 +184,18 @@ class AdapterLoader:
 
 
 class AdapterCache:
-    def __init__(self, registry: AdapterRegistry, host: AdapterHost, *, max_count: int, max_bytes: int,
-                 cpu_bytes: int = 0, device: Any = "cpu", dtype: Any = None, pinned: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        host: AdapterHost,
+        *,
+        max_count: int,
+        max_bytes: int,
+        cpu_bytes: int = 0,
+        device: Any = "cpu",
+        dtype: Any = None,
+        pinned: Iterable[str] = (),
+    ) -> None:
         self.registry, self.host = registry, host
         self.max_count, self.max_bytes, self.cpu_bytes = max_count, max_bytes, cpu_bytes
         self.device = device
@@ -267,8 +286,9 @@ class AdapterCache:
         self._bytes += size
         self.installs += 1
         metrics.ADAPTER_LOAD_SECONDS.observe(took)
-        log.info("loaded adapter %r (sha256 %s…, %d bytes) in %.1f ms", fetched.name, fetched.sha256[:12],
-                 size, took * 1000)
+        log.info(
+            "loaded adapter %r (sha256 %s…, %d bytes) in %.1f ms", fetched.name, fetched.sha256[:12], size, took * 1000
+        )
         self.shrink(in_use | {slot})
         return slot
 

@@ -150,7 +150,7 @@ class Row:
             return
         end = len(self.text) if final else _safe_end(self.text, self.params.stop)
         if end > self._emitted:
-            piece, self._emitted = self.text[self._emitted:end], end
+            piece, self._emitted = self.text[self._emitted : end], end
             self.on_text(piece)
 
 
@@ -185,8 +185,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        ids[i, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, longest - len(prompt):] = 1
+        ids[i, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, longest - len(prompt) :] = 1
     return ids, mask
 
 
@@ -305,14 +305,18 @@ class RunningBatch:
         for j, row in enumerate(rows):
             try:
                 if not choices.finite[j]:
-                    raise GenerationFailed("the model produced non-finite logits (NaN or infinity) for this request; "
-                                           "its adapter's weights may be corrupt", code="non_finite_logits")
+                    raise GenerationFailed(
+                        "the model produced non-finite logits (NaN or infinity) for this request; "
+                        "its adapter's weights may be corrupt",
+                        code="non_finite_logits",
+                    )
                 if choices.errors[j] is not None:
                     raise choices.errors[j]
                 token = choices.tokens[j]
                 if row.params.logprobs is not None:
-                    row.token_logprobs.append(_token_logprob(torch.log_softmax(logits[j].float(), dim=-1), token,
-                                                             row.params.logprobs))
+                    row.token_logprobs.append(
+                        _token_logprob(torch.log_softmax(logits[j].float(), dim=-1), token, row.params.logprobs)
+                    )
                 row.push(token)
             except Exception as exc:  # noqa: BLE001 - this row's failure; its neighbours keep generating
                 row.fail(exc)
@@ -350,8 +354,9 @@ class RunningBatch:
         of layers ``kv_cache`` knows (then it cannot be trusted)."""
         return kv_cache.roll_back(self._cache, self._mask.shape[1])
 
-    def _merge(self, rows: list[Row], cache: Any, mask: torch.Tensor, last_pos: torch.Tensor,
-               tokens: list[int]) -> None:
+    def _merge(
+        self, rows: list[Row], cache: Any, mask: torch.Tensor, last_pos: torch.Tensor, tokens: list[int]
+    ) -> None:
         if not self.rows:
             kv_cache.adopt(cache)
             self.rows, self._cache, self._mask, self._last_pos, self._next = rows, cache, mask, last_pos, tokens
@@ -406,7 +411,7 @@ def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[
     """Each prompt token's log-probability given the tokens before it. ``logits`` (columns, vocab) is the
     row's prefill output, left-padded: the prompt fills its last ``len(prompt)`` columns."""
     start = logits.shape[0] - len(prompt)
-    predicted = torch.log_softmax(logits[start:start + len(prompt) - 1].float(), dim=-1)  # predicts tokens 1..
+    predicted = torch.log_softmax(logits[start : start + len(prompt) - 1].float(), dim=-1)  # predicts tokens 1..
     return [None] + [_token_logprob(predicted[i], token, top) for i, token in enumerate(prompt[1:])]
 
 
@@ -415,8 +420,11 @@ def row_error(exc: BaseException) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
     if _out_of_memory(exc):
-        return ServiceUnavailable("the device ran out of memory generating this request, even alone in its batch; "
-                                  "retry, or ask for fewer tokens", code="device_out_of_memory")
+        return ServiceUnavailable(
+            "the device ran out of memory generating this request, even alone in its batch; "
+            "retry, or ask for fewer tokens",
+            code="device_out_of_memory",
+        )
     return GenerationFailed(f"generating this request failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 

@@ -36,23 +36,23 @@ class IncrementalDetokenizer:
         """Take in the token just appended to ``ids``. Returns where ``text`` may differ from what it was
         before: the committed length, or 0 after a resync."""
         changed_from = len(self.committed)
-        window = self._decode(ids[self._prefix:])
+        window = self._decode(ids[self._prefix :])
         if not window.startswith(self._prefix_text):
             # The new token rewrote text before it (a tokenizer that cleans up spaces, " ." -> "."):
             # decode everything once and start a fresh window, so ``text`` stays a full decode.
             self.committed, self.pending = self._decode(ids), ""
             self._prefix, self._read = max(0, len(ids) - CONTEXT_TOKENS), len(ids)
-            self._prefix_text = self._decode(ids[self._prefix:])
+            self._prefix_text = self._decode(ids[self._prefix :])
             return 0
         if len(window) <= len(self._prefix_text):
             self.pending = ""  # e.g. a skipped special token: nothing new yet
             return changed_from
-        new = window[len(self._prefix_text):]
+        new = window[len(self._prefix_text) :]
         if window.endswith(REPLACEMENT):
             self.pending = new
             return changed_from
         self.committed += new
         self.pending = ""
         self._prefix, self._read = self._read, len(ids)
-        self._prefix_text = self._decode(ids[self._prefix:self._read])
+        self._prefix_text = self._decode(ids[self._prefix : self._read])
         return changed_from

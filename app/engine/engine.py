@@ -57,9 +57,16 @@ class InferenceEngine:
         # on it. Only the model thread uses this copy, so it needs no lock.
         self._model_tokenizer = copy.deepcopy(base.tokenizer)
         self.host = ModelHost(base.model)
-        self.cache = AdapterCache(registry, self.host, max_count=settings.adapter_cache_size,
-                                  max_bytes=settings.adapter_cache_bytes, cpu_bytes=settings.adapter_cpu_cache_bytes,
-                                  device=base.device, dtype=self.host.dtype, pinned=settings.adapter_pin)
+        self.cache = AdapterCache(
+            registry,
+            self.host,
+            max_count=settings.adapter_cache_size,
+            max_bytes=settings.adapter_cache_bytes,
+            cpu_bytes=settings.adapter_cpu_cache_bytes,
+            device=base.device,
+            dtype=self.host.dtype,
+            pinned=settings.adapter_pin,
+        )
         # the request handlers' threads share ``tokenizer``: fast tokenizers refuse concurrent use ("Already borrowed")
         self._tokenizer_lock = threading.Lock()
         self.eos_ids = eos_token_ids(base.model, base.tokenizer)
@@ -77,11 +84,20 @@ class InferenceEngine:
         kv_cache.announce(self.join_mode, reason)
         self.batch = RunningBatch(self._forward, self.pad_id, base.device, joins=self.join_mode == kv_cache.JOINS)
         # out_features per module path: mixes of MiSS-mini adapters tile their blocks to (r, out)
-        out_features = {path: int(getattr(m, "out_features", None) or m.weight.shape[-1])
-                        for path, m in base.model.named_modules()
-                        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
-        self.scheduler = Scheduler(settings, self.host, self.cache, self.batch, eos_ids=self.eos_ids,
-                                   decode=self._detokenize, out_features=out_features)
+        out_features = {
+            path: int(getattr(m, "out_features", None) or m.weight.shape[-1])
+            for path, m in base.model.named_modules()
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+        }
+        self.scheduler = Scheduler(
+            settings,
+            self.host,
+            self.cache,
+            self.batch,
+            eos_ids=self.eos_ids,
+            decode=self._detokenize,
+            out_features=out_features,
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,8 +127,9 @@ class InferenceEngine:
         """The model thread's decode (each row's text, every step): its own tokenizer, no lock to wait on."""
         return self._model_tokenizer.decode(ids, skip_special_tokens=True)
 
-    def submit(self, job: GenerationRequest, on_text: Callable[[str], None] | None = None,
-               key: str | None = None) -> Request:
+    def submit(
+        self, job: GenerationRequest, on_text: Callable[[str], None] | None = None, key: str | None = None
+    ) -> Request:
         """Queue one generation (bounds checked here, so an error names the field before anything runs, and
         nothing a row carries can fail the batch it joins). A mix in ``job.target`` must have been checked
         combinable by the caller. ``key``: who asks; a key may hold at most ``max_queue_per_key`` of the
@@ -126,11 +143,15 @@ class InferenceEngine:
         if not prompt_ids:
             raise InvalidRequest("prompt is empty after tokenization", param="prompt")
         if len(prompt_ids) > self.settings.max_prompt_tokens:
-            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the limit is {self.settings.max_prompt_tokens} "
-                                 "(BONE_MAX_PROMPT_TOKENS)", param="prompt")
+            raise InvalidRequest(
+                f"prompt has {len(prompt_ids)} tokens; the limit is {self.settings.max_prompt_tokens} "
+                "(BONE_MAX_PROMPT_TOKENS)",
+                param="prompt",
+            )
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:  # on a GPU, a device-side assert for everyone
-            raise InvalidRequest(f"prompt holds token ids outside the model's vocabulary (0..{self.vocab_size - 1})",
-                                 param="prompt")
+            raise InvalidRequest(
+                f"prompt holds token ids outside the model's vocabulary (0..{self.vocab_size - 1})", param="prompt"
+            )
         if self.max_positions and len(prompt_ids) + params.max_new_tokens > self.max_positions:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
@@ -147,8 +168,10 @@ class InferenceEngine:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(request.future), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
-            raise ServiceUnavailable(f"generation did not finish within {self.settings.request_timeout_s:g} s "
-                                     "(BONE_REQUEST_TIMEOUT_S)", code="timeout") from None
+            raise ServiceUnavailable(
+                f"generation did not finish within {self.settings.request_timeout_s:g} s (BONE_REQUEST_TIMEOUT_S)",
+                code="timeout",
+            ) from None
         finally:
             # A no-op when finished. Otherwise (timeout, client gone) a waiting request was cancelled with
             # the awaited future, and a running row stops at the next step, freeing its batch slot.
@@ -160,8 +183,13 @@ class InferenceEngine:
 
     # --- the model call the model thread makes (``RunningBatch``'s forward) --------------------------
     def _forward(self, ids, mask, positions, cache, slots: list[str], all_logits: bool = False):
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: cache,
-                  "use_cache": True}
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            self._cache_arg: cache,
+            "use_cache": True,
+        }
         if self._keep_last_logits and not all_logits:
             kwargs["logits_to_keep"] = 1
         out = self.host.forward(slots, **kwargs)
@@ -181,4 +209,3 @@ class InferenceEngine:
     def vocab_size(self) -> int:
         """Token ids a prompt may hold: the model's embedding rows (may exceed the tokenizer's vocabulary)."""
         return int(getattr(self.base.model.config, "vocab_size", None) or len(self.tokenizer))
-

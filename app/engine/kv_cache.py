@@ -145,7 +145,7 @@ def _pad_cols(kv: torch.Tensor, width: int) -> torch.Tensor:
     have = kv.shape[-2]
     if have == width:
         return kv
-    return kv[..., have - width:, :] if have > width else F.pad(kv, (0, 0, width - have, 0))
+    return kv[..., have - width :, :] if have > width else F.pad(kv, (0, 0, width - have, 0))
 
 
 # --- the mode the engine runs in ---------------------------------------------------------------------------

@@ -35,8 +35,11 @@ class ModelHost:
         if self.dtype == torch.float16:  # the one cast that can overflow: refuse it here, not as a NaN batch
             limit = torch.finfo(torch.float16).max
             if any(t.is_floating_point() and t.abs().max() > limit for t in tensors.values() if t.numel()):
-                raise Conflict("this adapter has weights beyond float16's range; serve it with BONE_DTYPE=bfloat16 "
-                               "or float32", param="adapter", code="unservable_adapter")
+                raise Conflict(
+                    "this adapter has weights beyond float16's range; serve it with BONE_DTYPE=bfloat16 or float32",
+                    param="adapter",
+                    code="unservable_adapter",
+                )
         self.bone_model.add_adapter_from_state_dict(slot, config, tensors)  # strict key/shape checks
 
     def delete_adapter(self, slot: str) -> None:

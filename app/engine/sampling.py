@@ -70,8 +70,7 @@ def make_generator(params: Sampling, device: torch.device) -> torch.Generator | 
     return generator
 
 
-def choose(logits: torch.Tensor, params: Sequence[Sampling],
-           generators: Sequence[torch.Generator | None]) -> Choices:
+def choose(logits: torch.Tensor, params: Sequence[Sampling], generators: Sequence[torch.Generator | None]) -> Choices:
     """Each row's next token from ``logits`` (rows, vocab); ``generators[j]`` is row j's seeded stream or None.
     One device→host transfer."""
     rows, vocab = logits.shape
@@ -104,8 +103,10 @@ _UNSEEDED: dict[torch.device, torch.Generator] = {}
 def _unseeded_stream(device: torch.device) -> torch.Generator:
     """The stream of rows without a seed: seeded from the OS's entropy, not the process's global generator
     (which other code may seed), so unseeded answers differ from run to run."""
-    device = torch.device(device.type, device.index if device.index is not None else
-                          (torch.cuda.current_device() if device.type == "cuda" else None))
+    device = torch.device(
+        device.type,
+        device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else None),
+    )
     if device not in _UNSEEDED:
         generator = torch.Generator(device=device)
         generator.seed()
@@ -125,8 +126,13 @@ def _sampled_rows(params: Sequence[Sampling], errors: list[BaseException | None]
     return plain + cut
 
 
-def _draw_noise(generators: list[torch.Generator | None], vocab: int, device: torch.device,
-                errors: list[BaseException | None], rows: list[int]) -> torch.Tensor:
+def _draw_noise(
+    generators: list[torch.Generator | None],
+    vocab: int,
+    device: torch.device,
+    errors: list[BaseException | None],
+    rows: list[int],
+) -> torch.Tensor:
     """Exp(1) noise (len(generators), vocab): a seeded row's from its own generator, the others' in one draw
     from a stream they share. A row whose draw raises gets its error in ``errors[rows[n]]``.
 
@@ -152,8 +158,14 @@ def _draw_noise(generators: list[torch.Generator | None], vocab: int, device: to
     return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
 
-def _race_or_alone(logits: torch.Tensor, top: torch.Tensor, rows: list[int], params: list[Sampling],
-                   noise: torch.Tensor, errors: list[BaseException | None]) -> torch.Tensor:
+def _race_or_alone(
+    logits: torch.Tensor,
+    top: torch.Tensor,
+    rows: list[int],
+    params: list[Sampling],
+    noise: torch.Tensor,
+    errors: list[BaseException | None],
+) -> torch.Tensor:
     """``_race`` over the rows together; if that raises, over each row alone, recording the rows that fail
     (their pick is a placeholder)."""
     device = logits.device
@@ -166,7 +178,7 @@ def _race_or_alone(logits: torch.Tensor, top: torch.Tensor, rows: list[int], par
         picks = []
         for n, j in enumerate(rows):
             try:
-                picks.append(_race(logits[j:j + 1], top[j:j + 1], [params[n]], noise[n:n + 1]))
+                picks.append(_race(logits[j : j + 1], top[j : j + 1], [params[n]], noise[n : n + 1]))
             except Exception as exc:  # noqa: BLE001 - this row's failure alone
                 errors[j] = exc
                 picks.append(torch.zeros(1, dtype=torch.long, device=device))

@@ -52,8 +52,17 @@ class Scheduler:
     ``InferenceEngine`` sets up; only ``enqueue``, ``run_between_steps``, ``start`` and ``stop`` are called
     from other threads."""
 
-    def __init__(self, settings: Settings, host: ModelHost, cache: AdapterCache, batch: RunningBatch, *,
-                 eos_ids: frozenset[int], decode: Callable[[list[int]], str], out_features: dict[str, int]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        host: ModelHost,
+        cache: AdapterCache,
+        batch: RunningBatch,
+        *,
+        eos_ids: frozenset[int],
+        decode: Callable[[list[int]], str],
+        out_features: dict[str, int],
+    ) -> None:
         self.settings, self.host, self.cache, self.batch = settings, host, cache, batch
         self.eos_ids = eos_ids
         self._decode = decode  # token ids -> text, for the streamed pieces of each row
@@ -96,9 +105,12 @@ class Scheduler:
         key, share = request.key, self.settings.queue_share
         with self._pending_lock:
             if self._pending >= self.settings.max_queue:
-                raise RateLimited(f"{self._pending} generation requests are waiting for a batch slot "
-                                  f"(BONE_MAX_QUEUE={self.settings.max_queue}); retry shortly",
-                                  retry_after=1.0, code="engine_busy")
+                raise RateLimited(
+                    f"{self._pending} generation requests are waiting for a batch slot "
+                    f"(BONE_MAX_QUEUE={self.settings.max_queue}); retry shortly",
+                    retry_after=1.0,
+                    code="engine_busy",
+                )
             mine = self._pending_by_key.get(key, 0) if key is not None else 0
             if key is not None and mine >= share:
                 raise RateLimited(
@@ -190,7 +202,6 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - a broken preload must not stop serving
                 log.exception("preloading adapter %r failed", item.name)
 
-
     def _admit(self) -> None:
         if self.batch.parked:
             for row in self.batch.resume():
@@ -219,9 +230,18 @@ class Scheduler:
                 self._release(request)
                 continue
             in_use.add(slot)
-            chosen.append(Row(prompt_ids=request.prompt_ids, adapter_slot=slot, params=request.params,
-                              eos_ids=self.eos_ids, decode=self._decode, on_text=request.on_text,
-                              should_stop=request.abandoned.is_set, tag=request))
+            chosen.append(
+                Row(
+                    prompt_ids=request.prompt_ids,
+                    adapter_slot=slot,
+                    params=request.params,
+                    eos_ids=self.eos_ids,
+                    decode=self._decode,
+                    on_text=request.on_text,
+                    should_stop=request.abandoned.is_set,
+                    tag=request,
+                )
+            )
         self._waiting = still
         if not chosen:
             return
@@ -323,12 +343,19 @@ class Scheduler:
         self.aborted += row.finish_reason == "abort"
         metrics.GENERATED_TOKENS.labels("adapter" if request.adapter else "base").inc(len(row.generated))
         mix = None if request.mix is None else {name: weight for name, _, weight in request.mix}
-        request.future.set_result(GenerationResult(
-            text=row.text, finish_reason=row.finish_reason or "length", prompt_tokens=len(row.prompt_ids),
-            completion_tokens=len(row.generated), adapter=None if mix else request.adapter, adapters=mix,
-            token_ids=list(row.generated),
-            token_logprobs=row.token_logprobs if row.params.logprobs is not None else None,
-            prompt_logprobs=row.prompt_logprobs))
+        request.future.set_result(
+            GenerationResult(
+                text=row.text,
+                finish_reason=row.finish_reason or "length",
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=len(row.generated),
+                adapter=None if mix else request.adapter,
+                adapters=mix,
+                token_ids=list(row.generated),
+                token_logprobs=row.token_logprobs if row.params.logprobs is not None else None,
+                prompt_logprobs=row.prompt_logprobs,
+            )
+        )
 
     def _count_tokens(self, n: int) -> None:
         """tokens/s over windows of at least half a second (a single step is too noisy to export)."""

@@ -32,17 +32,26 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 MAX_CONFIG_BYTES = 1 << 20
 
 
-@router.post("", status_code=201, response_model=AdapterInfo,
-             summary="Import a PEFT Bone/MiSS adapter",
-             description="Multipart form: `name`, `adapter_config` (adapter_config.json, peft_type BONE or MISS), "
-                         "`adapter_model` (adapter_model.safetensors), optional `overwrite`. The adapter is "
-                         "checked key by key and shape by shape against the server's base model before it is "
-                         "published; a mismatch is a 422 naming the module.")
-def import_adapter(name: Annotated[AdapterName, Form()],
-                   adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
-                   adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
-                   registry: RegistryDep, settings: SettingsDep, checker: JobCheckerDep, principal: PrincipalDep,
-                   overwrite: Annotated[bool, Form()] = False) -> AdapterInfo:
+@router.post(
+    "",
+    status_code=201,
+    response_model=AdapterInfo,
+    summary="Import a PEFT Bone/MiSS adapter",
+    description="Multipart form: `name`, `adapter_config` (adapter_config.json, peft_type BONE or MISS), "
+    "`adapter_model` (adapter_model.safetensors), optional `overwrite`. The adapter is "
+    "checked key by key and shape by shape against the server's base model before it is "
+    "published; a mismatch is a 422 naming the module.",
+)
+def import_adapter(
+    name: Annotated[AdapterName, Form()],
+    adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
+    adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
+    registry: RegistryDep,
+    settings: SettingsDep,
+    checker: JobCheckerDep,
+    principal: PrincipalDep,
+    overwrite: Annotated[bool, Form()] = False,
+) -> AdapterInfo:
     from bone import BoneConfig, validate_config_for_model
     from bone.adapter_files import NonFiniteTensorError, check_finite, check_tensors
     from bone.errors import BoneError
@@ -57,17 +66,22 @@ def import_adapter(name: Annotated[AdapterName, Form()],
             f"adapter_config.json: {exc}", param="adapter_config", code="invalid_bone_config"
         ) from None
     if config.r > settings.max_r:
-        raise InvalidRequest(f"adapter r={config.r} exceeds the server's limit of {settings.max_r} (BONE_MAX_R)",
-                             param="adapter_config")
+        raise InvalidRequest(
+            f"adapter r={config.r} exceeds the server's limit of {settings.max_r} (BONE_MAX_R)", param="adapter_config"
+        )
     if config.bias != "none":
-        raise InvalidRequest(f"this adapter trains biases (bias={config.bias!r}), which live in the shared base model: "
-                             "it cannot be served next to other adapters", param="adapter_config",
-                             code="unservable_adapter")
+        raise InvalidRequest(
+            f"this adapter trains biases (bias={config.bias!r}), which live in the shared base model: "
+            "it cannot be served next to other adapters",
+            param="adapter_config",
+            code="unservable_adapter",
+        )
     if not overwrite and registry.exists(name):
         from core.errors import Conflict
 
-        raise Conflict(f"adapter {name!r} already exists; pass overwrite=true to replace it", param="name",
-                       code="adapter_exists")
+        raise Conflict(
+            f"adapter {name!r} already exists; pass overwrite=true to replace it", param="name", code="adapter_exists"
+        )
 
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=settings.data_dir))
     try:
@@ -80,8 +94,11 @@ def import_adapter(name: Annotated[AdapterName, Form()],
             validate_config_for_model(skeleton, config)
             tensors = check_tensors(skeleton, config, tensors)  # every key and shape; names the module at fault
         except BoneError as exc:
-            raise InvalidRequest(f"adapter does not fit base model {settings.base_model!r}: {exc}",
-                                 param="adapter_model", code="adapter_mismatch") from None
+            raise InvalidRequest(
+                f"adapter does not fit base model {settings.base_model!r}: {exc}",
+                param="adapter_model",
+                code="adapter_mismatch",
+            ) from None
         try:
             check_finite(tensors)
         except NonFiniteTensorError as exc:
@@ -91,9 +108,16 @@ def import_adapter(name: Annotated[AdapterName, Form()],
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
         fmt = "miss" if config.peft_type == "MISS" else "bone"
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(fmt), indent=2, sort_keys=True) + "\n")
-        info = registry.publish(name, staging, {"base_model": settings.base_model, "bone": config.to_dict(fmt),
-                                                "lineage": {"imported": True, "peft_type": config.peft_type}},
-                                overwrite=overwrite)
+        info = registry.publish(
+            name,
+            staging,
+            {
+                "base_model": settings.base_model,
+                "bone": config.to_dict(fmt),
+                "lineage": {"imported": True, "peft_type": config.peft_type},
+            },
+            overwrite=overwrite,
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("imported adapter %r (%s, r=%d, %d bytes)", name, config.peft_type, config.r, info.size_bytes)

@@ -26,17 +26,23 @@ class AdapterList(BaseModel):
 
 
 @router.get("", response_model=AdapterList)
-def list_adapters(registry: RegistryDep,
-                  limit: int = Query(100, ge=1, le=1000, description="page size"),
-                  after: str | None = Query(None, description="name of the last adapter of the previous page")
-                  ) -> Response:
+def list_adapters(
+    registry: RegistryDep,
+    limit: int = Query(100, ge=1, le=1000, description="page size"),
+    after: str | None = Query(None, description="name of the last adapter of the previous page"),
+) -> Response:
     """Adapters by name, one page at a time (``has_more`` says whether another page follows)."""
     infos = registry.list()  # sorted by name, names unique
     start = 0 if after is None else bisect.bisect_right([info.name for info in infos], after)
-    page = infos[start:start + limit]
+    page = infos[start : start + limit]
     # Built from each entry's cached JSON: this is the hottest read route (DESIGN §6: 1,000 adapters, p99 ≤ 50 ms).
-    body = b'{"object":"list","data":[' + b",".join(info.json_bytes() for info in page) + b'],"has_more":' + \
-        (b"true" if start + limit < len(infos) else b"false") + b"}"
+    body = (
+        b'{"object":"list","data":['
+        + b",".join(info.json_bytes() for info in page)
+        + b'],"has_more":'
+        + (b"true" if start + limit < len(infos) else b"false")
+        + b"}"
+    )
     return Response(body, media_type="application/json")
 
 

@@ -37,18 +37,32 @@ class EvaluationList(Page[Evaluation]):
 
 
 @router.post("", status_code=202, response_model=Evaluation)
-def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, store: EvalStoreDep, registry: RegistryDep,
-                files: FilesDep, checker: JobCheckerDep, principal: PrincipalDep) -> Evaluation:
+def create_eval(
+    body: EvalCreate,
+    settings: SettingsDep,
+    conn: RedisDep,
+    store: EvalStoreDep,
+    registry: RegistryDep,
+    files: FilesDep,
+    checker: JobCheckerDep,
+    principal: PrincipalDep,
+) -> Evaluation:
     # Defaults the caller did not set follow a server capped below them instead of being refused.
     for field, cap in (("max_seq_length", settings.max_seq_length), ("max_new_tokens", settings.max_new_tokens)):
         if field not in body.model_fields_set:
             setattr(body, field, min(getattr(body, field), cap))
     if body.max_seq_length > settings.max_seq_length:
-        raise InvalidRequest(f"max_seq_length={body.max_seq_length} exceeds the server's limit of "
-                             f"{settings.max_seq_length} (BONE_MAX_SEQ_LENGTH)", param="max_seq_length")
+        raise InvalidRequest(
+            f"max_seq_length={body.max_seq_length} exceeds the server's limit of "
+            f"{settings.max_seq_length} (BONE_MAX_SEQ_LENGTH)",
+            param="max_seq_length",
+        )
     if body.max_new_tokens > settings.max_new_tokens:
-        raise InvalidRequest(f"max_new_tokens={body.max_new_tokens} exceeds the server's limit of "
-                             f"{settings.max_new_tokens} (BONE_MAX_NEW_TOKENS)", param="max_new_tokens")
+        raise InvalidRequest(
+            f"max_new_tokens={body.max_new_tokens} exceeds the server's limit of "
+            f"{settings.max_new_tokens} (BONE_MAX_NEW_TOKENS)",
+            param="max_new_tokens",
+        )
     base_model = body.base_model or settings.base_model
     for index, name in enumerate(body.adapters):
         try:
@@ -56,22 +70,35 @@ def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, store: 
         except NotFound as exc:
             raise NotFound(exc.message, param=f"adapters.{index}") from None
         if info.base_model != base_model:
-            raise Conflict(f"adapter {name!r} was trained on base model {info.base_model!r}, not {base_model!r}: "
-                           "adapters evaluated together must share one base model", param=f"adapters.{index}",
-                           code="base_model_mismatch")
+            raise Conflict(
+                f"adapter {name!r} was trained on base model {info.base_model!r}, not {base_model!r}: "
+                "adapters evaluated together must share one base model",
+                param=f"adapters.{index}",
+                code="base_model_mismatch",
+            )
         if info.bone.get("bias", "none") != "none":
-            raise Conflict(f"adapter {name!r} trained biases (bias={info.bone['bias']!r}), which live in the shared "
-                           "base model: it cannot share batches with other adapters", param=f"adapters.{index}",
-                           code="unservable_adapter")
+            raise Conflict(
+                f"adapter {name!r} trained biases (bias={info.bone['bias']!r}), which live in the shared "
+                "base model: it cannot share batches with other adapters",
+                param=f"adapters.{index}",
+                code="unservable_adapter",
+            )
     records = checker._check_one(body.dataset, "dataset")  # the same dataset checks as POST /jobs
     if isinstance(body.dataset, FileDataset):
         files.check_usable(body.dataset.file_id, "dataset.file_id")
     queue_name = choose_queue(settings, None, base_model)  # where this base model's training jobs go
-    evaluation = Evaluation(id=Evaluation.new_id(), adapters=body.adapters, include_base=body.include_base,
-                            base_model=base_model, dataset=dataset_summary(body.dataset),
-                            max_examples=body.max_examples, batch_size=body.batch_size,
-                            max_seq_length=body.max_seq_length, max_new_tokens=body.max_new_tokens,
-                            queue=queue_name)
+    evaluation = Evaluation(
+        id=Evaluation.new_id(),
+        adapters=body.adapters,
+        include_base=body.include_base,
+        base_model=base_model,
+        dataset=dataset_summary(body.dataset),
+        max_examples=body.max_examples,
+        batch_size=body.batch_size,
+        max_seq_length=body.max_seq_length,
+        max_new_tokens=body.max_new_tokens,
+        queue=queue_name,
+    )
     reserve_active(conn, principal, evaluation.id, settings.max_active_jobs_per_owner)
     try:
         store.create(evaluation, records=records, records_ttl_s=settings.inline_records_ttl_s)
@@ -82,8 +109,9 @@ def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, store: 
         enqueue(conn, settings, EVAL_TASK, evaluation.id, queue=queue_name)
     except Exception:
         try:  # never leave a record that claims to be queued when nothing will run it
-            store.transition(evaluation.id, None, status=JobStatus.FAILED, error="could not be queued",
-                             finished_at=time.time())
+            store.transition(
+                evaluation.id, None, status=JobStatus.FAILED, error="could not be queued", finished_at=time.time()
+            )
         except Exception:  # noqa: BLE001 - Redis is likely gone; the original error matters more
             pass
         raise
@@ -92,10 +120,13 @@ def create_eval(body: EvalCreate, settings: SettingsDep, conn: RedisDep, store: 
 
 
 @router.get("", response_model=EvaluationList)
-def list_evals(store: EvalStoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-               after: Annotated[str | None, Query(max_length=256,
-                                                  description="id of the last evaluation of the previous page")] = None
-               ) -> EvaluationList:
+def list_evals(
+    store: EvalStoreDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[
+        str | None, Query(max_length=256, description="id of the last evaluation of the previous page")
+    ] = None,
+) -> EvaluationList:
     found, has_more = store.list(limit=limit, after=after)
     return EvaluationList(data=found, has_more=has_more)
 
@@ -110,8 +141,9 @@ def cancel_eval(eval_id: str, store: EvalStoreDep, conn: RedisDep) -> Evaluation
     """Queued: cancelled at once. Running: the worker stops before its next batch. Already final: 409."""
     evaluation = store.get(eval_id)
     if evaluation.status.is_final:
-        raise Conflict(f"evaluation {eval_id} is already {evaluation.status.value}", param="eval_id",
-                       code="invalid_state")
+        raise Conflict(
+            f"evaluation {eval_id} is already {evaluation.status.value}", param="eval_id", code="invalid_state"
+        )
     store.request_cancel(eval_id)
     if evaluation.status is JobStatus.QUEUED:
         try:
@@ -136,7 +168,12 @@ def _reconcile(store: OwnedRecords[Evaluation], conn: redis.Redis, evaluation: E
     if status not in (RQStatus.FAILED, RQStatus.STOPPED):
         return evaluation
     try:
-        return store.transition(evaluation.id, [JobStatus.RUNNING], status=JobStatus.FAILED, finished_at=time.time(),
-                                error="the evaluation process died before it finished")
+        return store.transition(
+            evaluation.id,
+            [JobStatus.RUNNING],
+            status=JobStatus.FAILED,
+            finished_at=time.time(),
+            error="the evaluation process died before it finished",
+        )
     except Conflict:
         return store.get(evaluation.id)

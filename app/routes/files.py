@@ -34,15 +34,21 @@ class FileDeleted(Deleted):
 
 
 @router.post("", status_code=201, response_model=FileInfo)
-async def upload_file(settings: SettingsDep, files: FilesDep, principal: PrincipalDep,
-                      file: Annotated[UploadFile, File(description="JSONL, JSON, CSV or Parquet rows")],
-                      format: Annotated[str | None, Form(max_length=64, description="text, prompt_completion or "
-                                                         "messages; detected per row when unset")] = None) -> FileInfo:
+async def upload_file(
+    settings: SettingsDep,
+    files: FilesDep,
+    principal: PrincipalDep,
+    file: Annotated[UploadFile, File(description="JSONL, JSON, CSV or Parquet rows")],
+    format: Annotated[
+        str | None, Form(max_length=64, description="text, prompt_completion or messages; detected per row when unset")
+    ] = None,
+) -> FileInfo:
     return await run_in_threadpool(_save_within_quota, settings, files, principal, file, format)
 
 
-def _save_within_quota(settings, files: OwnedFiles, principal: Principal, file: UploadFile,
-                       format: str | None) -> FileInfo:
+def _save_within_quota(
+    settings, files: OwnedFiles, principal: Principal, file: UploadFile, format: str | None
+) -> FileInfo:
     """Save, then hold the owner's files to BONE_MAX_FILE_BYTES_PER_OWNER (an upload's size is known only once
     it is read; one over the quota is deleted again before anyone sees it)."""
     if len(file.filename or "") > MAX_NAME_CHARS:

@@ -48,8 +48,9 @@ class QueueInfo(BaseModel):
     object: Literal["queue"] = "queue"
     name: str
     default: bool = Field(description="the server's default queue (BONE_QUEUE_NAME)")
-    known: bool = Field(description="jobs may be put on it (BONE_QUEUES, BONE_RESOURCE_QUEUES); false: only a "
-                                    "live worker serves it")
+    known: bool = Field(
+        description="jobs may be put on it (BONE_QUEUES, BONE_RESOURCE_QUEUES); false: only a live worker serves it"
+    )
     depth: int = Field(description="jobs waiting")
     running: int
     workers: int = Field(description="live workers serving it")

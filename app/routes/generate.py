@@ -51,22 +51,30 @@ class GenerateRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     # A name that cannot exist is an adapter that is not there (404 from the registry), as for every lookup.
-    adapter: str | None = Field(None, max_length=AdapterName.MAX_LENGTH,
-                                description="adapter name; null = the base model")
+    adapter: str | None = Field(
+        None, max_length=AdapterName.MAX_LENGTH, description="adapter name; null = the base model"
+    )
     adapters: dict[AdapterName, float] | None = AdaptersField
     prompt: str = Field(
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
         description="at most BONE_MAX_PROMPT_TOKENS tokens and that many x BONE_PROMPT_BYTES_PER_TOKEN bytes",
     )
-    max_new_tokens: int | None = Field(None, ge=1, description=f"default {DEFAULT_MAX_NEW_TOKENS} (or the server's "
-                                       "limit, if lower); bounded by BONE_MAX_NEW_TOKENS")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=f"default {DEFAULT_MAX_NEW_TOKENS} (or the server's "
+        "limit, if lower); bounded by BONE_MAX_NEW_TOKENS",
+    )
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, ge=-1, le=MAX_TOP_K, description="sample among the k most likely tokens; -1 or 0: off")
     seed: int | None = SeedField
-    stop: Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | \
-        Annotated[str, Field(max_length=MAX_STOP_CHARS)] | None = None
+    stop: (
+        Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)]
+        | Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | None
+    ) = None
     stream: bool = False
 
     @field_validator("adapters")
@@ -96,23 +104,40 @@ def sampling_params(body: GenerateRequest, settings: Settings) -> SamplingParams
     # A request that names no budget must not be refused by a server configured below the default.
     limit = body.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens)
     if limit > settings.max_new_tokens:
-        raise InvalidRequest(f"max_new_tokens={limit} exceeds the server's limit of "
-                             f"{settings.max_new_tokens} (BONE_MAX_NEW_TOKENS)", param="max_new_tokens")
+        raise InvalidRequest(
+            f"max_new_tokens={limit} exceeds the server's limit of {settings.max_new_tokens} (BONE_MAX_NEW_TOKENS)",
+            param="max_new_tokens",
+        )
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
-                          top_k=body.top_k, seed=body.seed, stop=tuple(stops))
+    return SamplingParams(
+        max_new_tokens=limit,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=tuple(stops),
+    )
 
 
 def to_response(result: GenerationResult) -> GenerateResponse:
-    usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                  total_tokens=result.prompt_tokens + result.completion_tokens)
-    return GenerateResponse(text=result.text, adapter=result.adapter, adapters=result.adapters,
-                            finish_reason=result.finish_reason, usage=usage)
+    usage = Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+    return GenerateResponse(
+        text=result.text,
+        adapter=result.adapter,
+        adapters=result.adapters,
+        finish_reason=result.finish_reason,
+        usage=usage,
+    )
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=SSE_RESPONSE)
-async def generate(body: GenerateRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
-                   settings: SettingsDep) -> Any:
+async def generate(
+    body: GenerateRequest, http_request: Request, engine: EngineDep, registry: RegistryDep, settings: SettingsDep
+) -> Any:
     job = await generation_request(body, engine, registry, settings)
     key = caller_key(http_request)
     if body.stream:
@@ -121,8 +146,9 @@ async def generate(body: GenerateRequest, http_request: Request, engine: EngineD
     return to_response(result)
 
 
-async def generation_request(body: GenerateRequest, engine: InferenceEngine, registry: AdapterRegistry,
-                             settings: Settings) -> GenerationRequest:
+async def generation_request(
+    body: GenerateRequest, engine: InferenceEngine, registry: AdapterRegistry, settings: Settings
+) -> GenerationRequest:
     """The request's one generation, every field checked once: sampling, the prompt's size (before it is
     tokenized), what it runs on (read from the registry now), then the prompt's tokens."""
     params = sampling_params(body, settings)

@@ -31,13 +31,21 @@ class Readiness(BaseModel):
     status: Literal["ready"] = "ready"
     base_model: str = Field(description="the base model served, as configured (BONE_BASE_MODEL)")
     device: str = Field(description="where it runs, e.g. cpu or cuda:0")
-    worker: SupervisedWorker | None = Field(None, description="`bone-server up` only: the worker it keeps alive "
-                                            "(restarted with backoff when it exits); the API stays ready meanwhile")
+    worker: SupervisedWorker | None = Field(
+        None,
+        description="`bone-server up` only: the worker it keeps alive "
+        "(restarted with backoff when it exits); the API stays ready meanwhile",
+    )
 
 
 # Not ready is an answer of this probe, not a failure: say which codes a load balancer will see.
-NOT_READY = {503: {"model": ErrorResponse, "description": "Not ready: Redis does not answer (code "
-                   "`redis_unavailable`) or the base model is not loaded (code `model_not_ready`)"}}
+NOT_READY = {
+    503: {
+        "model": ErrorResponse,
+        "description": "Not ready: Redis does not answer (code "
+        "`redis_unavailable`) or the base model is not loaded (code `model_not_ready`)",
+    }
+}
 
 
 @router.get("/healthz", response_model=Health)

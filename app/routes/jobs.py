@@ -50,8 +50,9 @@ class Checkpoint(BaseModel):
     job_id: str
     step: int
     created_at: float | None = None
-    adapter: str | None = Field(None, description="the adapter it was published as (training.publish_checkpoints), "
-                                                  "else null")
+    adapter: str | None = Field(
+        None, description="the adapter it was published as (training.publish_checkpoints), else null"
+    )
     train_loss: float | None = None
     eval_loss: float | None = None
 
@@ -73,8 +74,16 @@ class JobEventList(Page[JobEvent]):
 
 
 @router.post("", status_code=202, response_model=Job)
-def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue: QueueDep, registry: RegistryDep,
-               files: FilesDep, checker: JobCheckerDep, principal: PrincipalDep) -> Job:
+def create_job(
+    body: JobCreate,
+    settings: SettingsDep,
+    store: JobStoreDep,
+    queue: QueueDep,
+    registry: RegistryDep,
+    files: FilesDep,
+    checker: JobCheckerDep,
+    principal: PrincipalDep,
+) -> Job:
     registry.check_name_free(body.adapter_name, for_job=True)
     for param, spec in (("dataset", body.dataset), ("validation_dataset", body.validation_dataset)):
         if isinstance(spec, FileDataset):  # a job may train only on its owner's uploaded files
@@ -83,16 +92,30 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
     base_model = body.base_model or settings.base_model
     queue_name = choose_queue(settings, body.queue, base_model)  # 400 for an unknown queue
     if body.training.num_processes > settings.max_num_processes:
-        raise InvalidRequest(f"training.num_processes={body.training.num_processes} exceeds the server's limit of "
-                             f"{settings.max_num_processes} (BONE_MAX_NUM_PROCESSES)", param="training.num_processes")
+        raise InvalidRequest(
+            f"training.num_processes={body.training.num_processes} exceeds the server's limit of "
+            f"{settings.max_num_processes} (BONE_MAX_NUM_PROCESSES)",
+            param="training.num_processes",
+        )
     if body.training.num_nodes > settings.max_num_nodes:
-        raise InvalidRequest(f"training.num_nodes={body.training.num_nodes} exceeds the server's limit of "
-                             f"{settings.max_num_nodes} (BONE_MAX_NUM_NODES)", param="training.num_nodes")
+        raise InvalidRequest(
+            f"training.num_nodes={body.training.num_nodes} exceeds the server's limit of "
+            f"{settings.max_num_nodes} (BONE_MAX_NUM_NODES)",
+            param="training.num_nodes",
+        )
     estimate = checker.check_device_memory(body, queue.connection, queue_name)  # 422 when no device fits
-    job = Job(id=Job.new_id(), adapter_name=body.adapter_name, base_model=base_model,
-              dataset=dataset_summary(body.dataset), bone=body.bone, training=body.training, overwrite=body.overwrite,
-              validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset),
-              queue=queue_name, estimated_device_bytes=estimate.total)
+    job = Job(
+        id=Job.new_id(),
+        adapter_name=body.adapter_name,
+        base_model=base_model,
+        dataset=dataset_summary(body.dataset),
+        bone=body.bone,
+        training=body.training,
+        overwrite=body.overwrite,
+        validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset),
+        queue=queue_name,
+        estimated_device_bytes=estimate.total,
+    )
     conn = queue.connection
     check_adapter_count(registry, principal, body.adapter_name, settings.max_adapters_per_owner)
     reserve_active(conn, principal, job.id, settings.max_active_jobs_per_owner)
@@ -101,8 +124,13 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
     try:
         with conn.pipeline(transaction=True) as pipe:
             pipe.multi()  # explicit MULTI first: RQ, handed a pipeline, starts one itself unless it is already open
-            store.create(job, records=records, validation_records=validation_records, pipeline=pipe,
-                         records_ttl_s=settings.inline_records_ttl_s)
+            store.create(
+                job,
+                records=records,
+                validation_records=validation_records,
+                pipeline=pipe,
+                records_ttl_s=settings.inline_records_ttl_s,
+            )
             enqueue(conn, settings, TRAINING_TASK, job.id, queue=queue_name, pipeline=pipe)
             pipe.execute()
     except Exception:
@@ -116,10 +144,11 @@ def create_job(body: JobCreate, settings: SettingsDep, store: JobStoreDep, queue
 
 
 @router.get("", response_model=JobList)
-def list_jobs(store: JobStoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=256,
-                                                 description="id of the last job of the previous page")] = None
-              ) -> JobList:
+def list_jobs(
+    store: JobStoreDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=256, description="id of the last job of the previous page")] = None,
+) -> JobList:
     jobs, has_more = store.list(limit=limit, after=after)
     return JobList(data=jobs, has_more=has_more)
 
@@ -158,17 +187,23 @@ def job_checkpoints(job_id: str, store: JobStoreDep) -> dict:
     """The job's checkpoints so far: step, train/eval loss and, with ``training.publish_checkpoints``, the
     name of the adapter each one was published as (usable in /generate at once)."""
     store.get(job_id)  # 404 first
-    return {"object": "list", "data": [{"object": "fine_tuning.job.checkpoint", "job_id": job_id, **c}
-                                       for c in store.checkpoints(job_id)], "has_more": False}
+    return {
+        "object": "list",
+        "data": [{"object": "fine_tuning.job.checkpoint", "job_id": job_id, **c} for c in store.checkpoints(job_id)],
+        "has_more": False,
+    }
 
 
 @router.get("/{job_id}/events", response_model=JobEventList)  # or SSE: see app/openapi.py STREAMING
-async def job_events(job_id: str, request: Request, store: JobStoreDep,
-                     after: Annotated[str | None, Query(max_length=256,
-                                                       description="id of the last event already seen")] = None,
-                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                     stream: bool = False,
-                     last_event_id: Annotated[str | None, Header()] = None) -> Any:
+async def job_events(
+    job_id: str,
+    request: Request,
+    store: JobStoreDep,
+    after: Annotated[str | None, Query(max_length=256, description="id of the last event already seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    stream: bool = False,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Any:
     job = await run_in_threadpool(store.get, job_id)  # 404 before any stream starts
     wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
     check_event_id(after)

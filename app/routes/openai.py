@@ -108,11 +108,19 @@ TokenIds = list[int]
 
 
 class CompletionRequest(_Common):
-    prompt: PromptText | Annotated[list[PromptText], Field(max_length=MAX_PROMPTS)] | TokenIds | \
-        Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+    )
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="report each token's log-probability and its k most likely alternatives")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="report each token's log-probability and its k most likely alternatives",
+    )
     best_of: int | None = None
     suffix: str | None = None
 
@@ -226,11 +234,17 @@ def _refuse_unsupported(body: _Common) -> None:
     for field, used in refused.items():
         if used:
             what = f"response_format type {response_format!r}" if field == "response_format" else field
-            raise InvalidRequest(f"{what} is not supported by this server (it serves plain text generation only)",
-                                 param=field, code="unsupported_parameter")
+            raise InvalidRequest(
+                f"{what} is not supported by this server (it serves plain text generation only)",
+                param=field,
+                code="unsupported_parameter",
+            )
     if body.stream and _wants_logprobs(body):
-        raise InvalidRequest("logprobs are not available when streaming; ask without stream", param="logprobs",
-                             code="unsupported_parameter")
+        raise InvalidRequest(
+            "logprobs are not available when streaming; ask without stream",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
 
 
 def _wants_logprobs(body: _Common) -> bool:
@@ -243,11 +257,14 @@ def _params(body: _Common, settings: Settings, default_max: int) -> SamplingPara
     if limit is None:
         limit = min(default_max, settings.max_new_tokens)
     if limit > settings.max_new_tokens:
-        raise InvalidRequest(f"max_tokens={limit} exceeds the server's limit of {settings.max_new_tokens} "
-                             "(BONE_MAX_NEW_TOKENS)", param="max_tokens")
+        raise InvalidRequest(
+            f"max_tokens={limit} exceeds the server's limit of {settings.max_new_tokens} (BONE_MAX_NEW_TOKENS)",
+            param="max_tokens",
+        )
     if limit == 0 and not getattr(body, "echo", False):
-        raise InvalidRequest("max_tokens=0 generates nothing: it is only useful with echo (to score the prompt)",
-                             param="max_tokens")
+        raise InvalidRequest(
+            "max_tokens=0 generates nothing: it is only useful with echo (to score the prompt)", param="max_tokens"
+        )
     if limit == 0 and body.stream:
         raise InvalidRequest("max_tokens=0 scores the prompt; ask without stream", param="stream")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -256,9 +273,16 @@ def _params(body: _Common, settings: Settings, default_max: int) -> SamplingPara
     top = _top_logprobs(body)
     echo = getattr(body, "echo", False)
     # max_tokens=0: one token is generated (the prefill makes it anyway) and dropped from the answer.
-    return SamplingParams(max_new_tokens=max(limit, 1), temperature=body.temperature, top_p=body.top_p,
-                          top_k=-1 if body.top_k is None else body.top_k, seed=body.seed, stop=tuple(stops),
-                          logprobs=top, prompt_logprobs=top if echo else None)
+    return SamplingParams(
+        max_new_tokens=max(limit, 1),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=-1 if body.top_k is None else body.top_k,
+        seed=body.seed,
+        stop=tuple(stops),
+        logprobs=top,
+        prompt_logprobs=top if echo else None,
+    )
 
 
 def _top_logprobs(body: _Common) -> int | None:
@@ -270,13 +294,17 @@ def _top_logprobs(body: _Common) -> int | None:
     return body.logprobs
 
 
-def _target(model: str, registry: AdapterRegistry, settings: Settings,
-            adapters: dict[str, float] | None = None) -> Target:
+def _target(
+    model: str, registry: AdapterRegistry, settings: Settings, adapters: dict[str, float] | None = None
+) -> Target:
     """What ``model`` (and the ``adapters`` extra field) runs on."""
     if adapters is not None:
         if model != settings.base_model and _is_adapter(model, registry):
-            raise InvalidRequest(f"model {model!r} is an adapter and adapters is given: a request uses one or the "
-                                 f"other (set model to the base model, {settings.base_model!r})", param="adapters")
+            raise InvalidRequest(
+                f"model {model!r} is an adapter and adapters is given: a request uses one or the "
+                f"other (set model to the base model, {settings.base_model!r})",
+                param="adapters",
+            )
         return resolve_mix(adapters, registry, settings)
     if model == settings.base_model:
         return BASE_MODEL
@@ -315,8 +343,14 @@ def _finish(result: GenerationResult) -> str:
 
 
 def _base_card(settings: Settings) -> dict:
-    return {"id": settings.base_model, "object": "model", "created": 0, "owned_by": "bone-server", "parent": None,
-            "root": settings.base_model}
+    return {
+        "id": settings.base_model,
+        "object": "model",
+        "created": 0,
+        "owned_by": "bone-server",
+        "parent": None,
+        "root": settings.base_model,
+    }
 
 
 def _adapter_card(info, settings: Settings) -> dict:
@@ -333,8 +367,9 @@ def _adapter_card(info, settings: Settings) -> dict:
 @router.get("/models", response_model=ModelList)
 async def list_models(registry: RegistryDep, settings: SettingsDep) -> dict:
     infos = await run_in_threadpool(registry.list)
-    adapters = [_adapter_card(info, settings)
-                for info in infos if info.base_model == settings.base_model]  # the ones this server can serve
+    adapters = [
+        _adapter_card(info, settings) for info in infos if info.base_model == settings.base_model
+    ]  # the ones this server can serve
     return {"object": "list", "data": [_base_card(settings), *adapters]}
 
 
@@ -343,8 +378,9 @@ async def retrieve_model(model: str, registry: RegistryDep, settings: SettingsDe
     """One model as ``GET /v1/models`` lists it (``client.models.retrieve``); a hub base model's id may hold a slash."""
     if model == settings.base_model:
         return _base_card(settings)
-    missing = NotFound(f"the model {model!r} does not exist (GET /v1/models lists them)", param="model",
-                       code="model_not_found")
+    missing = NotFound(
+        f"the model {model!r} does not exist (GET /v1/models lists them)", param="model", code="model_not_found"
+    )
     try:
         info = await run_in_threadpool(registry.get, model)
     except (NotFound, InvalidRequest):  # absent, or not even a valid adapter name
@@ -355,8 +391,9 @@ async def retrieve_model(model: str, registry: RegistryDep, settings: SettingsDe
 
 
 @router.post("/completions", response_model=Completion, responses=SSE_RESPONSE)
-async def completions(body: CompletionRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
-                      settings: SettingsDep) -> Any:
+async def completions(
+    body: CompletionRequest, http_request: Request, engine: EngineDep, registry: RegistryDep, settings: SettingsDep
+) -> Any:
     params = _params(body, settings, default_max=16)  # OpenAI's default for completions
     target = await run_in_threadpool(_target, body.model, registry, settings, body.adapters)
     ids = await run_in_threadpool(_prompt_ids, engine, body.prompt, settings)  # tokenizing: off the event loop
@@ -369,14 +406,20 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
         texts = await run_in_threadpool(_echoed_texts, engine, body.prompt, ids)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
+
         def chunk(i: int, text: str, finish: str | None) -> dict:
-            return {**meta, "object": "text_completion",
-                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return {
+                **meta,
+                "object": "text_completion",
+                "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
+
         first = None
         if body.echo:  # the prompt comes back first, as with OpenAI
             first = [chunk(i * body.n + k, texts[i], None) for i in range(len(ids)) for k in range(body.n)]
-        return _sse(engine, jobs, body, prompt_tokens, meta, "text_completion", chunk, first=first, role_first=False,
-                    key=key)
+        return _sse(
+            engine, jobs, body, prompt_tokens, meta, "text_completion", chunk, first=first, role_first=False, key=key
+        )
     results = await results_or_disconnect(engine, submit_all(engine, jobs, key=key), http_request)
     if scoring_only:
         results = [_without_completion(r) for r in results]
@@ -385,10 +428,12 @@ async def completions(body: CompletionRequest, http_request: Request, engine: En
         prompt_text = texts[j // body.n] if body.echo else ""
         logprobs = None
         if body.logprobs is not None:  # naming tokens is detokenizing: off the event loop
-            logprobs = await run_in_threadpool(_completion_logprobs, engine, ids[j // body.n] if body.echo else None,
-                                               result)
-        choices.append({"index": j, "text": prompt_text + result.text, "logprobs": logprobs,
-                        "finish_reason": _finish(result)})
+            logprobs = await run_in_threadpool(
+                _completion_logprobs, engine, ids[j // body.n] if body.echo else None, result
+            )
+        choices.append(
+            {"index": j, "text": prompt_text + result.text, "logprobs": logprobs, "finish_reason": _finish(result)}
+        )
     return {**meta, "object": "text_completion", "usage": _usage(results, prompt_tokens), "choices": choices}
 
 
@@ -411,8 +456,9 @@ def _prompt_ids(engine: InferenceEngine, prompt: str | list, settings: Settings)
         bad = next((t for t in p if not 0 <= t < engine.vocab_size), None)
         if bad is not None:
             where = "prompt" if prompts[0] is prompt else f"prompt.{i}"
-            raise InvalidRequest(f"token id {bad} is outside the model's vocabulary (0..{engine.vocab_size - 1})",
-                                 param=where)
+            raise InvalidRequest(
+                f"token id {bad} is outside the model's vocabulary (0..{engine.vocab_size - 1})", param=where
+            )
         ids.append(list(p))  # as given: no special tokens added (lm-eval scores exactly these)
     return ids
 
@@ -426,8 +472,14 @@ def _prompt_list(prompt: str | list) -> list:
 
 def _without_completion(result: GenerationResult) -> GenerationResult:
     """``max_tokens: 0``: the token the prefill generated is not part of the answer."""
-    return dataclasses.replace(result, text="", finish_reason="length", completion_tokens=0, token_ids=[],
-                               token_logprobs=[] if result.token_logprobs is not None else None)
+    return dataclasses.replace(
+        result,
+        text="",
+        finish_reason="length",
+        completion_tokens=0,
+        token_ids=[],
+        token_logprobs=[] if result.token_logprobs is not None else None,
+    )
 
 
 # --- logprobs in OpenAI's two shapes -----------------------------------------------------------------------
@@ -443,10 +495,12 @@ def _completion_logprobs(engine: InferenceEngine, echoed: list[int] | None, resu
     for token in tokens:
         offsets.append(at)
         at += len(token)
-    return {"tokens": tokens,
-            "token_logprobs": [None if e is None else e[1] for e in entries],
-            "top_logprobs": [None if e is None else _top_dict(e, names) for e in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if e is None else e[1] for e in entries],
+        "top_logprobs": [None if e is None else _top_dict(e, names) for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def _top_dict(entry: TokenLogprob, names: dict[int, str]) -> dict[str, float]:
@@ -464,13 +518,18 @@ def _chat_logprobs(engine: InferenceEngine, result: GenerationResult) -> dict:
     def item(token: int, logprob: float) -> dict:
         return {"token": names[token], "logprob": logprob, "bytes": list(names[token].encode("utf-8"))}
 
-    return {"content": [{**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in top]}
-                        for token, logprob, top in entries], "refusal": None}
+    return {
+        "content": [
+            {**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in top]} for token, logprob, top in entries
+        ],
+        "refusal": None,
+    }
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=SSE_RESPONSE)
-async def chat_completions(body: ChatRequest, http_request: Request, engine: EngineDep, registry: RegistryDep,
-                           settings: SettingsDep) -> Any:
+async def chat_completions(
+    body: ChatRequest, http_request: Request, engine: EngineDep, registry: RegistryDep, settings: SettingsDep
+) -> Any:
     params = _params(body, settings, default_max=settings.max_new_tokens)
     target = await run_in_threadpool(_target, body.model, registry, settings, body.adapters)
     ids = await run_in_threadpool(_chat_ids, engine, body.messages, settings)
@@ -478,21 +537,44 @@ async def chat_completions(body: ChatRequest, http_request: Request, engine: Eng
     jobs = [GenerationRequest(target, ids, _seeded(params, k)) for k in range(body.n)]
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
+
         def chunk(i: int, text: str | None, finish: str | None) -> dict:
             delta = {} if text is None else {"content": text}
-            return {**meta, "object": "chat.completion.chunk",
-                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        first = [{**meta, "object": "chat.completion.chunk",  # OpenAI opens each choice with the role
-                  "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None}]} for k in range(body.n)]
+            return {
+                **meta,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+
+        first = [
+            {
+                **meta,
+                "object": "chat.completion.chunk",  # OpenAI opens each choice with the role
+                "choices": [
+                    {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+            }
+            for k in range(body.n)
+        ]
         return _sse(engine, jobs, body, len(ids), meta, "chat.completion.chunk", chunk, first=first, key=key)
     results = await results_or_disconnect(engine, submit_all(engine, jobs, key=key), http_request)
     logprobs = [None] * len(results)
     if body.logprobs:  # naming tokens is detokenizing: off the event loop
         logprobs = await run_in_threadpool(lambda: [_chat_logprobs(engine, r) for r in results])
-    return {**meta, "object": "chat.completion", "usage": _usage(results, len(ids)),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs[i],
-                         "finish_reason": _finish(r)} for i, r in enumerate(results)]}
+    return {
+        **meta,
+        "object": "chat.completion",
+        "usage": _usage(results, len(ids)),
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs[i],
+                "finish_reason": _finish(r),
+            }
+            for i, r in enumerate(results)
+        ],
+    }
 
 
 def _chat_ids(engine: InferenceEngine, messages: list[ChatMessage], settings: Settings) -> list[int]:
@@ -519,8 +601,18 @@ def _render_chat(engine: InferenceEngine, messages: list[ChatMessage]) -> str:
         raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
 
 
-def _sse(engine: InferenceEngine, jobs: list[GenerationRequest], body: _Common, prompt_tokens: int, meta: dict,
-         object_: str, chunk, first, role_first: bool = True, key: str | None = None) -> EventSourceResponse:
+def _sse(
+    engine: InferenceEngine,
+    jobs: list[GenerationRequest],
+    body: _Common,
+    prompt_tokens: int,
+    meta: dict,
+    object_: str,
+    chunk,
+    first,
+    role_first: bool = True,
+    key: str | None = None,
+) -> EventSourceResponse:
     """``first``: events sent before any text (chat: each choice's role; completions with echo: the prompt).
     ``role_first``: the chat stream's shape (a choice's last chunk has an empty delta)."""
     follow = stream_jobs(engine, jobs, key)  # submitted now: a refused request still gets a plain error response
@@ -543,8 +635,9 @@ def _sse(engine: InferenceEngine, jobs: list[GenerationRequest], body: _Common, 
         finally:
             await follow.aclose()  # abandons what is still running (frees the batch slots)
         if include_usage:
-            yield {"data": json.dumps({**meta, "object": object_, "choices": [],
-                                       "usage": _usage(results, prompt_tokens)})}
+            yield {
+                "data": json.dumps({**meta, "object": object_, "choices": [], "usage": _usage(results, prompt_tokens)})
+            }
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(events())

@@ -72,8 +72,14 @@ def make_settings(data_dir: Path, models_dir: Path, **overrides) -> Settings:
 
 
 # Tight bounds, so the limits are cheap to test.
-TEST_LIMITS = {"max_r": 64, "max_inline_records": 5, "max_new_tokens": 64, "max_seq_length": 1024,
-               "max_body_bytes": 64 * 1024, "batch_wait_ms": 50}
+TEST_LIMITS = {
+    "max_r": 64,
+    "max_inline_records": 5,
+    "max_new_tokens": 64,
+    "max_seq_length": 1024,
+    "max_body_bytes": 64 * 1024,
+    "batch_wait_ms": 50,
+}
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +105,17 @@ def client(live: LiveServer, redis_url: str) -> httpx.Client:
 
 
 # --- adapters built with the bone library on the embedded model -------------------------------------------
-def publish_adapter(settings: Settings, name: str, *, seed: int, r: int = 4, init_weights=False,
-                    base_model: str = "embedded", overwrite: bool = False,
-                    target_modules=("q_proj", "v_proj", "o_proj", "down_proj")) -> AdapterInfo:
+def publish_adapter(
+    settings: Settings,
+    name: str,
+    *,
+    seed: int,
+    r: int = 4,
+    init_weights=False,
+    base_model: str = "embedded",
+    overwrite: bool = False,
+    target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
+) -> AdapterInfo:
     """Publish a Bone adapter with random (seeded) blocks, so it visibly changes the model's answers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -119,8 +133,9 @@ def publish_adapter(settings: Settings, name: str, *, seed: int, r: int = 4, ini
     with tempfile.TemporaryDirectory() as folder:
         bone_model.save_pretrained(folder)
         registry = AdapterRegistry(settings.registry_dir)
-        return registry.publish(name, Path(folder), {"base_model": base_model, "bone": config.to_dict()},
-                                overwrite=overwrite)
+        return registry.publish(
+            name, Path(folder), {"base_model": base_model, "bone": config.to_dict()}, overwrite=overwrite
+        )
 
 
 @pytest.fixture

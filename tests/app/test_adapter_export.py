@@ -109,11 +109,21 @@ def test_downloads_name_a_base_model_that_resolves(live, client, tmp_path, monke
     adapter_dir.mkdir()
     for name, data in files.items():
         (adapter_dir / name).write_bytes(data)
-    done = subprocess.run([sys.executable, "-m", "cli", "models", "export-embedded", "embedded-llama-v1"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "models", "export-embedded", "embedded-llama-v1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    again = subprocess.run([sys.executable, "-m", "cli", "models", "export-embedded", "adapter"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "cli", "models", "export-embedded", "adapter"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 2 and "not empty" in again.stderr  # never writes into a folder with other files
     monkeypatch.chdir(tmp_path)
     loaded = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).eval()
@@ -145,8 +155,9 @@ def test_compose_stores_an_exact_sum_with_lineage(live, client):
     assert "comp-ab" in [x["name"] for x in client.get("/adapters").json()["data"]]
 
     def greedy(adapter):
-        reply = client.post("/generate", json={"adapter": adapter, "prompt": "compose me", "max_new_tokens": 8,
-                                               "temperature": 0})
+        reply = client.post(
+            "/generate", json={"adapter": adapter, "prompt": "compose me", "max_new_tokens": 8, "temperature": 0}
+        )
         assert reply.status_code == 200, reply.text
         return reply.json()["text"]
 
@@ -155,12 +166,15 @@ def test_compose_stores_an_exact_sum_with_lineage(live, client):
     assert again.status_code == 409
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"adapters": {"comp-bat": 0.5, "comp-a": 0.5}}, 422, "adapters"),
-    ({"adapters": {"nope": 1.0}}, 404, None),
-    ({"adapters": {}}, 422, "adapters"),
-    ({"adapters": {"../x": 1.0}}, 422, "adapters"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"adapters": {"comp-bat": 0.5, "comp-a": 0.5}}, 422, "adapters"),
+        ({"adapters": {"nope": 1.0}}, 404, None),
+        ({"adapters": {}}, 422, "adapters"),
+        ({"adapters": {"../x": 1.0}}, 422, "adapters"),
+    ],
+)
 def test_compose_errors(live, client, body, status, param):
     publish_adapter(live.settings, "comp-a", seed=6)
     publish_adapter(live.settings, "comp-bat", seed=8, init_weights="bat")

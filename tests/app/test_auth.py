@@ -18,8 +18,11 @@ from tests.app.conftest import publish_adapter
 
 ALICE, BOB, ROOT = generate_key(), generate_key(), generate_key()
 SERVER_SETTINGS = {
-    "api_keys": [KeyEntry("alice", "user", hash_key(ALICE)).line(), KeyEntry("bob", "user", hash_key(BOB)).line(),
-                 KeyEntry("root", "admin", hash_key(ROOT)).line()],
+    "api_keys": [
+        KeyEntry("alice", "user", hash_key(ALICE)).line(),
+        KeyEntry("bob", "user", hash_key(BOB)).line(),
+        KeyEntry("root", "admin", hash_key(ROOT)).line(),
+    ],
     "rate_limit_training": 4,
     "rate_limit_generation": 1000,
 }
@@ -32,8 +35,9 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def create_job(client: httpx.Client, key: str, name: str, **fields) -> dict:
-    reply = client.post("/jobs", headers=bearer(key), json={"adapter_name": name, "dataset": {"records": RECORDS},
-                                                            **fields})
+    reply = client.post(
+        "/jobs", headers=bearer(key), json={"adapter_name": name, "dataset": {"records": RECORDS}, **fields}
+    )
     assert reply.status_code == 202, reply.text
     return reply.json()
 
@@ -48,22 +52,32 @@ def publish_as(live, owner: str, name: str, seed: int = 0):
         info = registry.get(name)
         registry.delete(name)
         return OwnedAdapters(registry, Principal(owner, "user", "k")).publish(
-            name, Path(folder), {"base_model": info.base_model, "bone": info.bone})
+            name, Path(folder), {"base_model": info.base_model, "bone": info.bone}
+        )
 
 
 # --- authentication -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("headers, code", [
-    ({}, "missing_api_key"),
-    ({"Authorization": "Bearer bsk-not-a-key"}, "invalid_api_key"),
-    ({"Authorization": f"Basic {ALICE}"}, "missing_api_key"),
-    ({"Authorization": ALICE}, "missing_api_key"),
-])
+@pytest.mark.parametrize(
+    "headers, code",
+    [
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer bsk-not-a-key"}, "invalid_api_key"),
+        ({"Authorization": f"Basic {ALICE}"}, "missing_api_key"),
+        ({"Authorization": ALICE}, "missing_api_key"),
+    ],
+)
 def test_no_key_or_a_wrong_key_is_401_in_the_envelope(client, headers, code):
     for method, path in (("GET", "/jobs"), ("GET", "/adapters"), ("POST", "/generate"), ("GET", "/v1/models")):
         reply = client.request(method, path, headers=headers, json={"prompt": "x"} if method == "POST" else None)
         assert reply.status_code == 401, (path, reply.text)
-        assert reply.json() == {"error": {"message": reply.json()["error"]["message"], "type": "authentication_error",
-                                          "param": None, "code": code}}
+        assert reply.json() == {
+            "error": {
+                "message": reply.json()["error"]["message"],
+                "type": "authentication_error",
+                "param": None,
+                "code": code,
+            }
+        }
         assert reply.headers["www-authenticate"] == "Bearer"
         assert ALICE not in reply.text
 
@@ -100,16 +114,18 @@ def test_jobs_belong_to_the_key_that_created_them(client):
     assert client.get(f"/jobs/{theirs['id']}", headers=bearer(ROOT)).status_code == 200
 
 
-@pytest.mark.parametrize("method, suffix", [("GET", ""), ("POST", "/cancel"), ("GET", "/events"),
-                                            ("GET", "/events?stream=true")])
+@pytest.mark.parametrize(
+    "method, suffix", [("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/events?stream=true")]
+)
 def test_another_owners_job_answers_exactly_like_a_missing_one(client, method, suffix):
     theirs = create_job(client, BOB, "bob-b")
     missing = "job-" + "0" * 20
     other = client.request(method, f"/jobs/{theirs['id']}{suffix}", headers=bearer(ALICE))
     absent = client.request(method, f"/jobs/{missing}{suffix}", headers=bearer(ALICE))
     assert other.status_code == absent.status_code == 404
-    assert other.json() == {"error": {**absent.json()["error"],
-                                      "message": absent.json()["error"]["message"].replace(missing, theirs["id"])}}
+    assert other.json() == {
+        "error": {**absent.json()["error"], "message": absent.json()["error"]["message"].replace(missing, theirs["id"])}
+    }
     # ... and nothing happened to it
     assert client.get(f"/jobs/{theirs['id']}", headers=bearer(BOB)).json()["status"] == "queued"
 
@@ -161,13 +177,19 @@ def test_another_owners_adapter_cannot_be_deleted_or_used(client, live):
 def test_a_name_another_owner_holds_cannot_be_trained_over(client, live):
     publish_as(live, "bob", "taken", seed=4)
     for overwrite in (False, True):
-        reply = client.post("/jobs", headers=bearer(ALICE), json={"adapter_name": "taken", "overwrite": overwrite,
-                                                                  "dataset": {"records": RECORDS}})
+        reply = client.post(
+            "/jobs",
+            headers=bearer(ALICE),
+            json={"adapter_name": "taken", "overwrite": overwrite, "dataset": {"records": RECORDS}},
+        )
         assert reply.status_code == 409 and reply.json()["error"]["code"] == "adapter_exists", reply.text
     assert create_job(client, BOB, "taken", overwrite=True)["owner"] == "bob"
     # An admin's job publishes as the admin: training over bob's adapter would silently take his name.
-    reply = client.post("/jobs", headers=bearer(ROOT), json={"adapter_name": "taken", "overwrite": True,
-                                                             "dataset": {"records": RECORDS}})
+    reply = client.post(
+        "/jobs",
+        headers=bearer(ROOT),
+        json={"adapter_name": "taken", "overwrite": True, "dataset": {"records": RECORDS}},
+    )
     assert reply.status_code == 409 and reply.json()["error"]["code"] == "adapter_exists", reply.text
 
 

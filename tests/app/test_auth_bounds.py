@@ -83,8 +83,9 @@ def test_bounds_are_4xx_in_the_envelope(client, method, path, body, status, para
     assert error["message"] and error["type"] in ("invalid_request_error", "not_found")
 
 
-@pytest.mark.parametrize("path", ["/adapters/..", "/adapters/%2e%2e%2fetc", "/adapters/..%2F..%2Fetc%2Fpasswd",
-                                  "/adapters/.staging-x"])
+@pytest.mark.parametrize(
+    "path", ["/adapters/..", "/adapters/%2e%2e%2fetc", "/adapters/..%2F..%2Fetc%2Fpasswd", "/adapters/.staging-x"]
+)
 def test_adapter_paths_cannot_leave_the_registry(client, path):
     for method in ("GET", "DELETE"):
         reply = client.request(method, path)
@@ -100,7 +101,7 @@ def test_body_over_the_limit_is_413_declared_or_streamed(client):
 
     def chunks():  # no Content-Length: the limit is counted while the body streams in
         for start in range(0, len(big), 8192):
-            yield big[start:start + 8192]
+            yield big[start : start + 8192]
 
     streamed = client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
     assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
@@ -119,14 +120,23 @@ def test_uploads_have_their_own_bound(client):
     )
     assert reply.status_code == 422, reply.text  # read and judged (not a safetensors file), not refused for size
     too_big = b"\0" * (SERVER_SETTINGS["max_upload_bytes"] + 1)
-    reply = client.post("/adapters", data={"name": "up"}, files={
-        "adapter_config": ("adapter_config.json", b"{}"), "adapter_model": ("adapter_model.safetensors", too_big)})
+    reply = client.post(
+        "/adapters",
+        data={"name": "up"},
+        files={
+            "adapter_config": ("adapter_config.json", b"{}"),
+            "adapter_model": ("adapter_model.safetensors", too_big),
+        },
+    )
     assert reply.status_code == 413 and "BONE_MAX_UPLOAD_BYTES" in reply.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("name", ["Bad", "../x", "a" * 65])
 def test_import_names_follow_the_adapter_name_rule(client, name):
-    reply = client.post("/adapters", data={"name": name}, files={
-        "adapter_config": ("adapter_config.json", b"{}"), "adapter_model": ("adapter_model.safetensors", b"\0")})
+    reply = client.post(
+        "/adapters",
+        data={"name": name},
+        files={"adapter_config": ("adapter_config.json", b"{}"), "adapter_model": ("adapter_model.safetensors", b"\0")},
+    )
     assert reply.status_code == 422, reply.text
     assert reply.json()["error"]["param"] == "name"

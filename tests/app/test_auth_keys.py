@@ -30,13 +30,16 @@ def settings(**fields) -> Settings:
     return Settings(_env_file=None, **fields)
 
 
-@pytest.mark.parametrize("raw, owners", [
-    (f"alice:user:{HASH}", ["alice"]),
-    (f"alice:user:{HASH}, bob:admin:{'cd' * 32}", ["alice", "bob"]),
-    (f"alice:user:{HASH}\nbob:admin:{'cd' * 32}\n", ["alice", "bob"]),
-    (json.dumps([f"alice:user:{HASH}", {"owner": "bob", "role": "admin", "sha256": "CD" * 32}]), ["alice", "bob"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "raw, owners",
+    [
+        (f"alice:user:{HASH}", ["alice"]),
+        (f"alice:user:{HASH}, bob:admin:{'cd' * 32}", ["alice", "bob"]),
+        (f"alice:user:{HASH}\nbob:admin:{'cd' * 32}\n", ["alice", "bob"]),
+        (json.dumps([f"alice:user:{HASH}", {"owner": "bob", "role": "admin", "sha256": "CD" * 32}]), ["alice", "bob"]),
+        ("", []),
+    ],
+)
 def test_api_keys_from_the_environment(monkeypatch, raw, owners):
     monkeypatch.setenv("BONE_API_KEYS", raw)
     lines = Settings().api_keys
@@ -44,15 +47,18 @@ def test_api_keys_from_the_environment(monkeypatch, raw, owners):
     assert all(line.split(":")[2] == line.split(":")[2].lower() for line in lines)
 
 
-@pytest.mark.parametrize("raw, says", [
-    ("alice:root:" + HASH, "role"),
-    ("alice:user:1234", "64 hex"),
-    ("alice:user:bsk-abcdef", "hashes, not keys"),
-    ("al ice:user:" + HASH, "owner"),
-    ("alice:" + HASH, "owner:role:sha256hex"),
-    (f"a:user:{HASH},b:user:{HASH}", "twice"),
-    ("[not json", "BONE_API_KEYS"),
-])
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        ("alice:root:" + HASH, "role"),
+        ("alice:user:1234", "64 hex"),
+        ("alice:user:bsk-abcdef", "hashes, not keys"),
+        ("al ice:user:" + HASH, "owner"),
+        ("alice:" + HASH, "owner:role:sha256hex"),
+        (f"a:user:{HASH},b:user:{HASH}", "twice"),
+        ("[not json", "BONE_API_KEYS"),
+    ],
+)
 def test_bad_api_keys_stop_start_up_naming_the_setting(monkeypatch, raw, says):
     monkeypatch.setenv("BONE_API_KEYS", raw)
     with pytest.raises(ValidationError) as info:
@@ -93,13 +99,16 @@ def test_loopback(host, loopback):
     assert is_loopback(host) is loopback
 
 
-@pytest.mark.parametrize("fields, enabled", [
-    ({"host": "127.0.0.1"}, True),  # nothing configured on loopback: still on, with the local admin key
-    ({"host": "127.0.0.1", "auth_disabled": True}, False),  # off only when the settings say so
-    ({"host": "127.0.0.1", "auth_disabled": True, "api_keys": [f"a:user:{HASH}"]}, False),
-    ({"host": "127.0.0.1", "api_keys": [f"a:user:{HASH}"]}, True),  # keys configured: on, even on loopback
-    ({"host": "0.0.0.0", "api_keys": [f"a:user:{HASH}"]}, True),
-])
+@pytest.mark.parametrize(
+    "fields, enabled",
+    [
+        ({"host": "127.0.0.1"}, True),  # nothing configured on loopback: still on, with the local admin key
+        ({"host": "127.0.0.1", "auth_disabled": True}, False),  # off only when the settings say so
+        ({"host": "127.0.0.1", "auth_disabled": True, "api_keys": [f"a:user:{HASH}"]}, False),
+        ({"host": "127.0.0.1", "api_keys": [f"a:user:{HASH}"]}, True),  # keys configured: on, even on loopback
+        ({"host": "0.0.0.0", "api_keys": [f"a:user:{HASH}"]}, True),
+    ],
+)
 def test_when_auth_is_on(fields, enabled):
     assert KeyRing.from_settings(settings(**fields)).enabled is enabled
 
@@ -122,10 +131,13 @@ def test_loopback_without_keys_mints_one_local_admin_key(tmp_path):
     assert configured.local_key_file is None and configured.authenticate(key) is None  # replaced by real keys
 
 
-@pytest.mark.parametrize("fields, says", [
-    ({"host": "0.0.0.0"}, "BONE_API_KEYS is empty"),
-    ({"host": "10.1.2.3", "auth_disabled": True, "api_keys": [f"a:user:{HASH}"]}, "BONE_AUTH_DISABLED"),
-])
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        ({"host": "0.0.0.0"}, "BONE_API_KEYS is empty"),
+        ({"host": "10.1.2.3", "auth_disabled": True, "api_keys": [f"a:user:{HASH}"]}, "BONE_AUTH_DISABLED"),
+    ],
+)
 def test_an_open_api_on_a_public_address_never_starts(fields, says):
     with pytest.raises(AuthConfigError, match=says):
         KeyRing.from_settings(settings(**fields))

@@ -33,8 +33,9 @@ def adapter(client, live) -> str:
 
 
 def greedy(client, prompt: str, n: int, adapter: str | None = ADAPTER, stop=None) -> dict:
-    reply = client.post("/generate", json={"prompt": prompt, "adapter": adapter, "max_new_tokens": n,
-                                           "temperature": 0, "stop": stop})
+    reply = client.post(
+        "/generate", json={"prompt": prompt, "adapter": adapter, "max_new_tokens": n, "temperature": 0, "stop": stop}
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -50,8 +51,9 @@ def test_langchain_chat_openai_invoke_stream_and_structured_output(adapter, clie
     from langchain_openai import ChatOpenAI
     from pydantic import BaseModel
 
-    llm = ChatOpenAI(base_url=f"{live.url}/v1", api_key="unused", model=adapter, temperature=0, max_tokens=12,
-                     max_retries=0)
+    llm = ChatOpenAI(
+        base_url=f"{live.url}/v1", api_key="unused", model=adapter, temperature=0, max_tokens=12, max_retries=0
+    )
     expected = greedy(client, chat_prompt(live, [{"role": "user", "content": "Hello there"}]), 12)
     reply = llm.invoke("Hello there")
     assert reply.content == expected["text"]
@@ -74,8 +76,9 @@ def test_langchain_completions_llm(adapter, client, live):
     pytest.importorskip("langchain_openai")
     from langchain_openai import OpenAI
 
-    llm = OpenAI(base_url=f"{live.url}/v1", api_key="unused", model=adapter, temperature=0, max_tokens=10,
-                 max_retries=0)
+    llm = OpenAI(
+        base_url=f"{live.url}/v1", api_key="unused", model=adapter, temperature=0, max_tokens=10, max_retries=0
+    )
     assert llm.invoke("Once upon a time") == greedy(client, "Once upon a time", 10)["text"]
 
 
@@ -85,22 +88,56 @@ def test_litellm_openai_provider(adapter, client, live):
 
     messages = [{"role": "user", "content": "Hi from litellm"}]
     expected = greedy(client, chat_prompt(live, messages), 10)
-    reply = litellm.completion(model=f"openai/{adapter}", api_base=f"{live.url}/v1", api_key="unused",
-                               messages=messages, temperature=0, max_tokens=10, num_retries=0)
+    reply = litellm.completion(
+        model=f"openai/{adapter}",
+        api_base=f"{live.url}/v1",
+        api_key="unused",
+        messages=messages,
+        temperature=0,
+        max_tokens=10,
+        num_retries=0,
+    )
     assert reply.choices[0].message.content == expected["text"]
     assert reply.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
-    chunks = litellm.completion(model=f"openai/{adapter}", api_base=f"{live.url}/v1", api_key="unused",
-                                messages=messages, temperature=0, max_tokens=10, stream=True, num_retries=0)
+    chunks = litellm.completion(
+        model=f"openai/{adapter}",
+        api_base=f"{live.url}/v1",
+        api_key="unused",
+        messages=messages,
+        temperature=0,
+        max_tokens=10,
+        stream=True,
+        num_retries=0,
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["text"]
-    text = litellm.text_completion(model=f"openai/{adapter}", api_base=f"{live.url}/v1", api_key="unused",
-                                   prompt="Once upon a time", temperature=0, max_tokens=10)
+    text = litellm.text_completion(
+        model=f"openai/{adapter}",
+        api_base=f"{live.url}/v1",
+        api_key="unused",
+        prompt="Once upon a time",
+        temperature=0,
+        max_tokens=10,
+    )
     assert text.choices[0].text == greedy(client, "Once upon a time", 10)["text"]
     with pytest.raises(litellm.NotFoundError):
-        litellm.completion(model="openai/no-such-adapter", api_base=f"{live.url}/v1", api_key="unused",
-                           messages=messages, max_tokens=2, num_retries=0)
+        litellm.completion(
+            model="openai/no-such-adapter",
+            api_base=f"{live.url}/v1",
+            api_key="unused",
+            messages=messages,
+            max_tokens=2,
+            num_retries=0,
+        )
     with pytest.raises(litellm.BadRequestError):
-        litellm.completion(model=f"openai/{adapter}", api_base=f"{live.url}/v1", api_key="unused",
-                           messages=messages, max_tokens=2, logit_bias={"65": 3}, num_retries=0)
+        litellm.completion(
+            model=f"openai/{adapter}",
+            api_base=f"{live.url}/v1",
+            api_key="unused",
+            messages=messages,
+            max_tokens=2,
+            logit_bias={"65": 3},
+            num_retries=0,
+        )
 
 
 # --- lm-evaluation-harness -------------------------------------------------------------------------------
@@ -121,11 +158,20 @@ def lm_eval_results(live, tmp_path_factory):
         publish_lm_eval_adapter(live)
         return simple_evaluate(
             model="local-completions",
-            model_args={"model": "lm-eval-adapter", "base_url": f"{live.url}/v1/completions",
-                        "tokenizer": resolve_base_model("embedded", live.settings), "tokenizer_backend": "huggingface",
-                        "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1, "batch_size": 4},
-            tasks=["bone_tiny_choice", "bone_tiny_gen"], task_manager=TaskManager(include_path=str(TASKS)),
-            log_samples=True)
+            model_args={
+                "model": "lm-eval-adapter",
+                "base_url": f"{live.url}/v1/completions",
+                "tokenizer": resolve_base_model("embedded", live.settings),
+                "tokenizer_backend": "huggingface",
+                "tokenized_requests": True,
+                "num_concurrent": 1,
+                "max_retries": 1,
+                "batch_size": 4,
+            },
+            tasks=["bone_tiny_choice", "bone_tiny_gen"],
+            task_manager=TaskManager(include_path=str(TASKS)),
+            log_samples=True,
+        )
     finally:
         os.chdir(cwd)
         for key, value in old.items():
@@ -156,7 +202,7 @@ def test_lm_eval_loglikelihood_task_scores_as_the_adapter_does(lm_eval_results, 
             cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].float()
-            logprobs = torch.log_softmax(logits[len(ctx) - 1:-1], dim=-1)
+            logprobs = torch.log_softmax(logits[len(ctx) - 1 : -1], dim=-1)
             expected = float(logprobs.gather(1, torch.tensor(cont).unsqueeze(1)).sum())
             assert loglikelihood == pytest.approx(expected, abs=1e-3), (context, continuation)
             checked += 1

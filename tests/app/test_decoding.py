@@ -14,10 +14,16 @@ EOS = 0
 
 def row(stop=(), max_new_tokens=10, on_text=None, temperature=0.0, top_p=1.0, seed=None) -> Row:
     # token t decodes to chr(t): ids 97.. are letters
-    return Row(prompt_ids=[1], adapter_slot=BASE_ADAPTER, eos_ids=frozenset({EOS}),
-               params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                     stop=tuple(stop)),
-               decode=lambda ids: "".join(chr(t) for t in ids if t != EOS), on_text=on_text)
+    return Row(
+        prompt_ids=[1],
+        adapter_slot=BASE_ADAPTER,
+        eos_ids=frozenset({EOS}),
+        params=SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop)
+        ),
+        decode=lambda ids: "".join(chr(t) for t in ids if t != EOS),
+        on_text=on_text,
+    )
 
 
 def feed(r: Row, text: str) -> Row:
@@ -28,13 +34,16 @@ def feed(r: Row, text: str) -> Row:
     return r
 
 
-@pytest.mark.parametrize("stop, fed, text, reason", [
-    ((), "abc", "abc", None),
-    (("c",), "abcd", "ab", "stop"),
-    (("bc", "x"), "abcd", "a", "stop"),
-    (("cd",), "abcdef", "ab", "stop"),  # a stop spanning two tokens
-    (("zz",), "abcdefghijk", "abcdefghij", "length"),
-])
+@pytest.mark.parametrize(
+    "stop, fed, text, reason",
+    [
+        ((), "abc", "abc", None),
+        (("c",), "abcd", "ab", "stop"),
+        (("bc", "x"), "abcd", "a", "stop"),
+        (("cd",), "abcdef", "ab", "stop"),  # a stop spanning two tokens
+        (("zz",), "abcdefghijk", "abcdefghij", "length"),
+    ],
+)
 def test_stop_strings_and_budget(stop, fed, text, reason):
     r = feed(row(stop=stop), fed)
     assert (r.text, r.finish_reason) == (text, reason)
@@ -56,13 +65,16 @@ def test_stream_pieces_add_up_and_never_show_a_stop():
     assert "".join(pieces) == r.text == "abxyq"
 
 
-@pytest.mark.parametrize("text, stops, end", [
-    ("hello wo", ("world",), 6),
-    ("hello", ("world",), 5),
-    ("ab\ufffd", (), 2),
-    ("abc", ("c", "bcd"), 1),
-    ("hello 世\ufffd", ("世界",), 6),  # a partial character is held back, and so is the stop prefix before it
-])
+@pytest.mark.parametrize(
+    "text, stops, end",
+    [
+        ("hello wo", ("world",), 6),
+        ("hello", ("world",), 5),
+        ("ab\ufffd", (), 2),
+        ("abc", ("c", "bcd"), 1),
+        ("hello 世\ufffd", ("世界",), 6),  # a partial character is held back, and so is the stop prefix before it
+    ],
+)
 def test_safe_end_holds_back_what_may_still_change(text, stops, end):
     assert _safe_end(text, stops) == end
 

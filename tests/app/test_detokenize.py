@@ -59,8 +59,9 @@ def test_incremental_equals_full_decode_on_random_bytes_and_special_tokens(seed)
         assert detok.text == full_decode(ids[:n]), n
 
 
-def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
-              decode=full_decode) -> tuple[str, str | None, list[str]]:
+def reference(
+    ids: list[int], stops: tuple[str, ...], max_new_tokens: int, decode=full_decode
+) -> tuple[str, str | None, list[str]]:
     """Today's behaviour, restated: a full decode and a search of the whole text at every token."""
     from app.engine.batch import _safe_end
 
@@ -73,7 +74,7 @@ def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
         text = decode(generated)
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
         if hits:
-            text, reason = text[:min(hits)], "stop"
+            text, reason = text[: min(hits)], "stop"
             break
         if len(generated) >= max_new_tokens:
             reason = "length"
@@ -89,12 +90,18 @@ def reference(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
     return text, reason, pieces
 
 
-def run_row(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
-            decode=full_decode) -> tuple[str, str | None, list[str]]:
+def run_row(
+    ids: list[int], stops: tuple[str, ...], max_new_tokens: int, decode=full_decode
+) -> tuple[str, str | None, list[str]]:
     pieces: list[str] = []
-    row = Row(prompt_ids=[1], adapter_slot=BASE_ADAPTER, eos_ids=frozenset({EOS}),
-              params=SamplingParams(max_new_tokens=max_new_tokens, stop=stops), decode=decode,
-              on_text=pieces.append)
+    row = Row(
+        prompt_ids=[1],
+        adapter_slot=BASE_ADAPTER,
+        eos_ids=frozenset({EOS}),
+        params=SamplingParams(max_new_tokens=max_new_tokens, stop=stops),
+        decode=decode,
+        on_text=pieces.append,
+    )
     for token in ids:
         if row.finished:
             break
@@ -102,17 +109,20 @@ def run_row(ids: list[int], stops: tuple[str, ...], max_new_tokens: int,
     return row.text, row.finish_reason, pieces
 
 
-@pytest.mark.parametrize("text, stops, expected", [
-    ("hello 世界 and more", ("世界",), "hello "),  # a stop whose characters are split across tokens
-    ("hello 世界 and more", ("o 世",), "hell"),  # spanning ascii and a multi-byte character
-    ("😀 at the start", ("😀",), ""),  # the very first character stops
-    ("stop at once", ("s",), ""),
-    ("abc STOP def END", ("END", "STOP"), "abc "),  # several stops: the earliest wins, not the first listed
-    ("abc STOP def END", ("STOP", "ST", "ABC"), "abc "),  # overlapping stops
-    ("a long text " * 20 + "終わり tail", ("終わり",), "a long text " * 20),  # found far from the start
-    ("no stop here 👍🏽", ("zzz", "👎"), "no stop here 👍🏽"),
-    ("partial 👍 vs 👍🏽", ("👍🏽",), "partial 👍 vs "),  # a stop that begins like an earlier character
-])
+@pytest.mark.parametrize(
+    "text, stops, expected",
+    [
+        ("hello 世界 and more", ("世界",), "hello "),  # a stop whose characters are split across tokens
+        ("hello 世界 and more", ("o 世",), "hell"),  # spanning ascii and a multi-byte character
+        ("😀 at the start", ("😀",), ""),  # the very first character stops
+        ("stop at once", ("s",), ""),
+        ("abc STOP def END", ("END", "STOP"), "abc "),  # several stops: the earliest wins, not the first listed
+        ("abc STOP def END", ("STOP", "ST", "ABC"), "abc "),  # overlapping stops
+        ("a long text " * 20 + "終わり tail", ("終わり",), "a long text " * 20),  # found far from the start
+        ("no stop here 👍🏽", ("zzz", "👎"), "no stop here 👍🏽"),
+        ("partial 👍 vs 👍🏽", ("👍🏽",), "partial 👍 vs "),  # a stop that begins like an earlier character
+    ],
+)
 def test_stop_strings_cut_like_a_full_search(text, stops, expected):
     ids = tokens(text)
     got = run_row(ids, stops, max_new_tokens=len(ids) + 1)

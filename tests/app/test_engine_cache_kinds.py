@@ -24,16 +24,31 @@ from core.settings import Settings
 WINDOW = 8
 # Prompts (one token per byte) shorter and longer than the window. Each scenario: the first job runs alone,
 # then each newcomer is submitted from inside the decode step it names, so it joins right after that step.
-NARROWER = (("The quick brown fox jumps over the lazy dog", 40),  # outlives every newcomer, all narrower
-            {2: ("Hi", 12), 5: ("A prompt longer than the window", 16), 8: ("Bone", 20), 10: ("x" * 19, 9)})
-WIDER = (("Hi", 24),  # a newcomer wider than the batch, which leaves it to be trimmed below the window
-         {1: ("The quick brown fox jumps over the lazy dog", 3), 6: ("ok", 5)})
+NARROWER = (
+    ("The quick brown fox jumps over the lazy dog", 40),  # outlives every newcomer, all narrower
+    {2: ("Hi", 12), 5: ("A prompt longer than the window", 16), 8: ("Bone", 20), 10: ("x" * 19, 9)},
+)
+WIDER = (
+    ("Hi", 24),  # a newcomer wider than the batch, which leaves it to be trimmed below the window
+    {1: ("The quick brown fox jumps over the lazy dog", 3), 6: ("ok", 5)},
+)
+
+
 def _configs() -> dict:
     from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config
 
-    common = dict(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=256, bos_token_id=257,
-                  eos_token_id=258)
+    common = dict(
+        vocab_size=264,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=258,
+    )
     return {
         "mistral": lambda: MistralConfig(sliding_window=WINDOW, **common),
         "phi3": lambda: Phi3Config(sliding_window=WINDOW, **common),
@@ -66,8 +81,11 @@ def serve(tmp_path: Path):
     engines: list[InferenceEngine] = []
 
     def start(model_dir: Path, **overrides) -> InferenceEngine:
-        settings = Settings(data_dir=tmp_path / "data", base_model=str(model_dir),
-                            **{"batch_wait_ms": 20, "max_prompt_tokens": 256, **overrides})
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            base_model=str(model_dir),
+            **{"batch_wait_ms": 20, "max_prompt_tokens": 256, **overrides},
+        )
         base = load_base_model(settings.base_model, settings, device=torch.device("cpu"), dtype=settings.dtype)
         engine = InferenceEngine(base, AdapterRegistry(settings.registry_dir), settings)
         engine.start()
@@ -109,8 +127,11 @@ def staggered(engine: InferenceEngine, first, joins: dict[int, tuple[str, int]])
         if tokens is None or tokens.shape[1] != 1 or cache is None:
             return
         width = kwargs["attention_mask"].shape[1] - 1
-        held = [(kv_cache._is_sliding(layer), layer.keys.shape[-2], getattr(layer, "cumulative_length", width))
-                for layer in cache.layers if getattr(layer, "keys", None) is not None]
+        held = [
+            (kv_cache._is_sliding(layer), layer.keys.shape[-2], getattr(layer, "cumulative_length", width))
+            for layer in cache.layers
+            if getattr(layer, "keys", None) is not None
+        ]
         seen.append((tokens.shape[0], width, held))
         if len(seen) in joins:
             params = SamplingParams(max_new_tokens=joins[len(seen)][1], temperature=0)
@@ -185,9 +206,19 @@ def test_a_cache_that_cannot_take_rows_in_drains_and_says_so(serve, tmp_path_fac
     arrives while another runs waits for it to finish, and the engine said at start that it would."""
     from transformers import Lfm2Config
 
-    config = Lfm2Config(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=256,
-                        bos_token_id=257, eos_token_id=258, layer_types=["conv", "full_attention"])
+    config = Lfm2Config(
+        vocab_size=264,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=258,
+        layer_types=["conv", "full_attention"],
+    )
     model_dir = build_model(config, tmp_path_factory.mktemp("lfm2") / "lfm2")
     with caplog.at_level(logging.INFO, logger="app.engine.kv_cache"):
         engine = serve(model_dir)

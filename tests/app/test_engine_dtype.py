@@ -26,6 +26,7 @@ def layer_calls(monkeypatch):
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(bone.layer, "row_forward", counting("row_forward", bone.layer.row_forward))

@@ -25,8 +25,14 @@ def greedy(n: int = N, **extra) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0, **extra)
 
 
-def submit(engine, prompt: str, params: SamplingParams | None = None, adapter: str | None = None,
-           sha: str | None = None, **kwargs):
+def submit(
+    engine,
+    prompt: str,
+    params: SamplingParams | None = None,
+    adapter: str | None = None,
+    sha: str | None = None,
+    **kwargs,
+):
     return engine.submit(GenerationRequest(Target(adapter, sha), engine.tokenize(prompt), params or greedy()), **kwargs)
 
 
@@ -75,8 +81,9 @@ def test_non_finite_logits_fail_only_their_row(make_engine):
     wait_until(lambda: engine.cache.resident(("poisoned", "0" * 64)) is not None)
     expected = alone(engine, PROMPTS)
 
-    bad = submit(engine, "Hello", SamplingParams(max_new_tokens=N, temperature=0.8, seed=1),
-                 adapter="poisoned", sha="0" * 64)
+    bad = submit(
+        engine, "Hello", SamplingParams(max_new_tokens=N, temperature=0.8, seed=1), adapter="poisoned", sha="0" * 64
+    )
     good = [submit(engine, p) for p in PROMPTS]
     assert [r.future.result(120).text for r in good] == expected
     error = bad.future.exception(120)
@@ -101,8 +108,9 @@ def test_an_adapter_with_non_finite_weights_is_refused_at_load(make_engine):
         (Path(folder) / "adapter_config.json").write_text(
             Path(registry.path("nan-published"), "adapter_config.json").read_text()
         )
-        info = registry.publish("nan-published", Path(folder), {"base_model": "embedded", "bone": info.bone},
-                                overwrite=True)
+        info = registry.publish(
+            "nan-published", Path(folder), {"base_model": "embedded", "bone": info.bone}, overwrite=True
+        )
     bad = submit(engine, "Hello", adapter="nan-published", sha=info.sha256)
     good = submit(engine, "Hello")
     error = bad.future.exception(120)
@@ -110,13 +118,16 @@ def test_an_adapter_with_non_finite_weights_is_refused_at_load(make_engine):
     assert good.future.result(120).text
 
 
-@pytest.mark.parametrize("field, params", [
-    ("seed", SamplingParams(temperature=1.0, seed=2**80)),
-    ("seed", SamplingParams(temperature=1.0, seed=-1)),
-    ("temperature", SamplingParams(temperature=float("nan"))),
-    ("top_p", SamplingParams(top_p=1.5)),
-    ("stop", SamplingParams(stop=("",))),
-])
+@pytest.mark.parametrize(
+    "field, params",
+    [
+        ("seed", SamplingParams(temperature=1.0, seed=2**80)),
+        ("seed", SamplingParams(temperature=1.0, seed=-1)),
+        ("temperature", SamplingParams(temperature=float("nan"))),
+        ("top_p", SamplingParams(top_p=1.5)),
+        ("stop", SamplingParams(stop=("",))),
+    ],
+)
 def test_sampling_parameters_are_checked_before_a_row_joins(make_engine, field, params):
     engine = make_engine()
     with pytest.raises(InvalidRequest) as refused:

@@ -32,8 +32,10 @@ def test_mix_blocks_equal_the_offline_sum_and_are_evicted_with_a_source(make_eng
 
     key = (mix_name(mix), mix_sha256(mix))
     slot = engine.cache.slots()[key]
-    items = [(n, BoneConfig.from_dict(registry.adapter_config(n)), load_file(registry.verified_weights(n)[0]), w)
-             for n, w in sorted(weights.items())]
+    items = [
+        (n, BoneConfig.from_dict(registry.adapter_config(n)), load_file(registry.verified_weights(n)[0]), w)
+        for n, w in sorted(weights.items())
+    ]
     _, want = combine_bone_adapters(items)
     layers = dict(engine.host.bone_model.bone_layers())
     assert want

@@ -47,8 +47,14 @@ def test_step_time_is_reported_by_batch_size(live, client):
     # four requests at once are prefilled together (batch_wait_ms), then decode as a batch of four
     prompts = ["Once upon a time", "A somewhat longer prompt", "Bone adapters", "The weather today"]
     replies: list[httpx.Response] = []
-    threads = [threading.Thread(target=lambda p=p: replies.append(
-        client.post("/generate", json={"prompt": p, "max_new_tokens": 8, "temperature": 0}))) for p in prompts]
+    threads = [
+        threading.Thread(
+            target=lambda p=p: replies.append(
+                client.post("/generate", json={"prompt": p, "max_new_tokens": 8, "temperature": 0})
+            )
+        )
+        for p in prompts
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -61,8 +67,22 @@ def test_step_time_is_reported_by_batch_size(live, client):
 
 
 def test_rows_labels_are_powers_of_two():
-    assert [step_rows_label(n) for n in (0, 1, 2, 3, 4, 7, 8, 15, 16, 33, 63, 64, 65, 1000)] == \
-        ["1", "1", "2", "2", "4", "4", "8", "8", "16", "32", "32", "64+", "64+", "64+"]
+    assert [step_rows_label(n) for n in (0, 1, 2, 3, 4, 7, 8, 15, 16, 33, 63, 64, 65, 1000)] == [
+        "1",
+        "1",
+        "2",
+        "2",
+        "4",
+        "4",
+        "8",
+        "8",
+        "16",
+        "32",
+        "32",
+        "64+",
+        "64+",
+        "64+",
+    ]
 
 
 def test_the_model_thread_does_not_wait_on_the_handlers_tokenizer(make_engine):
@@ -70,9 +90,10 @@ def test_the_model_thread_does_not_wait_on_the_handlers_tokenizer(make_engine):
     ids = engine.tokenize("Once upon a time")
     streamed: list[str] = []
     with engine._tokenizer_lock:  # a handler tokenizing a long prompt, for as long as the generation takes
-        request = engine.submit(GenerationRequest(Target(None, None), ids,
-                                                  SamplingParams(max_new_tokens=12, temperature=0)),
-                                on_text=streamed.append)
+        request = engine.submit(
+            GenerationRequest(Target(None, None), ids, SamplingParams(max_new_tokens=12, temperature=0)),
+            on_text=streamed.append,
+        )
         result = request.future.result(60)
     assert result.completion_tokens >= 1 and result.text.startswith("".join(streamed))
     assert result.text == engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)

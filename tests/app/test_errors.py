@@ -84,17 +84,20 @@ def test_malformed_json_is_422_not_500(client):
     assert reply.json()["error"]["code"] == "invalid_json"
 
 
-@pytest.mark.parametrize("method, path, status", [
-    ("GET", "/no/such/route", 404),
-    ("DELETE", "/healthz", 405),
-    ("GET", "/jobs/job-does-not-exist", 404),
-    ("POST", "/jobs/job-does-not-exist/cancel", 404),
-    ("GET", "/jobs/job-does-not-exist/events", 404),
-    ("GET", "/adapters/nobody", 404),
-    ("DELETE", "/adapters/nobody", 404),
-    ("GET", "/jobs?limit=0", 422),
-    ("GET", "/jobs?after=job-unknown", 404),
-])
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/no/such/route", 404),
+        ("DELETE", "/healthz", 405),
+        ("GET", "/jobs/job-does-not-exist", 404),
+        ("POST", "/jobs/job-does-not-exist/cancel", 404),
+        ("GET", "/jobs/job-does-not-exist/events", 404),
+        ("GET", "/adapters/nobody", 404),
+        ("DELETE", "/adapters/nobody", 404),
+        ("GET", "/jobs?limit=0", 422),
+        ("GET", "/jobs?after=job-unknown", 404),
+    ],
+)
 def test_http_errors_use_the_envelope(client, method, path, status):
     reply = client.request(method, path)
     assert reply.status_code == status
@@ -128,18 +131,21 @@ def test_union_errors_pick_the_shape_the_client_meant():
     assert summarize_validation_errors(errors) == ("dataset.records", "dataset.records: too short", "invalid_value")
 
 
-@pytest.mark.parametrize("status, type_, expected", [  # OpenAI's table, on /v1 only
-    (422, "invalid_request_error", (400, "invalid_request_error")),
-    (400, "invalid_request_error", (400, "invalid_request_error")),
-    (401, "authentication_error", (401, "authentication_error")),
-    (403, "forbidden", (403, "permission_error")),
-    (404, "not_found", (404, "invalid_request_error")),
-    (409, "conflict", (409, "invalid_request_error")),
-    (413, "invalid_request_error", (413, "invalid_request_error")),
-    (429, "rate_limit_error", (429, "rate_limit_error")),
-    (500, "server_error", (500, "server_error")),
-    (503, "service_unavailable", (503, "server_error")),
-])
+@pytest.mark.parametrize(
+    "status, type_, expected",
+    [  # OpenAI's table, on /v1 only
+        (422, "invalid_request_error", (400, "invalid_request_error")),
+        (400, "invalid_request_error", (400, "invalid_request_error")),
+        (401, "authentication_error", (401, "authentication_error")),
+        (403, "forbidden", (403, "permission_error")),
+        (404, "not_found", (404, "invalid_request_error")),
+        (409, "conflict", (409, "invalid_request_error")),
+        (413, "invalid_request_error", (413, "invalid_request_error")),
+        (429, "rate_limit_error", (429, "rate_limit_error")),
+        (500, "server_error", (500, "server_error")),
+        (503, "service_unavailable", (503, "server_error")),
+    ],
+)
 def test_openai_routes_map_statuses_and_types(status, type_, expected):
     from app.errors import is_openai_path, openai_status_and_type
 

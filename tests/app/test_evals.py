@@ -20,8 +20,11 @@ from core.registry import AdapterRegistry
 from tests.app.conftest import TEST_LIMITS, LiveServer, make_settings, publish_adapter
 from worker import context
 
-ROWS = [{"prompt": "2+2=", "completion": "4"}, {"text": "plain text row"},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+ROWS = [
+    {"prompt": "2+2=", "completion": "4"},
+    {"text": "plain text row"},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+]
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +38,11 @@ def one_torch_thread():
 
 
 def create(client: httpx.Client, adapters, headers=None, **fields) -> dict:
-    reply = client.post("/evals", headers=headers, json={"adapters": adapters, "dataset": {"records": ROWS},
-                                                         "max_new_tokens": 4, **fields})
+    reply = client.post(
+        "/evals",
+        headers=headers,
+        json={"adapters": adapters, "dataset": {"records": ROWS}, "max_new_tokens": 4, **fields},
+    )
     assert reply.status_code == 202, reply.text
     return reply.json()
 
@@ -91,15 +97,18 @@ def test_an_evaluation_without_the_base(client, live, redis_conn):
     assert list(done["results"]) == ["alpha"] and done["results"]["alpha"]["exact_match"] is None
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"adapters": []}, 422, "adapters"),
-    ({"adapters": ["alpha", "alpha"]}, 422, "adapters"),
-    ({"adapters": ["alpha", "nope"]}, 404, "adapters.1"),
-    ({"adapters": ["alpha", "other-base"]}, 409, "adapters.1"),
-    ({"adapters": ["alpha"], "max_new_tokens": 10_000}, 422, "max_new_tokens"),
-    ({"adapters": ["alpha"], "dataset": {"records": [{"prompt": "no completion"}]}}, 422, "dataset.records.0"),
-    ({"adapters": ["alpha"], "dataset": {"file_id": "file-missing"}}, 422, "dataset.file_id"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"adapters": []}, 422, "adapters"),
+        ({"adapters": ["alpha", "alpha"]}, 422, "adapters"),
+        ({"adapters": ["alpha", "nope"]}, 404, "adapters.1"),
+        ({"adapters": ["alpha", "other-base"]}, 409, "adapters.1"),
+        ({"adapters": ["alpha"], "max_new_tokens": 10_000}, 422, "max_new_tokens"),
+        ({"adapters": ["alpha"], "dataset": {"records": [{"prompt": "no completion"}]}}, 422, "dataset.records.0"),
+        ({"adapters": ["alpha"], "dataset": {"file_id": "file-missing"}}, 422, "dataset.file_id"),
+    ],
+)
 def test_bad_requests_name_the_field(client, live, redis_conn, body, status, param):
     publish_adapter(live.settings, "alpha", seed=1)
     publish_adapter(live.settings, "other-base", seed=2, base_model="some/other-model")
@@ -121,7 +130,6 @@ def test_unknown_ids_and_cancel(client, live, redis_conn):
     work(live, redis_conn)  # the cancelled RQ job never runs
     assert client.get(f"/evals/{created['id']}").json()["status"] == "cancelled"
     assert client.post(f"/evals/{created['id']}/cancel").status_code == 409
-
 
 
 def test_a_running_evaluation_whose_process_died_reads_as_failed(client, live, redis_conn):
@@ -155,14 +163,16 @@ def publish_as(live: LiveServer, owner: str, name: str) -> None:
             (Path(folder) / file).write_bytes((registry.path(name) / file).read_bytes())
         registry.delete(name)
         OwnedAdapters(registry, Principal(owner, "user", "k")).publish(
-            name, Path(folder), {"base_model": info.base_model, "bone": info.bone})
+            name, Path(folder), {"base_model": info.base_model, "bone": info.bone}
+        )
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory, shared_models_dir):
     keys = [KeyEntry("alice", "user", hash_key(ALICE)).line(), KeyEntry("bob", "user", hash_key(BOB)).line()]
-    settings = make_settings(tmp_path_factory.mktemp("api-keys") / "data", shared_models_dir, **TEST_LIMITS,
-                             api_keys=keys)
+    settings = make_settings(
+        tmp_path_factory.mktemp("api-keys") / "data", shared_models_dir, **TEST_LIMITS, api_keys=keys
+    )
     with LiveServer(settings) as server:
         yield server
 
@@ -186,8 +196,9 @@ def test_owners_evaluate_and_see_only_their_own(secured, redis_url):
 
 
 def test_unset_bounds_follow_a_server_capped_below_the_defaults(tmp_path_factory, shared_models_dir, redis_url):
-    settings = make_settings(tmp_path_factory.mktemp("low-caps") / "data", shared_models_dir,
-                             max_seq_length=128, max_new_tokens=8)
+    settings = make_settings(
+        tmp_path_factory.mktemp("low-caps") / "data", shared_models_dir, max_seq_length=128, max_new_tokens=8
+    )
     publish_adapter(settings, "capped", seed=0)
     with LiveServer(settings) as server, server.client() as http:
         reply = http.post("/evals", json={"adapters": ["capped"], "dataset": {"records": ROWS}})

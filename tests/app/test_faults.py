@@ -39,9 +39,23 @@ class RedisProcess:
         folder.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> RedisProcess:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-                "--daemonize", "no"]
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--daemonize",
+            "no",
+        ]
         self.proc = subprocess.Popen(args, stdout=open(self.folder / "redis.log", "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -84,8 +98,11 @@ def test_redis_down_is_503_and_recovers_without_restart(tmp_path, own_redis, sha
         assert client.get("/readyz").status_code == 200
 
         own_redis.stop()
-        for method, path, json_body in (("GET", "/jobs", None), ("POST", "/jobs", {**body, "adapter_name": "during"}),
-                                        ("GET", "/readyz", None)):
+        for method, path, json_body in (
+            ("GET", "/jobs", None),
+            ("POST", "/jobs", {**body, "adapter_name": "during"}),
+            ("GET", "/readyz", None),
+        ):
             started = time.monotonic()
             reply = client.request(method, path, json=json_body)
             assert reply.status_code == 503, (path, reply.text)
@@ -126,8 +143,12 @@ reg.AdapterRegistry(Path(sys.argv[1])).publish(sys.argv[2], Path(sys.argv[3]), {
 
 
 def kill_mid_publish(registry_dir: Path, name: str, source: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISH_THEN_STALL, str(registry_dir), name, str(source)],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISH_THEN_STALL, str(registry_dir), name, str(source)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "mid-write"
     finally:
@@ -148,7 +169,7 @@ def test_a_publish_killed_mid_write_never_shows_a_partial_adapter(client, live, 
     before = client.post("/generate", json={"adapter": "kept", "prompt": "abc", "max_new_tokens": 4, "temperature": 0})
 
     kill_mid_publish(live.settings.registry_dir, "fresh", source)  # a new name
-    kill_mid_publish(live.settings.registry_dir, "kept", source)   # a new version over an existing one
+    kill_mid_publish(live.settings.registry_dir, "kept", source)  # a new version over an existing one
 
     leftovers = [p.name for p in live.settings.registry_dir.iterdir() if p.name.startswith(".staging-")]
     assert len(leftovers) == 2  # the half-written folders exist ...
@@ -186,14 +207,24 @@ def test_corrupted_weights_are_refused_by_name_and_the_rest_keep_serving(client,
     for adapter in ("healthy", None):
         ok = client.post("/generate", json={"adapter": adapter, "prompt": "hi", "max_new_tokens": 3})
         assert ok.status_code == 200, ok.text
-    batch = [client.post("/generate", json={"adapter": a, "prompt": "hi", "max_new_tokens": 2})
-             for a in ("healthy", "damaged", "healthy")]
+    batch = [
+        client.post("/generate", json={"adapter": a, "prompt": "hi", "max_new_tokens": 2})
+        for a in ("healthy", "damaged", "healthy")
+    ]
     assert [r.status_code == 200 for r in batch] == [True, False, True]
 
 
 # --- import: shapes checked before publishing ------------------------------------------------------------------
-def peft_folder(folder: Path, *, hidden: int = 256, intermediate: int = 688, r: int = 4, seed: int = 0,
-                fmt: str = "bone", **config_fields) -> Path:
+def peft_folder(
+    folder: Path,
+    *,
+    hidden: int = 256,
+    intermediate: int = 688,
+    r: int = 4,
+    seed: int = 0,
+    fmt: str = "bone",
+    **config_fields,
+) -> Path:
     """A Bone adapter for a Llama with these sizes, saved in PEFT's layout (BONE or MISS)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -201,8 +232,16 @@ def peft_folder(folder: Path, *, hidden: int = 256, intermediate: int = 688, r: 
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=264, hidden_size=hidden, intermediate_size=intermediate,
-                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=264,
+                hidden_size=hidden,
+                intermediate_size=intermediate,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
         config = BoneConfig(r=r, target_modules=["q_proj", "v_proj"], init_weights=False, **config_fields)
         bone_model = get_bone_model(model, config, adapter_name="default")
     bone_model.save_pretrained(folder, **({"format": fmt} if fmt != "bone" else {}))
@@ -210,9 +249,14 @@ def peft_folder(folder: Path, *, hidden: int = 256, intermediate: int = 688, r: 
 
 
 def import_adapter(client: httpx.Client, name: str, folder: Path, **form) -> httpx.Response:
-    return client.post("/adapters", data={"name": name, **form}, files={
-        "adapter_config": (CONFIG_FILE, (folder / CONFIG_FILE).read_bytes(), "application/json"),
-        "adapter_model": (WEIGHTS_FILE, (folder / WEIGHTS_FILE).read_bytes(), "application/octet-stream")})
+    return client.post(
+        "/adapters",
+        data={"name": name, **form},
+        files={
+            "adapter_config": (CONFIG_FILE, (folder / CONFIG_FILE).read_bytes(), "application/json"),
+            "adapter_model": (WEIGHTS_FILE, (folder / WEIGHTS_FILE).read_bytes(), "application/octet-stream"),
+        },
+    )
 
 
 def test_an_adapter_that_does_not_fit_the_base_model_is_refused_at_import(client, live, tmp_path):
@@ -227,14 +271,17 @@ def test_an_adapter_that_does_not_fit_the_base_model_is_refused_at_import(client
     assert not [p for p in live.settings.data_dir.iterdir() if p.name.startswith(".import-")]  # nothing left behind
 
 
-@pytest.mark.parametrize("damage, param", [
-    ("config-json", "adapter_config"),
-    ("peft-type", "adapter_config"),
-    ("pickle", "adapter_model"),
-    ("missing-key", "adapter_model"),
-    ("extra-key", "adapter_model"),
-    ("r-over-limit", "adapter_config"),
-])
+@pytest.mark.parametrize(
+    "damage, param",
+    [
+        ("config-json", "adapter_config"),
+        ("peft-type", "adapter_config"),
+        ("pickle", "adapter_model"),
+        ("missing-key", "adapter_model"),
+        ("extra-key", "adapter_model"),
+        ("r-over-limit", "adapter_config"),
+    ],
+)
 def test_broken_imports_are_refused_naming_the_part(client, tmp_path, damage, param):
     folder = peft_folder(tmp_path / "a", r=TEST_LIMITS["max_r"] * 2 if damage == "r-over-limit" else 4)
     from safetensors.torch import load_file, save_file
@@ -278,11 +325,13 @@ def test_a_fitting_peft_adapter_imports_and_serves_what_it_learned(client, live,
     prompt = "The capital"
     ids = torch.tensor([base.tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
-        want = reference.generate(input_ids=ids, max_new_tokens=6, do_sample=False,
-                                  pad_token_id=base.tokenizer.pad_token_id)
-    want_text = base.tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
-    served = client.post("/generate", json={"adapter": f"imported-{fmt}", "prompt": prompt, "max_new_tokens": 6,
-                                            "temperature": 0})
+        want = reference.generate(
+            input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=base.tokenizer.pad_token_id
+        )
+    want_text = base.tokenizer.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
+    served = client.post(
+        "/generate", json={"adapter": f"imported-{fmt}", "prompt": prompt, "max_new_tokens": 6, "temperature": 0}
+    )
     assert served.status_code == 200, served.text
     assert served.json()["text"] == want_text
 
@@ -291,9 +340,11 @@ def test_a_fitting_peft_adapter_imports_and_serves_what_it_learned(client, live,
 def test_generation_overload_answers_429_with_retry_after_not_timeouts(tmp_path, redis_url, shared_models_dir):
     from concurrent.futures import ThreadPoolExecutor
 
-    settings = make_settings(tmp_path / "data", shared_models_dir, **{**TEST_LIMITS, "max_queue": 2,
-                                                                       "max_batch_size": 2})
+    settings = make_settings(
+        tmp_path / "data", shared_models_dir, **{**TEST_LIMITS, "max_queue": 2, "max_batch_size": 2}
+    )
     with LiveServer(settings) as server, server.client(timeout=60) as client:
+
         def one(i):
             started = time.monotonic()
             reply = client.post("/generate", json={"prompt": f"story {i}", "max_new_tokens": 64, "temperature": 0})

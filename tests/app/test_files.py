@@ -11,8 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 SERVER_SETTINGS = {"max_upload_bytes": 8192}
-ROWS = [{"prompt": "2+2=", "completion": "4"}, {"text": "plain"},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}]
+ROWS = [
+    {"prompt": "2+2=", "completion": "4"},
+    {"text": "plain"},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]},
+]
 
 
 @pytest.fixture
@@ -35,12 +38,15 @@ def upload(client, name, content, **data):
     return client.post("/files", files={"file": (name, content)}, data=data)
 
 
-@pytest.mark.parametrize("name, content, formats", [
-    ("train.jsonl", jsonl(ROWS), {"prompt_completion": 1, "text": 1, "messages": 1}),
-    ("train.json", json.dumps(ROWS[:2]).encode(), {"prompt_completion": 1, "text": 1}),
-    ("train.csv", b"prompt,completion\n2+2=,4\n3+3=,6\n", {"prompt_completion": 2}),
-    ("train.parquet", parquet(ROWS[2:] * 3), {"messages": 3}),
-])
+@pytest.mark.parametrize(
+    "name, content, formats",
+    [
+        ("train.jsonl", jsonl(ROWS), {"prompt_completion": 1, "text": 1, "messages": 1}),
+        ("train.json", json.dumps(ROWS[:2]).encode(), {"prompt_completion": 1, "text": 1}),
+        ("train.csv", b"prompt,completion\n2+2=,4\n3+3=,6\n", {"prompt_completion": 2}),
+        ("train.parquet", parquet(ROWS[2:] * 3), {"messages": 3}),
+    ],
+)
 def test_upload_list_get_delete(files, live, name, content, formats):
     reply = upload(files, name, content)
     assert reply.status_code == 201, reply.text
@@ -81,12 +87,15 @@ def test_only_the_first_bad_rows_are_listed(files):
     assert error["message"].startswith("50 of 50 rows are invalid") and len(error["errors"]) == 10
 
 
-@pytest.mark.parametrize("name, content, data, message", [
-    ("train.txt", b"hello", {}, "must end in one of"),
-    ("empty.jsonl", b"\n\n", {}, "has no rows"),
-    ("train.jsonl", jsonl([{"text": "t"}]), {"format": "messages"}, "field 'messages' must be a non-empty list"),
-    ("train.jsonl", jsonl([{"text": "t"}]), {"format": "chat"}, "format must be one of"),
-])
+@pytest.mark.parametrize(
+    "name, content, data, message",
+    [
+        ("train.txt", b"hello", {}, "must end in one of"),
+        ("empty.jsonl", b"\n\n", {}, "has no rows"),
+        ("train.jsonl", jsonl([{"text": "t"}]), {"format": "messages"}, "field 'messages' must be a non-empty list"),
+        ("train.jsonl", jsonl([{"text": "t"}]), {"format": "chat"}, "format must be one of"),
+    ],
+)
 def test_unusable_uploads_are_422(files, name, content, data, message):
     reply = upload(files, name, content, **data)
     assert reply.status_code == 422 and message in reply.json()["error"]["message"], reply.text
@@ -101,9 +110,15 @@ def test_an_upload_over_the_limit_is_413(files, live):
 def test_a_job_on_an_uploaded_file_and_a_validation_file(files, live):
     train = upload(files, "train.jsonl", jsonl(ROWS)).json()
     held = upload(files, "held.jsonl", jsonl(ROWS[:1])).json()
-    reply = files.post("/jobs", json={"adapter_name": "from-file", "dataset": {"file_id": train["id"]},
-                                      "validation_dataset": {"file_id": held["id"], "format": "prompt_completion"},
-                                      "training": {"eval_every": 5}})
+    reply = files.post(
+        "/jobs",
+        json={
+            "adapter_name": "from-file",
+            "dataset": {"file_id": train["id"]},
+            "validation_dataset": {"file_id": held["id"], "format": "prompt_completion"},
+            "training": {"eval_every": 5},
+        },
+    )
     assert reply.status_code == 202, reply.text
     job = reply.json()
     assert job["dataset"] == {"file_id": train["id"]}
@@ -114,10 +129,13 @@ def test_a_job_on_an_uploaded_file_and_a_validation_file(files, live):
     assert missing.json()["error"]["code"] == "not_found"
 
 
-@pytest.mark.parametrize("content", [
-    "\ufeffprompt,completion\n2+2=,4\n3+3=,6\n".encode("utf-8"),  # Excel's "CSV UTF-8", pandas' utf-8-sig
-    "\ufeffprompt,completion\r\n2+2=,4\r\n3+3=,6\r\n".encode("utf-8"),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "\ufeffprompt,completion\n2+2=,4\n3+3=,6\n".encode("utf-8"),  # Excel's "CSV UTF-8", pandas' utf-8-sig
+        "\ufeffprompt,completion\r\n2+2=,4\r\n3+3=,6\r\n".encode("utf-8"),
+    ],
+)
 def test_a_csv_with_a_byte_order_mark_reads_like_one_without(files, live, content):
     from core.files import read_rows
 
@@ -138,8 +156,10 @@ def test_a_jsonl_with_a_byte_order_mark_is_read(files):
 @pytest.mark.parametrize("fmt, ok", [("prompt_completion", True), ("text", False), ("messages", False)])
 def test_a_format_override_is_checked_against_the_uploaded_file(files, fmt, ok):
     train = upload(files, "pc.jsonl", jsonl([ROWS[0]] * 3)).json()
-    reply = files.post("/jobs", json={"adapter_name": f"fmt-{fmt.replace('_', '-')}",
-                                      "dataset": {"file_id": train["id"], "format": fmt}})
+    reply = files.post(
+        "/jobs",
+        json={"adapter_name": f"fmt-{fmt.replace('_', '-')}", "dataset": {"file_id": train["id"], "format": fmt}},
+    )
     if ok:
         assert reply.status_code == 202, reply.text
         return
@@ -164,9 +184,21 @@ def test_a_format_override_is_checked_against_a_mixed_file_and_a_path(files, liv
     (live.settings.datasets_dir / "fmt.jsonl").write_bytes(jsonl([ROWS[1]] * 2))
     good = files.post("/jobs", json={"adapter_name": "fmt-path", "dataset": {"path": "fmt.jsonl", "format": "text"}})
     assert good.status_code == 202, good.text
-    bad = files.post("/jobs", json={"adapter_name": "fmt-path2", "dataset": {"path": "fmt.jsonl", "format": "messages"},
-                                    "validation_dataset": {"records": [{"text": "x"}]}})
+    bad = files.post(
+        "/jobs",
+        json={
+            "adapter_name": "fmt-path2",
+            "dataset": {"path": "fmt.jsonl", "format": "messages"},
+            "validation_dataset": {"records": [{"text": "x"}]},
+        },
+    )
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "dataset.format", bad.text
-    held = files.post("/jobs", json={"adapter_name": "fmt-held", "dataset": {"path": "fmt.jsonl"},
-                                     "validation_dataset": {"file_id": mixed["id"], "format": "messages"}})
+    held = files.post(
+        "/jobs",
+        json={
+            "adapter_name": "fmt-held",
+            "dataset": {"path": "fmt.jsonl"},
+            "validation_dataset": {"file_id": mixed["id"], "format": "messages"},
+        },
+    )
     assert held.status_code == 422 and held.json()["error"]["param"] == "validation_dataset.format", held.text

@@ -22,8 +22,9 @@ SERVER_SETTINGS = {"batch_wait_ms": 400, "adapter_cache_size": 3}
 
 
 def greedy(client, prompt: str, adapter: str | None = None, n: int = 12, **extra) -> dict:
-    reply = client.post("/generate", json={"prompt": prompt, "adapter": adapter, "max_new_tokens": n,
-                                           "temperature": 0, **extra})
+    reply = client.post(
+        "/generate", json={"prompt": prompt, "adapter": adapter, "max_new_tokens": n, "temperature": 0, **extra}
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -37,7 +38,7 @@ def reference(settings, prompt: str, adapter: str | None = None, n: int = 12) ->
     ids = torch.tensor([loaded.tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    return loaded.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    return loaded.tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 
 
 def test_base_model_greedy_matches_transformers(client, live):
@@ -60,8 +61,13 @@ def test_mixed_batch_equals_each_request_alone(client, live):
     publish_adapter(live.settings, "ad-a", seed=11)
     publish_adapter(live.settings, "ad-b", seed=12, r=8)
     publish_adapter(live.settings, "ad-bat", seed=13, init_weights="bat")
-    requests = [("The quick brown fox", None, 20), ("A", "ad-a", 12), ("Some medium prompt", "ad-b", 25),
-                ("Tell me about Bat", "ad-bat", 16), ("The quick brown fox", "ad-a", 9)]
+    requests = [
+        ("The quick brown fox", None, 20),
+        ("A", "ad-a", 12),
+        ("Some medium prompt", "ad-b", 25),
+        ("Tell me about Bat", "ad-bat", 16),
+        ("The quick brown fox", "ad-a", 9),
+    ]
     alone = [greedy(client, p, a, n) for p, a, n in requests]
     outputs = {a: r["text"] for (p, a, _), r in zip(requests[:4], alone[:4])}
     assert len({greedy(client, "Same prompt", a, 12)["text"] for a in (None, "ad-a", "ad-b", "ad-bat")}) == 4, outputs

@@ -10,8 +10,14 @@ import time
 import httpx
 
 # One row at a time and a short queue, so "full" is easy to reach; long generations to hang up on.
-SERVER_SETTINGS = {"max_batch_size": 1, "max_queue": 1, "max_new_tokens": 1500, "max_prompt_tokens": 64,
-                   "request_timeout_s": 4.0, "batch_wait_ms": 0}
+SERVER_SETTINGS = {
+    "max_batch_size": 1,
+    "max_queue": 1,
+    "max_new_tokens": 1500,
+    "max_prompt_tokens": 64,
+    "request_timeout_s": 4.0,
+    "batch_wait_ms": 0,
+}
 LONG = {"prompt": "Tell me everything", "max_new_tokens": 1500, "temperature": 0}
 
 
@@ -32,8 +38,10 @@ def test_token_bounds_are_422_naming_the_field(client):
 def test_full_queue_is_429_with_retry_after_and_timeout_frees_the_slot(client, live):
     engine = live.engine
     outcomes = {}
-    threads = [threading.Thread(target=lambda k=k: outcomes.__setitem__(k, client.post("/generate", json=LONG)))
-               for k in ("first", "second")]
+    threads = [
+        threading.Thread(target=lambda k=k: outcomes.__setitem__(k, client.post("/generate", json=LONG)))
+        for k in ("first", "second")
+    ]
     threads[0].start()
     wait_until(lambda: len(engine.batch.rows) == 1)
     threads[1].start()
@@ -54,8 +62,10 @@ def test_a_client_that_hangs_up_frees_its_slot(client, live):
     aborted = engine.scheduler.aborted
     # non-streamed: a raw socket that sends the request and closes
     body = httpx.Request("POST", f"{live.url}/generate", json=LONG)
-    raw = (f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(body.read())}\r\n\r\n").encode() + body.read()
+    raw = (
+        f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body.read())}\r\n\r\n"
+    ).encode() + body.read()
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         sock.sendall(raw)
         wait_until(lambda: len(engine.batch.rows) == 1)

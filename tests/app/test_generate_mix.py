@@ -41,8 +41,9 @@ def test_mix_equals_the_adapter_composed_offline(live, client, sources):
     assert mixed["text"] == gen(client, "Mix these two", 16, adapter="mx-composed")["text"]
     # the mix does something (texts of a random model are mostly U+FFFD: compare a few prompts)
     prompts = ["Mix these two", "Same prompt", "The quick brown fox"]
-    assert [gen(client, p, 16, adapters=weights)["text"] for p in prompts] != \
-        [gen(client, p, 16, adapter="mx-a")["text"] for p in prompts]
+    assert [gen(client, p, 16, adapters=weights)["text"] for p in prompts] != [
+        gen(client, p, 16, adapter="mx-a")["text"] for p in prompts
+    ]
     # the order of the keys does not matter, and nothing was written to the registry
     assert gen(client, "Mix these two", 16, adapters={"mx-b": 0.3, "mx-a": 0.7})["text"] == mixed["text"]
     assert {x["name"] for x in client.get("/adapters").json()["data"]} == names_before
@@ -56,10 +57,13 @@ def test_weights_one_and_zero_reproduce_the_first_adapter(live, client, sources)
 
 def test_batch_of_plain_adapters_mixes_and_base_rows_answers_each_as_alone(live, client, sources):
     publish_adapter(live.settings, "mx-c", seed=23, r=8)
-    requests = [("The quick brown fox", {}, 14), ("A", {"adapter": "mx-a"}, 10),
-                ("Some medium prompt", {"adapters": {"mx-a": 0.5, "mx-b": 0.5}}, 12),
-                ("Tell me more", {"adapter": "mx-c"}, 9),
-                ("The quick brown fox", {"adapters": {"mx-a": -0.4, "mx-b": 1.2}}, 11)]
+    requests = [
+        ("The quick brown fox", {}, 14),
+        ("A", {"adapter": "mx-a"}, 10),
+        ("Some medium prompt", {"adapters": {"mx-a": 0.5, "mx-b": 0.5}}, 12),
+        ("Tell me more", {"adapter": "mx-c"}, 9),
+        ("The quick brown fox", {"adapters": {"mx-a": -0.4, "mx-b": 1.2}}, 11),
+    ]
     alone = [gen(client, p, n, **sel) for p, sel, n in requests]
     before = live.engine.scheduler.prefills
     with ThreadPoolExecutor(len(requests)) as pool:
@@ -82,14 +86,17 @@ def test_mix_is_cached_and_refreshed_when_a_source_is_republished(live, client, 
     )
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"adapters": {"mx-a": 0.5, "mx-bat": 0.5}}, 422, "adapters"),  # Bat is not linear in its block
-    ({"adapters": {"mx-a": 0.5, "mx-r8": 0.5}}, 422, "adapters"),  # different r
-    ({"adapters": {"mx-a": 0.5, "nope": 0.5}}, 404, "adapters"),
-    ({"adapters": {"mx-a": 0.5}, "adapter": "mx-a"}, 422, "adapters"),
-    ({"adapters": {}}, 422, "adapters"),
-    ({"adapters": {"../x": 1.0}}, 422, "adapters"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"adapters": {"mx-a": 0.5, "mx-bat": 0.5}}, 422, "adapters"),  # Bat is not linear in its block
+        ({"adapters": {"mx-a": 0.5, "mx-r8": 0.5}}, 422, "adapters"),  # different r
+        ({"adapters": {"mx-a": 0.5, "nope": 0.5}}, 404, "adapters"),
+        ({"adapters": {"mx-a": 0.5}, "adapter": "mx-a"}, 422, "adapters"),
+        ({"adapters": {}}, 422, "adapters"),
+        ({"adapters": {"../x": 1.0}}, 422, "adapters"),
+    ],
+)
 def test_mix_errors(live, client, sources, body, status, param):
     publish_adapter(live.settings, "mx-bat", seed=24, init_weights="bat")
     publish_adapter(live.settings, "mx-r8", seed=25, r=8)
@@ -102,15 +109,29 @@ def test_openai_routes_take_adapters_as_an_extra_body_field(live, client, source
     oai = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
     weights = {"mx-a": 0.7, "mx-b": 0.3}
     want = gen(client, "Open mix", 10, adapters=weights)["text"]
-    got = oai.completions.create(model=live.settings.base_model, prompt="Open mix", max_tokens=10, temperature=0,
-                                 extra_body={"adapters": weights})
+    got = oai.completions.create(
+        model=live.settings.base_model,
+        prompt="Open mix",
+        max_tokens=10,
+        temperature=0,
+        extra_body={"adapters": weights},
+    )
     assert got.choices[0].text == want
-    chat = oai.chat.completions.create(model=live.settings.base_model, messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=6, temperature=0, extra_body={"adapters": weights})
+    chat = oai.chat.completions.create(
+        model=live.settings.base_model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"adapters": weights},
+    )
     assert chat.choices[0].message.content is not None
     with pytest.raises(openai.BadRequestError) as refused:
         oai.completions.create(model="mx-a", prompt="x", max_tokens=2, extra_body={"adapters": weights})
     assert refused.value.body["param"] == "adapters"
     with pytest.raises(openai.NotFoundError):
-        oai.completions.create(model=live.settings.base_model, prompt="x", max_tokens=2,
-                               extra_body={"adapters": {"mx-a": 0.5, "nope": 0.5}})
+        oai.completions.create(
+            model=live.settings.base_model,
+            prompt="x",
+            max_tokens=2,
+            extra_body={"adapters": {"mx-a": 0.5, "nope": 0.5}},
+        )

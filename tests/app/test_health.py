@@ -29,9 +29,13 @@ def test_redis_unreachable_is_503_fast_and_recovers(server_without_redis, tmp_pa
     server, redis_port = server_without_redis
     with server.client(timeout=30) as client:
         assert client.get("/healthz").status_code == 200  # alive: restarting would not help
-        for method, path, body in [("GET", "/readyz", None), ("GET", "/jobs", None), ("GET", "/jobs/job-x", None),
-                                   ("POST", "/jobs", {"adapter_name": "a", "dataset": {"records": [{"text": "x"}]}}),
-                                   ("POST", "/jobs/job-x/cancel", None)]:
+        for method, path, body in [
+            ("GET", "/readyz", None),
+            ("GET", "/jobs", None),
+            ("GET", "/jobs/job-x", None),
+            ("POST", "/jobs", {"adapter_name": "a", "dataset": {"records": [{"text": "x"}]}}),
+            ("POST", "/jobs/job-x/cancel", None),
+        ]:
             started = time.monotonic()
             reply = client.request(method, path, json=body)
             assert reply.status_code == 503, (path, reply.text)
@@ -44,8 +48,10 @@ def test_redis_unreachable_is_503_fast_and_recovers(server_without_redis, tmp_pa
 
         if shutil.which("redis-server") is None:
             pytest.skip("no redis-server on PATH to bring Redis back")
-        redis_proc = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                       "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        redis_proc = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 10
             while client.get("/readyz").status_code != 200:

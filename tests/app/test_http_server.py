@@ -34,11 +34,19 @@ def api(tmp_path_factory, shared_models_dir):
     data_dir.mkdir()
     (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
     port = free_port()
-    env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": TEST_REDIS_URL, "BONE_PORT": str(port),
-           "BONE_AUTH_DISABLED": "true", "BONE_HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "BONE_DATA_DIR": str(data_dir),
+        "BONE_REDIS_URL": TEST_REDIS_URL,
+        "BONE_PORT": str(port),
+        "BONE_AUTH_DISABLED": "true",
+        "BONE_HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        "OMP_NUM_THREADS": "1",
+    }
     log = folder / "api.log"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "api"], env=env, cwd=ROOT, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "api"], env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -127,8 +135,12 @@ def test_pipelined_and_large_body_requests_are_served(api):
             assert chunk, received
             received += chunk
     # a body far over the head bound, arriving with the head, is the route's business (here: a 422)
-    answer = httpx.post(url + "/generate", content=b'{"prompt": "' + b"a" * 300_000 + b'"}',
-                        headers={"content-type": "application/json"}, timeout=30)
+    answer = httpx.post(
+        url + "/generate",
+        content=b'{"prompt": "' + b"a" * 300_000 + b'"}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert answer.status_code in (413, 422), answer.text[:200]
 
 
@@ -180,8 +192,7 @@ def test_error_messages_name_no_server_path(api, method, path, body):
     answer = httpx.request(method.upper(), url + path, json=body, timeout=30)
     assert answer.status_code >= 400
     text = json.dumps(answer.json())
-    for server_path in {str(data_dir), str(data_dir.resolve()), tempfile.gettempdir() + "/", str(ROOT),
-                        sys.prefix}:
+    for server_path in {str(data_dir), str(data_dir.resolve()), tempfile.gettempdir() + "/", str(ROOT), sys.prefix}:
         assert server_path not in text, text
 
 

@@ -20,8 +20,18 @@ def _post(client, name, training=None, queue=None):
 
 
 def _gpu_worker(redis_conn, name, memory, queues=("bone-training",)):
-    advertise(redis_conn, name, {"device": "cuda:0", "gpu_name": "Tiny GPU", "device_memory_bytes": memory,
-                                 "gpu_memory_bytes": [memory], "queues": list(queues)}, ttl_s=60)
+    advertise(
+        redis_conn,
+        name,
+        {
+            "device": "cuda:0",
+            "gpu_name": "Tiny GPU",
+            "device_memory_bytes": memory,
+            "gpu_memory_bytes": [memory],
+            "queues": list(queues),
+        },
+        ttl_s=60,
+    )
 
 
 def test_the_estimate_is_in_the_job_and_cpu_workers_set_no_limit(client, redis_conn):

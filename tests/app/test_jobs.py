@@ -67,7 +67,11 @@ def test_existing_adapter_is_409_unless_overwrite(client, live):
     reply = client.post("/jobs", json={"adapter_name": "taken", "dataset": {"records": RECORDS}})
     assert reply.status_code == 409
     assert reply.json()["error"] | {"message": None} == {
-        "message": None, "type": "conflict", "param": "adapter_name", "code": "adapter_exists"}
+        "message": None,
+        "type": "conflict",
+        "param": "adapter_name",
+        "code": "adapter_exists",
+    }
     assert client.get("/jobs").json()["data"] == []
     assert create(client, "taken", overwrite=True)["overwrite"] is True
 
@@ -179,8 +183,10 @@ def test_checkpoints_are_listed_with_their_adapters(client, redis_conn):
     store.add_checkpoint(job["id"], 4, {"adapter": "tuned-step-4", "train_loss": 0.5, "eval_loss": None})
     store.add_checkpoint(job["id"], 2, {"adapter": "tuned-step-2", "train_loss": 0.9, "eval_loss": None})
     listed = client.get(f"/jobs/{job['id']}/checkpoints").json()["data"]
-    assert [(c["step"], c["adapter"], c["job_id"]) for c in listed] == [(2, "tuned-step-2", job["id"]),
-                                                                        (4, "tuned-step-4", job["id"])]
+    assert [(c["step"], c["adapter"], c["job_id"]) for c in listed] == [
+        (2, "tuned-step-2", job["id"]),
+        (4, "tuned-step-4", job["id"]),
+    ]
     assert client.get("/jobs/job-nope/checkpoints").status_code == 404
 
 
@@ -201,15 +207,18 @@ def test_inline_validation_records_are_stored_apart(client, redis_conn):
     assert JobStore(redis_conn).records(job["id"], "validation_records") == held
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"dataset": {"records": [{"text": "x"}], "format": "messages"}}, "dataset.records.0.messages"),
-    ({"validation_dataset": {"records": [{"txt": "typo"}]}}, "validation_dataset.records.0"),
-    ({"training": {"early_stopping_patience": 2}}, "training"),
-    ({"training": {"publish_checkpoints": True}}, "training"),
-    ({"adapter_name": "n" * 60, "training": {"save_every": 2, "publish_checkpoints": True}}, "adapter_name"),
-    ({"dataset": {"hf_dataset": "/etc"}}, "dataset.hf_dataset"),
-    ({"training": {"eval_every": 3}}, None),  # eval needs rows: a validation_dataset or eval_fraction
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"dataset": {"records": [{"text": "x"}], "format": "messages"}}, "dataset.records.0.messages"),
+        ({"validation_dataset": {"records": [{"txt": "typo"}]}}, "validation_dataset.records.0"),
+        ({"training": {"early_stopping_patience": 2}}, "training"),
+        ({"training": {"publish_checkpoints": True}}, "training"),
+        ({"adapter_name": "n" * 60, "training": {"save_every": 2, "publish_checkpoints": True}}, "adapter_name"),
+        ({"dataset": {"hf_dataset": "/etc"}}, "dataset.hf_dataset"),
+        ({"training": {"eval_every": 3}}, None),  # eval needs rows: a validation_dataset or eval_fraction
+    ],
+)
 def test_training_fields_are_checked_before_queueing(client, body, param):
     reply = client.post("/jobs", json={"adapter_name": "ok", "dataset": {"records": RECORDS}, **body})
     assert reply.status_code == 422, reply.text

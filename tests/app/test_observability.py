@@ -26,6 +26,7 @@ def test_metrics_cover_http_queue_jobs_and_engine(live, client):
     cold = scrape(client)
     assert client.post("/generate", json=body).status_code == 200  # warm: a hit
     warm = scrape(client)
+
     def delta(a, b, name):
         return b.get(name, 0.0) - a.get(name, 0.0)
 
@@ -62,7 +63,7 @@ def test_request_id_is_echoed_or_minted(client):
 
 def test_dashboard_is_served_without_a_build_step(client):
     page = client.get("/ui", follow_redirects=True)
-    assert page.status_code == 200 and "<canvas id=\"loss-chart\"" in page.text
+    assert page.status_code == 200 and '<canvas id="loss-chart"' in page.text
     assert client.get("/ui/app.js").status_code == 200
     assert client.get("/ui/style.css").status_code == 200
 

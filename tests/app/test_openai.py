@@ -38,8 +38,16 @@ def test_completion_equals_generate_and_streams_the_same_text(oai, client, live)
         assert reply.choices[0].text == expected["text"]
         assert reply.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
         assert reply.usage.completion_tokens == expected["usage"]["completion_tokens"]
-        chunks = list(oai.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0,
-                                             stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            oai.completions.create(
+                model=model,
+                prompt="Once upon a time",
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert "".join(c.choices[0].text for c in chunks if c.choices) == expected["text"]
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
         assert chunks[-1].usage.completion_tokens == expected["usage"]["completion_tokens"]
@@ -73,8 +81,9 @@ def test_errors_come_back_as_openai_errors(oai, live):
         oai.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
     assert missing.value.body["param"] == "model" and missing.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as too_many:
-        oai.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "hi"}],
-                                    max_tokens=live.settings.max_new_tokens + 1)
+        oai.chat.completions.create(
+            model="embedded", messages=[{"role": "user", "content": "hi"}], max_tokens=live.settings.max_new_tokens + 1
+        )
     assert too_many.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as unsupported:
         oai.completions.create(model="embedded", prompt="hi", max_tokens=2, logit_bias={"65": 5})

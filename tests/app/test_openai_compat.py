@@ -59,8 +59,11 @@ BAD_BODIES = [  # (path, body, param): each is a 400 on /v1, as OpenAI and vLLM 
     ("/v1/completions", {"model": "embedded", "prompt": [5, 99999]}, "prompt"),  # outside the vocabulary
     ("/v1/completions", {"model": "embedded", "prompt": [[5], []]}, "prompt"),
     ("/v1/chat/completions", {"model": "embedded", "messages": []}, "messages"),
-    ("/v1/chat/completions", {"model": "embedded", "messages": [{"role": "user", "content": "x"}],
-                              "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    (
+        "/v1/chat/completions",
+        {"model": "embedded", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        "top_logprobs",
+    ),  # needs logprobs: true
 ]
 
 
@@ -102,16 +105,24 @@ UNSUPPORTED = [  # (field, value): OpenAI defines them; this server cannot honou
 @pytest.mark.parametrize("field, value", UNSUPPORTED, ids=[f"{f}-{i}" for i, (f, _) in enumerate(UNSUPPORTED)])
 def test_fields_that_cannot_be_honoured_are_refused_by_name(oai, field, value):
     with pytest.raises(openai.BadRequestError) as refused:
-        oai.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                    extra_body={field: value})
+        oai.chat.completions.create(
+            model="embedded", messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body={field: value}
+        )
     assert refused.value.body["param"] == field and refused.value.body["code"] == "unsupported_parameter"
     assert field.split("_")[0] in refused.value.body["message"]
 
 
 def test_neutral_values_of_those_fields_are_accepted(oai):
-    reply = oai.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                        response_format={"type": "text"}, logit_bias={}, tool_choice="none",
-                                        presence_penalty=0, frequency_penalty=0)
+    reply = oai.chat.completions.create(
+        model="embedded",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        response_format={"type": "text"},
+        logit_bias={},
+        tool_choice="none",
+        presence_penalty=0,
+        frequency_penalty=0,
+    )
     assert reply.choices[0].message.content is not None
     with pytest.raises(openai.BadRequestError) as suffix:
         oai.completions.create(model="embedded", prompt="hi", max_tokens=2, suffix="end")
@@ -127,8 +138,17 @@ def test_usage_counts_the_prompt_once_whatever_n(oai, live):
     one = oai.chat.completions.create(model="embedded", messages=chat, max_tokens=2, temperature=0)
     two = oai.chat.completions.create(model="embedded", messages=chat, max_tokens=2, temperature=0, n=2)
     assert two.usage.prompt_tokens == one.usage.prompt_tokens
-    stream = list(oai.chat.completions.create(model="embedded", messages=chat, max_tokens=2, temperature=0, n=2,
-                                              stream=True, stream_options={"include_usage": True}))
+    stream = list(
+        oai.chat.completions.create(
+            model="embedded",
+            messages=chat,
+            max_tokens=2,
+            temperature=0,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert stream[-1].usage.prompt_tokens == one.usage.prompt_tokens
 
 
@@ -173,16 +193,23 @@ def test_generated_logprobs_follow_the_chosen_tokens(oai, live):
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert len(top) <= 3 and math.isclose(max(top.values()), chosen, abs_tol=1e-6)  # greedy
         assert chosen <= 0
-    chat = oai.chat.completions.create(model="lp-a", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                                       temperature=0, logprobs=True, top_logprobs=2)
+    chat = oai.chat.completions.create(
+        model="lp-a",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     assert "".join(c.token for c in content).startswith(chat.choices[0].message.content)
     for item in content:
         assert len(item.top_logprobs) == 2 and math.isclose(item.top_logprobs[0].logprob, item.logprob, abs_tol=1e-6)
         assert bytes(item.bytes).decode("utf-8", "replace") == item.token
-    plain = oai.chat.completions.create(model="lp-a", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                                        temperature=0)
+    plain = oai.chat.completions.create(
+        model="lp-a", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
+    )
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as streamed:
         oai.completions.create(model="lp-a", prompt="Hello", max_tokens=2, logprobs=1, stream=True)
@@ -192,14 +219,16 @@ def test_generated_logprobs_follow_the_chosen_tokens(oai, live):
 def test_top_p_zero_is_greedy(oai):
     greedy = oai.completions.create(model="embedded", prompt="Zero nucleus", max_tokens=8, temperature=0)
     for seed in (1, 2):
-        sampled = oai.completions.create(model="embedded", prompt="Zero nucleus", max_tokens=8, temperature=1.0,
-                                         top_p=0, seed=seed)
+        sampled = oai.completions.create(
+            model="embedded", prompt="Zero nucleus", max_tokens=8, temperature=1.0, top_p=0, seed=seed
+        )
         assert sampled.choices[0].text == greedy.choices[0].text
 
 
 def test_echo_streams_the_prompt_first(oai):
-    chunks = list(oai.completions.create(model="embedded", prompt="Echo me", max_tokens=4, temperature=0, echo=True,
-                                         stream=True))
+    chunks = list(
+        oai.completions.create(model="embedded", prompt="Echo me", max_tokens=4, temperature=0, echo=True, stream=True)
+    )
     whole = oai.completions.create(model="embedded", prompt="Echo me", max_tokens=4, temperature=0, echo=True)
     assert chunks[0].choices[0].text == "Echo me"
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
@@ -210,16 +239,25 @@ def test_async_client_gets_the_same_answers(oai, live):
         async with openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=60) as api:
             completion, chat = await asyncio.gather(
                 api.completions.create(model="embedded", prompt="Async", max_tokens=5, temperature=0),
-                api.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "Async"}],
-                                            max_tokens=5, temperature=0))
+                api.chat.completions.create(
+                    model="embedded", messages=[{"role": "user", "content": "Async"}], max_tokens=5, temperature=0
+                ),
+            )
             pieces = []
             async for chunk in await api.chat.completions.create(
-                    model="embedded", messages=[{"role": "user", "content": "Async"}], max_tokens=5, temperature=0,
-                    stream=True):
+                model="embedded",
+                messages=[{"role": "user", "content": "Async"}],
+                max_tokens=5,
+                temperature=0,
+                stream=True,
+            ):
                 pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
             with pytest.raises(openai.BadRequestError):
-                await api.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "x"}],
-                                                  response_format={"type": "json_object"})
+                await api.chat.completions.create(
+                    model="embedded",
+                    messages=[{"role": "user", "content": "x"}],
+                    response_format={"type": "json_object"},
+                )
             return completion.choices[0].text, chat.choices[0].message.content, "".join(pieces)
 
     completion, chat, streamed = asyncio.run(ask())

@@ -48,8 +48,11 @@ def _success_bodies(schema: dict):
 
 
 def test_every_json_success_body_is_described(schema):
-    loose = [f"{m.upper()} {p} {s}: {media}" for m, p, s, media, body in _success_bodies(schema)
-             if media == "application/json" and not _described(schema, body)]
+    loose = [
+        f"{m.upper()} {p} {s}: {media}"
+        for m, p, s, media, body in _success_bodies(schema)
+        if media == "application/json" and not _described(schema, body)
+    ]
     assert loose == [], "free-form JSON response bodies (give the route a response_model)"
 
 
@@ -59,8 +62,12 @@ def test_non_json_bodies_are_only_the_listed_streams_and_downloads(schema):
 
 
 def test_every_operation_documents_a_success_body(schema):
-    bare = [f"{m.upper()} {p}" for p, ops in schema["paths"].items() for m, op in ops.items()
-            if not any(op["responses"].get(s, {}).get("content") for s in SUCCESS)]
+    bare = [
+        f"{m.upper()} {p}"
+        for p, ops in schema["paths"].items()
+        for m, op in ops.items()
+        if not any(op["responses"].get(s, {}).get("content") for s in SUCCESS)
+    ]
     assert bare == []
 
 

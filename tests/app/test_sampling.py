@@ -26,8 +26,16 @@ class P:
     seed: int | None = None
 
 
-MIXED = [P(0.7, top_p=0.9, seed=1), P(1.3, top_k=5, seed=2), P(1.0, seed=3), P(0.0), P(1.0),
-         P(0.5, top_p=0.8, top_k=50, seed=4), P(2.0, top_k=1, seed=5), P(0.9, top_p=0.95, seed=6)]
+MIXED = [
+    P(0.7, top_p=0.9, seed=1),
+    P(1.3, top_k=5, seed=2),
+    P(1.0, seed=3),
+    P(0.0),
+    P(1.0),
+    P(0.5, top_p=0.8, top_k=50, seed=4),
+    P(2.0, top_k=1, seed=5),
+    P(0.9, top_p=0.95, seed=6),
+]
 
 
 def steps_of_logits(n: int, rows: int, seed: int = 0, vocab: int = VOCAB) -> list[torch.Tensor]:
@@ -65,8 +73,13 @@ def test_greedy_top_k_one_and_a_tiny_top_p_all_take_the_argmax():
     logits[0, 10] = logits[0, 20] = logits[0].max() + 1  # a tie: the lower id, as argmax
     expected = logits.argmax(dim=-1).tolist()
     assert expected[0] == 10
-    for params in ([P(0.0)] * 6, [P(1.0, top_k=1, seed=s) for s in range(6)], [P(1.5, top_k=1)] * 6,
-                   [P(1.0, top_p=1e-9, seed=s) for s in range(6)], [P(0.8, top_p=0.0)] * 6):
+    for params in (
+        [P(0.0)] * 6,
+        [P(1.0, top_k=1, seed=s) for s in range(6)],
+        [P(1.5, top_k=1)] * 6,
+        [P(1.0, top_p=1e-9, seed=s) for s in range(6)],
+        [P(0.8, top_p=0.0)] * 6,
+    ):
         generators = [make_generator(p, torch.device("cpu")) for p in params]
         for _ in range(5):
             assert choose(logits, params, generators).tokens == expected
@@ -89,12 +102,15 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float((((counts - expected) ** 2)[support] / expected[support]).sum())
 
 
-@pytest.mark.parametrize("params, kept", [
-    (P(0.8), None),
-    (P(1.0, top_k=3), 3),
-    (P(1.2, top_p=0.7), "p"),
-    (P(1.0, top_k=4, top_p=0.8), "kp"),
-])
+@pytest.mark.parametrize(
+    "params, kept",
+    [
+        (P(0.8), None),
+        (P(1.0, top_k=3), 3),
+        (P(1.2, top_p=0.7), "p"),
+        (P(1.0, top_k=4, top_p=0.8), "kp"),
+    ],
+)
 def test_sampled_frequencies_follow_the_softmax(params, kept):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -1.0])
     probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -208,12 +224,15 @@ def test_seeded_requests_decoding_together_equal_each_alone(make_engine):
 
 def test_top_k_one_through_the_routes_is_greedy(client):
     greedy = client.post("/generate", json={"prompt": "Random walk", "max_new_tokens": 12, "temperature": 0})
-    top1 = client.post("/generate", json={"prompt": "Random walk", "max_new_tokens": 12, "temperature": 1.5,
-                                          "top_k": 1})
+    top1 = client.post(
+        "/generate", json={"prompt": "Random walk", "max_new_tokens": 12, "temperature": 1.5, "top_k": 1}
+    )
     assert greedy.status_code == top1.status_code == 200, top1.text
     assert top1.json()["text"] == greedy.json()["text"]
-    for path, body in (("/v1/completions", {"prompt": "Random walk"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Random walk"}]})):
+    for path, body in (
+        ("/v1/completions", {"prompt": "Random walk"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Random walk"}]}),
+    ):
         base = {"model": "embedded", "max_tokens": 12, **body}
         a = client.post(path, json={**base, "temperature": 0}).json()["choices"][0]
         b = client.post(path, json={**base, "temperature": 1.5, "top_k": 1}).json()["choices"][0]
@@ -222,4 +241,3 @@ def test_top_k_one_through_the_routes_is_greedy(client):
     assert refused.status_code == 422 and "top_k" in refused.text
     refused = client.post("/v1/completions", json={"model": "embedded", "prompt": "x", "top_k": 1 << 30})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_k"
-

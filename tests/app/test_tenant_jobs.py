@@ -20,8 +20,11 @@ from tests.app.test_auth import publish_as
 
 ALICE, BOB, ROOT = generate_key(), generate_key(), generate_key()
 SERVER_SETTINGS = {
-    "api_keys": [KeyEntry("alice", "user", hash_key(ALICE)).line(), KeyEntry("bob", "user", hash_key(BOB)).line(),
-                 KeyEntry("root", "admin", hash_key(ROOT)).line()],
+    "api_keys": [
+        KeyEntry("alice", "user", hash_key(ALICE)).line(),
+        KeyEntry("bob", "user", hash_key(BOB)).line(),
+        KeyEntry("root", "admin", hash_key(ROOT)).line(),
+    ],
     "rate_limit_training": 12,
     "max_active_jobs_per_owner": 3,
     "max_file_bytes_per_owner": 100,
@@ -55,15 +58,24 @@ def error_of(reply: httpx.Response) -> dict:
 # --- row 2: datasets stay in their folder -----------------------------------------------------------------------
 # Names of the hub's shape ("name", "namespace/name") are looked up in the datasets folder only (and refused with
 # one message when absent there: hub datasets are off); any other shape fails the schema's pattern first.
-@pytest.mark.parametrize("name, code", [("files", "dataset_not_allowed"), ("data/files", "dataset_not_allowed"),
-                                        ("nobody/hub-set", "dataset_not_allowed"), ("../files", "invalid_value"),
-                                        ("datasets/../files", "invalid_value"), ("/etc", "invalid_value"),
-                                        ("a/b/c", "invalid_value")])
+@pytest.mark.parametrize(
+    "name, code",
+    [
+        ("files", "dataset_not_allowed"),
+        ("data/files", "dataset_not_allowed"),
+        ("nobody/hub-set", "dataset_not_allowed"),
+        ("../files", "invalid_value"),
+        ("datasets/../files", "invalid_value"),
+        ("/etc", "invalid_value"),
+        ("a/b/c", "invalid_value"),
+    ],
+)
 def test_row2_hf_dataset_cannot_name_a_folder_outside_the_datasets_dir(live, client, name, code):
     alice_upload = client.post("/files", headers=bearer(ALICE), files={"file": ("rows.jsonl", b'{"text": "a"}\n')})
     assert alice_upload.status_code == 201, alice_upload.text
-    reply = client.post("/jobs", headers=bearer(BOB), json={"adapter_name": "bob-steals",
-                                                            "dataset": {"hf_dataset": name}})
+    reply = client.post(
+        "/jobs", headers=bearer(BOB), json={"adapter_name": "bob-steals", "dataset": {"hf_dataset": name}}
+    )
     assert reply.status_code == 422, reply.text
     error = error_of(reply)
     assert error["param"] == "dataset.hf_dataset" and error["code"] == code, error
@@ -71,8 +83,10 @@ def test_row2_hf_dataset_cannot_name_a_folder_outside_the_datasets_dir(live, cli
 
 
 # --- row 3: non-finite numbers never get in; one bad record never takes a listing down --------------------------
-@pytest.mark.parametrize("field, raw", [("weight_decay", "1e309"), ("learning_rate", "NaN"),
-                                        ("max_grad_norm", "Infinity"), ("epochs", "-Infinity")])
+@pytest.mark.parametrize(
+    "field, raw",
+    [("weight_decay", "1e309"), ("learning_rate", "NaN"), ("max_grad_norm", "Infinity"), ("epochs", "-Infinity")],
+)
 def test_row3_infinite_numbers_are_refused_naming_the_field(client, field, raw):
     body = f'{{"adapter_name": "x", "dataset": {{"records": [{{"text": "a"}}]}}, "training": {{"{field}": {raw}}}}}'
     reply = client.post("/jobs", headers={**bearer(BOB), "Content-Type": "application/json"}, content=body)
@@ -112,8 +126,9 @@ def test_row3_a_broken_evaluation_record_does_not_break_eval_listing(live, clien
     bobs = client.post(
         "/evals", headers=bearer(BOB), json={"adapters": ["bob-scored"], "dataset": {"records": RECORDS}}
     )
-    alices = client.post("/evals", headers=bearer(ALICE), json={"adapters": ["alice-scored"],
-                                                                "dataset": {"records": RECORDS}})
+    alices = client.post(
+        "/evals", headers=bearer(ALICE), json={"adapters": ["alice-scored"], "dataset": {"records": RECORDS}}
+    )
     assert bobs.status_code == alices.status_code == 202, (bobs.text, alices.text)
     key = f"bone:eval:{bobs.json()['id']}"
     redis_conn.set(key, redis_conn.get(key).decode().replace('"max_examples":1000', '"max_examples":"many"'))
@@ -126,17 +141,20 @@ def test_row3_a_broken_evaluation_record_does_not_break_eval_listing(live, clien
 def test_row3_long_file_names_and_eval_names_are_refused(client):
     upload = client.post("/files", headers=bearer(BOB), files={"file": ("x" * 300 + ".jsonl", b'{"text": "a"}\n')})
     assert upload.status_code == 422 and error_of(upload)["param"] == "file", upload.text
-    evaluation = client.post("/evals", headers=bearer(BOB), json={"adapters": ["a" * 100],
-                                                                  "dataset": {"records": RECORDS}})
+    evaluation = client.post(
+        "/evals", headers=bearer(BOB), json={"adapters": ["a" * 100], "dataset": {"records": RECORDS}}
+    )
     assert evaluation.status_code == 422 and error_of(evaluation)["param"].startswith("adapters"), evaluation.text
 
 
 def test_row3_long_strings_and_huge_seeds_are_refused(client):
-    for fields, param in (({"base_model": "x" * 5000}, "base_model"),
-                          ({"queue": "q" * 1000}, "queue"),
-                          ({"training": {"seed": 2**64}}, "training.seed"),
-                          ({"bone": {"target_modules": "a" * 5000}}, "bone.target_modules"),
-                          ({"bone": {"target_modules": ["q" * 1000]}}, "bone.target_modules")):
+    for fields, param in (
+        ({"base_model": "x" * 5000}, "base_model"),
+        ({"queue": "q" * 1000}, "queue"),
+        ({"training": {"seed": 2**64}}, "training.seed"),
+        ({"bone": {"target_modules": "a" * 5000}}, "bone.target_modules"),
+        ({"bone": {"target_modules": ["q" * 1000]}}, "bone.target_modules"),
+    ):
         reply = post_job(client, BOB, "long", **fields)
         assert reply.status_code == 422, (fields, reply.text)
         assert error_of(reply)["param"].startswith(param), (param, reply.text)
@@ -170,8 +188,11 @@ def test_row4_backtracking_target_modules_regex_answers_promptly(live, client, f
     expected = {EVIL: 422, EVIL_RE2: 422 if field == "target_modules" else 202}
     for pattern, status in expected.items():
         pattern += "." * 200
-        bone = {"target_modules": pattern} if field == "target_modules" else {"target_modules": "all-linear",
-                                                                              field: pattern}
+        bone = (
+            {"target_modules": pattern}
+            if field == "target_modules"
+            else {"target_modules": "all-linear", field: pattern}
+        )
         started = time.perf_counter()
         slowest, reply = healthz_while(live, lambda: post_job(client, BOB, "evil", bone=bone))  # noqa: B023 - called now
         took = time.perf_counter() - started
@@ -290,19 +311,26 @@ def test_row6_adapters_quota_is_429_for_jobs_and_compose(live, client):
     assert job.status_code == 429 and error_of(job)["param"] == "quota.adapters", job.text
     compose = client.post("/adapters/bob-sum/compose", headers=bearer(BOB), json={"adapters": {"bob-a0": 1.0}})
     assert compose.status_code == 429 and error_of(compose)["param"] == "quota.adapters", compose.text
-    imported = client.post("/adapters", headers=bearer(BOB), data={"name": "bob-imported"},
-                           files={"adapter_config": ("adapter_config.json", b"{}"),
-                                  "adapter_model": ("adapter_model.safetensors", b"x")})
+    imported = client.post(
+        "/adapters",
+        headers=bearer(BOB),
+        data={"name": "bob-imported"},
+        files={"adapter_config": ("adapter_config.json", b"{}"), "adapter_model": ("adapter_model.safetensors", b"x")},
+    )
     assert imported.status_code == 429 and error_of(imported)["param"] == "quota.adapters", imported.text
     assert post_job(client, BOB, "bob-a0", overwrite=True).status_code == 202  # replacing one's own adds nothing
 
 
 # --- row 7: a job's size is bounded by settings -----------------------------------------------------------------
-@pytest.mark.parametrize("training, param", [({"max_steps": 10**15}, "training.max_steps"),
-                                             ({"max_steps": 1001}, "training.max_steps"),
-                                             ({"max_steps": 1000, "batch_size": 1024, "gradient_accumulation_steps":
-                                               1024}, "training.max_steps"),
-                                             ({"epochs": 1e6}, "training.epochs")])
+@pytest.mark.parametrize(
+    "training, param",
+    [
+        ({"max_steps": 10**15}, "training.max_steps"),
+        ({"max_steps": 1001}, "training.max_steps"),
+        ({"max_steps": 1000, "batch_size": 1024, "gradient_accumulation_steps": 1024}, "training.max_steps"),
+        ({"epochs": 1e6}, "training.epochs"),
+    ],
+)
 def test_row7_unbounded_max_steps_is_refused(client, training, param):
     reply = post_job(client, BOB, "bob-forever", training=training)
     assert reply.status_code == 422, reply.text
@@ -313,16 +341,24 @@ def test_row7_unbounded_max_steps_is_refused(client, training, param):
 def test_row8_compose_flood_is_rate_limited(live, client):
     publish_as(live, "bob", "bob-src", seed=1)
     # One target name, overwritten: the flood adds no adapter, so what stops it is the rate limit, not a quota.
-    replies = [client.post("/adapters/bob-sum/compose", headers=bearer(BOB),
-                           json={"adapters": {"bob-src": 0.5}, "overwrite": True}) for _ in range(15)]
+    replies = [
+        client.post(
+            "/adapters/bob-sum/compose", headers=bearer(BOB), json={"adapters": {"bob-src": 0.5}, "overwrite": True}
+        )
+        for _ in range(15)
+    ]
     codes = [r.status_code for r in replies]
     limit = live.settings.rate_limit_training
     assert codes[:limit] == [201] * limit and set(codes[limit:]) == {429}, codes
     assert error_of(replies[-1])["code"] == "rate_limited" and "Retry-After" in replies[-1].headers
     # the bucket is bob's: alice composes meanwhile
     publish_as(live, "alice", "alice-src", seed=2)
-    assert client.post("/adapters/alice-sum/compose", headers=bearer(ALICE),
-                       json={"adapters": {"alice-src": 1.0}}).status_code == 201
+    assert (
+        client.post(
+            "/adapters/alice-sum/compose", headers=bearer(ALICE), json={"adapters": {"alice-src": 1.0}}
+        ).status_code
+        == 201
+    )
 
 
 # --- row 10: /workers is owner-scoped for users -------------------------------------------------------------------

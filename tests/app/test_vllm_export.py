@@ -21,8 +21,11 @@ from core.vllm_export import STAMP_FILE, VLLM_LORA_RANKS, serve_command, sync_fo
 from tests.app.conftest import publish_adapter
 
 SERVED_AS = "served-base"
-SERVER_SETTINGS = {"vllm_export_dir": Path(tempfile.mkdtemp(prefix="bone-vllm-sync-")),
-                   "vllm_export_interval_s": 0.2, "vllm_export_base_model": SERVED_AS}
+SERVER_SETTINGS = {
+    "vllm_export_dir": Path(tempfile.mkdtemp(prefix="bone-vllm-sync-")),
+    "vllm_export_interval_s": 0.2,
+    "vllm_export_base_model": SERVED_AS,
+}
 
 # vLLM's LlamaForCausalLM: packed_modules_mapping {qkv_proj: [q,k,v], gate_up_proj: [gate, up]} plus o_proj and
 # down_proj; an adapter's module names (the last component) must be among these (LoRAModel's
@@ -55,7 +58,7 @@ def vllm_refusals(folder: Path, *, max_lora_rank: int, served_model: str) -> lis
         if not key.startswith("base_model.model.") or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             errors.append(f"{key} is unsupported LoRA weight")
             continue
-        module, part = key[len("base_model.model."):].rsplit(".", 2)[:2]
+        module, part = key[len("base_model.model.") :].rsplit(".", 2)[:2]
         modules.setdefault(module, {})[part] = tensor
         if module.rsplit(".", 1)[-1] not in LLAMA_LORA_MODULES:
             errors.append(f"unexpected target module {module}")
@@ -63,22 +66,37 @@ def vllm_refusals(folder: Path, *, max_lora_rank: int, served_model: str) -> lis
         if set(parts) != {"lora_A", "lora_B"}:
             errors.append(f"{module}: lora_A and lora_B must come together")
         elif parts["lora_A"].shape[0] != parts["lora_B"].shape[1] or parts["lora_A"].shape[0] > max_lora_rank:
-            errors.append(f"{module}: rank of lora_A {tuple(parts['lora_A'].shape)} / lora_B "
-                          f"{tuple(parts['lora_B'].shape)} does not fit")
+            errors.append(
+                f"{module}: rank of lora_A {tuple(parts['lora_A'].shape)} / lora_B "
+                f"{tuple(parts['lora_B'].shape)} does not fit"
+            )
     return errors
 
 
 def test_the_rules_refuse_what_vllm_refuses(tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 64, "lora_alpha": 64, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"],
-         "base_model_name_or_path": "other"}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 64,
+                "lora_alpha": 64,
+                "target_modules": ["q_proj"],
+                "modules_to_save": ["lm_head"],
+                "base_model_name_or_path": "other",
+            }
+        )
+    )
     from safetensors.torch import save_file
 
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(64, 8),
-               "base_model.model.model.layers.0.self_attn.rotary.lora_B.weight": torch.zeros(8, 64)},
-              folder / "adapter_model.safetensors")
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(64, 8),
+            "base_model.model.model.layers.0.self_attn.rotary.lora_B.weight": torch.zeros(8, 64),
+        },
+        folder / "adapter_model.safetensors",
+    )
     errors = vllm_refusals(folder, max_lora_rank=16, served_model=SERVED_AS)
     assert any("modules_to_save" in e for e in errors) and any("max_lora_rank" in e for e in errors)
     assert any("resolver" in e for e in errors) and any("unexpected target module" in e for e in errors)
@@ -92,8 +110,9 @@ def test_max_lora_rank_is_the_smallest_value_vllm_accepts():
 
 
 def _export_cli(live, directory: Path, *args: str):
-    result = CliRunner().invoke(cli_app, ["adapters", "export-vllm", str(directory), "--url", live.url, *args],
-                                env={"COLUMNS": "400"})
+    result = CliRunner().invoke(
+        cli_app, ["adapters", "export-vllm", str(directory), "--url", live.url, *args], env={"COLUMNS": "400"}
+    )
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -110,7 +129,7 @@ def test_export_vllm_writes_folders_vllm_loads_with_our_logits(live, client, tmp
     assert words[:4] == ["vllm", "serve", SERVED_AS, "--enable-lora"]
     max_rank = int(words[words.index("--max-lora-rank") + 1])
     assert max_rank == 8  # the largest adapter's rank, already one of vLLM's values
-    modules = dict(w.split("=", 1) for w in words[words.index("--lora-modules") + 1:])
+    modules = dict(w.split("=", 1) for w in words[words.index("--lora-modules") + 1 :])
     assert modules == {"vl-a": str(tmp_path / "vllm" / "vl-a"), "vl-b": str(tmp_path / "vllm" / "vl-b")}
     for name, path in modules.items():
         assert vllm_refusals(Path(path), max_lora_rank=max_rank, served_model=SERVED_AS) == [], name
@@ -119,8 +138,9 @@ def test_export_vllm_writes_folders_vllm_loads_with_our_logits(live, client, tmp
 
     source = resolve_base_model("embedded", live.settings)
     ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
-    ours = BoneModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source).eval(),
-                                     live.settings.registry_dir / "vl-b")
+    ours = BoneModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(source).eval(), live.settings.registry_dir / "vl-b"
+    )
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source).eval(), modules["vl-b"])
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
@@ -161,8 +181,10 @@ def test_the_server_keeps_its_vllm_folder_in_sync(live, client):
 
 
 def test_one_failing_adapter_does_not_stop_the_others_and_its_stale_export_leaves(tmp_path):
-    good = {"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 4}).encode(),
-            "adapter_model.safetensors": b"weights"}
+    good = {
+        "adapter_config.json": json.dumps({"peft_type": "LORA", "r": 4}).encode(),
+        "adapter_model.safetensors": b"weights",
+    }
 
     def fetch(name: str):
         if name == "broken":

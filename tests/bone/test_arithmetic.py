@@ -45,10 +45,13 @@ def test_weights_one_and_zero_reproduce_the_single_adapter():
     torch.testing.assert_close(_logits_of(config, summed, x), _logits_of(ca, ta, x), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("other, match", [
-    (dict(init="bat"), "Bat"),
-    (dict(r=2), "r=2"),
-])
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (dict(init="bat"), "Bat"),
+        (dict(r=2), "r=2"),
+    ],
+)
 def test_uncombinable_adapters_are_refused_by_name(other, match):
     ca, ta = _state(1)
     cb, tb = _state(2, **other)

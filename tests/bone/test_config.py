@@ -73,9 +73,22 @@ def test_list_targets_normalised_and_layers():
 def test_to_dict_is_peft_bone_layout():
     d = BoneConfig(r=8, target_modules=["q_proj"], init_weights="bat").to_dict()
     assert d["peft_type"] == "BONE" and d["r"] == 8 and d["init_weights"] == "bat"
-    assert set(d) == {"auto_mapping", "base_model_name_or_path", "bias", "exclude_modules", "inference_mode",
-                      "init_weights", "layers_pattern", "layers_to_transform", "modules_to_save", "peft_type", "r",
-                      "revision", "target_modules", "task_type"}
+    assert set(d) == {
+        "auto_mapping",
+        "base_model_name_or_path",
+        "bias",
+        "exclude_modules",
+        "inference_mode",
+        "init_weights",
+        "layers_pattern",
+        "layers_to_transform",
+        "modules_to_save",
+        "peft_type",
+        "r",
+        "revision",
+        "target_modules",
+        "task_type",
+    }
     m = BoneConfig(r=8, target_modules=["q_proj"], bias="bone_only").to_dict("miss")
     assert m["peft_type"] == "MISS" and m["mini_r"] == 1 and m["miss_dropout"] == 0.0 and m["bias"] == "MiSS_only"
 
@@ -92,8 +105,16 @@ def test_miss_only_fields_refuse_bone_format(kwargs, field):
 
 @pytest.mark.parametrize("fmt", ["bone", "miss"])
 def test_round_trip(fmt, tmp_path):
-    c = BoneConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False, layers_to_transform=[0],
-                   layers_pattern="layers", bias="all", modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    c = BoneConfig(
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        init_weights=False,
+        layers_to_transform=[0],
+        layers_pattern="layers",
+        bias="all",
+        modules_to_save=["lm_head"],
+        task_type="CAUSAL_LM",
+    )
     c.save_pretrained(tmp_path, format=fmt)
     d = json.loads((tmp_path / "adapter_config.json").read_text())
     assert d["peft_type"] == fmt.upper()
@@ -102,12 +123,28 @@ def test_round_trip(fmt, tmp_path):
 
 
 def test_from_dict_reads_peft_files():
-    peft_bone = {"peft_type": "BONE", "peft_version": "0.18.1", "r": 8, "init_weights": "bat", "auto_mapping": None,
-                 "target_modules": ["q_proj"], "revision": None, "inference_mode": True, "something_new": 1}
+    peft_bone = {
+        "peft_type": "BONE",
+        "peft_version": "0.18.1",
+        "r": 8,
+        "init_weights": "bat",
+        "auto_mapping": None,
+        "target_modules": ["q_proj"],
+        "revision": None,
+        "inference_mode": True,
+        "something_new": 1,
+    }
     c = BoneConfig.from_dict(peft_bone)
     assert c.r == 8 and c.variant == "bat" and c.inference_mode
-    miss = {"peft_type": "MISS", "r": 16, "init_weights": "mini", "mini_r": 4, "miss_dropout": 0.1,
-            "bias": "MiSS_only", "target_modules": ["q_proj"]}
+    miss = {
+        "peft_type": "MISS",
+        "r": 16,
+        "init_weights": "mini",
+        "mini_r": 4,
+        "miss_dropout": 0.1,
+        "bias": "MiSS_only",
+        "target_modules": ["q_proj"],
+    }
     c = BoneConfig.from_dict(miss)
     assert (c.variant, c.mini_r, c.miss_dropout, c.bias, c.peft_type) == ("mini", 4, 0.1, "bone_only", "MISS")
     with pytest.raises(BoneConfigError, match="peft_type"):

@@ -40,8 +40,9 @@ def test_peft_lora_reproduces_bone_logits(name):
     want = _logits(bm, x)
     export = to_lora(build(name), bm.adapter_configs["default"], bm.get_adapter_state_dict("default"))
     assert export.exact and export.rank == 4 and export.config["lora_alpha"] == 4
-    lora_config = peft.LoraConfig(**{k: v for k, v in export.config.items()
-                                     if k not in ("peft_type", "inference_mode", "revision")})
+    lora_config = peft.LoraConfig(
+        **{k: v for k, v in export.config.items() if k not in ("peft_type", "inference_mode", "revision")}
+    )
     model = peft.get_peft_model(build(name), lora_config)
     missing = peft.set_peft_model_state_dict(model, export.tensors)
     assert not missing.unexpected_keys

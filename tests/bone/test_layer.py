@@ -94,8 +94,10 @@ def test_training_path_gradients(fin, fout, r, conv1d, mode, train_path):
         t.grad.clone()
         for t in (x, layer.base_layer.weight, layer.base_layer.bias, layer.bone_block["a"], layer.bone_block["b"])
     ]
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, layer.base_layer.weight, layer.base_layer.bias,
-                                                              layer.bone_block["a"], layer.bone_block["b"])]
+    leaves = [
+        t.detach().clone().requires_grad_(True)
+        for t in (x, layer.base_layer.weight, layer.base_layer.bias, layer.bone_block["a"], layer.bone_block["b"])
+    ]
     xl, wl, bl, al, bbl = leaves
     W = (wl.t() if conv1d else wl) + BF.bone_delta(al, fin) + BF.bone_delta(bbl, fin)
     ref = xl @ W.t() + bl
@@ -124,8 +126,12 @@ def test_sibling_projections_share_the_chunk_sum_in_training(mode, train_path):
     assert len(calls) == 1  # the first layer computes it, the siblings reuse it
     sum(y.square().sum() for y in ys).backward()
     xl = x.detach().clone().requires_grad_(True)
-    ref = sum((xl @ (layer.base_layer.weight + BF.bone_delta(layer.bone_block["a"], 18)).t()
-               + layer.base_layer.bias).square().sum() for layer in layers)
+    ref = sum(
+        (xl @ (layer.base_layer.weight + BF.bone_delta(layer.bone_block["a"], 18)).t() + layer.base_layer.bias)
+        .square()
+        .sum()
+        for layer in layers
+    )
     ref.backward()
     torch.testing.assert_close(x.grad, xl.grad, atol=1e-5, rtol=1e-5)
 
@@ -195,8 +201,8 @@ def test_bat_forward_formula(conv1d):
     eye = torch.eye(r)
     for i in range(fout // r):
         for j in range(fin // r):
-            blk = W[i * r:(i + 1) * r, j * r:(j + 1) * r]
-            ref_w[i * r:(i + 1) * r, j * r:(j + 1) * r] = blk @ (eye + B[i]) + B[i]
+            blk = W[i * r : (i + 1) * r, j * r : (j + 1) * r]
+            ref_w[i * r : (i + 1) * r, j * r : (j + 1) * r] = blk @ (eye + B[i]) + B[i]
     x = torch.randn(3, fin)
     torch.testing.assert_close(layer(x), x @ ref_w.t() + layer.base_layer.bias, atol=1e-5, rtol=1e-5)
 

@@ -265,14 +265,15 @@ def test_per_row_equals_single_rows(name):
     for i, n in enumerate(names):
         if n == BASE_ADAPTER:
             with bm.disable_adapter():
-                single = logits(bm, x[i:i + 1])
+                single = logits(bm, x[i : i + 1])
         else:
             bm.set_adapter(n)
-            single = logits(bm, x[i:i + 1])
-        torch.testing.assert_close(batched[i:i + 1], single, atol=1e-5, rtol=1e-5)
+            single = logits(bm, x[i : i + 1])
+        torch.testing.assert_close(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
     # uniform batch takes the single-adapter route
-    torch.testing.assert_close(logits(bm, x[:2], adapter_names=["c", "c"]), (bm.set_adapter("c"), logits(bm, x[:2]))[1],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits(bm, x[:2], adapter_names=["c", "c"]), (bm.set_adapter("c"), logits(bm, x[:2]))[1], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_per_row_with_grad_reaches_the_row_adapters():
@@ -295,17 +296,18 @@ def test_generate_per_row_equals_single(name):
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     out = bm.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=names, **kw)
     for i, n in enumerate(names):
-        row = x[i:i + 1]
+        row = x[i : i + 1]
         if n == BASE_ADAPTER:
             with bm.disable_adapter():
                 single = bm.generate(input_ids=row, attention_mask=torch.ones_like(row), **kw)
         else:
             bm.set_adapter(n)
             single = bm.generate(input_ids=row, attention_mask=torch.ones_like(row), **kw)
-        assert torch.equal(out[i:i + 1], single), n
+        assert torch.equal(out[i : i + 1], single), n
     # beams expand each row in place; names follow their row
-    out2 = bm.generate(input_ids=x[:2], attention_mask=torch.ones_like(x[:2]), adapter_names=["a", "b"],
-                       num_beams=2, **kw)
+    out2 = bm.generate(
+        input_ids=x[:2], attention_mask=torch.ones_like(x[:2]), adapter_names=["a", "b"], num_beams=2, **kw
+    )
     assert out2.shape[0] == 2
 
 
@@ -364,8 +366,15 @@ def test_generate_builds_row_plans_once(monkeypatch):
     orig = routing.RowPlan.build.__func__
     monkeypatch.setattr(routing.RowPlan, "build", classmethod(lambda cls, *a: calls.append(1) or orig(cls, *a)))
     x = ids(batch=2, seq=4)
-    bm.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=["a", "b"], max_new_tokens=5,
-                min_new_tokens=5, do_sample=False, pad_token_id=0)
+    bm.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        adapter_names=["a", "b"],
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert len(calls) == 2 * 7  # one plan per wrapped layer for the whole generate call, not per token
 
 

@@ -60,7 +60,7 @@ def test_routed_decode_loop_equals_generate():
             cache = getattr(out, cache_arg)
             tokens.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(got, want)
-    mine, theirs = torch.stack(tokens, 1), want[:, x.shape[1]:]
+    mine, theirs = torch.stack(tokens, 1), want[:, x.shape[1] :]
     eos = bm.generation_config.eos_token_id
     for row in range(len(names)):  # generate pads a row after its EOS; the loop above runs on
         ended = (theirs[row] == eos).nonzero()

@@ -29,5 +29,7 @@ def test_look_around_still_works_for_library_users():
 
 def test_re2_and_re_agree_on_ordinary_patterns():
     config = BoneConfig(r=4, target_modules=r".*\.0\.self_attn\.(q|k)_proj")
-    assert [t.name for t in find_targets(build("llama"), config)] == ["model.layers.0.self_attn.q_proj",
-                                                                      "model.layers.0.self_attn.k_proj"]
+    assert [t.name for t in find_targets(build("llama"), config)] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+    ]

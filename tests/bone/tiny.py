@@ -18,16 +18,31 @@ GPT2_ALL = ["c_attn", "c_proj", "c_fc"]
 def _llama(hidden=32, inter=48, heads=4, kv=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=heads,
-                      num_key_value_heads=kv, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def _opt():
     from transformers import OPTConfig, OPTForCausalLM
 
-    cfg = OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4, vocab_size=64,
-                    max_position_embeddings=64, word_embed_proj_dim=32)
+    cfg = OPTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=48,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    )
     return OPTForCausalLM(cfg)
 
 

@@ -17,8 +17,14 @@ def store(redis_conn):
 
 
 def running_job(store, *, attempts=1, started_ago=60.0, beat=False) -> Job:
-    job = Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={"records": 1}, bone=BoneSpec(),
-              training=TrainingSpec())
+    job = Job(
+        id=Job.new_id(),
+        adapter_name="a",
+        base_model="embedded",
+        dataset={"records": 1},
+        bone=BoneSpec(),
+        training=TrainingSpec(),
+    )
     store.create(job, records=[{"text": "x"}])
     store.transition(job.id, None, status=JobStatus.RUNNING, attempts=attempts, started_at=time.time() - started_ago)
     if beat:
@@ -30,8 +36,14 @@ def test_only_running_jobs_without_a_heartbeat_are_requeued(redis_conn, settings
     dead = running_job(store)
     alive = running_job(store, beat=True)
     just_started = running_job(store, started_ago=1.0)
-    job = Job(id=Job.new_id(), adapter_name="b", base_model="embedded", dataset={"records": 1}, bone=BoneSpec(),
-              training=TrainingSpec())
+    job = Job(
+        id=Job.new_id(),
+        adapter_name="b",
+        base_model="embedded",
+        dataset={"records": 1},
+        bone=BoneSpec(),
+        training=TrainingSpec(),
+    )
     store.create(job)
     store.transition(job.id, None, status=JobStatus.RUNNING)  # never started by a worker (no started_at)
 
@@ -49,8 +61,9 @@ def test_the_last_attempt_fails_with_the_reason(redis_conn, settings, store):
     assert janitor.sweep(redis_conn, settings) == [job.id]
     done = store.get(job.id)
     assert done.status is JobStatus.FAILED and done.finished_at is not None
-    assert done.error == ("the worker running attempt 3 stopped (no heartbeat for 15 s); gave up after 3 attempts "
-                          "(BONE_MAX_ATTEMPTS)")
+    assert done.error == (
+        "the worker running attempt 3 stopped (no heartbeat for 15 s); gave up after 3 attempts (BONE_MAX_ATTEMPTS)"
+    )
     assert Queue(settings.queue_name, connection=redis_conn).job_ids == []
 
 

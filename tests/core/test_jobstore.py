@@ -6,8 +6,14 @@ from core.jobstore import JobStore
 
 
 def _job(**overrides) -> Job:
-    fields = dict(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={"records": 1},
-                  bone=BoneSpec(), training=TrainingSpec())
+    fields = dict(
+        id=Job.new_id(),
+        adapter_name="a",
+        base_model="embedded",
+        dataset={"records": 1},
+        bone=BoneSpec(),
+        training=TrainingSpec(),
+    )
     fields.update(overrides)
     return Job(**fields)
 
@@ -126,8 +132,9 @@ def test_a_record_accepted_under_older_rules_still_loads(redis_conn):
     """batch_size must split evenly over num_processes for NEW jobs; a job queued before that rule (batch 3 on
     2 processes) is still read, listed and moved through its states, never silently dropped."""
     store = JobStore(redis_conn)
-    job = _job(training=TrainingSpec.model_construct(**{**TrainingSpec().model_dump(), "batch_size": 3,
-                                                        "num_processes": 2}))
+    job = _job(
+        training=TrainingSpec.model_construct(**{**TrainingSpec().model_dump(), "batch_size": 3, "num_processes": 2})
+    )
     store.create(job)
     with pytest.raises(ValueError, match="multiple of num_processes"):
         TrainingSpec(batch_size=3, num_processes=2)

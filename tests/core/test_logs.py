@@ -7,12 +7,15 @@ import pytest
 from core.logs import ContextFilter, JsonFormatter, job_id_var, redact, request_id_var
 
 
-@pytest.mark.parametrize("text,secret", [
-    ("Authorization: Bearer sk-abc123.def", "sk-abc123.def"),
-    ("connecting to redis://user:hunter2@redis:6379/0", "hunter2"),
-    ("api_key=supersecret rest", "supersecret"),
-    ('{"password": "p4ss"}', "p4ss"),
-])
+@pytest.mark.parametrize(
+    "text,secret",
+    [
+        ("Authorization: Bearer sk-abc123.def", "sk-abc123.def"),
+        ("connecting to redis://user:hunter2@redis:6379/0", "hunter2"),
+        ("api_key=supersecret rest", "supersecret"),
+        ('{"password": "p4ss"}', "p4ss"),
+    ],
+)
 def test_secrets_are_masked(text, secret):
     assert secret not in redact(text)
 

@@ -20,8 +20,15 @@ BLOCKS = 4 * (8 * 256 + 8 * 128)  # Bone r=8 on q_proj (8 x 256) and v_proj (8 x
 def shape():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=264, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=264,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     return model_shape(skeleton)
@@ -45,8 +52,9 @@ def test_one_process_matches_a_hand_calculation(shape):
 
 def test_sharding_divides_the_base_and_the_blocks_and_adds_what_is_gathered(shape):
     whole = estimate_device_memory(shape, BLOCKS, TrainingSpec(num_processes=2, per_device_batch_size=2))
-    sharded = estimate_device_memory(shape, BLOCKS,
-                                     TrainingSpec(num_processes=2, per_device_batch_size=2, sharding="full"))
+    sharded = estimate_device_memory(
+        shape, BLOCKS, TrainingSpec(num_processes=2, per_device_batch_size=2, sharding="full")
+    )
     assert sharded.shards == 2 and whole.shards == 1
     assert sharded.base * 2 == whole.base and sharded.trainable * 2 == whole.trainable
     assert sharded.gathered == (ROOT + 2 * LAYER) * 2
@@ -54,8 +62,9 @@ def test_sharding_divides_the_base_and_the_blocks_and_adds_what_is_gathered(shap
     assert sharded.total < whole.total
 
 
-@pytest.mark.parametrize("field, values", [("per_device_batch_size", [1, 2, 4, 8]),
-                                           ("max_seq_length", [64, 256, 1024, 4096])])
+@pytest.mark.parametrize(
+    "field, values", [("per_device_batch_size", [1, 2, 4, 8]), ("max_seq_length", [64, 256, 1024, 4096])]
+)
 def test_the_estimate_grows_with_the_batch_and_the_sequence_length(shape, field, values):
     totals = [estimate_device_memory(shape, BLOCKS, TrainingSpec(**{field: v})).total for v in values]
     assert totals == sorted(totals) and len(set(totals)) == len(totals)

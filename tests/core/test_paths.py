@@ -32,15 +32,30 @@ def test_hf_dataset_is_a_folder_inside_the_datasets_dir(datasets):
     assert dataset_source("mine", datasets_dir=datasets, allow_hub=False, param="p") == str(datasets / "mine")
 
 
-@pytest.mark.parametrize("name", ["files", "data/files", "../secret", "/etc", "~/x", "escape", "escape/train.jsonl",
-                                  "nobody/nothing", "mine/../../secret", "a\\b"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "files",
+        "data/files",
+        "../secret",
+        "/etc",
+        "~/x",
+        "escape",
+        "escape/train.jsonl",
+        "nobody/nothing",
+        "mine/../../secret",
+        "a\\b",
+    ],
+)
 def test_every_other_hf_dataset_name_is_refused_with_one_message(datasets, name, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # "data/..." exists relative to the working directory: must not matter
     with pytest.raises(InvalidRequest) as refused:
         dataset_source(name, datasets_dir=datasets, allow_hub=False, param="dataset.hf_dataset")
     assert refused.value.param == "dataset.hf_dataset" and refused.value.code == "dataset_not_allowed"
-    assert refused.value.message == f"hf_dataset {name!r} is not available: name a dataset folder inside the data " \
+    assert (
+        refused.value.message == f"hf_dataset {name!r} is not available: name a dataset folder inside the data "
         "dir's datasets folder, relative to it (hub datasets are off: BONE_ALLOW_HUB_DATASETS)"
+    )
     assert str(tmp_path) not in refused.value.message  # no server path in the answer
 
 
@@ -53,13 +68,16 @@ def test_hub_datasets_only_when_allowed_and_never_a_working_directory_path(datas
     assert not is_hub_id("data/datasets") and not is_hub_id("a/../b") and is_hub_id("Qwen/Qwen2.5-0.5B")
 
 
-@pytest.mark.parametrize("name", ["missing.jsonl", "../secret/train.jsonl", "escape/train.jsonl", "/etc/passwd",
-                                  "mine"])
+@pytest.mark.parametrize(
+    "name", ["missing.jsonl", "../secret/train.jsonl", "escape/train.jsonl", "/etc/passwd", "mine"]
+)
 def test_dataset_paths_outside_or_missing_read_the_same(datasets, name):
     with pytest.raises(InvalidRequest) as refused:
         dataset_file(name, datasets_dir=datasets, suffixes=SUFFIXES, param="dataset.path")
-    assert refused.value.message == f"dataset path {name!r} is not available: name a file inside the data dir's " \
+    assert (
+        refused.value.message == f"dataset path {name!r} is not available: name a file inside the data dir's "
         "datasets folder, relative to it"
+    )
     assert dataset_file("rows.jsonl", datasets_dir=datasets, suffixes=SUFFIXES, param="p") == datasets / "rows.jsonl"
 
 
@@ -67,8 +85,16 @@ def test_row11_base_model_traversal_and_missing_path_read_the_same(settings, tmp
     """Row 11: ``data/../../../etc/passwd`` and a missing path used to get two different messages."""
     monkeypatch.chdir(tmp_path)
     messages = set()
-    for name in ("data/../../../etc/passwd", "data/../../../no/such/file", "/etc", "/no/such/dir",
-                 str(settings.data_dir / "missing-model"), "../x", "./x", "~/x"):
+    for name in (
+        "data/../../../etc/passwd",
+        "data/../../../no/such/file",
+        "/etc",
+        "/no/such/dir",
+        str(settings.data_dir / "missing-model"),
+        "../x",
+        "./x",
+        "~/x",
+    ):
         with pytest.raises(InvalidRequest) as refused:
             resolve_base_model(name, settings)
         assert refused.value.code == "base_model_not_allowed" and refused.value.param == "base_model"
@@ -122,8 +148,9 @@ def test_a_stored_record_keeps_its_dataset_name_and_its_type():
     fields = {"id": "job-1", "adapter_name": "a", "base_model": "b", "bone": BoneSpec(), "training": TrainingSpec()}
     old = Job.model_validate({**fields, "dataset": {"hf_dataset": "a/b/c", "split": "train"}}, context=STORED)
     assert isinstance(old.dataset, HFDataset) and old.dataset.hf_dataset == "a/b/c"
-    job = Job.model_validate({**fields, "dataset": {"path": "rows.jsonl"},
-                              "validation_dataset": {"records": 3, "format": "text"}})
+    job = Job.model_validate(
+        {**fields, "dataset": {"path": "rows.jsonl"}, "validation_dataset": {"records": 3, "format": "text"}}
+    )
     assert isinstance(job.dataset, PathDataset) and isinstance(job.validation_dataset, InlineRecords)
     shown = job.model_dump(mode="json")  # the summary the API shows: no null keys
     assert (shown["dataset"], shown["validation_dataset"]) == ({"path": "rows.jsonl"}, {"records": 3, "format": "text"})

@@ -17,8 +17,15 @@ BOB = Principal("bob", "user", "k")
 
 
 def _job() -> Job:
-    return Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={"records": 1}, bone=BoneSpec(),
-               training=TrainingSpec(), owner="bob")
+    return Job(
+        id=Job.new_id(),
+        adapter_name="a",
+        base_model="embedded",
+        dataset={"records": 1},
+        bone=BoneSpec(),
+        training=TrainingSpec(),
+        owner="bob",
+    )
 
 
 def test_admins_and_anonymous_callers_are_not_bound(redis_conn):

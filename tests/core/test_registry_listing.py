@@ -73,10 +73,20 @@ def test_an_overwrite_is_judged_under_the_publish_lock(settings):
     source = registry.path("owned")
     before = registry.get("owned")
     with pytest.raises(Conflict, match="in use"):
-        registry.publish("owned", source, {"base_model": "embedded", "bone": before.bone, "owner": "alice"},
-                         overwrite=True, may_replace=lambda current: current.owner == "alice")
+        registry.publish(
+            "owned",
+            source,
+            {"base_model": "embedded", "bone": before.bone, "owner": "alice"},
+            overwrite=True,
+            may_replace=lambda current: current.owner == "alice",
+        )
     assert registry.get("owned") == before
     assert not [p for p in registry.root.iterdir() if p.name.startswith((".staging-", ".trash-"))]
-    replaced = registry.publish("owned", source, {"base_model": "embedded", "bone": before.bone}, overwrite=True,
-                                may_replace=lambda current: current.owner is None)
+    replaced = registry.publish(
+        "owned",
+        source,
+        {"base_model": "embedded", "bone": before.bone},
+        overwrite=True,
+        may_replace=lambda current: current.owner is None,
+    )
     assert registry.get("owned") == replaced and replaced.created_at > before.created_at

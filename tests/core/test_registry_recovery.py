@@ -51,8 +51,13 @@ def test_a_publish_racing_a_sweep_in_another_process_always_lands(tmp_path):
     root = tmp_path / "reg"
     registry = AdapterRegistry(root)
     registry.publish("alpha", adapter_dir(tmp_path / "v0", 0.0), META)
-    sweeper = subprocess.Popen([sys.executable, "-c", SWEEP_FOREVER, str(root)], cwd=ROOT, stdout=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    sweeper = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_FOREVER, str(root)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert sweeper.stdout.readline().strip() == "sweeping"
         for i in range(1, 41):
@@ -87,8 +92,9 @@ AdapterRegistry(Path(sys.argv[1])).publish("alpha", Path(sys.argv[2]), {"base_mo
 
 
 @pytest.mark.parametrize("new_version_whole, expect", [(True, 2.0), (False, 1.0)], ids=["forward", "back"])
-def test_an_overwrite_interrupted_between_its_renames_is_finished_on_the_next_start(tmp_path, new_version_whole,
-                                                                                     expect):
+def test_an_overwrite_interrupted_between_its_renames_is_finished_on_the_next_start(
+    tmp_path, new_version_whole, expect
+):
     root = tmp_path / "reg"
     registry = AdapterRegistry(root)
     registry.publish("alpha", adapter_dir(tmp_path / "v1", 1.0), META)
@@ -108,16 +114,20 @@ def test_an_overwrite_interrupted_between_its_renames_is_finished_on_the_next_st
 
     tensors, _ = registry.verified_tensors("alpha")
     assert float(tensors["base_model.model.layer.bone_block"][0, 0]) == expect
-    assert [p.name for p in root.iterdir() if p.name.startswith(".") and p.name != ".publish.lock"] == [] \
-        or not new_version_whole  # a damaged staging folder is left for the sweep's grace period
+    assert [
+        p.name for p in root.iterdir() if p.name.startswith(".") and p.name != ".publish.lock"
+    ] == [] or not new_version_whole  # a damaged staging folder is left for the sweep's grace period
 
 
 def test_a_publish_or_delete_finishes_an_interrupted_overwrite_first(tmp_path):
     root = tmp_path / "reg"
     registry = AdapterRegistry(root)
     registry.publish("alpha", adapter_dir(tmp_path / "v1", 1.0), META)
-    subprocess.run([sys.executable, "-c", DIE_BETWEEN_RENAMES, str(root), str(adapter_dir(tmp_path / "v2", 2.0))],
-                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        [sys.executable, "-c", DIE_BETWEEN_RENAMES, str(root), str(adapter_dir(tmp_path / "v2", 2.0))],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     registry.delete("alpha")  # rolls the overwrite forward, then deletes: nothing comes back later
     assert LocalStorage(root).recover() == [] and not registry.exists("alpha")
 

@@ -38,8 +38,9 @@ def registry(s3_server, s3_url, tmp_path) -> AdapterRegistry:  # noqa: F811
 
 def replica(s3_server, s3_url, tmp_path, label: str) -> AdapterRegistry:  # noqa: F811
     """Another process's view: its own filesystem client and its own weights cache."""
-    return AdapterRegistry(s3_url, cache_dir=tmp_path / f"cache-{label}",
-                           storage_options={"endpoint_url": s3_server.endpoint_url})
+    return AdapterRegistry(
+        s3_url, cache_dir=tmp_path / f"cache-{label}", storage_options={"endpoint_url": s3_server.endpoint_url}
+    )
 
 
 def keys(s3_server, s3_url) -> list[str]:  # noqa: F811
@@ -58,8 +59,11 @@ def test_publish_get_list_and_verified_weights(registry, tmp_path, s3_server, s3
 
     stored = keys(s3_server, s3_url)
     version = json.loads(s3_server.fs.cat_file(f"{s3_url}/alpha/manifest.json"))["version"]
-    assert stored == ["alpha/manifest.json", f"alpha/{version}/adapter_config.json",
-                      f"alpha/{version}/adapter_model.safetensors"]
+    assert stored == [
+        "alpha/manifest.json",
+        f"alpha/{version}/adapter_config.json",
+        f"alpha/{version}/adapter_model.safetensors",
+    ]
 
     weights, got = registry.verified_weights("alpha")
     assert got == info and weights == tmp_path / "cache" / f"{info.sha256}.safetensors"
@@ -131,8 +135,9 @@ def test_damaged_cache_copy_is_fetched_again(registry, tmp_path):
 
 def test_registries_under_sibling_prefixes_stay_apart(s3_server, s3_url, tmp_path):  # noqa: F811
     near = replica(s3_server, s3_url, tmp_path, "near")
-    sibling = AdapterRegistry(s3_url + "2", cache_dir=tmp_path / "cache-2",
-                              storage_options={"endpoint_url": s3_server.endpoint_url})
+    sibling = AdapterRegistry(
+        s3_url + "2", cache_dir=tmp_path / "cache-2", storage_options={"endpoint_url": s3_server.endpoint_url}
+    )
     sibling.publish("theirs", _adapter_dir(tmp_path), META)
     assert near.list() == [] and near.sweep() == 0 and [i.name for i in sibling.list()] == ["theirs"]
 
@@ -184,11 +189,21 @@ def test_an_overwrite_is_judged_on_the_manifest_it_replaces(registry, tmp_path, 
     registry.publish("owned", _adapter_dir(tmp_path), {**META, "owner": "bob"})
     before = keys(s3_server, s3_url)
     with pytest.raises(Conflict, match="in use"):
-        registry.publish("owned", _adapter_dir(tmp_path, b"weights-v2"), {**META, "owner": "alice"}, overwrite=True,
-                         may_replace=lambda current: current.owner == "alice")
+        registry.publish(
+            "owned",
+            _adapter_dir(tmp_path, b"weights-v2"),
+            {**META, "owner": "alice"},
+            overwrite=True,
+            may_replace=lambda current: current.owner == "alice",
+        )
     assert keys(s3_server, s3_url) == before and registry.get("owned").owner == "bob"
-    registry.publish("owned", _adapter_dir(tmp_path, b"weights-v2"), {**META, "owner": "bob"}, overwrite=True,
-                     may_replace=lambda current: current.owner == "bob")
+    registry.publish(
+        "owned",
+        _adapter_dir(tmp_path, b"weights-v2"),
+        {**META, "owner": "bob"},
+        overwrite=True,
+        may_replace=lambda current: current.owner == "bob",
+    )
     assert registry.verified_weights("owned")[0].read_bytes() == b"weights-v2"
 
 
@@ -215,8 +230,9 @@ def test_owner_scoped_view_shares_the_object_store(registry, tmp_path):
 def test_from_settings(tmp_path, s3_server, s3_url):  # noqa: F811
     local = AdapterRegistry.from_settings(Settings(data_dir=tmp_path))
     assert local.root == tmp_path / "adapters"
-    remote = AdapterRegistry.from_settings(Settings(data_dir=tmp_path, registry_url=s3_url,
-                                                    s3_endpoint_url=s3_server.endpoint_url))
+    remote = AdapterRegistry.from_settings(
+        Settings(data_dir=tmp_path, registry_url=s3_url, s3_endpoint_url=s3_server.endpoint_url)
+    )
     assert remote.root == s3_url and remote.list() == []
     assert remote.storage.cache_dir == tmp_path / "registry-cache"
     assert AdapterRegistry(f"file://{tmp_path}/reg").root == tmp_path / "reg"
@@ -225,17 +241,27 @@ def test_from_settings(tmp_path, s3_server, s3_url):  # noqa: F811
 def test_unreachable_store_is_service_unavailable(tmp_path):
     from tests.e2e.conftest import free_port
 
-    dead = AdapterRegistry("s3://nowhere/reg", cache_dir=tmp_path / "cache", storage_options={
-        "endpoint_url": f"http://127.0.0.1:{free_port()}",
-        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}, "retries": 1})
+    dead = AdapterRegistry(
+        "s3://nowhere/reg",
+        cache_dir=tmp_path / "cache",
+        storage_options={
+            "endpoint_url": f"http://127.0.0.1:{free_port()}",
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+            "retries": 1,
+        },
+    )
     with pytest.raises(ServiceUnavailable, match="s3://nowhere/reg"):
         dead.list()
 
 
 def test_the_weights_cache_keeps_to_its_size_least_recently_used_first(s3_server, s3_url, tmp_path):  # noqa: F811
     payloads = {name: name.encode().ljust(300, b".") for name in ("one", "two", "three")}  # 300 bytes each
-    bounded = AdapterRegistry(s3_url, cache_dir=tmp_path / "small-cache", cache_bytes=700,
-                              storage_options={"endpoint_url": s3_server.endpoint_url})
+    bounded = AdapterRegistry(
+        s3_url,
+        cache_dir=tmp_path / "small-cache",
+        cache_bytes=700,
+        storage_options={"endpoint_url": s3_server.endpoint_url},
+    )
     for name, payload in payloads.items():
         bounded.publish(name, _adapter_dir(tmp_path, payload), META)
     paths = {name: bounded.verified_weights(name)[0] for name in ("one", "two")}
@@ -244,7 +270,8 @@ def test_the_weights_cache_keeps_to_its_size_least_recently_used_first(s3_server
     assert bounded.verified_weights("one")[0] == paths["one"]  # ... until now: a hit marks it recently used
     bounded.verified_weights("three")  # 900 bytes > 700: the least recently used copy ("two") goes
     assert sorted(p.name for p in (tmp_path / "small-cache").glob("*.safetensors")) == sorted(
-        bounded.get(name).sha256 + ".safetensors" for name in ("one", "three"))
+        bounded.get(name).sha256 + ".safetensors" for name in ("one", "three")
+    )
     assert bounded.verified_weights("two")[0].read_bytes() == payloads["two"]  # fetched again when asked
 
 

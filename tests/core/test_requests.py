@@ -47,8 +47,14 @@ def nested_models(model: type[BaseModel], seen: set | None = None) -> set[type[B
 
 def test_every_json_body_of_every_route_is_a_request_model():
     bodies = json_body_models()
-    assert {path for path, _ in bodies} >= {"/generate", "/v1/completions", "/v1/chat/completions", "/jobs", "/evals",
-                                            "/adapters/{name}/compose"}
+    assert {path for path, _ in bodies} >= {
+        "/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/jobs",
+        "/evals",
+        "/adapters/{name}/compose",
+    }
     names = {inner.__name__ for _, model in bodies for inner in nested_models(model)}
     assert {
         "ChatMessage",
@@ -68,14 +74,17 @@ class Sample(RequestModel):
     name: str = ""
 
 
-@pytest.mark.parametrize("raw, field", [
-    ('{"x": 1e309}', "x"),
-    ('{"x": -1e309}', "x"),
-    ('{"x": NaN}', "x"),
-    ('{"x": Infinity}', "x"),
-    ('{"weights": {"a": 1e400}}', "weights"),
-    ('{"name": "a\\udfffb"}', "name"),
-])
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ('{"x": 1e309}', "x"),
+        ('{"x": -1e309}', "x"),
+        ('{"x": NaN}', "x"),
+        ('{"x": Infinity}', "x"),
+        ('{"weights": {"a": 1e400}}', "weights"),
+        ('{"name": "a\\udfffb"}', "name"),
+    ],
+)
 def test_non_finite_floats_and_broken_strings_are_refused(raw, field):
     with pytest.raises(ValidationError) as refused:
         Sample.model_validate(json.loads(raw))

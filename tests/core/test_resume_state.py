@@ -38,8 +38,9 @@ def registries(request, tmp_path):
     s3_server, url = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_url")
 
     def view(label: str) -> AdapterRegistry:
-        return AdapterRegistry(url, cache_dir=tmp_path / f"cache-{label}",
-                               storage_options={"endpoint_url": s3_server.endpoint_url})
+        return AdapterRegistry(
+            url, cache_dir=tmp_path / f"cache-{label}", storage_options={"endpoint_url": s3_server.endpoint_url}
+        )
 
     return view("a"), view("b")
 
@@ -108,8 +109,14 @@ def test_the_janitor_removes_the_checkpoints_of_final_and_unknown_jobs(tmp_path,
     store, shared = JobStore(redis_conn), ResumeStore.from_settings(settings)
     jobs = {}
     for status in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.FAILED):
-        job = Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={"records": 1},
-                  bone=BoneSpec(), training=TrainingSpec())
+        job = Job(
+            id=Job.new_id(),
+            adapter_name="a",
+            base_model="embedded",
+            dataset={"records": 1},
+            bone=BoneSpec(),
+            training=TrainingSpec(),
+        )
         store.create(job, records=None)
         store.update(job.id, status=status)
         jobs[status] = job.id
@@ -130,8 +137,14 @@ def test_the_janitor_thread_sweeps_the_store(tmp_path, redis_url, redis_conn):
 
     settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, janitor_interval_s=0.1)
     store, shared = JobStore(redis_conn), ResumeStore.from_settings(settings)
-    job = Job(id=Job.new_id(), adapter_name="a", base_model="embedded", dataset={"records": 1}, bone=BoneSpec(),
-              training=TrainingSpec())
+    job = Job(
+        id=Job.new_id(),
+        adapter_name="a",
+        base_model="embedded",
+        dataset={"records": 1},
+        bone=BoneSpec(),
+        training=TrainingSpec(),
+    )
     store.create(job, records=None)
     store.update(job.id, status=JobStatus.SUCCEEDED)
     shared.put(job.id, 5, checkpoint_folder(tmp_path, 5), keep=2)

@@ -12,8 +12,9 @@ def test_environment_prefix_and_derived_dirs(monkeypatch, tmp_path):
     assert settings.registry_dir == tmp_path / "adapters"
 
 
-@pytest.mark.parametrize("name,value", [("BONE_PORT", "abc"), ("BONE_PORT", "70000"),
-                                        ("BONE_REDIS_URL", "http://x"), ("BONE_DEVICE", "tpu")])
+@pytest.mark.parametrize(
+    "name,value", [("BONE_PORT", "abc"), ("BONE_PORT", "70000"), ("BONE_REDIS_URL", "http://x"), ("BONE_DEVICE", "tpu")]
+)
 def test_bad_setting_is_named_in_one_line(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError) as info:

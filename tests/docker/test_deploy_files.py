@@ -26,31 +26,52 @@ def _compose_binary() -> str:
 
 
 def test_compose_file_matches_the_compose_specification():
-    result = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-                             str(ROOT / "docker-compose.yml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_compose_config_resolves_with_required_secret(tmp_path):
     env = {**os.environ, "BONE_API_KEYS": "admin:secret"}
-    result = subprocess.run([_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-                            capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
-    services = subprocess.run([_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu",
-                               "config", "--services"], capture_output=True, text=True, env=env, cwd=ROOT)
+    services = subprocess.run(
+        [_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu", "config", "--services"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert set(services.stdout.split()) == {"redis", "api", "worker", "worker-gpu-0", "worker-gpu-1"}
 
 
 def test_compose_refuses_to_start_without_the_api_keys():
     env = {k: v for k, v in os.environ.items() if k != "BONE_API_KEYS"}
-    result = subprocess.run([_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-                            capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode != 0 and "BONE_API_KEYS" in result.stderr
 
 
 def test_dockerfile_passes_hadolint():
-    result = subprocess.run([str(BIN / "hadolint"), "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "hadolint"), "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -64,8 +85,9 @@ def test_dockerfile_essentials():
 
 def _entrypoint(*args: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **env}
-    return subprocess.run(["sh", str(ROOT / "docker" / "entrypoint.sh"), *args], capture_output=True, text=True,
-                          env=full_env, timeout=60)
+    return subprocess.run(
+        ["sh", str(ROOT / "docker" / "entrypoint.sh"), *args], capture_output=True, text=True, env=full_env, timeout=60
+    )
 
 
 def test_entrypoint_roles_dispatch_to_the_cli():
@@ -100,8 +122,13 @@ def test_entrypoint_is_posix_sh():
 
 def test_each_gpu_worker_reserves_its_own_gpu():
     env = {**os.environ, "BONE_API_KEYS": "admin:secret"}
-    result = subprocess.run([_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu", "config",
-                             "--format", "json"], capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu", "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
     gpu_workers = {name: s for name, s in services.items() if name.startswith("worker-gpu")}

@@ -26,18 +26,28 @@ class Service:
         self.data_dir, self.redis_url, self.log_dir = data_dir, redis_url, log_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": redis_url,
-                    "BONE_PORT": str(self.port), "BONE_LOG_LEVEL": "info",
-                    # API and worker share 2 cores in CI: one torch thread each avoids oversubscription.
-                    "OMP_NUM_THREADS": "1"}
+        self.env = {
+            **os.environ,
+            "BONE_DATA_DIR": str(data_dir),
+            "BONE_REDIS_URL": redis_url,
+            "BONE_PORT": str(self.port),
+            "BONE_LOG_LEVEL": "info",
+            # API and worker share 2 cores in CI: one torch thread each avoids oversubscription.
+            "OMP_NUM_THREADS": "1",
+        }
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, role: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{role}.log", "ab")
         # A session of its own: a test can kill the whole process group, as a lost machine would.
-        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,
+        )
         self.procs[role] = proc
         return proc
 
@@ -99,8 +109,9 @@ def service(tmp_path, redis_url, shared_models_dir):
 def keyed_service(tmp_path, redis_url, shared_models_dir):
     """The service as `make run` starts it: no BONE_API_KEYS, so the API mints the local admin key into its data
     dir. Its API also accepts jobs on the queue `idle`, which no worker serves (jobs there stay queued)."""
-    svc = new_service(tmp_path, redis_url, shared_models_dir, "bone-data", BONE_AUTH_DISABLED="false",
-                      BONE_QUEUES="idle")
+    svc = new_service(
+        tmp_path, redis_url, shared_models_dir, "bone-data", BONE_AUTH_DISABLED="false", BONE_QUEUES="idle"
+    )
     with running(svc):
         yield svc
 

@@ -18,17 +18,30 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli(service, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "BONE_URL": service.url, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+    )
 
 
 def test_cli_round_trip(service, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in MEMORIZE_RECORDS) + "\n")
     training = MEMORIZE_RECIPE["training"]
-    created = cli(service, "jobs", "create", "--file", str(data), "--name", "cli-memo",
-                  "--max-steps", str(training["max_steps"]), "--learning-rate", str(training["learning_rate"]),
-                  "--batch-size", str(training["batch_size"]))
+    created = cli(
+        service,
+        "jobs",
+        "create",
+        "--file",
+        str(data),
+        "--name",
+        "cli-memo",
+        "--max-steps",
+        str(training["max_steps"]),
+        "--learning-rate",
+        str(training["learning_rate"]),
+        "--batch-size",
+        str(training["batch_size"]),
+    )
     assert created.returncode == 0, created.stderr
     job_id = created.stdout.split()[0]
     assert job_id.startswith("job-") and "file=file-" in created.stdout
@@ -41,8 +54,15 @@ def test_cli_round_trip(service, tmp_path):
     assert job_id in cli(service, "jobs", "list").stdout
 
     record = MEMORIZE_RECORDS[0]
-    generated = cli(service, "generate", "--adapter", "cli-memo", "--max-new-tokens",
-                    str(len(record["completion"].encode())), record["prompt"])
+    generated = cli(
+        service,
+        "generate",
+        "--adapter",
+        "cli-memo",
+        "--max-new-tokens",
+        str(len(record["completion"].encode())),
+        record["prompt"],
+    )
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.strip() == record["completion"]
 
@@ -51,8 +71,16 @@ def test_cli_round_trip(service, tmp_path):
     assert {p.name for p in exported.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     imported = cli(service, "adapters", "import", str(exported), "--name", "cli-copy")
     assert imported.returncode == 0, imported.stderr
-    copy = cli(service, "generate", "--adapter", "cli-copy", "--no-stream", "--max-new-tokens",
-               str(len(record["completion"].encode())), record["prompt"])
+    copy = cli(
+        service,
+        "generate",
+        "--adapter",
+        "cli-copy",
+        "--no-stream",
+        "--max-new-tokens",
+        str(len(record["completion"].encode())),
+        record["prompt"],
+    )
     assert copy.stdout.strip() == record["completion"]
 
 
@@ -61,8 +89,12 @@ def test_cli_errors_are_one_line_with_nonzero_exit(service):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bone-server: ") and "404" in lines[0]
-    unreachable = subprocess.run([sys.executable, "-m", "cli", "jobs", "list", "--url", "http://127.0.0.1:9"],
-                                 capture_output=True, text=True, cwd=ROOT)
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "cli", "jobs", "list", "--url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
 
 
@@ -92,16 +124,27 @@ def test_every_command_and_option_has_help():
 def test_version_and_completion():
     version = subprocess.run([sys.executable, "-m", "cli", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert version.returncode == 0 and version.stdout.startswith("bone-server ")
-    shown = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "COLUMNS": "200"})
+    shown = subprocess.run(
+        [sys.executable, "-m", "cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert "--install-completion" in shown.stdout
 
 
 def plain_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: the server found through BONE_PORT/BONE_DATA_DIR, no BONE_URL/BONE_API_KEY."""
     base = {k: v for k, v in os.environ.items() if k not in ("BONE_URL", "BONE_API_KEY", "BONE_DATA_DIR")}
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**base, "COLUMNS": "200", "PYTHONPATH": str(ROOT), **env}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**base, "COLUMNS": "200", "PYTHONPATH": str(ROOT), **env},
+        timeout=timeout,
+    )
 
 
 def test_settings_key_hints_files_cancel_and_adapters(keyed_service, tmp_path):
@@ -137,9 +180,16 @@ def test_settings_key_hints_files_cancel_and_adapters(keyed_service, tmp_path):
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"}
-    queued = httpx.post(svc.url + "/jobs", headers=headers, json={
-        "adapter_name": "never", "dataset": {"records": MEMORIZE_RECORDS}, "queue": "idle",
-        "training": {"max_steps": 1}}).json()
+    queued = httpx.post(
+        svc.url + "/jobs",
+        headers=headers,
+        json={
+            "adapter_name": "never",
+            "dataset": {"records": MEMORIZE_RECORDS},
+            "queue": "idle",
+            "training": {"max_steps": 1},
+        },
+    ).json()
     cancelled = plain_cli("jobs", "cancel", queued["id"], env=found, cwd=elsewhere)
     assert cancelled.stdout.strip() == f"{queued['id']}: cancelled before it ran; nothing was published"
     again = plain_cli("jobs", "cancel", queued["id"], env=found, cwd=elsewhere)
@@ -147,9 +197,23 @@ def test_settings_key_hints_files_cancel_and_adapters(keyed_service, tmp_path):
 
     # ... a finished one is left alone; then compose, export and delete adapters
     training = MEMORIZE_RECIPE["training"]
-    job_id = plain_cli("jobs", "create", "--file", str(data), "--name", "memo", "--quiet", "--max-steps",
-                       str(training["max_steps"]), "--learning-rate", str(training["learning_rate"]),
-                       "--batch-size", str(training["batch_size"]), env=found, cwd=elsewhere).stdout.strip()
+    job_id = plain_cli(
+        "jobs",
+        "create",
+        "--file",
+        str(data),
+        "--name",
+        "memo",
+        "--quiet",
+        "--max-steps",
+        str(training["max_steps"]),
+        "--learning-rate",
+        str(training["learning_rate"]),
+        "--batch-size",
+        str(training["batch_size"]),
+        env=found,
+        cwd=elsewhere,
+    ).stdout.strip()
     assert plain_cli("jobs", "watch", job_id, env=found, cwd=elsewhere).returncode == 0
     done = plain_cli("jobs", "cancel", job_id, env=found, cwd=elsewhere)
     assert done.stdout.strip() == f"{job_id}: job already succeeded; nothing to cancel"

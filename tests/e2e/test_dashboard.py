@@ -19,8 +19,15 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("BONE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 # The closed network refuses Chromium's background connections; these flags keep it from trying.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -56,8 +63,10 @@ def test_start_job_watch_curve_and_generate_from_the_page(service, page, tmp_pat
     page.wait_for_selector("#jobs-body td.status-succeeded", timeout=240_000)
     # the chart of the selected (new) job has one point per step
     # Predicates are arrow functions: a bare expression string is eval()ed in the page, which the CSP forbids.
-    page.wait_for_function("() => Number(document.getElementById('loss-chart').dataset.trainPoints) >= "
-                           f"{training['max_steps']}", timeout=30_000)
+    page.wait_for_function(
+        f"() => Number(document.getElementById('loss-chart').dataset.trainPoints) >= {training['max_steps']}",
+        timeout=30_000,
+    )
     # the job detail: settings, metrics, events; step ticks along the x-axis; no eval legend without evals
     page.wait_for_selector("#job-detail-status:has-text('succeeded')", timeout=30_000)
     assert "training.max_steps" in page.text_content("#job-settings")

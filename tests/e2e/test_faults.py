@@ -30,8 +30,14 @@ def test_a_job_accepted_before_a_redis_restart_still_runs(tmp_path, shared_model
     try:
         service.wait_ready()
         with httpx.Client(base_url=service.url, timeout=30) as client:
-            created = client.post("/jobs", json={"adapter_name": "survivor", "dataset": {"records": RECORDS},
-                                                 "training": {"max_steps": 3, "batch_size": 2}})
+            created = client.post(
+                "/jobs",
+                json={
+                    "adapter_name": "survivor",
+                    "dataset": {"records": RECORDS},
+                    "training": {"max_steps": 3, "batch_size": 2},
+                },
+            )
             assert created.status_code == 202, created.text
             job_id = created.json()["id"]
 

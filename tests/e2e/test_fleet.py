@@ -58,20 +58,30 @@ def test_jobs_spread_over_the_fleet_and_each_runs_once(fleet):
         # queue validation at enqueue
         bad = client.post("/jobs", json={"adapter_name": "bad", "dataset": {"records": ROWS}, "queue": "gpu-7g"})
         assert bad.status_code == 422 and bad.json()["error"]["param"] == "queue", bad.text
-        too_wide = client.post("/jobs", json={"adapter_name": "bad", "dataset": {"records": ROWS},
-                                              "training": {**TRAINING, "num_processes": 3}})
+        too_wide = client.post(
+            "/jobs",
+            json={"adapter_name": "bad", "dataset": {"records": ROWS}, "training": {**TRAINING, "num_processes": 3}},
+        )
         assert too_wide.status_code == 422 and "num_processes" in too_wide.text
 
         ids = []
         for i in range(6):
-            body = {"adapter_name": f"fleet-{i}", "dataset": {"records": ROWS}, "training": TRAINING,
-                    **({"queue": "cpu"} if i % 2 else {})}
+            body = {
+                "adapter_name": f"fleet-{i}",
+                "dataset": {"records": ROWS},
+                "training": TRAINING,
+                **({"queue": "cpu"} if i % 2 else {}),
+            }
             created = client.post("/jobs", json=body)
             assert created.status_code == 202, created.text
             assert created.json()["queue"] == ("cpu" if i % 2 else "bone-training")
             ids.append(created.json()["id"])
-        body = {"adapter_name": "fleet-ddp", "dataset": {"records": ROWS}, "queue": "cpu",
-                "training": {**TRAINING, "num_processes": 2, "batch_size": 4}}
+        body = {
+            "adapter_name": "fleet-ddp",
+            "dataset": {"records": ROWS},
+            "queue": "cpu",
+            "training": {**TRAINING, "num_processes": 2, "batch_size": 4},
+        }
         created = client.post("/jobs", json=body)
         assert created.status_code == 202, created.text
         ids.append(created.json()["id"])
@@ -81,12 +91,17 @@ def test_jobs_spread_over_the_fleet_and_each_runs_once(fleet):
         assert (queues["bone-training"]["workers"], queues["cpu"]["workers"], queues["gpu-24g"]["workers"]) == (2, 3, 0)
 
         jobs = [wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=400) for job_id in ids]
-        assert all(j["status"] == "succeeded" for j in jobs), ([(j["id"], j["status"], j["error"]) for j in jobs],
-                                                               fleet.logs())
+        assert all(j["status"] == "succeeded" for j in jobs), (
+            [(j["id"], j["status"], j["error"]) for j in jobs],
+            fleet.logs(),
+        )
         names = {w["name"] for w in workers}
         for job in jobs:
-            starts = [e for e in client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
-                      if e["type"] == "status" and e["data"].get("status") == "running"]
+            starts = [
+                e
+                for e in client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+                if e["type"] == "status" and e["data"].get("status") == "running"
+            ]
             assert job["attempts"] == 1 and len(starts) == 1, job  # ran exactly once
             assert job["worker"] in names and starts[0]["data"]["worker"] == job["worker"]
         assert len({j["worker"] for j in jobs}) > 1, [j["worker"] for j in jobs]  # spread over the fleet

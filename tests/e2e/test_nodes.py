@@ -22,8 +22,12 @@ pytestmark = pytest.mark.slow
 RECORDS = [{"prompt": f"Word {i}?\n", "completion": f"w{i} " * 3} for i in range(12)]
 RECIPE = {"batch_size": 4, "learning_rate": 5e-3, "seed": 5, "max_seq_length": 64}
 # Short timeouts so a lost node is noticed in seconds; the node address every "machine" here is reached at.
-NODE_ENV = {"BONE_NODE_ADDRESS": "127.0.0.1", "BONE_RENDEZVOUS_TIMEOUT_S": "120", "BONE_HEARTBEAT_TTL_S": "5",
-            "BONE_JANITOR_INTERVAL_S": "1"}
+NODE_ENV = {
+    "BONE_NODE_ADDRESS": "127.0.0.1",
+    "BONE_RENDEZVOUS_TIMEOUT_S": "120",
+    "BONE_HEARTBEAT_TTL_S": "5",
+    "BONE_JANITOR_INTERVAL_S": "1",
+}
 
 
 @contextmanager
@@ -41,8 +45,9 @@ def two_machines(tmp_path, redis_url, shared_models_dir):
 
 
 def submit(client: httpx.Client, name: str, **training) -> str:
-    reply = client.post("/jobs", json={"adapter_name": name, "dataset": {"records": RECORDS},
-                                       "training": {**RECIPE, **training}})
+    reply = client.post(
+        "/jobs", json={"adapter_name": name, "dataset": {"records": RECORDS}, "training": {**RECIPE, **training}}
+    )
     assert reply.status_code == 202, reply.text
     return reply.json()["id"]
 
@@ -52,8 +57,10 @@ def step_losses(client: httpx.Client, job_id: str) -> dict[int, float]:
 
 
 def test_two_nodes_of_two_processes_match_one_process(tmp_path, redis_url, shared_models_dir):
-    with two_machines(tmp_path, redis_url, shared_models_dir) as (first, _), \
-            httpx.Client(base_url=first.url, timeout=60) as client:
+    with (
+        two_machines(tmp_path, redis_url, shared_models_dir) as (first, _),
+        httpx.Client(base_url=first.url, timeout=60) as client,
+    ):
         one = wait_for(client, submit(client, "one", max_steps=6), {"succeeded", "failed", "cancelled"})
         assert one["status"] == "succeeded", first.logs()
         job_id = submit(client, "gang", max_steps=6, num_nodes=2, processes_per_node=2)
@@ -71,24 +78,35 @@ def test_two_nodes_of_two_processes_match_one_process(tmp_path, redis_url, share
 
 
 def test_a_node_killed_mid_job_is_replaced_and_the_job_resumes_from_its_checkpoint(
-        tmp_path, redis_url, shared_models_dir):
+    tmp_path, redis_url, shared_models_dir
+):
     total = 60
-    with two_machines(tmp_path, redis_url, shared_models_dir) as (first, second), \
-            httpx.Client(base_url=first.url, timeout=60) as client:
+    with (
+        two_machines(tmp_path, redis_url, shared_models_dir) as (first, second),
+        httpx.Client(base_url=first.url, timeout=60) as client,
+    ):
         job_id = submit(client, "survivor", max_steps=total, save_every=10, num_nodes=2, processes_per_node=2)
         deadline = time.monotonic() + 240
-        while not (any(e["type"] == "checkpoint" and e["data"]["step"] >= 10 for e in events(client, job_id))
-                   and client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 15):
+        while not (
+            any(e["type"] == "checkpoint" and e["data"]["step"] >= 10 for e in events(client, job_id))
+            and client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 15
+        ):
             assert time.monotonic() < deadline, first.logs()
             time.sleep(0.1)
         killed_at_step = client.get(f"/jobs/{job_id}").json()["progress"]["step"]
         # Kill the worker that joined as node 1 (node 0 is the job's own worker, which hosts the rendezvous).
         member = redis.Redis.from_url(redis_url).get(f"bone:job:{job_id}:node:1").decode()
         first_log = (first.log_dir / "worker.log").read_text()
-        victim, machine = ((first, "worker") if f"worker {member} listening" in first_log else (second, "worker-2"))
+        victim, machine = (first, "worker") if f"worker {member} listening" in first_log else (second, "worker-2")
         kill_worker(victim.procs[machine])
-        replacement = new_service(tmp_path, redis_url, shared_models_dir, "machine-3",
-                                  BONE_REGISTRY_URL=str(first.data_dir / "adapters"), **NODE_ENV)
+        replacement = new_service(
+            tmp_path,
+            redis_url,
+            shared_models_dir,
+            "machine-3",
+            BONE_REGISTRY_URL=str(first.data_dir / "adapters"),
+            **NODE_ENV,
+        )
         replacement.start("worker-3", "worker")
         try:
             done = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=400)
@@ -106,10 +124,16 @@ def test_a_node_killed_mid_job_is_replaced_and_the_job_resumes_from_its_checkpoi
 
 
 def test_a_gang_that_does_not_assemble_goes_back_to_the_queue_then_fails_naming_the_timeout(
-        tmp_path, redis_url, shared_models_dir):
+    tmp_path, redis_url, shared_models_dir
+):
     # One worker for a two-node job: the second node never comes.
-    lonely = new_service(tmp_path, redis_url, shared_models_dir, "machine-1",
-                         **{**NODE_ENV, "BONE_RENDEZVOUS_TIMEOUT_S": "5", "BONE_MAX_ATTEMPTS": "2"})
+    lonely = new_service(
+        tmp_path,
+        redis_url,
+        shared_models_dir,
+        "machine-1",
+        **{**NODE_ENV, "BONE_RENDEZVOUS_TIMEOUT_S": "5", "BONE_MAX_ATTEMPTS": "2"},
+    )
     with running(lonely), httpx.Client(base_url=lonely.url, timeout=60) as client:
         job_id = submit(client, "alone", max_steps=2, num_nodes=2, processes_per_node=1)
         done = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)

@@ -50,12 +50,15 @@ def missing_lines(expected: str, output: str) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("expected, output, ok", [
-    ('{"text": " Paris."}', '{"text":" Paris."}', True),
-    ("job-…: succeeded", "job-abc: succeeded — loss", True),
-    ("a\nb", "b a", False),  # in order
-    ('"text": " Rome."', '"text":" Paris."', False),
-])
+@pytest.mark.parametrize(
+    "expected, output, ok",
+    [
+        ('{"text": " Paris."}', '{"text":" Paris."}', True),
+        ("job-…: succeeded", "job-abc: succeeded — loss", True),
+        ("a\nb", "b a", False),  # in order
+        ('"text": " Rome."', '"text":" Paris."', False),
+    ],
+)
 def test_the_matcher_can_fail(expected, output, ok):
     assert (missing_lines(expected, output) == []) is ok
 
@@ -68,25 +71,36 @@ def test_the_walkthrough_has_steps_and_checks():
 def test_the_readme_walkthrough_runs_as_written(keyed_service, tmp_path):
     svc = keyed_service
     steps = walkthrough_steps(README.read_text())
-    script = ["set -euo pipefail",
-              # `bone-server` is this checkout's CLI, run by the suite's interpreter
-              f'bone-server() {{ "{sys.executable}" -m cli "$@"; }}']
+    script = [
+        "set -euo pipefail",
+        # `bone-server` is this checkout's CLI, run by the suite's interpreter
+        f'bone-server() {{ "{sys.executable}" -m cli "$@"; }}',
+    ]
     for index, (bash, _) in enumerate(steps):
         bash = bash.replace("http://127.0.0.1:8000", svc.url).replace("bone-data/", f"{svc.data_dir}/")
         script += [f"echo; echo '@@step {index}@@'", bash]
     # The CLI finds the server through BONE_PORT and the key through BONE_DATA_DIR, as after `make run`.
-    env = {**os.environ, "BONE_PORT": str(svc.port), "BONE_DATA_DIR": str(svc.data_dir), "COLUMNS": "200",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "BONE_PORT": str(svc.port),
+        "BONE_DATA_DIR": str(svc.data_dir),
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("BONE_URL", None)
     env.pop("BONE_API_KEY", None)
     workdir = tmp_path / "checkout"  # files a step writes (job.json) land here, not in the repository
     workdir.mkdir()
     (workdir / "examples").symlink_to(ROOT / "examples")
-    run = subprocess.run(["bash", "-c", "\n".join(script)], capture_output=True, text=True, env=env, cwd=workdir,
-                         timeout=900)
+    run = subprocess.run(
+        ["bash", "-c", "\n".join(script)], capture_output=True, text=True, env=env, cwd=workdir, timeout=900
+    )
     outputs = re.split(r"^@@step \d+@@\n", run.stdout + "\n", flags=re.M)[1:]
-    assert run.returncode == 0, (f"step {len(outputs) - 1} failed:\n{steps[len(outputs) - 1][0]}\n--- stdout\n"
-                                 f"{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}\n{svc.logs()}")
+    assert run.returncode == 0, (
+        f"step {len(outputs) - 1} failed:\n{steps[len(outputs) - 1][0]}\n--- stdout\n"
+        f"{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}\n{svc.logs()}"
+    )
     assert len(outputs) == len(steps)
     for (bash, expected), output in zip(steps, outputs):
         if expected is not None:

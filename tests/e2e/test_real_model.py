@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 WALKTHROUGH = ROOT / "examples" / "real-model.md"
 
 # Qwen2's ChatML, as its tokenizer_config.json writes it (without Qwen's default system prompt).
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_tiny_qwen2(target: Path) -> Path:
@@ -30,14 +32,23 @@ def build_tiny_qwen2(target: Path) -> Path:
     from core.base_model import _byte_level_tokenizer
 
     tokenizer = _byte_level_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-                                  "eos_token": "<|im_end|>"})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"}
+    )
     tokenizer.chat_template = CHATML
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=264,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     Qwen2ForCausalLM(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
@@ -89,8 +100,10 @@ def test_the_real_model_walkthrough_on_a_local_qwen2(qwen2_service):
     events = http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
     assert any("6 messages" in e["message"] for e in events)
     messages = [{"role": "user", "content": "who are you?"}]
-    chat = http.post("/v1/chat/completions", json={"model": body["adapter_name"], "messages": messages,
-                                                    "max_tokens": 8, "temperature": 0})
+    chat = http.post(
+        "/v1/chat/completions",
+        json={"model": body["adapter_name"], "messages": messages, "max_tokens": 8, "temperature": 0},
+    )
     assert chat.status_code == 200, chat.text
     from transformers import AutoTokenizer
 

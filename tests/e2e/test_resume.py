@@ -20,8 +20,14 @@ from tests.e2e.test_service import wait_for
 pytestmark = pytest.mark.slow
 
 RECORDS = [{"prompt": f"Word {i}?\n", "completion": f"w{i} " * 3} for i in range(12)]
-TRAINING = {"max_steps": 240, "save_every": 20, "batch_size": 4, "learning_rate": 5e-3, "seed": 11,
-            "max_seq_length": 64}
+TRAINING = {
+    "max_steps": 240,
+    "save_every": 20,
+    "batch_size": 4,
+    "learning_rate": 5e-3,
+    "seed": 11,
+    "max_seq_length": 64,
+}
 
 
 def descendants(pid: int) -> list[int]:
@@ -67,13 +73,16 @@ def weights(service, name: str) -> dict:
 
 
 def test_a_killed_worker_job_resumes_on_another_machine_and_ends_with_the_same_weights(
-        service, tmp_path, redis_url, shared_models_dir):
+    service, tmp_path, redis_url, shared_models_dir
+):
     registry = service.data_dir / "adapters"  # the first worker's registry (its default), shared with the second
     other = new_service(tmp_path, redis_url, shared_models_dir, "other-machine", BONE_REGISTRY_URL=str(registry))
     with httpx.Client(base_url=service.url, timeout=60) as client:
+
         def submit(name: str) -> str:
-            reply = client.post("/jobs", json={"adapter_name": name, "dataset": {"records": RECORDS},
-                                               "training": TRAINING})
+            reply = client.post(
+                "/jobs", json={"adapter_name": name, "dataset": {"records": RECORDS}, "training": TRAINING}
+            )
             assert reply.status_code == 202, reply.text
             return reply.json()["id"]
 
@@ -83,8 +92,10 @@ def test_a_killed_worker_job_resumes_on_another_machine_and_ends_with_the_same_w
         job_id = submit("resumed")
         deadline = time.monotonic() + 120
         # Past a checkpoint and some steps beyond it, so the steps after it are lost and must be redone.
-        while not (any(e["type"] == "checkpoint" and e["data"]["step"] >= 40 for e in events(client, job_id))
-                   and client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 50):
+        while not (
+            any(e["type"] == "checkpoint" and e["data"]["step"] >= 40 for e in events(client, job_id))
+            and client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 50
+        ):
             assert time.monotonic() < deadline, service.logs()
             time.sleep(0.05)
         killed_at_step = client.get(f"/jobs/{job_id}").json()["progress"]["step"]
@@ -119,5 +130,7 @@ def test_a_killed_worker_job_resumes_on_another_machine_and_ends_with_the_same_w
         assert done["metrics"]["train_loss"] == straight["metrics"]["train_loss"]
         assert not (registry / ".resume" / job_id).exists()  # checkpoints gone with the job
         assert not (other.data_dir / "jobs" / job_id).exists()
-        print(f"killed at step {killed_at_step}, retried after {retried_after:.1f} s, resumed from step "
-              f"{resumed['data']['step']}, max weight difference {worst:g}")
+        print(
+            f"killed at step {killed_at_step}, retried after {retried_after:.1f} s, resumed from step "
+            f"{resumed['data']['step']}, max weight difference {worst:g}"
+        )

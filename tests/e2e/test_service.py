@@ -24,8 +24,7 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: flo
 
 
 def greedy(client: httpx.Client, adapter: str | None, prompt: str, n: int) -> str:
-    reply = client.post("/generate", json={"adapter": adapter, "prompt": prompt, "max_new_tokens": n,
-                                           "temperature": 0})
+    reply = client.post("/generate", json={"adapter": adapter, "prompt": prompt, "max_new_tokens": n, "temperature": 0})
     assert reply.status_code == 200, reply.text
     return reply.json()["text"]
 
@@ -67,10 +66,12 @@ def test_cancel_running_and_queued_jobs(service):
     long_training = {"max_steps": 100_000, "learning_rate": 1e-3, "batch_size": 2}
     records = [{"text": f"row {i} " * 20} for i in range(16)]
     with httpx.Client(base_url=service.url, timeout=60) as client:
-        running = client.post("/jobs", json={"adapter_name": "long", "dataset": {"records": records},
-                                              "training": long_training}).json()
-        queued = client.post("/jobs", json={"adapter_name": "waiting", "dataset": {"records": records},
-                                             "training": long_training}).json()
+        running = client.post(
+            "/jobs", json={"adapter_name": "long", "dataset": {"records": records}, "training": long_training}
+        ).json()
+        queued = client.post(
+            "/jobs", json={"adapter_name": "waiting", "dataset": {"records": records}, "training": long_training}
+        ).json()
         wait_for(client, running["id"], {"running"}, timeout=120)
         step_seen = wait_for_step(client, running["id"], 2)
 

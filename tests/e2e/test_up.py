@@ -44,8 +44,13 @@ def test_up_starts_its_own_redis_and_stops_everything_on_sigterm(tmp_path, share
     env.pop("BONE_AUTH_DISABLED", None)  # as a user runs it: no keys configured, auth not switched off
     env.pop("BONE_API_KEYS", None)
     log = open(tmp_path / "up.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "up", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -69,16 +74,24 @@ def test_up_starts_its_own_redis_and_stops_everything_on_sigterm(tmp_path, share
         auth = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
 
         # the worker really is connected: a job gets picked up and finishes
-        job = httpx.post(f"http://127.0.0.1:{port}/jobs", headers=auth, json={
-            "adapter_name": "smoke", "dataset": {"records": [{"text": "hello"}]}, "training": {"max_steps": 2}}).json()
+        job = httpx.post(
+            f"http://127.0.0.1:{port}/jobs",
+            headers=auth,
+            json={"adapter_name": "smoke", "dataset": {"records": [{"text": "hello"}]}, "training": {"max_steps": 2}},
+        ).json()
         deadline = time.monotonic() + 90
         while httpx.get(f"http://127.0.0.1:{port}/jobs/{job['id']}", headers=auth).json()["status"] != "succeeded":
             assert time.monotonic() < deadline
             time.sleep(0.3)
 
         # The CLI client on the same machine finds the local key by itself.
-        listed = subprocess.run([sys.executable, "-m", "cli", "jobs", "list", "--url", f"http://127.0.0.1:{port}"],
-                                env=env, capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [sys.executable, "-m", "cli", "jobs", "list", "--url", f"http://127.0.0.1:{port}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.returncode == 0 and job["id"] in listed.stdout, listed.stdout + listed.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -95,8 +108,14 @@ def test_up_restarts_its_worker_when_it_is_killed(tmp_path, shared_models_dir):
     (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
     port = free_port()
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # `up` starts a private Redis: the shared one is untouched
-    env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": dead_redis, "OMP_NUM_THREADS": "1",
-           "BONE_AUTH_DISABLED": "true", "BONE_RECONNECT_MAX_BACKOFF_S": "2"}
+    env = {
+        **os.environ,
+        "BONE_DATA_DIR": str(data_dir),
+        "BONE_REDIS_URL": dead_redis,
+        "OMP_NUM_THREADS": "1",
+        "BONE_AUTH_DISABLED": "true",
+        "BONE_RECONNECT_MAX_BACKOFF_S": "2",
+    }
     log_path = tmp_path / "up.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "up", "--port", str(port)],
@@ -126,8 +145,11 @@ def test_up_restarts_its_worker_when_it_is_killed(tmp_path, shared_models_dir):
         first = wait(lambda: (w := ready_worker()) and w["state"] == "running" and w, 120, "not ready")
         assert first["restarts"] == 0 and first["last_exit"] is None
         os.kill(first["pid"], signal.SIGKILL)
-        again = wait(lambda: (w := ready_worker()) and w["restarts"] == 1 and w["state"] == "running" and w, 30,
-                     "the worker was not restarted")
+        again = wait(
+            lambda: (w := ready_worker()) and w["restarts"] == 1 and w["state"] == "running" and w,
+            30,
+            "the worker was not restarted",
+        )
         assert again["pid"] != first["pid"] and again["last_exit"] == "killed by SIGKILL"
         assert "killed by SIGKILL; restarting it in" in log_path.read_text()
 

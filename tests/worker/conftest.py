@@ -50,16 +50,31 @@ def task_settings(settings: Settings):
 
 @pytest.fixture
 def make_job(store: JobStore) -> Callable[..., Job]:
-    def make(records: list[dict[str, Any]] | None = None, *, adapter_name: str = "test-adapter",
-             dataset: dict[str, Any] | None = None, bone: dict[str, Any] | None = None, overwrite: bool = False,
-             **training: Any) -> Job:
+    def make(
+        records: list[dict[str, Any]] | None = None,
+        *,
+        adapter_name: str = "test-adapter",
+        dataset: dict[str, Any] | None = None,
+        bone: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        **training: Any,
+    ) -> Job:
         summary = dataset if dataset is not None else dataset_summary(RecordsDataset(records=records))
         # As a record read back from the store: a dataset name of a shape the API refuses still gets to the
         # worker, which must refuse it by the same rule.
-        job = Job.model_validate({"id": Job.new_id(), "adapter_name": adapter_name, "base_model": "embedded",
-                                  "dataset": summary, "bone": BoneSpec(**(bone or {})),
-                                  "training": TrainingSpec(**training), "overwrite": overwrite}, context=STORED)
+        job = Job.model_validate(
+            {
+                "id": Job.new_id(),
+                "adapter_name": adapter_name,
+                "base_model": "embedded",
+                "dataset": summary,
+                "bone": BoneSpec(**(bone or {})),
+                "training": TrainingSpec(**training),
+                "overwrite": overwrite,
+            },
+            context=STORED,
+        )
         store.create(job, records=records)
         return job
-    return make
 
+    return make

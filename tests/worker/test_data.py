@@ -40,9 +40,13 @@ def test_prompt_completion_masks_exactly_the_prompt(base):
 
 def test_messages_take_the_loss_on_assistant_turns_only(base):
     tok = base.tokenizer
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hey"}, {"role": "user", "content": "bye"},
-                {"role": "assistant", "content": "ciao"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hey"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"},
+    ]
     (example,) = tokenize_rows([{"messages": messages}], tok, 256).examples
     assert example.input_ids == ids(tok, tok.apply_chat_template(messages, tokenize=False))
     learned = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
@@ -59,19 +63,29 @@ def test_messages_get_an_eos_when_the_template_has_none(base):
 
     tok = copy.deepcopy(base.tokenizer)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    (example,) = tokenize_rows([{"messages": [{"role": "user", "content": "a"},
-                                             {"role": "assistant", "content": "b"}]}], tok, 64).examples
+    (example,) = tokenize_rows(
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}], tok, 64
+    ).examples
     assert example.input_ids[-1] == tok.eos_token_id
     # This template has no generation prompt: its role line is still not learned, only what follows it.
     assert tok.decode([t for t in example.labels if t != IGNORE_INDEX]) == "b\n<|eos|>"
 
 
-@pytest.mark.parametrize("messages, learned", [
-    ([{"role": "assistant", "content": "Hi, how can I help?"}, {"role": "user", "content": "x"},
-      {"role": "assistant", "content": "y"}], "Hi, how can I help?<|eos|>y<|eos|>"),
-    ([{"role": "assistant", "content": "opening"}], "opening<|eos|>"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "<|eos|>"),
-])
+@pytest.mark.parametrize(
+    "messages, learned",
+    [
+        (
+            [
+                {"role": "assistant", "content": "Hi, how can I help?"},
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "y"},
+            ],
+            "Hi, how can I help?<|eos|>y<|eos|>",
+        ),
+        ([{"role": "assistant", "content": "opening"}], "opening<|eos|>"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "<|eos|>"),
+    ],
+)
 def test_an_opening_assistant_turn_learns_no_role_header(base, messages, learned):
     tok = base.tokenizer
     (example,) = tokenize_rows([{"messages": messages}], tok, 256).examples
@@ -79,15 +93,30 @@ def test_an_opening_assistant_turn_learns_no_role_header(base, messages, learned
     assert example.labels[0] == IGNORE_INDEX  # "<" of "<|assistant|>"
 
 
-@pytest.mark.parametrize("row, message, field", [
-    ({"foo": "x"}, "dataset row 3: missing field 'text' (expected 'text', 'prompt'+'completion' or 'messages')", ""),
-    ({"prompt": "x"}, "dataset row 3: missing field 'completion'", ""),
-    ({"prompt": "x", "completion": ""}, "dataset row 3: field 'completion' is empty", ".completion"),
-    ({"text": 5}, "dataset row 3: field 'text' must be a non-empty string", ".text"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "dataset row 3: 'messages' has no assistant turn", ".messages"),
-    ({"messages": [{"role": "user"}]}, "dataset row 3: messages[0] needs string 'role' and 'content'", ".messages.0"),
-    (["not", "a", "dict"], "dataset row 3: is a list", ""),
-])
+@pytest.mark.parametrize(
+    "row, message, field",
+    [
+        (
+            {"foo": "x"},
+            "dataset row 3: missing field 'text' (expected 'text', 'prompt'+'completion' or 'messages')",
+            "",
+        ),
+        ({"prompt": "x"}, "dataset row 3: missing field 'completion'", ""),
+        ({"prompt": "x", "completion": ""}, "dataset row 3: field 'completion' is empty", ".completion"),
+        ({"text": 5}, "dataset row 3: field 'text' must be a non-empty string", ".text"),
+        (
+            {"messages": [{"role": "user", "content": "x"}]},
+            "dataset row 3: 'messages' has no assistant turn",
+            ".messages",
+        ),
+        (
+            {"messages": [{"role": "user"}]},
+            "dataset row 3: messages[0] needs string 'role' and 'content'",
+            ".messages.0",
+        ),
+        (["not", "a", "dict"], "dataset row 3: is a list", ""),
+    ],
+)
 def test_a_bad_row_is_named(base, row, message, field):
     rows = [{"text": "ok"}] * 3 + [row]
     with pytest.raises(InvalidRequest) as info:
@@ -96,14 +125,20 @@ def test_a_bad_row_is_named(base, row, message, field):
     assert info.value.param == "dataset.records.3" + field
 
 
-@pytest.mark.parametrize("fmt, row, message", [
-    ("text", {"prompt": "p", "completion": "c"}, "dataset row 1: missing field 'text' (expected format 'text')"),
-    ("messages", {"text": "t"}, "dataset row 1: field 'messages' must be a non-empty list"),
-    ("prompt_completion", {"text": "t", "prompt": "p"}, "dataset row 1: missing field 'completion'"),
-])
+@pytest.mark.parametrize(
+    "fmt, row, message",
+    [
+        ("text", {"prompt": "p", "completion": "c"}, "dataset row 1: missing field 'text' (expected format 'text')"),
+        ("messages", {"text": "t"}, "dataset row 1: field 'messages' must be a non-empty list"),
+        ("prompt_completion", {"text": "t", "prompt": "p"}, "dataset row 1: missing field 'completion'"),
+    ],
+)
 def test_an_explicit_format_is_required_of_every_row(base, fmt, row, message):
-    good = {"text": {"text": "t"}, "messages": {"messages": [{"role": "assistant", "content": "a"}]},
-            "prompt_completion": {"prompt": "p", "completion": "c"}}[fmt]
+    good = {
+        "text": {"text": "t"},
+        "messages": {"messages": [{"role": "assistant", "content": "a"}]},
+        "prompt_completion": {"prompt": "p", "completion": "c"},
+    }[fmt]
     assert tokenize_rows([good], base.tokenizer, 64, format=fmt).formats == {fmt: 1}
     with pytest.raises(InvalidRequest) as info:
         tokenize_rows([good, row], base.tokenizer, 64, format=fmt)
@@ -114,7 +149,7 @@ def test_an_explicit_format_overrides_detection(base):
     # Detected, {"text", "prompt", "completion"} is a text row anyway; asked for prompt_completion it is one.
     row = {"text": "ignored", "prompt": "ab", "completion": "cd"}
     (example,) = tokenize_rows([row], base.tokenizer, 64, format="prompt_completion").examples
-    assert example.labels[:len(ids(base.tokenizer, "ab"))] == [IGNORE_INDEX] * len(ids(base.tokenizer, "ab"))
+    assert example.labels[: len(ids(base.tokenizer, "ab"))] == [IGNORE_INDEX] * len(ids(base.tokenizer, "ab"))
 
 
 def test_format_detection_ignores_empty_columns():
@@ -202,14 +237,14 @@ def test_csv_cells_stay_text(settings, store, make_job):
     settings.datasets_dir.mkdir(parents=True)
     (settings.datasets_dir / "sums.csv").write_text("prompt,completion,text\n2+2=,4,\n")
     assert load_rows(make_job(dataset={"path": "sums.csv"}), store, settings) == [
-        {"prompt": "2+2=", "completion": "4", "text": None}]
+        {"prompt": "2+2=", "completion": "4", "text": None}
+    ]
 
 
 def test_uploaded_files_load_by_id(settings, store, make_job):
     from core.files import FileStore
 
-    info = FileStore(settings.files_dir).save(io.BytesIO(b'{"text": "a"}\n{"text": "b"}\n'), "t.jsonl",
-                                              max_bytes=1000)
+    info = FileStore(settings.files_dir).save(io.BytesIO(b'{"text": "a"}\n{"text": "b"}\n'), "t.jsonl", max_bytes=1000)
     assert load_rows(make_job(dataset={"file_id": info.id}), store, settings) == [{"text": "a"}, {"text": "b"}]
     with pytest.raises(InvalidRequest, match="no file with id") as missing:
         load_rows(make_job(dataset={"file_id": "file-gone"}), store, settings)
@@ -224,7 +259,8 @@ def test_hf_dataset_loads_a_local_folder_through_load_dataset(settings, store, m
     job = make_job(dataset={"hf_dataset": "my-hf-set", "split": "train"})
     assert load_rows(job, store, settings) == ROWS
     assert load_rows(make_job(dataset={"hf_dataset": "my-hf-set", "split": "test"}), store, settings) == [
-        {"prompt": "held", "completion": "out"}]
+        {"prompt": "held", "completion": "out"}
+    ]
 
 
 @pytest.mark.parametrize("name", ["/etc", "../x", "./x", "~/x"])

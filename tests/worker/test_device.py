@@ -22,18 +22,32 @@ NO_GPUS = torch.cuda.device_count() == 0
 
 
 @pytest.mark.skipif(not NO_GPUS, reason="needs a machine without GPUs to name a missing one for sure")
-@pytest.mark.parametrize("args, env, words", [
-    (["--device", "cuda:3"], {}, "cuda:3"),
-    ([], {"BONE_DEVICE": "cuda:3"}, "cuda:3"),
-    (["--device", "cuda"], {}, "no CUDA device"),
-    (["--device", "tpu:0"], {}, "BONE_DEVICE"),  # not a device name at all: the settings check says so
-])
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["--device", "cuda:3"], {}, "cuda:3"),
+        ([], {"BONE_DEVICE": "cuda:3"}, "cuda:3"),
+        (["--device", "cuda"], {}, "no CUDA device"),
+        (["--device", "tpu:0"], {}, "BONE_DEVICE"),  # not a device name at all: the settings check says so
+    ],
+)
 def test_a_device_that_does_not_exist_is_a_one_line_start_up_error(tmp_path, redis_url, args, env, words):
-    child_env = {**os.environ, "BONE_DATA_DIR": str(tmp_path), "BONE_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT),
-                 **env}
+    child_env = {
+        **os.environ,
+        "BONE_DATA_DIR": str(tmp_path),
+        "BONE_REDIS_URL": redis_url,
+        "PYTHONPATH": str(ROOT),
+        **env,
+    }
     child_env.pop("BONE_DEVICE", None) if not env else None
-    result = subprocess.run([sys.executable, "-m", "cli", "worker", "--burst", *args], env=child_env,
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "worker", "--burst", *args],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and words in lines[0] and lines[0].startswith("bone-server: "), result.stderr

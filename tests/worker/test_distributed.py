@@ -26,8 +26,18 @@ pytestmark = pytest.mark.slow
 
 # Different lengths, so the two shards of a batch pad differently: the loss divisor must count the global step.
 ROWS = [{"prompt": f"Q{i}: {'x' * (i % 5)}?\n", "completion": f"A{i}{'y' * (i % 3)}."} for i in range(10)]
-RECIPE = dict(max_steps=8, learning_rate=1e-2, batch_size=4, gradient_accumulation_steps=2, max_seq_length=48,
-              seed=7, eval_fraction=0.2, eval_every=4, save_every=4, warmup_steps=1)
+RECIPE = dict(
+    max_steps=8,
+    learning_rate=1e-2,
+    batch_size=4,
+    gradient_accumulation_steps=2,
+    max_seq_length=48,
+    seed=7,
+    eval_fraction=0.2,
+    eval_every=4,
+    save_every=4,
+    warmup_steps=1,
+)
 
 
 def _losses(store, job_id):
@@ -143,8 +153,7 @@ def test_a_lost_rank_restarts_the_group_which_resumes_from_the_checkpoint(task_s
     assert store.get(job.id).metrics["steps"] == 60
 
 
-def test_too_many_processes_fail_the_job_with_a_clear_message(tmp_path, redis_url, shared_models_dir, store,
-                                                              make_job):
+def test_too_many_processes_fail_the_job_with_a_clear_message(tmp_path, redis_url, shared_models_dir, store, make_job):
     from worker import context
 
     data_dir = tmp_path / "d"
@@ -159,14 +168,17 @@ def test_too_many_processes_fail_the_job_with_a_clear_message(tmp_path, redis_ur
         context.use_settings(None)
 
 
-@pytest.mark.parametrize("fields, batch_size", [
-    ({"num_processes": 4, "per_device_batch_size": 2}, 8),
-    ({"num_processes": 4, "per_device_batch_size": 2, "batch_size": 8}, 8),
-    ({"num_processes": 2, "batch_size": 6}, 6),
-    ({"num_processes": 3}, None),  # the default batch_size 4 does not split over 3 processes
-    ({"num_processes": 2, "batch_size": 5}, None),
-    ({"num_processes": 2, "per_device_batch_size": 2, "batch_size": 6}, None),
-])
+@pytest.mark.parametrize(
+    "fields, batch_size",
+    [
+        ({"num_processes": 4, "per_device_batch_size": 2}, 8),
+        ({"num_processes": 4, "per_device_batch_size": 2, "batch_size": 8}, 8),
+        ({"num_processes": 2, "batch_size": 6}, 6),
+        ({"num_processes": 3}, None),  # the default batch_size 4 does not split over 3 processes
+        ({"num_processes": 2, "batch_size": 5}, None),
+        ({"num_processes": 2, "per_device_batch_size": 2, "batch_size": 6}, None),
+    ],
+)
 def test_global_batch_from_per_device_batch_size(fields, batch_size):
     from pydantic import ValidationError
 

@@ -33,8 +33,7 @@ VARIANTS = {"bone-a": (4, False), "bone-b": (8, False), "bat-c": (4, "bat")}  # 
 def publish_random(base, registry: AdapterRegistry, name: str, r: int, init_weights, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        config = BoneConfig(r=r, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                            init_weights=init_weights)
+        config = BoneConfig(r=r, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_weights=init_weights)
         model = get_bone_model(copy.deepcopy(base.model), config)
         for _, layer in model.bone_layers():  # visibly different from the base (Bat starts as the identity)
             torch.nn.init.normal_(layer.bone_block["default"], std=0.05)
@@ -64,8 +63,14 @@ def test_a_mixed_batch_scores_each_adapter_as_it_scores_alone(base, registry):
 
     alone_models = [BoneModel.from_pretrained(copy.deepcopy(base.model), registry.path(n)) for n in names]
     for model, got in zip([*alone_models, base.model], mixed):
-        want = evaluate(model, examples, batch_size=1, pad_id=pad, device=torch.device("cpu"),
-                        autocast=torch.autocast("cpu", enabled=False))
+        want = evaluate(
+            model,
+            examples,
+            batch_size=1,
+            pad_id=pad,
+            device=torch.device("cpu"),
+            autocast=torch.autocast("cpu", enabled=False),
+        )
         assert got.tokens == want.tokens
         assert got.loss == pytest.approx(want.loss, rel=1e-5, abs=1e-6)
         assert got.token_accuracy == want.token_accuracy
@@ -81,22 +86,32 @@ def test_batched_greedy_completions_equal_each_adapter_alone(base, registry):
     assert [p.reference for p in prompts] == ["four", "hi!", ROWS[3]["completion"]]  # text rows have none
     tok = base.tokenizer
     row_slots = [*(slots[n] for n in names), BASE_ADAPTER]
-    mixed = generate_rows(bone_model, tok, prompts, row_slots, max_new_tokens=8, pad_id=tok.pad_token_id,
-                          device=torch.device("cpu"))
+    mixed = generate_rows(
+        bone_model, tok, prompts, row_slots, max_new_tokens=8, pad_id=tok.pad_token_id, device=torch.device("cpu")
+    )
     alone_models = [BoneModel.from_pretrained(copy.deepcopy(base.model), registry.path(n)) for n in names]
     for model, texts in zip([*alone_models, base.model], mixed):
         for prompt, text in zip(prompts, texts):
             ids = torch.tensor([prompt.input_ids])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            assert text == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            assert text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def make_eval(store: EvalStore, adapters, records, **fields) -> Evaluation:
-    evaluation = Evaluation(id=Evaluation.new_id(), adapters=adapters, base_model="embedded",
-                            dataset=dataset_summary(RecordsDataset(records=records)),
-                            **{"max_examples": 1000, "batch_size": 8, "max_seq_length": 64, "max_new_tokens": 16,
-                               **fields})
+    evaluation = Evaluation(
+        id=Evaluation.new_id(),
+        adapters=adapters,
+        base_model="embedded",
+        dataset=dataset_summary(RecordsDataset(records=records)),
+        **{"max_examples": 1000, "batch_size": 8, "max_seq_length": 64, "max_new_tokens": 16, **fields},
+    )
     store.create(evaluation, records=records)
     return evaluation
 
@@ -109,8 +124,9 @@ def run_queued(redis_conn, settings, task, *ids):
 
 
 def test_a_memorizing_adapter_scores_exact_match_and_beats_the_base(task_settings, redis_conn, store, make_job):
-    job = make_job(MEMORIZE_RECORDS, adapter_name="memorized", bone=MEMORIZE_RECIPE["bone"],
-                   **MEMORIZE_RECIPE["training"])
+    job = make_job(
+        MEMORIZE_RECORDS, adapter_name="memorized", bone=MEMORIZE_RECIPE["bone"], **MEMORIZE_RECIPE["training"]
+    )
     run_queued(redis_conn, task_settings, "worker.tasks.run_training_job", job.id)
     assert store.get(job.id).status is JobStatus.SUCCEEDED, store.get(job.id).error
 

@@ -23,8 +23,7 @@ def die_by_sigkill(job_id: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_the_forking_worker_runs_a_job_on_the_preloaded_model(task_settings, redis_conn, store, make_job,
-                                                               monkeypatch):
+def test_the_forking_worker_runs_a_job_on_the_preloaded_model(task_settings, redis_conn, store, make_job, monkeypatch):
     settings = task_settings
     model_cache.preload(settings.base_model, settings, torch.device("cpu"))
 
@@ -33,8 +32,9 @@ def test_the_forking_worker_runs_a_job_on_the_preloaded_model(task_settings, red
 
     monkeypatch.setattr(model_cache, "load_base_model", no_reload)  # the forked work-horse inherits this
     job = make_job([{"text": "abc"}, {"text": "abd"}], adapter_name="forked", max_steps=3)
-    Queue(settings.queue_name, connection=redis_conn).enqueue(TASK, job.id, job_id=job.id,
-                                                              job_timeout=settings.job_timeout_s)
+    Queue(settings.queue_name, connection=redis_conn).enqueue(
+        TASK, job.id, job_id=job.id, job_timeout=settings.job_timeout_s
+    )
     main.run_worker(settings, burst=True)
 
     done = store.get(job.id)
@@ -43,8 +43,9 @@ def test_the_forking_worker_runs_a_job_on_the_preloaded_model(task_settings, red
 
 
 @pytest.mark.parametrize("max_attempts, status", [(2, JobStatus.QUEUED), (1, JobStatus.FAILED)])
-def test_a_killed_work_horse_is_retried_naming_the_cause(task_settings, redis_conn, store, make_job, max_attempts,
-                                                         status):
+def test_a_killed_work_horse_is_retried_naming_the_cause(
+    task_settings, redis_conn, store, make_job, max_attempts, status
+):
     settings = task_settings.model_copy(update={"max_attempts": max_attempts})
     job = make_job([{"text": "abc"}], adapter_name="killed")
     # Marked running (attempt 1, heart-beating) as our task would have done before dying.

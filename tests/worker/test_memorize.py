@@ -18,14 +18,21 @@ from tests.worker.recipes import MEMORIZE_RECIPE, MEMORIZE_RECORDS
 
 def greedy(model, tokenizer, prompt: str) -> str:
     input_ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=16,
-                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=16,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_a_trained_adapter_reproduces_its_training_completions(task_settings, redis_conn, store, make_job, base):
-    job = make_job(MEMORIZE_RECORDS, adapter_name="memorized", bone=MEMORIZE_RECIPE["bone"],
-                   **MEMORIZE_RECIPE["training"])
+    job = make_job(
+        MEMORIZE_RECORDS, adapter_name="memorized", bone=MEMORIZE_RECIPE["bone"], **MEMORIZE_RECIPE["training"]
+    )
     queue = Queue(task_settings.queue_name, connection=redis_conn)
     queue.enqueue("worker.tasks.run_training_job", job.id, job_id=job.id, job_timeout=task_settings.job_timeout_s)
     started = time.perf_counter()
@@ -34,8 +41,10 @@ def test_a_trained_adapter_reproduces_its_training_completions(task_settings, re
 
     done = store.get(job.id)
     assert done.status is JobStatus.SUCCEEDED, done.error
-    print(f"memorize: {done.metrics['steps']:.0f} steps, loss {done.metrics['train_loss_first']:.3f} -> "
-          f"{done.metrics['train_loss']:.3f}, training {done.metrics['train_runtime_s']:.1f} s, job {elapsed:.1f} s")
+    print(
+        f"memorize: {done.metrics['steps']:.0f} steps, loss {done.metrics['train_loss_first']:.3f} -> "
+        f"{done.metrics['train_loss']:.3f}, training {done.metrics['train_runtime_s']:.1f} s, job {elapsed:.1f} s"
+    )
 
     registry = AdapterRegistry(task_settings.registry_dir)
     registry.verified_weights("memorized")

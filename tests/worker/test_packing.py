@@ -17,8 +17,15 @@ VOCAB = 97
 
 def tiny_llama(attn: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
@@ -50,14 +57,18 @@ def test_every_packed_example_computes_what_it_computes_alone(attn):
     batch = collate(blocks, pad_id=0, device=torch.device("cpu"))
     with torch.no_grad():
         # use_cache=False as in training: transformers reads packing from position_ids only without a cache
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=batch["attention_mask"], use_cache=False).logits
+        packed = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+        ).logits
         checked = 0
         for row, block in enumerate(blocks):
             start = 0
             for n in block.segments:
-                alone = model(input_ids=torch.tensor([block.input_ids[start:start + n]])).logits[0]
-                torch.testing.assert_close(packed[row, start:start + n], alone, rtol=0, atol=1e-5)
+                alone = model(input_ids=torch.tensor([block.input_ids[start : start + n]])).logits[0]
+                torch.testing.assert_close(packed[row, start : start + n], alone, rtol=0, atol=1e-5)
                 start, checked = start + n, checked + 1
         assert checked == len(exs)
         # what packing did before (positions running on, attention across examples) is far off: the test can fail

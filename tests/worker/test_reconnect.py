@@ -32,9 +32,23 @@ class PrivateRedis:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.folder)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -62,11 +76,19 @@ def test_the_worker_waits_for_redis_and_reconnects_after_an_outage(tmp_path, sha
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "models").symlink_to(shared_models_dir, target_is_directory=True)
-    env = {**os.environ, "BONE_DATA_DIR": str(data_dir), "BONE_REDIS_URL": private.url, "OMP_NUM_THREADS": "1",
-           "BONE_RECONNECT_MAX_BACKOFF_S": "2", "BONE_WORKER_TTL_S": "15", "BONE_LOG_LEVEL": "info"}
+    env = {
+        **os.environ,
+        "BONE_DATA_DIR": str(data_dir),
+        "BONE_REDIS_URL": private.url,
+        "OMP_NUM_THREADS": "1",
+        "BONE_RECONNECT_MAX_BACKOFF_S": "2",
+        "BONE_WORKER_TTL_S": "15",
+        "BONE_LOG_LEVEL": "info",
+    }
     log = tmp_path / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT,
-                              stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "cli", "worker"], env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT
+    )
     try:
         # 1. no Redis yet: the worker waits instead of exiting
         wait_for(lambda: "reconnecting in" in log.read_text(), 60, "no reconnect attempt logged", log)
@@ -88,9 +110,14 @@ def test_the_worker_waits_for_redis_and_reconnects_after_an_outage(tmp_path, sha
         # 4. the next job runs
         store = JobStore(conn)
         records = [{"text": "hello"}, {"text": "world"}]
-        job = Job(id=Job.new_id(), adapter_name="after-outage", base_model="embedded",
-                  dataset=dataset_summary(RecordsDataset(records=records)), bone=BoneSpec(),
-                  training=TrainingSpec(max_steps=2))
+        job = Job(
+            id=Job.new_id(),
+            adapter_name="after-outage",
+            base_model="embedded",
+            dataset=dataset_summary(RecordsDataset(records=records)),
+            bone=BoneSpec(),
+            training=TrainingSpec(max_steps=2),
+        )
         store.create(job, records=records)
         Queue("bone-training", connection=conn).enqueue(TASK, job.id, job_id=job.id, job_timeout=600)
         wait_for(lambda: store.get(job.id).status is JobStatus.SUCCEEDED, 120, "the job did not succeed", log)

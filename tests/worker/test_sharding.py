@@ -25,8 +25,18 @@ from worker.tasks import run_training_job
 pytestmark = pytest.mark.slow
 
 ROWS = [{"prompt": f"Q{i}: {'x' * (i % 5)}?\n", "completion": f"A{i}{'y' * (i % 3)}."} for i in range(10)]
-RECIPE = dict(max_steps=8, learning_rate=1e-2, batch_size=4, gradient_accumulation_steps=2, max_seq_length=48,
-              seed=7, eval_fraction=0.2, eval_every=4, save_every=4, warmup_steps=1)
+RECIPE = dict(
+    max_steps=8,
+    learning_rate=1e-2,
+    batch_size=4,
+    gradient_accumulation_steps=2,
+    max_seq_length=48,
+    seed=7,
+    eval_fraction=0.2,
+    eval_every=4,
+    save_every=4,
+    warmup_steps=1,
+)
 
 
 def _losses(store, job_id):
@@ -46,8 +56,9 @@ def _assert_close_adapters(a, b, atol):
 def test_a_sharded_job_matches_one_process_and_publishes_the_whole_blocks(task_settings, store, make_job):
     single = make_job(ROWS, adapter_name="single", **RECIPE)
     # with activation checkpointing too (recomputing a layer in backward gathers it again): same numbers
-    sharded = make_job(ROWS, adapter_name="sharded", num_processes=2, sharding="full", gradient_checkpointing=True,
-                       **RECIPE)
+    sharded = make_job(
+        ROWS, adapter_name="sharded", num_processes=2, sharding="full", gradient_checkpointing=True, **RECIPE
+    )
     assert run_training_job(single.id) == "succeeded", store.get(single.id).error
     assert run_training_job(sharded.id) == "succeeded", store.get(sharded.id).error
 
@@ -66,8 +77,9 @@ def test_a_sharded_job_matches_one_process_and_publishes_the_whole_blocks(task_s
     _assert_close_adapters(w1, w2, atol=1e-5)
 
 
-def test_a_sharded_job_whose_rank_dies_resumes_from_its_checkpoint_like_an_uninterrupted_run(task_settings, store,
-                                                                                              make_job):
+def test_a_sharded_job_whose_rank_dies_resumes_from_its_checkpoint_like_an_uninterrupted_run(
+    task_settings, store, make_job
+):
     """SIGKILL one rank after the first checkpoint: torch elastic restarts both, which load the whole blocks and
     AdamW's whole state back into their shards; the job ends with the uninterrupted sharded run's weights."""
     recipe = dict(max_steps=24, learning_rate=1e-2, batch_size=4, max_seq_length=48, seed=11, save_every=4)

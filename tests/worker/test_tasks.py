@@ -90,7 +90,10 @@ def test_an_existing_adapter_is_not_overwritten_unless_asked(task_settings, redi
     third = make_job(LEARNABLE, adapter_name="taken", max_steps=1, overwrite=True)
     run_queued(redis_conn, task_settings, first.id, second.id, third.id)
     assert [store.get(j.id).status for j in (first, second, third)] == [
-        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUCCEEDED]
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.SUCCEEDED,
+    ]
     assert "already exists" in store.get(second.id).error
     assert AdapterRegistry(task_settings.registry_dir).get("taken").job_id == third.id
 
@@ -104,7 +107,10 @@ def test_a_job_never_replaces_another_owners_adapter(task_settings, redis_conn, 
         store.update(job.id, owner=owner)
     run_queued(redis_conn, task_settings, bobs.id, alices.id, bobs_again.id)
     assert [store.get(j.id).status for j in (bobs, alices, bobs_again)] == [
-        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUCCEEDED]
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.SUCCEEDED,
+    ]
     assert "already in use" in store.get(alices.id).error
     info = AdapterRegistry(task_settings.registry_dir).get("contested")
     assert (info.owner, info.job_id) == ("bob", bobs_again.id)  # its owner may still overwrite it
@@ -143,10 +149,13 @@ def test_a_running_job_stops_at_the_next_step_when_cancelled(task_settings, redi
     assert not (task_settings.jobs_dir / job.id).exists()
 
 
-@pytest.mark.parametrize("exc, expected", [
-    (ValueError("boom\nsecond line"), "ValueError: boom second line"),
-    (RuntimeError("x" * 2000), "RuntimeError: " + "x" * 485 + "…"),
-])
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (ValueError("boom\nsecond line"), "ValueError: boom second line"),
+        (RuntimeError("x" * 2000), "RuntimeError: " + "x" * 485 + "…"),
+    ],
+)
 def test_failures_are_one_line(exc, expected):
     assert describe_failure(exc) == expected
 
@@ -154,8 +163,16 @@ def test_failures_are_one_line(exc, expected):
 # --- evaluation, checkpoints, events, cancel phases, resume ----------------------------------------------
 def test_eval_metrics_and_truncation_reach_the_adapter_and_the_events(task_settings, redis_conn, store, make_job):
     rows = LEARNABLE * 3 + [{"text": "a long row " * 20}]
-    job = make_job(rows, adapter_name="evaluated", max_steps=6, batch_size=4, learning_rate=1e-2, eval_fraction=0.25,
-                   eval_every=3, max_seq_length=24)
+    job = make_job(
+        rows,
+        adapter_name="evaluated",
+        max_steps=6,
+        batch_size=4,
+        learning_rate=1e-2,
+        eval_fraction=0.25,
+        eval_every=3,
+        max_seq_length=24,
+    )
     run_queued(redis_conn, task_settings, job.id)
     done = store.get(job.id)
     assert done.status is JobStatus.SUCCEEDED, done.error
@@ -211,11 +228,22 @@ def test_cancel_lands_in_every_phase(task_settings, redis_conn, store, make_job,
     import worker.tasks
     import worker.train
 
-    target = {"tokenizing": (worker.tasks, "tokenize_rows"), "training": (worker.tasks, "train"),
-              "evaluating": (worker.train, "evaluate"), "checkpointing": (worker.resume, "save")}[phase]
+    target = {
+        "tokenizing": (worker.tasks, "tokenize_rows"),
+        "training": (worker.tasks, "train"),
+        "evaluating": (worker.train, "evaluate"),
+        "checkpointing": (worker.resume, "save"),
+    }[phase]
     holder = request_cancel_on_entry(monkeypatch, store, *target)
-    job = make_job(LEARNABLE * 50, adapter_name="phases", max_steps=500, eval_every=3, eval_fraction=0.1,
-                   save_every=2, publish_checkpoints=True)
+    job = make_job(
+        LEARNABLE * 50,
+        adapter_name="phases",
+        max_steps=500,
+        eval_every=3,
+        eval_fraction=0.1,
+        save_every=2,
+        publish_checkpoints=True,
+    )
     holder["job_id"] = job.id
     run_queued(redis_conn, task_settings, job.id)
 
@@ -232,8 +260,9 @@ class WorkerKilled(BaseException):
     """Escapes the task like a SIGKILL would: no failure is recorded, the work dir stays."""
 
 
-def test_a_retried_job_resumes_from_its_checkpoint_and_ends_with_the_same_weights(task_settings, redis_conn, store,
-                                                                                   make_job, monkeypatch):
+def test_a_retried_job_resumes_from_its_checkpoint_and_ends_with_the_same_weights(
+    task_settings, redis_conn, store, make_job, monkeypatch
+):
     from safetensors.torch import load_file
 
     from core import janitor
@@ -294,7 +323,8 @@ def test_weights_with_nan_or_inf_are_never_published(tmp_path):
 
 @pytest.mark.parametrize("registry_kind", ["shared folder", "s3"])
 def test_a_retried_job_resumes_on_another_machine_from_the_registry_store(
-        task_settings, redis_conn, store, make_job, monkeypatch, tmp_path, shared_models_dir, request, registry_kind):
+    task_settings, redis_conn, store, make_job, monkeypatch, tmp_path, shared_models_dir, request, registry_kind
+):
     """Attempt 1 runs on "machine A", dies after its checkpoint of step 3, and its data dir is lost with it;
     attempt 2 runs on "machine B" (its own data dir, the same registry: a folder or S3) and resumes from step 3
     with the weights of an uninterrupted run, bit for bit."""

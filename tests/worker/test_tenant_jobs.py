@@ -25,10 +25,12 @@ def bounded(settings):
 
 
 @pytest.mark.parametrize("name", ["files", "data/files"])
-def test_row2_a_queued_hf_dataset_outside_the_datasets_dir_fails_without_reading(bounded, redis_conn, store,
-                                                                                  make_job, monkeypatch, name):
-    FileStore(bounded.files_dir).save(io.BytesIO(b'{"text": "alice secret"}\n'), "alice.jsonl", owner="alice",
-                                      max_bytes=10_000)
+def test_row2_a_queued_hf_dataset_outside_the_datasets_dir_fails_without_reading(
+    bounded, redis_conn, store, make_job, monkeypatch, name
+):
+    FileStore(bounded.files_dir).save(
+        io.BytesIO(b'{"text": "alice secret"}\n'), "alice.jsonl", owner="alice", max_bytes=10_000
+    )
     # The worker's working directory holds the data dir, so "files" or "data/files" would be alice's uploads.
     monkeypatch.chdir(bounded.data_dir if name == "files" else bounded.data_dir.parent)
     job = make_job(dataset={"hf_dataset": name})

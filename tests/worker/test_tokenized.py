@@ -20,8 +20,14 @@ ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for 
 
 
 def as_lists(examples):
-    return [(list(map(int, ex.input_ids)), list(map(int, ex.labels)),
-             None if ex.segments is None else list(map(int, ex.segments))) for ex in examples]
+    return [
+        (
+            list(map(int, ex.input_ids)),
+            list(map(int, ex.labels)),
+            None if ex.segments is None else list(map(int, ex.segments)),
+        )
+        for ex in examples
+    ]
 
 
 def test_tokenized_rows_read_back_from_arrow_as_written(base, tmp_path):
@@ -29,8 +35,11 @@ def test_tokenized_rows_read_back_from_arrow_as_written(base, tmp_path):
     on_disk = tokenize_rows(ROWS, base.tokenizer, 32, into=ExampleWriter(tmp_path / "train.arrow"))
     assert isinstance(on_disk.examples, ArrowExamples)
     assert as_lists(on_disk.examples) == as_lists(in_memory.examples)
-    assert (on_disk.rows, on_disk.truncated, on_disk.dropped) == (in_memory.rows, in_memory.truncated,
-                                                                    in_memory.dropped)
+    assert (on_disk.rows, on_disk.truncated, on_disk.dropped) == (
+        in_memory.rows,
+        in_memory.truncated,
+        in_memory.dropped,
+    )
     row = on_disk.examples[0]
     assert row.input_ids.dtype == np.int32 and row.labels.dtype == np.int32
     assert list(on_disk.examples.lengths()) == [len(ex.input_ids) for ex in in_memory.examples]
@@ -61,8 +70,9 @@ def test_only_the_path_crosses_a_process_boundary(tmp_path):
 
 def test_a_cancelled_tokenization_leaves_no_file(base, tmp_path):
     with pytest.raises(Cancelled):
-        tokenize_rows(ROWS * 10, base.tokenizer, 32, should_stop=lambda: True,
-                      into=ExampleWriter(tmp_path / "train.arrow"))
+        tokenize_rows(
+            ROWS * 10, base.tokenizer, 32, should_stop=lambda: True, into=ExampleWriter(tmp_path / "train.arrow")
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -115,9 +125,10 @@ def test_length_grouping_is_seeded_and_resumes_where_it_stopped():
 
 def test_length_grouping_sorts_within_megabatches_of_fifty_batches():
     lengths = list(range(1, 1001))
-    order = length_grouped_order(torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist(),
-                                 lengths, batch_size=4)
-    megabatches = [order[i:i + 200] for i in range(0, 1000, 200)]
+    order = length_grouped_order(
+        torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist(), lengths, batch_size=4
+    )
+    megabatches = [order[i : i + 200] for i in range(0, 1000, 200)]
     assert sorted(order) == list(range(1000))
     for megabatch in megabatches:  # a head may have been swapped with the longest row of all
         rest = megabatch[1:]
