@@ -55,6 +55,15 @@ STEP_ROWS_LABELS = ("1", "2", "4", "8", "16", "32", "64+")
 ENGINE_MAX_BATCH_SIZE = Gauge(
     "bone_engine_max_batch_size", "rows that may decode together (BONE_MAX_BATCH_SIZE, or the device's default)"
 )
+ENGINE_KV_BUDGET_TOKENS = Gauge(
+    "bone_engine_kv_budget_tokens",
+    "KV cache tokens running rows may reserve together (BONE_KV_BUDGET_TOKENS, or its default)",
+)
+ENGINE_KV_TOKENS_RESERVED = Gauge(
+    "bone_engine_kv_tokens_reserved",
+    "KV cache tokens reserved by the admitted rows (each its prompt + max_new_tokens)",
+)
+PREFILL_CHUNKS = Counter("bone_engine_prefill_chunks_total", "chunks of long prompts prefilled between decode steps")
 ADAPTER_CACHE_HITS = Counter("bone_adapter_cache_hits_total", "requests whose adapter was resident on the device")
 ADAPTER_CACHE_MISSES = Counter(
     "bone_adapter_cache_misses_total", "requests whose adapter had to be loaded (from the CPU tier or the registry)"

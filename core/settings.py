@@ -224,6 +224,19 @@ class Settings(BaseSettings):
         description="waiting generation requests one API key (or, "
         "without keys, one client address) may hold; default max(1, max_queue // 4)",
     )
+    kv_budget_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache tokens the running rows may reserve together (each its prompt + max_new_tokens, "
+        "at admission); a request that does not fit waits in the queue. Default max_batch_size x "
+        "(max_prompt_tokens + max_new_tokens): the bound the batch size and token limits already imply",
+    )
+    prefill_chunk: int = Field(
+        512,
+        ge=0,
+        description="a newcomer's prompt longer than this many tokens is prefilled in chunks of it, one between "
+        "two decode steps of the running rows, so they keep streaming while it enters (0 = off)",
+    )
     request_timeout_s: float = Field(300.0, gt=0)
     adapter_cache_size: int = Field(64, ge=1, description="adapters resident on the device, by count")
     adapter_cache_bytes: int = Field(2 * 1024**3, ge=1, description="... and by bytes")

@@ -8,6 +8,11 @@ left-padded with masked columns; ``app.engine.kv_cache`` does it for each kind o
 sliding windows). Finished rows leave the batch and the cache at once, and columns that
 became padding for every remaining row are trimmed, so a short answer never pays for a long neighbour.
 
+A prompt longer than ``prefill_chunk`` tokens may enter instead chunk by chunk (``enter``, then ``advance``
+once per scheduler turn, between decode steps) into a cache of its own, and merges like any newcomer after
+its last chunk: the running rows keep decoding while it is prefilled, and the row computes what a prefill at
+once would (same positions, causal attention over the same tokens).
+
 Positions are counted from each row's first real token, so a padded row computes what it would alone.
 
 A row's failure is that row's alone. Parameters are checked before a row joins (``SamplingParams.check``);
@@ -193,9 +198,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 class RunningBatch:
     """Rows decoding together over one KV cache. Only the engine's model thread uses it."""
 
-    def __init__(self, forward: Forward, pad_id: int, device: torch.device, joins: bool = True) -> None:
+    def __init__(
+        self, forward: Forward, pad_id: int, device: torch.device, joins: bool = True, prefill_chunk: int = 0
+    ) -> None:
         self.forward, self.pad_id, self.device = forward, pad_id, device
         self.joins = joins  # False: the model's cache cannot take rows in mid-flight (``kv_cache.join_mode``)
+        self.prefill_chunk = prefill_chunk  # 0: every prompt is prefilled in one forward
+        self.entering: Row | None = None  # a long prompt being prefilled chunk by chunk (``enter``, ``advance``)
+        self._entering_cache: Any = None  # its own cache, merged into the batch's when its prompt is in
+        self._entered = 0  # its tokens already in that cache
+        self.chunks = 0  # chunks prefilled (tests, metrics)
         self.rows: list[Row] = []
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # (rows, cached columns): 1 where the column is a real token
@@ -255,6 +267,65 @@ class RunningBatch:
         kv_cache.settle(self._cache, mask.shape[1])
         self._next = self._push(self.rows, logits)
         return self._drop_finished()
+
+    def chunked(self, row: Row) -> bool:
+        """Whether ``row`` enters in chunks (``enter``): its prompt is longer than a chunk, rows can join, and
+        it does not ask for its prompt's log-probabilities (they need every position's logits at once)."""
+        return (
+            self.prefill_chunk > 0
+            and self.joins
+            and len(row.input_ids) > self.prefill_chunk
+            and row.params.prompt_logprobs is None
+        )
+
+    def enter(self, row: Row) -> None:
+        """Start prefilling ``row`` chunk by chunk: ``advance`` feeds one chunk, between decode steps."""
+        assert self.entering is None, "one row enters at a time"
+        self.entering, self._entering_cache, self._entered = row, None, 0
+
+    def advance(self) -> list[Row]:
+        """Prefill the entering row's next chunk into its own cache (the running rows are untouched). After its
+        last chunk its first token is chosen and it merges into the batch like any newcomer. Returns the row if
+        it finished meanwhile (on that first token, abandoned, or failed); out of device memory next to running
+        rows it is parked instead, and resumes by recomputation when they leave."""
+        row = self.entering
+        if row is None:
+            return []
+        if row.should_stop():
+            self._stop_entering()
+            row.finish_reason = "abort"
+            return [row]
+        prompt = row.input_ids
+        end = min(self._entered + self.prefill_chunk, len(prompt))
+        try:
+            ids = torch.tensor([prompt[self._entered : end]], dtype=torch.long, device=self.device)
+            mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+            positions = torch.arange(self._entered, end, dtype=torch.long, device=self.device).unsqueeze(0)
+            logits, self._entering_cache = self.forward(ids, mask, positions, self._entering_cache, [row.adapter_slot])
+            self.chunks += 1
+            self._entered = end
+            if end < len(prompt):
+                return []
+            cache = self._entering_cache
+            self._stop_entering()
+            tokens = self._push([row], logits)
+            if not row.finished:
+                self._merge([row], cache, mask, positions[:, -1:], tokens)
+        except Exception as exc:  # noqa: BLE001 - the entering row's alone; the running rows carry on
+            self._stop_entering()
+            _release_device_memory(exc)
+            log.warning("chunked prefill of one row failed (%s: %s)", type(exc).__name__, exc)
+            if row.finished:
+                return [row]
+            if _out_of_memory(exc) and self.rows:
+                self._park([row])
+                return []
+            row.fail(row_error(exc))
+            return [row]
+        return [row] if row.finished else []
+
+    def _stop_entering(self) -> None:
+        self.entering, self._entering_cache, self._entered = None, None, 0
 
     def resume(self) -> list[Row]:
         """Prefill the parked rows again once there is more room than when they were parked (or none runs).

@@ -45,11 +45,22 @@ def default_max_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 16
 
 
+def default_kv_budget_tokens(settings: Settings, max_batch_size: int) -> int:
+    """``BONE_KV_BUDGET_TOKENS`` when unset: what a full batch of the longest requests the limits allow holds,
+    the bound those limits already imply (so the budget only binds when set lower)."""
+    return max_batch_size * (settings.max_prompt_tokens + settings.max_new_tokens)
+
+
 class InferenceEngine:
     def __init__(self, base: LoadedBaseModel, registry: AdapterRegistry, settings: Settings) -> None:
         self.max_batch_size = settings.max_batch_size or default_max_batch_size(base.device)
-        settings = settings.model_copy(update={"max_batch_size": self.max_batch_size})  # resolved once, for all
+        self.kv_budget_tokens = settings.kv_budget_tokens or default_kv_budget_tokens(settings, self.max_batch_size)
+        # resolved once, for all
+        settings = settings.model_copy(
+            update={"max_batch_size": self.max_batch_size, "kv_budget_tokens": self.kv_budget_tokens}
+        )
         metrics.ENGINE_MAX_BATCH_SIZE.set(self.max_batch_size)
+        metrics.ENGINE_KV_BUDGET_TOKENS.set(self.kv_budget_tokens)
         self.base, self.settings = base, settings
         self.tokenizer = base.tokenizer
         # The model thread detokenizes every row at every step with a tokenizer of its own: sharing one (fast
@@ -82,7 +93,13 @@ class InferenceEngine:
         # of cache drains first. Said once here, in the log and in /metrics.
         self.join_mode, reason = kv_cache.join_mode(base.model)
         kv_cache.announce(self.join_mode, reason)
-        self.batch = RunningBatch(self._forward, self.pad_id, base.device, joins=self.join_mode == kv_cache.JOINS)
+        self.batch = RunningBatch(
+            self._forward,
+            self.pad_id,
+            base.device,
+            joins=self.join_mode == kv_cache.JOINS,
+            prefill_chunk=settings.prefill_chunk if kv_cache.chunkable(base.model) else 0,
+        )
         # out_features per module path: mixes of MiSS-mini adapters tile their blocks to (r, out)
         out_features = {
             path: int(getattr(m, "out_features", None) or m.weight.shape[-1])
@@ -156,6 +173,12 @@ class InferenceEngine:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the model's context of {self.max_positions} tokens",
+                param="max_new_tokens",
+            )
+        if len(prompt_ids) + params.max_new_tokens > self.kv_budget_tokens:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the KV "
+                f"cache budget of {self.kv_budget_tokens} tokens (BONE_KV_BUDGET_TOKENS)",
                 param="max_new_tokens",
             )
         if not self.ready:

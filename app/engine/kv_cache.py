@@ -167,6 +167,15 @@ def join_mode(model: Any) -> tuple[str, str]:
     return JOINS, f"its cache layers are {described or 'full attention'}"
 
 
+def chunkable(model: Any) -> bool:
+    """Whether a prompt can be prefilled in chunks into its own cache and merged like any newcomer: every
+    layer full attention (a sliding window's cache between chunks is not something ``merge`` is tested on)."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    return set(_layer_types(config)) <= {"full_attention"}
+
+
 def _layer_types(config: Any) -> list[str]:
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs

@@ -6,6 +6,12 @@ answer the rows that finished. Rows join and leave between steps (continuous bat
 adapters*: every row names its adapter and the Bone layers select per row in a single forward. When the
 engine is idle, the first request waits up to ``batch_wait_ms`` for company, so a burst is prefilled at once.
 
+Admission is bounded twice: by rows (``max_batch_size``) and by KV cache tokens (``kv_budget_tokens``): each
+admitted row reserves its prompt + ``max_new_tokens`` until it is answered, and a request that does not fit
+waits in the queue (those behind it wait too, so a large request is not starved by small ones). A prompt
+longer than ``prefill_chunk`` enters chunk by chunk, one chunk per loop turn before the decode step
+(``RunningBatch.enter`` / ``advance``), so the running rows keep streaming while it is prefilled.
+
 A request whose adapter is not resident waits without holding anyone up: the ``AdapterLoader`` threads read
 and verify it, and only the final copy into the model (``AdapterCache.install``) runs here, between steps.
 
@@ -44,6 +50,12 @@ class NotReady(enum.Enum):
 
     WAIT = "wait"  # its adapter is loading, or there is no room for it while other rows run
     FAILED = "failed"  # its adapter cannot be installed: the request has been answered with the error
+
+
+def kv_tokens(request: Request) -> int:
+    """The KV cache tokens a request may come to hold, reserved when it is admitted: its prompt and every token
+    it may generate."""
+    return len(request.prompt_ids) + request.params.max_new_tokens
 
 
 class Scheduler:
@@ -131,7 +143,16 @@ class Scheduler:
 
     def in_use(self) -> set[str]:
         """The slots of running and parked rows (parked rows resume on theirs): never evicted."""
-        return {row.adapter_slot for row in self.batch.rows + self.batch.parked}
+        return {row.adapter_slot for row in self._admitted()}
+
+    def _admitted(self) -> list[Row]:
+        """Every row admitted and not answered: running, parked, or entering (its prompt half prefilled)."""
+        entering = [self.batch.entering] if self.batch.entering is not None else []
+        return self.batch.rows + self.batch.parked + entering
+
+    def kv_reserved(self) -> int:
+        """KV cache tokens the admitted rows have reserved (``BONE_KV_BUDGET_TOKENS`` bounds their sum)."""
+        return sum(kv_tokens(row.tag) for row in self._admitted())
 
     # --- the model thread -----------------------------------------------------------------------------
     def _serve_forever(self) -> None:
@@ -140,9 +161,13 @@ class Scheduler:
             if not self._receive():
                 break
             self._admit()
+            if self.batch.entering is not None:
+                self._advance()
             if self.batch.rows:
                 self._step()
-        for row in self.batch.clear() + self.batch.parked:
+            metrics.ENGINE_KV_TOKENS_RESERVED.set(self.kv_reserved())
+        entering = [self.batch.entering] if self.batch.entering is not None else []
+        for row in self.batch.clear() + self.batch.parked + entering:
             row.tag.future.set_exception(ServiceUnavailable("the server is shutting down", code="shutting_down"))
         while self._waiting:
             self._fail(self._waiting.popleft(), ServiceUnavailable("the server is shutting down", code="shutting_down"))
@@ -150,7 +175,8 @@ class Scheduler:
     def _receive(self) -> bool:
         """Take what arrived. Busy: never wait. Idle: block until a request comes, then gather for up to
         ``batch_wait_ms`` (or until a full batch waits). Returns False on stop."""
-        idle, deadline = not self.batch.rows and not self.batch.parked, None
+        idle = not self.batch.rows and not self.batch.parked and self.batch.entering is None
+        deadline = None
         while True:
             if not idle:
                 timeout = 0.0
@@ -210,17 +236,25 @@ class Scheduler:
                 return  # short of device memory: newcomers wait until the parked rows are back in
         if not self._waiting or not self.batch.accepts_joins:
             return
-        room = self.settings.max_batch_size - len(self.batch.rows)
+        room = self.settings.max_batch_size - len(self.batch.rows) - (self.batch.entering is not None)
         in_use, chosen, still = self.in_use(), [], deque()
+        reserved, budget = self.kv_reserved(), self.settings.kv_budget_tokens
+        entering: Row | None = None
+        over_budget = False  # once one request waits for KV room, later ones wait too: a long one is not starved
         for request in self._fair_order():
             if request.future.cancelled():  # the caller gave up (timeout, disconnect) while it waited
                 self._release(request)
                 continue
-            slot = (
-                self._resolve(request, in_use, must_progress=not self.batch.rows and not chosen)
-                if len(chosen) < room
-                else NotReady.WAIT
+            row = self._row(request)
+            chunked = self.batch.chunked(row)
+            over_budget = over_budget or (budget is not None and reserved + kv_tokens(request) > budget)
+            fits = (
+                len(chosen) + (entering is not None) < room
+                and not over_budget
+                and not (chunked and (self.batch.entering is not None or entering is not None))
             )
+            progressing = self.batch.rows or chosen or entering is not None or self.batch.entering is not None
+            slot = self._resolve(request, in_use, must_progress=not progressing) if fits else NotReady.WAIT
             if slot is NotReady.FAILED:
                 continue
             if slot is NotReady.WAIT:
@@ -230,19 +264,16 @@ class Scheduler:
                 self._release(request)
                 continue
             in_use.add(slot)
-            chosen.append(
-                Row(
-                    prompt_ids=request.prompt_ids,
-                    adapter_slot=slot,
-                    params=request.params,
-                    eos_ids=self.eos_ids,
-                    decode=self._decode,
-                    on_text=request.on_text,
-                    should_stop=request.abandoned.is_set,
-                    tag=request,
-                )
-            )
+            row.adapter_slot = slot
+            reserved += kv_tokens(request)
+            if chunked:
+                entering = row
+            else:
+                chosen.append(row)
         self._waiting = still
+        if entering is not None:
+            self._release(entering.tag)
+            self.batch.enter(entering)  # its chunks run between steps (``_advance``)
         if not chosen:
             return
         self.prefills += 1
@@ -262,6 +293,35 @@ class Scheduler:
         self._count_tokens(len(chosen))
         for row in done:
             self._answer(row)
+
+    def _row(self, request: Request) -> Row:
+        """The row ``request`` becomes in the batch (its adapter slot is set once it is resolved)."""
+        return Row(
+            prompt_ids=request.prompt_ids,
+            adapter_slot=BASE_ADAPTER,
+            params=request.params,
+            eos_ids=self.eos_ids,
+            decode=self._decode,
+            on_text=request.on_text,
+            should_stop=request.abandoned.is_set,
+            tag=request,
+        )
+
+    def _advance(self) -> None:
+        """One chunk of the entering row's prompt; when it is in, the row has joined the batch (or finished)."""
+        row = self.batch.entering
+        assert row is not None
+        joining = bool(self.batch.rows)
+        done = self.batch.advance()
+        metrics.PREFILL_CHUNKS.inc()
+        if self.batch.entering is None:
+            metrics.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - row.tag.arrived)
+            self.prefills += 1
+            self.joins += joining
+            if row in self.batch.rows:
+                self._count_tokens(1)
+        for finished in done:
+            self._answer(finished)
 
     def _fair_order(self) -> list[Request]:
         """The waiting requests, those of keys with the fewest running rows first (in arrival order within a key

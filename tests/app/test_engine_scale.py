@@ -32,7 +32,13 @@ def test_the_batch_bound_defaults_from_the_device_and_is_shown(live, client):
     assert default_max_batch_size(torch.device("cpu")) == 16
     assert live.settings.max_batch_size is None  # unset: the engine resolves it
     assert live.engine.max_batch_size == live.engine.settings.max_batch_size == 16  # the tests serve on CPU
-    assert re.search(r"^bone_engine_max_batch_size 16\.0$", scrape(client), re.M)
+    text = scrape(client)
+    assert re.search(r"^bone_engine_max_batch_size 16\.0$", text, re.M)
+    # the KV budget's default is what 16 rows of the longest prompt and answer hold, and it is shown too
+    budget = 16 * (live.settings.max_prompt_tokens + live.settings.max_new_tokens)
+    assert live.engine.kv_budget_tokens == budget
+    assert re.search(rf"^bone_engine_kv_budget_tokens {budget}\.0$", text, re.M)
+    assert re.search(r"^bone_engine_kv_tokens_reserved \S+$", text, re.M)
 
 
 def test_step_time_is_reported_by_batch_size(live, client):
