@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 from prometheus_client import REGISTRY
 
 from app.engine import GenerationRequest, InferenceEngine, Target
@@ -115,3 +116,32 @@ def test_a_request_larger_than_the_kv_budget_is_refused_naming_the_field(make_en
 def test_the_default_kv_budget_is_what_the_batch_and_token_limits_imply(make_engine):
     engine = make_engine(max_batch_size=3, max_prompt_tokens=100, max_new_tokens=20)
     assert engine.kv_budget_tokens == engine.settings.kv_budget_tokens == 3 * 120
+
+
+def test_a_long_prompt_out_of_memory_in_a_chunk_fails_no_running_row(make_engine):
+    """A chunk of the entering prompt runs out of device memory next to a running row: the running row carries
+    on untouched, the newcomer is set aside and resumes (prefilled at once) when it leaves; both end with what
+    they generate alone."""
+    engine = make_engine(prefill_chunk=16)
+    short_alone = alone(engine, "Once upon a time", None, 80)
+    long_alone = alone(engine, LONG_PROMPT, None, 12)
+    failed: list[int] = []
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.shape[1] == 16 and int(positions.min()) >= 64:
+            failed.append(int(positions.min()))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = engine.base.model.model.layers[1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        running = submit(engine, "Once upon a time", None, 80)
+        while not engine.batch.rows:
+            time.sleep(0.002)
+        long = submit(engine, LONG_PROMPT, None, 12)
+        assert running.future.result(120).token_ids == short_alone
+        assert long.future.result(120).token_ids == long_alone
+    finally:
+        handle.remove()
+    assert failed == [64]  # the fifth chunk failed once; the row then resumed prefilled at once
+    assert engine.scheduler.failed_rows == 0 and not engine.batch.parked and engine.batch.entering is None
