@@ -55,6 +55,11 @@ STEP_ROWS_LABELS = ("1", "2", "4", "8", "16", "32", "64+")
 ENGINE_MAX_BATCH_SIZE = Gauge(
     "bone_engine_max_batch_size", "rows that may decode together (BONE_MAX_BATCH_SIZE, or the device's default)"
 )
+BATCH_WORKING_BYTES = Gauge(
+    "bone_engine_batch_working_bytes",
+    "bytes the running batch takes beyond the resident adapters (row index tensors, per-layer scratch, dense Bat "
+    "weights), counted against BONE_ADAPTER_CACHE_BYTES",
+)
 ADAPTER_CACHE_HITS = Counter("bone_adapter_cache_hits_total", "requests whose adapter was resident on the device")
 ADAPTER_CACHE_MISSES = Counter(
     "bone_adapter_cache_misses_total", "requests whose adapter had to be loaded (from the CPU tier or the registry)"

@@ -192,7 +192,12 @@ class InferenceEngine:
         }
         if self._keep_last_logits and not all_logits:
             kwargs["logits_to_keep"] = 1
+        self.host.bat_budget_bytes = self.cache.free_bytes + self.cache.working_bytes
         out = self.host.forward(slots, **kwargs)
+        working = self.host.working_bytes
+        if working != self.cache.working_bytes:
+            self.cache.working_bytes = working
+            metrics.BATCH_WORKING_BYTES.set(working)
         return (out.logits if all_logits else out.logits[:, -1, :]), getattr(out, self._cache_arg)
 
     def detokenize(self, ids: list[int]) -> str:
