@@ -223,6 +223,11 @@ class AdapterCache:
         """Room left under ``max_bytes`` after the resident adapters and the running batch's working bytes."""
         return max(0, self.max_bytes - self._bytes - self.working_bytes)
 
+    @property
+    def batch_room(self) -> int:
+        """What a batch may take beyond the resident adapters (the running batch's own bytes included)."""
+        return max(0, self.max_bytes - self._bytes)
+
     def slots(self) -> dict[Key, str]:
         return {key: entry.slot for key, entry in self._entries.items()}
 

@@ -192,7 +192,7 @@ class InferenceEngine:
         }
         if self._keep_last_logits and not all_logits:
             kwargs["logits_to_keep"] = 1
-        self.host.bat_budget_bytes = self.cache.free_bytes + self.cache.working_bytes
+        self.host.bat_budget_bytes = self.cache.batch_room
         out = self.host.forward(slots, **kwargs)
         working = self.host.working_bytes
         if working != self.cache.working_bytes:
