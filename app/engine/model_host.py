@@ -6,6 +6,7 @@ Only the engine's model thread calls into this class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,9 @@ class ModelHost:
         # Bytes of dense Bat weights a batch may hold between steps (None: no limit); the engine sets it to
         # the adapter pool's free room before each forward, so Bat weights never push the pool past its bound.
         self.bat_budget_bytes: int | None = None
+        # told the running batch's ``working_bytes`` whenever it changes (0 when the batch ends)
+        self.on_working_bytes: Callable[[int], None] | None = None
+        self._reported = 0
 
     @property
     def working_bytes(self) -> int:
@@ -71,9 +75,17 @@ class ModelHost:
             routing = self.bone_model.routing(slots, self.bat_budget_bytes)
             self._routed = routing.__enter__()
             self._routing, self._routing_slots = routing, list(slots)
-        return self._routed(**kwargs)
+        out = self._routed(**kwargs)
+        self._report(self.working_bytes)
+        return out
+
+    def _report(self, working: int) -> None:
+        if working != self._reported and self.on_working_bytes is not None:
+            self._reported = working
+            self.on_working_bytes(working)
 
     def end_batch(self) -> None:
         if self._routing is not None:
             routing, self._routing, self._routed, self._routing_slots = self._routing, None, None, None
             routing.__exit__(None, None, None)
+            self._report(0)

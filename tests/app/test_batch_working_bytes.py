@@ -41,4 +41,5 @@ def test_working_bytes_are_counted_in_the_pool_and_bound_bat_weights(make_engine
         assert engine.host.working_bytes < held
         cache.max_bytes = 2 * 1024**3
         engine.host.end_batch()
+        assert cache.working_bytes == 0 and metrics.BATCH_WORKING_BYTES._value.get() == 0  # the batch's bytes freed
         torch.testing.assert_close(_forward(engine, [b, a, b]), want)  # held or rebuilt: the same outputs
