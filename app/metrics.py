@@ -64,6 +64,11 @@ ENGINE_KV_TOKENS_RESERVED = Gauge(
     "KV cache tokens reserved by the admitted rows (each its prompt + max_new_tokens)",
 )
 PREFILL_CHUNKS = Counter("bone_engine_prefill_chunks_total", "chunks of long prompts prefilled between decode steps")
+BATCH_WORKING_BYTES = Gauge(
+    "bone_engine_batch_working_bytes",
+    "bytes the running batch takes beyond the resident adapters (row index tensors, per-layer scratch, dense Bat "
+    "weights), counted against BONE_ADAPTER_CACHE_BYTES",
+)
 ADAPTER_CACHE_HITS = Counter("bone_adapter_cache_hits_total", "requests whose adapter was resident on the device")
 ADAPTER_CACHE_MISSES = Counter(
     "bone_adapter_cache_misses_total", "requests whose adapter had to be loaded (from the CPU tier or the registry)"

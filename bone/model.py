@@ -366,14 +366,14 @@ class BoneModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     @contextmanager
-    def routing(self, adapter_names: list[str]):
+    def routing(self, adapter_names: list[str], bat_budget_bytes: int | None = None):
         """Per-row adapter selection reusable across calls: yields a :class:`~bone.routing.RoutedModel`;
         ``routed(**kwargs)`` runs the wrapped model with row i on ``adapter_names[i]`` (``"__base__"``: the
         base model), reusing the per-layer plans (gathered blocks) built by its first call. Names are
         checked once, here; the batch of every call must have ``len(adapter_names)`` rows (or a multiple:
-        rows expanded in place, e.g. beams)."""
+        rows expanded in place, e.g. beams). ``bat_budget_bytes``: see :class:`~bone.routing.RowRouting`."""
         names = self._row_names(adapter_names, {})
-        routed = RoutedModel(self.base_model, RowRouting(names))
+        routed = RoutedModel(self.base_model, RowRouting(names, bat_budget_bytes))
         try:
             yield routed
         finally:

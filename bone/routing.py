@@ -6,14 +6,20 @@ the routing that built it and the batch size, so every later forward under the s
 steps of ``generate``, or of a serving loop through :meth:`bone.BoneModel.routing`) finds it with one
 attribute read and one identity check — no dict lookup, no gather, no allocation beyond the outputs:
 
-- Bone / mini rows, grouped by r: ``S_r(x)`` once per group (and once per input tensor: sibling projections
-  such as q/k/v or gate/up share it), a per-row block tensor ``(rows, r, out)`` gathered once from the
-  adapters' blocks (zeros for rows that are base or use another group), one in-place ``baddbmm_`` into the
-  base output. Every row using the same Bone adapter takes one ``addmm_`` with that adapter's block instead.
+- Bone / mini rows, one segment per adapter (its rows: a slice when they are contiguous, else an index
+  tensor): ``S_r(x)`` once per r (and once per input tensor: sibling projections such as q/k/v or gate/up
+  share it), then per adapter one matmul of its rows' chunk sums with that adapter's own block, accumulated
+  into the base output in place (``addmm_`` on a slice, ``index_add_`` by index). Each block is read once per
+  layer per forward and never copied per row (the SGMV idea of Punica / S-LoRA on plain torch ops). When every
+  row uses the same Bone adapter, one ``addmm_`` with its block.
 - Bat rows, grouped per Bat adapter (a loop over distinct adapters, never over rows): the adapter's dense
-  weight, one ``F.linear`` over its rows, written back with ``index_copy``.
+  weight (out × in: the expensive case), one ``F.linear`` over its rows, written back with ``index_copy``.
+  Held for the routing's life within ``bat_budget_bytes``, rebuilt per forward past it.
 
-Gradients flow through the gathered blocks when grad mode is on (nothing is cached then). ``miss_dropout``
+What a routing costs beyond the resident blocks is :attr:`RowRouting.working_bytes` (held index tensors and
+Bat weights, plus the largest per-layer scratch, bounded by the layer's own output size).
+
+Gradients flow through the blocks when grad mode is on (nothing is cached then). ``miss_dropout``
 is not applied in per-row mode (it is a serving path). Gradient checkpointing recomputes outside the routing
 context, so it cannot be combined with per-row selection.
 """
@@ -65,12 +71,24 @@ class RoutedLayer(Protocol):
 
 
 class RowRouting:
-    """Which adapter each row uses, and the per-layer plans built for it (kept until :meth:`close`)."""
+    """Which adapter each row uses, and the per-layer plans built for it (kept until :meth:`close`).
 
-    def __init__(self, names: list[str]):
+    ``bat_budget_bytes``: how many bytes of dense Bat weights the plans may hold between forwards (None: no
+    limit); past it a Bat adapter's weight is rebuilt per forward and freed at once (slower, bounded).
+    ``working_bytes``: what the routing costs beyond the resident blocks — the bytes its plans hold plus the
+    largest transient scratch of one layer's forward."""
+
+    def __init__(self, names: list[str], bat_budget_bytes: int | None = None):
         self.names = list(names)
         self._plans: dict[RoutedLayer, RowPlan] = {}  # outside autograd: the plans built for this routing
         self._expanded: dict[int, list[str]] = {}
+        self.bat_budget_bytes = bat_budget_bytes
+        self.held_bytes = 0
+        self.scratch_bytes = 0
+
+    @property
+    def working_bytes(self) -> int:
+        return self.held_bytes + self.scratch_bytes
 
     def row_names(self, rows: int) -> list[str]:
         """Names per row of a batch of ``rows`` rows; generate() expands each input row k times in place
@@ -90,26 +108,33 @@ class RowRouting:
         names = self._expanded[rows] = [name for name in self.names for _ in range(k)]
         return names
 
-    def plan(self, layer: RoutedLayer, rows: int, device: torch.device) -> RowPlan:
-        if torch.is_grad_enabled():  # gathered blocks must carry the graph: never reused
-            return RowPlan.build(layer, self.row_names(rows), device)
+    def plan(self, layer: RoutedLayer, rows: int, x: torch.Tensor) -> RowPlan:
+        tokens = x[0].numel() // x.shape[-1] if x.numel() else 0
+        if torch.is_grad_enabled():  # segments must carry the graph: never reused, nothing held
+            return RowPlan.build(layer, self.row_names(rows), x.device, tokens, 0)
         # The layer's slot holds the plan of the routing that ran last; this routing's own dict keeps its
         # plans too, so alternating routings (e.g. prefill of newcomers between decode steps) never rebuild.
         # ``layer.version`` changes whenever the layer does (adapters added/deleted, merge, .to()).
         p = self._plans.get(layer)
         if p is None or p.rows != rows or p.version != layer.version:
-            p = RowPlan.build(layer, self.row_names(rows), device)
+            if p is not None:
+                self.held_bytes -= p.held_bytes
+            budget = None if self.bat_budget_bytes is None else max(0, self.bat_budget_bytes - self.held_bytes)
+            p = RowPlan.build(layer, self.row_names(rows), x.device, tokens, budget)
             p.routing, p.rows, p.version = self, rows, layer.version
             self._plans[layer] = p
+            self.held_bytes += p.held_bytes
+            self.scratch_bytes = max(self.scratch_bytes, p.scratch_bytes)
         layer.row_plan = p
         return p
 
     def close(self) -> None:
-        """Drop the cached plans (and the gathered blocks they hold)."""
+        """Drop the cached plans (and the index tensors and Bat weights they hold)."""
         for layer in self._plans:
             if layer.row_plan is not None and layer.row_plan.routing is self:
                 layer.row_plan = None
         self._plans.clear()
+        self.held_bytes = self.scratch_bytes = 0
 
 
 @contextmanager
@@ -153,6 +178,11 @@ class RoutedModel:
         finally:
             _ROUTING.reset(token)
 
+    @property
+    def working_bytes(self) -> int:
+        """Bytes the routing's plans cost beyond the resident blocks (see :class:`RowRouting`)."""
+        return 0 if self._routing is None else self._routing.working_bytes
+
     def close(self) -> None:
         if self._routing is not None:
             self._routing.close()
@@ -164,27 +194,51 @@ class PlanKind(enum.Enum):
 
     BASE = "base"  # no row uses an adapter of this layer
     ONE_BONE = "one_bone"  # every row uses the same Bone block: ``block`` (r, out)
-    BONE_GROUP = "bone_group"  # Bone rows of one r: ``block`` gathered per row (rows, r, out), zeros elsewhere
-    MIXED = "mixed"  # several r groups and/or Bat rows: the ``bone`` and ``bat`` lists
+    SEGMENTS = "segments"  # rows grouped by adapter: the ``bone`` segments and/or ``bat`` rows
+
+
+# One adapter's segment: ``(start, stop, index, block)``. Its rows are ``start:stop`` when contiguous in the
+# batch (index None: accumulated straight into the output, no scratch), else ``index`` (the chunk sums of
+# those rows and their product with the block are the only scratch).
+Segment = tuple[int, int, torch.Tensor | None, torch.Tensor]
 
 
 class RowPlan:
-    """What one layer does for one routing (see :class:`PlanKind`)."""
+    """What one layer does for one routing (see :class:`PlanKind`).
 
-    __slots__ = ("kind", "r", "block", "bone", "bat", "routing", "rows", "version")
+    ``bone``: per (r, dtype) group, the segments ``(rows, block)``, one per adapter; ``block`` is the
+    adapter's own (r, out) tensor, never a copy (mini blocks are tiled once per plan). ``bat``: per Bat
+    adapter, its rows and either its dense (out, in) weight held for the routing's life, or None when the
+    routing's Bat budget is spent (then it is rebuilt per forward and freed at once).
+    ``held_bytes``: what the plan keeps alive (index tensors, held Bat weights); ``scratch_bytes``: the
+    transient peak of one forward for the tokens of the call that built it (at most rows × tokens ×
+    (r + out) × itemsize: no more than the layer's own output)."""
+
+    __slots__ = ("kind", "r", "block", "bone", "bat", "routing", "rows", "version", "held_bytes", "scratch_bytes")
 
     def __init__(self) -> None:
         self.kind = PlanKind.BASE
         self.r = 0
-        self.block: torch.Tensor = None  # type: ignore[assignment]  # set, and read, only for ONE_BONE / BONE_GROUP
-        self.bone: list[tuple[int, torch.Tensor]] = []  # (r, gathered (rows, r, out))
-        self.bat: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row index, dense logical weight)
+        self.block: torch.Tensor = None  # type: ignore[assignment]  # set, and read, only for ONE_BONE
+        self.bone: list[tuple[int, list[Segment]]] = []
+        self.bat: list[tuple[torch.Tensor, str, torch.Tensor | None]] = []  # (row index, adapter, held weight)
         self.routing: RowRouting | None = None
         self.rows = 0
         self.version = -1
+        self.held_bytes = 0
+        self.scratch_bytes = 0
 
     @classmethod
-    def build(cls, layer: RoutedLayer, names: list[str], device: torch.device) -> RowPlan:
+    def build(
+        cls,
+        layer: RoutedLayer,
+        names: list[str],
+        device: torch.device,
+        tokens: int = 1,
+        bat_budget: int | None = None,
+    ) -> RowPlan:
+        """``tokens``: per row, for the scratch estimate; ``bat_budget``: bytes of dense Bat weights this plan
+        may hold (None: no limit, 0: hold none)."""
         if layer.merged_adapters:
             raise BoneError(
                 f"per-row adapter selection needs unmerged adapters, but {layer.merged_adapters} are merged; "
@@ -199,21 +253,37 @@ class RowPlan:
         if len(bone) == 1 and len(present) == 1 and all(n == bone[0] for n in names):
             p.kind, p.r, p.block = PlanKind.ONE_BONE, configs[bone[0]].r, layer.full_block(bone[0])
             return p
-        by_r: dict[int, list[str]] = {}
+        p.kind = PlanKind.SEGMENTS
+        rows_of: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            rows_of.setdefault(n, []).append(i)
+        groups: dict[tuple[int, torch.dtype], list[Segment]] = {}
+        out = layer.out_features
         for n in bone:
-            by_r.setdefault(configs[n].r, []).append(n)
-        for r, group in by_r.items():
-            blocks = {n: layer.full_block(n) for n in group}
-            zero = torch.zeros_like(blocks[group[0]])  # rows outside the group
-            p.bone.append((r, torch.stack([blocks.get(n, zero) for n in names])))  # one copy per row's block
+            blk = layer.full_block(n)
+            idx = rows_of[n]
+            sel = None
+            if idx[-1] - idx[0] + 1 != len(idx):
+                sel = torch.tensor(idx, device=device)
+                p.held_bytes += sel.numel() * sel.element_size()
+                p.scratch_bytes += len(idx) * tokens * (blk.shape[0] + out) * blk.element_size()
+            groups.setdefault((blk.shape[0], blk.dtype), []).append((idx[0], idx[-1] + 1, sel, blk))
+        p.bone = [(r, segs) for (r, _), segs in groups.items()]
         for n in present:
             if configs[n].variant == "bat":
-                rows = torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
-                p.bat.append((rows, layer.effective_weight([n])))
-        if len(p.bone) == 1 and not p.bat:
-            p.kind, (p.r, p.block) = PlanKind.BONE_GROUP, p.bone[0]
-        else:
-            p.kind = PlanKind.MIXED
+                rows = torch.tensor(rows_of[n], device=device)
+                p.held_bytes += rows.numel() * rows.element_size()
+                blk = layer.full_block(n)
+                w = layer.base_layer.weight
+                size = w.numel() * blk.element_size()
+                p.scratch_bytes += len(rows_of[n]) * tokens * out * blk.element_size()
+                if bat_budget is None or size <= bat_budget:
+                    p.bat.append((rows, n, layer.effective_weight([n])))
+                    p.held_bytes += size
+                    bat_budget = None if bat_budget is None else bat_budget - size
+                else:  # over the budget: the dense weight lives for one forward only
+                    p.bat.append((rows, n, None))
+                    p.scratch_bytes += size
         return p
 
 
@@ -226,44 +296,55 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
         # checked here only: disabling empties the layer's plan slot, so a cached plan implies enabled
         if layer.disabled:
             raise BoneError("adapter_names cannot be used inside disable_adapter()")
-        plan = routing.plan(layer, rows, x.device)
+        plan = routing.plan(layer, rows, x)
     kind = plan.kind
     base = layer.base_layer
     if kind is PlanKind.BASE:
         return base(x)
     grad = torch.is_grad_enabled()
     out = layer.out_features
-    if kind is not PlanKind.MIXED and not grad:
+    w = base.weight
+    fused = not grad and x.is_contiguous() and layer.plain_linear and x.dtype == w.dtype
+    if kind is PlanKind.ONE_BONE:
         blk = plan.block
-        w = base.weight
-        if x.dtype == w.dtype == blk.dtype and x.is_contiguous() and layer.plain_linear:
+        if fused and blk.dtype == x.dtype:
             # the serving hot path: base gemm, the (shared) chunk sum, one fused accumulate into y
             y = F.linear(x, w, base.bias)
-            s = BF.cached_chunk_sum(x, plan.r)
-            if kind is PlanKind.ONE_BONE:
-                y.view(-1, out).addmm_(s, blk)
-            else:
-                y.view(rows, -1, out).baddbmm_(s.view(rows, -1, plan.r), blk)
+            y.view(-1, out).addmm_(BF.cached_chunk_sum(x, plan.r), blk)
             return y
-    y = base(x)
-    bone = plan.bone if kind is not PlanKind.ONE_BONE else [(plan.r, plan.block)]
-    for r, g in bone:
-        uniform = g.dim() == 2
-        if not grad and y.dtype == g.dtype == x.dtype and y.is_contiguous() and x.is_contiguous():
-            s = BF.cached_chunk_sum(x, r)
-            if uniform:
-                y.view(-1, out).addmm_(s, g)
-            else:
-                y.view(rows, -1, out).baddbmm_(s.view(rows, -1, r), g)
+        y = base(x)
+        y = y + (BF.chunk_sum(x.to(blk.dtype), plan.r) @ blk).to(y.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    y = F.linear(x, w, base.bias) if fused else base(x)
+    if not grad and not y.is_contiguous():
+        y = y.contiguous()
+    tokens = y.numel() // (rows * out)  # per row
+    for r, segs in plan.bone:
+        dt = segs[0][3].dtype
+        # S_r(x) once per group (and shared with sibling projections that read the same input): (rows*tokens, r)
+        if not grad and x.is_contiguous():
+            s = BF.cached_chunk_sum(x, r, dt)
         else:
-            s = BF.chunk_sum(x.to(g.dtype), r)
-            if uniform:
-                y = y + (s @ g).to(y.dtype)
-            else:
-                y = y + torch.bmm(s.reshape(rows, -1, r), g).view(y.shape).to(y.dtype)
+            s = BF.chunk_sum(x.reshape(-1, x.shape[-1]), r, dt)
+        if not grad and dt == y.dtype:
+            y2 = y.view(-1, out)
+            for a, b, idx, blk in segs:
+                if idx is None:  # contiguous rows: accumulate straight into y, no scratch
+                    y2[a * tokens : b * tokens].addmm_(s[a * tokens : b * tokens], blk)
+                else:  # each adapter's block read once, for all of its rows
+                    y3 = y.view(rows, tokens, out)
+                    y3.index_add_(0, idx, torch.matmul(s.view(rows, tokens, r).index_select(0, idx), blk))
+        else:  # autograd or a block dtype other than the output's: out of place
+            y3, s3 = y.reshape(rows, tokens, out), s.reshape(rows, tokens, r)
+            for a, b, idx, blk in segs:
+                if idx is None:
+                    idx = torch.arange(a, b, device=y.device)
+                y3 = y3.index_add(0, idx, torch.matmul(s3.index_select(0, idx), blk).to(y3.dtype))
+            y = y3.reshape(y.shape)
     bias = base.bias
-    for idx, w in plan.bat:
-        xb = x.index_select(0, idx).to(w.dtype)
-        yb = F.linear(xb, w, None if bias is None else bias.to(w.dtype)).to(y.dtype)
+    for idx, name, held in plan.bat:
+        wb = held if held is not None else layer.effective_weight([name])
+        xb = x.index_select(0, idx).to(wb.dtype)
+        yb = F.linear(xb, wb, None if bias is None else bias.to(wb.dtype)).to(y.dtype)
         y = y.index_copy(0, idx, yb)
     return y if y.dtype == x.dtype else y.to(x.dtype)

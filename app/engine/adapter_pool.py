@@ -203,6 +203,9 @@ class AdapterCache:
         self.pinned_names = set(pinned)  # by name: a re-published pinned adapter stays pinned
         self._entries: OrderedDict[Key, CachedAdapter] = OrderedDict()
         self._bytes = 0
+        # What the running batch takes beyond the resident blocks (index tensors, scratch, held Bat weights;
+        # ``ModelHost.working_bytes``): counted against ``max_bytes``, so the pool's free room shrinks by it.
+        self.working_bytes = 0
         self._cpu: OrderedDict[Key, FetchedAdapter] = OrderedDict()
         self._cpu_used = 0
         self._doomed: set[Key] = set()  # evicted while rows still used them: dropped once they finish
@@ -214,6 +217,16 @@ class AdapterCache:
     @property
     def resident_bytes(self) -> int:
         return self._bytes
+
+    @property
+    def free_bytes(self) -> int:
+        """Room left under ``max_bytes`` after the resident adapters and the running batch's working bytes."""
+        return max(0, self.max_bytes - self._bytes - self.working_bytes)
+
+    @property
+    def batch_room(self) -> int:
+        """What a batch may take beyond the resident adapters (the running batch's own bytes included)."""
+        return max(0, self.max_bytes - self._bytes)
 
     def slots(self) -> dict[Key, str]:
         return {key: entry.slot for key, entry in self._entries.items()}
@@ -257,7 +270,10 @@ class AdapterCache:
     def has_room(self, size: int, in_use: set[str]) -> bool:
         """Whether ``size`` more bytes fit after evicting everything evictable (not pinned, not in use)."""
         keep = [e for k, e in self._entries.items() if not self._evictable(k, e, in_use)]
-        return len(keep) + 1 <= self.max_count and sum(e.size_bytes for e in keep) + size <= self.max_bytes
+        return (
+            len(keep) + 1 <= self.max_count
+            and sum(e.size_bytes for e in keep) + self.working_bytes + size <= self.max_bytes
+        )
 
     # --- changes -----------------------------------------------------------------------------------------
     def acquire(self, name: str, sha256: str, in_use: set[str] = frozenset()) -> str:
@@ -318,7 +334,7 @@ class AdapterCache:
         for key in [k for k in self._doomed if self._entries[k].slot not in in_use]:
             self._drop(key)
         for key in list(self._entries):
-            if len(self._entries) <= self.max_count and self._bytes <= self.max_bytes:
+            if len(self._entries) <= self.max_count and self._bytes + self.working_bytes <= self.max_bytes:
                 break
             if self._evictable(key, self._entries[key], in_use):
                 self._drop(key)

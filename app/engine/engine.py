@@ -68,6 +68,7 @@ class InferenceEngine:
         # on it. Only the model thread uses this copy, so it needs no lock.
         self._model_tokenizer = copy.deepcopy(base.tokenizer)
         self.host = ModelHost(base.model)
+        self.host.on_working_bytes = self._batch_working_bytes
         self.cache = AdapterCache(
             registry,
             self.host,
@@ -215,8 +216,14 @@ class InferenceEngine:
         }
         if self._keep_last_logits and not all_logits:
             kwargs["logits_to_keep"] = 1
+        self.host.bat_budget_bytes = self.cache.batch_room
         out = self.host.forward(slots, **kwargs)
         return (out.logits if all_logits else out.logits[:, -1, :]), getattr(out, self._cache_arg)
+
+    def _batch_working_bytes(self, working: int) -> None:
+        """The running batch's working memory counts against the adapter pool's bytes, and shows in /metrics."""
+        self.cache.working_bytes = working
+        metrics.BATCH_WORKING_BYTES.set(working)
 
     def detokenize(self, ids: list[int]) -> str:
         """Token ids back to text, special tokens spelled out (an echoed prompt reads as it was scored)."""

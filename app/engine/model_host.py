@@ -6,6 +6,7 @@ Only the engine's model thread calls into this class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +26,17 @@ class ModelHost:
         self._routing = None  # the open ``BoneModel.routing`` context of the running batch
         self._routed = None
         self._routing_slots: list[str] | None = None
+        # Bytes of dense Bat weights a batch may hold between steps (None: no limit); the engine sets it to
+        # the adapter pool's free room before each forward, so Bat weights never push the pool past its bound.
+        self.bat_budget_bytes: int | None = None
+        # told the running batch's ``working_bytes`` whenever it changes (0 when the batch ends)
+        self.on_working_bytes: Callable[[int], None] | None = None
+        self._reported = 0
+
+    @property
+    def working_bytes(self) -> int:
+        """What the running batch costs beyond the resident adapters (``bone.routing.RowRouting``)."""
+        return 0 if self._routed is None else self._routed.working_bytes
 
     @property
     def adapter_slots(self) -> list[str]:
@@ -50,9 +62,9 @@ class ModelHost:
         """One forward where row i uses adapter ``slots[i]`` (or the base).
 
         Consecutive calls with the same rows (the decode steps between two joins/leaves) share one
-        ``BoneModel.routing``, so each layer gathers its per-row blocks once per batch composition, not once
-        per token; that gather (a few KB of adapter blocks per layer) is the only copy a switch costs: base
-        weights and resident adapters are never copied or moved. A slot in use by a running row is never
+        ``BoneModel.routing``, so each layer groups its rows by adapter once per batch composition, not once
+        per token (a few index tensors; no adapter block is copied per row); base weights and resident
+        adapters are never copied or moved. A slot in use by a running row is never
         deleted (``AdapterCache`` in_use); adding or deleting other adapters drops the affected plans, which
         the next step rebuilds.
         """
@@ -60,12 +72,20 @@ class ModelHost:
             return self.bone_model(**kwargs)  # nothing loaded yet: the plain model, no routing overhead
         if self._routing_slots != slots:
             self.end_batch()
-            routing = self.bone_model.routing(slots)
+            routing = self.bone_model.routing(slots, self.bat_budget_bytes)
             self._routed = routing.__enter__()
             self._routing, self._routing_slots = routing, list(slots)
-        return self._routed(**kwargs)
+        out = self._routed(**kwargs)
+        self._report(self.working_bytes)
+        return out
+
+    def _report(self, working: int) -> None:
+        if working != self._reported and self.on_working_bytes is not None:
+            self._reported = working
+            self.on_working_bytes(working)
 
     def end_batch(self) -> None:
         if self._routing is not None:
             routing, self._routing, self._routed, self._routing_slots = self._routing, None, None, None
             routing.__exit__(None, None, None)
+            self._report(0)

@@ -45,7 +45,11 @@ def test_metrics_cover_http_queue_jobs_and_engine(live, client):
     assert 'bone_http_request_duration_seconds_count{method="GET",route="/healthz",status="200"}' in text
     assert "bone_queue_depth 1.0" in text
     assert 'bone_jobs{status="queued"} 1.0' in text
-    for name in ("bone_generation_tokens_per_second", "bone_adapter_cache_evictions_total"):
+    for name in (
+        "bone_generation_tokens_per_second",
+        "bone_adapter_cache_evictions_total",
+        "bone_engine_batch_working_bytes",
+    ):
         assert name in text
 
 
