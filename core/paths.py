@@ -86,12 +86,21 @@ def is_hub_id(name: str) -> bool:
         return False
 
 
+def _answers(check) -> bool:
+    """``check()`` (``Path.is_file``, ``is_dir``), False where the name cannot be asked about at all: pathlib only
+    swallows "no such file", so a name over the filesystem's limit (ENAMETOOLONG) would be a 500."""
+    try:
+        return check()
+    except OSError:
+        return False
+
+
 def dataset_source(name: str, *, datasets_dir: Path, allow_hub: bool, param: str) -> str:
     """What ``datasets.load_dataset`` gets for ``hf_dataset``: a folder inside the datasets dir,
     else, where the operator allows hub datasets, the hub id."""
     if _HUB_ID.match(name):  # the shape the request model requires (check_dataset_name), here for older records
         local = inside_or_none(datasets_dir, name)
-        if local is not None and local.is_dir():
+        if local is not None and _answers(local.is_dir):
             return str(local)
         if allow_hub and is_hub_id(name):
             return name
@@ -107,7 +116,7 @@ def dataset_source(name: str, *, datasets_dir: Path, allow_hub: bool, param: str
 def dataset_file(relative: str, *, datasets_dir: Path, suffixes: tuple[str, ...], param: str) -> Path:
     """The file a ``{"path": ...}`` dataset names: an existing JSONL/CSV/Parquet file inside the datasets dir."""
     path = inside_or_none(datasets_dir, relative)
-    if path is None or not path.is_file():
+    if path is None or not _answers(path.is_file):
         raise InvalidRequest(
             f"dataset path {relative!r} is not available: name a file inside the data dir's datasets "
             "folder, relative to it",
