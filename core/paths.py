@@ -139,7 +139,7 @@ def local_model_dir(name: str, allowed_roots: list[Path]) -> Path | None:
     roots = [Path(root).expanduser().resolve() for root in allowed_roots]
     if not any(path.is_relative_to(root) for root in roots):
         return None
-    return path if (path / "config.json").is_file() else None
+    return path if _answers((path / "config.json").is_file) else None
 
 
 def base_model_not_allowed(name: str, param: str) -> InvalidRequest:
