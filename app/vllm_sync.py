@@ -9,20 +9,13 @@ once per version, not every pass.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
-import zipfile
 from collections.abc import Callable
 
-from core.vllm_export import SyncResult, serve_command, sync_folder
+from core.vllm_export import SyncResult, serve_command, sync_folder, unzip
 
 log = logging.getLogger(__name__)
-
-
-def unzip(data: bytes) -> dict[str, bytes]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {name: archive.read(name) for name in archive.namelist()}
 
 
 class VllmFolderSync:

@@ -29,7 +29,7 @@ from cli.http_client import ApiError, BoneClient
 from core.auth import is_loopback
 from core.local_key import local_key_path, read_local_key
 from core.names import BASE_ADAPTER
-from core.vllm_export import serve_command, sync_folder
+from core.vllm_export import serve_command, sync_folder, unzip
 
 console = Console()
 err_console = Console(stderr=True)
@@ -499,8 +499,7 @@ def adapters_export_vllm(
     client = _client(url, api_key)
 
     def fetch(name: str) -> dict[str, bytes]:
-        with zipfile.ZipFile(io.BytesIO(client.download_adapter(name, "lora"))) as archive:
-            return {member: archive.read(member) for member in archive.namelist()}
+        return unzip(client.download_adapter(name, "lora"))
 
     first = True
     while True:

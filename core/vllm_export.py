@@ -15,17 +15,19 @@ final place and renamed into it, so vLLM never reads a half-written adapter.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["STAMP_FILE", "VLLM_LORA_RANKS", "SyncResult", "vllm_max_lora_rank", "serve_command", "sync_folder"]
+__all__ = ["STAMP_FILE", "unzip", "VLLM_LORA_RANKS", "SyncResult", "vllm_max_lora_rank", "serve_command", "sync_folder"]
 
 STAMP_FILE = "bone_export.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -47,6 +49,12 @@ class SyncResult:
     @property
     def adapters(self) -> list[str]:
         return sorted(self.ranks)
+
+
+def unzip(data: bytes) -> dict[str, bytes]:
+    """A LoRA download (a zip of the adapter folder) as ``sync_folder``'s ``fetch`` returns it: file name -> bytes."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
 
 
 def vllm_max_lora_rank(ranks: list[int] | tuple[int, ...]) -> int:
