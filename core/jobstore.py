@@ -121,12 +121,22 @@ class JobStore(RecordStore[Job]):
         pipe.execute()
 
     def add_co_trained_with(self, job: Job, partners: Iterable[Job]) -> Job:
-        """Record that ``job`` trained in one batch with ``partners`` (added to what earlier groups recorded).
-        The record shows its own owner's partner ids and only a count of other owners' (the Job fields)."""
+        """Record that ``job`` trains in one batch with ``partners`` (added to what earlier groups recorded),
+        with a ``co_training`` event naming the partners new to it. Record and event show its own owner's
+        partner ids and only a count of other owners' (the Job fields)."""
+        key = self.key(job.id) + ":co_trained"
         mapping = {p.id: "same" if p.owner == job.owner else "other" for p in partners if p.id != job.id}
-        if mapping:
-            self.conn.hset(self.key(job.id) + ":co_trained", mapping=mapping)
-        known = {k.decode(): v.decode() for k, v in self.conn.hgetall(self.key(job.id) + ":co_trained").items()}
+        known = {k.decode(): v.decode() for k, v in self.conn.hgetall(key).items()}
+        new = {i: kind for i, kind in mapping.items() if i not in known}
+        if new:
+            self.conn.hset(key, mapping=new)
+            known.update(new)
+            ids = sorted(i for i, kind in new.items() if kind == "same")
+            others = sum(1 for kind in new.values() if kind == "other")
+            named = ", ".join(ids) + (f"{' and ' if ids else ''}{others} job(s) of other owners" if others else "")
+            self.add_event(
+                job.id, "co_training", f"trains in one batch with {named}", co_trained_with=ids, others=others
+            )
         try:
             return self.update(
                 job.id,

@@ -43,6 +43,12 @@ def test_a_job_names_its_owners_partners_and_counts_the_others(client):
     assert shown["co_trained_with"] == sorted(j.id for j in mine)
     assert shown["co_trained_with_others"] == 3
     assert not any(j.id in str(shown) for j in theirs)
+    events = [e for e in client.get(f"/jobs/{job.id}/events").json()["data"] if e["type"] == "co_training"]
+    assert [e["data"] for e in events] == [
+        {"co_trained_with": [mine[0].id], "others": 2},
+        {"co_trained_with": [mine[1].id], "others": 1},  # only who is new to it
+    ]
+    assert not any(j.id in str(events) for j in theirs)
     listed = next(j for j in client.get("/jobs").json()["data"] if j["id"] == job.id)
     assert listed["co_trained_with"] == shown["co_trained_with"]
 

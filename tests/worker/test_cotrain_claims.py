@@ -303,3 +303,27 @@ def test_started_or_returned_claims_are_never_requeued(redis_url, redis_conn, tm
     assert rq_order(redis_conn, settings) == [got[1], got[2]]
     assert claims.claimed_ids(redis_conn) == []
     assert store.get(got[0]).status is JobStatus.RUNNING  # the running one is the running sweep's business
+
+
+def test_the_caller_starts_claimed_jobs_and_a_cancel_meanwhile_wins(redis_url, redis_conn, tmp_path, task_settings):
+    from worker.tasks import _start  # the transition every started job goes through
+
+    settings = task_settings.model_copy(update={"heartbeat_ttl_s": 1})
+    jobs = [queue_job(redis_conn, settings) for _ in range(3)]
+    leader = handed_out(redis_conn, settings)
+    store = JobStore(redis_conn)
+    got = claim_companions(redis_conn, settings, leader, [], 8, None)
+    assert got == [jobs[1].id, jobs[2].id]
+    # POST /jobs/{id}/cancel on a claimed job: the flag, RQ's job (already gone), then queued -> cancelled
+    store.request_cancel(got[1])
+    with pytest.raises(NoSuchJobError):
+        RQJob.fetch(got[1], connection=redis_conn)
+    store.transition(got[1], [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=time.time())
+
+    started = _start(store, got[0])
+    assert started is not None and started.status is JobStatus.RUNNING and started.attempts == 1
+    assert _start(store, got[1]) is None and store.get(got[1]).status is JobStatus.CANCELLED
+    time.sleep(1.2)  # neither the leader (never beating here) nor the claim vouch any longer
+    store.beat(got[0], 1, 30)  # the started one has its own heartbeat (worker.heartbeat.Heartbeat)
+    assert janitor.sweep(redis_conn, settings) == []  # nothing to put back: one runs, one is final
+    assert claims.claimed_ids(redis_conn) == [] and rq_order(redis_conn, settings) == []
