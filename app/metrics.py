@@ -6,8 +6,9 @@
   ``app.engine.scheduler`` and ``app.engine.adapter_pool`` update these objects.
 - Queue and jobs: read from Redis at scrape time (queue depth, jobs by status).
 - Workers: the training loop pushes its latest figures through Redis (hash ``bone:metrics:training``:
-  tokens/s, step time, steps) and this process exports them at scrape time, so one scrape target
-  covers the whole deployment and workers need no open port.
+  tokens/s, step time, steps; hash ``bone:metrics:cotrain``: co-training groups, the last group's size, rows
+  and member steps) and this process exports them at scrape time, so one scrape target covers the whole
+  deployment and workers need no open port.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from starlette.responses import Response
 
-from core.jobstore import STATUS_COUNTS
+from core.jobstore import COTRAIN_METRICS, STATUS_COUNTS
 from core.jobstore import TRAINING_METRICS as TRAINING_METRICS_KEY
 
 HTTP_LATENCY = Histogram(
@@ -107,6 +108,7 @@ class RedisCollector:
             depth = conn.llen(f"rq:queue:{self._queue_name()}")
             counts = conn.hgetall(STATUS_COUNTS)
             training = conn.hgetall(TRAINING_METRICS_KEY)
+            cotrain = conn.hgetall(COTRAIN_METRICS)
         except Exception:  # Redis down: /readyz says so; a scrape must still answer
             return
         yield GaugeMetricFamily("bone_queue_depth", "jobs waiting in the training queue", value=depth)
@@ -121,6 +123,24 @@ class RedisCollector:
         ):
             if field.encode() in training:
                 yield GaugeMetricFamily(f"bone_training_{field}", help_text, value=float(training[field.encode()]))
+        # Co-training (worker/cotrain_claims.py): totals only, no per-job labels (job ids are unbounded);
+        # rows per job per micro-batch = bone_cotrain_rows_total / bone_cotrain_member_steps_total.
+        for field, help_text in (
+            ("groups", "co-training groups formed (a job RQ handed a worker plus queued jobs trained with it)"),
+            ("rows", "rows of co-trained micro-batches, all jobs together"),
+            ("member_steps", "micro-batches x jobs in them (rows_total / this = rows per job per micro-batch)"),
+            ("micro_batches", "co-trained micro-batches"),
+        ):
+            if f"{field}_total".encode() in cotrain:
+                yield CounterMetricFamily(
+                    f"bone_cotrain_{field}", help_text, value=float(cotrain[f"{field}_total".encode()])
+                )
+        if b"members" in cotrain:
+            yield GaugeMetricFamily(
+                "bone_cotrain_members",
+                "jobs in the latest co-training group (any worker)",
+                value=float(cotrain[b"members"]),
+            )
 
 
 _collector: RedisCollector | None = None

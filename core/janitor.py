@@ -9,6 +9,9 @@ key alive (worker/heartbeat.py); a janitor thread runs in every worker process a
 * heartbeat gone, attempts < max       -> status ``queued`` again, a ``retry`` event, enqueued again
 * heartbeat gone, attempts == max      -> ``failed``, naming the cause
 
+and at the jobs a co-training worker claimed off a queue but did not start before it died (core/claims.py):
+they go back to the front of their queue.
+
 Only jobs a worker actually started (``started_at`` set) are judged, and only after one heartbeat TTL, so a
 job that has just started is never taken for dead. Lives in ``core`` because the API runs it too (the API
 never imports ``worker``): a job never stays ``running`` forever, even with no worker left.
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from core.claims import sweep_claims
 from core.errors import Conflict, NotFound, ServiceError
 from core.jobs import JobStatus
 from core.jobstore import JobStore
@@ -113,6 +117,8 @@ def sweep(conn: redis.Redis, settings: Settings, *, now: float | None = None) ->
         )
         if recover(conn, settings, job_id, job.attempts, reason):
             acted.append(job_id)
+    # Jobs a co-training worker claimed off the queue but never started (core/claims.py)
+    acted += sweep_claims(conn, settings, now=now)
     return acted
 
 

@@ -342,6 +342,18 @@ class Job(BaseModel):
     # POST /jobs' estimate of one training process's device memory (core/memory_estimate.py): base / shards,
     # Bone blocks with gradients and AdamW moments, activations at the batch and sequence length asked for
     estimated_device_bytes: int | None = None
+    # ... of which the base model (and, sharded, what FSDP gathers): what co-training counts once for a whole
+    # group, while every member adds the rest (worker/cotrain_claims.py)
+    estimated_base_bytes: int | None = None
+    # Co-training: the jobs this one trained with in one batch (any attempt). Only its own owner's ids: another
+    # tenant's ids would tell its owner nothing useful and are not theirs to hold, so those are only counted.
+    co_trained_with: list[str] = Field(
+        default_factory=list,
+        description="ids of this owner's jobs it was trained together with in one batch (co-training)",
+    )
+    co_trained_with_others: int = Field(
+        0, description="how many other owners' jobs it was trained together with (their ids are not shown)"
+    )
 
     @staticmethod
     def new_id() -> str:

@@ -9,6 +9,9 @@ Keys (all under ``bone:``) besides those of every record (core/records.py):
   job:{id}:gang         a multi-node job's rendezvous endpoint and attempt, and job:{id}:node:{k} the heartbeat
                         of its node k (worker/nodes.py)
   jobs:running          set of ids whose status is ``running`` (what the janitor scans)
+  job:{id}:co_trained   hash partner id -> "same" | "other" (its owner's or another's): every job it was
+                        co-trained with, from which the record's co_trained_with / co_trained_with_others are set
+  metrics:cotrain       co-training figures the workers push for /metrics (groups, last group size, rows)
   jobs:status_counts    a hash status → number of jobs (for /metrics without scanning every job)
 """
 
@@ -18,7 +21,7 @@ import builtins
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis
@@ -32,6 +35,8 @@ STATUS_COUNTS = PREFIX + "jobs:status_counts"  # jobs by status, kept in step wi
 # The workers' latest training figures, pushed here so the API's /metrics exports them (workers open no port).
 TRAINING_METRICS = PREFIX + "metrics:training"
 RUNNING = PREFIX + "jobs:running"
+# Co-training figures (worker side: record_cotrain_group / record_cotrain_rows; exported by app/metrics.py).
+COTRAIN_METRICS = PREFIX + "metrics:cotrain"
 EVENTS_MAXLEN = 100_000
 EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a Redis stream id, the only cursor the events listing hands out
 
@@ -91,6 +96,55 @@ class JobStore(RecordStore[Job]):
         pipe.hset(TRAINING_METRICS, mapping={"tokens_per_s": tokens_per_s, "step_time_s": step_time_s})
         pipe.hincrby(TRAINING_METRICS, "steps_total", 1)
         pipe.execute()
+
+    # --- co-training -----------------------------------------------------------------------------------
+    def record_cotrain_group(self, size: int) -> None:
+        """A co-training group formed (or changed) with ``size`` members: counts it and sets the members gauge."""
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.hincrby(COTRAIN_METRICS, "groups_total", 1)
+        pipe.hset(COTRAIN_METRICS, "members", size)
+        pipe.execute()
+
+    def record_cotrain_members(self, size: int) -> None:
+        """The running group's size after a job joined or left (no new group counted)."""
+        self.conn.hset(COTRAIN_METRICS, "members", size)
+
+    def record_cotrain_rows(self, rows_per_job: Mapping[str, int]) -> None:
+        """One co-trained micro-batch: ``rows_per_job`` = job id -> its rows in it. Exported as totals without
+        per-job labels (unbounded cardinality): rows per job per micro-batch = rows_total / member_steps_total."""
+        if not rows_per_job:
+            return
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.hincrby(COTRAIN_METRICS, "rows_total", sum(rows_per_job.values()))
+        pipe.hincrby(COTRAIN_METRICS, "member_steps_total", len(rows_per_job))
+        pipe.hincrby(COTRAIN_METRICS, "micro_batches_total", 1)
+        pipe.execute()
+
+    def add_co_trained_with(self, job: Job, partners: Iterable[Job]) -> Job:
+        """Record that ``job`` trains in one batch with ``partners`` (added to what earlier groups recorded),
+        with a ``co_training`` event naming the partners new to it. Record and event show its own owner's
+        partner ids and only a count of other owners' (the Job fields)."""
+        key = self.key(job.id) + ":co_trained"
+        mapping = {p.id: "same" if p.owner == job.owner else "other" for p in partners if p.id != job.id}
+        known = {k.decode(): v.decode() for k, v in self.conn.hgetall(key).items()}
+        new = {i: kind for i, kind in mapping.items() if i not in known}
+        if new:
+            self.conn.hset(key, mapping=new)
+            known.update(new)
+            ids = sorted(i for i, kind in new.items() if kind == "same")
+            others = sum(1 for kind in new.values() if kind == "other")
+            named = ", ".join(ids) + (f"{' and ' if ids else ''}{others} job(s) of other owners" if others else "")
+            self.add_event(
+                job.id, "co_training", f"trains in one batch with {named}", co_trained_with=ids, others=others
+            )
+        try:
+            return self.update(
+                job.id,
+                co_trained_with=sorted(i for i, kind in known.items() if kind == "same"),
+                co_trained_with_others=sum(1 for kind in known.values() if kind == "other"),
+            )
+        except Conflict:  # final meanwhile (e.g. cancelled): its record stands as it ended
+            return self.get(job.id)
 
     def add_event(self, job_id: str, kind: str, message: str = "", **data: Any) -> str:
         entry = {"type": kind, "message": message, "created_at": time.time(), "data": data}

@@ -173,6 +173,24 @@ class Settings(BaseSettings):
         "processes after one failed; the group resumes from the last checkpoint",
     )
 
+    # --- co-training (worker/cotrain_claims.py): a worker that picks a job also takes compatible queued ones and
+    #     trains them in one forward/backward
+    cotrain_max_jobs: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="jobs one worker trains together in one batch (the job RQ handed it plus queued companions "
+        "that can share its forward); 1 turns co-training off",
+    )
+    cotrain_owner_share: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="the most members of one group a single owner holds while other owners' compatible jobs "
+        "wait in the scan; seats nobody else wants still go to that owner. Default: half of "
+        "cotrain_max_jobs, rounded up",
+    )
+
     # --- request bounds ----------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_upload_bytes: int = Field(
@@ -289,6 +307,11 @@ class Settings(BaseSettings):
     @property
     def queue_share(self) -> int:
         return self.max_queue_per_key or max(1, self.max_queue // 4)
+
+    @property
+    def cotrain_owner_seats(self) -> int:
+        """Seats of a co-training group one owner may hold while others wait (BONE_COTRAIN_OWNER_SHARE)."""
+        return min(self.cotrain_owner_share or -(-self.cotrain_max_jobs // 2), self.cotrain_max_jobs)
 
     @property
     def max_prompt_bytes(self) -> int:

@@ -115,6 +115,7 @@ def create_job(
         validation_dataset=None if body.validation_dataset is None else dataset_summary(body.validation_dataset),
         queue=queue_name,
         estimated_device_bytes=estimate.total,
+        estimated_base_bytes=estimate.base + estimate.gathered,
     )
     conn = queue.connection
     check_adapter_count(registry, principal, body.adapter_name, settings.max_adapters_per_owner)
