@@ -63,10 +63,15 @@ _ERROR_DESCRIPTIONS = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict]:
-    """``responses=`` for a router or route: each status documented with the error envelope."""
+def error_responses(*statuses: int, notes: dict[int, str] | None = None) -> dict[int | str, dict]:
+    """``responses=`` for a router or route: each status documented with the error envelope (``notes``: more
+    to say about a status on these routes)."""
+    notes = notes or {}
     return {
-        status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
+        status: {
+            "model": ErrorResponse,
+            "description": "; ".join(filter(None, (_ERROR_DESCRIPTIONS[status], notes.get(status)))),
+        }
         for status in (statuses or tuple(_ERROR_DESCRIPTIONS))
     }
 
