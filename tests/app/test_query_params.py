@@ -71,3 +71,17 @@ def test_the_schema_says_which_operations_refuse():
                 assert "422" not in responses and "400" in responses, (method, path)  # /v1: 400 for every invalid request
             elif (method.upper(), path) in NATIVE:
                 assert "unknown_parameter" in responses["422"]["description"], (method, path)
+
+
+def test_the_command_line_lists_files_within_its_limit(client, live):
+    # `files list --limit` used to send ?limit= to GET /files, which takes none: ignored then, refused now.
+    from typer.testing import CliRunner
+
+    from cli.main import cli
+
+    for i in range(2):
+        assert client.post("/files", files={"file": (f"rows{i}.jsonl", b'{"text": "a row"}\n')}).status_code == 201
+    result = CliRunner().invoke(cli, ["files", "list", "--limit", "1", "--url", live.url], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "rows" in line and ".jsonl" in line]
+    assert len(rows) == 1 and "rows1.jsonl" in rows[0], result.output  # the newest, alone
