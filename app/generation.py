@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any, overload
 
 from fastapi import Request
 from pydantic import BaseModel, Field
@@ -36,6 +37,10 @@ AdaptersField = Field(
 )
 
 
+@overload
+def check_mix(value: dict[AdapterName, float]) -> dict[AdapterName, float]: ...
+@overload
+def check_mix(value: None) -> None: ...
 def check_mix(value: dict[AdapterName, float] | None) -> dict[AdapterName, float] | None:
     """The weights of a mix (its names are checked by their type, ``AdapterName``)."""
     for name, weight in (value or {}).items():
@@ -135,7 +140,8 @@ async def results_or_disconnect(
     outcome = asyncio.ensure_future(asyncio.gather(*(engine.result(r) for r in requests)))
     watcher = asyncio.ensure_future(_disconnected(http_request))
     try:
-        await asyncio.wait({outcome, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {outcome, watcher}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if not outcome.done():
             raise ClientDisconnected("the client closed the connection")
         return outcome.result()
@@ -214,4 +220,6 @@ def error_body(exc: BaseException) -> dict:
 
 
 # ``stream: true`` answers with server-sent events: documented, so clients (and schema checks) expect both.
-SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+}

@@ -110,7 +110,13 @@ def request_examples(settings: Settings) -> dict[tuple[str, str], dict[str, dict
             ),
             "score_prompt": _example(
                 "Score a prompt without generating (lm-evaluation-harness' loglikelihood)",
-                {"model": base, "prompt": "Q: capital of France?\nA: Paris.", "max_tokens": 0, "echo": True, "logprobs": 1},
+                {
+                    "model": base,
+                    "prompt": "Q: capital of France?\nA: Paris.",
+                    "max_tokens": 0,
+                    "echo": True,
+                    "logprobs": 1,
+                },
             ),
         },
         ("post", "/v1/chat/completions"): {

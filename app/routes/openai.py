@@ -401,7 +401,7 @@ async def completions(
     jobs = [GenerationRequest(target, ids[i], _seeded(params, k)) for i in range(len(ids)) for k in range(body.n)]
     prompt_tokens = sum(len(x) for x in ids)
     scoring_only = (body.max_completion_tokens or body.max_tokens) == 0
-    texts = None
+    texts: list[str] = []  # filled only with echo, the only case that reads it
     if body.echo:  # text prompts come back as given; token ids as they decode (off the event loop)
         texts = await run_in_threadpool(_echoed_texts, engine, body.prompt, ids)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}

@@ -16,9 +16,11 @@ SCHEMA = create_app(Settings(_env_file=None)).openapi()
 EXAMPLES = [
     (path, name)
     for path, operations in SCHEMA["paths"].items()
-    for name in operations.get("post", {}).get("requestBody", {}).get("content", {}).get("application/json", {}).get(
-        "examples", {}
-    )
+    for name in operations.get("post", {})
+    .get("requestBody", {})
+    .get("content", {})
+    .get("application/json", {})
+    .get("examples", {})
 ]
 # Examples that name an uploaded file: no such id here (422 not_found naming it); with the id of a real upload of
 # the README's chat sample in its place, accepted.
