@@ -16,9 +16,10 @@ from app.engine import GenerationRequest, GenerationResult, InferenceEngine, Tar
 from app.errors import service_error_from
 from bone import BoneConfig, BoneConfigError
 from bone.arithmetic import check_combinable
+from core.access import Adapters
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from core.names import AdapterName
-from core.registry import AdapterInfo, AdapterRegistry
+from core.registry import AdapterInfo
 from core.requests import SEED_BOUND
 from core.settings import Settings
 
@@ -79,7 +80,7 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-def _served_info(name: str, registry: AdapterRegistry, settings: Settings, param: str) -> AdapterInfo:
+def _served_info(name: str, registry: Adapters, settings: Settings, param: str) -> AdapterInfo:
     """The registry's record of adapter ``name``, read for every request (so a deleted or re-published adapter is
     never served stale), if this server can serve it: 404 if absent, 409 if trained on another base model."""
     try:
@@ -96,12 +97,12 @@ def _served_info(name: str, registry: AdapterRegistry, settings: Settings, param
     return info
 
 
-def resolve_adapter(name: str, registry: AdapterRegistry, settings: Settings) -> Target:
+def resolve_adapter(name: str, registry: Adapters, settings: Settings) -> Target:
     """One published adapter, at the version the registry holds now."""
     return Target(adapter=name, sha256=_served_info(name, registry, settings, "adapter").sha256)
 
 
-def resolve_mix(adapters: dict[str, float], registry: AdapterRegistry, settings: Settings) -> Target:
+def resolve_mix(adapters: dict[AdapterName, float], registry: Adapters, settings: Settings) -> Target:
     """Check a mix before it is queued: every source exists (404), was trained on the served base model
     (409) and can be summed exactly with the others (Bone, one r; else 422) — all naming ``adapters``.
     Its sorted (name, sha256, weight) tuples are what the engine keys the mix by."""
