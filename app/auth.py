@@ -36,6 +36,7 @@ async def get_principal(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 ) -> Principal:
     keyring = get_keyring(request)
+    principal: Principal | None
     if not keyring.enabled:
         principal = ANONYMOUS
     elif credentials is None:

@@ -10,6 +10,7 @@ answered with a generic 500 envelope.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
@@ -63,10 +64,15 @@ _ERROR_DESCRIPTIONS = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict]:
-    """``responses=`` for a router or route: each status documented with the error envelope."""
+def error_responses(*statuses: int, notes: dict[int, str] | None = None) -> dict[int | str, dict]:
+    """``responses=`` for a router or route: each status documented with the error envelope (``notes``: more
+    to say about a status on these routes)."""
+    notes = notes or {}
     return {
-        status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
+        status: {
+            "model": ErrorResponse,
+            "description": "; ".join(filter(None, (_ERROR_DESCRIPTIONS[status], notes.get(status)))),
+        }
         for status in (statuses or tuple(_ERROR_DESCRIPTIONS))
     }
 
@@ -193,7 +199,7 @@ def summarize_validation_errors(errors: list[dict]) -> tuple[str | None, str, st
 
 def _code(err: dict) -> str:
     return {"missing": "missing_field", "extra_forbidden": "unknown_field", "json_invalid": "invalid_json"}.get(
-        err.get("type"), "invalid_value"
+        str(err.get("type")), "invalid_value"
     )
 
 
@@ -273,10 +279,15 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# Starlette types every handler as taking ``Exception``; each here takes the class it is registered for.
+def _handler(function: Callable[[Request, Any], Awaitable[JSONResponse]]) -> Callable[[Request, Exception], Any]:
+    return function
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, _on_service_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(ServiceError, _handler(_on_service_error))
+    app.add_exception_handler(RequestValidationError, _handler(_on_validation_error))
+    app.add_exception_handler(StarletteHTTPException, _handler(_on_http_exception))
     # Library errors with a client meaning get their own entries so they are handled inside the
     # exception middleware (the catch-all ``Exception`` handler runs in the outermost middleware).
     for exc_type in (redis.ConnectionError, redis.TimeoutError):
@@ -291,6 +302,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 # --- body size -----------------------------------------------------------------------------------------
+class _BodyTooLarge(StarletteHTTPException):
+    """A 413 met while the body streams in; ``param`` (read by ``_on_http_exception``) names the field that
+    made the body large."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(413, message)
+        self.param = param
+
+
 class BodySizeLimit:
     """Refuse request bodies over ``max_bytes`` with 413, before they are read (Content-Length) or while
     they stream in (chunked uploads), so a huge body never lands in memory."""
@@ -334,9 +354,7 @@ class BodySizeLimit:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     # Raised inside the route's body read: FastAPI re-raises HTTPExceptions untouched.
-                    error = StarletteHTTPException(413, self._too_large(limit, setting, param).message)
-                    error.param = param  # the envelope names the field that made the body large
-                    raise error
+                    raise _BodyTooLarge(self._too_large(limit, setting, param).message, param)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any, overload
 
 from fastapi import Request
 from pydantic import BaseModel, Field
@@ -15,9 +16,10 @@ from app.engine import GenerationRequest, GenerationResult, InferenceEngine, Tar
 from app.errors import service_error_from
 from bone import BoneConfig, BoneConfigError
 from bone.arithmetic import check_combinable
+from core.access import Adapters
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from core.names import AdapterName
-from core.registry import AdapterInfo, AdapterRegistry
+from core.registry import AdapterInfo
 from core.requests import SEED_BOUND
 from core.settings import Settings
 
@@ -36,6 +38,10 @@ AdaptersField = Field(
 )
 
 
+@overload
+def check_mix(value: dict[AdapterName, float]) -> dict[AdapterName, float]: ...
+@overload
+def check_mix(value: None) -> None: ...
 def check_mix(value: dict[AdapterName, float] | None) -> dict[AdapterName, float] | None:
     """The weights of a mix (its names are checked by their type, ``AdapterName``)."""
     for name, weight in (value or {}).items():
@@ -74,7 +80,7 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-def _served_info(name: str, registry: AdapterRegistry, settings: Settings, param: str) -> AdapterInfo:
+def _served_info(name: str, registry: Adapters, settings: Settings, param: str) -> AdapterInfo:
     """The registry's record of adapter ``name``, read for every request (so a deleted or re-published adapter is
     never served stale), if this server can serve it: 404 if absent, 409 if trained on another base model."""
     try:
@@ -91,12 +97,12 @@ def _served_info(name: str, registry: AdapterRegistry, settings: Settings, param
     return info
 
 
-def resolve_adapter(name: str, registry: AdapterRegistry, settings: Settings) -> Target:
+def resolve_adapter(name: str, registry: Adapters, settings: Settings) -> Target:
     """One published adapter, at the version the registry holds now."""
     return Target(adapter=name, sha256=_served_info(name, registry, settings, "adapter").sha256)
 
 
-def resolve_mix(adapters: dict[str, float], registry: AdapterRegistry, settings: Settings) -> Target:
+def resolve_mix(adapters: dict[AdapterName, float], registry: Adapters, settings: Settings) -> Target:
     """Check a mix before it is queued: every source exists (404), was trained on the served base model
     (409) and can be summed exactly with the others (Bone, one r; else 422) — all naming ``adapters``.
     Its sorted (name, sha256, weight) tuples are what the engine keys the mix by."""
@@ -135,7 +141,8 @@ async def results_or_disconnect(
     outcome = asyncio.ensure_future(asyncio.gather(*(engine.result(r) for r in requests)))
     watcher = asyncio.ensure_future(_disconnected(http_request))
     try:
-        await asyncio.wait({outcome, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {outcome, watcher}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if not outcome.done():
             raise ClientDisconnected("the client closed the connection")
         return outcome.result()
@@ -214,4 +221,6 @@ def error_body(exc: BaseException) -> dict:
 
 
 # ``stream: true`` answers with server-sent events: documented, so clients (and schema checks) expect both.
-SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import uvicorn
 
@@ -39,12 +40,12 @@ def with_head_deadline(base: type, timeout_s: float, max_head_bytes: int) -> typ
     Both of uvicorn's protocols start a new ``cycle`` when a head is complete; so "the head arrived" is "the
     cycle changed since the deadline was armed"."""
 
-    class HeadDeadlineProtocol(base):  # type: ignore[misc, valid-type]
+    class HeadDeadlineProtocol(base):
         _head_timer: asyncio.TimerHandle | None = None
         _cycle_then = None
         _head_bytes = 0
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_head_deadline()
 
@@ -99,7 +100,7 @@ def with_head_deadline(base: type, timeout_s: float, max_head_bytes: int) -> typ
 
 def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
     """How ``bone-server api``/``up`` serve ``app`` (tests build their live servers with it too)."""
-    options = dict(
+    options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

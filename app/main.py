@@ -25,6 +25,7 @@ from app.errors import BodySizeLimit, error_responses, install_error_handlers
 from app.job_checks import JobChecker
 from app.observability import install_observability
 from app.openapi import install_openapi
+from app.query_params import REFUSAL_NOTE, refuse_unknown_query
 from app.routes import adapter_export, adapter_import, adapters, evals, files, fleet, generate, health, jobs, openai
 from app.routes.adapter_export import export_adapter
 from app.security_headers import SecurityHeaders
@@ -131,8 +132,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_observability(app)
     app.add_middleware(SecurityHeaders)  # outermost: error and 503 answers get the headers too
     install_openapi(app, settings)
-    app.include_router(health.router, responses=error_responses(500, 503))
-    # Every other router: a key (when keys are configured), the per-key rate limit, the error envelope documented.
+    app.include_router(health.router, responses=error_responses(413, 500, 503))
+    # Every other router: a key (when keys are configured), the per-key rate limit, the error envelope documented
+    # (app.openapi narrows it per route); the native ones also refuse unknown query parameters, after the key
+    # check (a caller without a key learns nothing about a route). /v1 tolerates them, as OpenAI's clients add
+    # their own (app.query_params).
     for module in (jobs, files, adapters, adapter_import, adapter_export, generate, openai, fleet, evals):
-        app.include_router(module.router, dependencies=[Depends(guard)], responses=error_responses())
+        if module is openai:
+            app.include_router(module.router, dependencies=[Depends(guard)], responses=error_responses())
+            continue
+        app.include_router(
+            module.router,
+            dependencies=[Depends(guard), Depends(refuse_unknown_query)],
+            responses=error_responses(notes={422: REFUSAL_NOTE}),
+        )
     return app

@@ -10,6 +10,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.errors import error_responses, is_openai_path
+from app.openapi_examples import add_request_examples
+from app.ratelimit import BUCKETS
 from core.settings import Settings
 
 
@@ -102,6 +105,30 @@ SSE_CONTENT = {
 }
 
 
+# --- which error statuses an operation documents -------------------------------------------------------------
+def _document_errors(schema: dict[str, Any]) -> None:
+    """The routers declare the error envelope (app.main); this states per operation what the server really
+    answers, from the same facts the middleware and dependencies act on:
+
+    - 413 everywhere: BodySizeLimit bounds the body of every request, whatever its route;
+    - 429 only where a request can be rate limited (app.ratelimit.BUCKETS: the per-key limits, the generation
+      queue and the per-owner quotas all sit on those routes);
+    - no 422 on /v1, which answers every invalid request with 400 (app.errors).
+    """
+    too_large = {
+        "description": error_responses(413)[413]["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("413", too_large)
+            if is_openai_path(path):
+                responses.pop("422", None)
+            if (method.upper(), path) not in BUCKETS:
+                responses.pop("429", None)
+
+
 def install_openapi(app: FastAPI, settings: Settings) -> None:
     default: Callable[[], dict[str, Any]] = app.openapi
 
@@ -122,6 +149,8 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             if ok is not None:
                 ok.setdefault("content", {}).update(SSE_CONTENT)
         _add_links(schema)
+        _document_errors(schema)
+        add_request_examples(schema, settings)
         app.openapi_schema = schema
         return schema
 

@@ -186,7 +186,8 @@ def files_list(
 ) -> None:
     """List uploaded files, newest first."""
     table = Table("id", "filename", "rows", "format", "size", "created")
-    for info in _client(url, api_key).request("GET", "/files", params={"limit": limit})["data"]:
+    # GET /files answers the whole list, newest first (it takes no parameters): the limit is applied here.
+    for info in _client(url, api_key).request("GET", "/files")["data"][:limit]:
         table.add_row(
             info["id"],
             info["filename"],

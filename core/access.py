@@ -183,6 +183,11 @@ def may_publish_over(job_owner: str | None, job_id: str, current: AdapterInfo) -
     return current.owner == job_owner or current.job_id == job_id
 
 
+# What reads adapters takes either: the whole registry (the server's own tasks, e.g. the vLLM folder sync) or
+# one caller's view of it (the routes).
+Adapters = AdapterRegistry | OwnedAdapters
+
+
 # --- uploaded files -------------------------------------------------------------------------------------------
 class OwnedFiles:
     """The file store as ``principal`` sees it: other owners' files are 404 and never listed; uploads carry

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import torch
 
@@ -25,7 +25,6 @@ from core.errors import InvalidRequest, NotFound
 from core.files import SUFFIXES, FileStore, read_rows
 from core.formats import detect_format
 from core.jobs import FileDataset, InlineRecords, Job, PathDataset, dataset_ref
-from core.jobstore import JobStore
 from core.paths import dataset_file, dataset_source
 from core.settings import Settings
 
@@ -66,8 +65,20 @@ class TokenizedData:
 
 
 # --- where the rows come from ------------------------------------------------------------------------------
+class _InlineRows(Protocol):  # the job or evaluation store: where inline rows are kept apart from the record
+    def records(self, record_id: str, which: str = "records") -> list[dict[str, Any]] | None: ...
+
+
+@overload
 def load_rows(
-    job: Job | Any, store: JobStore, settings: Settings, *, validation: bool = False
+    job: Job | Any, store: _InlineRows, settings: Settings, *, validation: Literal[False] = False
+) -> list[dict[str, Any]]: ...
+@overload
+def load_rows(
+    job: Job | Any, store: _InlineRows, settings: Settings, *, validation: bool
+) -> list[dict[str, Any]] | None: ...
+def load_rows(
+    job: Job | Any, store: _InlineRows, settings: Settings, *, validation: bool = False
 ) -> list[dict[str, Any]] | None:
     """The job's rows (or its validation rows; None when it has none) as plain dicts, whichever dataset
     form it was created with. ``job`` is a ``Job`` or an evaluation (whose record keeps the summary as a dict)."""

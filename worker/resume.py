@@ -99,7 +99,7 @@ def save(
             trainable, optimizer_state = gathered.trainable, gathered.optimizer
         save_file(trainable, tmp / "trainable.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")

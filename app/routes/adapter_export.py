@@ -16,7 +16,7 @@ import json
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
@@ -29,11 +29,12 @@ from app.generation import check_mix
 from bone import BoneConfig, BoneConfigError, combine_bone_adapters, to_lora
 from bone.adapter_files import NonFiniteTensorError, check_finite, to_format, write_adapter_dir
 from bone.export import DEFAULT_BAT_TOLERANCE
+from core.access import Adapters
 from core.base_model import exported_base_model_name
 from core.errors import Conflict, InvalidRequest
 from core.names import AdapterName
 from core.quotas import check_adapter_count
-from core.registry import AdapterInfo, AdapterRegistry
+from core.registry import AdapterInfo
 from core.requests import RequestModel
 from core.settings import EMBEDDED_BASE_MODEL
 
@@ -42,7 +43,7 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 MAX_COMPOSE = 16
 
 
-def _read(registry: AdapterRegistry, name: str) -> tuple[AdapterInfo, BoneConfig, dict]:
+def _read(registry: Adapters, name: str) -> tuple[AdapterInfo, BoneConfig, dict]:
     tensors, info = registry.verified_tensors(name)  # 404 when absent, refused when corrupt
     config = BoneConfig.from_dict(registry.adapter_config(name))
     return info, config, tensors
@@ -63,7 +64,7 @@ def _folder_bytes(write) -> dict[str, bytes]:
 
 
 def export_adapter(
-    registry: AdapterRegistry,
+    registry: Adapters,
     engine,
     settings,
     name: str,
@@ -82,7 +83,7 @@ def export_adapter(
     # folder `bone-server models export-embedded` writes), not the server's own name for its base.
     config.base_model_name_or_path = exported_base_model_name(info.base_model, settings)
     config.task_type = config.task_type or "CAUSAL_LM"  # what this server serves; PEFT's Auto classes need it
-    report = {
+    report: dict[str, Any] = {
         "adapter": name,
         "format": fmt,
         "sha256": info.sha256,
@@ -161,7 +162,7 @@ class ComposeRequest(RequestModel):
         return check_mix(value)  # the same rules as a per-request mix
 
 
-def _compose(registry: AdapterRegistry, engine, name: AdapterName, request: ComposeRequest) -> AdapterInfo:
+def _compose(registry: Adapters, engine, name: AdapterName, request: ComposeRequest) -> AdapterInfo:
     if registry.exists(name) and not request.overwrite:
         raise Conflict(
             f"adapter {name!r} already exists; pass overwrite=true to replace it", param="name", code="adapter_exists"

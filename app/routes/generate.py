@@ -35,9 +35,9 @@ from app.generation import (
     stream_jobs,
     submit_all,
 )
+from core.access import Adapters
 from core.errors import InvalidRequest
 from core.names import AdapterName
-from core.registry import AdapterRegistry
 from core.requests import RequestModel
 from core.settings import Settings
 
@@ -147,7 +147,7 @@ async def generate(
 
 
 async def generation_request(
-    body: GenerateRequest, engine: InferenceEngine, registry: AdapterRegistry, settings: Settings
+    body: GenerateRequest, engine: InferenceEngine, registry: Adapters, settings: Settings
 ) -> GenerationRequest:
     """The request's one generation, every field checked once: sampling, the prompt's size (before it is
     tokenized), what it runs on (read from the registry now), then the prompt's tokens."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 from fastapi import APIRouter, Request
@@ -39,7 +39,7 @@ class Readiness(BaseModel):
 
 
 # Not ready is an answer of this probe, not a failure: say which codes a load balancer will see.
-NOT_READY = {
+NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {
         "model": ErrorResponse,
         "description": "Not ready: Redis does not answer (code "

@@ -51,9 +51,9 @@ from app.generation import (
     stream_jobs,
     submit_all,
 )
+from core.access import Adapters
 from core.errors import InvalidRequest, NotFound, ServiceError
 from core.names import AdapterName
-from core.registry import AdapterRegistry
 from core.requests import SEED_BOUND, RequestModel
 from core.settings import Settings
 
@@ -139,6 +139,9 @@ class ChatRequest(_Common):
 
 
 # --- responses (OpenAI's shapes; fields in the order the routes build them) -------------------------------------
+OpenAIRequest = CompletionRequest | ChatRequest
+
+
 class ModelCard(BaseModel):
     id: str = Field(description="the base model's name, or an adapter's")
     object: Literal["model"] = "model"
@@ -215,7 +218,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
 
 
-def _refuse_unsupported(body: _Common) -> None:
+def _refuse_unsupported(body: OpenAIRequest) -> None:
     """A field OpenAI defines but this server cannot honour is refused (400 naming it), never ignored: a
     client asking for JSON output or a tool call must not get plain text that it then fails to parse."""
     response_format = (body.response_format or {}).get("type", "text")
@@ -247,11 +250,11 @@ def _refuse_unsupported(body: _Common) -> None:
         )
 
 
-def _wants_logprobs(body: _Common) -> bool:
+def _wants_logprobs(body: OpenAIRequest) -> bool:
     return body.logprobs is not None and body.logprobs is not False  # completions' logprobs=0 asks too
 
 
-def _params(body: _Common, settings: Settings, default_max: int) -> SamplingParams:
+def _params(body: OpenAIRequest, settings: Settings, default_max: int) -> SamplingParams:
     _refuse_unsupported(body)
     limit = body.max_completion_tokens or body.max_tokens
     if limit is None:
@@ -285,7 +288,7 @@ def _params(body: _Common, settings: Settings, default_max: int) -> SamplingPara
     )
 
 
-def _top_logprobs(body: _Common) -> int | None:
+def _top_logprobs(body: OpenAIRequest) -> int | None:
     """How many alternatives per position the request asked for; None = no logprobs."""
     if isinstance(body, ChatRequest):
         if body.top_logprobs is not None and not body.logprobs:
@@ -295,7 +298,7 @@ def _top_logprobs(body: _Common) -> int | None:
 
 
 def _target(
-    model: str, registry: AdapterRegistry, settings: Settings, adapters: dict[str, float] | None = None
+    model: str, registry: Adapters, settings: Settings, adapters: dict[AdapterName, float] | None = None
 ) -> Target:
     """What ``model`` (and the ``adapters`` extra field) runs on."""
     if adapters is not None:
@@ -318,7 +321,7 @@ def _target(
         raise
 
 
-def _is_adapter(model: str, registry: AdapterRegistry) -> bool:
+def _is_adapter(model: str, registry: Adapters) -> bool:
     try:
         return registry.exists(model)
     except NotFound:  # not even a valid adapter name
@@ -401,7 +404,7 @@ async def completions(
     jobs = [GenerationRequest(target, ids[i], _seeded(params, k)) for i in range(len(ids)) for k in range(body.n)]
     prompt_tokens = sum(len(x) for x in ids)
     scoring_only = (body.max_completion_tokens or body.max_tokens) == 0
-    texts = None
+    texts: list[str] = []  # filled only with echo, the only case that reads it
     if body.echo:  # text prompts come back as given; token ids as they decode (off the event loop)
         texts = await run_in_threadpool(_echoed_texts, engine, body.prompt, ids)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
@@ -558,7 +561,7 @@ async def chat_completions(
         ]
         return _sse(engine, jobs, body, len(ids), meta, "chat.completion.chunk", chunk, first=first, key=key)
     results = await results_or_disconnect(engine, submit_all(engine, jobs, key=key), http_request)
-    logprobs = [None] * len(results)
+    logprobs: list[dict[str, Any] | None] = [None] * len(results)
     if body.logprobs:  # naming tokens is detokenizing: off the event loop
         logprobs = await run_in_threadpool(lambda: [_chat_logprobs(engine, r) for r in results])
     return {
@@ -604,7 +607,7 @@ def _render_chat(engine: InferenceEngine, messages: list[ChatMessage]) -> str:
 def _sse(
     engine: InferenceEngine,
     jobs: list[GenerationRequest],
-    body: _Common,
+    body: OpenAIRequest,
     prompt_tokens: int,
     meta: dict,
     object_: str,

@@ -101,6 +101,14 @@ def test_every_route_but_the_probes_requires_a_key(client, live):
     assert checked >= 10
 
 
+def test_an_unknown_query_parameter_without_a_key_is_still_401(client):
+    # The key is checked first: a caller without one learns nothing about what a route takes (app.query_params).
+    reply = client.get("/adapters", params={"limt": 5})
+    assert reply.status_code == 401 and reply.json()["error"]["param"] is None
+    reply = client.get("/adapters", params={"limt": 5}, headers=bearer(ALICE))
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "limt"
+
+
 # --- ownership: jobs ------------------------------------------------------------------------------------------
 def test_jobs_belong_to_the_key_that_created_them(client):
     mine = create_job(client, ALICE, "alice-a")

@@ -75,3 +75,18 @@ def test_readyz_documents_its_not_ready_answer(schema):
     not_ready = schema["paths"]["/readyz"]["get"]["responses"]["503"]
     assert not_ready["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "model_not_ready" in not_ready["description"]
+
+
+def test_error_statuses_are_the_ones_each_operation_can_answer(schema):
+    from app.ratelimit import BUCKETS
+
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            where = f"{method.upper()} {path}"
+            # BodySizeLimit bounds every request's body, whatever the route.
+            assert responses["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), where
+            # Rate limits, the generation queue and the quotas sit on the BUCKETS routes only.
+            assert ("429" in responses) == ((method.upper(), path) in BUCKETS), where
+            # /v1 answers 400 instead; the probes take no input and tolerate query strings (app.query_params)
+            assert ("422" in responses) != (path.startswith("/v1/") or path in ("/healthz", "/readyz")), where
