@@ -188,13 +188,12 @@ class KVLayer(CacheLayerMixin):
         last: an exception leaves it readable as it was (``state`` / ``restore``)."""
         n = other.rows if keep is None else len(keep)
         need = self.kept(width)
-        if self._k is None:
+        if self._k is None:  # the batch's first rows: a buffer with room on both sides
             self.device = other._k.device
-            self.rows, self.width = 0, 0
-            columns = need + self._right_room(need) + self._left_room(need)
-            rows = self._rows_for(n)
-            self._k, self._v = _empty(other._k, rows, columns), _empty(other._v, rows, columns)
-            self.start = self.end = columns - self._right_room(need)
+            self.rows = self.width = 0
+            slots, left, right = self._room(n, need, 0)
+            self._k, self._v = _empty(other._k, slots, left + need + right), _empty(other._v, slots, left + need + right)
+            self.start = self.end = left + need
             self.is_initialized = True
         self.rows = count  # the rows the batch still holds (a split may have dropped some)
         extend = need - (self.end - self.start)
@@ -227,16 +226,10 @@ class KVLayer(CacheLayerMixin):
     # --- laying out again -----------------------------------------------------------------------------
     def _lay_out(self, rows: int, extend_left: int, append: int, reason: str) -> None:
         """Move the live columns into a new buffer with ``rows`` slots, ``extend_left`` free columns before
-        them and room for ``append`` after (and the room ``_right_room`` / ``_left_room`` keep)."""
+        them and room for ``append`` after (and the spare room ``_room`` keeps)."""
         live = self.end - self.start
         span = extend_left + live + append
-        right, left = self._right_room(span), self._left_room(span)
-        slots = max(rows, self._k.shape[0]) if rows <= self._k.shape[0] else self._rows_for(rows)
-        budget = self.plan.budget_tokens
-        if budget is not None and slots * (left + span + right) > budget:  # spare room within the budget
-            spare = max(0, budget // slots - span)
-            right = min(right, max(spare, append))
-            left = min(left, max(0, spare - right))
+        slots, left, right = self._room(rows, span, append)
         columns = left + span + right
         keys, values = _empty(self._k, slots, columns), _empty(self._v, slots, columns)
         begin = left + extend_left
@@ -248,19 +241,27 @@ class KVLayer(CacheLayerMixin):
         self._k, self._v = keys, values
         self.start, self.end = begin, begin + live
 
-    def _right_room(self, span: int) -> int:
-        if self.sliding_window is not None:  # moved back every ~window steps: O(1) per step
-            return max(self.sliding_window, MIN_COLUMNS)
-        return max(self.plan.right, span, MIN_COLUMNS)  # doubling: appends amortised O(1)
-
-    def _left_room(self, span: int) -> int:
-        if self.sliding_window is not None:  # a window never holds more than window - 1 columns
-            return max(0, self.sliding_window - 1 - span)
-        return span // 4  # newcomers a little wider than the batch join without a re-layout
-
-    def _rows_for(self, rows: int) -> int:
+    def _room(self, rows: int, span: int, append: int) -> tuple[int, int, int]:
+        """(slots, free columns on the left, on the right) of a buffer for ``rows`` rows and ``span`` columns,
+        ``append`` of them about to be written. Right: the rows' remaining token budgets, or the live columns
+        (doubling: appends amortised O(1)); a window's: one window (its columns move back every ~window
+        steps). Left: a quarter of the live columns, so a newcomer a little wider than the batch joins
+        without a re-layout (a window never needs more than ``window - 1``). Slots: double, up to the batch's
+        row bound. slots x columns stay within the KV budget (spare room shrinks first)."""
+        window = self.sliding_window
+        if window is not None:
+            right, left = max(window, MIN_COLUMNS), max(0, window - 1 - span)
+        else:
+            right, left = max(self.plan.right, span, MIN_COLUMNS), span // 4
         current = 0 if self._k is None else self._k.shape[0]
-        return max(rows, min(self.plan.max_rows, max(2 * current, 2 * rows, 4)))
+        slots = current if rows <= current else max(rows, min(self.plan.max_rows, max(2 * current, 2 * rows, 4)))
+        budget = self.plan.budget_tokens
+        if window is None and budget is not None and slots * (left + span + right) > budget:
+            slots = max(rows, current)  # no spare slots
+            spare = max(0, budget // slots - span)
+            right = min(right, max(spare, append, MIN_COLUMNS))  # at most one re-layout per MIN_COLUMNS steps
+            left = min(left, max(0, spare - right))
+        return slots, left, right
 
 
 class KVCache(Cache):
