@@ -320,6 +320,7 @@ class RunningBatch:
             mask = torch.ones((1, end), dtype=torch.long, device=self.device)
             positions = torch.arange(self._entered, end, dtype=torch.long, device=self.device).unsqueeze(0)
             logits, self._entering_cache = self.forward(ids, mask, positions, self._entering_cache, [row.adapter_slot])
+            kv_cache.settle(self._entering_cache)  # a window keeps only its last columns between chunks
             self.chunks += 1
             self._entered = end
             if end < len(prompt):

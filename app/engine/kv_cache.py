@@ -116,9 +116,10 @@ def join_mode(model: Any) -> tuple[str, str]:
 
 
 def chunkable(model: Any) -> bool:
-    """Whether a prompt can be prefilled in chunks into its own cache and merged like any newcomer: every
-    layer full attention (a sliding window's cache between chunks is not something ``merge`` is tested on)."""
-    return set(_layer_types(_text_config(model))) <= {"full_attention"}
+    """Whether a prompt can be prefilled in chunks into its own cache and merged like any newcomer: every layer
+    one ``KVCache`` holds (a sliding window's chunk sees the kept columns and its own, as transformers'
+    ``get_mask_sizes`` for a window says)."""
+    return windows(model) is not None
 
 
 def _text_config(model: Any) -> Any:

@@ -192,7 +192,8 @@ class KVLayer(CacheLayerMixin):
             self.device = other._k.device
             self.rows = self.width = 0
             slots, left, right = self._room(n, need, 0)
-            self._k, self._v = _empty(other._k, slots, left + need + right), _empty(other._v, slots, left + need + right)
+            columns = left + need + right
+            self._k, self._v = _empty(other._k, slots, columns), _empty(other._v, slots, columns)
             self.start = self.end = left + need
             self.is_initialized = True
         self.rows = count  # the rows the batch still holds (a split may have dropped some)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+import torch
 from prometheus_client import REGISTRY
 
 from app.engine import BASE_MODEL, GenerationRequest, InferenceEngine
@@ -119,3 +121,48 @@ def test_a_newcomer_wider_than_the_room_kept_for_it_lays_the_cache_out_again(mak
     layers = engine.base.model.config.num_hidden_layers
     assert relayouts("join") - before == layers  # each layer once, for the wider newcomer
     assert len({tuple(pointers) for _, _, pointers, *_ in seen}) == 2  # moved once, then never again
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_sliding_window_computes_what_transformers_cache_does_and_stays_a_few_windows_wide(family):
+    """Two left-padded rows decode far past the window with ``KVCache`` and with transformers' own
+    ``DynamicCache``: the logits agree at every step; the sliding layers' buffers stay a few windows wide and
+    their columns move back to the start once every ~window steps (amortised: under one column per step)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from app.engine import kv_cache
+    from tests.app.test_engine_cache_kinds import WINDOW, _configs
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_configs()[family]()).eval()
+    windows = kv_cache.windows(model)
+    assert windows is not None and WINDOW in windows
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # the second row is shorter: left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ours, theirs = kv_cache.new_cache(windows), DynamicCache(config=model.config)
+    steps = 60
+    with torch.no_grad():
+        for cache in (ours, theirs):
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        tokens, step_mask, last = ids[:, -1:], mask, positions[:, -1:]
+        for _ in range(steps):
+            step_mask = torch.cat([step_mask, step_mask.new_ones((2, 1))], dim=1)
+            last = last + 1
+            outs = [
+                model(input_ids=tokens, attention_mask=step_mask, position_ids=last, cache=c, use_cache=True).logits
+                for c in (ours, theirs)
+            ]
+            ours.settle()
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+            tokens = outs[1][:, -1:].argmax(-1)
+    sliding = [layer for layer in ours.kv_layers if layer.is_sliding]
+    assert sliding and all(layer.keys.shape[-2] == WINDOW - 1 for layer in sliding)
+    assert all(layer.storage[0].shape[-2] <= 20 + 2 * WINDOW + 16 for layer in sliding)
+    heads, head_dim = sliding[0].storage[0].shape[1], sliding[0].storage[0].shape[-1]
+    column = 2 * 2 * heads * head_dim * 4  # both rows, keys and values, fp32
+    full = len(ours.kv_layers) - len(sliding)
+    # full layers: laid out once when the exact prefill buffer first ran out of room, then every doubling
+    assert ours.stats.copied_bytes <= len(sliding) * steps * column + full * 4 * (20 + steps) * column
