@@ -248,14 +248,18 @@ class KVLayer(CacheLayerMixin):
         (doubling: appends amortised O(1)); a window's: one window (its columns move back every ~window
         steps). Left: a quarter of the live columns, so a newcomer a little wider than the batch joins
         without a re-layout (a window never needs more than ``window - 1``). Slots: double, up to the batch's
-        row bound. slots x columns stay within the KV budget (spare room shrinks first)."""
+        row bound; down to twice the rows when a quarter or less are used. slots x columns stay within the KV
+        budget (spare room shrinks first)."""
         window = self.sliding_window
         if window is not None:
             right, left = max(window, MIN_COLUMNS), max(0, window - 1 - span)
         else:
             right, left = max(self.plan.right, span, MIN_COLUMNS), span // 4
         current = 0 if self._k is None else self._k.shape[0]
-        slots = current if rows <= current else max(rows, min(self.plan.max_rows, max(2 * current, 2 * rows, 4)))
+        if rows > current:
+            slots = max(rows, min(self.plan.max_rows, max(2 * current, 2 * rows, 4)))
+        else:  # a batch that shrank to a quarter of its slots gives the rest back (this copy happens anyway)
+            slots = current if 4 * rows > current else max(2 * rows, 4)
         budget = self.plan.budget_tokens
         if window is None and budget is not None and slots * (left + span + right) > budget:
             slots = max(rows, current)  # no spare slots
