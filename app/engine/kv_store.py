@@ -74,26 +74,25 @@ class KVLayer(CacheLayerMixin):
         self.sliding_window = window
         self.is_sliding = window is not None
         self.plan, self.stats = plan, stats
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        self._k = self._v = _NONE  # the buffers, once the first columns come (``is_initialized``)
         self.rows = self.start = self.end = 0
         self.width = 0  # the batch's columns (its attention mask's): what masks and positions count
 
     # --- what transformers reads ----------------------------------------------------------------------
     @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[: self.rows, :, self.start : self.end]
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self._k[: self.rows, :, self.start : self.end] if self.is_initialized else None
 
     @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[: self.rows, :, self.start : self.end]
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self._v[: self.rows, :, self.start : self.end] if self.is_initialized else None
 
     @property
-    def cumulative_length(self) -> int:
+    def cumulative_length(self) -> int:  # type: ignore[override]
         return self.width
 
     @property
-    def storage(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The buffers themselves (tests: a step that copies nothing leaves their ``data_ptr`` as it was)."""
         return self._k, self._v
 
@@ -143,7 +142,7 @@ class KVLayer(CacheLayerMixin):
         return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
-        self._k = self._v = None
+        self._k = self._v = _NONE
         self.rows = self.start = self.end = self.width = 0
         self.is_initialized = False
 
@@ -171,7 +170,7 @@ class KVLayer(CacheLayerMixin):
     def select(self, order: list[int]) -> None:
         """Keep rows ``order`` (old row indices, new order): only rows that change slot are copied."""
         moved = [(i, src) for i, src in enumerate(order) if src != i]
-        if moved and self._k is not None:
+        if moved and self.is_initialized:
             dst = torch.tensor([i for i, _ in moved], device=self._k.device)
             src = torch.tensor([s for _, s in moved], device=self._k.device)
             s, e = self.start, self.end
@@ -188,7 +187,7 @@ class KVLayer(CacheLayerMixin):
         last: an exception leaves it readable as it was (``state`` / ``restore``)."""
         n = other.rows if keep is None else len(keep)
         need = self.kept(width)
-        if self._k is None:  # the batch's first rows: a buffer with room on both sides
+        if not self.is_initialized:  # the batch's first rows: a buffer with room on both sides
             self.device = other._k.device
             self.rows = self.width = 0
             slots, left, right = self._room(n, need, 0)
@@ -255,7 +254,7 @@ class KVLayer(CacheLayerMixin):
             right, left = max(window, MIN_COLUMNS), max(0, window - 1 - span)
         else:
             right, left = max(self.plan.right, span, MIN_COLUMNS), span // 4
-        current = 0 if self._k is None else self._k.shape[0]
+        current = self._k.shape[0] if self.is_initialized else 0
         if rows > current:
             slots = max(rows, min(self.plan.max_rows, max(2 * current, 2 * rows, 4)))
         else:  # a batch that shrank to a quarter of its slots gives the rest back (this copy happens anyway)
@@ -310,6 +309,9 @@ class KVCache(Cache):
             for layer, state in zip(self.kv_layers, states):
                 layer.restore(state)
             raise
+
+
+_NONE = torch.empty(0)  # a layer's buffers before its first columns
 
 
 def _empty(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
