@@ -64,6 +64,12 @@ ENGINE_KV_TOKENS_RESERVED = Gauge(
     "bone_engine_kv_tokens_reserved",
     "KV cache tokens reserved by the admitted rows (each its prompt + max_new_tokens)",
 )
+ENGINE_KV_RELAYOUTS = Counter(
+    "bone_engine_kv_relayouts_total",
+    "times a layer's KV buffer was laid out again (its live columns copied): no room on the right (append), "
+    "for a wider newcomer or more rows (join); a decode step or a join that fits copies no existing column",
+    ["reason"],
+)
 PREFILL_CHUNKS = Counter("bone_engine_prefill_chunks_total", "chunks of long prompts prefilled between decode steps")
 BATCH_WORKING_BYTES = Gauge(
     "bone_engine_batch_working_bytes",

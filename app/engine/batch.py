@@ -3,10 +3,12 @@ and budget) join a running batch and leave it between decode steps.
 
 A hand-written loop over the model with a KV cache instead of ``generate()`` because every row differs:
 its temperature / top_p / top_k / seed, its stop strings, its token budget, and its arrival time. Newcomers are
-prefilled together in one forward, then their KV cache is merged into the running one (the shorter side is
-left-padded with masked columns; ``app.engine.kv_cache`` does it for each kind of layer: full attention and
-sliding windows). Finished rows leave the batch and the cache at once, and columns that
-became padding for every remaining row are trimmed, so a short answer never pays for a long neighbour.
+prefilled together in one forward into a cache of their own, then their columns are written into free rows of
+the running cache (the shorter side is left-padded with masked columns; ``app.engine.kv_cache`` does it for
+each kind of layer: full attention and sliding windows, in ``app.engine.kv_store``'s buffers written in
+place: a step or a join copies no existing column). Finished rows leave the batch and the cache at once (the
+last rows move into their slots), and columns that became padding for every remaining row are let go, so a
+short answer never pays for a long neighbour.
 
 A prompt longer than ``prefill_chunk`` tokens may enter instead chunk by chunk (``enter``, then ``advance``
 once per scheduler turn, between decode steps) into a cache of its own, and merges like any newcomer after
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 from app.engine import kv_cache
 from app.engine.detokenize import IncrementalDetokenizer
+from app.engine.kv_store import KVCache, Plan
 from app.engine.sampling import MAX_TOP_K, make_generator
 from app.engine.sampling import choose as choose_tokens
 from core.errors import GenerationFailed, InvalidRequest, ServiceError, ServiceUnavailable
@@ -199,9 +202,22 @@ class RunningBatch:
     """Rows decoding together over one KV cache. Only the engine's model thread uses it."""
 
     def __init__(
-        self, forward: Forward, pad_id: int, device: torch.device, joins: bool = True, prefill_chunk: int = 0
+        self,
+        forward: Forward,
+        pad_id: int,
+        device: torch.device,
+        joins: bool = True,
+        prefill_chunk: int = 0,
+        *,
+        windows: list[int | None] | None = None,
+        max_rows: int = 16,
+        budget_tokens: int | None = None,
     ) -> None:
         self.forward, self.pad_id, self.device = forward, pad_id, device
+        # each attention layer's sliding window (None: full attention) for ``KVCache``; None: the model makes its
+        # own cache (a kind ``kv_cache`` cannot merge: drain mode)
+        self.windows = windows
+        self.max_rows, self.budget_tokens = max_rows, budget_tokens
         self.joins = joins  # False: the model's cache cannot take rows in mid-flight (``kv_cache.join_mode``)
         self.prefill_chunk = prefill_chunk  # 0: every prompt is prefilled in one forward
         self.entering: Row | None = None  # a long prompt being prefilled chunk by chunk (``enter``, ``advance``)
@@ -264,7 +280,7 @@ class RunningBatch:
         except Exception as exc:  # noqa: BLE001 - retried split (see _step_failed)
             return self._step_failed(exc)
         self._mask, self._last_pos = mask, positions
-        kv_cache.settle(self._cache, mask.shape[1])
+        kv_cache.settle(self._cache)
         self._next = self._push(self.rows, logits)
         return self._drop_finished()
 
@@ -281,7 +297,9 @@ class RunningBatch:
     def enter(self, row: Row) -> None:
         """Start prefilling ``row`` chunk by chunk: ``advance`` feeds one chunk, between decode steps."""
         assert self.entering is None, "one row enters at a time"
-        self.entering, self._entering_cache, self._entered = row, None, 0
+        # its own cache reserves the whole prompt: the chunks are written in place, one after the other
+        plan = Plan(right=max(0, len(row.input_ids) - self.prefill_chunk))
+        self.entering, self._entering_cache, self._entered = row, kv_cache.new_cache(self.windows, plan), 0
 
     def advance(self) -> list[Row]:
         """Prefill the entering row's next chunk into its own cache (the running rows are untouched). After its
@@ -302,6 +320,7 @@ class RunningBatch:
             mask = torch.ones((1, end), dtype=torch.long, device=self.device)
             positions = torch.arange(self._entered, end, dtype=torch.long, device=self.device).unsqueeze(0)
             logits, self._entering_cache = self.forward(ids, mask, positions, self._entering_cache, [row.adapter_slot])
+            kv_cache.settle(self._entering_cache)  # a window keeps only its last columns between chunks
             self.chunks += 1
             self._entered = end
             if end < len(prompt):
@@ -351,21 +370,23 @@ class RunningBatch:
         # The prompt's log-probabilities come from a row's first prefill (a resumed row has them already).
         scored = [r.params.prompt_logprobs is not None and r.prompt_logprobs is None and not r.generated for r in rows]
         if any(scored):
-            logits, cache = self.forward(ids, mask, positions, None, slots, all_logits=True)
+            logits, cache = self.forward(ids, mask, positions, kv_cache.new_cache(self.windows), slots, all_logits=True)
             for j, row in enumerate(rows):
                 if scored[j]:
                     row.prompt_logprobs = _prompt_logprobs(logits[j], row.prompt_ids, row.params.prompt_logprobs)
             logits = logits[:, -1, :]
         else:
-            logits, cache = self.forward(ids, mask, positions, None, slots)
+            logits, cache = self.forward(ids, mask, positions, kv_cache.new_cache(self.windows), slots)
         tokens = self._push(rows, logits)
         keep = [j for j, r in enumerate(rows) if not r.finished]
         if len(keep) < len(rows) and keep:
             index = torch.tensor(keep, device=self.device)
-            cache.batch_select_indices(index)
             mask, positions = mask.index_select(0, index), positions.index_select(0, index)
+            if not isinstance(cache, KVCache):  # ours takes only the kept rows' columns when it merges them
+                cache.batch_select_indices(index)
         if keep:
-            self._merge([rows[j] for j in keep], cache, mask, positions[:, -1:], [tokens[j] for j in keep])
+            subset = keep if len(keep) < len(rows) else None
+            self._merge([rows[j] for j in keep], cache, mask, positions[:, -1:], [tokens[j] for j in keep], subset)
 
     def _push(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token, pushed to it. The tokens of the whole batch are chosen together and come to
@@ -426,18 +447,33 @@ class RunningBatch:
         return kv_cache.roll_back(self._cache, self._mask.shape[1])
 
     def _merge(
-        self, rows: list[Row], cache: Any, mask: torch.Tensor, last_pos: torch.Tensor, tokens: list[int]
+        self,
+        rows: list[Row],
+        cache: Any,
+        mask: torch.Tensor,
+        last_pos: torch.Tensor,
+        tokens: list[int],
+        subset: list[int] | None = None,
     ) -> None:
-        if not self.rows:
-            kv_cache.adopt(cache)
+        """Take ``rows`` (prefilled into ``cache``: its rows ``subset``, or all) into the batch. Ours: their
+        columns are written into the batch's cache (a cache of its own when the batch was empty). Another
+        kind (drain mode: no row runs) becomes the batch's as it is."""
+        if not isinstance(cache, KVCache):
+            assert not self.rows, "a cache kv_cache cannot merge takes no newcomer while rows run"
             self.rows, self._cache, self._mask, self._last_pos, self._next = rows, cache, mask, last_pos, tokens
             return
+        if not self.rows:
+            self._cache, self._mask, self._last_pos = None, mask[:0, :0], last_pos[:0]
+        target = self._cache
+        if target is None:
+            target = KVCache(self.windows or [], Plan(max_rows=self.max_rows, budget_tokens=self.budget_tokens))
+        target.plan.right = _remaining(self.rows + rows)
         width = max(self._mask.shape[1], mask.shape[1])
         merged_mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(mask, width)], dim=0)
         merged_last = torch.cat([self._last_pos, last_pos], dim=0)
-        # left-pad the narrower side with masked columns and stack the rows (undone on an exception)
-        kv_cache.merge(self._cache, cache, len(self.rows), width)
-        self._mask, self._last_pos = merged_mask, merged_last
+        # the newcomers' columns into free rows, left-padded to the merged width (undone on an exception)
+        target.join(cache, len(self.rows), width, subset)
+        self._cache, self._mask, self._last_pos = target, merged_mask, merged_last
         self.rows, self._next = self.rows + rows, self._next + tokens
 
     def _drop_finished(self) -> list[Row]:
@@ -452,11 +488,15 @@ class RunningBatch:
         return done
 
     def _select(self, keep: list[int]) -> None:
-        """Keep only rows ``keep`` (indices into ``rows``) in the batch and its cache."""
-        index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
+        """Keep only rows ``keep`` (ascending indices into ``rows``) in the batch and its cache. The last rows
+        move into the slots of rows that left, so only they are copied (the batch's row order changes)."""
+        order = _fill_order(keep)
+        index = torch.tensor(order, device=self.device)
+        kv_cache.select(self._cache, order, self.device)
         self._mask, self._last_pos = self._mask.index_select(0, index), self._last_pos.index_select(0, index)
-        self.rows, self._next = [self.rows[j] for j in keep], [self._next[j] for j in keep]
+        self.rows, self._next = [self.rows[j] for j in order], [self._next[j] for j in order]
+        if isinstance(self._cache, KVCache):
+            self._cache.plan.right = _remaining(self.rows)
         self._trim()
 
     def _trim(self) -> None:
@@ -467,6 +507,22 @@ class RunningBatch:
         if first > 0:
             self._mask = self._mask[:, first:]
             kv_cache.trim(self._cache, self._mask.shape[1])
+
+
+def _fill_order(keep: list[int]) -> list[int]:
+    """The rows ``keep`` (ascending) as slots ``0..len(keep)-1``: rows already there stay, the last ones fill
+    the slots of rows that left."""
+    n, kept = len(keep), set(keep)
+    order = list(range(n))
+    holes = [i for i in range(n) if i not in kept]
+    for hole, row in zip(holes, [j for j in keep if j >= n]):
+        order[hole] = row
+    return order
+
+
+def _remaining(rows: list[Row]) -> int:
+    """Columns the rows may still append: the most tokens one of them may still generate."""
+    return max((r.params.max_new_tokens - len(r.generated) for r in rows), default=0)
 
 
 def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:

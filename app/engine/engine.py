@@ -100,6 +100,9 @@ class InferenceEngine:
             base.device,
             joins=self.join_mode == kv_cache.JOINS,
             prefill_chunk=settings.prefill_chunk if kv_cache.chunkable(base.model) else 0,
+            windows=kv_cache.windows(base.model) if self.join_mode == kv_cache.JOINS else None,
+            max_rows=self.max_batch_size,
+            budget_tokens=self.kv_budget_tokens,
         )
         # out_features per module path: mixes of MiSS-mini adapters tile their blocks to (r, out)
         out_features = {

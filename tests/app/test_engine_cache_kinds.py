@@ -232,3 +232,15 @@ def test_a_cache_that_cannot_take_rows_in_drains_and_says_so(serve, tmp_path_fac
     requests, seen = staggered(engine, LONG, {3: LATE})
     assert [r.future.result(0).token_ids for r in requests] == expected
     assert engine.scheduler.joins == joins and {rows for rows, _, _ in seen} == {1}  # one row at a time
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_prompt_longer_than_the_window_prefilled_in_chunks_generates_what_it_does_at_once(serve, model_dirs, family):
+    """Chunks shorter and longer than the window: each sees the window's kept columns and its own."""
+    job = ("The quick brown fox jumps over the lazy dog", 12)
+    whole = alone(serve(model_dirs[family], prefill_chunk=0), [job])
+    for chunk in (5, 11):
+        engine = serve(model_dirs[family], prefill_chunk=chunk)
+        assert engine.batch.prefill_chunk == chunk  # sliding-window models enter in chunks too
+        assert alone(engine, [job]) == whole
+        assert engine.batch.chunks >= len(engine.tokenize(job[0])) // chunk
