@@ -99,7 +99,8 @@ class Member:
     co_trained_with=[...])``: as a lone job's, plus its share of the step's time (its rows / the iterations'
     rows x their seconds, summed over the step's iterations) and who it trained with during the step.
     ``on_done(member, result, error)``: once, when it leaves; on success its adapter is already saved in
-    ``adapter_dir`` (if set); ``error`` is ``Cancelled`` for a cancel."""
+    ``adapter_dir`` (if set); ``error`` is ``Cancelled`` for a cancel. ``on_join(trainable, total)``: once its
+    adapter is in the model (its parameters, and the base's plus its own), before it resumes or trains."""
 
     key: str  # its adapter slot in the shared model (a job id)
     config: BoneConfig
@@ -110,6 +111,7 @@ class Member:
     on_event: EventCallback = _noop
     should_stop: Callable[[], bool] = lambda: False
     on_done: Callable[[Member, TrainResult | None, BaseException | None], None] = _noop
+    on_join: Callable[[int, int], None] = _noop
     checkpoint_dir: Path | None = None
     checkpoints_kept: int = 2
     shared_checkpoints: JobResume | None = None
@@ -311,6 +313,8 @@ def _join(model: BoneModel, member: Member, device: torch.device, running: dict[
     params = {_canonical(n, member.key): p for n, p in model.named_parameters() if n.endswith(suffix)}
     if not params or not all(p.requires_grad for p in params.values()):
         raise ValueError("the model has no trainable parameters")
+    trainable = sum(p.numel() for p in params.values())
+    member.on_join(trainable, trainable + sum(p.numel() for p in model.parameters() if not p.requires_grad))
     lengths = example_lengths(member.examples) if spec.group_by_length else None
     total_steps = count_steps(len(member.examples), spec)
     run = _Running(

@@ -61,8 +61,12 @@ def run_training_job(job_id: str) -> str:
         if job is None:
             return store.get(job_id).status.value
         with Heartbeat(settings.redis_url, job_id, job.attempts, settings.heartbeat_ttl_s):
+            from worker import cotrain_task
+
             if job.training.num_nodes > 1:
                 _run_as_first_node(store, settings, job, workdir)
+            elif cotrain_task.leads(settings, job):  # with companions claimed from the queue, if there are any
+                cotrain_task.run_leader(store, settings, job, workdir)
             else:
                 _record_outcome(store, settings, job, lambda: _train_and_publish(job, store, settings, workdir))
         return store.get(job_id).status.value
@@ -220,55 +224,60 @@ def _train_and_publish(
     return None if trained is None else _publish(job, store, settings, trained)
 
 
-def _train(job: Job, store: JobStore, settings: Settings, workdir: Path, node: Node | None = None) -> _Trained | None:
-    """Load, tokenize and train; None when the job runs on several nodes and rank 0 was on another one."""
-    from bone import get_bone_model  # heavy; only the work-horse needs it
+@dataclass
+class _Loaded:
+    """A job's rows, read before any model work (a bad file fails first)."""
 
+    reporter: ProgressReporter
+    rows: Any
+    validation_rows: Any
+    speaks: bool  # this process reports the job's phases and messages
+
+
+@dataclass
+class _Data:
+    """A job's tokenized examples (memory-mapped from its work dir) and what tokenizing found."""
+
+    train_examples: Sequence[Example]
+    eval_examples: Sequence[Example]
+    summary: Any  # worker.data's tokenized result: rows, truncated, dropped, formats
+
+
+def _load(job: Job, store: JobStore, settings: Settings, node: Node | None = None) -> _Loaded:
     reporter = ProgressReporter(store, job.id)
     # Nodes 1..M-1 of a multi-node job (a replacement may join mid-job) leave the job's phase and messages to
     # node 0 and rank 0
     speaks = node is None or node.is_host
-
-    def phase(name: str) -> None:
-        if speaks:
-            reporter.phase(name)
-
-    device = pick_device(settings)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # a worker pinned to cuda:N: anything that says just "cuda" means N too
-    spec = job.training
-
-    # -- data first: a bad file fails before any model work
-    phase("loading")
+    if speaks:
+        reporter.phase("loading")
     rows = load_rows(job, store, settings)
     validation_rows = load_rows(job, store, settings, validation=True)
     if reporter.should_stop():
         raise Cancelled()
-    model, tokenizer = model_cache.model_for_job(job.base_model, settings, device)
+    return _Loaded(reporter, rows, validation_rows, speaks)
 
-    # -- the adapter (the job's own copy of the base model is wrapped in place; see worker.model_cache)
-    config = job.bone.to_config(task_type="CAUSAL_LM", base_model_name_or_path=job.base_model)
-    bone_model = get_bone_model(model, config, adapter_name=TRAINING_SLOT)
-    trainable, total = bone_model.get_nb_trainable_parameters()
 
-    # -- tokenize; hold out the eval rows; pack if asked. Streamed (with the loss masks, as int32)
-    #    into int32 Arrow files in the work dir that every rank memory-maps (worker/tokenized.py)
-    phase("tokenizing")
+def _tokenize(job: Job, settings: Settings, workdir: Path, tokenizer, loaded: _Loaded) -> _Data:
+    """Tokenize; hold out the eval rows; pack if asked. Streamed (with the loss masks, as int32) into int32
+    Arrow files in the work dir that every rank memory-maps (worker/tokenized.py)."""
+    spec, reporter = job.training, loaded.reporter
+    if loaded.speaks:
+        reporter.phase("tokenizing")
     tokens_dir = workdir / "tokens"
     data = tokenize_rows(
-        rows,
+        loaded.rows,
         tokenizer,
         spec.max_seq_length,
         format=job.dataset.format,
         should_stop=reporter.should_stop,
         into=ExampleWriter(tokens_dir / "train.arrow"),
     )
-    del rows  # the tokens are on disk now; the raw rows are not needed again
+    loaded.rows = None  # the tokens are on disk now; the raw rows are not needed again
     train_examples: Sequence[Example] = data.examples
     eval_examples: Sequence[Example] = []
-    if validation_rows is not None:
+    if loaded.validation_rows is not None:
         eval_examples = tokenize_rows(
-            validation_rows,
+            loaded.validation_rows,
             tokenizer,
             spec.max_seq_length,
             format=job.validation_dataset.format,
@@ -288,23 +297,60 @@ def _train(job: Job, store: JobStore, settings: Settings, workdir: Path, node: N
     if train_examples:  # the server's bounds on the job's real size (epochs only become steps here)
         mean_tokens = float(sum(example_lengths(train_examples))) / len(train_examples)
         check_job_size(spec, settings, steps=count_steps(len(train_examples), spec), tokens_per_example=mean_tokens)
-    formats = ", ".join(f"{n} {kind}" for kind, n in sorted(data.formats.items()))
-    if speaks:
-        store.add_event(
-            job.id,
-            "message",
-            f"{data.rows} rows ({formats}): {data.truncated} truncated to "
-            f"max_seq_length={spec.max_seq_length}, {data.dropped} without trainable tokens; "
-            f"{len(train_examples)} training{' (packed)' if spec.packing else ''} and {len(eval_examples)} "
-            f"eval examples; training {trainable:,} of {total:,} parameters on {device.type}",
-            rows=data.rows,
-            examples=len(train_examples),
-            eval_examples=len(eval_examples),
-            truncated=data.truncated,
-            dropped=data.dropped,
-            trainable_params=trainable,
-            device=device.type,
-        )
+    return _Data(train_examples, eval_examples, data)
+
+
+def _describe(job: Job, store: JobStore, data: _Data, trainable: int, total: int, device: torch.device) -> None:
+    """The job's data and adapter in one message event."""
+    spec, summary = job.training, data.summary
+    formats = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.formats.items()))
+    store.add_event(
+        job.id,
+        "message",
+        f"{summary.rows} rows ({formats}): {summary.truncated} truncated to "
+        f"max_seq_length={spec.max_seq_length}, {summary.dropped} without trainable tokens; "
+        f"{len(data.train_examples)} training{' (packed)' if spec.packing else ''} and {len(data.eval_examples)} "
+        f"eval examples; training {trainable:,} of {total:,} parameters on {device.type}",
+        rows=summary.rows,
+        examples=len(data.train_examples),
+        eval_examples=len(data.eval_examples),
+        truncated=summary.truncated,
+        dropped=summary.dropped,
+        trainable_params=trainable,
+        device=device.type,
+    )
+
+
+def _train(
+    job: Job,
+    store: JobStore,
+    settings: Settings,
+    workdir: Path,
+    node: Node | None = None,
+    loaded: _Loaded | None = None,
+) -> _Trained | None:
+    """Load, tokenize and train; None when the job runs on several nodes and rank 0 was on another one.
+    ``loaded``: its rows, when the caller read them already (a co-training leader that found no companions)."""
+    from bone import get_bone_model  # heavy; only the work-horse needs it
+
+    device = job_device(settings)
+    spec = job.training
+
+    # -- data first: a bad file fails before any model work
+    if loaded is None:
+        loaded = _load(job, store, settings, node)
+    reporter = loaded.reporter
+    model, tokenizer = model_cache.model_for_job(job.base_model, settings, device)
+
+    # -- the adapter (the job's own copy of the base model is wrapped in place; see worker.model_cache)
+    config = job.bone.to_config(task_type="CAUSAL_LM", base_model_name_or_path=job.base_model)
+    bone_model = get_bone_model(model, config, adapter_name=TRAINING_SLOT)
+    trainable, total = bone_model.get_nb_trainable_parameters()
+
+    data = _tokenize(job, settings, workdir, tokenizer, loaded)
+    train_examples, eval_examples = data.train_examples, data.eval_examples
+    if loaded.speaks:
+        _describe(job, store, data, trainable, total, device)
 
     # -- train (resuming from the newest checkpoint in the registry's store, if an earlier attempt on any
     #    worker left one; the work dir holds a scratch copy); with
@@ -348,7 +394,16 @@ def _train(job: Job, store: JobStore, settings: Settings, workdir: Path, node: N
             adapter_name=TRAINING_SLOT,
         )
         bone_model.save_pretrained(adapter_dir, adapter_name=TRAINING_SLOT)
-    return _Trained(result, config, adapter_dir, len(train_examples), len(eval_examples), data.truncated, reporter)
+    return _Trained(
+        result, config, adapter_dir, len(train_examples), len(eval_examples), data.summary.truncated, reporter
+    )
+
+
+def job_device(settings: Settings) -> torch.device:
+    device = pick_device(settings)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # a worker pinned to cuda:N: anything that says just "cuda" means N too
+    return device
 
 
 def _publish(job: Job, store: JobStore, settings: Settings, trained: _Trained) -> AdapterInfo:

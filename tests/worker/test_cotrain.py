@@ -30,7 +30,10 @@ def _rows(kind: int, n: int) -> list[dict[str, str]]:
     """A small dataset per job, with lengths that differ within it and between jobs (padding differs)."""
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
     return [
-        {"prompt": f"{words[(i + kind) % 6]} {i}" + "!" * (i % (kind + 2)), "completion": f" {kind * 7 + i}" * (1 + i % 3)}
+        {
+            "prompt": f"{words[(i + kind) % 6]} {i}" + "!" * (i % (kind + 2)),
+            "completion": f" {kind * 7 + i}" * (1 + i % 3),
+        }
         for i in range(n)
     ]
 

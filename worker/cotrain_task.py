@@ -1,0 +1,274 @@
+"""A co-training group inside the RQ task (worker/tasks.py): the job RQ handed out leads, companions join.
+
+The leader reads its rows first (a bad file fails before anything else), then claims compatible queued jobs
+(worker/cotrain_claims.py: off the RQ queue, atomically, within BONE_COTRAIN_MAX_JOBS, the per-owner share
+and the device memory). None claimed: the leader trains alone exactly as a job always did
+(``tasks._train``). Otherwise each claimed job is started as its own RQ task would start it (``_start``:
+running, attempts + 1, its status event, and its own heartbeat, so the janitor re-queues it if this process
+dies), its rows are read and tokenized by the same code as a lone job's, and all of them train in one group
+(worker/cotrain.py) on ONE copy of the base. Every few seconds, while the group has room, the leader claims
+more at a step boundary. Each member is published and recorded (``_record_outcome``) the moment it leaves,
+whatever the others do; a member that fails to prepare fails alone.
+
+Visible: every step event of a member says its share of the step's time (``share_s``: its rows over the
+iteration's rows x the iteration's seconds, summed over the step), its rows and the group's, and whom it
+trained with (its own owner's job ids; other owners' only as a count); the record's ``co_trained_with``
+is kept by ``JobStore.add_co_trained_with`` and /metrics counts groups and rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.jobs import Job
+from core.jobstore import JobStore
+from core.settings import Settings
+from core.storage.resume_state import ResumeStore
+from worker import model_cache, tasks
+from worker.cotrain import Member, cotrain, group_key, incompatibility
+from worker.heartbeat import Heartbeat
+from worker.publish import CheckpointPublisher
+from worker.train import TrainResult
+
+log = logging.getLogger(__name__)
+POLL_EVERY_S = 3.0  # how often a group with room looks for more companions (at a step boundary)
+
+
+def max_jobs(settings: Settings) -> int:
+    return int(getattr(settings, "cotrain_max_jobs", 1))
+
+
+def leads(settings: Settings, job: Job) -> bool:
+    """Does ``job`` look for companions? Co-training on, and the job itself can share a forward."""
+    return max_jobs(settings) > 1 and incompatibility(job) is None
+
+
+def run_leader(store: JobStore, settings: Settings, job: Job, workdir: Path) -> None:
+    """The task's work for a job that may lead a group; every member's outcome is recorded here."""
+    tasks._record_outcome(store, settings, job, lambda: _lead(store, settings, job, workdir))
+
+
+def _lead(store: JobStore, settings: Settings, leader: Job, workdir: Path):
+    loaded = tasks._load(leader, store, settings)
+    device = tasks.job_device(settings)
+    group = Group(store, settings, leader, device)
+    companions = group.claim()
+    if not companions:  # alone: exactly as a job always trained
+        trained = tasks._train(leader, store, settings, workdir, loaded=loaded)
+        return None if trained is None else tasks._publish(leader, store, settings, trained)
+    group.run(leader, loaded, workdir, companions)
+    return None  # the leader's outcome was recorded when it left the group, like every member's
+
+
+# --- the queue side (worker/cotrain_claims.py, core/claims.py) -----------------------------------------------
+def _claim(store: JobStore, settings: Settings, leader: Job, already: Sequence[Job], device_memory: int | None):
+    from worker import cotrain_claims
+
+    return cotrain_claims.claim_companions(store.conn, settings, leader, already, max_jobs(settings), device_memory)
+
+
+def _release(store: JobStore, ids: Sequence[str]) -> None:
+    from core import claims
+
+    claims.release(store.conn, ids)
+
+
+def _give_back(store: JobStore, settings: Settings, ids: Sequence[str], reason: str) -> None:
+    from worker import cotrain_claims
+
+    cotrain_claims.give_back(store.conn, settings, ids, reason)
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """What the worker advertises for its device (worker.main.describe_device): the GPU's memory; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+# --- the group ---------------------------------------------------------------------------------------------
+class Group:
+    """The jobs training together in this task, with what each needs beyond the loop: its heartbeat, work
+    dir, reporter and what publishing it needs."""
+
+    def __init__(self, store: JobStore, settings: Settings, leader: Job, device: torch.device) -> None:
+        self.store, self.settings, self.leader, self.device = store, settings, leader, device
+        self.jobs: dict[str, Job] = {}  # members training now (the leader included while it trains)
+        self.beats: dict[str, Heartbeat] = {}  # companions' heartbeats (the leader's is the task's own)
+        self.info: dict[str, dict[str, Any]] = {}
+        self.partners: dict[str, set[str]] = {}  # partner ids already recorded per member
+        self.tokenizer: Any = None
+        self.memory = _device_memory(device)
+
+    # -- claiming and starting companions
+    def claim(self) -> list[Job]:
+        """Claim and start companions; returns the started ones (those cancelled meanwhile are recorded so)."""
+        already = [job for job in self.jobs.values() if job.id != self.leader.id]
+        try:
+            ids = _claim(self.store, self.settings, self.leader, already, self.memory)
+        except Exception:  # noqa: BLE001 - the group goes on without newcomers
+            log.exception("job %s: claiming companions failed", self.leader.id)
+            return []
+        started: list[Job] = []
+        try:
+            for job_id in ids:
+                try:
+                    job = self.store.get(job_id)
+                except Exception:  # noqa: BLE001 - gone meanwhile: nothing to run
+                    continue
+                if group_key(job) != group_key(self.leader):
+                    _give_back(self.store, self.settings, [job_id], "not compatible with the group's forward")
+                    continue
+                started_job = tasks._start(self.store, job_id)
+                if started_job is None:
+                    continue
+                beat = Heartbeat(self.settings.redis_url, job_id, started_job.attempts, self.settings.heartbeat_ttl_s)
+                self.beats[job_id] = beat.__enter__()
+                started.append(started_job)
+        finally:
+            _release(self.store, ids)  # started ones are running (their heartbeats vouch for them now)
+        return started
+
+    # -- the loop
+    def run(self, leader: Job, loaded: Any, workdir: Path, companions: list[Job]) -> None:
+        from bone import BoneModel  # heavy; only the work-horse needs it
+
+        model, self.tokenizer = model_cache.model_for_job(leader.base_model, self.settings, self.device)
+        bone_model = BoneModel(model)
+        try:
+            members = [m for m in [self._member(leader, workdir, loaded)] if m is not None]
+            members += [m for m in (self._member(job) for job in companions) if m is not None]
+            self._record_group()
+            cotrain(
+                bone_model,
+                self.tokenizer,
+                members,
+                device=self.device,
+                poll=self._poll,
+                poll_every_s=POLL_EVERY_S,
+                max_members=max_jobs(self.settings),
+                on_iteration=self._on_iteration,
+            )
+        finally:
+            for job_id in list(self.beats):  # not final (this process is failing): the janitor re-queues them
+                self._close_beat(job_id)
+            del bone_model, model
+
+    def _poll(self, room: int) -> list[Member]:
+        if not self.jobs:
+            return []  # the group is over: the last member left
+        started = self.claim()
+        members = [m for m in (self._member(job) for job in started) if m is not None]
+        if members:
+            self._record_group()
+        return members
+
+    # -- a member
+    def _member(self, job: Job, workdir: Path | None = None, loaded: Any = None) -> Member | None:
+        """Read and tokenize ``job``'s data as a lone job would; None (the job failed, recorded) when that fails."""
+        workdir = workdir or self.settings.jobs_dir / job.id
+        self.jobs[job.id] = job
+        try:
+            loaded = loaded or tasks._load(job, self.store, self.settings)
+            data = tasks._tokenize(job, self.settings, workdir, self.tokenizer, loaded)
+            config = job.bone.to_config(task_type="CAUSAL_LM", base_model_name_or_path=job.base_model)
+        except Exception as exc:  # noqa: BLE001 - its own failure (Cancelled too): recorded on it, the group goes on
+            self._left(job, lambda failure=exc: _raise(failure))
+            return None
+        reporter = loaded.reporter
+        self.info[job.id] = {"data": data, "config": config, "workdir": workdir, "reporter": reporter}
+        publisher = CheckpointPublisher(self.store, self.settings, job, config)
+
+        def on_step(step, total, loss, lr, grad_norm, tokens_per_s, **extra):
+            extra.update(self._visible_partners(job, extra.pop("co_trained_with", [])))
+            reporter.on_step(step, total, loss, lr, grad_norm, tokens_per_s, **extra)
+
+        return Member(
+            key=job.id,
+            config=config,
+            examples=data.train_examples,
+            spec=job.training,
+            eval_examples=data.eval_examples,
+            on_step=on_step,
+            on_event=publisher.wrap(reporter.on_event),
+            should_stop=reporter.should_stop,
+            on_done=self._done,
+            on_join=lambda trainable, total: tasks._describe(job, self.store, data, trainable, total, self.device),
+            checkpoint_dir=workdir / "checkpoints",
+            checkpoints_kept=self.settings.checkpoints_kept,
+            shared_checkpoints=ResumeStore.from_settings(self.settings).for_job(job.id),
+            adapter_dir=workdir / "adapter",
+        )
+
+    def _visible_partners(self, job: Job, partner_ids: list[str]) -> dict[str, Any]:
+        """Whom ``job`` trained with during a step, as its owner may see it; the record is updated when new."""
+        partners = [self.jobs[i] for i in partner_ids if i in self.jobs]
+        new = [p for p in partners if p.id not in self.partners.setdefault(job.id, set())]
+        if new:
+            self.partners[job.id].update(p.id for p in new)
+            record = getattr(self.store, "add_co_trained_with", None)
+            if record is not None:
+                record(job, new)
+        same = sorted(p.id for p in partners if p.owner == job.owner)
+        return {"co_trained_with": same, "co_trained_with_others": len(partners) - len(same)}
+
+    def _done(self, member: Member, result: TrainResult | None, error: BaseException | None) -> None:
+        job = self.jobs[member.key]
+        if error is not None:
+            self._left(job, lambda: _raise(error))
+            return
+        info = self.info[job.id]
+        data = info["data"]
+        trained = tasks._Trained(
+            result,  # type: ignore[arg-type]
+            info["config"],
+            info["workdir"] / "adapter",
+            len(data.train_examples),
+            len(data.eval_examples),
+            data.summary.truncated,
+            info["reporter"],
+        )
+        self._left(job, lambda: tasks._publish(job, self.store, self.settings, trained))
+
+    def _left(self, job: Job, work) -> None:
+        """Record how ``job`` ended, then let it go: heartbeat, work dir, checkpoints (once final)."""
+        try:
+            tasks._record_outcome(self.store, self.settings, job, work)
+        finally:
+            self.jobs.pop(job.id, None)
+            self.info.pop(job.id, None)
+            if job.id != self.leader.id:  # the leader's task cleans up after its own job
+                final = tasks._is_final(self.store, job.id)
+                self._close_beat(job.id)
+                if final:
+                    shutil.rmtree(self.settings.jobs_dir / job.id, ignore_errors=True)
+                    tasks._remove_shared_checkpoints(self.settings, job.id)
+            members = getattr(self.store, "record_cotrain_members", None)
+            if members is not None:
+                members(len(self.jobs))
+
+    def _close_beat(self, job_id: str) -> None:
+        beat = self.beats.pop(job_id, None)
+        if beat is not None:
+            beat.__exit__(None, None, None)
+
+    # -- metrics
+    def _record_group(self) -> None:
+        record = getattr(self.store, "record_cotrain_group", None)
+        if record is not None:
+            record(len(self.jobs))
+
+    def _on_iteration(self, rows: dict[str, int], seconds: float) -> None:
+        record = getattr(self.store, "record_cotrain_rows", None)
+        if record is not None:
+            record(rows)
+
+
+def _raise(exc: BaseException):
+    raise exc
