@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,13 @@ class Group:
     def __init__(self, store: JobStore, settings: Settings, leader: Job, device: torch.device) -> None:
         self.store, self.settings, self.leader, self.device = store, settings, leader, device
         self.jobs: dict[str, Job] = {}  # members training now (the leader included while it trains)
+        self.known: dict[str, Job] = {}  # every member this group had (partners named after they left)
         self.beats: dict[str, Heartbeat] = {}  # companions' heartbeats (the leader's is the task's own)
         self.info: dict[str, dict[str, Any]] = {}
         self.partners: dict[str, set[str]] = {}  # partner ids already recorded per member
         self.tokenizer: Any = None
         self.memory = _device_memory(device)
+        self.started = time.monotonic()
 
     # -- claiming and starting companions
     def claim(self) -> list[Job]:
@@ -163,6 +166,8 @@ class Group:
     def _poll(self, room: int) -> list[Member]:
         if not self.jobs:
             return []  # the group is over: the last member left
+        if time.monotonic() - self.started > self.settings.job_timeout_s / 2:
+            return []  # the leader's RQ task runs as long as its group: no newcomers past half its timeout
         started = self.claim()
         members = [m for m in (self._member(job) for job in started) if m is not None]
         if members:
@@ -173,7 +178,7 @@ class Group:
     def _member(self, job: Job, workdir: Path | None = None, loaded: Any = None) -> Member | None:
         """Read and tokenize ``job``'s data as a lone job would; None (the job failed, recorded) when that fails."""
         workdir = workdir or self.settings.jobs_dir / job.id
-        self.jobs[job.id] = job
+        self.jobs[job.id] = self.known[job.id] = job
         try:
             loaded = loaded or tasks._load(job, self.store, self.settings)
             data = tasks._tokenize(job, self.settings, workdir, self.tokenizer, loaded)
@@ -208,7 +213,7 @@ class Group:
 
     def _visible_partners(self, job: Job, partner_ids: list[str]) -> dict[str, Any]:
         """Whom ``job`` trained with during a step, as its owner may see it; the record is updated when new."""
-        partners = [self.jobs[i] for i in partner_ids if i in self.jobs]
+        partners = [self.known[i] for i in partner_ids if i in self.known]
         new = [p for p in partners if p.id not in self.partners.setdefault(job.id, set())]
         if new:
             self.partners[job.id].update(p.id for p in new)
