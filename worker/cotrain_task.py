@@ -105,6 +105,7 @@ class Group:
         self.beats: dict[str, Heartbeat] = {}  # companions' heartbeats (the leader's is the task's own)
         self.info: dict[str, dict[str, Any]] = {}
         self.partners: dict[str, set[str]] = {}  # partner ids already recorded per member
+        self.shares: dict[str, dict[str, float]] = {}  # per member: its share of the steps' time, shared steps
         self.tokenizer: Any = None
         self.memory = _device_memory(device)
         self.started = time.monotonic()
@@ -191,6 +192,9 @@ class Group:
         publisher = CheckpointPublisher(self.store, self.settings, job, config)
 
         def on_step(step, total, loss, lr, grad_norm, tokens_per_s, **extra):
+            shares = self.shares.setdefault(job.id, {"cotrain_share_s": 0.0, "cotrain_steps": 0})
+            shares["cotrain_share_s"] += extra.get("share_s", 0.0)
+            shares["cotrain_steps"] += 1 if extra.get("co_trained_with") else 0
             extra.update(self._visible_partners(job, extra.pop("co_trained_with", [])))
             reporter.on_step(step, total, loss, lr, grad_norm, tokens_per_s, **extra)
 
@@ -238,6 +242,7 @@ class Group:
             len(data.eval_examples),
             data.summary.truncated,
             info["reporter"],
+            {k: round(v, 3) for k, v in self.shares.get(job.id, {}).items()},
         )
         self._left(job, lambda: tasks._publish(job, self.store, self.settings, trained))
 

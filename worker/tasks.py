@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,7 @@ class _Trained:
     eval_examples: int
     truncated: int
     reporter: ProgressReporter
+    extra_metrics: dict[str, float] = field(default_factory=dict)  # co-training: the job's share of the steps
 
 
 def _train_and_publish(
@@ -435,6 +436,7 @@ def _publish(job: Job, store: JobStore, settings: Settings, trained: _Trained) -
         metrics["num_processes"] = spec.num_processes
     if spec.num_nodes > 1:
         metrics["num_nodes"] = spec.num_nodes
+    metrics.update(trained.extra_metrics)
     log.info(
         "job %s trained %d steps in %.1f s, loss %.4f -> %.4f",
         job.id,
