@@ -21,7 +21,8 @@ forward/backward (no single member's) ends every member in it with that error.
 Not co-trainable (``incompatibility`` says why): gradient checkpointing (it recomputes the forward outside
 the per-row routing context), more than one process or node, FSDP sharding, trained biases (they belong to
 the shared base), and fp16 loss scaling (one scaler cannot serve optimizers that step at different
-iterations). Members of one group share the base model, device and ``packing`` (``group_key``).
+iterations). Members of one group share the base model and device; packed and unpacked jobs mix (a packed
+row makes the micro-batch use packed collation, in which an unpacked row is one segment: the same maths).
 """
 
 from __future__ import annotations
@@ -79,11 +80,6 @@ def incompatibility(job: Job) -> str | None:
     if job.bone.bias != "none":
         return "it trains biases, which belong to the shared base"
     return None
-
-
-def group_key(job: Job) -> tuple[Any, ...]:
-    """Jobs with equal keys can share a forward (the device is the worker's own, so it is not in the key)."""
-    return (job.base_model, job.training.packing)
 
 
 # --- a member -------------------------------------------------------------------------------------------

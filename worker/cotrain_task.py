@@ -32,10 +32,10 @@ from core.jobstore import JobStore
 from core.settings import Settings
 from core.storage.resume_state import ResumeStore
 from worker import model_cache, tasks
-from worker.cotrain import Member, cotrain, group_key, incompatibility
+from worker.cotrain import Member, cotrain, incompatibility
 from worker.heartbeat import Heartbeat
 from worker.publish import CheckpointPublisher
-from worker.train import TrainResult
+from worker.train import TrainResult, precision
 
 log = logging.getLogger(__name__)
 POLL_EVERY_S = 3.0  # how often a group with room looks for more companions (at a step boundary)
@@ -59,7 +59,8 @@ def _lead(store: JobStore, settings: Settings, leader: Job, workdir: Path):
     loaded = tasks._load(leader, store, settings)
     device = tasks.job_device(settings)
     group = Group(store, settings, leader, device)
-    companions = group.claim()
+    # fp16 with loss scaling (a GPU without bf16): one scaler cannot serve optimizers stepping at different times
+    companions = group.claim() if precision(device)[1] is None else []
     if not companions:  # alone: exactly as a job always trained
         trained = tasks._train(leader, store, settings, workdir, loaded=loaded)
         return None if trained is None else tasks._publish(leader, store, settings, trained)
@@ -78,12 +79,6 @@ def _release(store: JobStore, ids: Sequence[str]) -> None:
     from core import claims
 
     claims.release(store.conn, ids)
-
-
-def _give_back(store: JobStore, settings: Settings, ids: Sequence[str], reason: str) -> None:
-    from worker import cotrain_claims
-
-    cotrain_claims.give_back(store.conn, settings, ids, reason)
 
 
 def _device_memory(device: torch.device) -> int | None:
@@ -122,13 +117,6 @@ class Group:
         started: list[Job] = []
         try:
             for job_id in ids:
-                try:
-                    job = self.store.get(job_id)
-                except Exception:  # noqa: BLE001 - gone meanwhile: nothing to run
-                    continue
-                if group_key(job) != group_key(self.leader):
-                    _give_back(self.store, self.settings, [job_id], "not compatible with the group's forward")
-                    continue
                 started_job = tasks._start(self.store, job_id)
                 if started_job is None:
                     continue

@@ -283,3 +283,32 @@ def test_eval_and_early_stopping_follow_each_members_own_adapter(base, datasets,
     assert [e["step"] for e in got] == [e["step"] for e in evals_alone] == [2, 4, 6]
     for g, w in zip(got, evals_alone):
         assert g["eval_loss"] == pytest.approx(w["eval_loss"], abs=1e-5)
+
+
+def test_a_packed_job_and_unpacked_ones_share_a_group_each_as_alone(base, datasets, alone, tmp_path):
+    """A packed member makes the whole micro-batch use packed collation (position ids, no 2-D mask): every
+    unpacked row is then one segment, which computes what its padded, masked self computes."""
+    from worker.data import pack
+
+    config, training = BoneConfig(r=8), dict(max_steps=5, batch_size=2, learning_rate=2e-3, packing=True, seed=5)
+    packed = pack(datasets["job-c"], 48, 5)
+    assert any(ex.segments is not None and len(ex.segments) > 1 for ex in packed)
+    model = get_bone_model(copy.deepcopy(base.model), config, adapter_name=TRAINING_SLOT)
+    train(model, base.tokenizer, packed, TrainingSpec(**training), device=CPU)
+    model.save_pretrained(tmp_path / "alone-packed", adapter_name=TRAINING_SLOT)
+    outcomes: dict = {}
+    members = [
+        _member("job-a", datasets["job-a"], tmp_path, outcomes),
+        Member(
+            key="job-p",
+            config=config,
+            examples=packed,
+            spec=TrainingSpec(**training),
+            adapter_dir=tmp_path / "group-job-p",
+            on_done=lambda m, r, e: outcomes.__setitem__(m.key, (r, e)),
+        ),
+    ]
+    cotrain(BoneModel(copy.deepcopy(base.model)), base.tokenizer, members, device=CPU)
+    assert outcomes["job-p"][1] is None and outcomes["job-a"][1] is None
+    _assert_equal(_adapter(tmp_path, "job-p"), load_file(tmp_path / "alone-packed" / "adapter_model.safetensors"))
+    _assert_equal(_adapter(tmp_path, "job-a"), alone["job-a"])
