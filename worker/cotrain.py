@@ -18,10 +18,11 @@ failed: its ``on_done`` gets the outcome, its adapter slot is deleted from the m
 dropped, so its memory goes back. A member's exception never stops the others; a failure of the shared
 forward/backward (no single member's) ends every member in it with that error.
 
-Not co-trainable (``incompatibility`` says why): gradient checkpointing (it recomputes the forward outside
-the per-row routing context), more than one process or node, FSDP sharding, trained biases (they belong to
-the shared base), and fp16 loss scaling (one scaler cannot serve optimizers that step at different
-iterations). Members of one group share the base model and device; packed and unpacked jobs mix (a packed
+Not co-trainable (``worker.cotrain_claims.solo_reason`` says why, and the leader claims nobody): gradient
+checkpointing (it recomputes the forward outside the per-row routing context), more than one process or
+node, FSDP sharding, trained biases (they belong to the shared base); and fp16 loss scaling (one scaler
+cannot serve optimizers that step at different iterations: ``cotrain`` refuses it, a leader on such a GPU
+claims nobody). Members of one group share the base model and device; packed and unpacked jobs mix (a packed
 row makes the micro-batch use packed collation, in which an unpacked row is one segment: the same maths).
 """
 
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bone.routing import routing_context
-from core.jobs import Job, TrainingSpec
+from core.jobs import TrainingSpec
 from core.names import TRAINING_SLOT
 from worker import resume
 from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
@@ -65,21 +66,6 @@ if TYPE_CHECKING:
     from core.storage.resume_state import JobResume
 
 log = logging.getLogger(__name__)
-
-
-# --- who may train together -----------------------------------------------------------------------------
-def incompatibility(job: Job) -> str | None:
-    """Why ``job`` cannot be co-trained (None: it can)."""
-    spec = job.training
-    if spec.gradient_checkpointing:
-        return "gradient_checkpointing recomputes the forward outside the per-row routing"
-    if spec.num_nodes > 1 or spec.world_size > 1:
-        return "it runs on more than one process"
-    if spec.sharding != "none":
-        return "it is sharded"
-    if job.bone.bias != "none":
-        return "it trains biases, which belong to the shared base"
-    return None
 
 
 # --- a member -------------------------------------------------------------------------------------------

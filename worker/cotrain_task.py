@@ -21,18 +21,19 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from core import claims
 from core.jobs import Job
 from core.jobstore import JobStore
 from core.settings import Settings
 from core.storage.resume_state import ResumeStore
 from worker import model_cache, tasks
-from worker.cotrain import Member, cotrain, incompatibility
+from worker.cotrain import Member, cotrain
+from worker.cotrain_claims import claim_companions, solo_reason
 from worker.heartbeat import Heartbeat
 from worker.publish import CheckpointPublisher
 from worker.train import TrainResult, precision
@@ -41,13 +42,9 @@ log = logging.getLogger(__name__)
 POLL_EVERY_S = 3.0  # how often a group with room looks for more companions (at a step boundary)
 
 
-def max_jobs(settings: Settings) -> int:
-    return int(getattr(settings, "cotrain_max_jobs", 1))
-
-
 def leads(settings: Settings, job: Job) -> bool:
     """Does ``job`` look for companions? Co-training on, and the job itself can share a forward."""
-    return max_jobs(settings) > 1 and incompatibility(job) is None
+    return settings.cotrain_max_jobs > 1 and solo_reason(job) is None
 
 
 def run_leader(store: JobStore, settings: Settings, job: Job, workdir: Path) -> None:
@@ -69,18 +66,6 @@ def _lead(store: JobStore, settings: Settings, leader: Job, workdir: Path):
 
 
 # --- the queue side (worker/cotrain_claims.py, core/claims.py) -----------------------------------------------
-def _claim(store: JobStore, settings: Settings, leader: Job, already: Sequence[Job], device_memory: int | None):
-    from worker import cotrain_claims
-
-    return cotrain_claims.claim_companions(store.conn, settings, leader, already, max_jobs(settings), device_memory)
-
-
-def _release(store: JobStore, ids: Sequence[str]) -> None:
-    from core import claims
-
-    claims.release(store.conn, ids)
-
-
 def _device_memory(device: torch.device) -> int | None:
     """What the worker advertises for its device (worker.main.describe_device): the GPU's memory; None on CPU."""
     if device.type != "cuda":
@@ -110,7 +95,9 @@ class Group:
         """Claim and start companions; returns the started ones (those cancelled meanwhile are recorded so)."""
         already = [job for job in self.jobs.values() if job.id != self.leader.id]
         try:
-            ids = _claim(self.store, self.settings, self.leader, already, self.memory)
+            ids = claim_companions(
+                self.store.conn, self.settings, self.leader, already, self.settings.cotrain_max_jobs, self.memory
+            )
         except Exception:  # noqa: BLE001 - the group goes on without newcomers
             log.exception("job %s: claiming companions failed", self.leader.id)
             return []
@@ -124,7 +111,7 @@ class Group:
                 self.beats[job_id] = beat.__enter__()
                 started.append(started_job)
         finally:
-            _release(self.store, ids)  # started ones are running (their heartbeats vouch for them now)
+            claims.release(self.store.conn, ids)  # started ones are running (their heartbeats vouch for them now)
         return started
 
     # -- the loop
@@ -144,7 +131,7 @@ class Group:
                 device=self.device,
                 poll=self._poll,
                 poll_every_s=POLL_EVERY_S,
-                max_members=max_jobs(self.settings),
+                max_members=self.settings.cotrain_max_jobs,
                 on_iteration=self._on_iteration,
             )
         finally:
@@ -209,9 +196,7 @@ class Group:
         new = [p for p in partners if p.id not in self.partners.setdefault(job.id, set())]
         if new:
             self.partners[job.id].update(p.id for p in new)
-            record = getattr(self.store, "add_co_trained_with", None)
-            if record is not None:
-                record(job, new)
+            self.store.add_co_trained_with(job, new)
         same = sorted(p.id for p in partners if p.owner == job.owner)
         return {"co_trained_with": same, "co_trained_with_others": len(partners) - len(same)}
 
@@ -247,9 +232,7 @@ class Group:
                 if final:
                     shutil.rmtree(self.settings.jobs_dir / job.id, ignore_errors=True)
                     tasks._remove_shared_checkpoints(self.settings, job.id)
-            members = getattr(self.store, "record_cotrain_members", None)
-            if members is not None:
-                members(len(self.jobs))
+            self.store.record_cotrain_members(len(self.jobs))
 
     def _close_beat(self, job_id: str) -> None:
         beat = self.beats.pop(job_id, None)
@@ -258,14 +241,10 @@ class Group:
 
     # -- metrics
     def _record_group(self) -> None:
-        record = getattr(self.store, "record_cotrain_group", None)
-        if record is not None:
-            record(len(self.jobs))
+        self.store.record_cotrain_group(len(self.jobs))
 
     def _on_iteration(self, rows: dict[str, int], seconds: float) -> None:
-        record = getattr(self.store, "record_cotrain_rows", None)
-        if record is not None:
-            record(rows)
+        self.store.record_cotrain_rows(rows)
 
 
 def _raise(exc: BaseException):
