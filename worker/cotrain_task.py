@@ -3,7 +3,7 @@
 The leader reads its rows first (a bad file fails before anything else), then claims compatible queued jobs
 (worker/cotrain_claims.py: off the RQ queue, atomically, within BONE_COTRAIN_MAX_JOBS, the per-owner share
 and the device memory). None claimed: the leader trains alone exactly as a job always did
-(``tasks._train``). Otherwise each claimed job is started as its own RQ task would start it (``_start``:
+(``steps._train``). Otherwise each claimed job is started as its own RQ task would start it (``_start``:
 running, attempts + 1, its status event, and its own heartbeat, so the janitor re-queues it if this process
 dies), its rows are read and tokenized by the same code as a lone job's, and all of them train in one group
 (worker/cotrain.py) on ONE copy of the base. Every few seconds, while the group has room, the leader claims
@@ -31,7 +31,8 @@ from core.jobs import Job
 from core.jobstore import JobStore
 from core.settings import Settings
 from core.storage.resume_state import ResumeStore
-from worker import model_cache, tasks
+from worker import job_steps as steps
+from worker import model_cache
 from worker.cotrain import Member, cotrain
 from worker.cotrain_claims import claim_companions, solo_reason
 from worker.heartbeat import Heartbeat
@@ -47,22 +48,18 @@ def leads(settings: Settings, job: Job) -> bool:
     return settings.cotrain_max_jobs > 1 and solo_reason(job) is None
 
 
-def run_leader(store: JobStore, settings: Settings, job: Job, workdir: Path) -> None:
-    """The task's work for a job that may lead a group; every member's outcome is recorded here."""
-    tasks._record_outcome(store, settings, job, lambda: _lead(store, settings, job, workdir))
-
-
-def _lead(store: JobStore, settings: Settings, leader: Job, workdir: Path):
-    loaded = tasks._load(leader, store, settings)
-    device = tasks.job_device(settings)
+def lead(store: JobStore, settings: Settings, leader: Job, workdir: Path, loaded: steps._Loaded) -> bool:
+    """Claim companions for ``leader`` (its rows read already) and train the group; False when none was
+    claimed (the caller trains the leader alone, as always). True: every member's outcome, the leader's
+    included, was recorded when it left the group."""
+    device = steps.job_device(settings)
     group = Group(store, settings, leader, device)
     # fp16 with loss scaling (a GPU without bf16): one scaler cannot serve optimizers stepping at different times
     companions = group.claim() if precision(device)[1] is None else []
-    if not companions:  # alone: exactly as a job always trained
-        trained = tasks._train(leader, store, settings, workdir, loaded=loaded)
-        return None if trained is None else tasks._publish(leader, store, settings, trained)
+    if not companions:
+        return False
     group.run(leader, loaded, workdir, companions)
-    return None  # the leader's outcome was recorded when it left the group, like every member's
+    return True
 
 
 # --- the queue side (worker/cotrain_claims.py, core/claims.py) -----------------------------------------------
@@ -104,7 +101,7 @@ class Group:
         started: list[Job] = []
         try:
             for job_id in ids:
-                started_job = tasks._start(self.store, job_id)
+                started_job = steps._start(self.store, job_id)
                 if started_job is None:
                     continue
                 beat = Heartbeat(self.settings.redis_url, job_id, started_job.attempts, self.settings.heartbeat_ttl_s)
@@ -156,8 +153,8 @@ class Group:
         workdir = workdir or self.settings.jobs_dir / job.id
         self.jobs[job.id] = self.known[job.id] = job
         try:
-            loaded = loaded or tasks._load(job, self.store, self.settings)
-            data = tasks._tokenize(job, self.settings, workdir, self.tokenizer, loaded)
+            loaded = loaded or steps._load(job, self.store, self.settings)
+            data = steps._tokenize(job, self.settings, workdir, self.tokenizer, loaded)
             config = job.bone.to_config(task_type="CAUSAL_LM", base_model_name_or_path=job.base_model)
         except Exception as exc:  # noqa: BLE001 - its own failure (Cancelled too): recorded on it, the group goes on
             self._left(job, lambda failure=exc: _raise(failure))
@@ -183,7 +180,7 @@ class Group:
             on_event=publisher.wrap(reporter.on_event),
             should_stop=reporter.should_stop,
             on_done=self._done,
-            on_join=lambda trainable, total: tasks._describe(job, self.store, data, trainable, total, self.device),
+            on_join=lambda trainable, total: steps._describe(job, self.store, data, trainable, total, self.device),
             checkpoint_dir=workdir / "checkpoints",
             checkpoints_kept=self.settings.checkpoints_kept,
             shared_checkpoints=ResumeStore.from_settings(self.settings).for_job(job.id),
@@ -207,7 +204,7 @@ class Group:
             return
         info = self.info[job.id]
         data = info["data"]
-        trained = tasks._Trained(
+        trained = steps._Trained(
             result,  # type: ignore[arg-type]
             info["config"],
             info["workdir"] / "adapter",
@@ -217,21 +214,21 @@ class Group:
             info["reporter"],
             {k: round(v, 3) for k, v in self.shares.get(job.id, {}).items()},
         )
-        self._left(job, lambda: tasks._publish(job, self.store, self.settings, trained))
+        self._left(job, lambda: steps._publish(job, self.store, self.settings, trained))
 
     def _left(self, job: Job, work) -> None:
         """Record how ``job`` ended, then let it go: heartbeat, work dir, checkpoints (once final)."""
         try:
-            tasks._record_outcome(self.store, self.settings, job, work)
+            steps._record_outcome(self.store, self.settings, job, work)
         finally:
             self.jobs.pop(job.id, None)
             self.info.pop(job.id, None)
             if job.id != self.leader.id:  # the leader's task cleans up after its own job
-                final = tasks._is_final(self.store, job.id)
+                final = steps._is_final(self.store, job.id)
                 self._close_beat(job.id)
                 if final:
                     shutil.rmtree(self.settings.jobs_dir / job.id, ignore_errors=True)
-                    tasks._remove_shared_checkpoints(self.settings, job.id)
+                    steps._remove_shared_checkpoints(self.settings, job.id)
             self.store.record_cotrain_members(len(self.jobs))
 
     def _close_beat(self, job_id: str) -> None:
