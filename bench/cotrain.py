@@ -3,6 +3,7 @@
     python bench/cotrain.py                                   # 8 jobs x 60 steps, batch 2 x 128, Bone r=8, small
     python bench/cotrain.py --device cuda --model small --jobs 8 --steps 60
     python bench/cotrain.py --jobs 4 --steps 20 --threads 2  # quicker
+    python bench/cotrain.py --device cuda --model 0.5b       # Qwen2-0.5B-shaped (bench/scaling.py's shape)
 
 Each job has its own data (random tokens, every token a target) and seed. Sequential: job k starts when job
 k-1 ends, each on its own copy of the base (as a worker gives each job one). Group: all of them in one
@@ -49,6 +50,21 @@ def job_data(k: int, n: int, seq: int, vocab: int) -> list[Example]:
     return rows
 
 
+def base_model(name: str, dtype: torch.dtype):
+    """A bench model (bench/models.py) or a shape of bench/scaling.py (e.g. ``0.5b``), randomly initialised."""
+    from bench.models import BENCH_MODELS
+
+    if name in BENCH_MODELS:
+        return build_model(name, dtype=dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.scaling import SHAPES
+
+    kind, shape = SHAPES[name]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **shape)).to(dtype).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -64,7 +80,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    base = build_model(args.model, dtype=dtype).to(device)
+    base = base_model(args.model, dtype).to(device)
     vocab = base.config.vocab_size
     config = BoneConfig(r=args.r)
     specs = [
