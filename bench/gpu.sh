@@ -3,7 +3,8 @@
 #   1. `bone-server up` (API + one worker + a private Redis) on CUDA, then one fine-tuning job with
 #      training.num_processes = the GPU count (NCCL, one rank per GPU), timed, its metrics printed;
 #   2. bench/train_step.py and bench/serve.py (--device cuda); bench/scaling.py: DDP scaling 1 -> N GPUs, FSDP peak
-#      memory and bf16 step time on a 0.5 B- and a 7 B-shaped model.
+#      memory and bf16 step time on a 0.5 B- and a 7 B-shaped model; bench/cotrain.py: 8 jobs in one co-training
+#      group vs one after another, on the small and the 0.5 B-shaped model.
 # Everything lands in $BENCH_OUT (default bench-results/gpu-<UTC time>): logs, job.json, *.txt, summary.txt.
 #
 #   bench/gpu.sh            # on a GPU machine (nvidia-smi on PATH)
@@ -32,6 +33,7 @@ if [[ $MODE == gpu ]]; then
   TRAIN_ARGS=(--model small --steps 10 --batch 8 --seq 512 --device cuda)
   SERVE_ARGS=(--model small --device cuda --new-tokens 64 --repeats 5)
   SCALING_RUNS=("--model 0.5b --batch 4 --seq 1024" "--model 7b --batch 1 --seq 1024")
+  COTRAIN_RUNS=("--device cuda --model small" "--device cuda --model 0.5b")
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/machine.txt"
 else
   NPROC=2
@@ -40,6 +42,7 @@ else
   TRAIN_ARGS=(--model tiny --steps 2 --warmup 1 --batch 2 --seq 32 --gen-tokens 4 --gen-reps 1 --no-peft)
   SERVE_ARGS=(--model tiny --device cpu --new-tokens 8 --repeats 1)
   SCALING_RUNS=("--model tiny --device cpu --world 2 --batch 2 --seq 64 --steps 2 --warmup 1")
+  COTRAIN_RUNS=("--model tiny --jobs 2 --steps 3 --threads 1")
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 { echo "mode=$MODE processes=$NPROC host=$(hostname) cpus=$(getconf _NPROCESSORS_ONLN)"; "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } >> "$OUT/machine.txt"
@@ -103,9 +106,14 @@ for args in "${SCALING_RUNS[@]}"; do
   read -r -a words <<< "$args"
   { echo "== bench/scaling.py $args"; "$PY" bench/scaling.py "${words[@]}" 2>&1 | grep -E "^(model|DDP|FSDP)"; } >> "$OUT/scaling.txt"
 done
+# co-training: 8 jobs of 60 steps in one group vs one after another (bench/cotrain.py)
+for args in "${COTRAIN_RUNS[@]}"; do
+  read -r -a words <<< "$args"
+  { echo "== bench/cotrain.py $args"; "$PY" bench/cotrain.py "${words[@]}" 2>&1 | tail -n 6; } >> "$OUT/cotrain.txt"
+done
 
 { cat "$OUT/machine.txt"; echo; python3 -c "import json; j=json.load(open('$OUT/job.json')); print('job', j['job']['status'], json.dumps(j['job']['metrics']), 'wall_s', round(j['wall_s'], 1))"
   echo; echo "== bench/train_step.py ${TRAIN_ARGS[*]}"; tail -n 25 "$OUT/train_step.txt"
   echo; echo "== bench/serve.py ${SERVE_ARGS[*]}"; tail -n 25 "$OUT/serve.txt"
-  echo; cat "$OUT/scaling.txt"; } > "$OUT/summary.txt"
+  echo; cat "$OUT/scaling.txt"; echo; cat "$OUT/cotrain.txt"; } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"

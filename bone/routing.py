@@ -319,7 +319,12 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
     if not grad and not y.is_contiguous():
         y = y.contiguous()
     tokens = y.numel() // (rows * out)  # per row
-    for r, segs in plan.bone:
+    if grad and plan.bone and all(seg[2] is None for _, segs in plan.bone for seg in segs):
+        y = y + _contiguous_delta(plan, x, rows, tokens, out).to(y.dtype)
+        plan_bone: list = []
+    else:
+        plan_bone = plan.bone
+    for r, segs in plan_bone:
         dt = segs[0][3].dtype
         # S_r(x) once per group (and shared with sibling projections that read the same input): (rows*tokens, r)
         if not grad and x.is_contiguous():
@@ -348,3 +353,24 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
         yb = F.linear(xb, wb, None if bias is None else bias.to(wb.dtype)).to(y.dtype)
         y = y.index_copy(0, idx, yb)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _contiguous_delta(plan: RowPlan, x: torch.Tensor, rows: int, tokens: int, out: int) -> torch.Tensor:
+    """Autograd, every Bone adapter's rows contiguous (a co-training batch is concatenated per job): each
+    segment's ``S_r(x) @ block``, zeros for rows of no Bone adapter, joined into one (rows, tokens, out) delta,
+    so the output is added to once instead of copied once per adapter (what ``index_add`` out of place does)."""
+    parts: list[tuple[int, int, torch.Tensor]] = []
+    for r, segs in plan.bone:
+        s3 = BF.chunk_sum(x.reshape(-1, x.shape[-1]), r, segs[0][3].dtype).reshape(rows, tokens, r)
+        parts += [(a, b, torch.matmul(s3[a:b], blk)) for a, b, _, blk in segs]
+    parts.sort(key=lambda part: part[0])
+    pieces, at = [], 0
+    for a, b, delta in parts:
+        if a > at:
+            pieces.append(delta.new_zeros(a - at, tokens, out))
+        pieces.append(delta)
+        at = b
+    if at < rows:
+        pieces.append(parts[0][2].new_zeros(rows - at, tokens, out))
+    joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return joined.reshape(*x.shape[:-1], out)

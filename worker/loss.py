@@ -27,34 +27,60 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _chunk_row_loss(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, row_of: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """The chunk's cross-entropy summed per batch row: (rows,), zeros for rows with no token in the chunk."""
+    logits = head(hidden).float()
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    return per_token.new_zeros(rows).index_add(0, row_of, per_token)
+
+
 def chunked_cross_entropy(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, *, chunk_tokens: int = CHUNK_TOKENS
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    *,
+    chunk_tokens: int = CHUNK_TOKENS,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Sum of cross-entropy of ``head(hidden)`` against ``targets`` (IGNORE_INDEX skipped), chunk by chunk.
-    ``hidden``: (..., d) aligned with ``targets`` (...)."""
+    ``hidden``: (rows, ..., d) aligned with ``targets`` (rows, ...). ``per_row``: one sum per row, (rows,)
+    (co-training weighs each job's rows by its own token count, worker/cotrain.py)."""
     keep = targets.reshape(-1) != IGNORE_INDEX
     h = hidden.reshape(-1, hidden.size(-1))[keep]
     t = targets.reshape(-1)[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    rows = targets.shape[0]
+    row_of = None
+    if per_row:
+        row_of = torch.arange(rows, device=targets.device).repeat_interleave(targets[0].numel())[keep]
+    total = hidden.new_zeros((rows,) if per_row else (), dtype=torch.float32)
     for start in range(0, t.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
+        fn, args = (_chunk_loss, ()) if row_of is None else (_chunk_row_loss, (row_of[piece], rows))
         if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of keeping them
-            total = total + checkpoint(_chunk_loss, head, h[piece], t[piece], use_reentrant=False)
+            total = total + checkpoint(fn, head, h[piece], t[piece], *args, use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, h[piece], t[piece])
+            total = total + fn(head, h[piece], t[piece], *args)
     return total
 
 
-def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
+    if per_row:
+        per_token = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return per_token.view(targets.shape).sum(dim=1)
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
 class CausalLMLoss(torch.nn.Module):
-    """``forward(input_ids, attention_mask, labels, position_ids=None)`` -> summed loss (fp32 scalar)."""
+    """``forward(input_ids, attention_mask, labels, position_ids=None)`` -> summed loss (fp32 scalar); with
+    ``per_row=True`` one sum per batch row (fp32, (rows,))."""
 
     def __init__(self, model: torch.nn.Module, *, chunk_tokens: int = CHUNK_TOKENS) -> None:
         super().__init__()
@@ -75,15 +101,20 @@ class CausalLMLoss(torch.nn.Module):
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        per_row: bool = False,
     ) -> torch.Tensor:
         extra = {} if position_ids is None else {"position_ids": position_ids}
         if not self.chunked:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-            return plain_cross_entropy(out.logits, labels)
+            return plain_cross_entropy(out.logits, labels, per_row=per_row)
         causal_lm = getattr(self.model, "base_model", self.model)
         hidden = causal_lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
         ).last_hidden_state
         return chunked_cross_entropy(
-            hidden[:, :-1], labels[:, 1:], causal_lm.get_output_embeddings(), chunk_tokens=self.chunk_tokens
+            hidden[:, :-1],
+            labels[:, 1:],
+            causal_lm.get_output_embeddings(),
+            chunk_tokens=self.chunk_tokens,
+            per_row=per_row,
         )

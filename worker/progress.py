@@ -25,7 +25,11 @@ class ProgressReporter:
         self._last_step_at: float | None = None  # step time = time between two steps' reports
 
     # --- what the training loop calls --------------------------------------------------------------------
-    def on_step(self, step: int, total: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
+    def on_step(
+        self, step: int, total: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, **extra: Any
+    ) -> None:
+        """``extra``: more of the step for its event (co-training: the job's share of the step time, its rows
+        and the group's, whom it trained with); ``share_s`` also goes into the record's metrics."""
         self.store.add_event(
             self.job_id,
             "step",
@@ -36,7 +40,10 @@ class ProgressReporter:
             lr=lr,
             grad_norm=grad_norm,
             tokens_per_s=tokens_per_s,
+            **extra,
         )
+        if "share_s" in extra:
+            self._metrics["step_share_s"] = extra["share_s"]
         now = time.monotonic()
         if self._last_step_at is not None:
             self.store.record_training_step(tokens_per_s, now - self._last_step_at)

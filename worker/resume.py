@@ -82,14 +82,19 @@ def save(
     keep: int,
     shared: JobResume | None = None,
     gathered: Gathered | None = None,
+    trainable: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """``trainable``: the parameters this checkpoint holds, by the names it stores them under (default: every
+    parameter that requires grad, by its own name). Co-training (worker/cotrain.py) passes one job's blocks
+    named as a lone job's would be, so a checkpoint resumes alone or in any group."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
         if gathered is None:
             model.save_pretrained(tmp, adapter_name=adapter_name)
-            trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            own = trainable if trainable is not None else trainable_parameters(model)
+            trainable = {n: p.detach().to("cpu").contiguous() for n, p in own.items()}
             optimizer_state = optimizer.state_dict()
         else:
             from worker.sharding import whole_trainable
@@ -123,14 +128,24 @@ def save(
     return target
 
 
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def load(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool = False
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sharded: bool = False,
+    trainable: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Restore parameters, optimizer and RNG states in place; returns the loop state saved with them. With
-    ``sharded`` the model is FSDP-sharded and the checkpoint was written by a sharded run."""
+    ``sharded`` the model is FSDP-sharded and the checkpoint was written by a sharded run. ``trainable``: the
+    parameters to restore, by their stored names (as ``save`` took them; default: every trainable one)."""
     saved = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = sorted(set(n for n, p in params.items() if p.requires_grad) ^ set(saved))
+    params = trainable if trainable is not None else trainable_parameters(model)
+    missing = sorted(set(params) ^ set(saved))
     if missing:
         raise ValueError(f"checkpoint {path.name} does not match the model's trainable parameters: {missing[:3]}")
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

@@ -186,6 +186,68 @@ def _gradient_sync(forward: torch.nn.Module, sync: bool, sharded: bool):
     return nullcontext() if sync else forward.no_sync()  # type: ignore[operator]
 
 
+def set_step_lr(optimizer: torch.optim.Optimizer, step: int, spec: TrainingSpec, total_steps: int) -> float:
+    """Set (and return) the learning rate of optimizer step ``step`` (0-based) from the job's schedule."""
+    lr = get_lr(
+        step,
+        base_lr=spec.learning_rate,
+        schedule=spec.lr_scheduler,
+        warmup_steps=spec.warmup_steps,
+        total_steps=total_steps,
+    )
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    return lr
+
+
+def step_micro_batches(batches: BatchStream, spec: TrainingSpec, micro_batch_budget: int | None) -> list[list[Example]]:
+    """The micro-batches of the next optimizer step; the last step of an ``epochs`` run stops where the
+    requested passes end."""
+    accumulate = spec.gradient_accumulation_steps
+    if micro_batch_budget is not None:
+        accumulate = min(accumulate, micro_batch_budget - batches.position)
+    return [next(batches) for _ in range(accumulate)]
+
+
+def clip_and_step(
+    params: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler, max_grad_norm: float | None
+) -> float:
+    """Clip, step, clear; returns the gradient norm (clip_grad_norm_ with inf measures it without clipping)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = sharding.whole_float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def out_of_patience(loop: dict[str, Any], eval_loss: float, spec: TrainingSpec) -> bool:
+    """Record an evaluation in the loop state; True when early stopping's patience is spent."""
+    if loop["best_eval"] is None or eval_loss < loop["best_eval"]:
+        loop["best_eval"], loop["bad_evals"] = eval_loss, 0
+    else:
+        loop["bad_evals"] += 1
+    return spec.early_stopping_patience is not None and loop["bad_evals"] >= spec.early_stopping_patience
+
+
+def record_eval(result: TrainResult, on_event: EventCallback, step: int, got: EvalResult) -> None:
+    """An evaluation into the result and the job's events; training resumes."""
+    result.evals.append({"step": step, "eval_loss": got.loss, "eval_token_accuracy": got.token_accuracy})
+    on_event(
+        "eval",
+        f"step {step}: eval loss {got.loss:.4f}, token accuracy {got.token_accuracy:.3f}",
+        step=step,
+        eval_loss=got.loss,
+        eval_token_accuracy=got.token_accuracy,
+        eval_tokens=got.tokens,
+    )
+    on_event("phase", "", phase="training")
+
+
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -254,16 +316,7 @@ def train(
                 autocast=autocast,
                 should_stop=None if sharded else stop,
             )
-        result.evals.append({"step": step, "eval_loss": got.loss, "eval_token_accuracy": got.token_accuracy})
-        on_event(
-            "eval",
-            f"step {step}: eval loss {got.loss:.4f}, token accuracy {got.token_accuracy:.3f}",
-            step=step,
-            eval_loss=got.loss,
-            eval_token_accuracy=got.token_accuracy,
-            eval_tokens=got.tokens,
-        )
-        on_event("phase", "", phase="training")
+        record_eval(result, on_event, step, got)
         return got
 
     # -- resume: the newest complete checkpoint restores weights, optimizer, RNG and the data position
@@ -290,22 +343,11 @@ def train(
         if ranks.any(stop()) if ranks is not None else stop():  # rank 0 polls; every rank stops together
             raise Cancelled()
         step_started = time.perf_counter()
-        lr = get_lr(
-            step,
-            base_lr=spec.learning_rate,
-            schedule=spec.lr_scheduler,
-            warmup_steps=spec.warmup_steps,
-            total_steps=total_steps,
-        )
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+        lr = set_step_lr(optimizer, step, spec, total_steps)
 
         # -- forward/backward over the step's micro-batches; each is divided by the step's token count
         epochs_before = batches.epochs_done
-        accumulate = spec.gradient_accumulation_steps
-        if micro_batch_budget is not None:  # the last step stops where the requested passes end
-            accumulate = min(accumulate, micro_batch_budget - batches.position)
-        global_batches = [next(batches) for _ in range(accumulate)]
+        global_batches = step_micro_batches(batches, spec, micro_batch_budget)
         loop["seen"] += sum(len(b) for b in global_batches)
         if ranks is None:
             step_batches = [(collate(b, pad_id, device), 1.0, batch_tokens(b)) for b in global_batches]
@@ -328,15 +370,7 @@ def train(
             step_loss, step_tokens = ranks.sum_stats(step_loss, step_tokens)
 
         # -- clip, step, clear (clip_grad_norm_ with inf measures the norm without clipping)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = sharding.whole_float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf")))
-        if scaler is not None:
-            scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_and_step(params, optimizer, scaler, spec.max_grad_norm)
 
         # -- bookkeeping
         done = step + 1
@@ -354,14 +388,7 @@ def train(
         if eval_examples and due(done, spec.eval_every, total_steps):
             patience_out = False
             if main or sharded:  # rank 0 evaluates (sharded: all do); the others wait for its verdict
-                got = run_eval(done)
-                if loop["best_eval"] is None or got.loss < loop["best_eval"]:
-                    loop["best_eval"], loop["bad_evals"] = got.loss, 0
-                else:
-                    loop["bad_evals"] += 1
-                patience_out = (
-                    spec.early_stopping_patience is not None and loop["bad_evals"] >= spec.early_stopping_patience
-                )
+                patience_out = out_of_patience(loop, run_eval(done).loss, spec)
             if ranks is not None:
                 patience_out = ranks.from_main(patience_out)
             if patience_out:

@@ -122,3 +122,28 @@ def test_grad_mode_never_reuses_plans_and_gradients_reach_the_rows_adapters(buil
     assert len(builds) == 2 * len(bm.bone_layers())
     grads = {n.split(".")[-1] for n, p in bm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "names", [["a", "a", BASE_ADAPTER, "c", "b"], ["c", "a", "a", "b", "b"], ["b", "a", "b", "c", "a"]]
+)
+def test_grad_mode_routing_gives_each_row_its_own_adapters_gradient(names):
+    """Training with rows of several adapters (co-training, worker/cotrain.py): contiguous rows per adapter take
+    the one-add path, scattered ones the index path; both must give each adapter the gradient of its rows alone."""
+    bm = two_adapters()
+    bm.set_adapter(["a", "b", "c"])
+    bm.train()
+    x = ids(batch=5, seq=6)
+    with bm.routing(names) as routed:
+        routed(input_ids=x).logits.float().pow(2).mean(dim=(1, 2)).sum().backward()
+    got = {n: p.grad.clone() for n, p in bm.named_parameters() if p.grad is not None}
+    bm.zero_grad(set_to_none=True)
+    for i, name in enumerate(names):
+        if name == BASE_ADAPTER:  # the base row trains nothing
+            continue
+        with bm.routing([name]) as routed:
+            routed(input_ids=x[i : i + 1]).logits.float().pow(2).mean().backward()
+    want = {n: p.grad for n, p in bm.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and want
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)

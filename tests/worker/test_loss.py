@@ -78,3 +78,28 @@ def test_models_with_transformed_logits_take_the_plain_path(model):
         assert not CausalLMLoss(model).chunked
     finally:
         del model.config.final_logit_softcapping
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 0])  # 0: the plain path through the full logits
+def test_per_row_sums_are_each_rows_loss_and_add_up_to_the_total(model, chunk_tokens):
+    """Co-training (worker/cotrain.py) weighs each row by its own job's token count: the per-row sums must be
+    each row's own loss, whatever chunk its tokens fell in, and weighted gradients must follow."""
+    batch = _batch(model.config.vocab_size)
+    loss_module = CausalLMLoss(model, chunk_tokens=chunk_tokens)
+    rows = loss_module(**batch, per_row=True)
+    assert rows.shape == (3,)
+    for i in range(3):
+        alone = loss_module(**{k: v[i : i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()})
+        torch.testing.assert_close(rows[i], alone, rtol=1e-5, atol=0)
+    torch.testing.assert_close(rows.sum(), loss_module(**batch), rtol=1e-5, atol=0)
+    weights = torch.tensor([0.5, 0.0, 2.0])
+    weighted, got = _loss_and_grads(lambda: (loss_module(**batch, per_row=True) * weights).sum(), model)
+    want_loss, want = _loss_and_grads(
+        lambda: sum(
+            w * loss_module(**{k: v[i : i + 1] for k, v in batch.items()}) for i, w in enumerate(weights.tolist())
+        ),
+        model,
+    )
+    torch.testing.assert_close(weighted, want_loss, rtol=1e-5, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * float(w.abs().max()))

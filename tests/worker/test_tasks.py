@@ -224,12 +224,13 @@ def request_cancel_on_entry(monkeypatch, store, module, name):
 @pytest.mark.parametrize("phase", ["tokenizing", "training", "evaluating", "checkpointing"])
 def test_cancel_lands_in_every_phase(task_settings, redis_conn, store, make_job, monkeypatch, phase):
     import worker.eval_metrics
+    import worker.job_steps
     import worker.resume
     import worker.tasks
     import worker.train
 
     target = {
-        "tokenizing": (worker.tasks, "tokenize_rows"),
+        "tokenizing": (worker.job_steps, "tokenize_rows"),
         "training": (worker.tasks, "train"),
         "evaluating": (worker.train, "evaluate"),
         "checkpointing": (worker.resume, "save"),
