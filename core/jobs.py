@@ -354,6 +354,10 @@ class Job(BaseModel):
     co_trained_with_others: int = Field(
         0, description="how many other owners' jobs it was trained together with (their ids are not shown)"
     )
+    train_alone: bool = Field(
+        False,
+        description="set when a co-training group's shared step failed: its next attempts train alone",
+    )
 
     @staticmethod
     def new_id() -> str:

@@ -16,7 +16,8 @@ Members join between iterations (``poll`` returns new ones; a joining member res
 checkpoint like a lone job) and leave when done, cancelled (``should_stop`` at its step boundaries) or
 failed: its ``on_done`` gets the outcome, its adapter slot is deleted from the model and its optimizer
 dropped, so its memory goes back. A member's exception never stops the others; a failure of the shared
-forward/backward (no single member's) ends every member in it with that error.
+forward/backward of several members (no single member's: an out-of-memory step may be the group's size alone)
+reaches each as :class:`GroupStepFailed`, and the task sends each back to the queue to train alone.
 
 Not co-trainable (``worker.cotrain_claims.solo_reason`` says why, and the leader claims nobody): gradient
 checkpointing (it recomputes the forward outside the per-row routing context), more than one process or
@@ -69,6 +70,16 @@ log = logging.getLogger(__name__)
 
 
 # --- a member -------------------------------------------------------------------------------------------
+class GroupStepFailed(RuntimeError):
+    """The shared forward/backward of a group of several jobs failed: not any one member's fault (an
+    out-of-memory step may be the group's size alone), so a member that receives it is re-queued to train alone
+    rather than failed (worker/cotrain_task.py)."""
+
+    def __init__(self, cause: BaseException, members: int) -> None:
+        super().__init__(f"the shared step of a co-training group of {members} jobs failed: {cause!r}")
+        self.cause = cause
+
+
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -239,8 +250,11 @@ def cotrain(
             row_losses = (per_row.detach() * torch.tensor(weights, device=per_row.device)).tolist()
         except Exception as exc:  # noqa: BLE001 - the shared forward failed: no member can go on in it
             log.exception("co-training iteration failed for %s", [r.key for r in owners])
+            # With partners, the step was the group's (an out-of-memory one may be the group's size alone):
+            # no member's own failure, so each goes back to train alone. Alone, the failure is its own.
+            failure = GroupStepFailed(exc, len(owners)) if len(owners) > 1 else exc
             for run in owners:
-                leave(run, None, exc)
+                leave(run, None, failure)
             continue
         seconds = time.perf_counter() - iteration_started
         counts = {}

@@ -55,6 +55,8 @@ def seq_bucket(max_seq_length: int) -> int:
 def solo_reason(job: Job) -> str | None:
     """Why ``job`` cannot share a forward with any other job, or None."""
     spec = job.training
+    if job.train_alone:
+        return "a co-training group it was in failed a shared step (it trains alone since)"
     if spec.num_nodes > 1:
         return f"it runs on {spec.num_nodes} nodes (training.num_nodes)"
     if spec.num_processes > 1:

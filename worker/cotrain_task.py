@@ -27,13 +27,15 @@ from typing import Any
 import torch
 
 from core import claims
-from core.jobs import Job
+from core.errors import Conflict, NotFound
+from core.jobs import Job, JobStatus
 from core.jobstore import JobStore
+from core.paths import redact_server_paths
 from core.settings import Settings
 from core.storage.resume_state import ResumeStore
 from worker import job_steps as steps
 from worker import model_cache
-from worker.cotrain import Member, cotrain
+from worker.cotrain import GroupStepFailed, Member, cotrain
 from worker.cotrain_claims import claim_companions, solo_reason
 from worker.heartbeat import Heartbeat
 from worker.publish import CheckpointPublisher
@@ -199,6 +201,9 @@ class Group:
 
     def _done(self, member: Member, result: TrainResult | None, error: BaseException | None) -> None:
         job = self.jobs[member.key]
+        if isinstance(error, GroupStepFailed):
+            self._back_to_queue_alone(job, error)
+            return
         if error is not None:
             self._left(job, lambda: _raise(error))
             return
@@ -215,6 +220,25 @@ class Group:
             {k: round(v, 3) for k, v in self.shares.get(job.id, {}).items()},
         )
         self._left(job, lambda: steps._publish(job, self.store, self.settings, trained))
+
+    def _back_to_queue_alone(self, job: Job, error: GroupStepFailed) -> None:
+        """The group's step failed, not the job: it stays running with the reason, and once its heartbeat is
+        gone the janitor re-queues it (as for a gang that did not assemble: never while this task still runs it,
+        never twice), to resume alone from its own newest checkpoint (``train_alone`` keeps it out of groups)."""
+        reason = redact_server_paths(str(error), self.settings.data_dir)
+        try:
+            self.store.transition(job.id, [JobStatus.RUNNING], attempt=job.attempts, error=reason, train_alone=True)
+            self.store.add_event(
+                job.id, "message", f"{reason}; the job goes back to the queue to train alone, from its last checkpoint"
+            )
+        except (Conflict, NotFound):  # cancelled or final meanwhile: nothing to hand back
+            pass
+        finally:
+            self.jobs.pop(job.id, None)
+            self.info.pop(job.id, None)
+            if job.id != self.leader.id:
+                self._close_beat(job.id)
+            self.store.record_cotrain_members(len(self.jobs))
 
     def _left(self, job: Job, work) -> None:
         """Record how ``job`` ended, then let it go: heartbeat, work dir, checkpoints (once final)."""

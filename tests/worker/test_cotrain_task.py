@@ -118,3 +118,47 @@ def test_a_companion_cancelled_mid_run_is_recorded_cancelled_and_the_others_go_o
     assert store.get(leader.id).status is JobStatus.SUCCEEDED
     assert store.get(third.id).status is JobStatus.SUCCEEDED
     assert not AdapterRegistry(settings.registry_dir).path("other").exists()
+
+
+def test_a_failed_shared_step_sends_every_member_back_to_train_alone(
+    cotrain_settings, redis_conn, store, make_job, monkeypatch
+):
+    """A group's shared forward failing (an out-of-memory step, say) is no member's own failure: none is failed,
+    each goes back to the queue (the janitor re-queues it once its heartbeat is gone) and trains alone, ending
+    equal to a run that was never grouped."""
+    from core import janitor
+    from worker import cotrain
+
+    settings = cotrain_settings(1)
+    alone = [make_job(rows(k), adapter_name=f"solo-{k}", bone=b, **t) for k, (b, t) in enumerate(JOBS[:3])]
+    assert run_queue(redis_conn, settings, [j.id for j in alone]) == 3
+
+    settings = cotrain_settings(8)
+    real_routing, calls = cotrain.routing_context, []
+
+    def failing_third_step(names):
+        calls.append(names)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("injected: the group's step did not fit")
+        return real_routing(names)
+
+    monkeypatch.setattr(cotrain, "routing_context", failing_third_step)
+    group = [make_job(rows(k), adapter_name=f"regrouped-{k}", bone=b, **t) for k, (b, t) in enumerate(JOBS[:3])]
+    assert run_queue(redis_conn, settings, [j.id for j in group]) == 1  # the leader ran; the others were claimed
+    assert len(set(calls[2])) == 3  # the failing step was the whole group's
+    for job in group:
+        held = store.get(job.id)
+        assert held.status is JobStatus.RUNNING and held.train_alone, held
+        assert "shared step of a co-training group of 3 jobs failed" in (held.error or "")
+
+    monkeypatch.setattr(cotrain, "routing_context", real_routing)
+    later = time.time() + settings.heartbeat_ttl_s + 1  # heartbeats are gone: the janitor judges them dead
+    assert sorted(janitor.sweep(redis_conn, settings, now=later)) == sorted(j.id for j in group)
+    SimpleWorker([Queue(settings.queue_name, connection=redis_conn)], connection=redis_conn).work(burst=True)
+    for k, job in enumerate(group):
+        done = store.get(job.id)
+        assert done.status is JobStatus.SUCCEEDED and done.attempts == 2, done
+        assert done.metrics.get("cotrain_steps") in (None, 0)  # the second attempt trained alone
+        got, want = adapter(settings, f"regrouped-{k}"), adapter(settings, f"solo-{k}")
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
