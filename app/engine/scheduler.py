@@ -18,7 +18,8 @@ and verify it, and only the final copy into the model (``AdapterCache.install``)
 One request never fails another: a row's error is answered to its caller alone (``app.engine.batch``), and
 rows a failed step set aside (``RunningBatch.parked``) resume before any newcomer is admitted. Admission takes
 the waiting requests of keys with the fewest running rows first, so one key's backlog does not hold the
-batch slots while another key waits.
+batch slots while another key waits, and a key at its share of the rows or of the KV budget gets no new row
+while another key under its share waits (``app.engine.share``: a key alone may still fill the batch).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from app.engine.adapter_pool import AdapterCache, AdapterLoader, fetch_mix
 from app.engine.batch import Row, RunningBatch, row_error
 from app.engine.messages import STOP, Control, GenerationResult, Loaded, Request
 from app.engine.model_host import ModelHost
+from app.engine.share import Holdings, kv_tokens
 from core.errors import RateLimited, ServiceError, ServiceUnavailable
 from core.names import BASE_ADAPTER
 from core.settings import Settings
@@ -50,12 +52,6 @@ class NotReady(enum.Enum):
 
     WAIT = "wait"  # its adapter is loading, or there is no room for it while other rows run
     FAILED = "failed"  # its adapter cannot be installed: the request has been answered with the error
-
-
-def kv_tokens(request: Request) -> int:
-    """The KV cache tokens a request may come to hold, reserved when it is admitted: its prompt and every token
-    it may generate."""
-    return len(request.prompt_ids) + request.params.max_new_tokens
 
 
 class Scheduler:
@@ -89,6 +85,7 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         # Counters for tests and benchmarks (Prometheus has the same figures, process-wide).
         self.prefills = self.joins = self.steps = self.aborted = self.hits = self.misses = self.failed_rows = 0
+        self.share_deferrals = 0
         self._tps_window = [time.perf_counter(), 0]
 
     # --- called from other threads --------------------------------------------------------------------
@@ -241,9 +238,17 @@ class Scheduler:
         reserved, budget = self.kv_reserved(), self.settings.kv_budget_tokens
         entering: Row | None = None
         over_budget = False  # once one request waits for KV room, later ones wait too: a long one is not starved
+        shares = Holdings(
+            (row.tag for row in self._admitted()), self._waiting, self.settings.running_share, self.settings.kv_share
+        )
         for request in self._fair_order():
             if request.future.cancelled():  # the caller gave up (timeout, disconnect) while it waited
                 self._release(request)
+                shares.left(request)
+                continue
+            if shares.deferred(request):  # its key holds its share and another key waits: the room is theirs
+                self._defer(request)
+                still.append(request)
                 continue
             row = self._row(request)
             chunked = self.batch.chunked(row)
@@ -256,13 +261,16 @@ class Scheduler:
             progressing = self.batch.rows or chosen or entering is not None or self.batch.entering is not None
             slot = self._resolve(request, in_use, must_progress=not progressing) if fits else NotReady.WAIT
             if slot is NotReady.FAILED:
+                shares.left(request)
                 continue
             if slot is NotReady.WAIT:
                 still.append(request)
                 continue
             if not request.future.set_running_or_notify_cancel():
                 self._release(request)
+                shares.left(request)
                 continue
+            shares.admitted(request)
             in_use.add(slot)
             row.adapter_slot = slot
             reserved += kv_tokens(request)
@@ -293,6 +301,12 @@ class Scheduler:
         self._count_tokens(len(chosen))
         for row in done:
             self._answer(row)
+
+    def _defer(self, request: Request) -> None:
+        if not request.deferred:  # counted once, not at every step it waits
+            request.deferred = True
+            self.share_deferrals += 1
+            metrics.SHARE_DEFERRALS.inc()
 
     def _row(self, request: Request) -> Row:
         """The row ``request`` becomes in the batch (its adapter slot is set once it is resolved)."""
