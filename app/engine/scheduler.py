@@ -72,6 +72,9 @@ class Scheduler:
         out_features: dict[str, int],
     ) -> None:
         self.settings, self.host, self.cache, self.batch = settings, host, cache, batch
+        # InferenceEngine resolves both bounds (from the device when unset) before it builds the scheduler
+        assert settings.max_batch_size is not None and settings.kv_budget_tokens is not None
+        self.max_rows, self.kv_budget = settings.max_batch_size, settings.kv_budget_tokens
         self.eos_ids = eos_ids
         self._decode = decode  # token ids -> text, for the streamed pieces of each row
         self._out_features = out_features
@@ -174,6 +177,7 @@ class Scheduler:
         ``batch_wait_ms`` (or until a full batch waits). Returns False on stop."""
         idle = not self.batch.rows and not self.batch.parked and self.batch.entering is None
         deadline = None
+        timeout: float | None
         while True:
             if not idle:
                 timeout = 0.0
@@ -192,7 +196,7 @@ class Scheduler:
                 self._prefetch(item)
                 if idle and deadline is None:
                     deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
-                if len(self._waiting) >= self.settings.max_batch_size:
+                if len(self._waiting) >= self.max_rows:
                     idle = False  # a full batch is here: drain the rest without waiting
             elif isinstance(item, Loaded):
                 self._on_loaded(item)
@@ -215,9 +219,10 @@ class Scheduler:
                 self._fail(request, item.error)
             return
         fetched = item.fetched
+        assert fetched is not None  # a load ends with its adapter or with its error
         self.cache.cpu_put(fetched)
         for request in users:  # an older sha still in the CPU tier keeps it; else the version just read
-            if request.sha256 == fetched.sha256 or self.cache.cpu_get((request.adapter, request.sha256 or "")) is None:
+            if request.sha256 == fetched.sha256 or self.cache.cpu_get((item.name, request.sha256 or "")) is None:
                 request.fetched = fetched
         if item.name in self._preload and not users:
             try:
@@ -233,9 +238,9 @@ class Scheduler:
                 return  # short of device memory: newcomers wait until the parked rows are back in
         if not self._waiting or not self.batch.accepts_joins:
             return
-        room = self.settings.max_batch_size - len(self.batch.rows) - (self.batch.entering is not None)
-        in_use, chosen, still = self.in_use(), [], deque()
-        reserved, budget = self.kv_reserved(), self.settings.kv_budget_tokens
+        room = self.max_rows - len(self.batch.rows) - (self.batch.entering is not None)
+        in_use, chosen, still = self.in_use(), list[Row](), deque[Request]()
+        reserved = self.kv_reserved()
         entering: Row | None = None
         over_budget = False  # once one request waits for KV room, later ones wait too: a long one is not starved
         shares = Holdings(
@@ -252,7 +257,7 @@ class Scheduler:
                 continue
             row = self._row(request)
             chunked = self.batch.chunked(row)
-            over_budget = over_budget or (budget is not None and reserved + kv_tokens(request) > budget)
+            over_budget = over_budget or reserved + kv_tokens(request) > self.kv_budget
             fits = (
                 len(chosen) + (entering is not None) < room
                 and not over_budget
