@@ -34,13 +34,13 @@ run: venv
 test: venv-test
 	$(BIN)/python -m tests.with_redis $(PYTEST_ARGS)
 
-# ruff checks and formats the whole tree; mypy types bone/ and core/;
+# ruff checks and formats the whole tree; mypy types bone/, core/ and app/;
 # lint-imports keeps the arrows between the packages and no cycles inside one (docs/ARCHITECTURE.md).
 FORMATTED = .
 lint: venv-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check $(FORMATTED)
-	$(BIN)/mypy bone core
+	$(BIN)/mypy bone core app
 	$(BIN)/lint-imports
 
 clean:

@@ -64,6 +64,11 @@ ENGINE_KV_TOKENS_RESERVED = Gauge(
     "bone_engine_kv_tokens_reserved",
     "KV cache tokens reserved by the admitted rows (each its prompt + max_new_tokens)",
 )
+SHARE_DEFERRALS = Counter(
+    "bone_engine_share_deferrals_total",
+    "waiting requests held back (once each) because their key held its share of the batch rows or KV budget "
+    "while another key waited (BONE_MAX_RUNNING_PER_KEY / BONE_MAX_KV_TOKENS_PER_KEY)",
+)
 ENGINE_KV_RELAYOUTS = Counter(
     "bone_engine_kv_relayouts_total",
     "times a layer's KV buffer was laid out again (its live columns copied): no room on the right (append), "

@@ -13,13 +13,16 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from core.errors import InvalidRequest
 from core.paths import base_model_not_allowed, is_hub_id, local_model_dir
 from core.settings import EMBEDDED_BASE_MODEL, Settings
+
+if TYPE_CHECKING:  # transformers is imported when a model loads, not with this module
+    from transformers import PreTrainedTokenizerBase
 
 EMBEDDED_DIR_NAME = "embedded-llama-v1"
 
@@ -164,7 +167,7 @@ class LoadedBaseModel:
     name: str  # as the user spells it ("embedded", an id, a path)
     source: str  # what from_pretrained loaded
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
 
 

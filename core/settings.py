@@ -249,6 +249,18 @@ class Settings(BaseSettings):
         "at admission); a request that does not fit waits in the queue. Default max_batch_size x "
         "(max_prompt_tokens + max_new_tokens): the bound the batch size and token limits already imply",
     )
+    max_running_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="batch rows one key may be admitted beyond while another key waits (work-conserving: alone, "
+        "a key may fill the batch; running rows are never stopped); default half of max_batch_size, rounded up",
+    )
+    max_kv_tokens_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="... and KV cache tokens it may reserve beyond (a key holding none is always admitted); "
+        "default half of kv_budget_tokens, rounded up",
+    )
     prefill_chunk: int = Field(
         512,
         ge=0,
@@ -307,6 +319,17 @@ class Settings(BaseSettings):
     @property
     def queue_share(self) -> int:
         return self.max_queue_per_key or max(1, self.max_queue // 4)
+
+    # The engine resolves max_batch_size / kv_budget_tokens from the device before it reads these two.
+    @property
+    def running_share(self) -> int:
+        """Rows one key may hold while another waits (BONE_MAX_RUNNING_PER_KEY)."""
+        return self.max_running_per_key or -(-(self.max_batch_size or 1) // 2)
+
+    @property
+    def kv_share(self) -> int:
+        """KV cache tokens one key may reserve while another waits (BONE_MAX_KV_TOKENS_PER_KEY)."""
+        return self.max_kv_tokens_per_key or -(-(self.kv_budget_tokens or 1) // 2)
 
     @property
     def cotrain_owner_seats(self) -> int:

@@ -24,6 +24,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -267,7 +268,7 @@ class AdapterCache:
         item = self.dtype.itemsize
         return sum(t.numel() * (item if t.is_floating_point() else t.element_size()) for t in fetched.tensors.values())
 
-    def has_room(self, size: int, in_use: set[str]) -> bool:
+    def has_room(self, size: int, in_use: AbstractSet[str]) -> bool:
         """Whether ``size`` more bytes fit after evicting everything evictable (not pinned, not in use)."""
         keep = [e for k, e in self._entries.items() if not self._evictable(k, e, in_use)]
         return (
@@ -276,7 +277,7 @@ class AdapterCache:
         )
 
     # --- changes -----------------------------------------------------------------------------------------
-    def acquire(self, name: str, sha256: str, in_use: set[str] = frozenset()) -> str:
+    def acquire(self, name: str, sha256: str, in_use: AbstractSet[str] = frozenset()) -> str:
         """Synchronous load-if-needed (tests, benchmarks, tools): the slot of ``name`` at ``sha256``."""
         slot = self.resident((name, sha256))
         if slot is not None:
@@ -285,13 +286,14 @@ class AdapterCache:
         self.cpu_put(fetched)
         return self.install(fetched, in_use)
 
-    def install(self, fetched: FetchedAdapter, in_use: set[str] = frozenset()) -> str:
+    def install(self, fetched: FetchedAdapter, in_use: AbstractSet[str] = frozenset()) -> str:
         """Put a fetched adapter into the model (the only step on the model thread); older versions of the
         same name go, then LRU entries until the limits hold again."""
         key = (fetched.name, fetched.sha256)
         self._doomed.discard(key)
-        if key in self._entries:
-            return self.resident(key)
+        if key in self._entries:  # a use: to the end of the LRU order, as ``resident`` does
+            self._entries.move_to_end(key)
+            return self._entries[key].slot
         started = time.perf_counter()
         self.evict(fetched.name, keep_sha=fetched.sha256, in_use=in_use)
         slot = slot_name(*key)
@@ -329,7 +331,7 @@ class AdapterCache:
                     dropped += 1
         return dropped
 
-    def shrink(self, in_use: set[str] = frozenset()) -> None:
+    def shrink(self, in_use: AbstractSet[str] = frozenset()) -> None:
         """Drop doomed entries no longer in use, then least recently used ones while over a limit."""
         for key in [k for k in self._doomed if self._entries[k].slot not in in_use]:
             self._drop(key)
@@ -340,7 +342,7 @@ class AdapterCache:
                 self._drop(key)
         self._publish_gauges()
 
-    def _evictable(self, key: Key, entry: CachedAdapter, in_use: set[str]) -> bool:
+    def _evictable(self, key: Key, entry: CachedAdapter, in_use: AbstractSet[str]) -> bool:
         return entry.slot not in in_use and key[0] not in self.pinned_names
 
     def _drop(self, key: Key) -> None:

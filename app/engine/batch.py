@@ -272,10 +272,11 @@ class RunningBatch:
 
     def step(self) -> list[Row]:
         """One decode step for every row. Returns the rows that finished (already out of the batch)."""
+        running_mask, last_pos = self._state()
         try:
             ids = torch.tensor(self._next, dtype=torch.long, device=self.device).unsqueeze(1)
-            mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
-            positions = self._last_pos + 1
+            mask = torch.cat([running_mask, running_mask.new_ones((len(self.rows), 1))], dim=1)
+            positions = last_pos + 1
             logits, self._cache = self.forward(ids, mask, positions, self._cache, [r.adapter_slot for r in self.rows])
         except Exception as exc:  # noqa: BLE001 - retried split (see _step_failed)
             return self._step_failed(exc)
@@ -372,8 +373,9 @@ class RunningBatch:
         if any(scored):
             logits, cache = self.forward(ids, mask, positions, kv_cache.new_cache(self.windows), slots, all_logits=True)
             for j, row in enumerate(rows):
-                if scored[j]:
-                    row.prompt_logprobs = _prompt_logprobs(logits[j], row.prompt_ids, row.params.prompt_logprobs)
+                top = row.params.prompt_logprobs
+                if scored[j] and top is not None:  # (scored implies it is set)
+                    row.prompt_logprobs = _prompt_logprobs(logits[j], row.prompt_ids, top)
             logits = logits[:, -1, :]
         else:
             logits, cache = self.forward(ids, mask, positions, kv_cache.new_cache(self.windows), slots)
@@ -402,8 +404,9 @@ class RunningBatch:
                         "its adapter's weights may be corrupt",
                         code="non_finite_logits",
                     )
-                if choices.errors[j] is not None:
-                    raise choices.errors[j]
+                error = choices.errors[j]
+                if error is not None:
+                    raise error
                 token = choices.tokens[j]
                 if row.params.logprobs is not None:
                     row.token_logprobs.append(
@@ -444,7 +447,7 @@ class RunningBatch:
     def _roll_back(self) -> bool:
         """Drop the column a failed step appended to the layers it reached. False if the cache is not made
         of layers ``kv_cache`` knows (then it cannot be trusted)."""
-        return kv_cache.roll_back(self._cache, self._mask.shape[1])
+        return kv_cache.roll_back(self._cache, self._state()[0].shape[1])
 
     def _merge(
         self,
@@ -468,9 +471,10 @@ class RunningBatch:
         if target is None:
             target = KVCache(self.windows or [], Plan(max_rows=self.max_rows, budget_tokens=self.budget_tokens))
         target.plan.right = _remaining(self.rows + rows)
-        width = max(self._mask.shape[1], mask.shape[1])
-        merged_mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(mask, width)], dim=0)
-        merged_last = torch.cat([self._last_pos, last_pos], dim=0)
+        running_mask, running_last = self._state()
+        width = max(running_mask.shape[1], mask.shape[1])
+        merged_mask = torch.cat([_pad_mask(running_mask, width), _pad_mask(mask, width)], dim=0)
+        merged_last = torch.cat([running_last, last_pos], dim=0)
         # the newcomers' columns into free rows, left-padded to the merged width (undone on an exception)
         target.join(cache, len(self.rows), width, subset)
         self._cache, self._mask, self._last_pos = target, merged_mask, merged_last
@@ -493,7 +497,8 @@ class RunningBatch:
         order = _fill_order(keep)
         index = torch.tensor(order, device=self.device)
         kv_cache.select(self._cache, order, self.device)
-        self._mask, self._last_pos = self._mask.index_select(0, index), self._last_pos.index_select(0, index)
+        mask, last_pos = self._state()
+        self._mask, self._last_pos = mask.index_select(0, index), last_pos.index_select(0, index)
         self.rows, self._next = [self.rows[j] for j in order], [self._next[j] for j in order]
         if isinstance(self._cache, KVCache):
             self._cache.plan.right = _remaining(self.rows)
@@ -503,10 +508,16 @@ class RunningBatch:
         """Cut leading columns that are padding for every remaining row (left by a long row that left)."""
         if kv_cache.layers(self._cache) is None:
             return
-        first = int(self._mask.any(dim=0).int().argmax())
+        mask = self._state()[0]
+        first = int(mask.any(dim=0).int().argmax())
         if first > 0:
-            self._mask = self._mask[:, first:]
+            self._mask = mask[:, first:]
             kv_cache.trim(self._cache, self._mask.shape[1])
+
+    def _state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running rows' mask and last positions: set from the first merge until ``clear``."""
+        assert self._mask is not None and self._last_pos is not None, "no row runs"
+        return self._mask, self._last_pos
 
 
 def _fill_order(keep: list[int]) -> list[int]:

@@ -20,6 +20,7 @@ import copy
 import inspect
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import torch
@@ -36,6 +37,9 @@ from core.errors import InvalidRequest, ServiceUnavailable
 from core.registry import AdapterRegistry
 from core.settings import Settings
 
+if TYPE_CHECKING:  # transformers is imported when the model loads
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = ["GenerationResult", "InferenceEngine"]
 
 
@@ -49,6 +53,13 @@ def default_kv_budget_tokens(settings: Settings, max_batch_size: int) -> int:
     """``BONE_KV_BUDGET_TOKENS`` when unset: what a full batch of the longest requests the limits allow holds,
     the bound those limits already imply (so the budget only binds when set lower)."""
     return max_batch_size * (settings.max_prompt_tokens + settings.max_new_tokens)
+
+
+def decode_one(tokenizer: PreTrainedTokenizerBase, ids: list[int], skip_special_tokens: bool) -> str:
+    """One sequence of token ids as text (``decode`` is typed for batches too: a list of ids gives one str)."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str)
+    return text
 
 
 class InferenceEngine:
@@ -146,7 +157,7 @@ class InferenceEngine:
 
     def _detokenize(self, ids: list[int]) -> str:
         """The model thread's decode (each row's text, every step): its own tokenizer, no lock to wait on."""
-        return self._model_tokenizer.decode(ids, skip_special_tokens=True)
+        return decode_one(self._model_tokenizer, ids, skip_special_tokens=True)
 
     def submit(
         self, job: GenerationRequest, on_text: Callable[[str], None] | None = None, key: str | None = None
@@ -231,12 +242,12 @@ class InferenceEngine:
     def detokenize(self, ids: list[int]) -> str:
         """Token ids back to text, special tokens spelled out (an echoed prompt reads as it was scored)."""
         with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=False)
+            return decode_one(self.tokenizer, ids, skip_special_tokens=False)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token on its own, as OpenAI's logprobs name them (special tokens spelled out)."""
         with self._tokenizer_lock:
-            return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+            return [decode_one(self.tokenizer, [i], skip_special_tokens=False) for i in ids]
 
     @property
     def vocab_size(self) -> int:

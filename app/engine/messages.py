@@ -69,6 +69,7 @@ class Request:
     counted: bool = False  # cache hit/miss recorded
     mix: Mix | None = None  # a mix of adapters: ``adapter`` / ``sha256`` are then the mix's cache key
     key: str | None = None  # who asked (API key, else client address): its share of the queue; None = unbounded
+    deferred: bool = False  # held back by its key's share of the batch (counted once)
 
 
 @dataclass

@@ -7,11 +7,13 @@ Only the engine's model thread calls into this class.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from bone import BoneConfig, BoneModel
+from bone.routing import RoutedModel
 from core.errors import Conflict
 
 
@@ -23,8 +25,8 @@ class ModelHost:
         self.bone_model = BoneModel(model, autocast_adapter_dtype=False)
         self.dtype = next(model.parameters()).dtype
         self.bone_model.eval()
-        self._routing = None  # the open ``BoneModel.routing`` context of the running batch
-        self._routed = None
+        self._routing: AbstractContextManager[RoutedModel] | None = None  # the running batch's open routing
+        self._routed: RoutedModel | None = None  # what it yielded
         self._routing_slots: list[str] | None = None
         # Bytes of dense Bat weights a batch may hold between steps (None: no limit); the engine sets it to
         # the adapter pool's free room before each forward, so Bat weights never push the pool past its bound.
@@ -75,7 +77,9 @@ class ModelHost:
             routing = self.bone_model.routing(slots, self.bat_budget_bytes)
             self._routed = routing.__enter__()
             self._routing, self._routing_slots = routing, list(slots)
-        out = self._routed(**kwargs)
+        routed = self._routed
+        assert routed is not None  # set with _routing_slots, both cleared by end_batch
+        out = routed(**kwargs)
         self._report(self.working_bytes)
         return out
 

@@ -116,7 +116,8 @@ def _unseeded_stream(device: torch.device) -> torch.Generator:
 
 def _sampled_rows(params: Sequence[Sampling], errors: list[BaseException | None]) -> list[int]:
     """The rows to sample, those without a cut first (each group is then a slice: a view, not a copy)."""
-    plain, cut = [], []
+    plain: list[int] = []
+    cut: list[int] = []
     for j, p in enumerate(params):
         try:
             if not is_greedy(p):

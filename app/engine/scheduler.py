@@ -18,7 +18,8 @@ and verify it, and only the final copy into the model (``AdapterCache.install``)
 One request never fails another: a row's error is answered to its caller alone (``app.engine.batch``), and
 rows a failed step set aside (``RunningBatch.parked``) resume before any newcomer is admitted. Admission takes
 the waiting requests of keys with the fewest running rows first, so one key's backlog does not hold the
-batch slots while another key waits.
+batch slots while another key waits, and a key at its share of the rows or of the KV budget gets no new row
+while another key under its share waits (``app.engine.share``: a key alone may still fill the batch).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from app.engine.adapter_pool import AdapterCache, AdapterLoader, fetch_mix
 from app.engine.batch import Row, RunningBatch, row_error
 from app.engine.messages import STOP, Control, GenerationResult, Loaded, Request
 from app.engine.model_host import ModelHost
+from app.engine.share import Holdings, kv_tokens
 from core.errors import RateLimited, ServiceError, ServiceUnavailable
 from core.names import BASE_ADAPTER
 from core.settings import Settings
@@ -50,12 +52,6 @@ class NotReady(enum.Enum):
 
     WAIT = "wait"  # its adapter is loading, or there is no room for it while other rows run
     FAILED = "failed"  # its adapter cannot be installed: the request has been answered with the error
-
-
-def kv_tokens(request: Request) -> int:
-    """The KV cache tokens a request may come to hold, reserved when it is admitted: its prompt and every token
-    it may generate."""
-    return len(request.prompt_ids) + request.params.max_new_tokens
 
 
 class Scheduler:
@@ -76,6 +72,9 @@ class Scheduler:
         out_features: dict[str, int],
     ) -> None:
         self.settings, self.host, self.cache, self.batch = settings, host, cache, batch
+        # InferenceEngine resolves both bounds (from the device when unset) before it builds the scheduler
+        assert settings.max_batch_size is not None and settings.kv_budget_tokens is not None
+        self.max_rows, self.kv_budget = settings.max_batch_size, settings.kv_budget_tokens
         self.eos_ids = eos_ids
         self._decode = decode  # token ids -> text, for the streamed pieces of each row
         self._out_features = out_features
@@ -89,6 +88,7 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         # Counters for tests and benchmarks (Prometheus has the same figures, process-wide).
         self.prefills = self.joins = self.steps = self.aborted = self.hits = self.misses = self.failed_rows = 0
+        self.share_deferrals = 0
         self._tps_window = [time.perf_counter(), 0]
 
     # --- called from other threads --------------------------------------------------------------------
@@ -177,6 +177,7 @@ class Scheduler:
         ``batch_wait_ms`` (or until a full batch waits). Returns False on stop."""
         idle = not self.batch.rows and not self.batch.parked and self.batch.entering is None
         deadline = None
+        timeout: float | None
         while True:
             if not idle:
                 timeout = 0.0
@@ -195,7 +196,7 @@ class Scheduler:
                 self._prefetch(item)
                 if idle and deadline is None:
                     deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
-                if len(self._waiting) >= self.settings.max_batch_size:
+                if len(self._waiting) >= self.max_rows:
                     idle = False  # a full batch is here: drain the rest without waiting
             elif isinstance(item, Loaded):
                 self._on_loaded(item)
@@ -218,9 +219,10 @@ class Scheduler:
                 self._fail(request, item.error)
             return
         fetched = item.fetched
+        assert fetched is not None  # a load ends with its adapter or with its error
         self.cache.cpu_put(fetched)
         for request in users:  # an older sha still in the CPU tier keeps it; else the version just read
-            if request.sha256 == fetched.sha256 or self.cache.cpu_get((request.adapter, request.sha256 or "")) is None:
+            if request.sha256 == fetched.sha256 or self.cache.cpu_get((item.name, request.sha256 or "")) is None:
                 request.fetched = fetched
         if item.name in self._preload and not users:
             try:
@@ -236,18 +238,26 @@ class Scheduler:
                 return  # short of device memory: newcomers wait until the parked rows are back in
         if not self._waiting or not self.batch.accepts_joins:
             return
-        room = self.settings.max_batch_size - len(self.batch.rows) - (self.batch.entering is not None)
-        in_use, chosen, still = self.in_use(), [], deque()
-        reserved, budget = self.kv_reserved(), self.settings.kv_budget_tokens
+        room = self.max_rows - len(self.batch.rows) - (self.batch.entering is not None)
+        in_use, chosen, still = self.in_use(), list[Row](), deque[Request]()
+        reserved = self.kv_reserved()
         entering: Row | None = None
         over_budget = False  # once one request waits for KV room, later ones wait too: a long one is not starved
+        shares = Holdings(
+            (row.tag for row in self._admitted()), self._waiting, self.settings.running_share, self.settings.kv_share
+        )
         for request in self._fair_order():
             if request.future.cancelled():  # the caller gave up (timeout, disconnect) while it waited
                 self._release(request)
+                shares.left(request)
+                continue
+            if shares.deferred(request):  # its key holds its share and another key waits: the room is theirs
+                self._defer(request)
+                still.append(request)
                 continue
             row = self._row(request)
             chunked = self.batch.chunked(row)
-            over_budget = over_budget or (budget is not None and reserved + kv_tokens(request) > budget)
+            over_budget = over_budget or reserved + kv_tokens(request) > self.kv_budget
             fits = (
                 len(chosen) + (entering is not None) < room
                 and not over_budget
@@ -256,13 +266,16 @@ class Scheduler:
             progressing = self.batch.rows or chosen or entering is not None or self.batch.entering is not None
             slot = self._resolve(request, in_use, must_progress=not progressing) if fits else NotReady.WAIT
             if slot is NotReady.FAILED:
+                shares.left(request)
                 continue
             if slot is NotReady.WAIT:
                 still.append(request)
                 continue
             if not request.future.set_running_or_notify_cancel():
                 self._release(request)
+                shares.left(request)
                 continue
+            shares.admitted(request)
             in_use.add(slot)
             row.adapter_slot = slot
             reserved += kv_tokens(request)
@@ -293,6 +306,12 @@ class Scheduler:
         self._count_tokens(len(chosen))
         for row in done:
             self._answer(row)
+
+    def _defer(self, request: Request) -> None:
+        if not request.deferred:  # counted once, not at every step it waits
+            request.deferred = True
+            self.share_deferrals += 1
+            metrics.SHARE_DEFERRALS.inc()
 
     def _row(self, request: Request) -> Row:
         """The row ``request`` becomes in the batch (its adapter slot is set once it is resolved)."""

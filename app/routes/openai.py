@@ -599,9 +599,11 @@ def _render_chat(engine: InferenceEngine, messages: list[ChatMessage]) -> str:
     tokenizer = engine.tokenizer
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     try:
-        return tokenizer.apply_chat_template(plain, chat_template=template, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(plain, chat_template=template, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation (e.g. roles out of order)
         raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
+    assert isinstance(text, str)  # tokenize=False: the rendered text, not ids
+    return text
 
 
 def _sse(
