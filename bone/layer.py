@@ -233,7 +233,7 @@ class BoneLinear(nn.Module):
                 and not w.requires_grad
                 and (b is None or not b.requires_grad)
                 and (x.requires_grad or blk.requires_grad)
-                and additive_default(x.device)
+                and additive_default(x.device, x.numel() // fin)
                 and not torch.is_autocast_enabled(x.device.type)
             ):
                 # the common training step (one plain Bone adapter on nn.Linear) without the generic checks

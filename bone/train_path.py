@@ -10,10 +10,14 @@ Bone, ``y = x Wᵀ + b + S_r(x) @ B`` (equivalently ``x (W + ΔW)ᵀ + b``), can
 
 Which is cheaper depends on the shape, dtype and device (a weight-sized memory pass against tokens-sized
 ones), so on an accelerator it is timed once per (in, out, r, tokens bucket, dtype, device) at first use and
-cached (:func:`choose`). On the CPU the default is the additive form, always: the two forms round differently,
-and a timing-based pick could differ between the process that wrote a checkpoint and the one that resumes it,
-which would break the bit-identical CPU resume the service promises (and the measured pick showed no
-consistent win on CPU). :func:`force` pins a path or asks for measuring everywhere (tests, benchmarks).
+cached (:func:`choose`). On the CPU the pick is a fixed rule on the token count instead: the two forms round
+differently, and a timing-based pick could differ between the process that wrote a checkpoint and the one that
+resumes it, which would break the bit-identical CPU resume the service promises (a rule on the shape gives
+every process the same pick for the same batch). The rule, from CPU-time measurements of one small-Llama
+layer (hidden 512, 1 thread): additive up to 1024 tokens (at 512 tokens it cost 7 ms over the frozen
+projections against 14 ms folded, r=16; 14 against 16–20 ms at r=64), even at 1024, folded from 2048 (5 against
+31 ms at r=16, 29 against 52 ms at r=64): the additive form's extra gemms grow with the tokens, the fold's weight
+rebuild does not. :func:`force` pins a path or asks for measuring everywhere (tests, benchmarks).
 Either way the block gradient is one small gemm ``S_r(x)ᵀ @ dy`` with ``S_r(x)`` (tokens×r) saved from the
 forward, never x, and the chunk sum is shared between sibling projections that read the same input (q/k/v,
 gate/up) through :func:`bone.functional.cached_chunk_sum`, as in decoding.
@@ -33,13 +37,15 @@ import torch.nn.functional as F
 from . import functional as BF
 
 _CHOICES: dict[tuple, tuple[bool, bool]] = {}  # key -> (fold forward, fold backward)
-_FORCED: list = [None]  # None (auto: additive on CPU, measured elsewhere), "measure", "fold" or "add"
+_FORCED: list = [None]  # None (auto: a token-count rule on CPU, measured elsewhere), "measure", "fold" or "add"
+CPU_FOLD_TOKENS = 2048  # on the CPU by default, fold both halves from this tokens bucket up (see above)
 MODES = (None, "measure", "fold", "add")
 
 
 def force(mode: str | None) -> None:
     """Pin the Bone training path: ``"fold"``, ``"add"``, ``"measure"`` (timed per shape on every device), or
-    ``None`` for the default (additive on CPU, so runs are reproducible; measured per shape elsewhere)."""
+    ``None`` for the default (on the CPU a fixed rule on the token count, so runs are reproducible; measured
+    per shape elsewhere)."""
     if mode not in MODES:
         raise ValueError(f"train path must be one of {MODES}, got {mode!r}")
     _FORCED[0] = mode
@@ -117,7 +123,7 @@ def choose(fin: int, fout: int, rs: tuple[int, ...], tokens: int, dtype, device,
     if forced in ("fold", "add"):
         return (forced == "fold",) * 2
     if forced is None and device.type == "cpu":
-        return (False, False)
+        return (tokens_bucket(tokens) >= CPU_FOLD_TOKENS,) * 2
     key = (fin, fout, rs, tokens_bucket(tokens), dtype, device.type, device.index, conv1d)
     hit = _CHOICES.get(key)
     if hit is None:
@@ -213,10 +219,10 @@ class BoneTrainFn(torch.autograd.Function):
         return (gx, gw, gb, None, None, None, *gblocks)
 
 
-def additive_default(device: torch.device) -> bool:
-    """Does :func:`choose` answer "additive both ways" for every shape on this device without measuring?"""
+def additive_default(device: torch.device, tokens: int) -> bool:
+    """Does :func:`choose` answer "additive both ways" for this many tokens on this device without measuring?"""
     forced = _FORCED[0]
-    return forced == "add" or (forced is None and device.type == "cpu")
+    return forced == "add" or (forced is None and device.type == "cpu" and tokens_bucket(tokens) < CPU_FOLD_TOKENS)
 
 
 class BoneAddFn(torch.autograd.Function):

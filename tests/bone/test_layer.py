@@ -324,8 +324,9 @@ def test_fast_path_refreshes_after_to_and_load_state_dict():
 
 
 def test_cpu_training_takes_one_path_by_default(train_path):
-    """On the CPU the default is the additive form with no timing: every process (the one that wrote a
-    checkpoint and the one that resumes it) computes with the same rounding, so resumes stay bit-identical."""
+    """On the CPU the default is a fixed rule on the token count with no timing: every process (the one that
+    wrote a checkpoint and the one that resumes it) computes with the same rounding, so resumes stay
+    bit-identical. Additive up to 1024 tokens, folded from there."""
     train_path(None)
     layer = make(16, 12, False)
     layer.add_adapter("a", config("bone", 4, random_init=True))
@@ -333,6 +334,12 @@ def test_cpu_training_takes_one_path_by_default(train_path):
     x = torch.randn(2, 3, 16, requires_grad=True)
     layer(x).sum().backward()
     assert TP.choose(16, 12, (4,), 6, torch.float32, torch.device("cpu"), False) == (False, False)
+    assert TP.choose(16, 12, (4,), 1024, torch.float32, torch.device("cpu"), False) == (False, False)
+    assert TP.choose(16, 12, (4,), 1025, torch.float32, torch.device("cpu"), False) == (True, True)
+    x = torch.randn(2, 1025, 16, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "BoneTrainFnBackward"  # not the lean additive Function
+    y.sum().backward()
     assert TP.choices() == {}  # nothing was timed
 
 
