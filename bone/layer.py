@@ -22,7 +22,7 @@ from .config import BoneConfig
 from .errors import BoneConfigError, BoneError
 from .linear_types import Conv1D
 from .routing import current_routing, row_forward
-from .train_path import BatTrainFn, bone_train
+from .train_path import BatTrainFn, BoneAddFn, additive_default, bone_train
 
 
 class BoneLinear(nn.Module):
@@ -222,7 +222,24 @@ class BoneLinear(nn.Module):
         if routing is not None:
             return row_forward(self, x, routing)
         fast = self._fast
-        if fast is not None and not torch.is_grad_enabled():
+        if fast is not None and torch.is_grad_enabled():
+            w, b, blk, r, nf, rem, out, fin, conv1d, p = fast
+            if (
+                not conv1d
+                and rem == 0
+                and x.dtype == w.dtype
+                and x.is_contiguous()
+                and not (p and self.training)
+                and not w.requires_grad
+                and (b is None or not b.requires_grad)
+                and (x.requires_grad or blk.requires_grad)
+                and additive_default(x.device, x.numel() // fin)
+                and not torch.is_autocast_enabled(x.device.type)
+            ):
+                # the common training step (one plain Bone adapter on nn.Linear) without the generic checks
+                # below: ~28 projections a step, each saving a few dozen microseconds of Python
+                return BoneAddFn.apply(x, w, b, blk)
+        elif fast is not None:
             w, b, blk, r, nf, rem, out, fin, conv1d, p = fast
             if x.dtype == w.dtype and not (p and self.training) and x.is_contiguous():
                 # decode hot path: base matmul, chunk sum (shared by sibling projections that read the same

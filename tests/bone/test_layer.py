@@ -324,8 +324,9 @@ def test_fast_path_refreshes_after_to_and_load_state_dict():
 
 
 def test_cpu_training_takes_one_path_by_default(train_path):
-    """On the CPU the default is the additive form with no timing: every process (the one that wrote a
-    checkpoint and the one that resumes it) computes with the same rounding, so resumes stay bit-identical."""
+    """On the CPU the default is a fixed rule on the token count with no timing: every process (the one that
+    wrote a checkpoint and the one that resumes it) computes with the same rounding, so resumes stay
+    bit-identical. Additive up to 1024 tokens, folded from there."""
     train_path(None)
     layer = make(16, 12, False)
     layer.add_adapter("a", config("bone", 4, random_init=True))
@@ -333,4 +334,55 @@ def test_cpu_training_takes_one_path_by_default(train_path):
     x = torch.randn(2, 3, 16, requires_grad=True)
     layer(x).sum().backward()
     assert TP.choose(16, 12, (4,), 6, torch.float32, torch.device("cpu"), False) == (False, False)
+    assert TP.choose(16, 12, (4,), 1024, torch.float32, torch.device("cpu"), False) == (False, False)
+    assert TP.choose(16, 12, (4,), 1025, torch.float32, torch.device("cpu"), False) == (True, True)
+    x = torch.randn(2, 1025, 16, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "BoneTrainFnBackward"  # not the lean additive Function
+    y.sum().backward()
     assert TP.choices() == {}  # nothing was timed
+
+
+@pytest.mark.parametrize("mode", ["add", None])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lean_training_path_is_bit_identical_to_the_generic_one(mode, bias, train_path):
+    """The common training case (one Bone adapter on a frozen nn.Linear, r dividing in, additive on the CPU)
+    takes the lean Function; it gives exactly the generic Function's output and gradients, and both match
+    autograd on W + ΔW."""
+    train_path(mode)
+    layer = make(48, 20, bias=bias)
+    layer.add_adapter("a", config("bone", 16, random_init=True))
+    layer.set_active(["a"])
+    layer.requires_grad_(False)
+    blk = layer.bone_block["a"].requires_grad_(True)
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    gy = torch.randn(2, 7, 20)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "BoneAddFnBackward"
+    y.backward(gy)
+    got = (y.detach(), x.grad.clone(), blk.grad.clone())
+    x2 = x.detach().clone().requires_grad_(True)
+    blk2 = blk.detach().clone().requires_grad_(True)
+    y2 = TP.BoneTrainFn.apply(x2, layer.base_layer.weight, layer.base_layer.bias, False, False, False, blk2)
+    y2.backward(gy)
+    for a, b in zip(got, (y2.detach(), x2.grad, blk2.grad)):
+        assert torch.equal(a, b)
+    x3 = x.detach().clone().requires_grad_(True)
+    blk3 = blk.detach().clone().requires_grad_(True)
+    W = layer.base_layer.weight + BF.bone_delta(blk3, 48)
+    y3 = x3 @ W.t() + (layer.base_layer.bias if bias else 0)
+    y3.backward(gy)
+    for a, b in zip(got, (y3.detach(), x3.grad, blk3.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("why", ["fold", "weight grad", "r does not divide in"])
+def test_training_leaves_the_lean_path_when_it_does_not_apply(why, train_path):
+    train_path("fold" if why == "fold" else None)
+    fin = 50 if why == "r does not divide in" else 48
+    layer = make(fin, 20)
+    layer.add_adapter("a", config("bone", 16, random_init=True))
+    layer.set_active(["a"])
+    layer.base_layer.weight.requires_grad_(why == "weight grad")
+    y = layer(torch.randn(3, fin, requires_grad=True))
+    assert type(y.grad_fn).__name__ == "BoneTrainFnBackward"
