@@ -169,7 +169,11 @@ def test_golden_vectors(case, golden_dir):
     bm = BoneModel.from_pretrained(AutoModelForCausalLM.from_pretrained(g / "base"), g / "adapter")
     torch.testing.assert_close(logits(bm, x), exp["adapter_logits"], atol=1e-5, rtol=0)
     with bm.disable_adapter():
-        assert torch.equal(logits(bm, x), exp["base_logits"])
+        disabled = logits(bm, x)
+    # Disabled is the base model itself, bit for bit; against PEFT's file, only as close as the transformers
+    # build that wrote it (the plain model of transformers 5.25 differs from it by 1.5e-7)
+    assert torch.equal(disabled, logits(AutoModelForCausalLM.from_pretrained(g / "base"), x))
+    torch.testing.assert_close(disabled, exp["base_logits"], atol=1e-6, rtol=0)
     rows = logits(bm, x, adapter_names=["default", "__base__"])
     torch.testing.assert_close(rows[0], exp["adapter_logits"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(rows[1], exp["base_logits"][1], atol=1e-5, rtol=0)
