@@ -34,13 +34,13 @@ run: venv
 test: venv-test
 	$(BIN)/python -m tests.with_redis $(PYTEST_ARGS)
 
-# ruff checks and formats the whole tree; mypy types bone/, core/ and app/;
+# ruff checks and formats the whole tree; mypy types bone/, core/, app/, worker/ and cli/;
 # lint-imports keeps the arrows between the packages and no cycles inside one (docs/ARCHITECTURE.md).
 FORMATTED = .
 lint: venv-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check $(FORMATTED)
-	$(BIN)/mypy bone core app
+	$(BIN)/mypy bone core app worker cli
 	$(BIN)/lint-imports
 
 clean:

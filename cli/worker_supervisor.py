@@ -65,6 +65,8 @@ class WorkerSupervisor:
     def _watch(self) -> None:
         while not self._stopping.is_set():
             proc = self._proc
+            # start() spawns before this thread runs, and a spawn is skipped only once stopping is set
+            assert proc is not None
             code = proc.wait()
             if self._stopping.is_set():
                 return

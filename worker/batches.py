@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
 
-from worker.data import IGNORE_INDEX, Example
+from worker.data import IGNORE_INDEX, Example, Ints
 
 MEGABATCH_MULT = 50  # batches per megabatch in length grouping (transformers' LengthGroupedSampler)
 
 
-def length_grouped_order(order: list[int], lengths: Sequence[int], batch_size: int) -> list[int]:
+class _BatchKeys(TypedDict):
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None  # None for packed blocks: the model masks by ``position_ids``
+
+
+class Batch(_BatchKeys, total=False):
+    """A collated micro-batch, as keyword arguments of ``CausalLMLoss`` (``collate``)."""
+
+    position_ids: torch.Tensor  # packed blocks only
+
+
+def length_grouped_order(order: list[int], lengths: Ints, batch_size: int) -> list[int]:
     """A shuffled ``order`` regrouped so that each batch holds examples of similar length, as transformers'
     ``LengthGroupedSampler`` does: cut into megabatches of up to 50 batches, sort each by length (longest
     first), and move the longest example of all to the front, so a batch that does not fit in memory fails
@@ -33,9 +46,7 @@ class BatchStream:
     checkpoint needs: ``skip(position)`` replays the permutations to the same place. With ``lengths`` (the
     examples' token counts) each permutation is length-grouped (``length_grouped_order``): less padding."""
 
-    def __init__(
-        self, examples: Sequence[Example], batch_size: int, seed: int, lengths: Sequence[int] | None = None
-    ) -> None:
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, lengths: Ints | None = None) -> None:
         self.examples, self.batch_size, self.lengths = examples, batch_size, lengths
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0
@@ -65,7 +76,7 @@ class BatchStream:
         return chunk
 
 
-def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(batch: list[Example], pad_id: int, device: torch.device) -> Batch:
     """Right-padded tensors; padding has attention 0 and label IGNORE_INDEX. Packed blocks: ``collate_packed``."""
     if any(ex.segments is not None for ex in batch):
         return collate_packed(batch, pad_id, device)
@@ -79,12 +90,13 @@ def collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str
         labels[row, :n] = as_tensor(ex.labels)
         attention_mask[row, :n] = 1
     return {
-        k: to_device(v, device)
-        for k, v in (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask))
+        "input_ids": to_device(input_ids, device),
+        "labels": to_device(labels, device),
+        "attention_mask": to_device(attention_mask, device),
     }
 
 
-def collate_packed(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def collate_packed(batch: list[Example], pad_id: int, device: torch.device) -> Batch:
     """Packed blocks as transformers' flattening convention (``DataCollatorWithFlattening``) has them:
     ``position_ids`` restart at 0 at each example and ``attention_mask`` is None, from which the model builds
     a block-diagonal causal mask (eager and sdpa: a 4-D mask; flash-attention: cu_seqlens), so no token
@@ -112,7 +124,7 @@ def collate_packed(batch: list[Example], pad_id: int, device: torch.device) -> d
     }
 
 
-def as_tensor(values: Sequence[int]) -> torch.Tensor:
+def as_tensor(values: Ints) -> torch.Tensor:
     """A row's tokens as int64, from a list or from a (read-only, memory-mapped) int32 numpy view."""
     return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
@@ -129,5 +141,5 @@ def batch_tokens(batch: list[Example]) -> int:
     return sum(len(ex.input_ids) for ex in batch)
 
 
-def trainable_tokens(batch: dict[str, torch.Tensor]) -> int:
+def trainable_tokens(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position 0 is never a target

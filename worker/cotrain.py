@@ -306,7 +306,9 @@ def _join(model: BoneModel, member: Member, device: torch.device, running: dict[
     model.add_adapter(member.key, member.config)
     model.set_adapter([*running, member.key])  # every member's blocks trainable; rows pick theirs by routing
     suffix = f".{member.key}"
-    params = {_canonical(n, member.key): p for n, p in model.named_parameters() if n.endswith(suffix)}
+    params: dict[str, torch.Tensor] = {
+        _canonical(n, member.key): p for n, p in model.named_parameters() if n.endswith(suffix)
+    }
     if not params or not all(p.requires_grad for p in params.values()):
         raise ValueError("the model has no trainable parameters")
     trainable = sum(p.numel() for p in params.values())

@@ -17,8 +17,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, overload
+from typing import Any, Literal, Protocol, TypeAlias, overload
 
+import numpy as np
 import torch
 
 from core.errors import InvalidRequest, NotFound
@@ -29,6 +30,9 @@ from core.paths import dataset_file, dataset_source
 from core.settings import Settings
 
 IGNORE_INDEX = -100  # what cross-entropy skips: prompt tokens, non-assistant turns, padding
+# Token ids, labels, lengths: lists while built, numpy int arrays (not Sequences to a type checker) when read
+# back from disk or measured from Arrow offsets (worker.tokenized).
+Ints: TypeAlias = "Sequence[int] | np.ndarray"
 
 
 class Cancelled(Exception):
@@ -38,11 +42,11 @@ class Cancelled(Exception):
 @dataclass
 class Example:
     # Lists while built; read-only numpy int32 views when read back from disk (worker.tokenized).
-    input_ids: Sequence[int]
-    labels: Sequence[int]  # IGNORE_INDEX where no loss is taken
+    input_ids: Ints
+    labels: Ints  # IGNORE_INDEX where no loss is taken
     # A packed block: the lengths of the whole examples it holds, in order (None: one plain example). Each
     # restarts its positions at 0 and attends only within itself (worker.batches.collate).
-    segments: Sequence[int] | None = None
+    segments: Ints | None = None
 
 
 class ExampleSink(Protocol):
@@ -292,21 +296,24 @@ def pack(
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 2)).tolist()
     blocks: list[Example] = []
     add = into.add if into is not None else blocks.append
-    current = Example([], [], [])
+    # the open block's columns, as lists (an Example's fields may be read-only arrays)
+    ids: list[int] = []
+    block_labels: list[int] = []
+    segments: list[int] = []
     try:
         for i in order:
             example = examples[i]
-            if current.segments and len(current.input_ids) + len(example.input_ids) > max_seq_length:
-                add(current)
-                current = Example([], [], [])
+            if segments and len(ids) + len(example.input_ids) > max_seq_length:
+                add(Example(ids, block_labels, segments))
+                ids, block_labels, segments = [], [], []
             labels = [int(label) for label in example.labels]
-            if current.segments:
+            if segments:
                 labels[0] = IGNORE_INDEX
-            current.input_ids.extend(int(token) for token in example.input_ids)  # type: ignore[attr-defined]
-            current.labels.extend(labels)  # type: ignore[attr-defined]
-            current.segments.append(len(example.input_ids))  # type: ignore[union-attr]
-        if current.segments:
-            add(current)
+            ids.extend(int(token) for token in example.input_ids)
+            block_labels.extend(labels)
+            segments.append(len(example.input_ids))
+        if segments:
+            add(Example(ids, block_labels, segments))
     except BaseException:
         if into is not None:
             into.abort()

@@ -184,6 +184,7 @@ def _tokenize(job: Job, settings: Settings, workdir: Path, tokenizer, loaded: _L
     train_examples: Sequence[Example] = data.examples
     eval_examples: Sequence[Example] = []
     if loaded.validation_rows is not None:
+        assert job.validation_dataset is not None  # load_rows gives validation rows only from it
         eval_examples = tokenize_rows(
             loaded.validation_rows,
             tokenizer,

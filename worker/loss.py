@@ -12,11 +12,16 @@ loss. Models whose logits are not just ``lm_head(hidden)`` (soft-capping, logit 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from worker.data import IGNORE_INDEX
+
+if TYPE_CHECKING:  # transformers is imported when a model loads, not with this module
+    from transformers import PreTrainedModel
 
 CHUNK_TOKENS = 1024
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -78,6 +83,12 @@ def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, per_row: 
     )
 
 
+def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under a Bone wrapper (its ``base_model``). A module's attributes type as
+    ``Tensor | Module`` to mypy, so say what this one is."""
+    return cast("PreTrainedModel", getattr(model, "base_model", model))
+
+
 class CausalLMLoss(torch.nn.Module):
     """``forward(input_ids, attention_mask, labels, position_ids=None)`` -> summed loss (fp32 scalar); with
     ``per_row=True`` one sum per batch row (fp32, (rows,))."""
@@ -86,7 +97,7 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model  # the Bone-wrapped causal LM; its parameters are this module's
         self.chunk_tokens = chunk_tokens
-        causal_lm = getattr(model, "base_model", model)
+        causal_lm = _causal_lm(model)
         config = getattr(causal_lm, "config", None)
         self.chunked = (
             chunk_tokens > 0
@@ -107,7 +118,7 @@ class CausalLMLoss(torch.nn.Module):
         if not self.chunked:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
             return plain_cross_entropy(out.logits, labels, per_row=per_row)
-        causal_lm = getattr(self.model, "base_model", self.model)
+        causal_lm = _causal_lm(self.model)
         hidden = causal_lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
         ).last_hidden_state

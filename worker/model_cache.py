@@ -28,11 +28,15 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from core.base_model import LoadedBaseModel, load_base_model, resolve_dtype
 from core.settings import Settings
+
+if TYPE_CHECKING:  # transformers is imported when a model loads, not with this module
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,9 @@ def preload(name: str, settings: Settings, device: torch.device) -> LoadedBaseMo
         return entry.loaded
 
 
-def model_for_job(name: str, settings: Settings, device: torch.device) -> tuple[torch.nn.Module, object]:
+def model_for_job(
+    name: str, settings: Settings, device: torch.device
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A model the job may change (see the module doc), already on ``device``, and its tokenizer."""
     loaded = preload(name, settings, device)
     entry = _cache[name]

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from core.storage import fsync_path
 
 if TYPE_CHECKING:
+    from bone import BoneModel
     from core.storage.resume_state import JobResume
 
 STATE_FILE = "state.json"
@@ -74,7 +75,7 @@ class Gathered:
 def save(
     root: Path,
     step: int,
-    model: torch.nn.Module,
+    model: BoneModel,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     *,

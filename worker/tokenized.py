@@ -19,7 +19,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from worker.data import Example
+from worker.data import Example, Ints
 
 WRITE_BATCH_ROWS = 1000  # rows buffered as Python lists before they are written out as one Arrow record batch
 
@@ -150,7 +150,7 @@ class ArrowExamples(Sequence[Example]):
         return sum(int(values.nbytes) for name in ("input_ids", "labels") for _, values in self._columns[name])
 
 
-def example_lengths(examples: Sequence[Example]) -> Sequence[int]:
+def example_lengths(examples: Sequence[Example]) -> Ints:
     if isinstance(examples, ArrowExamples):
         return examples.lengths()
     return [len(ex.input_ids) for ex in examples]

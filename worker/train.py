@@ -41,7 +41,7 @@ import torch
 from core.jobs import TrainingSpec
 from core.names import TRAINING_SLOT
 from worker import resume, sharding
-from worker.batches import BatchStream, batch_tokens, collate, trainable_tokens
+from worker.batches import Batch, BatchStream, batch_tokens, collate, trainable_tokens
 from worker.data import IGNORE_INDEX, Cancelled, Example
 from worker.eval_metrics import EvalResult, evaluate
 from worker.loss import CausalLMLoss, plain_cross_entropy
@@ -49,6 +49,7 @@ from worker.ranks import Ranks
 from worker.tokenized import example_lengths
 
 if TYPE_CHECKING:
+    from bone import BoneModel
     from core.storage.resume_state import JobResume
 
 __all__ = ["Cancelled", "TrainResult", "collate", "count_steps", "get_lr", "train"]
@@ -117,7 +118,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def summed_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over trainable tokens, through the model's full logits
     (the reference ``CausalLMLoss`` is tested against); the loop divides by the step's token count so every
     token weighs the same across micro-batches of different lengths."""
@@ -147,7 +148,10 @@ def make_optimizer(params: list[torch.Tensor], spec: TrainingSpec, device: torch
     plain = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point() for p in params)
     fused = plain and device.type in ("cuda", "cpu") and all(p.device.type == device.type for p in params)
     return torch.optim.AdamW(
-        params, lr=spec.learning_rate, weight_decay=spec.weight_decay, **({"fused": True} if fused else {})
+        params,
+        lr=spec.learning_rate,
+        weight_decay=spec.weight_decay,
+        fused=True if fused else None,  # None is AdamW's default: as if not passed
     )
 
 
@@ -162,7 +166,7 @@ def due(step: int, every: int | None, total: int) -> bool:
     return every is not None and step % every == 0 and step < total
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+def enable_activation_checkpointing(model: BoneModel) -> None:
     """Non-reentrant checkpointing: the reentrant kind needs inputs that require grad, which a frozen
     base's embeddings never do. transformers 5 renamed the method (the old name warns)."""
     kwargs = {"use_reentrant": False}
@@ -172,9 +176,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def rank_batch(
-    ranks: Ranks, batch: list[Example], pad_id: int, device: torch.device
-) -> tuple[dict[str, torch.Tensor], float, int]:
+def rank_batch(ranks: Ranks, batch: list[Example], pad_id: int, device: torch.device) -> tuple[Batch, float, int]:
     """(this rank's collated rows of a global micro-batch, loss weight, real tokens). A rank whose shard is empty (an
     epoch's last short batch on many ranks) runs one row with weight 0: DDP needs every rank in every
     backward, and a zero-weighted row adds nothing to the gradient."""
@@ -259,7 +261,7 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 
 # --- the loop ---------------------------------------------------------------------------------------------
 def train(
-    model: torch.nn.Module,
+    model: BoneModel,
     tokenizer,
     examples: Sequence[Example],
     spec: TrainingSpec,
@@ -295,7 +297,7 @@ def train(
         sharding.shard(forward, model, device, ranks.world_size)  # type: ignore[union-attr]
 
     # -- optimizer: trainable parameters only (the frozen base never enters the optimizer state)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = make_optimizer(params, spec, device)
@@ -326,7 +328,7 @@ def train(
 
     # -- resume: the newest complete checkpoint restores weights, optimizer, RNG and the data position
     result = TrainResult(steps=0, total_steps=total_steps, epochs=0.0)
-    loop = {"micro_batches": 0, "seen": 0, "best_eval": None, "bad_evals": 0, "seconds": 0.0}
+    loop: dict[str, Any] = {"micro_batches": 0, "seen": 0, "best_eval": None, "bad_evals": 0, "seconds": 0.0}
     start = 0
     newest = resume.newest(checkpoint_dir, shared_checkpoints) if checkpoint_dir is not None else None
     if newest is not None:
