@@ -17,6 +17,7 @@ an integer) and empty cells count as missing, as in Parquet.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel
 
-from core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from core.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from core.formats import FORMATS, BadRow, detect_format
 from core.storage.areas import FolderArea, ObjectArea
 from core.storage.common import file_sha256
@@ -70,6 +71,22 @@ class InvalidFile(InvalidRequest):
         body = super().to_dict()
         body["error"]["errors"] = self.errors
         return body
+
+
+class FilesUnreachable(ServiceUnavailable):
+    """The shared store of uploaded files did not answer (network, NFS, object store down): a passing
+    condition, so a worker reading a job's file sends the job back to the queue rather than failing it."""
+
+
+@contextlib.contextmanager
+def _shared_io() -> Iterator[None]:
+    """A missing file is an answer; any other failure of the shared store means it could not be reached."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (ServiceUnavailable, OSError) as exc:
+        raise FilesUnreachable(f"the store of uploaded files is unreachable: {exc}") from exc
 
 
 @dataclass
@@ -204,7 +221,8 @@ class FileStore:
         """The sidecar's bytes; FileNotFoundError when there is none."""
         if self.shared is None:
             return self._meta(file_id).read_bytes()
-        return self.shared.read(f"{file_id}.meta.json")
+        with _shared_io():
+            return self.shared.read(f"{file_id}.meta.json")
 
     def get(self, file_id: str) -> FileInfo:
         if not is_file_id(file_id):
@@ -234,7 +252,8 @@ class FileStore:
             return local
         want = json.loads(self._sidecar(info.id)).get("sha256")
         try:
-            self.shared.get_file(name, local)
+            with _shared_io():
+                self.shared.get_file(name, local)
         except FileNotFoundError:
             raise NotFound(f"file {info.id!r} has lost its data", param="file_id") from None
         if local.stat().st_size != info.bytes or (want and file_sha256(local) != want):
