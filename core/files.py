@@ -263,20 +263,17 @@ class FileStore:
 
     def list(self, owner: str | None = None) -> list[FileInfo]:
         if self.shared is not None:
-            names = [n for n in self.shared.children("") if n.endswith(".meta.json") and not n.startswith(".")]
-            read = self.shared.read
-        else:
-            if not self.root.is_dir():
-                return []
+            with _shared_io():
+                found = self.shared.children("")
+            names = [n for n in found if n.endswith(".meta.json") and not n.startswith(".")]
+        elif self.root.is_dir():
             names = [meta.name for meta in self.root.glob("*.meta.json")]
-
-            def read(name: str) -> bytes:
-                return (self.root / name).read_bytes()
-
+        else:
+            return []
         infos = []
         for name in names:
             try:
-                info = FileInfo.model_validate_json(read(name))
+                info = FileInfo.model_validate_json(self._sidecar(name.removesuffix(".meta.json")))
             except (OSError, ValueError):
                 continue  # a half-deleted entry must not hide the others
             if owner is None or info.owner == owner:
