@@ -49,7 +49,7 @@ async def get_registry(request: Request, principal: PrincipalDep) -> OwnedAdapte
 
 
 async def get_files(request: Request, principal: PrincipalDep) -> OwnedFiles:
-    return OwnedFiles(FileStore(request.app.state.settings.files_dir), principal)
+    return OwnedFiles(FileStore.from_settings(request.app.state.settings), principal)
 
 
 async def get_engine(request: Request) -> InferenceEngine:

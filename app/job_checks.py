@@ -100,7 +100,7 @@ class JobChecker:
             if dataset.format is not None:
                 self._check_format(path, dataset.format, param, label=dataset.path)
         if isinstance(dataset, FileDataset):
-            store = FileStore(self.settings.files_dir)
+            store = FileStore.from_settings(self.settings)
             try:
                 path = store.path(dataset.file_id)
             except NotFound as exc:

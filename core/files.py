@@ -4,6 +4,12 @@ On disk, in ``settings.files_dir``:
   <file_id><ext>          the file as uploaded (.jsonl, .json, .csv or .parquet)
   <file_id>.meta.json     sidecar: filename, bytes, rows, format, owner, created_at
 
+With a registry URL (``BONE_REGISTRY_URL``: a store every replica and worker shares), the store is the
+registry's hidden area ``<registry root>/.files/`` instead (the same two names; the data first, the sidecar
+last, so a file is listed only when whole; the sidecar also holds the data's sha256). ``settings.files_dir``
+then only stages uploads and caches what this machine read, under ``.cache/``, checked against the sidecar's
+size and sha256 when fetched, so a worker on another machine trains on the bytes that were uploaded.
+
 The same reader serves the upload check and the worker (``{"file_id"}`` and ``{"path"}`` datasets), so a
 job trains on exactly the rows that were validated. CSV cells stay strings (a completion "4" is text, not
 an integer) and empty cells count as missing, as in Parquet.
@@ -11,6 +17,7 @@ an integer) and empty cells count as missing, as in Parquet.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -19,16 +26,23 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel
 
-from core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from core.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceUnavailable
 from core.formats import FORMATS, BadRow, detect_format
+from core.storage.areas import FolderArea, ObjectArea
+from core.storage.common import file_sha256
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_REPORTED_ROWS = 10  # the first bad rows named in an upload error; more would only bury the first one
 _CHUNK = 1 << 20
+FILES_DIR = ".files"  # in the registry's store; hidden, like the resume state
+CACHE_DIR = ".cache"  # in settings.files_dir: shared files this machine fetched
 
 
 class FileInfo(BaseModel):
@@ -57,6 +71,22 @@ class InvalidFile(InvalidRequest):
         body = super().to_dict()
         body["error"]["errors"] = self.errors
         return body
+
+
+class FilesUnreachable(ServiceUnavailable):
+    """The shared store of uploaded files did not answer (network, NFS, object store down): a passing
+    condition, so a worker reading a job's file sends the job back to the queue rather than failing it."""
+
+
+@contextlib.contextmanager
+def _shared_io() -> Iterator[None]:
+    """A missing file is an answer; any other failure of the shared store means it could not be reached."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (ServiceUnavailable, OSError) as exc:
+        raise FilesUnreachable(f"the store of uploaded files is unreachable: {exc}") from exc
 
 
 @dataclass
@@ -165,35 +195,85 @@ def is_file_id(value: str) -> bool:
 
 
 class FileStore:
-    def __init__(self, root: Path) -> None:
+    """The uploaded files: in ``root`` (``settings.files_dir``), or, given ``shared``, in the registry's store
+    with ``root`` as staging and cache (``from_settings`` picks)."""
+
+    def __init__(self, root: Path, shared: FolderArea | ObjectArea | None = None) -> None:
         self.root = Path(root)
+        self.shared = shared
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FileStore:
+        if not settings.registry_url:
+            return cls(settings.files_dir)
+        from core.storage.local import LocalStorage
+        from core.storage.opening import storage_from_settings
+
+        storage = storage_from_settings(settings)
+        if isinstance(storage, LocalStorage):
+            return cls(settings.files_dir, FolderArea(storage.root / FILES_DIR))
+        return cls(settings.files_dir, ObjectArea(storage, FILES_DIR))
 
     def _meta(self, file_id: str) -> Path:
         return self.root / f"{file_id}.meta.json"
+
+    def _sidecar(self, file_id: str) -> bytes:
+        """The sidecar's bytes; FileNotFoundError when there is none."""
+        if self.shared is None:
+            return self._meta(file_id).read_bytes()
+        with _shared_io():
+            return self.shared.read(f"{file_id}.meta.json")
 
     def get(self, file_id: str) -> FileInfo:
         if not is_file_id(file_id):
             raise NotFound(f"no file with id {file_id!r}", param="file_id")
         try:
-            return FileInfo.model_validate_json(self._meta(file_id).read_bytes())
+            return FileInfo.model_validate_json(self._sidecar(file_id))
         except FileNotFoundError:
             raise NotFound(f"no file with id {file_id!r}", param="file_id") from None
 
     def path(self, file_id: str) -> Path:
-        """The stored data file; NotFound if it is gone."""
+        """The stored data file (a local copy of a shared one); NotFound if it is gone."""
         info = self.get(file_id)
+        if self.shared is not None:
+            return self._fetch(info)
         path = self.root / f"{info.id}{info.suffix}"
         if not path.is_file():
             raise NotFound(f"file {file_id!r} has lost its data", param="file_id")
         return path
 
+    def _fetch(self, info: FileInfo) -> Path:
+        """The shared file in this machine's cache: fetched once, checked against the sidecar's size and sha256
+        (file ids are never reused, so a cached copy of the right size stays valid)."""
+        assert self.shared is not None
+        name = f"{info.id}{info.suffix}"
+        local = self.root / CACHE_DIR / name
+        if local.is_file() and local.stat().st_size == info.bytes:
+            return local
+        want = json.loads(self._sidecar(info.id)).get("sha256")
+        try:
+            with _shared_io():
+                self.shared.get_file(name, local)
+        except FileNotFoundError:
+            raise NotFound(f"file {info.id!r} has lost its data", param="file_id") from None
+        if local.stat().st_size != info.bytes or (want and file_sha256(local) != want):
+            local.unlink(missing_ok=True)
+            raise NotFound(f"file {info.id!r} has lost its data (it does not match its sha256)", param="file_id")
+        return local
+
     def list(self, owner: str | None = None) -> list[FileInfo]:
-        if not self.root.is_dir():
+        if self.shared is not None:
+            with _shared_io():
+                found = self.shared.children("")
+            names = [n for n in found if n.endswith(".meta.json") and not n.startswith(".")]
+        elif self.root.is_dir():
+            names = [meta.name for meta in self.root.glob("*.meta.json")]
+        else:
             return []
         infos = []
-        for meta in self.root.glob("*.meta.json"):
+        for name in names:
             try:
-                info = FileInfo.model_validate_json(meta.read_bytes())
+                info = FileInfo.model_validate_json(self._sidecar(name.removesuffix(".meta.json")))
             except (OSError, ValueError):
                 continue  # a half-deleted entry must not hide the others
             if owner is None or info.owner == owner:
@@ -232,6 +312,9 @@ class FileStore:
                 created_at=time.time(),
                 suffix=suffix,
             )
+            if self.shared is not None:
+                self._share(staging, info)
+                return info
             os.replace(staging, self.root / f"{file_id}{suffix}")
             tmp_meta = self.root / f".{file_id}.meta.tmp"
             tmp_meta.write_text(info.model_dump_json(indent=2))
@@ -240,10 +323,28 @@ class FileStore:
         finally:
             staging.unlink(missing_ok=True)
 
+    def _share(self, staging: Path, info: FileInfo) -> None:
+        """Into the shared store: the data, then the sidecar (with the sha256 readers check); the staged copy
+        stays here as this machine's cached one."""
+        assert self.shared is not None
+        name = f"{info.id}{info.suffix}"
+        sidecar = {**info.model_dump(), "sha256": file_sha256(staging)}
+        self.shared.put_file(staging, name)
+        self.shared.write_atomic(f"{info.id}.meta.json", json.dumps(sidecar, indent=2).encode())
+        (self.root / CACHE_DIR).mkdir(exist_ok=True)
+        os.replace(staging, self.root / CACHE_DIR / name)
+
     def delete(self, file_id: str) -> FileInfo:
         info = self.get(file_id)
+        name = f"{info.id}{info.suffix}"
+        if self.shared is not None:
+            self.shared.remove(f"{file_id}.meta.json")  # first, so it disappears from listings at once
+            self.shared.remove(name)
+            # Other machines' cached copies stay until their data dir is cleared: no job can name the id again.
+            (self.root / CACHE_DIR / name).unlink(missing_ok=True)
+            return info
         self._meta(file_id).unlink(missing_ok=True)  # first, so it disappears from listings at once
-        (self.root / f"{info.id}{info.suffix}").unlink(missing_ok=True)
+        (self.root / name).unlink(missing_ok=True)
         return info
 
 

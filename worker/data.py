@@ -101,7 +101,7 @@ def load_rows(
         return read_rows(resolve_dataset_path(dataset.path, settings, param=f"{param}.path"))
     if isinstance(dataset, FileDataset):
         try:
-            path = FileStore(settings.files_dir).path(dataset.file_id)
+            path = FileStore.from_settings(settings).path(dataset.file_id)
         except NotFound as exc:
             raise InvalidRequest(
                 f"{param}.file_id {dataset.file_id!r}: {exc.message}", param=f"{param}.file_id"

@@ -19,6 +19,7 @@ import torch
 from core.access import may_publish_over
 from core.base_model import pick_device
 from core.errors import Conflict, ServiceError
+from core.files import FilesUnreachable
 from core.jobs import Job, JobStatus, check_job_size
 from core.jobstore import JobStore
 from core.paths import redact_server_paths
@@ -50,6 +51,14 @@ def _record_outcome(store: JobStore, settings: Settings, job: Job, work) -> None
         _finish(store, job.id, JobStatus.CANCELLED, "cancelled; nothing was published")
     except GangNotAssembled:
         raise  # not the job's failure: it goes back to the queue
+    except FilesUnreachable as exc:
+        # Not the job's failure either: the reason goes on the job, and the janitor re-queues it once this
+        # attempt's heartbeat stops (or fails it after BONE_MAX_ATTEMPTS, naming this reason).
+        log.warning("job %s: %s", job.id, exc)
+        store.transition(
+            job.id, [JobStatus.RUNNING], attempt=job.attempts, error=redact_server_paths(exc.message, settings.data_dir)
+        )
+        store.add_event(job.id, "message", f"{exc.message}; the job goes back to the queue")
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's `error`
         log.exception("job %s failed", job.id)  # the traceback goes to the log, one line to the job
         reason = redact_server_paths(describe_failure(exc), settings.data_dir)  # users see it

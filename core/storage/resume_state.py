@@ -17,18 +17,15 @@ heartbeat keeps a second attempt out, and only rank 0 of a distributed job write
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.storage.common import file_sha256, fsync_path
+from core.storage.areas import FolderArea, ObjectArea, files_below
+from core.storage.common import file_sha256
 from core.storage.local import LocalStorage
 from core.storage.objects import ObjectStorage
 
@@ -41,146 +38,15 @@ RESUME_DIR = ".resume"  # hidden: a registry lists and sweeps only names that do
 MANIFEST = "manifest.json"
 
 
-def _files(folder: Path) -> Iterator[tuple[str, Path]]:
-    """(relative name, path) of every file below ``folder``."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            yield path.relative_to(folder).as_posix(), path
-
-
-def _place(source: Path, target: Path) -> None:
-    """``target`` gets ``source``'s bytes, atomically: a hard link where both share a filesystem (checkpoint
-    files are never changed in place), else a copy into a temporary name and a rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".part-{uuid.uuid4().hex}")
-    try:
-        try:
-            os.link(source, part)
-        except OSError:
-            shutil.copyfile(source, part)
-            fsync_path(part)
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
-
-
-class _FolderFiles:
-    """The resume area of a local (or shared, e.g. NFS) registry folder."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def read(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
-
-    def write_atomic(self, key: str, data: bytes) -> None:
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(f".part-{uuid.uuid4().hex}")
-        try:
-            part.write_bytes(data)
-            fsync_path(part)
-            os.replace(part, target)
-            fsync_path(target.parent)
-        finally:
-            part.unlink(missing_ok=True)
-
-    def put_folder(self, folder: Path, key: str) -> None:
-        target = self.root / key
-        for name, path in _files(folder):
-            _place(path, target / name)
-        for sub in sorted({p.parent for p in target.rglob("*")} | {target}, reverse=True):
-            fsync_path(sub)  # the new names are durable before the manifest that names them
-
-    def get_file(self, key: str, target: Path) -> None:
-        _place(self.root / key, target)
-
-    def children(self, key: str) -> list[str]:
-        try:
-            return sorted(entry.name for entry in (self.root / key).iterdir())
-        except FileNotFoundError:
-            return []
-
-    def age_s(self, key: str) -> float:
-        """Seconds since the newest file below ``key`` (or ``key`` itself) was written."""
-        path = self.root / key
-        stamps = [p.stat().st_mtime for p in path.rglob("*")] if path.is_dir() else []
-        return time.time() - max([path.stat().st_mtime, *stamps])
-
-    def remove(self, key: str) -> None:
-        path = self.root / key
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-
-class _ObjectFiles:
-    """The resume area of an object-storage registry (any fsspec URL): a PUT of one object is atomic."""
-
-    def __init__(self, storage: ObjectStorage) -> None:
-        self.storage = storage
-
-    def _key(self, key: str) -> str:
-        return self.storage._key(RESUME_DIR, key)
-
-    def read(self, key: str) -> bytes:
-        with self.storage._reachable():
-            return self.storage.fs.cat_file(self._key(key))
-
-    def write_atomic(self, key: str, data: bytes) -> None:
-        with self.storage._reachable():
-            self.storage.fs.pipe_file(self._key(key), data)
-
-    def put_folder(self, folder: Path, key: str) -> None:
-        with self.storage._reachable():
-            for name, path in _files(folder):
-                self.storage.fs.put_file(str(path), self._key(f"{key}/{name}"))
-
-    def get_file(self, key: str, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(f".part-{uuid.uuid4().hex}")
-        try:
-            with self.storage._reachable():
-                self.storage.fs.get_file(self._key(key), str(part))
-            os.replace(part, target)
-        finally:
-            part.unlink(missing_ok=True)
-
-    def children(self, key: str) -> list[str]:
-        """Names directly below ``key`` that hold objects (from the object listing: some stores, SeaweedFS
-        among them, keep listing a "folder" whose objects are all deleted)."""
-        base = self._key(key).rstrip("/") + "/"
-        with self.storage._reachable():
-            try:
-                keys = self.storage.fs.find(base)
-            except FileNotFoundError:
-                return []
-        return sorted({k[len(base) :].split("/", 1)[0] for k in keys if k.startswith(base)} - {""})
-
-    def age_s(self, key: str) -> float:
-        """Seconds since the newest object below ``key`` was written (0 when the store gives no dates)."""
-        with self.storage._reachable():
-            found = self.storage.fs.find(self._key(key), detail=True)
-        stamps = [info["LastModified"].timestamp() for info in found.values() if "LastModified" in info]
-        if not stamps:
-            raise FileNotFoundError(key)
-        return time.time() - max(stamps)
-
-    def remove(self, key: str) -> None:
-        with self.storage._reachable(), contextlib.suppress(FileNotFoundError):
-            self.storage.fs.rm(self._key(key), recursive=True)
-
-
 class ResumeStore:
     """The resume checkpoints of every job, in the registry's store (``from_settings``: the registry the
     worker publishes to, so every worker that can publish can also resume)."""
 
     def __init__(self, storage: LocalStorage | ObjectStorage) -> None:
         if isinstance(storage, LocalStorage):
-            self.files: _FolderFiles | _ObjectFiles = _FolderFiles(storage.root / RESUME_DIR)
+            self.files: FolderArea | ObjectArea = FolderArea(storage.root / RESUME_DIR)
         else:
-            self.files = _ObjectFiles(storage)
+            self.files = ObjectArea(storage, RESUME_DIR)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResumeStore:
@@ -201,7 +67,7 @@ class ResumeStore:
     def put(self, job_id: str, step: int, folder: Path, *, keep: int) -> None:
         """Copy a whole local checkpoint folder in, then name it in the manifest; keep the newest ``keep``."""
         name = f"step-{step:08d}-{uuid.uuid4().hex[:8]}"
-        files = {rel: {"sha256": file_sha256(path), "size": path.stat().st_size} for rel, path in _files(folder)}
+        files = {rel: {"sha256": file_sha256(path), "size": path.stat().st_size} for rel, path in files_below(folder)}
         self.files.put_folder(folder, f"{job_id}/{name}")
         before = (self.manifest(job_id) or {}).get("checkpoints", [])
         # A step done again (an attempt that resumed from an earlier one) replaces what the dead attempt saved.
