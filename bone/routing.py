@@ -202,6 +202,21 @@ class PlanKind(enum.Enum):
 # those rows and their product with the block are the only scratch).
 Segment = tuple[int, int, torch.Tensor | None, torch.Tensor]
 
+# On CPU, PyTorch's bf16/fp16 gemms are emulated unless the core has AVX512-BF16/AMX: the small adapter gemms
+# (K = r) ran 1.6-20x slower than in fp32 (decode: 82 vs 50 us; a 512-token prefill: 3.7 ms vs 0.17 ms per
+# projection, bench/serve.py tiny, EPYC with AVX2 only). So outside autograd a CPU plan holds an fp32 copy of
+# each half-precision block (exact: a widening cast), takes the chunk sum with fp32 accumulation (one
+# (tokens, r) tensor) and adds the fp32 product to the half output in place: one rounding, as before. GPUs
+# keep the same-dtype path (their half gemms are native).
+_CPU_WIDEN = (torch.bfloat16, torch.float16)
+
+
+def _widen(blk: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The block a no-grad plan multiplies with: fp32 on CPU for half blocks (see _CPU_WIDEN), else itself."""
+    if device.type == "cpu" and blk.dtype in _CPU_WIDEN and not torch.is_grad_enabled():
+        return blk.float()
+    return blk
+
 
 class RowPlan:
     """What one layer does for one routing (see :class:`PlanKind`).
@@ -214,7 +229,19 @@ class RowPlan:
     transient peak of one forward for the tokens of the call that built it (at most rows × tokens ×
     (r + out) × itemsize: no more than the layer's own output)."""
 
-    __slots__ = ("kind", "r", "block", "bone", "bat", "routing", "rows", "version", "held_bytes", "scratch_bytes")
+    __slots__ = (
+        "kind",
+        "r",
+        "block",
+        "bone",
+        "bat",
+        "routing",
+        "rows",
+        "version",
+        "held_bytes",
+        "scratch_bytes",
+        "widened",
+    )
 
     def __init__(self) -> None:
         self.kind = PlanKind.BASE
@@ -227,6 +254,7 @@ class RowPlan:
         self.version = -1
         self.held_bytes = 0
         self.scratch_bytes = 0
+        self.widened = False  # blocks are fp32 copies of half blocks (CPU, see _CPU_WIDEN)
 
     @classmethod
     def build(
@@ -251,7 +279,11 @@ class RowPlan:
             return p
         bone = [n for n in present if configs[n].variant != "bat"]
         if len(bone) == 1 and len(present) == 1 and all(n == bone[0] for n in names):
-            p.kind, p.r, p.block = PlanKind.ONE_BONE, configs[bone[0]].r, layer.full_block(bone[0])
+            full = layer.full_block(bone[0])
+            p.kind, p.r, p.block = PlanKind.ONE_BONE, configs[bone[0]].r, _widen(full, device)
+            if p.block is not full:
+                p.widened, p.held_bytes = True, p.block.numel() * 4
+                p.scratch_bytes = len(names) * tokens * (p.r + layer.out_features) * 4
             return p
         p.kind = PlanKind.SEGMENTS
         rows_of: dict[str, list[int]] = {}
@@ -260,7 +292,11 @@ class RowPlan:
         groups: dict[tuple[int, torch.dtype], list[Segment]] = {}
         out = layer.out_features
         for n in bone:
-            blk = layer.full_block(n)
+            full = layer.full_block(n)
+            blk = _widen(full, device)
+            if blk is not full:
+                p.widened = True
+                p.held_bytes += blk.numel() * 4
             idx = rows_of[n]
             sel = None
             if idx[-1] - idx[0] + 1 != len(idx):
@@ -269,6 +305,8 @@ class RowPlan:
                 p.scratch_bytes += len(idx) * tokens * (blk.shape[0] + out) * blk.element_size()
             groups.setdefault((blk.shape[0], blk.dtype), []).append((idx[0], idx[-1] + 1, sel, blk))
         p.bone = [(r, segs) for (r, _), segs in groups.items()]
+        if p.widened:  # the fp32 scratch of one group: (rows, tokens, r + out)
+            p.scratch_bytes += len(names) * tokens * (max(groups)[0] + out) * 4
         for n in present:
             if configs[n].variant == "bat":
                 rows = torch.tensor(rows_of[n], device=device)
@@ -312,6 +350,10 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
             y = F.linear(x, w, base.bias)
             y.view(-1, out).addmm_(BF.cached_chunk_sum(x, plan.r), blk)
             return y
+        if fused and plan.widened:  # CPU half precision: the adapter gemm in fp32 (see _CPU_WIDEN)
+            y = F.linear(x, w, base.bias)
+            y.view(-1, out).add_(torch.mm(BF.cached_chunk_sum(x, plan.r, torch.float32), blk))
+            return y
         y = base(x)
         y = y + (BF.chunk_sum(x.to(blk.dtype), plan.r) @ blk).to(y.dtype)
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -331,7 +373,18 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
             s = BF.cached_chunk_sum(x, r, dt)
         else:
             s = BF.chunk_sum(x.reshape(-1, x.shape[-1]), r, dt)
-        if not grad and dt == y.dtype:
+        if plan.widened and not grad:
+            # CPU half precision (see _CPU_WIDEN): fp32 products of every segment into one fp32 scratch,
+            # added to y once (zeros for rows of no adapter in this group)
+            sc = y.new_zeros((rows * tokens, out), dtype=torch.float32)
+            for a, b, idx, blk in segs:
+                if idx is None:
+                    torch.mm(s[a * tokens : b * tokens], blk, out=sc[a * tokens : b * tokens])
+                else:
+                    sc3 = sc.view(rows, tokens, out)
+                    sc3.index_copy_(0, idx, torch.matmul(s.view(rows, tokens, r).index_select(0, idx), blk))
+            y.view(-1, out).add_(sc)
+        elif not grad and dt == y.dtype:
             y2 = y.view(-1, out)
             for a, b, idx, blk in segs:
                 if idx is None:  # contiguous rows: accumulate straight into y, no scratch
