@@ -241,6 +241,7 @@ class RowPlan:
         "held_bytes",
         "scratch_bytes",
         "widened",
+        "singles",
     )
 
     def __init__(self) -> None:
@@ -255,6 +256,10 @@ class RowPlan:
         self.held_bytes = 0
         self.scratch_bytes = 0
         self.widened = False  # blocks are fp32 copies of half blocks (CPU, see _CPU_WIDEN)
+        # widened plans: per r, the adapters that own exactly one row, as (their rows, their fp32 blocks
+        # stacked (n, r, out)): one bmm instead of n small gemms. The stack replaces those adapters' separate
+        # fp32 copies (one per adapter, never per row), so it costs no extra memory.
+        self.singles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def build(
@@ -304,6 +309,14 @@ class RowPlan:
                 p.held_bytes += sel.numel() * sel.element_size()
                 p.scratch_bytes += len(idx) * tokens * (blk.shape[0] + out) * blk.element_size()
             groups.setdefault((blk.shape[0], blk.dtype), []).append((idx[0], idx[-1] + 1, sel, blk))
+        if p.widened:
+            for key, segs in list(groups.items()):
+                one = [seg for seg in segs if seg[1] - seg[0] == 1]
+                if len(one) > 1:
+                    rows_t = torch.tensor([seg[0] for seg in one], device=device)
+                    p.singles[key[0]] = (rows_t, torch.stack([seg[3] for seg in one]))
+                    p.held_bytes += rows_t.numel() * rows_t.element_size()
+                    groups[key] = [seg for seg in segs if seg[1] - seg[0] != 1]
         p.bone = [(r, segs) for (r, _), segs in groups.items()]
         if p.widened:  # the fp32 scratch of one group: (rows, tokens, r + out)
             p.scratch_bytes += len(names) * tokens * (max(groups)[0] + out) * 4
@@ -367,7 +380,7 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
     else:
         plan_bone = plan.bone
     for r, segs in plan_bone:
-        dt = segs[0][3].dtype
+        dt = segs[0][3].dtype if segs else torch.float32  # empty: every segment is in plan.singles (fp32)
         # S_r(x) once per group (and shared with sibling projections that read the same input): (rows*tokens, r)
         if not grad and x.is_contiguous():
             s = BF.cached_chunk_sum(x, r, dt)
@@ -377,6 +390,11 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
             # CPU half precision (see _CPU_WIDEN): fp32 products of every segment into one fp32 scratch,
             # added to y once (zeros for rows of no adapter in this group)
             sc = y.new_zeros((rows * tokens, out), dtype=torch.float32)
+            single = plan.singles.get(r)
+            if single is not None:  # adapters with one row each: one bmm with their stacked blocks
+                one_rows, stack = single
+                sc3 = sc.view(rows, tokens, out)
+                sc3.index_copy_(0, one_rows, torch.bmm(s.view(rows, tokens, r).index_select(0, one_rows), stack))
             for a, b, idx, blk in segs:
                 if idx is None:
                     torch.mm(s[a * tokens : b * tokens], blk, out=sc[a * tokens : b * tokens])
