@@ -313,6 +313,7 @@ class RowPlan:
             for key, segs in list(groups.items()):
                 one = [seg for seg in segs if seg[1] - seg[0] == 1]
                 if len(one) > 1:
+                    one.sort(key=lambda seg: seg[0])  # ascending rows: all rows in order -> no index needed
                     rows_t = torch.tensor([seg[0] for seg in one], device=device)
                     p.singles[key[0]] = (rows_t, torch.stack([seg[3] for seg in one]))
                     p.held_bytes += rows_t.numel() * rows_t.element_size()
@@ -389,8 +390,12 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
         if plan.widened and not grad:
             # CPU half precision (see _CPU_WIDEN): fp32 products of every segment into one fp32 scratch,
             # added to y once (zeros for rows of no adapter in this group)
-            sc = y.new_zeros((rows * tokens, out), dtype=torch.float32)
             single = plan.singles.get(r)
+            if single is not None and not segs and single[0].numel() == rows:
+                # every row its own adapter, rows in order (a mixed decode step): one bmm straight into y
+                y.view(rows, tokens, out).add_(torch.bmm(s.view(rows, tokens, r), single[1]))
+                continue
+            sc = y.new_zeros((rows * tokens, out), dtype=torch.float32)
             if single is not None:  # adapters with one row each: one bmm with their stacked blocks
                 one_rows, stack = single
                 sc3 = sc.view(rows, tokens, out)
