@@ -202,6 +202,21 @@ class PlanKind(enum.Enum):
 # those rows and their product with the block are the only scratch).
 Segment = tuple[int, int, torch.Tensor | None, torch.Tensor]
 
+# On CPU, PyTorch's bf16/fp16 gemms are emulated unless the core has AVX512-BF16/AMX: the small adapter gemms
+# (K = r) ran 1.6-20x slower than in fp32 (decode: 82 vs 50 us; a 512-token prefill: 3.7 ms vs 0.17 ms per
+# projection, bench/serve.py tiny, EPYC with AVX2 only). So outside autograd a CPU plan holds an fp32 copy of
+# each half-precision block (exact: a widening cast), takes the chunk sum with fp32 accumulation (one
+# (tokens, r) tensor) and adds the fp32 product to the half output in place: one rounding, as before. GPUs
+# keep the same-dtype path (their half gemms are native).
+_CPU_WIDEN = (torch.bfloat16, torch.float16)
+
+
+def _widen(blk: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The block a no-grad plan multiplies with: fp32 on CPU for half blocks (see _CPU_WIDEN), else itself."""
+    if device.type == "cpu" and blk.dtype in _CPU_WIDEN and not torch.is_grad_enabled():
+        return blk.float()
+    return blk
+
 
 class RowPlan:
     """What one layer does for one routing (see :class:`PlanKind`).
@@ -214,7 +229,20 @@ class RowPlan:
     transient peak of one forward for the tokens of the call that built it (at most rows × tokens ×
     (r + out) × itemsize: no more than the layer's own output)."""
 
-    __slots__ = ("kind", "r", "block", "bone", "bat", "routing", "rows", "version", "held_bytes", "scratch_bytes")
+    __slots__ = (
+        "kind",
+        "r",
+        "block",
+        "bone",
+        "bat",
+        "routing",
+        "rows",
+        "version",
+        "held_bytes",
+        "scratch_bytes",
+        "widened",
+        "singles",
+    )
 
     def __init__(self) -> None:
         self.kind = PlanKind.BASE
@@ -227,6 +255,11 @@ class RowPlan:
         self.version = -1
         self.held_bytes = 0
         self.scratch_bytes = 0
+        self.widened = False  # blocks are fp32 copies of half blocks (CPU, see _CPU_WIDEN)
+        # widened plans: per r, the adapters that own exactly one row, as (their rows, their fp32 blocks
+        # stacked (n, r, out)): one bmm instead of n small gemms. The stack replaces those adapters' separate
+        # fp32 copies (one per adapter, never per row), so it costs no extra memory.
+        self.singles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def build(
@@ -251,7 +284,11 @@ class RowPlan:
             return p
         bone = [n for n in present if configs[n].variant != "bat"]
         if len(bone) == 1 and len(present) == 1 and all(n == bone[0] for n in names):
-            p.kind, p.r, p.block = PlanKind.ONE_BONE, configs[bone[0]].r, layer.full_block(bone[0])
+            full = layer.full_block(bone[0])
+            p.kind, p.r, p.block = PlanKind.ONE_BONE, configs[bone[0]].r, _widen(full, device)
+            if p.block is not full:
+                p.widened, p.held_bytes = True, p.block.numel() * 4
+                p.scratch_bytes = len(names) * tokens * (p.r + layer.out_features) * 4
             return p
         p.kind = PlanKind.SEGMENTS
         rows_of: dict[str, list[int]] = {}
@@ -260,7 +297,11 @@ class RowPlan:
         groups: dict[tuple[int, torch.dtype], list[Segment]] = {}
         out = layer.out_features
         for n in bone:
-            blk = layer.full_block(n)
+            full = layer.full_block(n)
+            blk = _widen(full, device)
+            if blk is not full:
+                p.widened = True
+                p.held_bytes += blk.numel() * 4
             idx = rows_of[n]
             sel = None
             if idx[-1] - idx[0] + 1 != len(idx):
@@ -268,7 +309,18 @@ class RowPlan:
                 p.held_bytes += sel.numel() * sel.element_size()
                 p.scratch_bytes += len(idx) * tokens * (blk.shape[0] + out) * blk.element_size()
             groups.setdefault((blk.shape[0], blk.dtype), []).append((idx[0], idx[-1] + 1, sel, blk))
+        if p.widened:
+            for key, segs in list(groups.items()):
+                one = [seg for seg in segs if seg[1] - seg[0] == 1]
+                if len(one) > 1:
+                    one.sort(key=lambda seg: seg[0])  # ascending rows: all rows in order -> no index needed
+                    rows_t = torch.tensor([seg[0] for seg in one], device=device)
+                    p.singles[key[0]] = (rows_t, torch.stack([seg[3] for seg in one]))
+                    p.held_bytes += rows_t.numel() * rows_t.element_size()
+                    groups[key] = [seg for seg in segs if seg[1] - seg[0] != 1]
         p.bone = [(r, segs) for (r, _), segs in groups.items()]
+        if p.widened:  # the fp32 scratch of one group: (rows, tokens, r + out)
+            p.scratch_bytes += len(names) * tokens * (max(groups)[0] + out) * 4
         for n in present:
             if configs[n].variant == "bat":
                 rows = torch.tensor(rows_of[n], device=device)
@@ -312,6 +364,10 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
             y = F.linear(x, w, base.bias)
             y.view(-1, out).addmm_(BF.cached_chunk_sum(x, plan.r), blk)
             return y
+        if fused and plan.widened:  # CPU half precision: the adapter gemm in fp32 (see _CPU_WIDEN)
+            y = F.linear(x, w, base.bias)
+            y.view(-1, out).add_(torch.mm(BF.cached_chunk_sum(x, plan.r, torch.float32), blk))
+            return y
         y = base(x)
         y = y + (BF.chunk_sum(x.to(blk.dtype), plan.r) @ blk).to(y.dtype)
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -325,13 +381,33 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
     else:
         plan_bone = plan.bone
     for r, segs in plan_bone:
-        dt = segs[0][3].dtype
+        dt = segs[0][3].dtype if segs else torch.float32  # empty: every segment is in plan.singles (fp32)
         # S_r(x) once per group (and shared with sibling projections that read the same input): (rows*tokens, r)
         if not grad and x.is_contiguous():
             s = BF.cached_chunk_sum(x, r, dt)
         else:
             s = BF.chunk_sum(x.reshape(-1, x.shape[-1]), r, dt)
-        if not grad and dt == y.dtype:
+        if plan.widened and not grad:
+            # CPU half precision (see _CPU_WIDEN): fp32 products of every segment into one fp32 scratch,
+            # added to y once (zeros for rows of no adapter in this group)
+            single = plan.singles.get(r)
+            if single is not None and not segs and single[0].numel() == rows:
+                # every row its own adapter, rows in order (a mixed decode step): one bmm straight into y
+                y.view(rows, tokens, out).add_(torch.bmm(s.view(rows, tokens, r), single[1]))
+                continue
+            sc = y.new_zeros((rows * tokens, out), dtype=torch.float32)
+            if single is not None:  # adapters with one row each: one bmm with their stacked blocks
+                one_rows, stack = single
+                sc3 = sc.view(rows, tokens, out)
+                sc3.index_copy_(0, one_rows, torch.bmm(s.view(rows, tokens, r).index_select(0, one_rows), stack))
+            for a, b, idx, blk in segs:
+                if idx is None:
+                    torch.mm(s[a * tokens : b * tokens], blk, out=sc[a * tokens : b * tokens])
+                else:
+                    sc3 = sc.view(rows, tokens, out)
+                    sc3.index_copy_(0, idx, torch.matmul(s.view(rows, tokens, r).index_select(0, idx), blk))
+            y.view(-1, out).add_(sc)
+        elif not grad and dt == y.dtype:
             y2 = y.view(-1, out)
             for a, b, idx, blk in segs:
                 if idx is None:  # contiguous rows: accumulate straight into y, no scratch

@@ -147,3 +147,25 @@ def test_grad_mode_routing_gives_each_row_its_own_adapters_gradient(names):
     assert got.keys() == want.keys() and want
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["b", "a"], ["a", "b", "c", BASE_ADAPTER], ["a", "b", "b", "c", "a"], [BASE_ADAPTER, "a", "a", "b"]],
+)
+def test_cpu_half_precision_plans_widen_and_each_row_equals_it_alone(names):
+    """CPU bf16: plans hold fp32 copies of the blocks (bone.routing._CPU_WIDEN); every segment shape (one bmm
+    for single-row adapters, in-order or indexed, contiguous multi-row, indexed rows, base rows) gives each row
+    what it gets alone, and stays within bf16 tolerance of the fp32 model."""
+    ref = two_adapters()
+    bm = two_adapters().to(torch.bfloat16)
+    x = ids(batch=len(names), seq=5)
+    with torch.no_grad(), bm.routing(names) as routed:
+        got = routed(input_ids=x).logits.float()
+        plans = [layer.row_plan for _, layer in bm.bone_layers() if layer.row_plan is not None]
+        assert plans and all(p.widened for p in plans if p.kind is not R.PlanKind.BASE)
+        for i, name in enumerate(names):
+            alone = bm(input_ids=x[i : i + 1], adapter_names=[name]).logits.float()
+            torch.testing.assert_close(got[i : i + 1], alone, atol=2e-2, rtol=2e-2)
+        want = ref(input_ids=x, adapter_names=names).logits
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
