@@ -37,9 +37,12 @@ def test_mixed_batch_over_three_adapters_and_base_equals_each_row_alone(dtype, b
             kinds = {layer.row_plan.kind for _, layer in bm.bone_layers()}
             assert kinds == {R.PlanKind.SEGMENTS}
             for _, layer in bm.bone_layers():  # no per-row copy: every segment holds the adapter's own block
-                for _, segs in layer.row_plan.bone:
+                for _, segs in layer.row_plan.bone:  # (half precision on CPU: its one fp32 widening, per adapter)
                     for *_, blk in segs:
-                        assert blk.dim() == 2 and any(blk is layer.full_block(n) for n in layer.bone_block)
+                        own = [layer.full_block(n) for n in layer.bone_block]
+                        assert blk.dim() == 2 and any(
+                            blk is b or (blk.dtype != b.dtype and torch.equal(blk, b.float())) for b in own
+                        )
             assert routed.working_bytes > 0
         for i, name in enumerate(NAMES):
             alone = bm(input_ids=x[i : i + 1], adapter_names=[name]).logits.float()
