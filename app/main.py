@@ -25,7 +25,7 @@ from app.errors import BodySizeLimit, error_responses, install_error_handlers
 from app.job_checks import JobChecker
 from app.observability import install_observability
 from app.openapi import install_openapi
-from app.query_params import REFUSAL_NOTE, refuse_unknown_query
+from app.query_params import REFUSAL_NOTE, refuse_unknown_query, warm_known_query_params
 from app.routes import adapter_export, adapter_import, adapters, evals, files, fleet, generate, health, jobs, openai
 from app.routes.adapter_export import export_adapter
 from app.security_headers import SecurityHeaders
@@ -93,6 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         vllm_sync = None
         if settings.vllm_export_dir is not None:
             vllm_sync = VllmFolderSync(registry, partial(_lora_zip, registry, engine, settings), settings).start()
+        # The OpenAPI document (and from it the query parameters each route takes, app/query_params.py) is
+        # built now, in a thread: built on first use it held the event loop ~200 ms, stalling every tenant.
+        await run_in_threadpool(warm_known_query_params, app)
         # What start-up built (model, tokenizer, imported modules) lives as long as the process: frozen, it is
         # out of the collector's sight, so a full collection never walks it while requests wait.
         gc.collect()
