@@ -141,6 +141,11 @@ class RedisCollector:
             ("rows", "rows of co-trained micro-batches, all jobs together"),
             ("member_steps", "micro-batches x jobs in them (rows_total / this = rows per job per micro-batch)"),
             ("micro_batches", "co-trained micro-batches"),
+            (
+                "left_out_slowdown",
+                "compatible queued jobs a group left out because the group's step, timed on the worker's device, "
+                "would have slowed a member past BONE_COTRAIN_MAX_SLOWDOWN (they stay queued)",
+            ),
         ):
             if f"{field}_total".encode() in cotrain:
                 yield CounterMetricFamily(

@@ -7,9 +7,12 @@
 
 Each job has its own data (random tokens, every token a target) and seed. Sequential: job k starts when job
 k-1 ends, each on its own copy of the base (as a worker gives each job one). Group: all of them in one
-``cotrain`` call on one copy. Printed: wall time of each mode, tokens/s per job and in total, the ratio
-group / sequential (issue 19's target: <= 0.5) and the first job's completion time in the group against the
-same job alone (target: <= 1.2). Model copies are made before the clock starts in both modes.
+``cotrain`` call on one copy. Bounded: the groups a worker forms under BONE_COTRAIN_MAX_SLOWDOWN
+(``--max-slowdown``, default the setting's): the step cost timed on this device as the worker times it
+(worker/cotrain_cost.py), jobs admitted greedily in queue order, the groups run one after another. Printed: wall
+time of each mode, tokens/s per job and in total, the ratio group / sequential (issue 19's target: <= 0.5), the
+first job's completion time in the group against the same job alone (target: <= 1.2), and the slowdown the cost
+model predicts for the whole group next to the one measured. Model copies are made before the clock starts.
 
 On a CPU the forward/backward costs about the same per row however rows are grouped, so the group mostly
 saves per-step overhead; the gain the issue targets comes from a GPU that one small job leaves idle.
@@ -31,7 +34,9 @@ from bench.models import build_model  # noqa: E402
 from bone import BoneConfig, BoneModel, get_bone_model  # noqa: E402
 from core.jobs import TrainingSpec  # noqa: E402
 from core.names import TRAINING_SLOT  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from worker.cotrain import Member, cotrain  # noqa: E402
+from worker.cotrain_cost import StepCost, admits  # noqa: E402
 from worker.data import Example  # noqa: E402
 from worker.train import train  # noqa: E402
 
@@ -75,6 +80,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--max-slowdown",
+        type=float,
+        default=Settings.model_fields["cotrain_max_slowdown"].default,
+        help="the worker's bound for the 'bounded' run (BONE_COTRAIN_MAX_SLOWDOWN; 0: none)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,18 +141,77 @@ def main() -> None:
     cotrain(group_model, Tokenizer(), members, device=device)
     grouped = max(done_group.values())
 
+    # -- as the worker forms groups under BONE_COTRAIN_MAX_SLOWDOWN: timed on this device, then admitted greedily
+    cost = StepCost.measure(copy.deepcopy(base), args.batch, args.seq, device)
+    assert cost is not None, "twice the batch does not fit the device"
+    partition: list[list[int]] = []
+    for k in range(args.jobs):
+        if partition and admits(cost, [args.batch] * len(partition[-1]), args.batch, args.max_slowdown):
+            partition[-1].append(k)
+        else:
+            partition.append([k])
+    done_bounded: dict[str, float] = {}
+    bounded_models = [
+        get_bone_model(copy.deepcopy(base), config, adapter_name=TRAINING_SLOT)
+        if len(group) == 1
+        else BoneModel(copy.deepcopy(base))
+        for group in partition
+    ]
+    sync()
+    start = time.perf_counter()
+    for group, model in zip(partition, bounded_models):
+        if len(group) == 1:  # a job nobody joined trains alone, as the worker runs it
+            train(model, Tokenizer(), data[group[0]], specs[group[0]], device=device)
+            sync()
+            done_bounded[f"job-{group[0]}"] = time.perf_counter() - start
+            continue
+        cotrain(
+            model,
+            Tokenizer(),
+            [
+                Member(
+                    key=f"job-{k}",
+                    config=config,
+                    examples=data[k],
+                    spec=specs[k],
+                    on_done=lambda m, result, error: (
+                        sync(),
+                        done_bounded.__setitem__(m.key, time.perf_counter() - start),
+                    ),
+                )
+                for k in group
+            ],
+            device=device,
+        )
+    bounded = max(done_bounded.values())
+
     load = os.getloadavg()[0]
     print(
         f"{args.jobs} jobs x {args.steps} steps, batch {args.batch} x {args.seq}, Bone r={args.r}, "
         f"model {args.model} on {device} ({dtype}), torch threads {torch.get_num_threads()}, load {load:.1f}"
     )
     print(f"{'mode':<12}{'wall s':>10}{'tok/s total':>14}{'tok/s per job':>16}{'first job done s':>18}")
-    for name, wall, first in (("sequential", sequential, alone_first), ("group", grouped, done_group["job-0"])):
+    runs = (
+        ("sequential", sequential, alone_first, 1),
+        ("group", grouped, done_group["job-0"], args.jobs),
+        ("bounded", bounded, done_bounded["job-0"], len(partition[0])),
+    )
+    for name, wall, first, size in runs:
         total = tokens_per_job * args.jobs / wall
-        per_job = tokens_per_job / (wall if name == "group" else wall / args.jobs)
+        per_job = tokens_per_job / (wall * size / args.jobs)  # a job's tokens over the time its group trained
         print(f"{name:<12}{wall:>10.2f}{total:>14.0f}{per_job:>16.0f}{first:>18.2f}")
     print(f"group / sequential wall time: {grouped / sequential:.2f} (target <= 0.5)")
     print(f"first job's completion in the group / alone: {done_group['job-0'] / alone_first:.2f} (target <= 1.2)")
+    print(
+        f"step cost on this device: {cost.measured_s[0] * 1e3:.1f} ms at {args.batch} rows, "
+        f"{cost.measured_s[1] * 1e3:.1f} ms at {2 * args.batch}; predicted slowdown of a group of {args.jobs}: "
+        f"{cost.slowdown(args.jobs * args.batch, args.batch):.2f} (measured above: "
+        f"{done_group['job-0'] / alone_first:.2f})"
+    )
+    print(
+        f"bounded (BONE_COTRAIN_MAX_SLOWDOWN={args.max_slowdown:g}): groups of {[len(g) for g in partition]}; "
+        f"wall / sequential {bounded / sequential:.2f}, first job / alone {done_bounded['job-0'] / alone_first:.2f}"
+    )
 
 
 if __name__ == "__main__":

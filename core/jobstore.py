@@ -105,6 +105,11 @@ class JobStore(RecordStore[Job]):
         pipe.hset(COTRAIN_METRICS, "members", size)
         pipe.execute()
 
+    def record_cotrain_left_out(self, jobs: int) -> None:
+        """``jobs`` compatible queued jobs a group did not take because they would have slowed a member past
+        BONE_COTRAIN_MAX_SLOWDOWN (they stay queued and run after, or in another worker's group)."""
+        self.conn.hincrby(COTRAIN_METRICS, "left_out_slowdown_total", jobs)
+
     def record_cotrain_members(self, size: int) -> None:
         """The running group's size after a job joined or left (no new group counted)."""
         self.conn.hset(COTRAIN_METRICS, "members", size)

@@ -182,6 +182,15 @@ class Settings(BaseSettings):
         description="jobs one worker trains together in one batch (the job RQ handed it plus queued companions "
         "that can share its forward); 1 turns co-training off",
     )
+    cotrain_max_slowdown: float = Field(
+        1.2,
+        ge=0,
+        le=64,
+        description="a companion joins a group only while the group's iteration, as timed on the worker's device "
+        "(worker/cotrain_cost.py), takes at most this multiple of the smallest member's iteration alone: no job "
+        "finishes more than this much later for sharing its batch. A saturated device (a CPU, a GPU at large "
+        "batches) then trains jobs one after another; 0 = no bound",
+    )
     cotrain_owner_share: int | None = Field(
         None,
         ge=1,

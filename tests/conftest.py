@@ -13,6 +13,9 @@ from core.settings import Settings
 # The suite serves without keys, said explicitly as the server requires (loopback only): tests of keys and of
 # the local admin key (tests/app/test_auth_keys.py, tests/e2e/test_up.py) turn it back off for themselves.
 os.environ.setdefault("BONE_AUTH_DISABLED", "true")
+# Co-training groups form whatever they cost on the machine running the suite, so a test's outcome never hangs on a
+# timing; the time bound (BONE_COTRAIN_MAX_SLOWDOWN) has its own tests (tests/worker/test_cotrain_*).
+os.environ.setdefault("BONE_COTRAIN_MAX_SLOWDOWN", "0")
 
 # A database of its own so the suite never touches data on db 0; override with BONE_TEST_REDIS_URL.
 TEST_REDIS_URL = os.environ.get("BONE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

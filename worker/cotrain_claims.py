@@ -12,6 +12,9 @@ forward/backward on one copy of the base. ``claim_companions`` picks the others 
   owner more seats than its share, so owner A's ten queued jobs cannot keep owner B's two out of the group.
   Seats left after that pass go to the remaining compatible jobs in FIFO order: an idle seat helps no one
   (with keys off every job has the same owner, None, and still fills the group).
+* **time** (``settings.cotrain_max_slowdown``, worker/cotrain_cost.py): a job joins only while the group's
+  iteration, as timed on the worker's device, stays within that multiple of the smallest member's iteration
+  alone; ``cost_of`` measures it (once per worker, and only when a compatible job waits).
 * **memory**: with a device bound (the worker's advertised device memory, core.memory_estimate.device_memory),
   the group's estimate (the base once + each member's own bytes) stays within it; a job that does not fit is
   skipped (it stays queued and runs as a leader elsewhere) and smaller ones behind it may still join.
@@ -32,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis
 from pydantic import ValidationError
@@ -41,6 +44,7 @@ from core import claims
 from core.jobs import STORED, Job, JobStatus
 from core.jobstore import JobStore
 from core.settings import Settings
+from worker.cotrain_cost import StepCost, admits
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +119,12 @@ def claim_companions(
     already: Sequence[Job],
     max_jobs: int,
     device_memory_bytes: int | None,
+    cost_of: Callable[[], StepCost | None] | None = None,
 ) -> list[str]:
     """Claim queued jobs to train with ``leader`` and ``already`` (the group's other running members): at most
-    ``max_jobs`` members in all, within ``device_memory_bytes`` (None: no device bound, only the count). Returns
+    ``max_jobs`` members in all, within ``device_memory_bytes`` (None: no device bound, only the count) and, given
+    ``cost_of`` (called once, only when a compatible job waits; None from it: nobody joins), within
+    ``settings.cotrain_max_slowdown`` of each member's iteration time alone. Returns
     the claimed ids in queue order; each is off the RQ queue and must be started by the caller (then
     ``core.claims.release``) or handed back (``give_back``). ``leader``'s heartbeat vouches for the claims:
     it must be live (the janitor puts a claim back once it is gone)."""
@@ -161,10 +168,18 @@ def claim_companions(
         if used is None:
             log.info("job %s: no memory estimate for its group; co-training only within a known bound", leader.id)
             return []
+    cost: StepCost | None = None
+    if cost_of is not None and settings.cotrain_max_slowdown > 0:
+        cost = cost_of()
+        if cost is None:
+            log.info("job %s: no measure of the group's step time on this device; no companion", leader.id)
+            return []
+    rows = [job.training.batch_size for job in group]  # one process each: its micro-batch is its batch_size
     owners = Counter(job.owner for job in group)
     share = settings.cotrain_owner_seats
     taken: list[Job] = []
     tried: set[str] = set()
+    slower: list[str] = []
 
     def take(job: Job) -> None:
         nonlocal used
@@ -174,9 +189,13 @@ def claim_companions(
             if own is None or used + own > device_memory_bytes:
                 return  # does not fit (or cannot be judged): it stays queued, a smaller job may still fit
             need = own
+        if cost is not None and not admits(cost, rows, job.training.batch_size, settings.cotrain_max_slowdown):
+            slower.append(job.id)
+            return  # the group would slow someone past the bound: it stays queued (a smaller job may still fit)
         tried.add(job.id)
         if claims.claim(conn, queue_name, job.id, claimer=leader.id):
             taken.append(job)
+            rows.append(job.training.batch_size)
             owners[job.owner] += 1
             if used is not None:
                 used += need
@@ -187,6 +206,19 @@ def claim_companions(
                 break
             if job.id not in tried and not (fair and owners[job.owner] >= share):
                 take(job)
+    if slower and cost is not None:
+        log.info(
+            "job %s: %d queued job(s) left out: the group's iteration would take more than %.2gx the smallest "
+            "member's alone on this device (BONE_COTRAIN_MAX_SLOWDOWN; measured %.3g s at %d rows, %.3g s at %d)",
+            leader.id,
+            len(set(slower)),
+            settings.cotrain_max_slowdown,
+            cost.measured_s[0],
+            cost.measured_rows,
+            cost.measured_s[1],
+            2 * cost.measured_rows,
+        )
+        store.record_cotrain_left_out(len(set(slower)))
     order = {job_id: n for n, job_id in enumerate(ids)}
     return sorted((job.id for job in taken), key=order.__getitem__)
 

@@ -18,9 +18,13 @@ is kept by ``JobStore.add_co_trained_with`` and /metrics counts groups and rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +41,11 @@ from worker import job_steps as steps
 from worker import model_cache
 from worker.cotrain import GroupStepFailed, Member, cotrain
 from worker.cotrain_claims import claim_companions, solo_reason
+from worker.cotrain_cost import StepCost
+from worker.data import tokenize_rows
 from worker.heartbeat import Heartbeat
 from worker.publish import CheckpointPublisher
+from worker.tokenized import example_lengths
 from worker.train import TrainResult, precision
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,7 @@ def lead(store: JobStore, settings: Settings, leader: Job, workdir: Path, loaded
     included, was recorded when it left the group."""
     device = steps.job_device(settings)
     group = Group(store, settings, leader, device)
+    group.leader_rows = loaded.rows
     # fp16 with loss scaling (a GPU without bf16): one scaler cannot serve optimizers stepping at different times
     companions = group.claim() if precision(device)[1] is None else []
     if not companions:
@@ -70,6 +78,54 @@ def _device_memory(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+# --- what sharing the batch costs on this device (worker/cotrain_cost.py) -----------------------------------
+COST_KEY = "bone:cotrain:step_cost"  # hash: (host, device, base, dtype, rows, length) -> StepCost as JSON
+COST_TTL_S = 24 * 3600  # re-measured daily: drivers, clocks and neighbours change
+SAMPLE_ROWS = 64  # rows of the leader tokenized to learn how long its padded micro-batches are
+
+
+def padded_length(job: Job, tokenizer: Any, rows: list[dict[str, Any]] | None) -> int:
+    """How long the leader's micro-batches are once padded: the longest of a sample of its rows, tokenized as
+    training will (its ``max_seq_length`` when packing, or when the sample cannot be read)."""
+    spec = job.training
+    if spec.packing or not rows:
+        return spec.max_seq_length
+    try:
+        sample = tokenize_rows(rows[:SAMPLE_ROWS], tokenizer, spec.max_seq_length, format=job.dataset.format)
+        return max(example_lengths(sample.examples), default=spec.max_seq_length)
+    except Exception:  # noqa: BLE001 - the job's own tokenization reports bad rows; here the bound suffices
+        return spec.max_seq_length
+
+
+def cached_step_cost(conn: Any, key: str, measure: Callable[[], StepCost | None]) -> StepCost | None:
+    """The cost measured for ``key`` on this machine (Redis, a day), else ``measure()`` stored for next time: a
+    work-horse is a fresh process per job, so an in-process cache would measure again for every group."""
+    raw = conn.hget(COST_KEY, key)
+    if raw is not None:
+        try:
+            data = json.loads(raw)
+            if time.time() - data["at"] < COST_TTL_S:
+                return StepCost(data["fixed_s"], data["per_row_s"], data["rows"], tuple(data["measured_s"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: measure again
+    cost = measure()
+    if cost is not None:
+        conn.hset(
+            COST_KEY,
+            key,
+            json.dumps(
+                {
+                    "fixed_s": cost.fixed_s,
+                    "per_row_s": cost.per_row_s,
+                    "rows": cost.measured_rows,
+                    "measured_s": list(cost.measured_s),
+                    "at": time.time(),
+                }
+            ),
+        )
+    return cost
 
 
 # --- the group ---------------------------------------------------------------------------------------------
@@ -88,6 +144,33 @@ class Group:
         self.tokenizer: Any = None
         self.memory = _device_memory(device)
         self.started = time.monotonic()
+        self.leader_rows: list[dict[str, Any]] | None = None  # the leader's rows, to learn its padded length
+        self._model_and_tokenizer: tuple[torch.nn.Module, Any] | None = None
+        self._cost: StepCost | None = None
+        # One thread: members' outcomes are recorded in the order they left, and one upload at a time leaves the
+        # link to the others' checkpoints.
+        self.publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"publish-{leader.id}")
+        self.publishing: list[Future[None]] = []
+        self._running = False
+
+    def model(self) -> tuple[torch.nn.Module, Any]:
+        """This job's copy of the base on the device, and the tokenizer (model_cache), loaded once."""
+        if self._model_and_tokenizer is None:
+            self._model_and_tokenizer = model_cache.model_for_job(self.leader.base_model, self.settings, self.device)
+        return self._model_and_tokenizer
+
+    def step_cost(self) -> StepCost | None:
+        """Seconds of one iteration at the leader's rows and twice them, on this device (measured once a day per
+        machine, device, base and shape; the RNG and the model untouched)."""
+        if self._cost is not None or self._running:
+            return self._cost  # measured when the group formed (a group that runs never loads the base again)
+        model, tokenizer = self.model()
+        rows = self.leader.training.batch_size
+        length = padded_length(self.leader, tokenizer, self.leader_rows)
+        dtype = next(model.parameters()).dtype
+        key = f"{socket.gethostname()}|{self.device}|{self.leader.base_model}|{dtype}|{rows}|{length}"
+        self._cost = cached_step_cost(self.store.conn, key, lambda: StepCost.measure(model, rows, length, self.device))
+        return self._cost
 
     # -- claiming and starting companions
     def claim(self) -> list[Job]:
@@ -95,7 +178,13 @@ class Group:
         already = [job for job in self.jobs.values() if job.id != self.leader.id]
         try:
             ids = claim_companions(
-                self.store.conn, self.settings, self.leader, already, self.settings.cotrain_max_jobs, self.memory
+                self.store.conn,
+                self.settings,
+                self.leader,
+                already,
+                self.settings.cotrain_max_jobs,
+                self.memory,
+                cost_of=self.step_cost,
             )
         except Exception:  # noqa: BLE001 - the group goes on without newcomers
             log.exception("job %s: claiming companions failed", self.leader.id)
@@ -117,7 +206,10 @@ class Group:
     def run(self, leader: Job, loaded: Any, workdir: Path, companions: list[Job]) -> None:
         from bone import BoneModel  # heavy; only the work-horse needs it
 
-        model, self.tokenizer = model_cache.model_for_job(leader.base_model, self.settings, self.device)
+        model, self.tokenizer = self.model()
+        self._running = True
+        self._model_and_tokenizer = None  # the group's BoneModel owns it from here
+        self.leader_rows = None  # the leader's rows are tokenized on disk from here on
         bone_model = BoneModel(model)
         try:
             members = [m for m in [self._member(leader, workdir, loaded)] if m is not None]
@@ -134,6 +226,12 @@ class Group:
                 on_iteration=self._on_iteration,
             )
         finally:
+            self.publisher.shutdown(wait=True)  # every member that left is recorded before the task returns
+            for future in self.publishing:
+                if future.exception() is not None:  # _record_outcome records failures; this is Redis gone
+                    log.error(
+                        "job %s: recording a member's outcome failed", self.leader.id, exc_info=future.exception()
+                    )
             for job_id in list(self.beats):  # not final (this process is failing): the janitor re-queues them
                 self._close_beat(job_id)
             del bone_model, model
@@ -241,19 +339,25 @@ class Group:
             self.store.record_cotrain_members(len(self.jobs))
 
     def _left(self, job: Job, work) -> None:
+        """``job`` left the group: out of it at once; publishing (``work``) and recording how it ended run on the
+        group's publishing thread, so the others' next steps do not wait for an upload (a 7 B model's r=64
+        adapter is ~350 MB to the registry's store). Its heartbeat runs until its outcome is recorded."""
+        self.jobs.pop(job.id, None)
+        self.info.pop(job.id, None)
+        self.store.record_cotrain_members(len(self.jobs))
+        self.publishing.append(self.publisher.submit(self._record, job, work))
+
+    def _record(self, job: Job, work) -> None:
         """Record how ``job`` ended, then let it go: heartbeat, work dir, checkpoints (once final)."""
         try:
             steps._record_outcome(self.store, self.settings, job, work)
         finally:
-            self.jobs.pop(job.id, None)
-            self.info.pop(job.id, None)
             if job.id != self.leader.id:  # the leader's task cleans up after its own job
                 final = steps._is_final(self.store, job.id)
                 self._close_beat(job.id)
                 if final:
                     shutil.rmtree(self.settings.jobs_dir / job.id, ignore_errors=True)
                     steps._remove_shared_checkpoints(self.settings, job.id)
-            self.store.record_cotrain_members(len(self.jobs))
 
     def _close_beat(self, job_id: str) -> None:
         beat = self.beats.pop(job_id, None)

@@ -65,6 +65,8 @@ def test_metrics_show_co_training_groups_and_rows(client):
     store.record_cotrain_rows({"job-a": 2, "job-b": 4})
     store.record_cotrain_members(2)  # job-c left the group
     store.record_cotrain_rows({})  # a micro-batch of nobody is not one
+    store.record_cotrain_left_out(2)
+    store.record_cotrain_left_out(1)
 
     after = scrape(client)
     assert after["bone_cotrain_groups_total"] == 1
@@ -72,4 +74,5 @@ def test_metrics_show_co_training_groups_and_rows(client):
     assert after["bone_cotrain_rows_total"] == 14
     assert after["bone_cotrain_member_steps_total"] == 5
     assert after["bone_cotrain_micro_batches_total"] == 2
+    assert after["bone_cotrain_left_out_slowdown_total"] == 3
     assert not any("job-a" in name for name in after)  # no per-job labels

@@ -65,7 +65,9 @@ def wait_running(client: httpx.Client, ids: list[str], step: int, timeout: float
 
 @pytest.fixture
 def svc(tmp_path, redis_url, shared_models_dir):
-    service = new_service(tmp_path, redis_url, shared_models_dir, BONE_COTRAIN_MAX_JOBS="8")
+    service = new_service(
+        tmp_path, redis_url, shared_models_dir, BONE_COTRAIN_MAX_JOBS="8", BONE_COTRAIN_MAX_SLOWDOWN="0"
+    )
     with api_only(service):
         yield service
 
@@ -108,6 +110,7 @@ def test_a_killed_group_is_requeued_and_every_member_resumes_from_its_own_checkp
         "other-machine",
         BONE_REGISTRY_URL=str(registry),
         BONE_COTRAIN_MAX_JOBS="8",
+        BONE_COTRAIN_MAX_SLOWDOWN="0",  # grouped whatever a tiny model's group costs on this CPU
     )
     with httpx.Client(base_url=svc.url, timeout=60) as client:
         ids = [submit(client, f"ck-{k}", k, max_steps=200, save_every=10) for k in range(4)]

@@ -22,6 +22,7 @@ from core.jobstore import JobStore
 from core.queueing import TRAINING_TASK, enqueue
 from core.settings import Settings
 from worker.cotrain_claims import claim_companions, give_back, incompatibility, seq_bucket
+from worker.cotrain_cost import StepCost
 
 GIB = 1024**3
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,6 +191,45 @@ def test_shorter_members_are_counted_at_the_groups_padded_length(redis_conn, set
     assert claim_companions(redis_conn, settings, leader, [], 8, int(4.5 * GIB)) == []  # 2 + 1 + 1.99 > 4.5
     assert claim_companions(redis_conn, settings, leader, [], 8, 5 * GIB) == [short.id]
     assert leader_job.id == leader.id
+
+
+def test_no_member_is_slowed_past_the_bound(redis_conn, settings):
+    # t(rows) = 10 + rows seconds: leader (2 rows) alone 12 s; + a 2-row job 14 s (1.17x); + another 16 s (1.33x)
+    cost = StepCost(fixed_s=10.0, per_row_s=1.0, measured_rows=2, measured_s=(12.0, 14.0))
+    measured = []
+
+    def cost_of():
+        measured.append(1)
+        return cost
+
+    leader_job = queue_job(redis_conn, settings, batch_size=2)
+    others = [queue_job(redis_conn, settings, batch_size=2) for _ in range(2)]
+    one_row = queue_job(redis_conn, settings, batch_size=1)  # 15 s vs its own 11 s alone: 1.36x, left out too
+    leader = handed_out(redis_conn, settings)
+    assert leader.id == leader_job.id
+    bounded = settings.model_copy(update={"cotrain_max_slowdown": 1.2})
+    assert claim_companions(redis_conn, bounded, leader, [], 8, None, cost_of=cost_of) == [others[0].id]
+    assert measured == [1]  # measured once per claim
+    assert rq_order(redis_conn, settings) == [others[1].id, one_row.id]  # left out: still queued, in order
+    assert JobStore(redis_conn).conn.hget("bone:metrics:cotrain", "left_out_slowdown_total") == b"2"
+    # a running group: its members' rows count (leader + others[0] = 4 rows; +2 -> 16 s = 1.33x)
+    assert claim_companions(redis_conn, bounded, leader, [others[0]], 8, None, cost_of=cost_of) == []
+    # 0: no bound, and nothing measured
+    unbounded = settings.model_copy(update={"cotrain_max_slowdown": 0})
+    got = claim_companions(redis_conn, unbounded, leader, [others[0]], 8, None, cost_of=lambda: 1 / 0)
+    assert got == [others[1].id, one_row.id]
+
+
+def test_no_measure_means_no_companion(redis_conn, settings):
+    queue_job(redis_conn, settings)
+    other = queue_job(redis_conn, settings)
+    leader = handed_out(redis_conn, settings)
+    bounded = settings.model_copy(update={"cotrain_max_slowdown": 1.2})
+    assert claim_companions(redis_conn, bounded, leader, [], 8, None, cost_of=lambda: None) == []
+    assert rq_order(redis_conn, settings) == [other.id]
+    # nobody compatible waiting: nothing is measured
+    drain(redis_conn, settings)
+    assert claim_companions(redis_conn, bounded, leader, [], 8, None, cost_of=lambda: 1 / 0) == []
 
 
 def race(redis_url: str, settings: Settings, leaders: list[Job]) -> dict[str, list[str]]:

@@ -42,8 +42,10 @@ def run_queue(redis_conn, settings, job_ids) -> int:
 
 @pytest.fixture
 def cotrain_settings(settings):
-    def use(max_jobs: int):
-        context.use_settings(settings.model_copy(update={"cotrain_max_jobs": max_jobs}))
+    def use(max_jobs: int, max_slowdown: float = 0):
+        # No time bound by default here: whether a tiny model's group pays on this CPU is the bound's own test
+        update = {"cotrain_max_jobs": max_jobs, "cotrain_max_slowdown": max_slowdown}
+        context.use_settings(settings.model_copy(update=update))
         return context.current_settings()
 
     yield use
@@ -162,3 +164,54 @@ def test_a_failed_shared_step_sends_every_member_back_to_train_alone(
         got, want = adapter(settings, f"regrouped-{k}"), adapter(settings, f"solo-{k}")
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+
+
+def test_a_group_that_would_slow_its_members_is_not_formed(cotrain_settings, redis_conn, store, make_job, monkeypatch):
+    """The leader times its base's step at its rows and twice them (once per machine, device, base and shape: the
+    figure is kept in Redis for the next work-horse); on a device where rows cost in proportion, as on any CPU,
+    a companion would double every member's step time: the jobs run one after another, each alone."""
+    from worker import cotrain_task
+    from worker.cotrain_cost import StepCost
+
+    measured: list[tuple[int, int]] = []
+
+    def proportional(model, rows, length, device):
+        measured.append((rows, length))
+        return StepCost.from_timings(rows, 0.2 * rows, 0.4 * rows)
+
+    monkeypatch.setattr(cotrain_task.StepCost, "measure", staticmethod(proportional))
+    settings = cotrain_settings(8, max_slowdown=1.2)
+    jobs = [make_job(rows(k), adapter_name=f"bounded-{k}", max_steps=2, batch_size=2) for k in range(3)]
+    assert run_queue(redis_conn, settings, [j.id for j in jobs]) == 3  # each its own RQ task: nobody claimed
+    for job in jobs:
+        done = store.get(job.id)
+        assert done.status is JobStatus.SUCCEEDED and done.co_trained_with == [], done
+    # measured at the leader's rows and its rows' padded length (not max_seq_length), once per shape: the next
+    # leader of that shape reads it from Redis
+    assert measured and all(r == 2 and length < jobs[0].training.max_seq_length for r, length in measured)
+    assert len(measured) == len(set(measured)) == redis_conn.hlen(cotrain_task.COST_KEY)
+    assert int(redis_conn.hget("bone:metrics:cotrain", "left_out_slowdown_total")) >= 2
+
+
+def test_a_member_publishing_does_not_hold_the_others_steps(cotrain_settings, redis_conn, store, make_job, monkeypatch):
+    from worker import job_steps
+
+    settings = cotrain_settings(8)
+    short = make_job(rows(0), adapter_name="short", max_steps=2, batch_size=2)
+    long = make_job(rows(1), adapter_name="long", max_steps=40, batch_size=2)
+    real_publish, window = job_steps._publish, {}
+
+    def slow_publish(job, *args, **kwargs):
+        if job.id == short.id:  # an upload of a big adapter to the registry's store, say
+            window["start"] = time.time()
+            time.sleep(1.5)
+            window["end"] = time.time()
+        return real_publish(job, *args, **kwargs)
+
+    monkeypatch.setattr(job_steps, "_publish", slow_publish)
+    assert run_queue(redis_conn, settings, [short.id, long.id]) == 1
+    assert store.get(short.id).status is JobStatus.SUCCEEDED
+    assert store.get(long.id).status is JobStatus.SUCCEEDED
+    steps = [e for e in store.events(long.id, limit=1000) if e["type"] == "step"]
+    during = [e for e in steps if window["start"] <= e["created_at"] <= window["end"]]
+    assert during, "the long job made no step while the short one was publishing"
