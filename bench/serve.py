@@ -266,7 +266,8 @@ def run_http(settings: Settings, names: list[str], ids, args, engine_base_tps: f
     from tests.app.conftest import free_port
 
     port = free_port()
-    app = create_app(settings)
+    # The bench's own server on loopback: no keys (the minted local admin key would answer 401 to a keyless client)
+    app = create_app(settings.model_copy(update={"auth_disabled": True}))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

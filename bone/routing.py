@@ -256,9 +256,9 @@ class RowPlan:
         self.held_bytes = 0
         self.scratch_bytes = 0
         self.widened = False  # blocks are fp32 copies of half blocks (CPU, see _CPU_WIDEN)
-        # widened plans: per r, the adapters that own exactly one row, as (their rows, their fp32 blocks
-        # stacked (n, r, out)): one bmm instead of n small gemms. The stack replaces those adapters' separate
-        # fp32 copies (one per adapter, never per row), so it costs no extra memory.
+        # per r, the adapters that own exactly one row, as (their rows, their blocks stacked (n, r, out)): one
+        # bmm instead of n small gemms. In widened plans the stack replaces those adapters' separate fp32 copies
+        # (no extra memory); otherwise it is a copy, held within the routing's budget (see build).
         self.singles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -309,15 +309,27 @@ class RowPlan:
                 p.held_bytes += sel.numel() * sel.element_size()
                 p.scratch_bytes += len(idx) * tokens * (blk.shape[0] + out) * blk.element_size()
             groups.setdefault((blk.shape[0], blk.dtype), []).append((idx[0], idx[-1] + 1, sel, blk))
-        if p.widened:
-            for key, segs in list(groups.items()):
-                one = [seg for seg in segs if seg[1] - seg[0] == 1]
-                if len(one) > 1:
-                    one.sort(key=lambda seg: seg[0])  # ascending rows: all rows in order -> no index needed
-                    rows_t = torch.tensor([seg[0] for seg in one], device=device)
-                    p.singles[key[0]] = (rows_t, torch.stack([seg[3] for seg in one]))
-                    p.held_bytes += rows_t.numel() * rows_t.element_size()
-                    groups[key] = [seg for seg in segs if seg[1] - seg[0] != 1]
+        for key, segs in list(groups.items()):
+            one = [seg for seg in segs if seg[1] - seg[0] == 1]
+            if len(one) < 2:
+                continue
+            # Adapters owning one row each (a mixed decode batch: every row its own adapter) go through one bmm
+            # over their stacked blocks instead of one small gemm each (64 adapters: 64 calls per projection,
+            # launch- and overhead-bound). Widened plans stack the fp32 copies they hold anyway (no extra
+            # memory); otherwise the stack is a copy of those blocks, held only within ``bat_budget`` (the room
+            # the pool leaves a batch; counted in held_bytes), else the segments stay.
+            stack_bytes = sum(seg[3].numel() for seg in one) * one[0][3].element_size()
+            if not p.widened:
+                if bat_budget is not None and stack_bytes > bat_budget:
+                    continue
+                p.held_bytes += stack_bytes
+                bat_budget = None if bat_budget is None else bat_budget - stack_bytes
+            one.sort(key=lambda seg: seg[0])  # ascending rows: all rows in order -> no index needed
+            rows_t = torch.tensor([seg[0] for seg in one], device=device)
+            p.singles[key[0]] = (rows_t, torch.stack([seg[3] for seg in one]))
+            p.held_bytes += rows_t.numel() * rows_t.element_size()
+            p.scratch_bytes += len(one) * tokens * (key[0] + out) * one[0][3].element_size()
+            groups[key] = [seg for seg in segs if seg[1] - seg[0] != 1]
         p.bone = [(r, segs) for (r, _), segs in groups.items()]
         if p.widened:  # the fp32 scratch of one group: (rows, tokens, r + out)
             p.scratch_bytes += len(names) * tokens * (max(groups)[0] + out) * 4
@@ -381,7 +393,8 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
     else:
         plan_bone = plan.bone
     for r, segs in plan_bone:
-        dt = segs[0][3].dtype if segs else torch.float32  # empty: every segment is in plan.singles (fp32)
+        single = plan.singles.get(r)  # adapters with one row each, stacked (see RowPlan.build)
+        dt = segs[0][3].dtype if segs or single is None else single[1].dtype  # no segs: all in the stack
         # S_r(x) once per group (and shared with sibling projections that read the same input): (rows*tokens, r)
         if not grad and x.is_contiguous():
             s = BF.cached_chunk_sum(x, r, dt)
@@ -390,7 +403,6 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
         if plan.widened and not grad:
             # CPU half precision (see _CPU_WIDEN): fp32 products of every segment into one fp32 scratch,
             # added to y once (zeros for rows of no adapter in this group)
-            single = plan.singles.get(r)
             if single is not None and not segs and single[0].numel() == rows:
                 # every row its own adapter, rows in order (a mixed decode step): one bmm straight into y
                 y.view(rows, tokens, out).add_(torch.bmm(s.view(rows, tokens, r), single[1]))
@@ -409,6 +421,13 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
             y.view(-1, out).add_(sc)
         elif not grad and dt == y.dtype:
             y2 = y.view(-1, out)
+            if single is not None:
+                one_rows, stack = single
+                s3, y3 = s.view(rows, tokens, r), y.view(rows, tokens, out)
+                if one_rows.numel() == rows:  # every row its own adapter, rows in order: accumulate into y
+                    y3.baddbmm_(s3, stack)
+                else:
+                    y3.index_add_(0, one_rows, torch.bmm(s3.index_select(0, one_rows), stack))
             for a, b, idx, blk in segs:
                 if idx is None:  # contiguous rows: accumulate straight into y, no scratch
                     y2[a * tokens : b * tokens].addmm_(s[a * tokens : b * tokens], blk)
@@ -417,6 +436,9 @@ def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> tor
                     y3.index_add_(0, idx, torch.matmul(s.view(rows, tokens, r).index_select(0, idx), blk))
         else:  # autograd or a block dtype other than the output's: out of place
             y3, s3 = y.reshape(rows, tokens, out), s.reshape(rows, tokens, r)
+            if single is not None:
+                one_rows, stack = single
+                y3 = y3.index_add(0, one_rows, torch.bmm(s3.index_select(0, one_rows), stack).to(y3.dtype))
             for a, b, idx, blk in segs:
                 if idx is None:
                     idx = torch.arange(a, b, device=y.device)

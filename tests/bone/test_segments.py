@@ -77,3 +77,48 @@ def test_bat_budget_bounds_what_the_plans_hold_and_outputs_do_not_change():
             assert bounded._routing.held_bytes < held  # no dense Bat weight kept between forwards
             assert all(w is None for _, layer in bm.bone_layers() for _, _, w in layer.row_plan.bat)
     torch.testing.assert_close(got, want)
+
+
+def four_adapters(dtype: torch.dtype = torch.float32):
+    t = targets("llama")
+    bm = get_bone_model(build("llama"), BoneConfig(r=4, target_modules=t, init_weights=False), "a")
+    for name in "bcd":
+        bm.add_adapter(name, BoneConfig(r=4, target_modules=t, init_weights=False))
+    randomize(bm, 0.05)
+    bm.eval()
+    return bm.to(dtype)
+
+
+@pytest.mark.parametrize(
+    "names, in_order",
+    [
+        (["a", "b", "c", "d"], True),  # a mixed decode batch: every row its own adapter, in order -> baddbmm_
+        (["d", BASE_ADAPTER, "b", "c", "c"], False),  # two one-row adapters among others -> one bmm + index_add_
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_adapters_share_one_stacked_gemm_and_equal_each_row_alone(names, in_order, dtype):
+    bm = four_adapters(dtype)
+    x = ids(batch=len(names), seq=5)
+    one_row = [n for n in dict.fromkeys(names) if names.count(n) == 1 and n != BASE_ADAPTER]
+    with torch.no_grad():
+        with bm.routing(names) as routed:
+            together = routed(input_ids=x).logits.float()
+            for _, layer in bm.bone_layers():
+                rows, stack = layer.row_plan.singles[4]
+                assert rows.tolist() == [names.index(n) for n in one_row]
+                assert stack.shape[0] == len(one_row)
+                assert (rows.numel() == len(names)) is in_order
+            stacked = routed._routing.held_bytes
+        with bm.routing(names, bat_budget_bytes=0) as bounded:  # no room for the copies: one gemm per adapter
+            got = bounded(input_ids=x).logits.float()
+            if dtype == torch.float32:  # the stacks are copies: held only within the budget
+                assert all(not layer.row_plan.singles for _, layer in bm.bone_layers())
+                assert bounded._routing.held_bytes < stacked
+            else:  # bf16 on the CPU stacks the fp32 copies it holds anyway (widened plans): no budget needed
+                assert all(layer.row_plan.singles for _, layer in bm.bone_layers())
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got, together, atol=tol, rtol=tol)
+        for i, name in enumerate(names):
+            alone = bm(input_ids=x[i : i + 1], adapter_names=[name]).logits.float()
+            torch.testing.assert_close(together[i : i + 1], alone, atol=tol, rtol=tol)
