@@ -84,6 +84,7 @@ def _device_memory(device: torch.device) -> int | None:
 COST_KEY = "bone:cotrain:step_cost"  # hash: (host, device, base, dtype, rows, length) -> StepCost as JSON
 COST_TTL_S = 24 * 3600  # re-measured daily: drivers, clocks and neighbours change
 SAMPLE_ROWS = 64  # rows of the leader tokenized to learn how long its padded micro-batches are
+LENGTH_STEP = 64  # measured lengths are multiples of this (fewer shapes to time; the cost is near-linear in it)
 
 
 def padded_length(job: Job, tokenizer: Any, rows: list[dict[str, Any]] | None) -> int:
@@ -94,9 +95,11 @@ def padded_length(job: Job, tokenizer: Any, rows: list[dict[str, Any]] | None) -
         return spec.max_seq_length
     try:
         sample = tokenize_rows(rows[:SAMPLE_ROWS], tokenizer, spec.max_seq_length, format=job.dataset.format)
-        return max(example_lengths(sample.examples), default=spec.max_seq_length)
+        longest = max(example_lengths(sample.examples), default=spec.max_seq_length)
     except Exception:  # noqa: BLE001 - the job's own tokenization reports bad rows; here the bound suffices
         return spec.max_seq_length
+    # Rounded up to a multiple of LENGTH_STEP: a bounded number of shapes to measure and keep per machine
+    return min(spec.max_seq_length, -(-int(longest) // LENGTH_STEP) * LENGTH_STEP)
 
 
 def cached_step_cost(conn: Any, key: str, measure: Callable[[], StepCost | None]) -> StepCost | None:
@@ -125,6 +128,7 @@ def cached_step_cost(conn: Any, key: str, measure: Callable[[], StepCost | None]
                 }
             ),
         )
+        conn.expire(COST_KEY, COST_TTL_S)  # the hash goes a day after its last entry (stale ones are skipped)
     return cost
 
 

@@ -66,3 +66,54 @@ def test_measuring_changes_nothing_the_training_sees(base):
         assert torch.equal(p, params[name]), name
     assert StepCost.measure(model, rows=2, length=16, device=CPU) is cost  # once per model and shape
     assert StepCost.measure(model, rows=2, length=32, device=CPU) is not cost
+
+
+def test_the_measure_is_kept_a_day_and_an_unreadable_or_stale_one_is_taken_again(redis_conn):
+    import json
+    import time
+
+    from worker.cotrain_task import COST_KEY, COST_TTL_S, cached_step_cost
+
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return StepCost.from_timings(2, 1.0, 1.5)
+
+    first = cached_step_cost(redis_conn, "host|cpu|m|fp32|2|64", measure)
+    again = cached_step_cost(redis_conn, "host|cpu|m|fp32|2|64", measure)
+    assert len(calls) == 1 and again == first
+    assert 0 < redis_conn.ttl(COST_KEY) <= COST_TTL_S  # the whole hash goes a day after its last entry
+    stale = json.loads(redis_conn.hget(COST_KEY, "host|cpu|m|fp32|2|64"))
+    stale["at"] = time.time() - COST_TTL_S - 1
+    redis_conn.hset(COST_KEY, "host|cpu|m|fp32|2|64", json.dumps(stale))
+    cached_step_cost(redis_conn, "host|cpu|m|fp32|2|64", measure)
+    redis_conn.hset(COST_KEY, "host|cpu|m|fp32|4|64", b"{not json")
+    cached_step_cost(redis_conn, "host|cpu|m|fp32|4|64", measure)
+    assert len(calls) == 3
+    assert cached_step_cost(redis_conn, "host|cpu|m|fp32|8|64", lambda: None) is None  # nothing kept for None
+    assert not redis_conn.hexists(COST_KEY, "host|cpu|m|fp32|8|64")
+
+
+def test_the_measured_length_is_the_datas_rounded_up_and_never_past_max_seq_length(base):
+    from core.jobs import BoneSpec, Job, TrainingSpec
+    from worker.cotrain_task import padded_length
+
+    def job(**training):
+        spec = TrainingSpec(**training)
+        return Job(
+            id=Job.new_id(),
+            adapter_name="a",
+            base_model="embedded",
+            dataset={"records": 1},
+            bone=BoneSpec(),
+            training=spec,
+        )
+
+    rows = [{"prompt": "Q: capital of France?\nA:", "completion": " Paris."}] * 3
+    assert padded_length(job(max_seq_length=512), base.tokenizer, rows) == 64
+    assert padded_length(job(max_seq_length=40), base.tokenizer, rows) == 40  # never past the job's own bound
+    long_rows = [{"prompt": "x" * 300, "completion": "y"}]
+    assert padded_length(job(max_seq_length=512), base.tokenizer, long_rows) in (320, 384)
+    assert padded_length(job(max_seq_length=512, packing=True), base.tokenizer, rows) == 512
+    assert padded_length(job(max_seq_length=512), base.tokenizer, [{"bogus": 1}]) == 512  # unreadable: the bound
