@@ -12,6 +12,9 @@
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), BONE_BASE_MODEL (default: embedded),
 # BENCH_STEPS (job steps; default 200 on GPU, 20 with --cpu), BENCH_OUT.
+# Each step runs under its own time limit and a step that fails or runs out of time is reported in summary.txt
+# while the others still run: a lent device gives one call of at most 10 minutes (bench/device_run.sh), so the
+# limits on GPU add up to 9 minutes (T_* below; BENCH_TIME_SCALE multiplies them all, e.g. 3 on a slower GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +37,8 @@ if [[ $MODE == gpu ]]; then
   SERVE_ARGS=(--model small --device cuda --new-tokens 64 --repeats 5)
   SCALING_RUNS=("--model 0.5b --batch 4 --seq 1024" "--model 7b --batch 1 --seq 1024")
   COTRAIN_RUNS=("--device cuda --model small" "--device cuda --model 0.5b")
+  # seconds per step: the service job, train_step, serve, each scaling run, each co-training run
+  T_SERVICE=120 T_TRAIN=75 T_SERVE=60 T_SCALING=(75 90) T_COTRAIN=(45 75)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/machine.txt"
 else
   NPROC=2
@@ -43,10 +48,24 @@ else
   SERVE_ARGS=(--model tiny --device cpu --new-tokens 8 --repeats 1)
   SCALING_RUNS=("--model tiny --device cpu --world 2 --batch 2 --seq 64 --steps 2 --warmup 1")
   COTRAIN_RUNS=("--model tiny --jobs 2 --steps 3 --threads 1")
+  T_SERVICE=240 T_TRAIN=120 T_SERVE=120 T_SCALING=(180) T_COTRAIN=(180)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 { echo "mode=$MODE processes=$NPROC host=$(hostname) cpus=$(getconf _NPROCESSORS_ONLN)"; "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } >> "$OUT/machine.txt"
 echo "bench/gpu.sh: $MODE, $NPROC processes, results in $OUT" >&2
+export PYTHONUNBUFFERED=1  # a step stopped at its limit still leaves what it printed
+SCALE=${BENCH_TIME_SCALE:-1}
+STATUS=()
+# limit SECONDS NAME COMMAND...: runs COMMAND under SECONDS x BENCH_TIME_SCALE, records how it ended, never fails
+limit() {
+  local secs=$(( $1 * SCALE )) name=$2 rc=0
+  shift 2
+  timeout --kill-after=10 "$secs" "$@" || rc=$?
+  if [[ $rc -eq 0 ]]; then STATUS+=("$name: ok")
+  elif [[ $rc -eq 124 || $rc -eq 137 ]]; then STATUS+=("$name: stopped at its ${secs} s limit (partial output kept)")
+  else STATUS+=("$name: failed (exit $rc)"); fi
+  return 0
+}
 
 # --- 1. the service on this device, one job on every device ---------------------------------------------------
 export BONE_DATA_DIR=$DATA BONE_PORT=$PORT BONE_DEVICE=$DEVICE BONE_AUTH_DISABLED=true BONE_HOST=127.0.0.1
@@ -57,7 +76,7 @@ UP_PID=$!
 cleanup() { kill "$UP_PID" 2>/dev/null || true; wait "$UP_PID" 2>/dev/null || true; rm -rf "$DATA"; }
 trap cleanup EXIT
 
-"$PY" - "$PORT" "$NPROC" "$STEPS" "$OUT" <<'EOF'
+limit "$T_SERVICE" "service job" "$PY" - "$PORT" "$NPROC" "$STEPS" "$OUT" <<'EOF'
 import json, sys, time
 import httpx
 
@@ -99,21 +118,29 @@ cleanup
 trap - EXIT
 
 # --- 2. the bench/ benchmarks -----------------------------------------------------------------------------------
-"$PY" bench/train_step.py "${TRAIN_ARGS[@]}" > "$OUT/train_step.txt" 2>&1
-"$PY" bench/serve.py "${SERVE_ARGS[@]}" > "$OUT/serve.txt" 2>&1
+limit "$T_TRAIN" "train_step" bash -c '"$0" bench/train_step.py "${@}" > "'"$OUT"'/train_step.txt" 2>&1' "$PY" "${TRAIN_ARGS[@]}"
+limit "$T_SERVE" "serve" bash -c '"$0" bench/serve.py "${@}" > "'"$OUT"'/serve.txt" 2>&1' "$PY" "${SERVE_ARGS[@]}"
 # DDP scaling 1 -> N devices, FSDP peak memory and bf16 step time on real shapes (bench/scaling.py)
-for args in "${SCALING_RUNS[@]}"; do
+for i in "${!SCALING_RUNS[@]}"; do
+  args=${SCALING_RUNS[$i]}
   read -r -a words <<< "$args"
-  { echo "== bench/scaling.py $args"; "$PY" bench/scaling.py "${words[@]}" 2>&1 | grep -E "^(model|DDP|FSDP)"; } >> "$OUT/scaling.txt"
+  echo "== bench/scaling.py $args" >> "$OUT/scaling.txt"
+  limit "${T_SCALING[$i]}" "scaling $args" bash -o pipefail -c '"$0" bench/scaling.py "${@}" 2>&1 | grep --line-buffered -E "^(model|DDP|FSDP)" >> "'"$OUT"'/scaling.txt"' "$PY" "${words[@]}"
 done
 # co-training: 8 jobs of 60 steps in one group vs one after another (bench/cotrain.py)
-for args in "${COTRAIN_RUNS[@]}"; do
+for i in "${!COTRAIN_RUNS[@]}"; do
+  args=${COTRAIN_RUNS[$i]}
   read -r -a words <<< "$args"
-  { echo "== bench/cotrain.py $args"; "$PY" bench/cotrain.py "${words[@]}" 2>&1 | tail -n 6; } >> "$OUT/cotrain.txt"
+  echo "== bench/cotrain.py $args" >> "$OUT/cotrain.txt"
+  limit "${T_COTRAIN[$i]}" "cotrain $args" bash -c '"$0" bench/cotrain.py "${@}" >> "'"$OUT"'/cotrain.txt" 2>&1' "$PY" "${words[@]}"
 done
 
-{ cat "$OUT/machine.txt"; echo; python3 -c "import json; j=json.load(open('$OUT/job.json')); print('job', j['job']['status'], json.dumps(j['job']['metrics']), 'wall_s', round(j['wall_s'], 1))"
-  echo; echo "== bench/train_step.py ${TRAIN_ARGS[*]}"; tail -n 25 "$OUT/train_step.txt"
-  echo; echo "== bench/serve.py ${SERVE_ARGS[*]}"; tail -n 25 "$OUT/serve.txt"
-  echo; cat "$OUT/scaling.txt"; echo; cat "$OUT/cotrain.txt"; } > "$OUT/summary.txt"
+show() { if [[ -f $1 ]]; then tail -n "${2:-1000}" "$1"; else echo "(no $(basename "$1"))"; fi; }
+{ cat "$OUT/machine.txt"; echo; printf '%s\n' "${STATUS[@]}"; echo
+  if [[ -f "$OUT/job.json" ]]; then
+    python3 -c "import json; j=json.load(open('$OUT/job.json')); print('job', j['job']['status'], json.dumps(j['job']['metrics']), 'wall_s', round(j['wall_s'], 1))" || true
+  fi
+  echo; echo "== bench/train_step.py ${TRAIN_ARGS[*]}"; show "$OUT/train_step.txt" 25
+  echo; echo "== bench/serve.py ${SERVE_ARGS[*]}"; show "$OUT/serve.txt" 25
+  echo; show "$OUT/scaling.txt"; echo; show "$OUT/cotrain.txt" 60; } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"
