@@ -57,6 +57,7 @@ export PYTHONUNBUFFERED=1  # a step stopped at its limit still leaves what it pr
 SCALE=${BENCH_TIME_SCALE:-1}
 STATUS=()
 # limit SECONDS NAME COMMAND...: runs COMMAND under SECONDS x BENCH_TIME_SCALE, records how it ended, never fails
+# (called without a pipe, so STATUS stays in this shell; redirect its output at the call)
 limit() {
   local secs=$(( $1 * SCALE )) name=$2 rc=0
   shift 2
@@ -118,21 +119,21 @@ cleanup
 trap - EXIT
 
 # --- 2. the bench/ benchmarks -----------------------------------------------------------------------------------
-limit "$T_TRAIN" "train_step" bash -c '"$0" bench/train_step.py "${@}" > "'"$OUT"'/train_step.txt" 2>&1' "$PY" "${TRAIN_ARGS[@]}"
-limit "$T_SERVE" "serve" bash -c '"$0" bench/serve.py "${@}" > "'"$OUT"'/serve.txt" 2>&1' "$PY" "${SERVE_ARGS[@]}"
+limit "$T_TRAIN" "train_step" "$PY" bench/train_step.py "${TRAIN_ARGS[@]}" > "$OUT/train_step.txt" 2>&1
+limit "$T_SERVE" "serve" "$PY" bench/serve.py "${SERVE_ARGS[@]}" > "$OUT/serve.txt" 2>&1
 # DDP scaling 1 -> N devices, FSDP peak memory and bf16 step time on real shapes (bench/scaling.py)
 for i in "${!SCALING_RUNS[@]}"; do
   args=${SCALING_RUNS[$i]}
   read -r -a words <<< "$args"
   echo "== bench/scaling.py $args" >> "$OUT/scaling.txt"
-  limit "${T_SCALING[$i]}" "scaling $args" bash -o pipefail -c '"$0" bench/scaling.py "${@}" 2>&1 | grep --line-buffered -E "^(model|DDP|FSDP)" >> "'"$OUT"'/scaling.txt"' "$PY" "${words[@]}"
+  limit "${T_SCALING[$i]}" "scaling $args" "$PY" bench/scaling.py "${words[@]}" >> "$OUT/scaling.txt" 2>&1
 done
 # co-training: 8 jobs of 60 steps in one group vs one after another (bench/cotrain.py)
 for i in "${!COTRAIN_RUNS[@]}"; do
   args=${COTRAIN_RUNS[$i]}
   read -r -a words <<< "$args"
   echo "== bench/cotrain.py $args" >> "$OUT/cotrain.txt"
-  limit "${T_COTRAIN[$i]}" "cotrain $args" bash -c '"$0" bench/cotrain.py "${@}" >> "'"$OUT"'/cotrain.txt" 2>&1' "$PY" "${words[@]}"
+  limit "${T_COTRAIN[$i]}" "cotrain $args" "$PY" bench/cotrain.py "${words[@]}" >> "$OUT/cotrain.txt" 2>&1
 done
 
 show() { if [[ -f $1 ]]; then tail -n "${2:-1000}" "$1"; else echo "(no $(basename "$1"))"; fi; }
@@ -142,5 +143,5 @@ show() { if [[ -f $1 ]]; then tail -n "${2:-1000}" "$1"; else echo "(no $(basena
   fi
   echo; echo "== bench/train_step.py ${TRAIN_ARGS[*]}"; show "$OUT/train_step.txt" 25
   echo; echo "== bench/serve.py ${SERVE_ARGS[*]}"; show "$OUT/serve.txt" 25
-  echo; show "$OUT/scaling.txt"; echo; show "$OUT/cotrain.txt" 60; } > "$OUT/summary.txt"
+  echo; show "$OUT/scaling.txt" | grep -E "^(==|\(no|model|DDP|FSDP)" || true; echo; show "$OUT/cotrain.txt" 60; } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"
