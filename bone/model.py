@@ -31,6 +31,7 @@ from torch import nn
 from . import adapter_files
 from . import merge as merging
 from . import save as saving
+from .block_stacks import BlockStacks
 from .config import BASE_ADAPTER, BoneConfig
 from .errors import BoneCheckpointError, BoneConfigError, BoneError
 from .layer import BoneLinear
@@ -366,14 +367,16 @@ class BoneModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     @contextmanager
-    def routing(self, adapter_names: list[str], bat_budget_bytes: int | None = None):
+    def routing(self, adapter_names: list[str], bat_budget_bytes: int | None = None, stacks: BlockStacks | None = None):
         """Per-row adapter selection reusable across calls: yields a :class:`~bone.routing.RoutedModel`;
         ``routed(**kwargs)`` runs the wrapped model with row i on ``adapter_names[i]`` (``"__base__"``: the
         base model), reusing the per-layer plans (gathered blocks) built by its first call. Names are
         checked once, here; the batch of every call must have ``len(adapter_names)`` rows (or a multiple:
-        rows expanded in place, e.g. beams). ``bat_budget_bytes``: see :class:`~bone.routing.RowRouting`."""
+        rows expanded in place, e.g. beams). ``bat_budget_bytes``: see :class:`~bone.routing.RowRouting`.
+        ``stacks``: a :class:`~bone.block_stacks.BlockStacks` shared by the routings of one serving loop's
+        batch, so a new composition reuses the stacked blocks of the last one (its holder counts and frees them)."""
         names = self._row_names(adapter_names, {})
-        routed = RoutedModel(self.base_model, RowRouting(names, bat_budget_bytes))
+        routed = RoutedModel(self.base_model, RowRouting(names, bat_budget_bytes, stacks))
         try:
             yield routed
         finally:

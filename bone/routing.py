@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as BF
+from .block_stacks import BlockStacks
 from .config import BoneConfig
 from .errors import BoneError
 from .linear_types import Conv1D
@@ -57,6 +58,7 @@ class RoutedLayer(Protocol):
     merged_adapters: list[str]
     adapter_config: dict[str, BoneConfig]
     row_plan: Any  # routing's slot on the layer; the layer empties it whenever it changes
+    bone_block: Any  # name -> the adapter's block parameter (its identity tells a stack it holds that block)
     plain_linear: bool  # exactly nn.Linear: the fused serving path may call F.linear on its weight
 
     @property
@@ -78,17 +80,23 @@ class RowRouting:
     ``working_bytes``: what the routing costs beyond the resident blocks — the bytes its plans hold plus the
     largest transient scratch of one layer's forward."""
 
-    def __init__(self, names: list[str], bat_budget_bytes: int | None = None):
+    def __init__(self, names: list[str], bat_budget_bytes: int | None = None, stacks: BlockStacks | None = None):
         self.names = list(names)
         self._plans: dict[RoutedLayer, RowPlan] = {}  # outside autograd: the plans built for this routing
         self._expanded: dict[int, list[str]] = {}
         self.bat_budget_bytes = bat_budget_bytes
         self.held_bytes = 0
         self.scratch_bytes = 0
+        self.closed = False
+        # The stacked blocks of one-row adapters (see bone.block_stacks): shared with the other routings of a
+        # serving loop's running batch when given (their owner counts and frees them), else this routing's own.
+        self._own_stacks = stacks is None
+        self.stacks = BlockStacks() if stacks is None else stacks
+        self._stacks_at_start = self.stacks.held_bytes
 
     @property
     def working_bytes(self) -> int:
-        return self.held_bytes + self.scratch_bytes
+        return self.held_bytes + self.scratch_bytes + (self.stacks.held_bytes if self._own_stacks else 0)
 
     def row_names(self, rows: int) -> list[str]:
         """Names per row of a batch of ``rows`` rows; generate() expands each input row k times in place
@@ -119,8 +127,11 @@ class RowRouting:
         if p is None or p.rows != rows or p.version != layer.version:
             if p is not None:
                 self.held_bytes -= p.held_bytes
-            budget = None if self.bat_budget_bytes is None else max(0, self.bat_budget_bytes - self.held_bytes)
-            p = RowPlan.build(layer, self.row_names(rows), x.device, tokens, budget)
+            budget = None
+            if self.bat_budget_bytes is not None:  # the room left: minus what this routing holds and stacked
+                grown = max(0, self.stacks.held_bytes - self._stacks_at_start)
+                budget = max(0, self.bat_budget_bytes - self.held_bytes - grown)
+            p = RowPlan.build(layer, self.row_names(rows), x.device, tokens, budget, self)
             p.routing, p.rows, p.version = self, rows, layer.version
             self._plans[layer] = p
             self.held_bytes += p.held_bytes
@@ -128,13 +139,26 @@ class RowRouting:
         layer.row_plan = p
         return p
 
+    def forget(self, layer: RoutedLayer) -> None:
+        """Drop this routing's plan of ``layer`` (another routing took the slab its stacked blocks view); the
+        next forward under this routing builds it again."""
+        p = self._plans.pop(layer, None)
+        if p is not None:
+            self.held_bytes -= p.held_bytes
+            if layer.row_plan is p:
+                layer.row_plan = None
+
     def close(self) -> None:
-        """Drop the cached plans (and the index tensors and Bat weights they hold)."""
+        """Drop the cached plans (and the index tensors and Bat weights they hold; the stacks too when they
+        are this routing's own)."""
         for layer in self._plans:
             if layer.row_plan is not None and layer.row_plan.routing is self:
                 layer.row_plan = None
         self._plans.clear()
         self.held_bytes = self.scratch_bytes = 0
+        self.closed = True
+        if self._own_stacks:
+            self.stacks.clear()
 
 
 @contextmanager
@@ -211,11 +235,14 @@ Segment = tuple[int, int, torch.Tensor | None, torch.Tensor]
 _CPU_WIDEN = (torch.bfloat16, torch.float16)
 
 
+def _widens(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a no-grad plan multiplies blocks of ``dtype`` in fp32 (CPU half precision, see _CPU_WIDEN)."""
+    return device.type == "cpu" and dtype in _CPU_WIDEN and not torch.is_grad_enabled()
+
+
 def _widen(blk: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The block a no-grad plan multiplies with: fp32 on CPU for half blocks (see _CPU_WIDEN), else itself."""
-    if device.type == "cpu" and blk.dtype in _CPU_WIDEN and not torch.is_grad_enabled():
-        return blk.float()
-    return blk
+    return blk.float() if _widens(blk.dtype, device) else blk
 
 
 class RowPlan:
@@ -269,9 +296,11 @@ class RowPlan:
         device: torch.device,
         tokens: int = 1,
         bat_budget: int | None = None,
+        routing: RowRouting | None = None,
     ) -> RowPlan:
-        """``tokens``: per row, for the scratch estimate; ``bat_budget``: bytes of dense Bat weights this plan
-        may hold (None: no limit, 0: hold none)."""
+        """``tokens``: per row, for the scratch estimate; ``bat_budget``: bytes of dense Bat weights (and
+        stacked blocks) this plan may hold (None: no limit, 0: hold none); ``routing``: the routing that keeps
+        the plan (its ``stacks`` hold the stacked one-row blocks); None for a plan used once (autograd)."""
         if layer.merged_adapters:
             raise BoneError(
                 f"per-row adapter selection needs unmerged adapters, but {layer.merged_adapters} are merged; "
@@ -294,42 +323,59 @@ class RowPlan:
         rows_of: dict[str, list[int]] = {}
         for i, n in enumerate(names):
             rows_of.setdefault(n, []).append(i)
-        groups: dict[tuple[int, torch.dtype], list[Segment]] = {}
         out = layer.out_features
+        # per (r, dtype the plan multiplies in): the Bone/mini adapters, as (name, rows, block parameter)
+        members: dict[tuple[int, torch.dtype], list[tuple[str, list[int], torch.Tensor]]] = {}
         for n in bone:
-            full = layer.full_block(n)
-            blk = _widen(full, device)
-            if blk is not full:
-                p.widened = True
-                p.held_bytes += blk.numel() * 4
-            idx = rows_of[n]
-            sel = None
-            if idx[-1] - idx[0] + 1 != len(idx):
-                sel = torch.tensor(idx, device=device)
-                p.held_bytes += sel.numel() * sel.element_size()
-                p.scratch_bytes += len(idx) * tokens * (blk.shape[0] + out) * blk.element_size()
-            groups.setdefault((blk.shape[0], blk.dtype), []).append((idx[0], idx[-1] + 1, sel, blk))
-        for key, segs in list(groups.items()):
-            one = [seg for seg in segs if seg[1] - seg[0] == 1]
-            if len(one) < 2:
-                continue
-            # Adapters owning one row each (a mixed decode batch: every row its own adapter) go through one bmm
-            # over their stacked blocks instead of one small gemm each (64 adapters: 64 calls per projection,
-            # launch- and overhead-bound). Widened plans stack the fp32 copies they hold anyway (no extra
-            # memory); otherwise the stack is a copy of those blocks, held only within ``bat_budget`` (the room
-            # the pool leaves a batch; counted in held_bytes), else the segments stay.
-            stack_bytes = sum(seg[3].numel() for seg in one) * one[0][3].element_size()
-            if not p.widened:
-                if bat_budget is not None and stack_bytes > bat_budget:
-                    continue
-                p.held_bytes += stack_bytes
-                bat_budget = None if bat_budget is None else bat_budget - stack_bytes
-            one.sort(key=lambda seg: seg[0])  # ascending rows: all rows in order -> no index needed
-            rows_t = torch.tensor([seg[0] for seg in one], device=device)
-            p.singles[key[0]] = (rows_t, torch.stack([seg[3] for seg in one]))
-            p.held_bytes += rows_t.numel() * rows_t.element_size()
-            p.scratch_bytes += len(one) * tokens * (key[0] + out) * one[0][3].element_size()
-            groups[key] = [seg for seg in segs if seg[1] - seg[0] != 1]
+            param = layer.bone_block[n]
+            dt = torch.float32 if _widens(param.dtype, device) else param.dtype
+            members.setdefault((configs[n].r, dt), []).append((n, rows_of[n], param))
+        groups: dict[tuple[int, torch.dtype], list[Segment]] = {}
+        for key, group in members.items():
+            one = sorted((m for m in group if len(m[1]) == 1), key=lambda m: m[1][0])
+            stack = None
+            widened = any(m[2].dtype != key[1] for m in one)  # fp32 copies of half blocks (see _CPU_WIDEN)
+            if len(one) >= 2 and routing is not None:
+                # Adapters owning one row each (a mixed decode batch: every row its own adapter) go through one
+                # bmm over their stacked blocks instead of one small gemm each (64 adapters: 64 calls per
+                # projection, launch- and overhead-bound). The stack is a slab kept across the batch's
+                # compositions (bone.block_stacks: a join or leave copies only the blocks that moved). Widened
+                # plans would hold fp32 copies of those blocks anyway; otherwise the slab is held only within
+                # ``bat_budget`` (the room the pool leaves a batch), else the segments stay.
+                before = routing.stacks.held_bytes
+                stack = routing.stacks.stack(
+                    layer,
+                    key[0],
+                    key[1],
+                    [m[2] for m in one],
+                    _block_getter(layer, [m[0] for m in one]),
+                    None if widened else bat_budget,
+                    routing,
+                )
+                if bat_budget is not None:
+                    bat_budget = max(0, bat_budget - (routing.stacks.held_bytes - before))
+            elif routing is not None:
+                routing.stacks.drop(layer, key[0], key[1], routing)
+            if stack is not None:
+                rows_t = torch.tensor([m[1][0] for m in one], device=device)
+                p.singles[key[0]] = (rows_t, stack)
+                p.widened = p.widened or widened
+                p.held_bytes += rows_t.numel() * rows_t.element_size()
+                p.scratch_bytes += len(one) * tokens * (key[0] + out) * stack.element_size()
+                group = [m for m in group if len(m[1]) != 1]
+            segs = groups.setdefault(key, [])
+            for n, idx, _ in group:
+                full = layer.full_block(n)
+                blk = _widen(full, device)
+                if blk is not full:
+                    p.widened = True
+                    p.held_bytes += blk.numel() * 4
+                sel = None
+                if idx[-1] - idx[0] + 1 != len(idx):
+                    sel = torch.tensor(idx, device=device)
+                    p.held_bytes += sel.numel() * sel.element_size()
+                    p.scratch_bytes += len(idx) * tokens * (blk.shape[0] + out) * blk.element_size()
+                segs.append((idx[0], idx[-1] + 1, sel, blk))
         p.bone = [(r, segs) for (r, _), segs in groups.items()]
         if p.widened:  # the fp32 scratch of one group: (rows, tokens, r + out)
             p.scratch_bytes += len(names) * tokens * (max(groups)[0] + out) * 4
@@ -349,6 +395,12 @@ class RowPlan:
                     p.bat.append((rows, n, None))
                     p.scratch_bytes += size
         return p
+
+
+def _block_getter(layer: RoutedLayer, names: list[str]) -> Callable[[int], torch.Tensor]:
+    """The i-th adapter's block in its Bone form, fetched only when a stack must copy it (mini blocks are
+    tiled on every call)."""
+    return lambda i: layer.full_block(names[i])
 
 
 def row_forward(layer: RoutedLayer, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:

@@ -46,9 +46,10 @@ from core.requests import SEED_BOUND
 
 log = logging.getLogger(__name__)
 
-# forward(input_ids, attention_mask, position_ids, past_key_values, adapter_names[, all_logits])
+# forward(input_ids, attention_mask, position_ids, past_key_values, adapter_names[, all_logits][, side])
 #   -> (logits, cache): the last position's logits (rows, vocab), or every position's (rows, columns, vocab)
-#   when all_logits is true (the prompt's log-probabilities need them)
+#   when all_logits is true (the prompt's log-probabilities need them); side: a prefill of rows not (yet) in
+#   the batch, whose per-row routing must not replace the running rows' (model_host.ModelHost.forward)
 Forward = Callable[..., tuple[torch.Tensor, Any]]
 
 # (token id, its log-probability, the top alternatives as (token id, log-probability), most likely first)
@@ -320,7 +321,9 @@ class RunningBatch:
             ids = torch.tensor([prompt[self._entered : end]], dtype=torch.long, device=self.device)
             mask = torch.ones((1, end), dtype=torch.long, device=self.device)
             positions = torch.arange(self._entered, end, dtype=torch.long, device=self.device).unsqueeze(0)
-            logits, self._entering_cache = self.forward(ids, mask, positions, self._entering_cache, [row.adapter_slot])
+            logits, self._entering_cache = self.forward(
+                ids, mask, positions, self._entering_cache, [row.adapter_slot], side=True
+            )
             kv_cache.settle(self._entering_cache)  # a window keeps only its last columns between chunks
             self.chunks += 1
             self._entered = end
@@ -371,14 +374,16 @@ class RunningBatch:
         # The prompt's log-probabilities come from a row's first prefill (a resumed row has them already).
         scored = [r.params.prompt_logprobs is not None and r.prompt_logprobs is None and not r.generated for r in rows]
         if any(scored):
-            logits, cache = self.forward(ids, mask, positions, kv_cache.new_cache(self.windows), slots, all_logits=True)
+            logits, cache = self.forward(
+                ids, mask, positions, kv_cache.new_cache(self.windows), slots, all_logits=True, side=True
+            )
             for j, row in enumerate(rows):
                 top = row.params.prompt_logprobs
                 if scored[j] and top is not None:  # (scored implies it is set)
                     row.prompt_logprobs = _prompt_logprobs(logits[j], row.prompt_ids, top)
             logits = logits[:, -1, :]
         else:
-            logits, cache = self.forward(ids, mask, positions, kv_cache.new_cache(self.windows), slots)
+            logits, cache = self.forward(ids, mask, positions, kv_cache.new_cache(self.windows), slots, side=True)
         tokens = self._push(rows, logits)
         keep = [j for j, r in enumerate(rows) if not r.finished]
         if len(keep) < len(rows) and keep:

@@ -220,7 +220,7 @@ class InferenceEngine:
         self.scheduler.run_between_steps(lambda: self.cache.evict(name, in_use=self.scheduler.in_use()))
 
     # --- the model call the model thread makes (``RunningBatch``'s forward) --------------------------
-    def _forward(self, ids, mask, positions, cache, slots: list[str], all_logits: bool = False):
+    def _forward(self, ids, mask, positions, cache, slots: list[str], all_logits: bool = False, side: bool = False):
         kwargs = {
             "input_ids": ids,
             "attention_mask": mask,
@@ -231,7 +231,7 @@ class InferenceEngine:
         if self._keep_last_logits and not all_logits:
             kwargs["logits_to_keep"] = 1
         self.host.bat_budget_bytes = self.cache.batch_room
-        out = self.host.forward(slots, **kwargs)
+        out = self.host.forward(slots, side=side, **kwargs)
         return (out.logits if all_logits else out.logits[:, -1, :]), getattr(out, self._cache_arg)
 
     def _batch_working_bytes(self, working: int) -> None:

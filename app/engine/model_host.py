@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bone import BoneConfig, BoneModel
+from bone.block_stacks import BlockStacks
 from bone.routing import RoutedModel
 from core.errors import Conflict
 
@@ -25,9 +26,16 @@ class ModelHost:
         self.bone_model = BoneModel(model, autocast_adapter_dtype=False)
         self.dtype = next(model.parameters()).dtype
         self.bone_model.eval()
-        self._routing: AbstractContextManager[RoutedModel] | None = None  # the running batch's open routing
-        self._routed: RoutedModel | None = None  # what it yielded
-        self._routing_slots: list[str] | None = None
+        # The open routings: the running rows' ("batch") and that of rows being prefilled outside the batch
+        # ("side": a prompt entering chunk by chunk between decode steps, newcomers prefilled together), each
+        # with the slots it was built for, so alternating between the two never rebuilds a plan; a new
+        # composition of either closes only its own. The side routing lingers until the next side forward or
+        # the batch's end, so it holds no dense Bat weight and no shared stack (bat budget 0): only index
+        # tensors, and on CPU the fp32 copies of its half-precision blocks.
+        self._routings: dict[str, tuple[tuple[str, ...], AbstractContextManager[RoutedModel], RoutedModel]] = {}
+        # Stacked one-row blocks shared by those routings for the batch's whole life (bone.block_stacks): a
+        # join or leave copies only the blocks that moved, not every one-row adapter's blocks again.
+        self._stacks = BlockStacks()
         # Bytes of dense Bat weights a batch may hold between steps (None: no limit); the engine sets it to
         # the adapter pool's free room before each forward, so Bat weights never push the pool past its bound.
         self.bat_budget_bytes: int | None = None
@@ -37,8 +45,14 @@ class ModelHost:
 
     @property
     def working_bytes(self) -> int:
-        """What the running batch costs beyond the resident adapters (``bone.routing.RowRouting``)."""
-        return 0 if self._routed is None else self._routed.working_bytes
+        """What the running batch costs beyond the resident adapters (``bone.routing.RowRouting``, and the
+        stacked blocks its routings share)."""
+        return sum(routed.working_bytes for _, _, routed in self._routings.values()) + self._stacks.held_bytes
+
+    @property
+    def stacked_blocks_copied(self) -> int:
+        """Blocks copied into the batch's stacks so far (tests and the bench: a join copies the newcomers')."""
+        return self._stacks.copied_blocks
 
     @property
     def adapter_slots(self) -> list[str]:
@@ -60,8 +74,9 @@ class ModelHost:
         if slot in self.bone_model.adapter_configs:
             self.bone_model.delete_adapter(slot)
 
-    def forward(self, slots: list[str], **kwargs: Any) -> Any:
-        """One forward where row i uses adapter ``slots[i]`` (or the base).
+    def forward(self, slots: list[str], side: bool = False, **kwargs: Any) -> Any:
+        """One forward where row i uses adapter ``slots[i]`` (or the base); ``side``: rows being prefilled
+        outside the running batch (their routing is kept apart from the batch's).
 
         Consecutive calls with the same rows (the decode steps between two joins/leaves) share one
         ``BoneModel.routing``, so each layer groups its rows by adapter once per batch composition, not once
@@ -72,16 +87,23 @@ class ModelHost:
         """
         if not self.bone_model.adapter_configs:
             return self.bone_model(**kwargs)  # nothing loaded yet: the plain model, no routing overhead
-        if self._routing_slots != slots:
-            self.end_batch()
-            routing = self.bone_model.routing(slots, self.bat_budget_bytes)
-            self._routed = routing.__enter__()
-            self._routing, self._routing_slots = routing, list(slots)
-        routed = self._routed
-        assert routed is not None  # set with _routing_slots, both cleared by end_batch
-        out = routed(**kwargs)
+        kind, key = ("side" if side else "batch"), tuple(slots)
+        entry = self._routings.get(kind)
+        if entry is None or entry[0] != key:
+            if entry is not None:
+                self._close(kind)
+            if side:  # holds nothing past its forward that it need not: no dense Bat weight, no shared stack
+                routing = self.bone_model.routing(slots, 0)
+            else:
+                routing = self.bone_model.routing(slots, self.bat_budget_bytes, self._stacks)
+            entry = self._routings[kind] = (key, routing, routing.__enter__())
+        out = entry[2](**kwargs)
         self._report(self.working_bytes)
         return out
+
+    def _close(self, kind: str) -> None:
+        _, routing, _ = self._routings.pop(kind)
+        routing.__exit__(None, None, None)
 
     def _report(self, working: int) -> None:
         if working != self._reported and self.on_working_bytes is not None:
@@ -89,7 +111,8 @@ class ModelHost:
             self.on_working_bytes(working)
 
     def end_batch(self) -> None:
-        if self._routing is not None:
-            routing, self._routing, self._routed, self._routing_slots = self._routing, None, None, None
-            routing.__exit__(None, None, None)
-            self._report(0)
+        """The batch drained (or failed): close its routings and let its stacked blocks go."""
+        for kind in list(self._routings):
+            self._close(kind)
+        self._stacks.clear()
+        self._report(0)
