@@ -79,7 +79,7 @@ PREFILL_CHUNKS = Counter("bone_engine_prefill_chunks_total", "chunks of long pro
 BATCH_WORKING_BYTES = Gauge(
     "bone_engine_batch_working_bytes",
     "bytes the running batch takes beyond the resident adapters (row index tensors, per-layer scratch, dense Bat "
-    "weights), counted against BONE_ADAPTER_CACHE_BYTES",
+    "weights, stacked one-row blocks), counted against BONE_ADAPTER_CACHE_BYTES",
 )
 ADAPTER_CACHE_HITS = Counter("bone_adapter_cache_hits_total", "requests whose adapter was resident on the device")
 ADAPTER_CACHE_MISSES = Counter(
