@@ -67,6 +67,9 @@ class RoutedLayer(Protocol):
     @property
     def disabled(self) -> bool: ...
 
+    @property
+    def block_params(self) -> dict[str, nn.Parameter]: ...  # bone_block as a plain dict (cheap lookups)
+
     def full_block(self, name: str) -> torch.Tensor: ...
 
     def effective_weight(self, names: Iterable[str], weight: torch.Tensor | None = None) -> torch.Tensor: ...
@@ -77,13 +80,17 @@ class RowRouting:
 
     ``bat_budget_bytes``: how many bytes of dense Bat weights the plans may hold between forwards (None: no
     limit); past it a Bat adapter's weight is rebuilt per forward and freed at once (slower, bounded).
-    ``working_bytes``: what the routing costs beyond the resident blocks — the bytes its plans hold plus the
-    largest transient scratch of one layer's forward."""
+    ``working_bytes``: what the routing costs beyond the resident blocks — the bytes its plans hold, its row
+    indexes (shared by the layers), its stacked blocks when they are its own, plus the largest transient
+    scratch of one layer's forward."""
 
     def __init__(self, names: list[str], bat_budget_bytes: int | None = None, stacks: BlockStacks | None = None):
         self.names = list(names)
         self._plans: dict[RoutedLayer, RowPlan] = {}  # outside autograd: the plans built for this routing
         self._expanded: dict[int, list[str]] = {}
+        self._groups: dict[int, dict[str, list[int]]] = {}  # per batch size: row_groups, shared by every layer
+        self.indexes: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}  # row indexes, shared too
+        self.index_bytes = 0
         self.bat_budget_bytes = bat_budget_bytes
         self.held_bytes = 0
         self.scratch_bytes = 0
@@ -96,7 +103,8 @@ class RowRouting:
 
     @property
     def working_bytes(self) -> int:
-        return self.held_bytes + self.scratch_bytes + (self.stacks.held_bytes if self._own_stacks else 0)
+        own_stacks = self.stacks.held_bytes if self._own_stacks else 0
+        return self.held_bytes + self.index_bytes + self.scratch_bytes + own_stacks
 
     def row_names(self, rows: int) -> list[str]:
         """Names per row of a batch of ``rows`` rows; generate() expands each input row k times in place
@@ -130,8 +138,11 @@ class RowRouting:
             budget = None
             if self.bat_budget_bytes is not None:  # the room left: minus what this routing holds and stacked
                 grown = max(0, self.stacks.held_bytes - self._stacks_at_start)
-                budget = max(0, self.bat_budget_bytes - self.held_bytes - grown)
-            p = RowPlan.build(layer, self.row_names(rows), x.device, tokens, budget, self)
+                budget = max(0, self.bat_budget_bytes - self.held_bytes - self.index_bytes - grown)
+            groups = self._groups.get(rows)
+            if groups is None:
+                groups = self._groups[rows] = row_groups(self.row_names(rows))
+            p = RowPlan.build(layer, self.row_names(rows), x.device, tokens, budget, self, groups)
             p.routing, p.rows, p.version = self, rows, layer.version
             self._plans[layer] = p
             self.held_bytes += p.held_bytes
@@ -155,7 +166,8 @@ class RowRouting:
             if layer.row_plan is not None and layer.row_plan.routing is self:
                 layer.row_plan = None
         self._plans.clear()
-        self.held_bytes = self.scratch_bytes = 0
+        self.indexes.clear()
+        self.held_bytes = self.scratch_bytes = self.index_bytes = 0
         self.closed = True
         if self._own_stacks:
             self.stacks.clear()
@@ -252,7 +264,8 @@ class RowPlan:
     adapter's own (r, out) tensor, never a copy (mini blocks are tiled once per plan). ``bat``: per Bat
     adapter, its rows and either its dense (out, in) weight held for the routing's life, or None when the
     routing's Bat budget is spent (then it is rebuilt per forward and freed at once).
-    ``held_bytes``: what the plan keeps alive (index tensors, held Bat weights); ``scratch_bytes``: the
+    ``held_bytes``: what the plan keeps alive (held Bat weights, fp32 copies of half blocks on CPU; its row
+    indexes are the routing's, shared by every layer: ``RowRouting.index_bytes``); ``scratch_bytes``: the
     transient peak of one forward for the tokens of the call that built it (at most rows × tokens ×
     (r + out) × itemsize: no more than the layer's own output)."""
 
@@ -297,10 +310,12 @@ class RowPlan:
         tokens: int = 1,
         bat_budget: int | None = None,
         routing: RowRouting | None = None,
+        rows_of: dict[str, list[int]] | None = None,
     ) -> RowPlan:
         """``tokens``: per row, for the scratch estimate; ``bat_budget``: bytes of dense Bat weights (and
         stacked blocks) this plan may hold (None: no limit, 0: hold none); ``routing``: the routing that keeps
-        the plan (its ``stacks`` hold the stacked one-row blocks); None for a plan used once (autograd)."""
+        the plan (its ``stacks`` hold the stacked one-row blocks); None for a plan used once (autograd);
+        ``rows_of``: ``row_groups(names)``, when the caller keeps it for every layer."""
         if layer.merged_adapters:
             raise BoneError(
                 f"per-row adapter selection needs unmerged adapters, but {layer.merged_adapters} are merged; "
@@ -308,7 +323,9 @@ class RowPlan:
             )
         p = cls()
         configs = layer.adapter_config
-        present = [n for n in dict.fromkeys(names) if n in configs]
+        if rows_of is None:
+            rows_of = row_groups(names)
+        present = [n for n in rows_of if n in configs]
         if not present:
             return p
         bone = [n for n in present if configs[n].variant != "bat"]
@@ -320,16 +337,17 @@ class RowPlan:
                 p.scratch_bytes = len(names) * tokens * (p.r + layer.out_features) * 4
             return p
         p.kind = PlanKind.SEGMENTS
-        rows_of: dict[str, list[int]] = {}
-        for i, n in enumerate(names):
-            rows_of.setdefault(n, []).append(i)
         out = layer.out_features
         # per (r, dtype the plan multiplies in): the Bone/mini adapters, as (name, rows, block parameter)
         members: dict[tuple[int, torch.dtype], list[tuple[str, list[int], torch.Tensor]]] = {}
+        blocks = layer.block_params  # a plain dict: one lookup per adapter per layer whenever the batch changes
+        widens: dict[torch.dtype, torch.dtype] = {}
         for n in bone:
-            param = layer.bone_block[n]
-            dt = torch.float32 if _widens(param.dtype, device) else param.dtype
-            members.setdefault((configs[n].r, dt), []).append((n, rows_of[n], param))
+            param = blocks[n]
+            dt = widens.get(param.dtype)
+            if dt is None:
+                dt = widens[param.dtype] = torch.float32 if _widens(param.dtype, device) else param.dtype
+            members.setdefault((param.shape[0], dt), []).append((n, rows_of[n], param))
         groups: dict[tuple[int, torch.dtype], list[Segment]] = {}
         for key, group in members.items():
             one = sorted((m for m in group if len(m[1]) == 1), key=lambda m: m[1][0])
@@ -357,10 +375,9 @@ class RowPlan:
             elif routing is not None:
                 routing.stacks.drop(layer, key[0], key[1], routing)
             if stack is not None:
-                rows_t = torch.tensor([m[1][0] for m in one], device=device)
+                rows_t = _index([m[1][0] for m in one], device, routing)
                 p.singles[key[0]] = (rows_t, stack)
                 p.widened = p.widened or widened
-                p.held_bytes += rows_t.numel() * rows_t.element_size()
                 p.scratch_bytes += len(one) * tokens * (key[0] + out) * stack.element_size()
                 group = [m for m in group if len(m[1]) != 1]
             segs = groups.setdefault(key, [])
@@ -372,8 +389,7 @@ class RowPlan:
                     p.held_bytes += blk.numel() * 4
                 sel = None
                 if idx[-1] - idx[0] + 1 != len(idx):
-                    sel = torch.tensor(idx, device=device)
-                    p.held_bytes += sel.numel() * sel.element_size()
+                    sel = _index(idx, device, routing)
                     p.scratch_bytes += len(idx) * tokens * (blk.shape[0] + out) * blk.element_size()
                 segs.append((idx[0], idx[-1] + 1, sel, blk))
         p.bone = [(r, segs) for (r, _), segs in groups.items()]
@@ -381,8 +397,7 @@ class RowPlan:
             p.scratch_bytes += len(names) * tokens * (max(groups)[0] + out) * 4
         for n in present:
             if configs[n].variant == "bat":
-                rows = torch.tensor(rows_of[n], device=device)
-                p.held_bytes += rows.numel() * rows.element_size()
+                rows = _index(rows_of[n], device, routing)
                 blk = layer.full_block(n)
                 w = layer.base_layer.weight
                 size = w.numel() * blk.element_size()
@@ -395,6 +410,27 @@ class RowPlan:
                     p.bat.append((rows, n, None))
                     p.scratch_bytes += size
         return p
+
+
+def _index(rows: list[int], device: torch.device, routing: RowRouting | None) -> torch.Tensor:
+    """A row index tensor, made once per routing and shared by every layer (the same rows recur in each);
+    counted in the routing's ``index_bytes``."""
+    key = (device, tuple(rows))
+    t = None if routing is None else routing.indexes.get(key)
+    if t is None:
+        t = torch.tensor(rows, device=device)
+        if routing is not None:
+            routing.indexes[key] = t
+            routing.index_bytes += t.numel() * t.element_size()
+    return t
+
+
+def row_groups(names: list[str]) -> dict[str, list[int]]:
+    """Each name's rows, ascending, names in order of first appearance."""
+    rows_of: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        rows_of.setdefault(n, []).append(i)
+    return rows_of
 
 
 def _block_getter(layer: RoutedLayer, names: list[str]) -> Callable[[int], torch.Tensor]:

@@ -133,3 +133,12 @@ def test_a_slab_is_held_only_within_the_budget_of_its_routing():
     assert stacks.held_bytes == 0 and stacks.copied_blocks == 0
     with bm.routing(["a", "b", "c"], stacks=stacks) as routed:
         torch.testing.assert_close(routed(input_ids=x).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_block_params_is_the_parameter_dicts_own_storage():
+    bm = many_adapters()
+    layer = bm.bone_layers()[0][1]
+    bm.delete_adapter("b")
+    bm.add_adapter("k", BoneConfig(r=4, target_modules=targets("llama"), init_weights=False))
+    assert list(layer.block_params) == list(layer.bone_block)
+    assert all(layer.block_params[n] is layer.bone_block[n] for n in layer.bone_block)
