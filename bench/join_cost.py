@@ -14,7 +14,8 @@ here in one process on the same model, interleaved:
 - "kept": the routings of ``app.engine.model_host.ModelHost`` (the batch's and the entering row's open side by
   side, stacks shared across compositions; what the engine does now).
 
-Printed: the time of the first decode step after a join and after a leave, and of a decode step that follows a
+Printed: the time of the first decode step after a join and after a leave, after the pool loaded an adapter no
+row uses (both ways run today's plan check, which keeps the plans), and of a decode step that follows a
 prefill chunk, each against a steady decode step of the same rows (median [min-max] over --repeats), the blocks
 copied per event, and, by arithmetic, the bytes a join copies for Llama-2-7B (all seven projections, bf16).
 """
@@ -92,6 +93,12 @@ def one_round(way, host: ModelHost, names: list[str], args, copied) -> dict[str,
     joined = left + [names[args.rows]]  # a newcomer joins at the end
     c = copied()
     out["step after a join"] = (timed(lambda: step(joined)), copied() - c)
+    step(joined)
+    bm = host.bone_model  # the pool loads an adapter no row uses (an idle tenant's), between two steps
+    bm.add_adapter("loaded", BoneConfig(r=args.r, target_modules=LLAMA_PROJECTIONS, init_weights=False))
+    c = copied()
+    out["step after a load"] = (timed(lambda: step(joined)), copied() - c)
+    bm.delete_adapter("loaded")
     step(joined)
     way.forward([names[0]], side=True, input_ids=chunk)  # a prompt's chunk enters between two decode steps
     c = copied()

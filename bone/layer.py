@@ -57,6 +57,7 @@ class BoneLinear(nn.Module):
         # it depends on changes (adapters, activation, merge, disable, .to(), load_state_dict).
         self._fast: tuple | None = None
         self._version = 0
+        self._state_version = 0
         # Slot for bone.routing's per-row plan of this layer (its type is routing's business). Emptied on any
         # change above, so a plan never outlives the state it was built from.
         self.row_plan: Any = None
@@ -67,6 +68,13 @@ class BoneLinear(nn.Module):
     def version(self) -> int:
         """Changes whenever adapters, activation, merges, disabling, device or dtype change."""
         return self._version
+
+    @property
+    def state_version(self) -> int:
+        """Changes when what a per-row plan computes from changes (merges, disabling, device or dtype, a
+        state-dict load), not when adapters are added, deleted or (de)activated: a serving pool loading one
+        adapter must not make every running plan rebuild (bone.routing checks the adapters a plan uses)."""
+        return self._state_version
 
     @property
     def disabled(self) -> bool:
@@ -86,10 +94,12 @@ class BoneLinear(nn.Module):
         the layer's back (FSDP sharding swaps them for shards): the plain path reads the parameters anew."""
         self._fast = None
 
-    def _refresh(self) -> None:
+    def _refresh(self, state: bool = True) -> None:
+        """``state``: False when only the set of adapters or the active ones changed (see state_version)."""
         self._fast = None
         self.row_plan = None
         self._version += 1
+        self._state_version += state
         if self._disabled or self.merged_adapters or len(self._active) != 1:
             return
         n = self._active[0]
@@ -134,7 +144,7 @@ class BoneLinear(nn.Module):
             nn.init.kaiming_uniform_(blk, a=math.sqrt(5))
         self.bone_block[name] = nn.Parameter(blk)
         self.adapter_config[name] = config
-        self._refresh()
+        self._refresh(state=False)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -147,7 +157,7 @@ class BoneLinear(nn.Module):
     def set_active(self, names: Iterable[str]) -> None:
         self._active = tuple(n for n in names if n in self.bone_block)
         self._dense = any(self.adapter_config[n].variant == "bat" for n in self._active)
-        self._refresh()
+        self._refresh(state=False)
 
     def variant(self, name: str) -> str:
         return self.adapter_config[name].variant

@@ -65,6 +65,9 @@ class RoutedLayer(Protocol):
     def version(self) -> int: ...
 
     @property
+    def state_version(self) -> int: ...
+
+    @property
     def disabled(self) -> bool: ...
 
     @property
@@ -132,6 +135,11 @@ class RowRouting:
         # plans too, so alternating routings (e.g. prefill of newcomers between decode steps) never rebuild.
         # ``layer.version`` changes whenever the layer does (adapters added/deleted, merge, .to()).
         p = self._plans.get(layer)
+        groups = self._groups.get(rows)
+        if groups is None:
+            groups = self._groups[rows] = row_groups(self.row_names(rows))
+        if p is not None and p.rows == rows and p.version != layer.version and p.still_valid(layer, groups):
+            p.version = layer.version  # only other adapters came or went: nothing this plan reads changed
         if p is None or p.rows != rows or p.version != layer.version:
             if p is not None:
                 self.held_bytes -= p.held_bytes
@@ -139,9 +147,6 @@ class RowRouting:
             if self.bat_budget_bytes is not None:  # the room left: minus what this routing holds and stacked
                 grown = max(0, self.stacks.held_bytes - self._stacks_at_start)
                 budget = max(0, self.bat_budget_bytes - self.held_bytes - self.index_bytes - grown)
-            groups = self._groups.get(rows)
-            if groups is None:
-                groups = self._groups[rows] = row_groups(self.row_names(rows))
             p = RowPlan.build(layer, self.row_names(rows), x.device, tokens, budget, self, groups)
             p.routing, p.rows, p.version = self, rows, layer.version
             self._plans[layer] = p
@@ -282,6 +287,9 @@ class RowPlan:
         "scratch_bytes",
         "widened",
         "singles",
+        "state_version",
+        "present",
+        "uses",
     )
 
     def __init__(self) -> None:
@@ -300,6 +308,21 @@ class RowPlan:
         # bmm instead of n small gemms. In widened plans the stack replaces those adapters' separate fp32 copies
         # (no extra memory); otherwise it is a copy, held within the routing's budget (see build).
         self.singles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # what the plan was built from, to tell whether a later layer version still serves it (still_valid)
+        self.state_version = -1
+        self.present: tuple[str, ...] = ()  # the routing's adapters this layer had, in order
+        self.uses: tuple[tuple[torch.Tensor, int], ...] = ()  # their block parameters and in-place versions
+
+    def still_valid(self, layer: RoutedLayer, rows_of: dict[str, list[int]]) -> bool:
+        """Whether only adapters this plan does not use were added or deleted since it was built: the layer's
+        state is the same, the routing's adapters present on the layer are the same, and each still has the
+        same block parameter, unmodified (a serving pool loads and evicts others while a batch runs)."""
+        if self.state_version != layer.state_version:
+            return False
+        configs, blocks = layer.adapter_config, layer.block_params
+        if tuple(n for n in rows_of if n in configs) != self.present:
+            return False
+        return all(blocks.get(n) is param and param._version == v for n, (param, v) in zip(self.present, self.uses))
 
     @classmethod
     def build(
@@ -326,6 +349,9 @@ class RowPlan:
         if rows_of is None:
             rows_of = row_groups(names)
         present = [n for n in rows_of if n in configs]
+        blocks = layer.block_params  # a plain dict: one lookup per adapter per layer whenever the batch changes
+        p.state_version, p.present = layer.state_version, tuple(present)
+        p.uses = tuple((blocks[n], blocks[n]._version) for n in present)
         if not present:
             return p
         bone = [n for n in present if configs[n].variant != "bat"]
@@ -340,7 +366,6 @@ class RowPlan:
         out = layer.out_features
         # per (r, dtype the plan multiplies in): the Bone/mini adapters, as (name, rows, block parameter)
         members: dict[tuple[int, torch.dtype], list[tuple[str, list[int], torch.Tensor]]] = {}
-        blocks = layer.block_params  # a plain dict: one lookup per adapter per layer whenever the batch changes
         widens: dict[torch.dtype, torch.dtype] = {}
         for n in bone:
             param = blocks[n]

@@ -81,21 +81,25 @@ def test_alternating_routings_do_not_rebuild(builds):
 
 
 def test_a_changed_layer_drops_its_plan_and_the_next_call_sees_the_change(builds):
-    bm = two_adapters()
-    x = ids(batch=2, seq=3)
-    with torch.no_grad(), bm.routing(["a", BASE_ADAPTER]) as routed:
+    bm = two_adapters()  # "c" is on the first two projections of each block only
+    x = ids(batch=3, seq=3)
+    with torch.no_grad(), bm.routing(["a", "c", BASE_ADAPTER]) as routed:
         before = routed(input_ids=x).logits
-        bm.add_adapter("d", BoneConfig(r=4, target_modules=targets("llama")))  # e.g. a server installs one
+        bm.add_adapter("e", BoneConfig(r=4, target_modules=targets("llama")))  # e.g. a server installs one
         builds.clear()
         torch.testing.assert_close(routed(input_ids=x).logits, before, atol=0, rtol=0)
-        assert len(builds) == len(bm.bone_layers())  # rebuilt: the layers changed
-        with torch.no_grad():
-            for _, layer in bm.bone_layers():
-                layer.bone_block["a"].mul_(0)
-                layer._refresh()  # in-place edits of the blocks: a gathered plan would be stale without this
+        assert not builds  # only an adapter no row uses came: every plan still serves
+        bm.delete_adapter("c")  # a row's adapter replaced: on every projection now, with other blocks
+        bm.add_adapter("c", BoneConfig(r=4, target_modules=targets("llama"), init_weights=False))
+        got = routed(input_ids=x).logits
+        assert len(builds) == len(bm.bone_layers())  # every layer: a new block, or one it did not have
+        torch.testing.assert_close(got[1:2], bm(input_ids=x[1:2], adapter_names=["c"]).logits, atol=1e-5, rtol=1e-5)
+        for _, layer in bm.bone_layers():
+            layer.bone_block["a"].mul_(0)  # an in-place edit: seen by the block's version, whatever bumped the layer
+            layer._refresh(state=False)
         with bm.disable_adapter():
             base = bm(input_ids=x).logits
-        torch.testing.assert_close(routed(input_ids=x).logits, base, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(routed(input_ids=x).logits[:1], base[:1], atol=1e-6, rtol=1e-6)
 
 
 def test_routing_checks_names_once_and_refuses_use_after_the_block():
@@ -169,3 +173,20 @@ def test_cpu_half_precision_plans_widen_and_each_row_equals_it_alone(names):
             torch.testing.assert_close(got[i : i + 1], alone, atol=2e-2, rtol=2e-2)
         want = ref(input_ids=x, adapter_names=names).logits
     torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_a_block_edited_in_place_is_seen_by_a_plan_holding_its_fp32_copy():
+    # bf16 on the CPU: segment plans hold fp32 copies of the blocks (see bone.routing._CPU_WIDEN), so only the
+    # block's in-place version tells such a plan it is stale when the layer's bump says "adapters changed"
+    bm = two_adapters().to(torch.bfloat16)
+    x = ids(batch=4, seq=3)
+    names = ["a", "a", "b", "b"]
+    with torch.no_grad(), bm.routing(names) as routed:
+        routed(input_ids=x)
+        for _, layer in bm.bone_layers():
+            layer.bone_block["a"].mul_(0)
+            layer._refresh(state=False)
+        got = routed(input_ids=x).logits
+        with bm.disable_adapter():
+            base = bm(input_ids=x[:2]).logits
+        torch.testing.assert_close(got[:2], base, atol=0, rtol=0)
