@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from app.engine.model_host import ModelHost  # noqa: E402
 from bench.models import LLAMA_PROJECTIONS, build_model  # noqa: E402
 from bone import BoneConfig  # noqa: E402
+from bone.save import adapter_state_dict  # noqa: E402
 
 
 def build_host(args) -> tuple[ModelHost, list[str]]:
@@ -75,8 +76,9 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def one_round(way, host: ModelHost, names: list[str], args, copied) -> dict[str, tuple[float, int]]:
-    """Times and blocks copied of: a steady step, the step after a join, after a leave, after a chunk."""
+def one_round(way, host: ModelHost, names: list[str], args, copied, loaded) -> dict[str, tuple[float, int]]:
+    """Times and blocks copied of: a steady step, the step after a leave, a join, a load, a chunk."""
+    loaded_config, loaded_tensors = loaded
     vocab = host.bone_model.base_model.config.vocab_size
     rows = names[: args.rows]
     step = lambda slots: way.forward(slots, input_ids=torch.randint(0, vocab, (len(slots), 1)))  # noqa: E731
@@ -94,11 +96,11 @@ def one_round(way, host: ModelHost, names: list[str], args, copied) -> dict[str,
     c = copied()
     out["step after a join"] = (timed(lambda: step(joined)), copied() - c)
     step(joined)
-    bm = host.bone_model  # the pool loads an adapter no row uses (an idle tenant's), between two steps
-    bm.add_adapter("loaded", BoneConfig(r=args.r, target_modules=LLAMA_PROJECTIONS, init_weights=False))
+    # the pool loads an adapter no row uses (an idle tenant's) between two steps, as the engine does
+    host.add_adapter("loaded", loaded_config, loaded_tensors)
     c = copied()
     out["step after a load"] = (timed(lambda: step(joined)), copied() - c)
-    bm.delete_adapter("loaded")
+    host.delete_adapter("loaded")
     step(joined)
     way.forward([names[0]], side=True, input_ids=chunk)  # a prompt's chunk enters between two decode steps
     c = copied()
@@ -119,13 +121,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     host, names = build_host(args)
+    loaded_config = BoneConfig(r=args.r, target_modules=LLAMA_PROJECTIONS)
+    loaded = (loaded_config, adapter_state_dict(host.bone_model.base_model, names[0], loaded_config))
     ways = {"rebuilt": Rebuilt(host), "kept": host}
     counters = {"rebuilt": lambda: 0, "kept": lambda: host.stacked_blocks_copied}
     results: dict[str, dict[str, list]] = {w: {} for w in ways}
     with torch.no_grad():
         for k in range(args.repeats + 1):
             for w in list(ways)[k % 2 :] + list(ways)[: k % 2]:  # alternate which goes first
-                got = one_round(ways[w], host, names, args, counters[w])
+                got = one_round(ways[w], host, names, args, counters[w], loaded)
                 if k:  # the first round warms up
                     for event, value in got.items():
                         results[w].setdefault(event, []).append(value)

@@ -36,6 +36,7 @@ class ModelHost:
         # Stacked one-row blocks shared by those routings for the batch's whole life (bone.block_stacks): a
         # join or leave copies only the blocks that moved, not every one-row adapter's blocks again.
         self._stacks = BlockStacks()
+        self._layers: list[Any] | None = None  # the Bone layers, found again after adapters are added/deleted
         # Bytes of dense Bat weights a batch may hold between steps (None: no limit); the engine sets it to
         # the adapter pool's free room before each forward, so Bat weights never push the pool past its bound.
         self.bat_budget_bytes: int | None = None
@@ -68,10 +69,12 @@ class ModelHost:
                     param="adapter",
                     code="unservable_adapter",
                 )
+        self._layers = None
         self.bone_model.add_adapter_from_state_dict(slot, config, tensors)  # strict key/shape checks
 
     def delete_adapter(self, slot: str) -> None:
         if slot in self.bone_model.adapter_configs:
+            self._layers = None
             self.bone_model.delete_adapter(slot)
 
     def forward(self, slots: list[str], side: bool = False, **kwargs: Any) -> Any:
@@ -97,6 +100,14 @@ class ModelHost:
             else:
                 routing = self.bone_model.routing(slots, self.bat_budget_bytes, self._stacks)
             entry = self._routings[kind] = (key, routing, routing.__enter__())
+            fresh = True
+        else:
+            fresh = self._layers is None  # adapters were added or deleted since: every plan is to be checked
+        if fresh and not side:  # every layer's plan built (or checked) in one tight loop, not between matmuls
+            ids = kwargs.get("input_ids")
+            if self._layers is None:
+                self._layers = [layer for _, layer in self.bone_model.bone_layers()]
+            entry[2].prepare(self._layers, len(slots), 1 if ids is None else ids.shape[-1])
         out = entry[2](**kwargs)
         self._report(self.working_bytes)
         return out

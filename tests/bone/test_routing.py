@@ -190,3 +190,17 @@ def test_a_block_edited_in_place_is_seen_by_a_plan_holding_its_fp32_copy():
         with bm.disable_adapter():
             base = bm(input_ids=x[:2]).logits
         torch.testing.assert_close(got[:2], base, atol=0, rtol=0)
+
+
+def test_prepared_plans_are_the_ones_the_forward_uses(builds):
+    bm = two_adapters()
+    x = ids(batch=3, seq=3)
+    names = ["a", "c", BASE_ADAPTER]
+    with torch.no_grad():
+        want = bm(input_ids=x, adapter_names=names).logits
+        builds.clear()
+        with bm.routing(names) as routed:
+            routed.prepare([layer for _, layer in bm.bone_layers()], rows=3, tokens=3)
+            assert len(builds) == len(bm.bone_layers())  # every plan, before any forward
+            torch.testing.assert_close(routed(input_ids=x).logits, want, atol=0, rtol=0)
+            assert len(builds) == len(bm.bone_layers())  # the forward built none
