@@ -2,6 +2,7 @@
 
     python bench/join_cost.py                       # small model, 16 rows on 16 adapters, r=16, 7 projections
     python bench/join_cost.py --rows 64 --r 64 --repeats 7
+    python bench/join_cost.py --rows 64 --r 64 --device cuda --dtype bfloat16
 
 Rows each on their own adapter go through one bmm over their blocks stacked (bone.routing, RowPlan.singles).
 Before bone.block_stacks a serving loop built those stacks afresh for every batch composition (a copy of every
@@ -39,7 +40,7 @@ from bone.save import adapter_state_dict  # noqa: E402
 
 
 def build_host(args) -> tuple[ModelHost, list[str]]:
-    host = ModelHost(build_model(args.model).eval())
+    host = ModelHost(build_model(args.model).eval().to(device=args.device, dtype=args.dtype))
     names = [f"a{i}" for i in range(args.rows + 1)]
     g = torch.Generator().manual_seed(0)
     config = BoneConfig(r=args.r, target_modules=LLAMA_PROJECTIONS, init_weights=False)
@@ -47,7 +48,7 @@ def build_host(args) -> tuple[ModelHost, list[str]]:
         host.bone_model.add_adapter(name, config)
         for _, layer in host.bone_model.bone_layers():
             blk = layer.bone_block[name]
-            blk.data.copy_(torch.randn(blk.shape, generator=g) * 0.02)
+            blk.data.copy_(torch.randn(blk.shape, generator=g) * 0.02)  # (onto the block's device and dtype)
     return host, names
 
 
@@ -70,9 +71,14 @@ class Rebuilt:
             self.ctx = self.routed = self.slots = None
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device) -> float:
+    """Wall time of ``fn``; on CUDA it waits for the queued kernels before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -81,30 +87,31 @@ def one_round(way, host: ModelHost, names: list[str], args, copied, loaded) -> d
     loaded_config, loaded_tensors = loaded
     vocab = host.bone_model.base_model.config.vocab_size
     rows = names[: args.rows]
-    step = lambda slots: way.forward(slots, input_ids=torch.randint(0, vocab, (len(slots), 1)))  # noqa: E731
-    chunk = torch.randint(0, vocab, (1, args.chunk))
+    dev = args.device
+    step = lambda slots: way.forward(slots, input_ids=torch.randint(0, vocab, (len(slots), 1), device=dev))  # noqa: E731
+    chunk = torch.randint(0, vocab, (1, args.chunk), device=dev)
     out = {}
     step(rows)
     step(rows)
     c = copied()
-    out["steady step"] = (timed(lambda: step(rows)), copied() - c)
+    out["steady step"] = (timed(lambda: step(rows), dev), copied() - c)
     left = rows[:1] + rows[-1:] + rows[2:-1]  # row 1 leaves: the last row moves into its slot
     c = copied()
-    out["step after a leave"] = (timed(lambda: step(left)), copied() - c)
+    out["step after a leave"] = (timed(lambda: step(left), dev), copied() - c)
     step(left)
     joined = left + [names[args.rows]]  # a newcomer joins at the end
     c = copied()
-    out["step after a join"] = (timed(lambda: step(joined)), copied() - c)
+    out["step after a join"] = (timed(lambda: step(joined), dev), copied() - c)
     step(joined)
     # the pool loads an adapter no row uses (an idle tenant's) between two steps, as the engine does
     host.add_adapter("loaded", loaded_config, loaded_tensors)
     c = copied()
-    out["step after a load"] = (timed(lambda: step(joined)), copied() - c)
+    out["step after a load"] = (timed(lambda: step(joined), dev), copied() - c)
     host.delete_adapter("loaded")
     step(joined)
     way.forward([names[0]], side=True, input_ids=chunk)  # a prompt's chunk enters between two decode steps
     c = copied()
-    out["step after a chunk"] = (timed(lambda: step(joined)), copied() - c)
+    out["step after a chunk"] = (timed(lambda: step(joined), dev), copied() - c)
     way.end_batch()
     return out
 
@@ -117,9 +124,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64, help="tokens of the entering prompt's chunk")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device, args.dtype = torch.device(args.device), getattr(torch, args.dtype)
     host, names = build_host(args)
     loaded_config = BoneConfig(r=args.r, target_modules=LLAMA_PROJECTIONS)
     loaded = (loaded_config, adapter_state_dict(host.bone_model.base_model, names[0], loaded_config))
@@ -136,7 +146,8 @@ def main() -> None:
     layers = len(host.bone_model.bone_layers())
     print(
         f"join cost: model={args.model} rows={args.rows} (each its own adapter) r={args.r} chunk={args.chunk} "
-        f"threads={torch.get_num_threads()} repeats={args.repeats}; {layers} adapted layers"
+        f"threads={torch.get_num_threads()} repeats={args.repeats} device={args.device} dtype={args.dtype}; "
+        f"{layers} adapted layers"
     )
     print(f"{'event':<22}{'way':<9}{'ms median [min-max]':>24}{'x steady':>10}{'blocks copied':>15}")
     for event in results["kept"]:
