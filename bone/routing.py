@@ -58,7 +58,6 @@ class RoutedLayer(Protocol):
     merged_adapters: list[str]
     adapter_config: dict[str, BoneConfig]
     row_plan: Any  # routing's slot on the layer; the layer empties it whenever it changes
-    bone_block: Any  # name -> the adapter's block parameter (its identity tells a stack it holds that block)
     plain_linear: bool  # exactly nn.Linear: the fused serving path may call F.linear on its weight
 
     @property
@@ -71,7 +70,9 @@ class RoutedLayer(Protocol):
     def disabled(self) -> bool: ...
 
     @property
-    def block_params(self) -> dict[str, nn.Parameter]: ...  # bone_block as a plain dict (cheap lookups)
+    def block_params(self) -> dict[str, nn.Parameter]: ...  # name -> block parameter (its identity tells a
+
+    # stack or a kept plan that it still holds that adapter's block)
 
     def full_block(self, name: str) -> torch.Tensor: ...
 
@@ -144,7 +145,8 @@ class RowRouting:
     def _plan(self, layer: RoutedLayer, rows: int, device: torch.device, tokens: int) -> RowPlan:
         # The layer's slot holds the plan of the routing that ran last; this routing's own dict keeps its
         # plans too, so alternating routings (e.g. prefill of newcomers between decode steps) never rebuild.
-        # ``layer.version`` changes whenever the layer does (adapters added/deleted, merge, .to()).
+        # ``layer.version`` changes whenever the layer does (adapters added/deleted, merge, .to()); a plan whose
+        # own adapters and the layer's state are untouched is kept (RowPlan.still_valid).
         p = self._plans.get(layer)
         groups = self._groups.get(rows)
         if groups is None:
@@ -384,14 +386,11 @@ class RowPlan:
         out = layer.out_features
         # per (r, dtype the plan multiplies in): the Bone/mini adapters, as (name, rows, block parameter)
         members: dict[tuple[int, torch.dtype], list[tuple[str, list[int], torch.Tensor]]] = {}
-        widens: dict[torch.dtype, torch.dtype] = {}
         widened_keys: set[tuple[int, torch.dtype]] = set()  # groups holding fp32 copies of half blocks (see _CPU_WIDEN)
         for n, param in zip(present, uses):
             if bats and n in bats:
                 continue
-            dt = widens.get(param.dtype)
-            if dt is None:
-                dt = widens[param.dtype] = torch.float32 if _widens(param.dtype, device) else param.dtype
+            dt = torch.float32 if _widens(param.dtype, device) else param.dtype
             key = (param.shape[0], dt)
             members.setdefault(key, []).append((n, rows_of[n], param))
             if dt is not param.dtype:
